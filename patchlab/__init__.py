@@ -1,0 +1,1 @@
+"""patchlab: did fine-tuning really erase the knowledge, or only hide it?"""
