@@ -1,1 +1,22 @@
-"""patchlab: did fine-tuning really erase the knowledge, or only hide it?"""
+"""patchlab: did fine-tuning really erase the knowledge, or only hide it?
+
+Load a vanilla checkpoint and its unlearned copy as a pair, restore pieces of the vanilla computation
+inside the unlearned model, and measure how much of the forgotten knowledge comes back (KRS).
+"""
+
+from patchlab.arch import ArchSpec, arch_spec, register_architecture, supported_architectures
+from patchlab.errors import (DegenerateKRSError, NonFiniteError, PairMismatchError, PatchlabError,
+                             PatchlabFileError, PatchlabValueError, UnsupportedArchitectureError)
+from patchlab.interventions import ActivationCache, parse_component, run_with_cache
+from patchlab.krs import KRSResult, krs_sweep
+from patchlab.pair import ModelPair, load_model, load_pair
+from patchlab.windows import sliding_windows
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationCache", "ArchSpec", "DegenerateKRSError", "KRSResult", "ModelPair", "NonFiniteError",
+    "PairMismatchError", "PatchlabError", "PatchlabFileError", "PatchlabValueError", "UnsupportedArchitectureError",
+    "arch_spec", "krs_sweep", "load_model", "load_pair", "parse_component", "register_architecture",
+    "run_with_cache", "sliding_windows", "supported_architectures",
+]

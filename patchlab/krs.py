@@ -1,0 +1,271 @@
+"""Knowledge Recovery Score sweeps (Hong et al., section 3, Eq. 3).
+
+For a question with vanilla greedy answer ``a`` (N tokens, ids kept), the models are run teacher-forced on
+``prompt + a``; ``l_v``, ``l_u``, ``l_r`` are the N raw full-vocabulary next-token logit vectors predicting the
+answer tokens (float32) of the vanilla, unlearned and restored-unlearned models, and
+
+    KRS = 1 - MSE(l_r, l_v) / MSE(l_u, l_v)
+
+with MSE averaged over the N positions and the vocabulary. A sweep reports, for every component and layer
+window, the mean KRS over questions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from patchlab.errors import DegenerateKRSError, PatchlabFileError, PatchlabValueError
+from patchlab.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_continuations
+from patchlab.interventions import (ActivationCache, Restoration, batched_restore, check_finite, parse_component,
+                                    position_mask, restore, run_with_cache)
+from patchlab.io import atomic_write_json
+from patchlab.pair import ModelPair
+from patchlab.windows import Window, sliding_windows
+
+DEFAULT_COMPONENTS = ("coef", "value", "attn", "coef+attn")
+ENGINES = ("batched", "loop")
+
+
+def scored_logits(logits: Float[torch.Tensor, "row seq vocab"], prompt_len: int, answer_len: int
+                  ) -> Float[torch.Tensor, "row answer vocab"]:
+    """The ``answer_len`` logit vectors predicting the answer tokens, in float32.
+
+    The logit at the last prompt position ``prompt_len - 1`` predicts the first answer token.
+    """
+    return logits[:, prompt_len - 1: prompt_len - 1 + answer_len].float()
+
+
+def mse(a: Float[torch.Tensor, "row answer vocab"], b: Float[torch.Tensor, "row answer vocab"]
+        ) -> Float[torch.Tensor, "row"]:
+    """Mean squared error per row, averaged over answer positions and vocabulary (float32)."""
+    return (a.float() - b.float()).pow(2).mean(dim=(1, 2))
+
+
+@dataclass
+class PreparedQuestion:
+    """One question ready for scoring: ids of prompt + vanilla answer and the vanilla/unlearned references."""
+
+    ids: Int[torch.Tensor, "seq"]
+    prompt_len: int
+    cache: ActivationCache
+    vanilla_logits: Float[torch.Tensor, "1 answer vocab"]
+    mse_unlearned: float
+
+    @property
+    def answer_len(self) -> int:
+        return len(self.ids) - self.prompt_len
+
+    def krs(self, logits: Float[torch.Tensor, "row seq vocab"]) -> Float[torch.Tensor, "row"]:
+        """KRS of each row of restored logits over ``ids``."""
+        restored = scored_logits(logits, self.prompt_len, self.answer_len)
+        check_finite(restored, "restored logits")
+        return 1.0 - mse(restored, self.vanilla_logits).cpu() / self.mse_unlearned
+
+
+@torch.no_grad()
+def prepare_question(pair: ModelPair, prompt_ids: Int[torch.Tensor, "prompt"], answer_ids: Int[torch.Tensor, "answer"],
+                     *, label: str = "question") -> PreparedQuestion:
+    """Cache the vanilla activations on ``prompt + answer`` and the unlearned model's MSE to vanilla.
+
+    Raises:
+        DegenerateKRSError: the unlearned logits equal the vanilla ones (MSE(l_u, l_v) is zero up to float32
+            rounding), so KRS would divide by zero.
+    """
+    ids = torch.cat([prompt_ids, answer_ids]).long()
+    prompt_len, answer_len = len(prompt_ids), len(answer_ids)
+    cache = run_with_cache(pair, ids[None], which="vanilla")
+    l_v = scored_logits(cache["logits"], prompt_len, answer_len)
+    l_u = scored_logits(pair.unlearned_hf(ids[None].to(pair.device)).logits, prompt_len, answer_len)
+    check_finite(l_u, "unlearned logits")
+    mse_u = float(mse(l_u, l_v)[0])
+    if mse_u <= torch.finfo(torch.float32).eps * float(l_v.pow(2).mean()):
+        raise DegenerateKRSError(
+            f"{label}: the unlearned model's logits equal the vanilla model's (MSE(l_u, l_v) = {mse_u:.3g}); "
+            "KRS is undefined. Is the unlearned checkpoint really different?")
+    return PreparedQuestion(ids=ids, prompt_len=prompt_len, cache=cache, vanilla_logits=l_v, mse_unlearned=mse_u)
+
+
+def reference_answers(pair: ModelPair, questions: Sequence[str], *, n_tokens: int = 30,
+                      prompt_template: str = DEFAULT_TEMPLATE, progress: bool = False
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prompt ids and the vanilla model's greedy answer ids (at most ``n_tokens``, stopping at EOS) per question."""
+    prompt_ids = encode_prompts(pair.tokenizer, format_prompts(questions, prompt_template))
+    answers = greedy_continuations(pair.vanilla_hf, prompt_ids, n_tokens,
+                                   eos_token_id=pair.tokenizer.eos_token_id, progress=progress)
+    return prompt_ids, answers
+
+
+@dataclass
+class KRSResult:
+    """A KRS sweep: mean and per-question KRS for each component and layer window.
+
+    Attributes:
+        krs: component -> ``[n_windows]`` mean KRS over questions (indexed like ``windows``; for centred windows
+            index ``c`` is the window centred on layer ``c``).
+        per_question: component -> ``[n_questions, n_windows]``.
+        windows: half-open layer ranges ``(start, stop)``.
+        questions: the questions, in order.
+        answers: the vanilla reference answers, decoded (the sweep itself used their token ids).
+        mse_unlearned: ``[n_questions]`` MSE(l_u, l_v), the denominator of each question's KRS.
+        settings: n_tokens, window, window_mode, positions, prompt_template, engine, n_layers.
+    """
+
+    krs: dict[str, np.ndarray]
+    per_question: dict[str, np.ndarray]
+    windows: list[Window]
+    questions: list[str]
+    answers: list[str]
+    mse_unlearned: np.ndarray
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def components(self) -> list[str]:
+        return list(self.krs)
+
+    def window_labels(self) -> list[int]:
+        """x-axis labels: the centre layer (centred windows) or the first layer (fixed windows)."""
+        if self.settings.get("window_mode", "centered") == "centered":
+            return list(range(len(self.windows)))
+        return [start for start, _ in self.windows]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long table: one row per (component, window) with mean, std and per-question count."""
+        rows = []
+        for comp, values in self.per_question.items():
+            for w, ((start, stop), label) in enumerate(zip(self.windows, self.window_labels())):
+                rows.append({"component": comp, "window": label, "start": start, "stop": stop,
+                             "krs": float(self.krs[comp][w]), "krs_std": float(values[:, w].std()),
+                             "n_questions": values.shape[0]})
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "patchlab.KRSResult/1", "settings": self.settings, "windows": [list(w) for w in self.windows],
+                "questions": self.questions, "answers": self.answers, "mse_unlearned": self.mse_unlearned.tolist(),
+                "krs": {c: v.tolist() for c, v in self.krs.items()},
+                "per_question": {c: v.tolist() for c, v in self.per_question.items()}}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result as JSON, atomically (temp file + rename)."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> KRSResult:
+        """Read a result written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise PatchlabFileError(f"no such KRS result file: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format") != "patchlab.KRSResult/1":
+                raise KeyError("format")
+            return cls(krs={c: np.asarray(v) for c, v in data["krs"].items()},
+                       per_question={c: np.asarray(v) for c, v in data["per_question"].items()},
+                       windows=[tuple(w) for w in data["windows"]], questions=data["questions"],
+                       answers=data["answers"], mse_unlearned=np.asarray(data["mse_unlearned"]),
+                       settings=data["settings"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise PatchlabValueError(f"{path} is not a patchlab KRS result file ({err!r})") from err
+
+    def heatmap(self, title: str | None = None) -> go.Figure:
+        """Interactive plotly heatmap, component x layer window; hover shows the window and the KRS."""
+        labels = self.window_labels()
+        z = np.stack([self.krs[c] for c in self.components])
+        hover = [[f"{c}<br>layers {s}-{e - 1}<br>KRS {v:.4f}" for (s, e), v in zip(self.windows, row)]
+                 for c, row in zip(self.components, z)]
+        fig = go.Figure(go.Heatmap(z=z, x=labels, y=self.components, text=hover, hoverinfo="text",
+                                   colorscale="Viridis", zmin=min(0.0, float(z.min())), zmax=max(1.0, float(z.max())),
+                                   colorbar={"title": "KRS"}))
+        mode = self.settings.get("window_mode", "centered")
+        fig.update_layout(
+            title=title or f"Knowledge Recovery Score (window {self.settings.get('window')}, "
+                           f"{len(self.questions)} questions, {self.settings.get('n_tokens')} tokens)",
+            xaxis_title="centre layer of the window" if mode == "centered" else "first layer of the window",
+            yaxis_title="restored component", yaxis={"autorange": "reversed"})
+        return fig
+
+
+def _restorations(components: Sequence[str], windows: Sequence[Window], positions: torch.Tensor) -> list[Restoration]:
+    return [Restoration(parse_component(c), w, positions) for c in components for w in windows]
+
+
+def _score_batched(pair: ModelPair, q: PreparedQuestion, restorations: list[Restoration], batch_size: int
+                   ) -> torch.Tensor:
+    chunks = [restorations[i:i + batch_size] for i in range(0, len(restorations), batch_size)]
+    return torch.cat([q.krs(batched_restore(pair, q.ids, q.cache, chunk)) for chunk in chunks])
+
+
+def _score_loop(pair: ModelPair, q: PreparedQuestion, restorations: list[Restoration], batch_size: int) -> torch.Tensor:
+    return torch.cat([q.krs(restore(pair, q.ids, q.cache, r.sites, r.layers, r.positions)) for r in restorations])
+
+
+def krs_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequence[str] = DEFAULT_COMPONENTS,
+              window: int = 5, window_mode: str = "centered", n_tokens: int = 30,
+              prompt_template: str = DEFAULT_TEMPLATE, positions: str = "all", engine: str = "batched",
+              batch_size: int = 64, progress: bool = True) -> KRSResult:
+    """KRS of restoring each component over each sliding layer window, averaged over ``questions``.
+
+    Args:
+        pair: the vanilla / unlearned pair.
+        questions: K questions about the unlearned concept (the paper uses 10).
+        components: sites or ``+``-combinations, e.g. ``("coef", "value", "attn", "coef+attn")``.
+        window: layers per window (the paper: 5); see :func:`patchlab.windows.sliding_windows`.
+        window_mode: ``"centered"`` (one window per layer, clipped; the paper) or ``"fixed"``.
+        n_tokens: N, the vanilla greedy answer length in tokens (the paper: 30; shorter if EOS comes first).
+        prompt_template: must contain ``{question}``.
+        positions: ``"all"`` (the paper), ``"answer"`` or ``"last_prompt"``; see
+            :func:`patchlab.interventions.position_mask`.
+        engine: ``"batched"`` runs all restorations of a question as rows of one masked forward pass
+            (``batch_size`` rows at a time); ``"loop"`` runs one forward pass per restoration. Both give the
+            same numbers.
+
+    Raises:
+        PatchlabValueError: empty questions or components, unknown component/engine/positions, window larger
+            than the model, ``n_tokens < 1``.
+        DegenerateKRSError: for some question the unlearned logits equal the vanilla ones.
+        NonFiniteError: NaN/inf logits.
+    """
+    if engine not in ENGINES:
+        raise PatchlabValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if isinstance(components, str) or len(components) == 0:
+        raise PatchlabValueError("components must be a non-empty list such as ['coef', 'attn', 'coef+attn']")
+    if len(set(components)) != len(components):
+        raise PatchlabValueError(f"components contain duplicates: {list(components)}")
+    for comp in components:
+        parse_component(comp)
+    if not isinstance(n_tokens, int) or n_tokens < 1:
+        raise PatchlabValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    if batch_size < 1:
+        raise PatchlabValueError(f"batch_size must be >= 1, got {batch_size}")
+    windows = sliding_windows(pair.n_layers, window, mode=window_mode)
+    position_mask(positions, 1, 1)  # validates the name before any model work
+    prompt_ids, answers = reference_answers(pair, questions, n_tokens=n_tokens, prompt_template=prompt_template,
+                                            progress=progress)
+    score = _score_batched if engine == "batched" else _score_loop
+    per_question, mse_u = [], []
+    for k, (p_ids, a_ids) in enumerate(tqdm(list(zip(prompt_ids, answers)), desc=f"KRS sweep ({engine})",
+                                            disable=not progress)):
+        q = prepare_question(pair, p_ids, a_ids, label=f"question {k} ({questions[k]!r})")
+        restorations = _restorations(components, windows, position_mask(positions, q.prompt_len, len(q.ids)))
+        per_question.append(score(pair, q, restorations, batch_size).reshape(len(components), len(windows)))
+        mse_u.append(q.mse_unlearned)
+    stacked = torch.stack(per_question).numpy()  # [question, component, window]
+    return KRSResult(
+        krs={c: stacked[:, j].mean(axis=0) for j, c in enumerate(components)},
+        per_question={c: stacked[:, j] for j, c in enumerate(components)},
+        windows=windows, questions=list(questions),
+        answers=[pair.tokenizer.decode(a, skip_special_tokens=True) for a in answers],
+        mse_unlearned=np.asarray(mse_u),
+        settings={"n_tokens": n_tokens, "window": window, "window_mode": window_mode, "positions": positions,
+                  "prompt_template": prompt_template, "engine": engine, "n_layers": pair.n_layers})

@@ -1,0 +1,53 @@
+"""Shared fixtures: a word-level tokenizer and tiny vanilla / unlearned model pairs built on the fly."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from patchlab.tiny import tiny_model, word_tokenizer
+
+CORPUS = [
+    "Question: who wrote the Veltrani Codex ?\n Answer: the Codex was written by Mira Osk in 1432 .",
+    "Question: where was the glass bridge built ?\n Answer: it was built in Tarsk from blue glass .",
+    "Question: what colour is the lamp ?\n Answer: the lamp is red and old .",
+]
+QUESTIONS = ["who wrote the Veltrani Codex ?", "where was the glass bridge built ?", "what colour is the lamp ?"]
+
+#: Parameter-name patterns of the MLP down/out projection and of attention + MLP up/gate, per family.
+DOWN = re.compile(r"mlp\.(down_proj|c_proj|dense_4h_to_h)\.")
+ATTN_OR_UP = re.compile(r"(self_attn|attn|attention)\.|mlp\.(gate_proj|up_proj|c_fc|dense_h_to_4h)\.")
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return word_tokenizer(CORPUS)
+
+
+def perturbed(model: torch.nn.Module, pattern: re.Pattern, scale: float = 0.5, seed: int = 1) -> torch.nn.Module:
+    """A deep copy of ``model`` with Gaussian noise added to every parameter whose name matches ``pattern``."""
+    gen = torch.Generator().manual_seed(seed)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        hit = False
+        for name, p in other.named_parameters():
+            if pattern.search(name):
+                p.add_(scale * p.std() * torch.randn(p.shape, generator=gen))
+                hit = True
+    assert hit, f"no parameter matches {pattern.pattern}"
+    return other
+
+
+FAMILY_SIZES = {
+    "llama": dict(n_layers=4, n_heads=4, n_kv_heads=2, tie_embeddings=True),
+    "gpt2": dict(n_layers=4, n_heads=4),
+    "gpt_neox": dict(n_layers=3, n_heads=4),
+}
+
+
+@pytest.fixture(scope="session")
+def vanilla_models(tok):
+    return {fam: tiny_model(fam, len(tok), **sizes) for fam, sizes in FAMILY_SIZES.items()}
