@@ -16,8 +16,10 @@ A *component* is one site or a ``+``-joined combination (``"coef+attn"``).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import nnsight
 import torch
@@ -77,7 +79,8 @@ class ActivationCache(dict):
     """Activations of one forward pass keyed by TransformerLens-style hook names.
 
     Keys: ``blocks.{i}.hook_attn_out`` ``[batch, seq, d_model]``, ``blocks.{i}.mlp.hook_post``
-    ``[batch, seq, d_mlp]`` for every layer ``i``, and ``logits`` ``[batch, seq, vocab]``.
+    ``[batch, seq, d_mlp]``, ``blocks.{i}.hook_resid_post`` (the decoder layer's output) for every layer ``i``,
+    and ``logits`` ``[batch, seq, vocab]``.
     """
 
     def attn(self, layer: int) -> Float[torch.Tensor, "batch seq d_model"]:
@@ -85,6 +88,10 @@ class ActivationCache(dict):
 
     def coef(self, layer: int) -> Float[torch.Tensor, "batch seq d_mlp"]:
         return self[f"blocks.{layer}.mlp.hook_post"]
+
+    def resid_post(self, layer: int) -> Any:
+        """The output of decoder layer ``layer`` as the layer returns it (a tensor, or a tuple for some families)."""
+        return self[f"blocks.{layer}.hook_resid_post"]
 
 
 @torch.no_grad()
@@ -98,6 +105,7 @@ def run_with_cache(pair: ModelPair, ids: Int[torch.Tensor, "batch seq"], *, whic
         for i in range(n_layers):
             cache[f"blocks.{i}.hook_attn_out"] = _submodule(layers[i], arch.attn_out).output
             cache[f"blocks.{i}.mlp.hook_post"] = _submodule(layers[i], arch.mlp_down).input
+            cache[f"blocks.{i}.hook_resid_post"] = layers[i].output
         cache["logits"] = model.output.logits
     logits = cache["logits"]
     check_finite(logits, f"{which} logits")
@@ -143,20 +151,48 @@ def _value_output(pair: ModelPair, layer: int, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, pair.arch.value_weight(pair.vanilla_hf, layer), getattr(down, "bias", None))
 
 
+def _expand_rows(output: Any, rows: int) -> Any:
+    """A cached layer output (batch 1) repeated over ``rows`` batch rows, keeping its structure."""
+    if isinstance(output, tuple):
+        return (output[0].expand(rows, *output[0].shape[1:]),) + output[1:]
+    return output.expand(rows, *output.shape[1:])
+
+
+def _forward_kwargs(pair: ModelPair, keep_last: int | None) -> dict[str, int]:
+    """``logits_to_keep`` for models whose forward accepts it (logits only for the last positions)."""
+    if keep_last is None or "logits_to_keep" not in inspect.signature(pair.unlearned_hf.forward).parameters:
+        return {}
+    return {"logits_to_keep": keep_last}
+
+
 @torch.no_grad()
 def batched_restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], cache: ActivationCache,
-                    restorations: Sequence[Restoration]) -> Float[torch.Tensor, "row seq vocab"]:
+                    restorations: Sequence[Restoration], *, unlearned_cache: ActivationCache | None = None,
+                    keep_last: int | None = None) -> Float[torch.Tensor, "row kept vocab"]:
     """Logits of the unlearned model on ``ids`` under each restoration, all in one forward pass.
 
     Row ``r`` of the batch is ``ids`` under ``restorations[r]``; per-row, per-layer, per-position masks select
     where vanilla activations (from ``cache``, computed on the same ``ids``) replace the unlearned ones.
+
+    Args:
+        unlearned_cache: the unlearned model's own cache on ``ids`` (:func:`run_with_cache`). When given, the
+            layers below the lowest restored layer of the batch are not run: their outputs are taken from it
+            (exact, since nothing differs there).
+        keep_last: compute logits only for the last ``keep_last`` positions (when the model supports it).
+
+    Returns:
+        ``[rows, seq, vocab]`` logits, or ``[rows, keep_last, vocab]``.
     """
-    arch, n_layers = pair.arch, pair.n_layers
+    arch, n_layers, rows = pair.arch, pair.n_layers, len(restorations)
     masks = SiteMasks.build(restorations, n_layers)
-    batch = ids[None].expand(len(restorations), -1).to(pair.device)
+    touched = [i for i in range(n_layers) if masks.coef[i].any() or masks.value[i].any() or masks.attn[i].any()]
+    skip_below = touched[0] if (touched and unlearned_cache is not None) else 0
+    batch = ids[None].expand(rows, -1).to(pair.device)
     layers = _layers(pair, "unlearned")
-    with pair.unlearned.trace(batch):
-        for i in range(n_layers):
+    with pair.unlearned.trace(batch, **_forward_kwargs(pair, keep_last)):
+        for i in range(skip_below):
+            layers[i].skip(_expand_rows(unlearned_cache.resid_post(i), rows))
+        for i in range(skip_below, n_layers):
             attn_mask = masks.attn[i].to(pair.device)[..., None]
             coef_mask = masks.coef[i].to(pair.device)[..., None]
             value_mask = masks.value[i].to(pair.device)[..., None]
@@ -175,22 +211,26 @@ def batched_restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], cache: Activ
 
 
 @torch.no_grad()
-def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], cache: ActivationCache, sites: Iterable[str],
-            layers: Window, positions: Bool[torch.Tensor, "seq"]) -> Float[torch.Tensor, "1 seq vocab"]:
+def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], sites: Iterable[str], layers: Window,
+            positions: Bool[torch.Tensor, "seq"]) -> Float[torch.Tensor, "1 seq vocab"]:
     """Logits of the unlearned model on ``ids`` with ``sites`` restored in ``layers`` at ``positions``.
 
-    The plain one-restoration path: vanilla values are written in place into the unlearned forward pass.
+    The plain path, one restoration at a time as in the paper's scripts: run the vanilla model on ``ids``,
+    then the unlearned model with the vanilla values written in place into the chosen layers and positions.
     """
     arch, sites = pair.arch, set(sites)
+    if not sites <= set(SITES):
+        raise PatchlabValueError(f"unknown sites {sorted(sites - set(SITES))}; use {SITES}")
+    vanilla = run_with_cache(pair, ids[None], which="vanilla")
     pos = positions.nonzero().flatten().to(pair.device)
     layer_envoys = _layers(pair, "unlearned")
     with pair.unlearned.trace(ids[None].to(pair.device)):
         for i in range(*layers):
             if "attn" in sites:
-                _submodule(layer_envoys[i], arch.attn_out).output[:, pos] = cache.attn(i)[:, pos]
+                _submodule(layer_envoys[i], arch.attn_out).output[:, pos] = vanilla.attn(i)[:, pos]
             down = _submodule(layer_envoys[i], arch.mlp_down)
             if "coef" in sites:
-                down.input[:, pos] = cache.coef(i)[:, pos]
+                down.input[:, pos] = vanilla.coef(i)[:, pos]
             if "value" in sites:
                 down.output[:, pos] = _value_output(pair, i, down.input[:, pos])
         logits = nnsight.save(pair.unlearned.output.logits)

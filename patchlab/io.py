@@ -83,3 +83,13 @@ def read_questions(path: str | os.PathLike) -> list[str]:
     if not questions:
         raise PatchlabValueError(f"{path}: the file holds no question")
     return questions
+
+
+def write_html(figure: Any, path: str | os.PathLike) -> Path:
+    """Save a plotly figure as a standalone interactive HTML page (plotly.js embedded, works offline), atomically."""
+    return atomic_write(path, lambda tmp: figure.write_html(str(tmp), include_plotlyjs=True))
+
+
+def write_csv(frame: Any, path: str | os.PathLike) -> Path:
+    """Save a pandas DataFrame as CSV (no index), atomically."""
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))

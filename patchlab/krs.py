@@ -30,7 +30,7 @@ from patchlab.errors import DegenerateKRSError, PatchlabFileError, PatchlabValue
 from patchlab.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_continuations
 from patchlab.interventions import (ActivationCache, Restoration, batched_restore, check_finite, parse_component,
                                     position_mask, restore, run_with_cache)
-from patchlab.io import atomic_write_json
+from patchlab.io import atomic_write_json, write_csv, write_html
 from patchlab.pair import ModelPair
 from patchlab.windows import Window, sliding_windows
 
@@ -38,13 +38,13 @@ DEFAULT_COMPONENTS = ("coef", "value", "attn", "coef+attn")
 ENGINES = ("batched", "loop")
 
 
-def scored_logits(logits: Float[torch.Tensor, "row seq vocab"], prompt_len: int, answer_len: int
-                  ) -> Float[torch.Tensor, "row answer vocab"]:
+def scored_logits(logits: Float[torch.Tensor, "row kept vocab"], answer_len: int) -> Float[torch.Tensor, "row answer vocab"]:
     """The ``answer_len`` logit vectors predicting the answer tokens, in float32.
 
-    The logit at the last prompt position ``prompt_len - 1`` predicts the first answer token.
+    ``logits`` are over ``prompt + answer`` (or its last ``kept >= answer_len + 1`` positions): the logit at the
+    last prompt position predicts the first answer token, the one at the last answer token predicts nothing.
     """
-    return logits[:, prompt_len - 1: prompt_len - 1 + answer_len].float()
+    return logits[:, -(answer_len + 1):-1].float()
 
 
 def mse(a: Float[torch.Tensor, "row answer vocab"], b: Float[torch.Tensor, "row answer vocab"]
@@ -60,6 +60,7 @@ class PreparedQuestion:
     ids: Int[torch.Tensor, "seq"]
     prompt_len: int
     cache: ActivationCache
+    unlearned_cache: ActivationCache
     vanilla_logits: Float[torch.Tensor, "1 answer vocab"]
     mse_unlearned: float
 
@@ -69,7 +70,7 @@ class PreparedQuestion:
 
     def krs(self, logits: Float[torch.Tensor, "row seq vocab"]) -> Float[torch.Tensor, "row"]:
         """KRS of each row of restored logits over ``ids``."""
-        restored = scored_logits(logits, self.prompt_len, self.answer_len)
+        restored = scored_logits(logits, self.answer_len)
         check_finite(restored, "restored logits")
         return 1.0 - mse(restored, self.vanilla_logits).cpu() / self.mse_unlearned
 
@@ -86,15 +87,16 @@ def prepare_question(pair: ModelPair, prompt_ids: Int[torch.Tensor, "prompt"], a
     ids = torch.cat([prompt_ids, answer_ids]).long()
     prompt_len, answer_len = len(prompt_ids), len(answer_ids)
     cache = run_with_cache(pair, ids[None], which="vanilla")
-    l_v = scored_logits(cache["logits"], prompt_len, answer_len)
-    l_u = scored_logits(pair.unlearned_hf(ids[None].to(pair.device)).logits, prompt_len, answer_len)
-    check_finite(l_u, "unlearned logits")
+    unlearned_cache = run_with_cache(pair, ids[None], which="unlearned")
+    l_v = scored_logits(cache["logits"], answer_len)
+    l_u = scored_logits(unlearned_cache["logits"], answer_len)
     mse_u = float(mse(l_u, l_v)[0])
     if mse_u <= torch.finfo(torch.float32).eps * float(l_v.pow(2).mean()):
         raise DegenerateKRSError(
             f"{label}: the unlearned model's logits equal the vanilla model's (MSE(l_u, l_v) = {mse_u:.3g}); "
             "KRS is undefined. Is the unlearned checkpoint really different?")
-    return PreparedQuestion(ids=ids, prompt_len=prompt_len, cache=cache, vanilla_logits=l_v, mse_unlearned=mse_u)
+    return PreparedQuestion(ids=ids, prompt_len=prompt_len, cache=cache, unlearned_cache=unlearned_cache,
+                            vanilla_logits=l_v, mse_unlearned=mse_u)
 
 
 def reference_answers(pair: ModelPair, questions: Sequence[str], *, n_tokens: int = 30,
@@ -178,6 +180,13 @@ class KRSResult:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise PatchlabValueError(f"{path} is not a patchlab KRS result file ({err!r})") from err
 
+    def write_report(self, out_dir: str | os.PathLike, name: str = "krs") -> dict[str, Path]:
+        """Write ``{name}.json`` (the result), ``{name}.csv`` (:meth:`to_frame`) and ``{name}.html`` (the heatmap)
+        into ``out_dir``, each atomically. Returns the paths by kind."""
+        out = Path(out_dir)
+        return {"json": self.save(out / f"{name}.json"), "csv": write_csv(self.to_frame(), out / f"{name}.csv"),
+                "html": write_html(self.heatmap(), out / f"{name}.html")}
+
     def heatmap(self, title: str | None = None) -> go.Figure:
         """Interactive plotly heatmap, component x layer window; hover shows the window and the KRS."""
         labels = self.window_labels()
@@ -202,18 +211,30 @@ def _restorations(components: Sequence[str], windows: Sequence[Window], position
 
 def _score_batched(pair: ModelPair, q: PreparedQuestion, restorations: list[Restoration], batch_size: int
                    ) -> torch.Tensor:
-    chunks = [restorations[i:i + batch_size] for i in range(0, len(restorations), batch_size)]
-    return torch.cat([q.krs(batched_restore(pair, q.ids, q.cache, chunk)) for chunk in chunks])
+    """KRS of each restoration, ``batch_size`` rows per forward pass.
+
+    Rows are sorted by their first restored layer, so each forward pass can start from the unlearned model's
+    cached state below the lowest first layer of its rows (exact: nothing differs there).
+    """
+    order = sorted(range(len(restorations)), key=lambda r: restorations[r].layers[0])
+    krs = torch.empty(len(restorations))
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        logits = batched_restore(pair, q.ids, q.cache, [restorations[r] for r in chunk],
+                                 unlearned_cache=q.unlearned_cache, keep_last=q.answer_len + 1)
+        krs[chunk] = q.krs(logits)
+    return krs
 
 
 def _score_loop(pair: ModelPair, q: PreparedQuestion, restorations: list[Restoration], batch_size: int) -> torch.Tensor:
-    return torch.cat([q.krs(restore(pair, q.ids, q.cache, r.sites, r.layers, r.positions)) for r in restorations])
+    return torch.cat([q.krs(restore(pair, q.ids, r.sites, r.layers, r.positions)) for r in restorations])
 
 
 def krs_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequence[str] = DEFAULT_COMPONENTS,
               window: int = 5, window_mode: str = "centered", n_tokens: int = 30,
               prompt_template: str = DEFAULT_TEMPLATE, positions: str = "all", engine: str = "batched",
-              batch_size: int = 64, progress: bool = True) -> KRSResult:
+              batch_size: int = 64, answers: Sequence[torch.Tensor] | None = None, progress: bool = True
+              ) -> KRSResult:
     """KRS of restoring each component over each sliding layer window, averaged over ``questions``.
 
     Args:
@@ -229,6 +250,8 @@ def krs_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequence
         engine: ``"batched"`` runs all restorations of a question as rows of one masked forward pass
             (``batch_size`` rows at a time); ``"loop"`` runs one forward pass per restoration. Both give the
             same numbers.
+        answers: precomputed vanilla reference answers (1-D token id tensors, one per question, e.g. from
+            :func:`reference_answers`), to share them between sweeps; default: generated here.
 
     Raises:
         PatchlabValueError: empty questions or components, unknown component/engine/positions, window larger
@@ -250,8 +273,13 @@ def krs_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequence
         raise PatchlabValueError(f"batch_size must be >= 1, got {batch_size}")
     windows = sliding_windows(pair.n_layers, window, mode=window_mode)
     position_mask(positions, 1, 1)  # validates the name before any model work
-    prompt_ids, answers = reference_answers(pair, questions, n_tokens=n_tokens, prompt_template=prompt_template,
-                                            progress=progress)
+    if answers is None:
+        prompt_ids, answers = reference_answers(pair, questions, n_tokens=n_tokens, prompt_template=prompt_template,
+                                                progress=progress)
+    else:
+        prompt_ids = encode_prompts(pair.tokenizer, format_prompts(questions, prompt_template))
+        if len(answers) != len(prompt_ids) or any(a.ndim != 1 or not 1 <= len(a) <= n_tokens for a in answers):
+            raise PatchlabValueError(f"answers must be {len(prompt_ids)} 1-D token id tensors of 1..{n_tokens} tokens")
     score = _score_batched if engine == "batched" else _score_loop
     per_question, mse_u = [], []
     for k, (p_ids, a_ids) in enumerate(tqdm(list(zip(prompt_ids, answers)), desc=f"KRS sweep ({engine})",

@@ -83,7 +83,7 @@ def test_last_prompt_restoration_makes_first_prediction_vanilla(pairs):
     q = prepare_question(pair, prompts[0], answers[0])
     pos = position_mask("last_prompt", q.prompt_len, len(q.ids))
     logits = batched_restore(pair, q.ids, q.cache, [Restoration(frozenset({"coef", "attn"}), (0, pair.n_layers), pos)])
-    restored = scored_logits(logits, q.prompt_len, q.answer_len)
+    restored = scored_logits(logits, q.answer_len)
     torch.testing.assert_close(restored[0, 0], q.vanilla_logits[0, 0], atol=1e-5, rtol=0)
     assert (restored[0, 1:] - q.vanilla_logits[0, 1:]).abs().max() > 1e-3
 

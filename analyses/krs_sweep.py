@@ -1,0 +1,78 @@
+"""KRS sweep from the shell: restore components of the vanilla model inside the unlearned one.
+
+With no arguments it runs on the embedded toy world (default concept, graddiff-unlearned), offline:
+
+    python analyses/krs_sweep.py
+    python analyses/krs_sweep.py --vanilla path/or/hub-id --unlearned path --questions qs.jsonl --out results/hp
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import patchlab
+from patchlab.io import read_questions
+from patchlab.krs import DEFAULT_COMPONENTS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vanilla", help="vanilla checkpoint: local directory or hub id (default: the toy world)")
+    p.add_argument("--unlearned", help="unlearned checkpoint: local directory or hub id")
+    p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the vanilla checkpoint's)")
+    p.add_argument("--questions", help="JSON/JSONL file of questions (strings or records with 'question')")
+    p.add_argument("--concept", help="toy-world concept (toy world only)")
+    p.add_argument("--method", default="graddiff", help="toy-world unlearning method (toy world only)")
+    p.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
+                   help="comma-separated components, e.g. coef,value,attn,coef+attn")
+    p.add_argument("--window", type=int, default=5, help="layers per window (default 5)")
+    p.add_argument("--window-mode", default="centered", choices=["centered", "fixed"])
+    p.add_argument("--n-tokens", type=int, default=30, help="answer tokens N (default 30)")
+    p.add_argument("--positions", default="all", choices=["all", "answer", "last_prompt"])
+    p.add_argument("--engine", default="batched", choices=["batched", "loop"])
+    p.add_argument("--batch-size", type=int, default=64, help="restorations per forward pass")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: as stored)")
+    p.add_argument("--device", help="e.g. cuda, cpu (default: cpu)")
+    p.add_argument("--out", default="results/krs", help="output directory for krs.json/.csv/.html")
+    return p.parse_args(argv)
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str], str]:
+    """The pair, the questions and a title, from explicit checkpoints or the toy world."""
+    if args.vanilla is None and args.unlearned is None:
+        from patchlab import toy
+
+        world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method)
+        questions = read_questions(args.questions) if args.questions else list(world.questions)
+        return world.pair, questions, f"toy world: {world.concept} ({world.method})"
+    if not (args.vanilla and args.unlearned and args.questions):
+        raise patchlab.PatchlabValueError("--vanilla, --unlearned and --questions go together (or give none of them)")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pair = patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, dtype=dtype, device=args.device)
+    return pair, read_questions(args.questions), f"{args.unlearned} vs {args.vanilla}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        pair, questions, title = load_inputs(args)
+        result = patchlab.krs_sweep(
+            pair, questions, components=[c.strip() for c in args.components.split(",") if c.strip()],
+            window=args.window, window_mode=args.window_mode, n_tokens=args.n_tokens, positions=args.positions,
+            engine=args.engine, batch_size=args.batch_size)
+        paths = result.write_report(args.out)
+    except patchlab.PatchlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"KRS sweep on {title}: {len(questions)} questions, {pair.n_layers} layers, window {args.window}")
+    print(result.to_frame().pivot(index="component", columns="window", values="krs").round(3).to_string())
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
