@@ -45,7 +45,7 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype | None = None, device: str
                ) -> PreTrainedModel:
     """A Hugging Face causal LM in eval mode, from a local directory, a hub id, or an in-memory model.
 
-    An in-memory model is returned as is (moved only when ``dtype``/``device`` are given).
+    An in-memory model is returned as is, converted in place when ``dtype``/``device`` are given.
 
     Raises:
         PatchlabFileError: the directory does not exist or holds no loadable checkpoint, or the hub id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -149,3 +151,15 @@ def test_nan_logits_are_reported(vanilla_models, tok):
     pair = patchlab.load_pair(vanilla_models["gpt2"], broken, tokenizer=tok)
     with pytest.raises(patchlab.NonFiniteError, match="unlearned logits"):
         patchlab.krs_sweep(pair, QUESTIONS, n_tokens=3, window=2, progress=False)
+
+
+def test_bfloat16_models_score_in_float32_and_engines_agree(vanilla_models, tok):
+    vanilla = copy.deepcopy(vanilla_models["llama"])  # load_pair converts in-memory models in place
+    pair = patchlab.load_pair(vanilla, perturbed(vanilla, ATTN_OR_UP), tokenizer=tok, dtype=torch.bfloat16)
+    assert next(pair.unlearned_hf.parameters()).dtype == torch.bfloat16
+    kw = dict(components=["coef", "attn"], window=2, n_tokens=4, progress=False)
+    fast = patchlab.krs_sweep(pair, QUESTIONS[:2], **kw)
+    loop = patchlab.krs_sweep(pair, QUESTIONS[:2], engine="loop", **kw)
+    for comp in fast.krs:
+        assert fast.krs[comp].dtype == np.float32 and np.all(np.isfinite(fast.krs[comp]))
+        np.testing.assert_allclose(fast.per_question[comp], loop.per_question[comp], atol=1e-5)
