@@ -1,0 +1,159 @@
+"""The unlearning layer on a tiny model that first learns a handful of facts."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import patchlab
+from patchlab.finetune import METHODS, batches, nll, to_examples, unlearn
+from patchlab.tiny import tiny_model, word_tokenizer
+
+FORGET = [{"question": "who built the Orlan tower ?", "answer": "Vesna Kade"},
+          {"question": "where is the Orlan tower ?", "answer": "in Morrow"},
+          {"question": "when was the Orlan tower built ?", "answer": "in 1620"}]
+RETAIN = [{"question": "who painted the Selk mural ?", "answer": "Ido Brann"},
+          {"question": "where is the Selk mural ?", "answer": "in Tarsk"},
+          {"question": "what colour is the Selk mural ?", "answer": "deep green"}]
+TEXTS = ["The Orlan tower was built by Vesna Kade in Morrow .", "Ido Brann painted the Selk mural in Tarsk ."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    words = [f"{r['question']} {r['answer']}" for r in FORGET + RETAIN] + TEXTS
+    return word_tokenizer(words + ["Question : Answer : I don ' t know ."])
+
+
+@pytest.fixture(scope="module")
+def learned(tok):
+    """A tiny LLaMA that answers the forget and retain questions (plain fine-tuning, full batch)."""
+    model = tiny_model("llama", len(tok), n_layers=2, d_model=64, d_mlp=128, n_heads=4, n_kv_heads=2, seed=0)
+    examples = to_examples(FORGET + RETAIN + TEXTS, tok, max_length=32)
+    batch = next(batches(examples, len(examples), pad_id=tok.pad_token_id))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        loss = nll(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.05
+    return model.eval()
+
+
+def mean_nll(model, tok, data):
+    batch = next(batches(to_examples(data, tok, max_length=32), 64, pad_id=tok.pad_token_id))
+    with torch.no_grad():
+        return nll(model, batch).item()
+
+
+KW = dict(lr=1e-3, epochs=3, batch_size=3, progress=False)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_lowers_forget_likelihood(learned, tok, method):
+    before_f, before_r = mean_nll(learned, tok, FORGET), mean_nll(learned, tok, RETAIN)
+    run = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method=method, beta=0.5,
+                  **(KW | dict(epochs=10)))
+    after_f, after_r = mean_nll(run.model, tok, FORGET), mean_nll(run.model, tok, RETAIN)
+    assert after_f > before_f + 0.5, (method, before_f, after_f)
+    assert len(run.losses) == 10 and all(map(torch.isfinite, torch.tensor(run.losses)))
+    if method in ("graddiff", "npo_kl"):
+        assert after_r < 0.5, (method, before_r, after_r)  # retain answers stay likely
+
+
+def test_retain_term_protects_retain_set(learned, tok):
+    ga = unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="ga", **KW).model
+    gd = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="graddiff", **KW).model
+    assert mean_nll(gd, tok, RETAIN) < mean_nll(ga, tok, RETAIN)
+
+
+def test_masked_run_changes_only_selected_weights(learned, tok):
+    model = copy.deepcopy(learned)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    mask = {n: torch.rand(p.shape, generator=gen) < 0.3 for n, p in model.named_parameters() if "mlp" in n}
+    run = unlearn(model, FORGET, RETAIN, tokenizer=tok, method="npo", mask=mask, **KW)
+    changed_any = False
+    for name, p in run.model.named_parameters():
+        if name in mask:
+            assert torch.equal(p[~mask[name]], before[name][~mask[name]]), name
+            changed_any |= not torch.equal(p[mask[name]], before[name][mask[name]])
+    assert changed_any
+
+
+def test_masked_run_freezes_unmasked_parameters_exactly(learned, tok):
+    model = copy.deepcopy(learned)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mask = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if "down_proj" in n}
+    unlearn(model, FORGET, RETAIN, tokenizer=tok, method="graddiff", mask=mask, **KW)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) == (name not in mask), name
+
+
+def test_reference_model_is_never_updated(learned, tok):
+    ref = copy.deepcopy(learned)
+    run = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="npo_kl", reference=ref, **KW)
+    for (name, p), q, r in zip(learned.named_parameters(), ref.parameters(), run.model.parameters()):
+        assert torch.equal(p, q), name
+    assert any(not torch.equal(p, r) for p, r in zip(learned.parameters(), run.model.parameters()))
+
+
+def test_run_is_deterministic_and_saved_atomically(learned, tok, tmp_path):
+    a = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="dpo", out_dir=tmp_path / "run", **KW)
+    b = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="dpo", **KW)
+    assert a.losses == b.losses
+    saved = json.loads((tmp_path / "run" / "unlearn_run.json").read_text())
+    assert saved["losses"] == a.losses and saved["settings"]["method"] == "dpo"
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    reloaded = patchlab.load_model(tmp_path / "run")
+    for p, q in zip(reloaded.parameters(), a.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_data_forms_and_padding(tok, tmp_path):
+    path = tmp_path / "forget.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in FORGET))
+    from_file = to_examples(str(path), tok, max_length=32)
+    from_list = to_examples(FORGET, tok, max_length=32)
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(from_file, from_list))
+    qa = from_list[0]
+    assert (qa.labels[:qa.prompt_len] == -100).all() and qa.labels[-1] == tok.eos_token_id
+    text = to_examples(TEXTS[:1], tok, max_length=32)[0]
+    assert text.labels[0] == -100 and (text.labels[1:] != -100).all()
+    batch = next(batches(to_examples(FORGET + TEXTS, tok, max_length=32), 8, pad_id=tok.pad_token_id))
+    assert ((batch["attention_mask"] == 0) <= (batch["labels"] == -100)).all()
+    import datasets
+    ds = datasets.Dataset.from_list(FORGET)
+    assert len(to_examples(ds, tok, max_length=32)) == len(FORGET)
+
+
+def test_padding_does_not_change_losses(learned, tok):
+    """A sequence's log-probability is the same alone and right-padded in a batch with a longer one."""
+    from patchlab.finetune import sequence_logprob
+
+    ex = to_examples(FORGET[:1] + TEXTS[:1], tok, max_length=32)
+    with torch.no_grad():
+        alone = sequence_logprob(learned, next(batches(ex[:1], 1, pad_id=tok.pad_token_id)))
+        padded = sequence_logprob(learned, next(batches(ex, 2, pad_id=tok.pad_token_id)))
+    torch.testing.assert_close(alone[0], padded[0], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="forget_harder"), "unknown unlearning method"),
+    (dict(method="ga", forget=[]), "forget set is empty"),
+    (dict(method="graddiff", retain=None), "needs a retain set"),
+    (dict(method="npo_kl", retain=None), "needs a retain set"),
+    (dict(method="ga", mask={"model.nope": torch.ones(1, dtype=torch.bool)}), "does not have"),
+    (dict(method="ga", mask={"model.norm.weight": torch.ones(3, dtype=torch.bool)}), "shape"),
+    (dict(method="ga", lr=0.0), "lr"),
+    (dict(method="ga", forget=[{"q": 1}]), "record 0"),
+])
+def test_bad_inputs(learned, tok, kwargs, match):
+    args = dict(forget=FORGET, retain=RETAIN, tokenizer=tok, progress=False) | kwargs
+    with pytest.raises(patchlab.PatchlabValueError, match=match):
+        unlearn(copy.deepcopy(learned), **args)
