@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from transformers import PreTrainedModel
 
-from patchlab.finetune.data import IGNORE
+from patchlab.unlearning.data import IGNORE
 
 Batch = dict[str, torch.Tensor]
 

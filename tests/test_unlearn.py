@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import patchlab
-from patchlab.finetune import METHODS, batches, nll, to_examples, unlearn
+from patchlab.unlearning import METHODS, batches, nll, to_examples, unlearn
 from patchlab.tiny import tiny_model, word_tokenizer
 
 FORGET = [{"question": "who built the Orlan tower ?", "answer": "Vesna Kade"},
@@ -134,7 +134,7 @@ def test_data_forms_and_padding(tok, tmp_path):
 
 def test_padding_does_not_change_losses(learned, tok):
     """A sequence's log-probability is the same alone and right-padded in a batch with a longer one."""
-    from patchlab.finetune import sequence_logprob
+    from patchlab.unlearning import sequence_logprob
 
     ex = to_examples(FORGET[:1] + TEXTS[:1], tok, max_length=32)
     with torch.no_grad():

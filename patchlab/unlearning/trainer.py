@@ -1,4 +1,4 @@
-"""The fine-tuning loop that runs unlearning: one objective from :mod:`patchlab.finetune.losses`, optionally
+"""The fine-tuning loop that runs unlearning: one objective from :mod:`patchlab.unlearning.losses`, optionally
 restricted to a weight mask, with a frozen copy of the starting model as reference."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
-from patchlab.finetune.data import batches, collate, refusal_pairs, to_examples
-from patchlab.finetune.losses import METHODS
+from patchlab.unlearning.data import batches, collate, refusal_pairs, to_examples
+from patchlab.unlearning.losses import METHODS
 from patchlab.generation import DEFAULT_TEMPLATE
 from patchlab.io import atomic_write_json
 from patchlab.pair import ModelSpec, TokenizerSpec, load_model, load_tokenizer
@@ -113,7 +113,7 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
         forget: texts, ``{"question", "answer"}`` / ``{"text"}`` records, a JSON/JSONL path or a ``datasets.Dataset``.
         retain: same forms; required by ``graddiff`` and ``npo_kl``.
         tokenizer: defaults to the checkpoint's when ``model`` is a path.
-        method: ``ga``, ``graddiff``, ``npo``, ``npo_kl`` or ``dpo`` (formulas in :mod:`patchlab.finetune.losses`).
+        method: ``ga``, ``graddiff``, ``npo``, ``npo_kl`` or ``dpo`` (formulas in :mod:`patchlab.unlearning.losses`).
         lr: AdamW learning rate (no weight decay). epochs: passes over the forget set.
         batch_size: sequences per micro-batch (forget, and retain alongside); grad_accum: micro-batches per step.
         beta: β of NPO / DPO. retain_weight: GradDiff's retain weight. kl_weight: NPO+KL's KL weight.
