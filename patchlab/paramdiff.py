@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from patchlab.errors import PairMismatchError, PatchlabFileError, PatchlabValueE
 from patchlab.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.pair import ModelPair
 
-Getter = Callable[[], torch.Tensor]
 CHUNK = 1 << 24  # elements per float64 chunk
 
 
