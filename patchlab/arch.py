@@ -85,6 +85,11 @@ def supported_architectures() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def spec_for_type(model_type: str | None) -> ArchSpec | None:
+    """The registered :class:`ArchSpec` of a ``config.model_type``, or ``None``."""
+    return _REGISTRY.get(model_type) if model_type else None
+
+
 def arch_spec(model: nn.Module) -> ArchSpec:
     """The :class:`ArchSpec` of a Hugging Face model, checked against the model's actual modules."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

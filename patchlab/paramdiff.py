@@ -18,7 +18,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from patchlab.arch import ArchSpec, _REGISTRY
+from patchlab.arch import spec_for_type
 from patchlab.errors import PairMismatchError, PatchlabFileError, PatchlabValueError
 from patchlab.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.pair import ModelPair
@@ -128,10 +128,6 @@ class ParamDiff:
         return fig
 
 
-def _arch(model_type: str | None) -> ArchSpec | None:
-    return _REGISTRY.get(model_type) if model_type else None
-
-
 def paramdiff(vanilla: Any, unlearned: Any = None, *, progress: bool = True) -> ParamDiff:
     """Compare every parameter tensor of two models.
 
@@ -154,12 +150,12 @@ def paramdiff(vanilla: Any, unlearned: Any = None, *, progress: bool = True) -> 
     if a.shapes.keys() != b.shapes.keys():
         diff = sorted(a.shapes.keys() ^ b.shapes.keys())[:5]
         raise PairMismatchError(f"the two checkpoints hold different tensors, e.g. {diff}")
-    arch = _arch(a.model_type)
+    arch = spec_for_type(a.model_type)
     rows = []
     for name in tqdm(sorted(a.shapes), desc="parameter diff", disable=not progress, leave=False):
         if a.shapes[name] != b.shapes[name]:
             raise PairMismatchError(f"tensor {name} has shape {a.shapes[name]} vs {b.shapes[name]}")
-        layer = layer_index(name, arch) if arch is not None else layer_index(name)
+        layer = layer_index(name, arch)
         rows.append({"name": name, "module": module_type(name), "layer": -1 if layer is None else layer,
                      "numel": int(np.prod(a.shapes[name])), **tensor_stats(a.get(name), b.get(name))})
     return ParamDiff(_metrics(pd.DataFrame(rows)))
