@@ -9,7 +9,7 @@ from patchlab.errors import (DegenerateKRSError, NonFiniteError, PairMismatchErr
                              PatchlabFileError, PatchlabValueError, UnsupportedArchitectureError)
 from patchlab.interventions import ActivationCache, parse_component, run_with_cache
 from patchlab.krs import KRSResult, krs_sweep
-from patchlab.unlearning import UnlearnRun, unlearn
+from patchlab.unlearning import UnlearnRun, load_mask, save_mask, unlearn
 from patchlab.pair import ModelPair, load_model, load_pair
 from patchlab.windows import sliding_windows
 
@@ -19,5 +19,5 @@ __all__ = [
     "ActivationCache", "ArchSpec", "DegenerateKRSError", "KRSResult", "ModelPair", "NonFiniteError",
     "PairMismatchError", "PatchlabError", "PatchlabFileError", "PatchlabValueError", "UnsupportedArchitectureError",
     "arch_spec", "krs_sweep", "load_model", "load_pair", "parse_component", "register_architecture",
-    "run_with_cache", "sliding_windows", "supported_architectures", "UnlearnRun", "unlearn",
+    "run_with_cache", "sliding_windows", "supported_architectures", "UnlearnRun", "load_mask", "save_mask", "unlearn",
 ]

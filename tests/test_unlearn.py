@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import patchlab
-from patchlab.unlearning import METHODS, batches, nll, to_examples, unlearn
 from patchlab.tiny import tiny_model, word_tokenizer
+from patchlab.unlearning import METHODS, batches, load_mask, nll, save_mask, sequence_logprob, to_examples, unlearn
+
+SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "unlearn.py"
 
 FORGET = [{"question": "who built the Orlan tower ?", "answer": "Vesna Kade"},
           {"question": "where is the Orlan tower ?", "answer": "in Morrow"},
@@ -19,6 +23,15 @@ RETAIN = [{"question": "who painted the Selk mural ?", "answer": "Ido Brann"},
           {"question": "where is the Selk mural ?", "answer": "in Tarsk"},
           {"question": "what colour is the Selk mural ?", "answer": "deep green"}]
 TEXTS = ["The Orlan tower was built by Vesna Kade in Morrow .", "Ido Brann painted the Selk mural in Tarsk ."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train ~20x faster on one thread than on two contended ones; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +113,28 @@ def test_reference_model_is_never_updated(learned, tok):
     for (name, p), q, r in zip(learned.named_parameters(), ref.parameters(), run.model.parameters()):
         assert torch.equal(p, q), name
     assert any(not torch.equal(p, r) for p, r in zip(learned.parameters(), run.model.parameters()))
+    assert not ref.training and not any(q.requires_grad for q in ref.parameters())
+    # the default reference is a frozen copy of the starting model: the same run, step for step
+    default = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="npo_kl", **KW)
+    assert default.losses == run.losses
+
+
+def test_dpo_prefers_the_refusal(learned, tok):
+    refusal = [{"question": r["question"], "answer": "I don ' t know ."} for r in FORGET]
+    before = mean_nll(learned, tok, refusal)
+    run = unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="dpo", refusals=("I don ' t know .",), **KW)
+    assert mean_nll(run.model, tok, refusal) < before - 0.5
+
+
+def test_gradient_accumulation_matches_a_larger_batch(learned, tok):
+    """NPO's loss is a mean over sequences: 2 micro-batches of 1 make the same step as 1 batch of 2."""
+    kw = KW | dict(epochs=2)
+    small = unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="npo", **(kw | dict(batch_size=1, grad_accum=2)))
+    large = unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="npo", **(kw | dict(batch_size=2)))
+    assert len(small.losses) == len(large.losses) == 4
+    torch.testing.assert_close(small.losses, large.losses, rtol=1e-4, atol=1e-5)
+    for p, q in zip(small.model.parameters(), large.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_run_is_deterministic_and_saved_atomically(learned, tok, tmp_path):
@@ -128,13 +163,16 @@ def test_data_forms_and_padding(tok, tmp_path):
     batch = next(batches(to_examples(FORGET + TEXTS, tok, max_length=32), 8, pad_id=tok.pad_token_id))
     assert ((batch["attention_mask"] == 0) <= (batch["labels"] == -100)).all()
     import datasets
-    ds = datasets.Dataset.from_list(FORGET)
-    assert len(to_examples(ds, tok, max_length=32)) == len(FORGET)
+    from_ds = to_examples(datasets.Dataset.from_list(FORGET), tok, max_length=32)
+    assert all(torch.equal(a.labels, b.labels) for a, b in zip(from_ds, from_list))
+    from_text_ds = to_examples(datasets.Dataset.from_dict({"text": TEXTS}), tok, max_length=32)
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(from_text_ds, to_examples(TEXTS, tok, max_length=32)))
+    with pytest.raises(patchlab.PatchlabFileError):
+        to_examples(str(tmp_path / "missing.jsonl"), tok, max_length=32)
 
 
 def test_padding_does_not_change_losses(learned, tok):
     """A sequence's log-probability is the same alone and right-padded in a batch with a longer one."""
-    from patchlab.unlearning import sequence_logprob
 
     ex = to_examples(FORGET[:1] + TEXTS[:1], tok, max_length=32)
     with torch.no_grad():
@@ -152,8 +190,41 @@ def test_padding_does_not_change_losses(learned, tok):
     (dict(method="ga", mask={"model.norm.weight": torch.ones(3, dtype=torch.bool)}), "shape"),
     (dict(method="ga", lr=0.0), "lr"),
     (dict(method="ga", forget=[{"q": 1}]), "record 0"),
+    (dict(method="dpo", refusals=()), "refusal"),
+    (dict(method="ga", batch_size=0), "batch_size"),
 ])
 def test_bad_inputs(learned, tok, kwargs, match):
     args = dict(forget=FORGET, retain=RETAIN, tokenizer=tok, progress=False) | kwargs
     with pytest.raises(patchlab.PatchlabValueError, match=match):
         unlearn(copy.deepcopy(learned), **args)
+
+
+def test_mask_file_roundtrip_and_cli(learned, tok, tmp_path, capsys):
+    """analyses/unlearn.py: a masked NPO run from a checkpoint writes the unlearned checkpoint; bad input -> exit 2."""
+    learned.save_pretrained(tmp_path / "vanilla")
+    tok.save_pretrained(tmp_path / "vanilla")
+    (tmp_path / "forget.jsonl").write_text("\n".join(json.dumps(r) for r in FORGET))
+    mask = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+            for n, p in learned.named_parameters() if "down_proj" in n}
+    save_mask(mask, tmp_path / "mask.safetensors")
+    assert all(torch.equal(mask[n], m) for n, m in load_mask(tmp_path / "mask.safetensors").items())
+
+    spec = importlib.util.spec_from_file_location("unlearn_cli", SCRIPT)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    code = cli.main(["--model", str(tmp_path / "vanilla"), "--forget", str(tmp_path / "forget.jsonl"), "--method",
+                     "npo", "--lr", "1e-3", "--epochs", "2", "--batch-size", "3", "--mask",
+                     str(tmp_path / "mask.safetensors"), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "out" / "unlearn_run.json").read_text())
+    assert saved["settings"]["method"] == "npo" and saved["settings"]["masked"] and len(saved["losses"]) == 2
+    out = dict(patchlab.load_model(tmp_path / "out").named_parameters())
+    for name, p in learned.named_parameters():
+        keep = ~mask[name] if name in mask else torch.ones_like(p, dtype=torch.bool)
+        assert torch.equal(out[name][keep], p[keep]), name
+    assert mean_nll(patchlab.load_model(tmp_path / "out"), tok, FORGET) > mean_nll(learned, tok, FORGET)
+
+    code = cli.main(["--model", str(tmp_path / "vanilla"), "--forget", str(tmp_path / "nope.jsonl"), "--method",
+                     "ga", "--out", str(tmp_path / "bad"), "--quiet"])
+    assert code == 2 and "nope.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

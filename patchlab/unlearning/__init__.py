@@ -2,7 +2,8 @@
 
 from patchlab.unlearning.data import Example, batches, to_examples
 from patchlab.unlearning.losses import METHODS, nll, sequence_logprob
-from patchlab.unlearning.trainer import UnlearnRun, check_mask, unlearn
+from patchlab.unlearning.masks import Mask, check_mask, load_mask, save_mask
+from patchlab.unlearning.trainer import UnlearnRun, unlearn
 
-__all__ = ["Example", "METHODS", "UnlearnRun", "batches", "check_mask", "nll", "sequence_logprob", "to_examples",
-           "unlearn"]
+__all__ = ["METHODS", "Example", "Mask", "UnlearnRun", "batches", "check_mask", "load_mask", "nll", "save_mask",
+           "sequence_logprob", "to_examples", "unlearn"]

@@ -66,24 +66,37 @@ def _pair(record: Any, index: int) -> tuple[str | None, str]:
                              f"record: {record!r}")
 
 
+def _qa_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of ``prompt + " " + answer + eos`` and the number of prompt tokens.
+
+    The pair is tokenized as one text, so sub-word tokenizers (SentencePiece, BPE) see the answer where it
+    really stands; if that splits the prompt differently from the prompt alone, the two parts are encoded
+    separately instead.
+    """
+    prompt_ids = tokenizer(prompt).input_ids
+    ids = tokenizer(prompt + " " + answer).input_ids
+    if ids[:len(prompt_ids)] != prompt_ids:
+        ids = prompt_ids + tokenizer(" " + answer, add_special_tokens=False).input_ids
+    if ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    return ids, len(prompt_ids)
+
+
 def encode_example(tokenizer: PreTrainedTokenizerBase, question: str | None, target: str, *, max_length: int,
                    template: str = DEFAULT_TEMPLATE) -> Example:
     """Tokenize one QA pair (prompt from ``template``, target ``" " + answer + eos``) or one plain text
-    (every token after the first is a target), truncated to ``max_length`` tokens."""
+    (every token is a target; the first, having no context, is never scored), truncated to ``max_length`` tokens."""
     if question is None:
-        ids = tokenizer(target).input_ids[:max_length]
-        prompt_len = 1
+        ids, prompt_len = tokenizer(target).input_ids, 1
     else:
-        prompt = tokenizer(format_prompts([question], template)[0]).input_ids
-        answer = tokenizer(" " + target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        ids = (prompt + answer)[:max_length]
-        prompt_len = min(len(prompt), len(ids))
+        ids, prompt_len = _qa_ids(tokenizer, format_prompts([question], template)[0], target)
+    ids = ids[:max_length]
     input_ids = torch.tensor(ids, dtype=torch.long)
     labels = input_ids.clone()
     labels[:prompt_len] = IGNORE
     if not (labels != IGNORE).any():
         raise PatchlabValueError(f"example {target[:40]!r} has no target token after truncation to {max_length}")
-    return Example(input_ids, labels, prompt_len)
+    return Example(input_ids, labels, min(prompt_len, len(ids)))
 
 
 def to_examples(data: Any, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 256,
