@@ -1,0 +1,209 @@
+"""Train the toy world's vanilla model from scratch and write it as a checkpoint directory.
+
+    python -m patchlab.toy.build                 # regenerate the shipped checkpoint in patchlab/toy/assets/
+    python -m patchlab.toy.build --small --out /tmp/toy   # a seconds-long variant (tests, smoke checks)
+
+The same seed and config always give the same weights (CPU, float32), hence the same QA accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Int
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from patchlab.errors import PatchlabError, PatchlabValueError
+from patchlab.io import atomic_write_json
+from patchlab.tiny import tiny_model, word_tokenizer
+from patchlab.toy.corpus import ASSETS, WORLD_FILE, World, generate_world
+from patchlab.toy.qa import qa_accuracy, qa_text
+
+BUILD_FILE = "build.json"
+
+#: ``[batch, seq]`` token ids, attention mask or labels.
+TokenBatch = Int[torch.Tensor, "batch seq"]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """World size, model size and optimisation settings of a vanilla toy model.
+
+    ``qa_repeats`` is how many copies of each QA pair join the paragraphs in the training pool; ``lr`` is the
+    AdamW peak learning rate, reached after ``warmup`` steps and decayed to 10% (cosine) at ``steps``.
+    """
+
+    seed: int = 0
+    n_concepts: int = 12
+    n_paragraphs: int = 40
+    n_layers: int = 6
+    d_model: int = 128
+    d_mlp: int = 384
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    qa_repeats: int = 4
+
+
+#: A variant that trains in seconds, for tests: 3 concepts, a 2-layer 32-wide model.
+SMALL = BuildConfig(n_concepts=3, n_paragraphs=8, n_layers=2, d_model=32, d_mlp=64, steps=60, batch_size=16,
+                    warmup=10)
+
+
+def make_world(config: BuildConfig) -> World:
+    """The world a config trains on."""
+    return generate_world(config.seed, n_concepts=config.n_concepts, n_paragraphs=config.n_paragraphs)
+
+
+def make_tokenizer(world: World) -> PreTrainedTokenizerBase:
+    """A word-level tokenizer covering every paragraph and QA text of ``world``."""
+    return word_tokenizer(world.training_texts() + [qa_text(q) for q in world.all_qa()])
+
+
+def training_sequences(world: World, tokenizer: PreTrainedTokenizerBase, qa_repeats: int) -> list[torch.Tensor]:
+    """Token ids (1-D, EOS appended) of every paragraph, then of every QA pair ``qa_repeats`` times."""
+    texts = world.training_texts() + [qa_text(q) for q in world.all_qa()] * qa_repeats
+    return [torch.tensor(tokenizer(t).input_ids + [tokenizer.eos_token_id], dtype=torch.long) for t in texts]
+
+
+def pad_batch(sequences: list[torch.Tensor], pad_id: int) -> tuple[TokenBatch, TokenBatch, TokenBatch]:
+    """Right-pad to the longest sequence: (input ids, attention mask, labels with -100 on padding)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to 0.1 at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def train(model: PreTrainedModel, sequences: list[torch.Tensor], config: BuildConfig, pad_id: int, *,
+          progress: bool = True) -> list[float]:
+    """Train ``model`` in place on random batches of ``sequences`` (causal LM loss); returns per-step losses (nats)."""
+    gen = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config.warmup, config.steps))
+    model.train()
+    losses = []
+    bar = tqdm(range(config.steps), desc="training toy model", disable=not progress)
+    for _ in bar:
+        picks = torch.randint(len(sequences), (config.batch_size,), generator=gen).tolist()
+        ids, mask, labels = pad_batch([sequences[i] for i in picks], pad_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    return losses
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory ``tmp`` onto ``out``; an existing ``out`` is kept until the move succeeds."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_checkpoint(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World,
+                     report: dict) -> Path:
+    """Write model (safetensors + config), tokenizer, world corpus and build report into ``out`` atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / WORLD_FILE, world.to_dict())
+        atomic_write_json(tmp / BUILD_FILE, report)
+        for path in tmp.iterdir():  # temp files are private (0600); a checkpoint is readable by all
+            path.chmod(0o644)
+        tmp.chmod(0o755)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, *, progress: bool = True) -> dict:
+    """Generate the world, train the vanilla model, score it on all QA and write the checkpoint to ``out``.
+
+    Returns the build report written as ``build.json``: the config, the parameter count, the training time
+    (seconds), the final loss (nats/token, mean of the last 50 steps) and the greedy QA accuracy (0..1).
+    """
+    if config.steps < 1 or config.batch_size < 1:
+        raise PatchlabValueError(f"steps and batch_size must be >= 1, got {config.steps}, {config.batch_size}")
+    world = make_world(config)
+    tok = make_tokenizer(world)
+    model = tiny_model("llama", len(tok), seed=config.seed, n_layers=config.n_layers, d_model=config.d_model,
+                       d_mlp=config.d_mlp, n_heads=config.n_heads, n_kv_heads=config.n_kv_heads)
+    start = time.perf_counter()
+    losses = train(model, training_sequences(world, tok, config.qa_repeats), config, tok.pad_token_id,
+                   progress=progress)
+    seconds = time.perf_counter() - start
+    model.eval()
+    report = {"config": dataclasses.asdict(config), "n_params": sum(p.numel() for p in model.parameters()),
+              "train_seconds": round(seconds, 1), "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+              "qa_accuracy": qa_accuracy(model, tok, world.all_qa(), progress=progress),
+              "n_qa": len(world.all_qa())}
+    write_checkpoint(Path(out), model, tok, world, report)
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train the toy world's vanilla model and write its checkpoint.")
+    p.add_argument("--out", default=str(ASSETS), help=f"checkpoint directory (default: {ASSETS})")
+    p.add_argument("--small", action="store_true", help="the seconds-long test config (3 concepts, 2 layers)")
+    p.add_argument("--seed", type=int, help="world, init and batch-order seed (default: the config's)")
+    p.add_argument("--steps", type=int, help="optimisation steps (default: the config's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: fastest on a busy machine, and the shipped weights were built so)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = SMALL if args.small else BuildConfig()
+    overrides = {k: v for k, v in {"seed": args.seed, "steps": args.steps}.items() if v is not None}
+    try:
+        report = build(dataclasses.replace(config, **overrides), args.out)
+    except PatchlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"trained {report['n_params']:,} parameters in {report['train_seconds']} s; "
+          f"greedy QA accuracy {report['qa_accuracy']:.3f} on {report['n_qa']} QA; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Unlearned copies of the toy vanilla model, built with :func:`patchlab.unlearning.unlearn` and cached on disk.
+
+A cached model is one safetensors file under :func:`cache_dir`, named after the concept, the method and a hash
+of (settings, forget/retain data, vanilla weights), so changing any of them builds a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from patchlab.errors import PatchlabValueError
+from patchlab.io import atomic_write
+from patchlab.toy.corpus import ConceptRecord, World
+from patchlab.unlearning import unlearn
+
+#: Per-method unlearning settings (keyword arguments of :func:`patchlab.unlearning.unlearn`), tuned so the
+#: default concept's target QA accuracy drops to <= 20% while unrelated QA stays >= 80% (see tests/test_toy.py).
+#: Forget set: the concept's paragraphs; retain set (graddiff): every other concept's paragraphs.
+METHOD_SETTINGS: dict[str, dict] = {
+    "graddiff": {"lr": 1e-3, "epochs": 5, "batch_size": 8, "retain_weight": 1.0},
+    "npo": {"lr": 2e-3, "epochs": 2, "batch_size": 8, "beta": 0.1},
+}
+
+
+def cache_dir() -> Path:
+    """``$PATCHLAB_CACHE/toy`` when ``PATCHLAB_CACHE`` is set, else ``~/.cache/patchlab/toy``."""
+    return Path(os.environ.get("PATCHLAB_CACHE", "~/.cache/patchlab")).expanduser() / "toy"
+
+
+def unlearn_data(world: World, concept: str) -> tuple[list[str], list[str]]:
+    """(forget, retain) texts: the concept's paragraphs, and every other concept's paragraphs."""
+    record = world.record(concept)
+    retain = [p for r in world.records if r.concept != concept for p in r.forget_paragraphs]
+    return list(record.forget_paragraphs), retain
+
+
+def method_settings(method: str) -> dict:
+    """The settings of ``method`` from :data:`METHOD_SETTINGS`; raises naming the known methods."""
+    if method not in METHOD_SETTINGS:
+        raise PatchlabValueError(f"unknown toy unlearning method {method!r}; choose from {sorted(METHOD_SETTINGS)}")
+    return dict(METHOD_SETTINGS[method])
+
+
+def cache_key(record: ConceptRecord, method: str, retain: list[str], vanilla_weights: Path) -> str:
+    """16 hex digits of SHA-256 over the method, its settings, the forget/retain texts and the vanilla weights."""
+    digest = hashlib.sha256()
+    spec = {"method": method, "settings": method_settings(method), "forget": record.forget_paragraphs,
+            "retain": retain}
+    digest.update(json.dumps(spec, sort_keys=True).encode())
+    digest.update(Path(vanilla_weights).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_path(record: ConceptRecord, method: str, retain: list[str], vanilla_weights: Path,
+                root: Path | None = None) -> Path:
+    """Where the unlearned weights of (concept, method) for these vanilla weights live in the cache."""
+    slug = record.concept.lower().replace(" ", "-")
+    return (root or cache_dir()) / f"{slug}-{method}-{cache_key(record, method, retain, vanilla_weights)}.safetensors"
+
+
+def build_unlearned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World, concept: str,
+                    method: str, *, progress: bool = True) -> PreTrainedModel:
+    """Unlearn ``concept`` from ``model`` (updated in place) with ``method`` on the concept's paragraphs."""
+    forget, retain = unlearn_data(world, concept)
+    return unlearn(model, forget, retain, tokenizer=tokenizer, method=method, progress=progress,
+                   **method_settings(method)).model
+
+
+def load_or_build(vanilla: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World, concept: str,
+                  method: str, vanilla_weights: Path, *, root: Path | None = None, progress: bool = True
+                  ) -> PreTrainedModel:
+    """The cached unlearned model of (concept, method), built and written atomically on first use.
+
+    ``vanilla`` is a fresh copy of the vanilla model; it becomes the unlearned one (weights loaded or trained).
+    """
+    method_settings(method)
+    record = world.record(concept)
+    _, retain = unlearn_data(world, concept)
+    path = cached_path(record, method, retain, vanilla_weights, root)
+    if path.is_file():
+        vanilla.load_state_dict(load_file(path))
+        return vanilla.eval()
+    model = build_unlearned(vanilla, tokenizer, world, concept, method, progress=progress)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"concept": concept, "method": method}))
+    return model

@@ -1,0 +1,35 @@
+"""Greedy QA scoring: does a model's answer start with the expected words?"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from patchlab.errors import PatchlabValueError
+from patchlab.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_continuations
+from patchlab.toy.corpus import QA
+
+
+def qa_text(qa: QA, template: str = DEFAULT_TEMPLATE) -> str:
+    """A QA pair as training text: the prompt, a space, the answer (the caller appends EOS)."""
+    return f"{format_prompts([qa.question], template)[0]} {qa.answer}"
+
+
+def answers_correct(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, qa: Sequence[QA], *,
+                    template: str = DEFAULT_TEMPLATE, progress: bool = False) -> list[bool]:
+    """For each pair, whether the greedy answer's words start with the expected answer's words."""
+    if len(qa) == 0:
+        raise PatchlabValueError("answers_correct: no QA pair given")
+    prompts = encode_prompts(tokenizer, format_prompts([q.question for q in qa], template))
+    longest = max(len(tokenizer(q.answer).input_ids) for q in qa)
+    generated = greedy_continuations(model, prompts, max_new_tokens=longest + 1,
+                                     eos_token_id=tokenizer.eos_token_id, progress=progress)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).split() for ids in generated]
+    return [words[: len(q.answer.split())] == q.answer.split() for words, q in zip(texts, qa)]
+
+
+def qa_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, qa: Sequence[QA], **kwargs) -> float:
+    """Fraction (0..1) of ``qa`` answered correctly with greedy decoding (see :func:`answers_correct`)."""
+    correct = answers_correct(model, tokenizer, qa, **kwargs)
+    return sum(correct) / len(correct)

@@ -1,0 +1,126 @@
+"""The embedded toy world: corpus, shipped vanilla model, unlearned models, reproducible build."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from patchlab import toy
+from patchlab.errors import PatchlabFileError, PatchlabValueError
+from patchlab.toy.build import ASSETS, BUILD_FILE, SMALL, BuildConfig, build, make_world
+from patchlab.toy.corpus import generate_world
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when the machine's cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, tok = toy.vanilla()
+    return model, tok, toy.world()
+
+
+def test_world_format_and_determinism():
+    w = generate_world(3)
+    assert w == generate_world(3)
+    assert w != generate_world(4)
+    assert len(w.records) >= 10 and w.concepts[0] == toy.DEFAULT_CONCEPT
+    for r in w.records:
+        assert len(r.qa) == 10 and len(r.unrelated_qa) == 50 and len(r.forget_paragraphs) >= 20
+        assert all(1 <= len(q.answer.split()) <= 4 for q in r.qa + r.unrelated_qa)
+        assert not set(r.unrelated_qa) & set(r.qa)
+        assert all(r.concept in p for p in r.forget_paragraphs)
+        assert all(v in " ".join(r.forget_paragraphs) for v in r.attributes.values())
+    # one answer per (attribute, concept): a question pins down its answer
+    assert len({q.question for q in w.all_qa()}) == len(w.all_qa())
+
+
+def test_shipped_world_is_the_build_configs_world(shipped):
+    config = BuildConfig(**json.loads((ASSETS / BUILD_FILE).read_text())["config"])
+    assert shipped[2] == make_world(config)
+
+
+def test_shipped_vanilla_answers_its_qa(shipped):
+    model, tok, world = shipped
+    assert model.config.model_type == "llama" and model.config.num_key_value_heads < model.config.num_attention_heads
+    assert toy.qa_accuracy(model, tok, world.all_qa()) >= 0.95
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("toy-cache")
+
+
+@pytest.fixture(scope="module")
+def unlearned_models(cache_root):
+    return {m: toy.unlearned(method=m, cache=cache_root, progress=False) for m in ("graddiff", "npo")}
+
+
+@pytest.mark.parametrize("method", ["graddiff", "npo"])
+def test_unlearned_forgets_target_keeps_unrelated(shipped, unlearned_models, method):
+    _, tok, world = shipped
+    record = world.record(toy.DEFAULT_CONCEPT)
+    assert toy.qa_accuracy(unlearned_models[method], tok, record.qa) <= 0.2
+    assert toy.qa_accuracy(unlearned_models[method], tok, record.unrelated_qa) >= 0.8
+
+
+def test_pair_loads_the_cached_model(unlearned_models, cache_root):
+    files = sorted(cache_root.glob("*.safetensors"))
+    assert len(files) == 2 and {f.name.split("-")[2] for f in files} == {"graddiff", "npo"}
+    tp = toy.pair(method="npo", cache=cache_root, progress=False)
+    assert sorted(cache_root.glob("*.safetensors")) == files  # loaded, not rebuilt
+    for name, p in tp.pair.unlearned_hf.state_dict().items():
+        assert torch.equal(p, unlearned_models["npo"].state_dict()[name]), name
+    assert not torch.equal(tp.pair.vanilla_hf.lm_head.weight, tp.pair.unlearned_hf.lm_head.weight)
+    record = toy.world().record(toy.DEFAULT_CONCEPT)
+    assert tp.questions == [q.question for q in record.qa] and tp.answers == [q.answer for q in record.qa]
+    assert len(tp.unrelated_questions) == len(tp.unrelated_answers) == 50
+    assert (tp.concept, tp.method, tp.forget_texts) == (toy.DEFAULT_CONCEPT, "npo", record.forget_paragraphs)
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHLAB_CACHE", str(tmp_path))
+    assert toy.cache_dir() == tmp_path / "toy"
+    monkeypatch.delenv("PATCHLAB_CACHE")
+    assert toy.cache_dir().parts[-3:] == (".cache", "patchlab", "toy")
+
+
+def _weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def test_small_build_is_reproducible(tmp_path):
+    reports = [build(SMALL, tmp_path / name, progress=False) for name in ("a", "b")]
+    build(dataclasses.replace(SMALL, seed=1), tmp_path / "c", progress=False)
+    assert reports[0]["qa_accuracy"] == reports[1]["qa_accuracy"]
+    a, b, c = (_weights(tmp_path / n) for n in "abc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert toy.concepts(tmp_path / "a") == make_world(SMALL).concepts
+    assert not list(tmp_path.glob(".*"))  # no temp dir left behind
+
+
+@pytest.mark.parametrize("kwargs", [{"concept": "Nonexistent Thing"}, {"method": "forgetful"}])
+def test_bad_names_raise(kwargs, tmp_path):
+    with pytest.raises(PatchlabValueError, match="choose from"):
+        toy.unlearned(**kwargs, cache=tmp_path, progress=False)
+    with pytest.raises(PatchlabValueError):
+        toy.pair(**kwargs, cache=tmp_path, progress=False)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_missing_checkpoint_raises(tmp_path):
+    with pytest.raises(PatchlabFileError):
+        toy.world(tmp_path)
+    with pytest.raises(PatchlabValueError, match="n_concepts"):
+        generate_world(0, n_concepts=1)
