@@ -1,0 +1,88 @@
+"""Parameter diffs from the shell: cosine similarity and relative L2 change of every weight tensor, vanilla vs
+unlearned, pooled per module type and per layer.
+
+With no arguments it compares the embedded toy world's vanilla model with its unlearned copy, offline:
+
+    python analyses/param_cosine.py
+    python analyses/param_cosine.py --vanilla ckpt/vanilla --unlearned ckpt/unlearned --out results/pc
+
+Checkpoint directories are streamed tensor by tensor from their safetensors files (two 7B checkpoints never sit in
+memory together). Writes ``paramdiff.csv`` (per tensor), ``paramdiff_modules.csv`` (per module type),
+``paramdiff_layers_<metric>.csv`` (layer x module) and ``paramdiff_<metric>.html`` (heatmap) for cosine and
+rel_l2, plus ``value_vectors.csv`` with ``--value-vectors N`` into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import patchlab
+from patchlab.io import write_csv, write_html
+from patchlab.paramdiff import paramdiff, value_vector_changes
+
+METRICS = ("cosine", "rel_l2")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vanilla", help="vanilla checkpoint directory (safetensors) (default: the toy world)")
+    p.add_argument("--unlearned", help="unlearned checkpoint directory (safetensors)")
+    p.add_argument("--concept", help="toy-world concept (toy world only)")
+    p.add_argument("--method", default="graddiff", help="toy-world unlearning method (toy world only)")
+    p.add_argument("--value-vectors", type=int, default=0, metavar="N",
+                   help="also list the N most changed MLP value vectors with their top vocabulary tokens "
+                        "(loads both models and their tokenizer)")
+    p.add_argument("--top-tokens", type=int, default=5, help="vocabulary tokens shown per value vector")
+    p.add_argument("--out", default="results/param_cosine", help="output directory")
+    return p.parse_args(argv)
+
+
+def load_pair(args: argparse.Namespace) -> tuple[object, object, patchlab.ModelPair | None, str]:
+    """(vanilla, unlearned, pair or None, title): the toy pair, or two directories (loaded as a pair only when
+    value vectors are asked for)."""
+    if args.vanilla is None and args.unlearned is None:
+        from patchlab import toy
+
+        world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method)
+        return world.pair, None, world.pair, f"toy world: {world.concept} ({world.method})"
+    if not (args.vanilla and args.unlearned):
+        raise patchlab.PatchlabValueError("--vanilla and --unlearned go together (or give neither)")
+    for path in (args.vanilla, args.unlearned):
+        if not Path(path).is_dir():
+            raise patchlab.PatchlabFileError(f"checkpoint directory {path!r} does not exist")
+    pair = patchlab.load_pair(args.vanilla, args.unlearned) if args.value_vectors > 0 else None
+    return args.vanilla, args.unlearned, pair, f"{args.unlearned} vs {args.vanilla}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        vanilla, unlearned, pair, title = load_pair(args)
+        diff = paramdiff(vanilla, unlearned)
+        values = value_vector_changes(pair, top=args.value_vectors, top_tokens=args.top_tokens) \
+            if args.value_vectors > 0 else None
+        heatmaps = {metric: diff.heatmap(metric) for metric in METRICS}
+    except patchlab.PatchlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    modules = diff.by_module()
+    paths = [write_csv(diff.table, out / "paramdiff.csv"), write_csv(modules, out / "paramdiff_modules.csv")]
+    for metric, fig in heatmaps.items():
+        paths.append(write_csv(diff.by_layer(metric).reset_index(), out / f"paramdiff_layers_{metric}.csv"))
+        paths.append(write_html(fig, out / f"paramdiff_{metric}.html"))
+    if values is not None:
+        paths.append(write_csv(values, out / "value_vectors.csv"))
+    print(f"parameter diff on {title}: {len(diff.table)} tensors")
+    print(modules[["module", "numel", *METRICS]].to_string(index=False, float_format=lambda x: f"{x:.6f}"))
+    if values is not None:
+        print(values.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""WAGLE sign-convention check on the toy world: does unlearning only the WAGLE-selected weights give a better
+forget/retain trade-off than a random or magnitude mask of the same ratio?
+
+The default concept is unlearned with the toy world's settings for ``--method`` (``patchlab.toy.METHOD_SETTINGS``),
+once per mask, each time from a fresh copy of the vanilla model. Masks, all at ``--ratio``:
+
+* ``none`` - every weight may change (the toy world's own unlearned model);
+* ``random``, ``magnitude`` - the baselines of :func:`patchlab.attribution.scores`;
+* ``wagle|S|`` - WAGLE ranked by ``|S|`` (the authors' selection; identical for both ``ℓ_f`` conventions);
+* ``wagle ascent``, ``wagle nll`` - WAGLE ranked by the signed ``S`` with ``ℓ_f = −NLL(forget)`` (the paper's
+  reading, the gradient-ascent objective) or ``ℓ_f = +NLL(forget)``.
+
+For each it prints forget-QA and unrelated-QA accuracy (greedy answers, 0..1), forget and retain NLL (nats per
+target token) and writes them to ``--out`` (JSON). A good mask keeps unrelated-QA accuracy and retain NLL near
+the vanilla model's while forget-QA accuracy drops::
+
+    python benchmarks/wagle_tradeoff.py --ratio 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+import torch
+from transformers import PreTrainedModel
+
+import patchlab
+from patchlab import attribution, toy
+from patchlab.io import atomic_write_json
+from patchlab.toy.build import ASSETS
+from patchlab.toy.cache import method_settings, unlearn_data
+from patchlab.unlearning import batches, nll, to_examples, unlearn
+from patchlab.unlearning.data import Example
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=str(ASSETS), help="toy-world checkpoint directory (default: the shipped one)")
+    p.add_argument("--concept", default=toy.DEFAULT_CONCEPT, help="concept to unlearn")
+    p.add_argument("--method", default=toy.DEFAULT_METHOD, help="unlearning method (a toy METHOD_SETTINGS key)")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of weights each mask selects")
+    p.add_argument("--gamma", type=float, default=1.0, help="WAGLE's Hessian-diagonal parameter")
+    p.add_argument("--epochs", type=int, help="override the method's epochs (same for every mask)")
+    p.add_argument("--lr", type=float, help="override the method's learning rate (same for every mask)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask and of unlearning")
+    p.add_argument("--out", default="results/wagle_tradeoff.json", help="JSON file for the numbers")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def mean_nll(model: PreTrainedModel, examples: list[Example], batch_size: int = 32) -> float:
+    """NLL per target token (nats) over ``examples``, tokens pooled across batches."""
+    total, count = 0.0, 0
+    for batch in batches(examples, batch_size):
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += nll(model, batch).item() * n
+        count += n
+    return total / count
+
+
+def evaluate(model: PreTrainedModel, tok, record, forget_ex: list[Example], retain_ex: list[Example]) -> dict:
+    return {"forget_qa": toy.qa_accuracy(model, tok, record.qa),
+            "unrelated_qa": toy.qa_accuracy(model, tok, record.unrelated_qa),
+            "forget_nll": mean_nll(model, forget_ex), "retain_nll": mean_nll(model, retain_ex)}
+
+
+def build_masks(model: PreTrainedModel, tok, forget: list[Example], retain: list[Example], ratio: float,
+                gamma: float, seed: int) -> dict[str, attribution.Mask | None]:
+    """The masks compared, by name (``None``: no mask)."""
+    common = {"tokenizer": tok, "progress": False}
+    ascent = attribution.scores(model, forget, retain, method="wagle", gamma=gamma, forget_loss="ascent", **common)
+    nll_s = attribution.scores(model, forget, retain, method="wagle", gamma=gamma, forget_loss="nll", **common)
+    return {
+        "none": None,
+        "random": attribution.mask(attribution.scores(model, method="random", seed=seed, **common), ratio),
+        "magnitude": attribution.mask(attribution.scores(model, method="magnitude", **common), ratio),
+        "wagle|S|": attribution.mask(ascent, ratio),
+        "wagle ascent": attribution.mask(ascent, ratio, by="value"),
+        "wagle nll": attribution.mask(nll_s, ratio, by="value"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        vanilla, tok = toy.vanilla(args.checkpoint)
+        world = toy.world(args.checkpoint)
+        record = world.record(args.concept)
+        forget, retain = unlearn_data(world, args.concept)
+        settings = method_settings(args.method)
+        settings.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
+        forget_ex, retain_ex = to_examples(forget, tok), to_examples(retain, tok)
+        results = {"vanilla": evaluate(vanilla, tok, record, forget_ex, retain_ex)}
+        masks = build_masks(vanilla, tok, forget_ex, retain_ex, args.ratio, args.gamma, args.seed)
+        for name, m in masks.items():
+            start = time.perf_counter()
+            run = unlearn(copy.deepcopy(vanilla), forget, retain, tokenizer=tok, method=args.method, mask=m,
+                          seed=args.seed, progress=False, **settings)
+            results[name] = evaluate(run.model, tok, record, forget_ex, retain_ex)
+            results[name]["seconds"] = round(time.perf_counter() - start, 1)
+            print(f"{name:>13}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
+    except patchlab.PatchlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    overlaps = {f"{a} vs {b}": attribution.overlap(masks[a], masks[b])
+                for a, b in [("wagle|S|", "random"), ("wagle|S|", "magnitude"), ("wagle ascent", "wagle nll")]}
+    atomic_write_json(args.out, {"settings": {**vars(args), "unlearn": settings}, "results": results,
+                                 "mask_overlap_jaccard": overlaps})
+    print(f"\n{args.method} {settings} on {args.concept!r}, ratio {args.ratio}, gamma {args.gamma}")
+    print(f"{'mask':>13} {'forget QA':>10} {'unrel. QA':>10} {'forget NLL':>11} {'retain NLL':>11}")
+    for name, r in results.items():
+        print(f"{name:>13} {r['forget_qa']:>10.2f} {r['unrelated_qa']:>10.2f} {r['forget_nll']:>11.3f} "
+              f"{r['retain_nll']:>11.3f}")
+    for pair, value in overlaps.items():
+        print(f"mask overlap (Jaccard) {pair}: {value:.3f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Weight attribution for unlearning: which weights to update (WAGLE, Jia et al., NeurIPS 2024) and baselines.
+
+Pipeline::
+
+    s = attribution.scores(model, forget, retain, tokenizer=tok, method="wagle", gamma=1.0)
+    m = attribution.mask(s, 0.8)                       # top-80% weights, global
+    unlearn(model, forget, retain, tokenizer=tok, method="graddiff", mask=m)
+    attribution.density(m, model)                      # selected fraction per module type and layer
+
+Scores and masks are ``dict[str, Tensor]`` keyed by ``model.named_parameters()`` names, each tensor the shape
+of its parameter. A mask holds only the parameters that were scored; the unlearning layer freezes the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+from plotly.subplots import make_subplots
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+from patchlab.arch import arch_spec
+from patchlab.errors import NonFiniteError, PatchlabValueError
+from patchlab.modules import MODULE_ORDER, layer_index, module_type
+from patchlab.unlearning.data import Example, batches, to_examples
+from patchlab.unlearning.losses import nll
+
+Scores = dict[str, torch.Tensor]
+Mask = dict[str, torch.Tensor]
+LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor]], torch.Tensor]
+
+METHODS = ("wagle", "magnitude", "wanda", "random")
+
+#: Sign of ``ℓ_f`` relative to ``loss`` on the forget set, per WAGLE convention (see :func:`scores`).
+_FORGET_SIGN = {"ascent": -1.0, "nll": 1.0}
+
+# ----------------------------------------------------------------------------------------------------- scores --
+
+def _examples(data: Any, tokenizer: PreTrainedTokenizerBase | None, max_length: int, what: str) -> list[Example]:
+    """Already-encoded examples as they are; anything else through :func:`patchlab.unlearning.data.to_examples`."""
+    if isinstance(data, Sequence) and not isinstance(data, str) and data and all(isinstance(e, Example) for e in data):
+        return list(data)
+    if tokenizer is None:
+        raise PatchlabValueError(f"the {what} set is not encoded: pass tokenizer=... to encode texts or records")
+    return to_examples(data, tokenizer, max_length=max_length, what=what)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase | None) -> int:
+    if tokenizer is None:
+        return 0
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@contextlib.contextmanager
+def _gradient_mode(model: PreTrainedModel) -> Iterator[None]:
+    """Eval mode (no dropout) with gradients on every parameter; restores mode, flags and ``.grad`` afterwards."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    model.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+
+
+def _accumulate_gradients(model: PreTrainedModel, examples: list[Example], loss: LossFn, *, batch_size: int,
+                          pad_id: int, desc: str, progress: bool) -> None:
+    """Leave ``∇ℓ(θ)`` in every ``p.grad``, with ``ℓ = Σ_b (n_b / N) · loss(θ, batch_b)`` (batches of ``n_b`` of
+    the ``N`` sequences): the mean of the batch losses weighted by batch size. One batch in memory at a time."""
+    for p in model.parameters():
+        p.grad = None
+    n_batches = math.ceil(len(examples) / batch_size)
+    for batch in tqdm(batches(examples, batch_size, pad_id=pad_id), total=n_batches, desc=desc, disable=not progress):
+        value = loss(model, batch)
+        if not torch.isfinite(value):
+            raise NonFiniteError(f"the {desc} loss is {value.item()} on a batch")
+        (value * (batch["input_ids"].shape[0] / len(examples))).backward()
+
+
+def _wagle(model: PreTrainedModel, forget: list[Example], retain: list[Example], *, gamma: float, loss: LossFn,
+           forget_sign: float, batch_size: int, pad_id: int, progress: bool) -> Scores:
+    """WAGLE scores with ``ℓ_f = forget_sign · loss`` on ``forget``; peak memory: the model, its gradients and
+    one stored gradient (3x the model)."""
+    params = dict(model.named_parameters())
+    with _gradient_mode(model):
+        _accumulate_gradients(model, forget, loss, batch_size=batch_size, pad_id=pad_id, desc="forget gradient",
+                              progress=progress)
+        grad_f = {}
+        for name, p in params.items():
+            grad_f[name] = p.grad.float().mul_(forget_sign) if p.grad is not None \
+                else torch.zeros_like(p, dtype=torch.float32)
+            p.grad = None
+        _accumulate_gradients(model, retain, loss, batch_size=batch_size, pad_id=pad_id, desc="retain gradient",
+                              progress=progress)
+        out = {}
+        for name, p in params.items():
+            g_r = p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+            p.grad = None
+            out[name] = g_r.div_(-gamma).add_(p.detach().float()).mul_(grad_f.pop(name))
+    return out
+
+
+def _input_norms(model: PreTrainedModel, examples: list[Example], *, batch_size: int, pad_id: int,
+                 progress: bool) -> dict[str, Float[torch.Tensor, "d_in"]]:
+    """``‖X_j‖₂`` per input channel ``j`` of every linear (or GPT-2 Conv1D) layer whose weight is a named
+    parameter, over all non-padding tokens of ``examples``; keyed by the weight's parameter name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    sums: dict[str, torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable:
+        def accumulate(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach().double() * current["keep"][..., None]
+            sums[name] = sums.get(name, 0) + x.pow(2).flatten(0, -2).sum(0)
+        return accumulate
+
+    handles = [m.register_forward_pre_hook(hook(names[id(m.weight)]))
+               for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m.weight) in names]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches(examples, batch_size, pad_id=pad_id), total=math.ceil(len(examples) / batch_size),
+                              desc="wanda calibration", disable=not progress):
+                current["keep"] = batch["attention_mask"].to(device, torch.float64)
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: s.sqrt().float() for name, s in sums.items()}
+
+
+def _wanda(model: PreTrainedModel, calibration: list[Example], *, batch_size: int, pad_id: int,
+           progress: bool) -> Scores:
+    """``|W_ij| · ‖X_j‖₂`` for linear weights (Sun et al., 2024); other parameters are not scored."""
+    norms = _input_norms(model, calibration, batch_size=batch_size, pad_id=pad_id, progress=progress)
+    conv = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    out = {}
+    for name, p in model.named_parameters():
+        if name in norms:
+            # nn.Linear stores [d_out, d_in], Conv1D [d_in, d_out]: broadcast the norm along the input axis.
+            norm = norms[name][:, None] if name.rpartition(".")[0] in conv else norms[name][None, :]
+            out[name] = p.detach().float().abs() * norm
+    return out
+
+
+def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, method: str = "wagle",
+           gamma: float = 1.0, loss: LossFn = nll, forget_loss: str = "ascent", tokenizer: PreTrainedTokenizerBase | None = None,
+           calibration: Any = None, batch_size: int = 8, max_length: int = 256, seed: int = 0,
+           progress: bool = True) -> Scores:
+    """Per-weight attribution scores (float32, same shapes as the parameters); larger = more worth updating.
+
+    Methods:
+
+    * ``wagle`` - the closed-form bi-level attribution of WAGLE (Jia et al., 2024, Eq. 8). The unlearning
+      problem is read as ``min_ε ℓ_f(θ*(ε))`` s.t. ``θ*(ε) = argmin_θ ℓ_r(θ, ε)`` where ``ε`` masks the
+      weights; with the lower-level Hessian approximated by ``γ·I`` (γ the Hessian-diagonal parameter), the
+      first-order influence of weight ``i`` on the forget loss is
+
+          ``S_i = [θ]_i · [∇ℓ_f(θ)]_i − (1/γ) · [∇ℓ_r(θ)]_i · [∇ℓ_f(θ)]_i``,   i.e.  ``S = (θ − ∇ℓ_r(θ)/γ) ⊙ ∇ℓ_f(θ)``
+
+      at the starting weights ``θ``, with ``ℓ_r = loss`` averaged over ``retain`` and ``ℓ_f`` the unlearning
+      objective on ``forget``: ``−loss`` for ``forget_loss="ascent"`` (the paper's reading: ℓ_f is minimised
+      to forget, as in gradient ascent), ``+loss`` for ``forget_loss="nll"``. The two conventions give opposite
+      ``S``; :func:`mask` ranks by ``|S|`` by default, as the authors' code does, where they agree.
+      Gradients are accumulated over batches (one batch in memory at a time); peak memory is about 3x the model
+      (weights, gradients, the stored forget gradient).
+    * ``magnitude`` - ``|θ|``.
+    * ``wanda`` - ``|W_ij| · ‖X_j‖₂`` of every linear layer weight, ``‖X_j‖₂`` the norm of input channel ``j``
+      over the tokens of ``calibration`` (default: ``retain``). Other parameters (embeddings, norms, biases)
+      are not scored, so its mask leaves them frozen.
+    * ``random`` - i.i.d. uniform ``[0, 1)`` from ``seed``.
+
+    Args:
+        model: a Hugging Face causal LM (not modified; its mode, gradient flags and ``.grad`` are restored).
+        forget, retain: texts, ``{"question", "answer"}`` / ``{"text"}`` records, a JSON/JSONL path, a
+            ``datasets.Dataset`` (encoded with ``tokenizer``) or a list of :class:`~patchlab.unlearning.data.Example`.
+        gamma: γ > 0, the Hessian-diagonal parameter of WAGLE.
+        loss: ``loss(model, batch) -> scalar``, default mean NLL per target token (nats).
+        forget_loss: ``"ascent"`` or ``"nll"``, the sign convention of ``ℓ_f`` (WAGLE only, see above).
+        batch_size: sequences per forward/backward pass. max_length: truncation, in tokens.
+
+    Raises:
+        PatchlabValueError: unknown method or ``forget_loss``, missing data or tokenizer, ``gamma <= 0``,
+            ``batch_size < 1``.
+        NonFiniteError: a loss or a score is NaN/inf.
+    """
+    if method not in METHODS:
+        raise PatchlabValueError(f"unknown attribution method {method!r}; choose from {', '.join(METHODS)}")
+    if forget_loss not in _FORGET_SIGN:
+        raise PatchlabValueError(f"forget_loss must be one of {', '.join(_FORGET_SIGN)}, got {forget_loss!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise PatchlabValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    pad = _pad_id(tokenizer)
+    if method == "magnitude":
+        out = {n: p.detach().float().abs() for n, p in model.named_parameters()}
+    elif method == "random":
+        gen = torch.Generator().manual_seed(seed)
+        out = {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in model.named_parameters()}
+    elif method == "wanda":
+        data = calibration if calibration is not None else retain
+        if data is None:
+            raise PatchlabValueError("wanda needs a calibration set (calibration=... or retain=...)")
+        out = _wanda(model, _examples(data, tokenizer, max_length, "calibration"), batch_size=batch_size,
+                     pad_id=pad, progress=progress)
+    else:
+        if forget is None or retain is None:
+            raise PatchlabValueError("wagle needs both a forget and a retain set")
+        if not gamma > 0:
+            raise PatchlabValueError(f"gamma must be > 0, got {gamma}")
+        out = _wagle(model, _examples(forget, tokenizer, max_length, "forget"),
+                     _examples(retain, tokenizer, max_length, "retain"), gamma=gamma, loss=loss,
+                     forget_sign=_FORGET_SIGN[forget_loss],
+                     batch_size=batch_size, pad_id=pad, progress=progress)
+    for name, s in out.items():
+        if not torch.isfinite(s).all():
+            raise NonFiniteError(f"{method} scores of {name} contain NaN or inf")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- mask --
+
+def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "abs") -> Mask:
+    """Select the top-``ratio`` fraction of weights by score: a bool tensor per scored parameter (True = update).
+
+    Exactly ``round(ratio · n)`` weights are selected among the ``n`` weights ranked together: all scored
+    weights (``per_layer=False``), or separately within each decoder layer and within the non-layer parameters
+    (``per_layer=True``; layer from :func:`patchlab.modules.layer_index`). ``by="abs"`` ranks by ``|score|``
+    (WAGLE's ``|S|``, as in the authors' code; identical for the non-negative baselines), ``by="value"`` by the
+    signed score. Ties are broken arbitrarily.
+
+    Raises:
+        PatchlabValueError: empty scores, ``ratio`` outside ``(0, 1]``, unknown ``by``.
+        NonFiniteError: a score is NaN/inf.
+    """
+    if not isinstance(scores, dict) or not scores:
+        raise PatchlabValueError("scores must be a non-empty dict {parameter name: tensor}")
+    if not 0.0 < ratio <= 1.0:
+        raise PatchlabValueError(f"ratio must be in (0, 1], got {ratio}")
+    if by not in ("abs", "value"):
+        raise PatchlabValueError(f"by must be 'abs' or 'value', got {by!r}")
+    groups: dict[int | None, list[str]] = {}
+    for name in scores:
+        groups.setdefault(layer_index(name) if per_layer else None, []).append(name)
+    out: Mask = {}
+    for group in groups.values():
+        flat = torch.cat([scores[n].detach().float().flatten().cpu() for n in group])
+        if not torch.isfinite(flat).all():
+            raise NonFiniteError("scores contain NaN or inf")
+        key = flat.abs() if by == "abs" else flat
+        selected = torch.zeros(flat.numel(), dtype=torch.bool)
+        selected[torch.topk(key, round(ratio * flat.numel()), sorted=False).indices] = True
+        for name, part in zip(group, selected.split([scores[n].numel() for n in group])):
+            out[name] = part.view(scores[name].shape).to(scores[name].device)
+    return out
+
+
+def overlap(mask_a: Mask, mask_b: Mask) -> float:
+    """Jaccard overlap ``|A ∩ B| / |A ∪ B|`` (0..1) of the weights two masks select (a missing parameter selects
+    nothing); 1.0 when both select nothing.
+
+    Raises:
+        PatchlabValueError: a parameter has different shapes in the two masks.
+    """
+    inter = union = 0
+    for name in mask_a.keys() | mask_b.keys():
+        a, b = mask_a.get(name), mask_b.get(name)
+        if a is not None and b is not None and a.shape != b.shape:
+            raise PatchlabValueError(f"the masks disagree on the shape of {name}: {tuple(a.shape)} vs {tuple(b.shape)}")
+        a = a.cpu() if a is not None else torch.zeros_like(b.cpu())
+        b = b.cpu() if b is not None else torch.zeros_like(a)
+        inter += int((a & b).sum())
+        union += int((a | b).sum())
+    return inter / union if union else 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- density --
+
+def density(mask: Mask, model: PreTrainedModel) -> pd.DataFrame:
+    """Selected weights per (module type, layer): columns ``module``, ``layer`` (``<NA>`` outside the decoder
+    layers), ``selected``, ``total`` (weight counts) and ``density = selected / total`` (0..1).
+
+    Module types as in :func:`patchlab.modules.module_type` (a tied LM head is the embedding); parameters of
+    ``model`` absent from the mask count as not selected.
+
+    Raises:
+        PatchlabValueError: a mask tensor does not have its parameter's shape.
+    """
+    spec = arch_spec(model)
+    rows: dict[tuple[str, int | None], list[int]] = {}
+    for name, p in model.named_parameters():
+        m = mask.get(name)
+        if m is not None and tuple(m.shape) != tuple(p.shape):
+            raise PatchlabValueError(f"mask for {name} has shape {tuple(m.shape)}, the parameter {tuple(p.shape)}")
+        cell = rows.setdefault((module_type(name), layer_index(name, spec)), [0, 0])
+        cell[0] += int(m.sum()) if m is not None else 0
+        cell[1] += p.numel()
+    frame = pd.DataFrame([(k, layer, s, t) for (k, layer), (s, t) in rows.items()],
+                         columns=["module", "layer", "selected", "total"])
+    frame["layer"] = frame["layer"].astype("Int64")
+    frame["density"] = frame["selected"] / frame["total"]
+    return frame
+
+
+def module_density(frame: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`density` frame summed over layers: one row per module type (display order), same columns
+    but ``layer``; keeps a ``method`` column if there is one."""
+    keys = ["method", "module"] if "method" in frame else ["module"]
+    agg = frame.groupby(keys, as_index=False, sort=False)[["selected", "total"]].sum()
+    agg["density"] = agg["selected"] / agg["total"]
+    rank = {m: i for i, m in enumerate(MODULE_ORDER)}
+    return agg.sort_values(keys, key=lambda c: c.map(rank) if c.name == "module" else c, kind="stable",
+                           ignore_index=True)
+
+
+def _stack(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    if not frames:
+        raise PatchlabValueError("no density frame given")
+    return pd.concat([f.assign(method=name) for name, f in frames.items()], ignore_index=True)
+
+
+def density_figures(frames: Mapping[str, pd.DataFrame]) -> tuple[go.Figure, go.Figure]:
+    """WAGLE's two figures from ``{method: density frame}``, methods side by side.
+
+    Returns:
+        (bars, heatmaps): grouped bars of the density per module type (over all layers), one bar per method;
+        and one layer x module-type heatmap per method (decoder layers only) on a shared 0..1 colour scale.
+    """
+    stacked = _stack(frames)
+    per_module = module_density(stacked)
+    order = [m for m in MODULE_ORDER if m in set(per_module["module"])]
+    bars = go.Figure()
+    for method in frames:
+        part = per_module[per_module["method"] == method].set_index("module").reindex(order)
+        bars.add_bar(name=method, x=order, y=part["density"], customdata=part[["selected", "total"]].to_numpy(),
+                     hovertemplate="%{x}: %{y:.3f} (%{customdata[0]:,} of %{customdata[1]:,} weights)")
+    bars.update_layout(barmode="group", title="Density of selected weights per module type",
+                       xaxis_title="module", yaxis_title="fraction selected", yaxis_range=[0, 1])
+
+    layered = stacked[stacked["layer"].notna()]
+    if layered.empty:
+        raise PatchlabValueError("the density frames have no decoder-layer parameter")
+    heat = make_subplots(rows=1, cols=len(frames), subplot_titles=list(frames), shared_yaxes=True)
+    for col, method in enumerate(frames, start=1):
+        grid = (layered[layered["method"] == method]
+                .pivot_table(index="layer", columns="module", values="density", aggfunc="first")
+                .reindex(columns=[m for m in order if m in set(layered["module"])]))
+        heat.add_trace(go.Heatmap(z=grid.to_numpy(dtype=float), x=list(grid.columns),
+                                  y=[int(i) for i in grid.index], zmin=0, zmax=1, colorscale="Viridis",
+                                  showscale=col == len(frames),
+                                  hovertemplate="layer %{y}, %{x}: %{z:.3f}<extra>" + method + "</extra>"),
+                       row=1, col=col)
+    heat.update_layout(title="Density of selected weights per layer and module type")
+    heat.update_yaxes(title_text="layer", row=1, col=1)
+    return bars, heat
