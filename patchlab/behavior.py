@@ -1,0 +1,420 @@
+"""Behavioural tests of unlearning (Hong et al., section 4 and Fig. 2).
+
+The vanilla and the unlearned model each answer every question greedily (``patchlab.generation``: ids kept,
+one prompt at a time, no padding). Each after-answer is scored against the before-answer of the same question:
+
+* **BLEU**: sacrebleu's ``sentence_bleu`` (13a tokenisation, exponential smoothing, effective order), on the
+  text decoded from the generated ids with special tokens skipped, on sacrebleu's 0-100 scale;
+* **ROUGE-L**: the LCS-based F1 (:func:`rouge_l`) on the generated token ids themselves (special tokens
+  dropped), on a 0-1 scale, so it needs no re-tokenisation.
+
+100 BLEU / 1 ROUGE-L means the answer did not change. A good unlearning method drives the *target* scores down
+and keeps the *unrelated* scores up. :func:`method_sweep` runs every unlearning method at several strengths and
+plots target BLEU against unrelated BLEU.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import sacrebleu
+import torch
+from jaxtyping import Int
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from patchlab.errors import PatchlabFileError, PatchlabValueError
+from patchlab.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_continuations
+from patchlab.io import atomic_write_json, write_csv, write_html
+from patchlab.pair import ModelPair, ModelSpec, load_model
+
+SETS = ("target", "unrelated")
+METRICS = ("bleu", "rouge_l")
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Length of the longest common subsequence of ``a`` and ``b`` (dynamic programming, O(len(a) * len(b)))."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate: Sequence[Any], reference: Sequence[Any], *, beta: float = 1.0) -> float:
+    """ROUGE-L F-measure (Lin, 2004) of two token sequences, in 0..1.
+
+    With ``L = LCS(candidate, reference)``, ``P = L / len(candidate)``, ``R = L / len(reference)``:
+    ``F = (1 + beta^2) P R / (R + beta^2 P)`` (``beta = 1``: the harmonic mean). Two empty sequences score 1,
+    one empty sequence scores 0.
+    """
+    if beta <= 0:
+        raise PatchlabValueError(f"beta must be > 0, got {beta}")
+    if not candidate or not reference:
+        return float(not candidate and not reference)
+    common = lcs_length(candidate, reference)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(candidate), common / len(reference)
+    return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
+
+
+def sentence_bleu(hypothesis: str, reference: str) -> float:
+    """sacrebleu sentence BLEU (default: 13a tokenisation, ``exp`` smoothing, effective order), 0..100.
+
+    Identical strings score 100 (sacrebleu gives 0 for two empty strings).
+    """
+    if hypothesis.strip() == reference.strip():
+        return 100.0
+    return min(100.0, sacrebleu.sentence_bleu(hypothesis, [reference]).score)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def _question(item: Any) -> str:
+    """The question of a string, a ``{"question": ...}`` record or an object with a ``.question`` attribute."""
+    question = item.get("question") if isinstance(item, Mapping) else getattr(item, "question", item)
+    if not isinstance(question, str):
+        raise PatchlabValueError(f"a QA item must be a question string, a record with 'question' or an object with "
+                                 f".question, got {item!r}")
+    return question
+
+
+def questions_of(qa: Sequence[Any], what: str) -> list[str]:
+    """Questions of a QA set (see :func:`_question`); raises naming the set when it is empty."""
+    if isinstance(qa, str) or len(qa) == 0:
+        raise PatchlabValueError(f"the {what} QA set must be a non-empty list of questions")
+    return [_question(item) for item in qa]
+
+
+def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *,
+                   max_new_tokens: int = 30, template: str = DEFAULT_TEMPLATE, progress: bool = False
+                   ) -> list[Int[torch.Tensor, "answer"]]:
+    """Greedy answer ids (1..``max_new_tokens`` each, EOS kept last) of ``model`` to each templated question."""
+    prompts = encode_prompts(tokenizer, format_prompts(questions, template))
+    return greedy_continuations(model, prompts, max_new_tokens, eos_token_id=tokenizer.eos_token_id, progress=progress)
+
+
+def _content_ids(ids: Int[torch.Tensor, "answer"], special: set[int]) -> list[int]:
+    return [t for t in ids.tolist() if t not in special]
+
+
+@dataclass
+class BehaviorResult:
+    """Per-question before/after answers and scores.
+
+    Attributes:
+        table: one row per question: ``set`` (target / unrelated), ``question``, ``before`` and ``after`` (decoded
+            answers), ``bleu`` (0-100), ``rouge_l`` (0-1), ``same`` (the answer ids are identical).
+    """
+
+    table: pd.DataFrame
+
+    @property
+    def averages(self) -> dict[str, dict[str, float]]:
+        """``{"target": {"bleu": ..., "rouge_l": ..., "same": ...}, "unrelated": {...}}``: means per set."""
+        means = self.table.groupby("set")[[*METRICS, "same"]].mean()
+        return {s: {k: float(v) for k, v in means.loc[s].items()} for s in SETS if s in means.index}
+
+    @property
+    def target_bleu(self) -> float:
+        return self.averages["target"]["bleu"]
+
+    @property
+    def unrelated_bleu(self) -> float:
+        return self.averages["unrelated"]["bleu"]
+
+    def summary(self) -> dict[str, float]:
+        """Flat averages: ``target_bleu``, ``target_rouge_l``, ``target_same``, ``unrelated_bleu``, ..."""
+        return {f"{s}_{k}": v for s, metrics in self.averages.items() for k, v in metrics.items()}
+
+
+def score_answers(tokenizer: PreTrainedTokenizerBase, questions: Mapping[str, Sequence[str]],
+                  before: Mapping[str, Sequence[torch.Tensor]], after: Mapping[str, Sequence[torch.Tensor]]
+                  ) -> BehaviorResult:
+    """Score after-answers against before-answers, per set (keys of ``questions``, e.g. target / unrelated)."""
+    special = set(tokenizer.all_special_ids)
+    rows = []
+    for name, qs in questions.items():
+        if not len(qs) == len(before[name]) == len(after[name]):
+            raise PatchlabValueError(f"set {name!r}: {len(qs)} questions but {len(before[name])} before- and "
+                                     f"{len(after[name])} after-answers")
+        for q, b, a in zip(qs, before[name], after[name]):
+            text_b = tokenizer.decode(b, skip_special_tokens=True)
+            text_a = tokenizer.decode(a, skip_special_tokens=True)
+            rows.append({"set": name, "question": q, "before": text_b, "after": text_a,
+                         "bleu": sentence_bleu(text_a, text_b),
+                         "rouge_l": rouge_l(_content_ids(a, special), _content_ids(b, special)),
+                         "same": bool(torch.equal(a, b))})
+    return BehaviorResult(pd.DataFrame(rows))
+
+
+PairOrModels = ModelPair | tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]
+
+
+def _unpack(pair_or_models: PairOrModels) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
+    if isinstance(pair_or_models, ModelPair):
+        return pair_or_models.vanilla_hf, pair_or_models.unlearned_hf, pair_or_models.tokenizer
+    if isinstance(pair_or_models, tuple) and len(pair_or_models) == 3:
+        vanilla, unlearned, tok = pair_or_models
+        if isinstance(vanilla, PreTrainedModel) and isinstance(unlearned, PreTrainedModel) and \
+                isinstance(tok, PreTrainedTokenizerBase):
+            return vanilla, unlearned, tok
+    raise PatchlabValueError("evaluate expects a patchlab ModelPair or a tuple (vanilla_hf, unlearned_hf, tokenizer)")
+
+
+def evaluate(pair_or_models: PairOrModels, target_qa: Sequence[Any], unrelated_qa: Sequence[Any], *,
+             max_new_tokens: int = 30, template: str = DEFAULT_TEMPLATE, progress: bool = False) -> BehaviorResult:
+    """Greedy answers of the vanilla and the unlearned model on target and unrelated questions, scored.
+
+    Args:
+        pair_or_models: a :class:`patchlab.pair.ModelPair` or ``(vanilla_hf, unlearned_hf, tokenizer)``.
+        target_qa, unrelated_qa: questions (strings, ``{"question": ...}`` records or objects with ``.question``,
+            e.g. ``patchlab.toy.QA``).
+        max_new_tokens: most answer tokens generated per question.
+        template: prompt template holding ``{question}``.
+
+    Returns:
+        A :class:`BehaviorResult` (per-question table, ``averages`` per set).
+    """
+    vanilla, unlearned, tok = _unpack(pair_or_models)
+    questions = {"target": questions_of(target_qa, "target"), "unrelated": questions_of(unrelated_qa, "unrelated")}
+    answers = {
+        who: {name: greedy_answers(model, tok, qs, max_new_tokens=max_new_tokens, template=template,
+                                   progress=progress) for name, qs in questions.items()}
+        for who, model in (("before", vanilla), ("after", unlearned))}
+    return score_answers(tok, questions, answers["before"], answers["after"])
+
+
+# ----------------------------------------------------------------------------------------------- method sweep
+
+FINETUNING_METHODS = ("ga", "graddiff", "npo", "npo_kl", "dpo")
+EDITING_METHODS = ("memit_empty", "memit_entropy")
+ALL_METHODS = FINETUNING_METHODS + EDITING_METHODS
+
+#: Three strengths (weak, medium, strong) per method, as keyword arguments of
+#: :func:`patchlab.unlearning.unlearn` (fine-tuning) or :func:`patchlab.editing.memit` (editing). The
+#: fine-tuning methods share 2 epochs of batch 8 and vary the learning rate (on the toy world 3e-4 leaves every
+#: answer unchanged and 1e-3 removes the target answers); the editing baselines vary the covariance weight
+#: (smaller = stronger edit; MEMIT uses 1.5e4 on GPT-J).
+_FT_STRENGTHS = tuple({"lr": lr, "epochs": 2, "batch_size": 8} for lr in (5e-4, 1e-3, 3e-3))
+DEFAULT_GRID: dict[str, tuple[dict[str, Any], ...]] = {
+    **{m: _FT_STRENGTHS for m in FINETUNING_METHODS},
+    **{m: tuple({"cov_weight": w} for w in (1e4, 1e3, 1.0)) for m in EDITING_METHODS},
+}
+
+
+@dataclass(frozen=True)
+class SweepTask:
+    """What a method sweep unlearns and how it judges the result.
+
+    Attributes:
+        name: a label for plots and records.
+        forget, retain: texts the fine-tuning methods unlearn / keep (``retain`` is used by graddiff, npo_kl).
+        target_questions, unrelated_questions: the behavioural test sets.
+        subject: what the target questions are about (the editing baselines key their edit on it).
+        cov_texts: text sample for the editing baselines' key covariance.
+    """
+
+    name: str
+    forget: list[str]
+    retain: list[str]
+    target_questions: list[str]
+    unrelated_questions: list[str]
+    subject: str
+    cov_texts: list[str]
+
+    @classmethod
+    def toy(cls, concept: str | None = None, checkpoint: str | os.PathLike | None = None) -> SweepTask:
+        """The toy world's task for ``concept`` (default: the toy default): its paragraphs as forget set, the
+        other concepts' paragraphs as retain set and covariance sample, its 10 QA and 50 unrelated QA."""
+        from patchlab import toy
+
+        world = toy.world() if checkpoint is None else toy.world(checkpoint)
+        record = world.record(concept or toy.DEFAULT_CONCEPT)
+        retain = [p for r in world.records if r.concept != record.concept for p in r.forget_paragraphs]
+        return cls(name=f"toy world: {record.concept}", forget=list(record.forget_paragraphs), retain=retain,
+                   target_questions=[q.question for q in record.qa],
+                   unrelated_questions=[q.question for q in record.unrelated_qa], subject=record.concept,
+                   cov_texts=world.training_texts())
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> SweepTask:
+        """A task from a JSON object with the fields of this class (``name`` optional, ``cov_texts`` defaulting to
+        ``forget + retain``).
+
+        Raises:
+            PatchlabFileError: the file does not exist or is not JSON.
+            PatchlabValueError: a field is missing or not of the right type.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise PatchlabFileError(f"no such task file: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise PatchlabFileError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise PatchlabValueError(f"{path}: expected a JSON object with the fields of SweepTask")
+        lists = ("forget", "retain", "target_questions", "unrelated_questions")
+        for key in (*lists, "subject"):
+            if key not in data:
+                raise PatchlabValueError(f"{path}: missing field {key!r}")
+        for key in lists:
+            if not isinstance(data[key], list) or not data[key] or not all(isinstance(t, str) for t in data[key]):
+                raise PatchlabValueError(f"{path}: field {key!r} must be a non-empty list of strings")
+        return cls(name=str(data.get("name", path.stem)), subject=str(data["subject"]),
+                   cov_texts=list(data.get("cov_texts") or data["forget"] + data["retain"]),
+                   **{key: list(data[key]) for key in lists})
+
+    def fingerprint(self) -> str:
+        """16 hex digits of SHA-256 over every field: runs of another task never count as done."""
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_method(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: SweepTask, method: str,
+                 settings: Mapping[str, Any], *, progress: bool = False) -> PreTrainedModel:
+    """Unlearn ``task`` from ``model`` (in place) with ``method`` and ``settings``; returns the model."""
+    from patchlab import editing
+    from patchlab.unlearning import unlearn
+
+    if method in EDITING_METHODS:
+        requests = [editing.EditRequest(q, task.subject) for q in task.target_questions]
+        edit = getattr(editing, method)
+        return edit(model, tokenizer, requests, cov_texts=task.cov_texts, progress=progress, **settings).model
+    if method in FINETUNING_METHODS:
+        return unlearn(model, task.forget, task.retain, tokenizer=tokenizer, method=method, progress=progress,
+                       **settings).model
+    raise PatchlabValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+
+
+def run_key(task: SweepTask, method: str, strength: int, settings: Mapping[str, Any], model_id: str,
+            max_new_tokens: int) -> str:
+    """File-name key of one run: method, strength and a hash of everything its numbers depend on."""
+    spec = {"task": task.fingerprint(), "method": method, "settings": dict(settings), "model": model_id,
+            "max_new_tokens": max_new_tokens}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{method}-s{strength}-{digest}"
+
+
+@dataclass
+class SweepResult:
+    """The records of a method sweep, one per (method, strength).
+
+    Each record holds ``method``, ``strength`` (0 weakest), ``settings``, the averages of
+    :meth:`BehaviorResult.summary` (``target_bleu``, ``unrelated_bleu``, ...), ``seconds`` (unlearning +
+    evaluation wall time) and ``rows`` (the per-question table).
+    """
+
+    task: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per run (settings as a JSON string, per-question rows left out)."""
+        rows = [{**{k: v for k, v in r.items() if k not in ("rows", "settings")},
+                 "settings": json.dumps(r["settings"], sort_keys=True)} for r in self.records]
+        return pd.DataFrame(rows)
+
+    def scatter(self, title: str | None = None) -> go.Figure:
+        """Target BLEU (x) against unrelated BLEU (y) per run, coloured by method (Hong et al., Fig. 2)."""
+        frame = self.to_frame()
+        fig = px.scatter(frame, x="target_bleu", y="unrelated_bleu", color="method", symbol="method",
+                         hover_data=["strength", "settings", "target_rouge_l", "unrelated_rouge_l"],
+                         title=title or f"Behavioural test: {self.task}",
+                         labels={"target_bleu": "target QA BLEU (after vs before, 0-100)",
+                                 "unrelated_bleu": "unrelated QA BLEU (after vs before, 0-100)"})
+        fig.update_traces(marker={"size": 11})
+        fig.update_xaxes(range=[-3, 103])
+        fig.update_yaxes(range=[-3, 103])
+        return fig
+
+    def write_report(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """Write ``sweep.json`` (all records), ``sweep.csv`` and the interactive ``sweep.html``, atomically."""
+        out = Path(out_dir)
+        return {"json": atomic_write_json(out / "sweep.json", {"task": self.task, "records": self.records}),
+                "csv": write_csv(self.to_frame(), out / "sweep.csv"),
+                "html": write_html(self.scatter(), out / "sweep.html")}
+
+
+def _plan(methods: Sequence[str], grid: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, int, dict]]:
+    if isinstance(methods, str) or not methods:
+        raise PatchlabValueError("methods must be a non-empty list of method names")
+    plan = []
+    for method in methods:
+        if method not in ALL_METHODS:
+            raise PatchlabValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+        if method not in grid or not grid[method]:
+            raise PatchlabValueError(f"the grid holds no settings for method {method!r}")
+        plan += [(method, i, dict(s)) for i, s in enumerate(grid[method])]
+    return plan
+
+
+def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: SweepTask,
+                 out_dir: str | os.PathLike, *, methods: Sequence[str] = ALL_METHODS,
+                 grid: Mapping[str, Sequence[Mapping[str, Any]]] = DEFAULT_GRID, max_new_tokens: int = 30,
+                 template: str = DEFAULT_TEMPLATE, progress: bool = True,
+                 on_run: Callable[[dict[str, Any]], None] | None = None) -> SweepResult:
+    """Unlearn ``task`` with every method at every strength of ``grid``, evaluate each, and report.
+
+    Every run starts from a fresh copy of ``vanilla``; its record is written atomically to
+    ``out_dir/runs/<method>-s<strength>-<hash>.json`` as soon as it finishes, and a run whose record exists is
+    skipped, so an interrupted sweep resumes where it stopped (the hash covers the task, the settings, the model
+    and ``max_new_tokens``). The report (:meth:`SweepResult.write_report`) is rewritten after every run.
+
+    Args:
+        vanilla: the starting model (directory, hub id or in-memory model; never modified).
+        tokenizer: its tokenizer.
+        task: forget/retain texts, test questions, subject (:class:`SweepTask`, e.g. ``SweepTask.toy()``).
+        methods: subset of :data:`ALL_METHODS`. grid: settings per method (default :data:`DEFAULT_GRID`).
+        max_new_tokens: greedy answer length limit. on_run: called with each record (new or resumed).
+
+    Returns:
+        A :class:`SweepResult` with the records in plan order.
+    """
+    plan = _plan(methods, grid)
+    model = load_model(vanilla)
+    model_id = json.dumps({"name": model.config.name_or_path, "config": model.config.to_diff_dict()},
+                          sort_keys=True, default=str)
+    questions = {"target": questions_of(task.target_questions, "target"),
+                 "unrelated": questions_of(task.unrelated_questions, "unrelated")}
+    answer = functools.partial(greedy_answers, tokenizer=tokenizer, max_new_tokens=max_new_tokens, template=template)
+    before: dict[str, list[torch.Tensor]] = {}
+    result = SweepResult(task=task.name)
+    out = Path(out_dir)
+    for method, strength, settings in tqdm(plan, desc="method sweep", disable=not progress):
+        path = out / "runs" / f"{run_key(task, method, strength, settings, model_id, max_new_tokens)}.json"
+        if path.is_file():
+            record = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            if not before:
+                before.update({name: answer(model, questions=qs) for name, qs in questions.items()})
+            start = time.perf_counter()
+            edited = apply_method(copy.deepcopy(model), tokenizer, task, method, settings, progress=progress)
+            scored = score_answers(tokenizer, questions, before,
+                                   {name: answer(edited, questions=qs) for name, qs in questions.items()})
+            record = {"method": method, "strength": strength, "settings": settings, **scored.summary(),
+                      "seconds": round(time.perf_counter() - start, 2), "rows": scored.table.to_dict("records")}
+            atomic_write_json(path, record)
+        result.records.append(record)
+        result.write_report(out)
+        if on_run is not None:
+            on_run(record)
+    return result

@@ -1,0 +1,180 @@
+"""Behavioural tests: BLEU / ROUGE-L, evaluate() on tiny pairs, and the resumable method sweep."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import CORPUS, QUESTIONS
+from patchlab import behavior
+from patchlab.behavior import (BehaviorResult, SweepTask, evaluate, lcs_length, method_sweep, rouge_l,
+                               sentence_bleu)
+from patchlab.errors import PatchlabFileError, PatchlabValueError
+from patchlab.pair import load_pair
+from patchlab.tiny import tiny_model
+
+
+def test_rouge_l_hand_computed():
+    # LCS("a b c d", "a c e") = "a c": P = 2/4, R = 2/3, F1 = 2PR / (P + R) = 4/7
+    assert lcs_length("abcd", "ace") == lcs_length("ace", "abcd") == 2
+    assert rouge_l(list("abcd"), list("ace")) == pytest.approx(4 / 7)
+    # beta = 2 weighs recall: 5 P R / (R + 4 P) = 5 * (1/2) * (2/3) / (2/3 + 2) = 5/8
+    assert rouge_l(list("abcd"), list("ace"), beta=2.0) == pytest.approx(5 / 8)
+    assert rouge_l([1, 2, 3], [1, 2, 3]) == 1.0
+    assert rouge_l([1, 2], [3, 4]) == 0.0
+    assert rouge_l([], []) == 1.0 and rouge_l([], [1]) == 0.0
+    # order matters: a subsequence, not a bag of words
+    assert rouge_l([3, 2, 1], [1, 2, 3]) == pytest.approx(1 / 3)
+
+
+def test_sentence_bleu_scale():
+    assert sentence_bleu("Wenna Lunt", "Wenna Lunt") == 100.0
+    assert sentence_bleu("", "") == 100.0
+    assert sentence_bleu("red", "Wenna Lunt") == 0.0
+    partial = sentence_bleu("the Silent Sisters", "the Silent Order")
+    assert 0.0 < partial < 100.0
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tok):
+    vanilla = tiny_model("llama", len(tok), n_layers=2, seed=3)
+    unlearned = copy.deepcopy(vanilla)
+    with torch.no_grad():  # perturb the unembedding: a global change of the answers
+        unlearned.lm_head.weight.add_(0.5 * torch.randn(unlearned.lm_head.weight.shape,
+                                                          generator=torch.Generator().manual_seed(0)))
+    return vanilla, unlearned
+
+
+def test_evaluate_identical_models_score_perfectly(tok, tiny_pair):
+    vanilla, _ = tiny_pair
+    result = evaluate((vanilla, copy.deepcopy(vanilla), tok), QUESTIONS[:2], QUESTIONS[2:], max_new_tokens=2)
+    assert list(result.table["set"]) == ["target", "target", "unrelated"]
+    assert result.table["same"].all()
+    assert result.averages == {s: {"bleu": 100.0, "rouge_l": 1.0, "same": 1.0} for s in ("target", "unrelated")}
+
+
+def test_evaluate_changed_model_and_pair_input(tok, tiny_pair):
+    vanilla, unlearned = tiny_pair
+    pair = load_pair(vanilla, unlearned, tokenizer=tok)
+    records = [{"question": q} for q in QUESTIONS]
+    result = evaluate(pair, records, QUESTIONS, max_new_tokens=3)
+    again = evaluate((vanilla, unlearned, tok), QUESTIONS, QUESTIONS, max_new_tokens=3)
+    assert result.table.equals(again.table)
+    assert not result.table["same"].all()
+    # averages are the per-set means of the table; the ROUGE-L of an unchanged answer is 1
+    assert result.target_bleu == pytest.approx(result.table.query("set == 'target'")["bleu"].mean())
+    assert (result.table.loc[result.table["same"], "rouge_l"] == 1.0).all()
+    assert result.target_bleu < 100.0
+    assert set(result.summary()) == {f"{s}_{m}" for s in ("target", "unrelated") for m in ("bleu", "rouge_l", "same")}
+
+
+def test_evaluate_rejects_bad_inputs(tok, tiny_pair):
+    vanilla, unlearned = tiny_pair
+    with pytest.raises(PatchlabValueError, match="ModelPair or a tuple"):
+        evaluate((vanilla, unlearned), QUESTIONS, QUESTIONS)
+    with pytest.raises(PatchlabValueError, match="target QA set"):
+        evaluate((vanilla, unlearned, tok), [], QUESTIONS)
+    with pytest.raises(PatchlabValueError, match="question"):
+        evaluate((vanilla, unlearned, tok), [{"answer": "x"}], QUESTIONS)
+
+
+@pytest.fixture()
+def tiny_task():
+    return SweepTask(name="tiny", forget=CORPUS[:2], retain=CORPUS[2:], target_questions=QUESTIONS[:1],
+                     unrelated_questions=QUESTIONS[1:], subject="Veltrani Codex", cov_texts=CORPUS)
+
+
+GRID = {"ga": ({"lr": 1e-3, "epochs": 1, "batch_size": 2},),
+        "memit_empty": ({"cov_weight": 1.0, "steps": 3, "layers": [0]},)}
+
+
+def test_method_sweep_resumes_after_interruption(tok, tiny_pair, tiny_task, tmp_path, monkeypatch):
+    vanilla, _ = tiny_pair
+    before = {k: v.clone() for k, v in vanilla.state_dict().items()}
+    real = behavior.apply_method
+    calls = []
+
+    def crash_on_memit(model, tokenizer, task, method, settings, **kw):
+        calls.append(method)
+        if method == "memit_empty":
+            raise KeyboardInterrupt
+        return real(model, tokenizer, task, method, settings, **kw)
+
+    monkeypatch.setattr(behavior, "apply_method", crash_on_memit)
+    with pytest.raises(KeyboardInterrupt):
+        method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["ga", "memit_empty"], grid=GRID, max_new_tokens=2,
+                     progress=False)
+    assert calls == ["ga", "memit_empty"]
+    assert len(list((tmp_path / "runs").glob("ga-s0-*.json"))) == 1
+    assert not list((tmp_path / "runs").glob("memit*")) and not list(tmp_path.rglob("*.tmp"))
+
+    monkeypatch.setattr(behavior, "apply_method", real)
+    calls.clear()
+    seen = []
+    result = method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["ga", "memit_empty"], grid=GRID,
+                          max_new_tokens=2, progress=False, on_run=lambda r: seen.append(r["method"]))
+    assert seen == ["ga", "memit_empty"]
+    assert all(torch.equal(before[k], v) for k, v in vanilla.state_dict().items()), "the sweep modified vanilla"
+    frame = result.to_frame()
+    assert list(frame["method"]) == ["ga", "memit_empty"]
+    assert frame[["target_bleu", "unrelated_bleu"]].apply(lambda c: c.between(0, 100)).all().all()
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["method"] for r in saved["records"]] == ["ga", "memit_empty"]
+    assert len(saved["records"][0]["rows"]) == len(QUESTIONS)
+    assert "plotly" in (tmp_path / "sweep.html").read_text()[:100_000].lower()
+
+    # a finished sweep recomputes nothing; changed settings are a new run
+    monkeypatch.setattr(behavior, "apply_method", crash_on_memit)
+    calls.clear()
+    method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["ga", "memit_empty"], grid=GRID, max_new_tokens=2,
+                 progress=False)
+    assert calls == []
+    grid = {"ga": ({"lr": 2e-3, "epochs": 1, "batch_size": 2},)}
+    method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["ga"], grid=grid, max_new_tokens=2, progress=False)
+    assert calls == ["ga"]
+
+
+def test_method_sweep_validates(tok, tiny_pair, tiny_task, tmp_path):
+    vanilla, _ = tiny_pair
+    with pytest.raises(PatchlabValueError, match="unknown method 'rome'"):
+        method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["rome"], progress=False)
+    with pytest.raises(PatchlabValueError, match="no settings"):
+        method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["npo"], grid=GRID, progress=False)
+
+
+def test_sweep_task_from_json(tmp_path, tiny_task):
+    path = tmp_path / "task.json"
+    with pytest.raises(PatchlabFileError, match="no such task file"):
+        SweepTask.from_json(path)
+    path.write_text(json.dumps({k: v for k, v in tiny_task.__dict__.items() if k != "cov_texts"}))
+    loaded = SweepTask.from_json(path)
+    assert loaded.cov_texts == tiny_task.forget + tiny_task.retain and loaded.subject == tiny_task.subject
+    path.write_text(json.dumps({"forget": ["x"], "retain": [], "target_questions": ["q"],
+                                "unrelated_questions": ["q"], "subject": "s"}))
+    with pytest.raises(PatchlabValueError, match="'retain' must be a non-empty list"):
+        SweepTask.from_json(path)
+
+
+def test_cli_reports_bad_task_file(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).parents[1] / "analyses" / "method_sweep.py"
+    spec = importlib.util.spec_from_file_location("method_sweep_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--vanilla", str(tmp_path), "--task", str(tmp_path / "missing.json")]) == 2
+    assert "no such task file" in capsys.readouterr().err
+
+
+def test_behavior_result_averages_per_set():
+    import pandas as pd
+
+    table = pd.DataFrame({"set": ["target", "target", "unrelated"], "bleu": [0.0, 50.0, 100.0],
+                          "rouge_l": [0.0, 0.5, 1.0], "same": [False, False, True]})
+    result = BehaviorResult(table)
+    assert result.averages["target"] == {"bleu": 25.0, "rouge_l": 0.25, "same": 0.0}
+    assert result.unrelated_bleu == 100.0
