@@ -65,14 +65,15 @@ def _gradient_mode(model: PreTrainedModel) -> Iterator[None]:
     """Eval mode (no dropout) with gradients on every parameter; restores mode, flags and ``.grad`` afterwards."""
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
+    grads = [p.grad for p in model.parameters()]
     model.eval()
     model.requires_grad_(True)
     try:
         yield
     finally:
-        for p, flag in zip(model.parameters(), flags):
+        for p, flag, grad in zip(model.parameters(), flags, grads):
             p.requires_grad_(flag)
-            p.grad = None
+            p.grad = grad
         model.train(was_training)
 
 
@@ -109,14 +110,15 @@ def _wagle(model: PreTrainedModel, forget: list[Example], retain: list[Example],
         for name, p in params.items():
             g_r = p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
             p.grad = None
-            out[name] = g_r.div_(-gamma).add_(p.detach().float()).mul_(grad_f.pop(name))
+            out[name] = g_r.mul_(-gamma).add_(p.detach().float()).mul_(grad_f.pop(name))
     return out
 
 
 def _input_norms(model: PreTrainedModel, examples: list[Example], *, batch_size: int, pad_id: int,
                  progress: bool) -> dict[str, Float[torch.Tensor, "d_in"]]:
     """``‖X_j‖₂`` per input channel ``j`` of every linear (or GPT-2 Conv1D) layer whose weight is a named
-    parameter, over all non-padding tokens of ``examples``; keyed by the weight's parameter name."""
+    parameter, over all non-padding tokens of ``examples`` (in eval mode: no dropout); keyed by the weight's
+    parameter name."""
     names = {id(p): n for n, p in model.named_parameters()}
     sums: dict[str, torch.Tensor] = {}
     current: dict[str, torch.Tensor] = {}
@@ -130,6 +132,8 @@ def _input_norms(model: PreTrainedModel, examples: list[Example], *, batch_size:
     handles = [m.register_forward_pre_hook(hook(names[id(m.weight)]))
                for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m.weight) in names]
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
             for batch in tqdm(batches(examples, batch_size, pad_id=pad_id), total=math.ceil(len(examples) / batch_size),
@@ -139,6 +143,7 @@ def _input_norms(model: PreTrainedModel, examples: list[Example], *, batch_size:
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     return {name: s.sqrt().float() for name, s in sums.items()}
 
 

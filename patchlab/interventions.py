@@ -205,7 +205,11 @@ def batched_restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], cache: Activ
                 if masks.coef[i].any():
                     down.input = x
                 if masks.value[i].any():
-                    down.output = torch.where(value_mask, _value_output(pair, i, x), down.output)
+                    # only the rows that restore value vectors here pay for the extra projection
+                    rows_v = masks.value[i].any(dim=-1).nonzero().flatten().to(pair.device)
+                    out = down.output.clone()
+                    out[rows_v] = torch.where(value_mask[rows_v], _value_output(pair, i, x[rows_v]), out[rows_v])
+                    down.output = out
         logits = nnsight.save(pair.unlearned.output.logits)
     return logits
 
