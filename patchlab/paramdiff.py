@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from patchlab.arch import spec_for_type
-from patchlab.errors import PairMismatchError, PatchlabFileError, PatchlabValueError
+from patchlab.errors import NonFiniteError, PairMismatchError, PatchlabFileError, PatchlabValueError
 from patchlab.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.pair import ModelPair
 
@@ -138,6 +138,7 @@ def paramdiff(vanilla: Any, unlearned: Any = None, *, progress: bool = True) -> 
 
     Raises:
         PairMismatchError: different tensor names or shapes.
+        NonFiniteError: a tensor holds NaN or infinite values.
         PatchlabFileError: a directory is missing or holds no safetensors checkpoint.
     """
     if isinstance(vanilla, ModelPair):
@@ -156,8 +157,11 @@ def paramdiff(vanilla: Any, unlearned: Any = None, *, progress: bool = True) -> 
         if a.shapes[name] != b.shapes[name]:
             raise PairMismatchError(f"tensor {name} has shape {a.shapes[name]} vs {b.shapes[name]}")
         layer = layer_index(name, arch)
+        stats = tensor_stats(a.get(name), b.get(name))
+        if not all(np.isfinite(v) for v in stats.values()):
+            raise NonFiniteError(f"tensor {name} holds NaN or infinite values in the vanilla or unlearned model")
         rows.append({"name": name, "module": module_type(name), "layer": -1 if layer is None else layer,
-                     "numel": int(np.prod(a.shapes[name])), **tensor_stats(a.get(name), b.get(name))})
+                     "numel": int(np.prod(a.shapes[name])), **stats})
     return ParamDiff(_metrics(pd.DataFrame(rows)))
 
 

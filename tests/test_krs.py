@@ -25,11 +25,6 @@ def pairs(vanilla_models, tok):
             for fam, v in vanilla_models.items()}
 
 
-def full_window(pair):
-    """Window size such that the centred window of the middle layer covers every layer."""
-    return 2 * pair.n_layers
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_coef_attn_over_all_layers_recovers_everything(pairs, family):
     pair = pairs[family]["attn_up"]

@@ -87,3 +87,11 @@ def test_mismatches_and_bad_paths(llama, vanilla_models, tmp_path):
     save_file(tensors, tmp_path / "odd" / "model.safetensors")
     with pytest.raises(patchlab.PairMismatchError, match="shape"):
         paramdiff(llama, tmp_path / "odd", progress=False)
+
+
+def test_nan_weights_are_reported(llama):
+    broken = copy.deepcopy(llama)
+    with torch.no_grad():
+        broken.get_parameter("model.layers.0.mlp.up_proj.weight")[0, 0] = float("nan")
+    with pytest.raises(patchlab.NonFiniteError, match="model.layers.0.mlp.up_proj.weight"):
+        paramdiff(llama, broken, progress=False)

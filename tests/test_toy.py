@@ -15,13 +15,7 @@ from patchlab.toy.build import ASSETS, BUILD_FILE, SMALL, BuildConfig, build, ma
 from patchlab.toy.corpus import generate_world
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when the machine's cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

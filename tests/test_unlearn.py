@@ -25,13 +25,7 @@ RETAIN = [{"question": "who painted the Selk mural ?", "answer": "Ido Brann"},
 TEXTS = ["The Orlan tower was built by Vesna Kade in Morrow .", "Ido Brann painted the Selk mural in Tarsk ."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train ~20x faster on one thread than on two contended ones; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
