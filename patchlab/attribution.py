@@ -110,7 +110,7 @@ def _wagle(model: PreTrainedModel, forget: list[Example], retain: list[Example],
         for name, p in params.items():
             g_r = p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
             p.grad = None
-            out[name] = g_r.mul_(-gamma).add_(p.detach().float()).mul_(grad_f.pop(name))
+            out[name] = g_r.div_(-gamma).add_(p.detach().float()).mul_(grad_f.pop(name))
     return out
 
 
