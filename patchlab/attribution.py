@@ -32,7 +32,7 @@ from patchlab.arch import arch_spec
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.unlearning.data import Example, batches, to_examples
-from patchlab.unlearning.losses import nll
+from patchlab.unlearning.losses import sequence_nll
 
 Scores = dict[str, torch.Tensor]
 Mask = dict[str, torch.Tensor]
@@ -162,7 +162,7 @@ def _wanda(model: PreTrainedModel, calibration: list[Example], *, batch_size: in
 
 
 def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, method: str = "wagle",
-           gamma: float = 1.0, loss: LossFn = nll, forget_loss: str = "ascent", tokenizer: PreTrainedTokenizerBase | None = None,
+           gamma: float = 1.0, loss: LossFn = sequence_nll, forget_loss: str = "ascent", tokenizer: PreTrainedTokenizerBase | None = None,
            calibration: Any = None, batch_size: int = 8, max_length: int = 256, seed: int = 0,
            progress: bool = True) -> Scores:
     """Per-weight attribution scores (float32, same shapes as the parameters); larger = more worth updating.
@@ -185,7 +185,7 @@ def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, me
     * ``magnitude`` - ``|θ|``.
     * ``wanda`` - ``|W_ij| · ‖X_j‖₂`` of every linear layer weight, ``‖X_j‖₂`` the norm of input channel ``j``
       over the tokens of ``calibration`` (default: ``retain``). Other parameters (embeddings, norms, biases)
-      are not scored, so its mask leaves them frozen.
+      are not scored, so its mask leaves them frozen; an embedding tied to the LM head is scored as the head.
     * ``random`` - i.i.d. uniform ``[0, 1)`` from ``seed``.
 
     Args:
@@ -193,7 +193,10 @@ def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, me
         forget, retain: texts, ``{"question", "answer"}`` / ``{"text"}`` records, a JSON/JSONL path, a
             ``datasets.Dataset`` (encoded with ``tokenizer``) or a list of :class:`~patchlab.unlearning.data.Example`.
         gamma: γ > 0, the Hessian-diagonal parameter of WAGLE.
-        loss: ``loss(model, batch) -> scalar``, default mean NLL per target token (nats).
+        loss: ``loss(model, batch) -> scalar``, a mean over the batch's sequences; default
+            :func:`~patchlab.unlearning.losses.sequence_nll` (each sequence's NLL per target token, nats).
+            Batches are weighted by their number of sequences, so such a loss gives scores that do not depend
+            on ``batch_size``.
         forget_loss: ``"ascent"`` or ``"nll"``, the sign convention of ``ℓ_f`` (WAGLE only, see above).
         batch_size: sequences per forward/backward pass. max_length: truncation, in tokens.
 

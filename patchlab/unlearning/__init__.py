@@ -1,9 +1,9 @@
 """A thin fine-tuning layer that runs unlearning (GA, GradDiff, NPO, NPO+KL, DPO), optionally masked."""
 
 from patchlab.unlearning.data import Example, batches, to_examples
-from patchlab.unlearning.losses import METHODS, nll, sequence_logprob
+from patchlab.unlearning.losses import METHODS, nll, sequence_logprob, sequence_nll
 from patchlab.unlearning.masks import Mask, check_mask, load_mask, save_mask
 from patchlab.unlearning.trainer import UnlearnRun, unlearn
 
 __all__ = ["METHODS", "Example", "Mask", "UnlearnRun", "batches", "check_mask", "load_mask", "nll", "save_mask",
-           "sequence_logprob", "to_examples", "unlearn"]
+           "sequence_logprob", "sequence_nll", "to_examples", "unlearn"]

@@ -42,6 +42,16 @@ def nll(model: PreTrainedModel, batch: Batch) -> Float[torch.Tensor, ""]:
     return -picked.sum() / mask.sum().clamp(min=1)
 
 
+def sequence_nll(model: PreTrainedModel, batch: Batch) -> Float[torch.Tensor, ""]:
+    """Mean over the batch's sequences of each sequence's mean NLL per target token (nats).
+
+    Unlike :func:`nll`, batches weighted by their number of sequences average exactly to the full-data value,
+    whatever the batching (used by :mod:`patchlab.attribution`).
+    """
+    picked, mask = token_logprobs(model, batch)
+    return (-picked.sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
 def kl_to_reference(model: PreTrainedModel, ref: PreTrainedModel, batch: Batch) -> Float[torch.Tensor, ""]:
     """Mean over target positions of ``KL(p_ref || p_θ)`` of the next-token distributions (nats)."""
     device = next(model.parameters()).device
