@@ -5,7 +5,7 @@ inside the unlearned model, and measure how much of the forgotten knowledge come
 """
 
 from patchlab.arch import ArchSpec, arch_spec, register_architecture, supported_architectures
-from patchlab.errors import (DegenerateKRSError, NonFiniteError, PairMismatchError, PatchlabError,
+from patchlab.errors import (DegenerateKRSError, MissingDependencyError, NonFiniteError, PairMismatchError, PatchlabError,
                              PatchlabFileError, PatchlabValueError, UnsupportedArchitectureError)
 from patchlab.interventions import ActivationCache, parse_component, run_with_cache
 from patchlab.krs import KRSResult, krs_sweep
@@ -16,7 +16,7 @@ from patchlab.windows import sliding_windows
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationCache", "ArchSpec", "DegenerateKRSError", "KRSResult", "ModelPair", "NonFiniteError",
+    "ActivationCache", "ArchSpec", "DegenerateKRSError", "KRSResult", "MissingDependencyError", "ModelPair", "NonFiniteError",
     "PairMismatchError", "PatchlabError", "PatchlabFileError", "PatchlabValueError", "UnsupportedArchitectureError",
     "arch_spec", "krs_sweep", "load_model", "load_pair", "parse_component", "register_architecture",
     "run_with_cache", "sliding_windows", "supported_architectures", "UnlearnRun", "load_mask", "save_mask", "unlearn",

@@ -59,7 +59,7 @@ _LLAMA_LIKE = ArchSpec(layers="model.layers", attn_out="self_attn.o_proj", mlp_d
 
 _REGISTRY: dict[str, ArchSpec] = {
     **{name: _LLAMA_LIKE for name in (
-        "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
         "olmo", "olmo2", "olmo3", "phi3", "granite", "cohere")},
     "gpt2": ArchSpec(layers="transformer.h", attn_out="attn.c_proj", mlp_down="mlp.c_proj", conv1d=True),
     "gpt_neox": ArchSpec(layers="gpt_neox.layers", attn_out="attention.dense", mlp_down="mlp.dense_4h_to_h"),

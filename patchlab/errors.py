@@ -33,3 +33,7 @@ class NonFiniteError(PatchlabValueError):
 
 class DegenerateKRSError(PatchlabValueError):
     """MSE(l_u, l_v) is zero: the unlearned model equals the vanilla one, KRS is undefined."""
+
+
+class MissingDependencyError(PatchlabError, ImportError):
+    """An optional dependency (e.g. TransformerLens for :mod:`patchlab.lens`) is not installed."""

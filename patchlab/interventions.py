@@ -78,9 +78,11 @@ def _layers(pair: ModelPair, which: str):
 class ActivationCache(dict):
     """Activations of one forward pass keyed by TransformerLens-style hook names.
 
-    Keys: ``blocks.{i}.hook_attn_out`` ``[batch, seq, d_model]``, ``blocks.{i}.mlp.hook_post``
-    ``[batch, seq, d_mlp]``, ``blocks.{i}.hook_resid_post`` (the decoder layer's output) for every layer ``i``,
-    and ``logits`` ``[batch, seq, vocab]``.
+    Keys: ``blocks.{i}.hook_attn_out`` ``[batch, seq, d_model]`` (the output of the attention output projection,
+    before any post-attention norm: TransformerLens 4's ``blocks.{i}.attn.o.hook_out``, which in pre-norm families
+    is also its ``hook_attn_out``), ``blocks.{i}.mlp.hook_post`` ``[batch, seq, d_mlp]``,
+    ``blocks.{i}.hook_resid_post`` (the decoder layer's output) for every layer ``i``, and ``logits``
+    ``[batch, seq, vocab]``.
     """
 
     def attn(self, layer: int) -> Float[torch.Tensor, "batch seq d_model"]:

@@ -1,0 +1,239 @@
+"""TransformerLens adapter: bridges equal the HF models and leave them untouched, TL cache names mean what
+patchlab's mean, TL restoration hooks give the same logits as patchlab's own restorations, input errors."""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+
+import pytest
+import torch
+from transformer_lens.model_bridge import TransformerBridge  # a hard dependency of this test module
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import patchlab
+from patchlab import lens
+from patchlab.interventions import SITES, restore
+from patchlab.tiny import tiny_model
+from tests.conftest import ATTN_OR_UP, CORPUS, DOWN, perturbed
+
+FAMILIES = ["llama", "gpt2"]  # llama: grouped-query attention (4 heads, 2 KV heads), tied embeddings; gpt2: Conv1D
+ATOL = 1e-4
+WINDOW = (1, 3)  # of 4 layers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
+    torch.testing.assert_close(a.detach(), b.detach(), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def pairs(vanilla_models, tok):
+    """family -> pair whose unlearned model differs in attention, MLP up/gate and MLP down projection."""
+    everything = re.compile(f"{ATTN_OR_UP.pattern}|{DOWN.pattern}")
+    out = {}
+    for fam in FAMILIES:
+        vanilla = copy.deepcopy(vanilla_models[fam])
+        with torch.no_grad():  # GPT-2 initializes biases to 0: make them matter (and perturbable)
+            gen = torch.Generator().manual_seed(0)
+            for name, p in vanilla.named_parameters():
+                if name.endswith("bias"):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        out[fam] = patchlab.load_pair(vanilla, perturbed(vanilla, everything), tokenizer=tok)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ids(tok):
+    return torch.tensor(tok(CORPUS[0]).input_ids)
+
+
+@pytest.fixture(scope="module")
+def bridges(pairs):
+    return {fam: lens.bridge_pair(pair) for fam, pair in pairs.items()}
+
+
+@pytest.fixture(scope="module")
+def caches(pairs, bridges, ids):
+    """family -> (TL vanilla cache, patchlab vanilla cache, unlearned logits)."""
+    out = {}
+    with torch.no_grad():
+        for fam, pair in pairs.items():
+            _, tl_cache = bridges[fam][0].run_with_cache(ids[None])
+            out[fam] = (tl_cache, patchlab.run_with_cache(pair, ids[None]),
+                        patchlab.run_with_cache(pair, ids[None], which="unlearned")["logits"])
+    return out
+
+
+def _structure(model: torch.nn.Module) -> list[tuple[str, type]]:
+    return [(name, type(module)) for name, module in model.named_modules()]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("share_weights", [False, True])
+def test_bridge_equals_model_and_leaves_it_untouched(pairs, caches, ids, tok, family, share_weights):
+    pair = pairs[family]
+    model = pair.unlearned_hf  # already traced by the pair (caches fixture)
+    unlearned_logits = caches[family][2]
+    structure, attn_impl = _structure(model), model.config._attn_implementation
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    b = lens.bridge(model, tokenizer=tok, share_weights=share_weights)
+    assert isinstance(b, TransformerBridge) and not b.training
+    with torch.no_grad():
+        close(b(ids[None]), unlearned_logits)
+        close(b(torch.stack([ids, ids.flip(0)])), model(torch.stack([ids, ids.flip(0)])).logits)
+
+    # the model patchlab traces is unchanged: modules, state-dict keys and values, attention implementation
+    assert _structure(model) == structure and model.config._attn_implementation == attn_impl
+    after = model.state_dict()
+    assert list(after) == list(state)
+    for k, v in state.items():
+        assert torch.equal(after[k], v), k
+    close(patchlab.run_with_cache(pair, ids[None], which="unlearned")["logits"], unlearned_logits, atol=0)
+    # weights shared only when asked
+    model_ptrs = {p.data_ptr() for p in model.parameters()}
+    shared = {p.data_ptr() for p in b.original_model.parameters()} & model_ptrs
+    assert shared == (model_ptrs if share_weights else set())
+    # the attached tokenizer is a copy that encodes like the pair's, and the pair's is not modified
+    assert b.tokenizer is not tok and "add_bos_token" not in tok.init_kwargs
+    assert b.tokenizer.init_kwargs == tok.init_kwargs
+    assert b.to_tokens(CORPUS[0], prepend_bos=False)[0].tolist() == ids.tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tl_cache_names_match_patchlab_cache(pairs, bridges, ids, family):
+    pair, L = pairs[family], pairs[family].n_layers
+    for which, b in zip(("vanilla", "unlearned"), bridges[family]):
+        with torch.no_grad():
+            logits, tl = b.run_with_cache(ids[None])
+        ours = patchlab.run_with_cache(pair, ids[None], which=which)
+        close(logits, ours["logits"])
+        for i in range(L):
+            close(tl[f"blocks.{i}.mlp.hook_post"], ours[f"blocks.{i}.mlp.hook_post"], atol=1e-5)
+            close(tl[f"blocks.{i}.hook_attn_out"], ours[f"blocks.{i}.hook_attn_out"], atol=1e-5)
+            close(tl[lens.TL_HOOKS["attn"].format(layer=i)], ours.attn(i), atol=1e-5)
+            resid = ours.resid_post(i)
+            close(tl[f"blocks.{i}.hook_resid_post"], resid[0] if isinstance(resid, tuple) else resid, atol=1e-5)
+
+
+def _mask(kind: str, seq: int) -> torch.Tensor:
+    if kind == "all":
+        return torch.ones(seq, dtype=torch.bool)
+    return torch.tensor([i % 3 != 0 for i in range(seq)])  # scattered, the first position not restored
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("positions", ["all", "partial"])
+@pytest.mark.parametrize("sites", ["coef", "attn", "coef+attn", "value", "coef+value+attn"])
+def test_tl_hooks_equal_patchlab_restore(pairs, bridges, caches, ids, family, positions, sites):
+    pair, bridge_u = pairs[family], bridges[family][1]
+    tl_cache, our_cache, unlearned_logits = caches[family]
+    mask = _mask(positions, len(ids))
+    expected = restore(pair, ids, patchlab.parse_component(sites), WINDOW, mask)
+    for cache in (tl_cache, our_cache):  # a TransformerLens cache or patchlab's, same restoration
+        hooks = lens.restore_hooks(cache, sites, WINDOW, None if positions == "all" else mask,
+                                   vanilla_model=pair.vanilla_hf)
+        with torch.no_grad():
+            got = bridge_u.run_with_hooks(ids[None], fwd_hooks=hooks)
+        close(got, expected)
+    assert (got - unlearned_logits).abs().max() > 1e-3  # the restoration changed something
+    if positions == "partial":  # positions before the first restored one are untouched
+        close(got[0, 0], unlearned_logits[0, 0], atol=1e-5)
+    with torch.no_grad():  # run_with_hooks removed the hooks
+        close(bridge_u(ids[None]), unlearned_logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_restoration_gives_vanilla_logits(pairs, bridges, caches, ids, family):
+    pair, (bridge_v, bridge_u) = pairs[family], bridges[family]
+    tl_cache, our_cache, _ = caches[family]
+    L = pair.n_layers
+    with torch.no_grad():
+        everything = bridge_u.run_with_hooks(
+            ids[None], fwd_hooks=lens.restore_hooks(tl_cache, SITES, (0, L), vanilla_model=pair.vanilla_hf))
+        no_value = bridge_u.run_with_hooks(ids[None], fwd_hooks=lens.restore_hooks(tl_cache, "coef+attn", (0, L)))
+        batch = bridge_u.run_with_hooks(torch.stack([ids, ids]),  # a batch-1 cache restores every row
+                                        fwd_hooks=lens.restore_hooks(tl_cache, SITES, (0, L),
+                                                                     vanilla_model=pair.vanilla_hf))
+    close(everything, our_cache["logits"])
+    close(batch, our_cache["logits"].expand(2, -1, -1))
+    # the pair differs in the down projections: without value the last layer's MLP output still differs
+    assert (no_value - our_cache["logits"]).abs().max() > 1e-3
+    assert lens.restore_hooks(tl_cache, "coef+attn", (2, 2)) == []
+
+
+def test_bad_inputs(pairs, bridges, caches, ids, tok, vanilla_models, monkeypatch):
+    pair, bridge_u = pairs["llama"], bridges["llama"][1]
+    tl_cache, _, _ = caches["llama"]
+    L = pair.n_layers
+    with pytest.raises(patchlab.PatchlabValueError, match="PreTrainedModel"):
+        lens.bridge(torch.nn.Linear(2, 2))
+    with pytest.raises(patchlab.PatchlabValueError, match="tokenizer"):
+        lens.bridge(pair.vanilla_hf, tokenizer="gpt2")
+    with pytest.raises(patchlab.PatchlabValueError, match="ModelPair"):
+        lens.bridge_pair(pair.vanilla_hf)
+    opt = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "opt", vocab_size=len(tok), hidden_size=16, word_embed_proj_dim=16, ffn_dim=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=32))
+    with pytest.raises(patchlab.UnsupportedArchitectureError, match="unsupported architecture 'opt'"):
+        lens.bridge(opt)
+    with monkeypatch.context() as m:  # a family patchlab knows but TransformerLens does not bridge
+        m.setattr(lens, "_known_tl_architectures", dict)
+        with pytest.raises(patchlab.UnsupportedArchitectureError, match="TransformerLens has no adapter"):
+            lens.bridge(pair.vanilla_hf)
+
+    cases = [
+        (dict(sites="mlp"), "unknown component"),
+        (dict(sites={"coef", "mlp"}), "unknown or no sites"),
+        (dict(sites=[]), "unknown or no sites"),
+        (dict(layers=(0, L + 1)), "layer window"),
+        (dict(layers=(3, 1)), "layer window"),
+        (dict(layers=(-1, 2)), "layer window"),
+        (dict(layers=[0, 2]), "layer window"),
+        (dict(positions=torch.ones(len(ids) + 1, dtype=torch.bool)), "positions"),
+        (dict(positions=torch.ones(len(ids))), "positions"),
+        (dict(sites="value"), "vanilla_model"),
+        (dict(sites="value", vanilla_model=vanilla_models["gpt_neox"]), "3 layers, the vanilla cache 4"),
+        (dict(vanilla_cache={f"blocks.{i}.attn.o.hook_out": tl_cache[f"blocks.{i}.attn.o.hook_out"] for i in (0, 1)}),
+         "no 'blocks.0.mlp.hook_post'"),  # e.g. a cache run with a names_filter
+        (dict(vanilla_cache=[1, 2]), "ActivationCache"),
+        (dict(vanilla_cache={"logits": torch.zeros(1, 2, 3)}), "no .blocks"),
+    ]
+    for overrides, match in cases:
+        kw = dict(vanilla_cache=tl_cache, sites="coef+attn", layers=(0, 2)) | overrides
+        with pytest.raises(patchlab.PatchlabValueError, match=match):
+            lens.restore_hooks(**kw)
+    # ids of another length than the cached ones are refused when the hooks run
+    hooks = lens.restore_hooks(tl_cache, "coef", WINDOW)
+    with pytest.raises(patchlab.PatchlabValueError, match="does not match the vanilla one"):
+        with torch.no_grad():
+            bridge_u.run_with_hooks(ids[None, :-1], fwd_hooks=hooks)
+
+
+def test_missing_transformer_lens_says_how_to_install(pairs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformer_lens.model_bridge.sources", None)
+    with pytest.raises(lens.MissingDependencyError, match=re.escape("pip install 'transformer-lens>=4.3,<5'")) as err:
+        lens.bridge(pairs["llama"].vanilla_hf)
+    assert isinstance(err.value, patchlab.PatchlabError) and isinstance(err.value, ImportError)
+
+
+def test_attn_site_is_the_output_projection_in_post_norm_families(tok, ids):
+    """OLMo-2 normalizes the attention output before the residual add: TL's ``hook_attn_out`` is after that norm,
+    the paper's attn site (patchlab's) before it; the hooks restore the latter."""
+    vanilla = tiny_model("olmo2", len(tok), n_layers=3)
+    unlearned = perturbed(vanilla, ATTN_OR_UP)
+    with torch.no_grad():  # the norm between the two hook points differs too (initialized to 1, so unperturbed)
+        for layer in unlearned.model.layers:
+            layer.post_attention_layernorm.weight.mul_(1.5)
+    pair = patchlab.load_pair(vanilla, unlearned, tokenizer=tok)
+    bridge_v, bridge_u = lens.bridge_pair(pair)
+    with torch.no_grad():
+        _, tl_cache = bridge_v.run_with_cache(ids[None])
+        ours = patchlab.run_with_cache(pair, ids[None])
+        assert (tl_cache["blocks.1.hook_attn_out"] - ours.attn(1)).abs().max() > 1e-2
+        mask = _mask("partial", len(ids))
+        got = bridge_u.run_with_hooks(ids[None], fwd_hooks=lens.restore_hooks(tl_cache, "attn", (0, 2), mask))
+    close(got, restore(pair, ids, {"attn"}, (0, 2), mask))
