@@ -210,14 +210,20 @@ FINETUNING_METHODS = ("ga", "graddiff", "npo", "npo_kl", "dpo")
 EDITING_METHODS = ("memit_empty", "memit_entropy")
 ALL_METHODS = FINETUNING_METHODS + EDITING_METHODS
 
+def _lr_strengths(*lrs: float) -> tuple[dict[str, Any], ...]:
+    """Fine-tuning strengths: 2 epochs of batch 8 at each learning rate."""
+    return tuple({"lr": lr, "epochs": 2, "batch_size": 8} for lr in lrs)
+
+
 #: Three strengths (weak, medium, strong) per method, as keyword arguments of
 #: :func:`patchlab.unlearning.unlearn` (fine-tuning) or :func:`patchlab.editing.memit` (editing). The
-#: fine-tuning methods share 2 epochs of batch 8 and vary the learning rate (on the toy world 3e-4 leaves every
-#: answer unchanged and 1e-3 removes the target answers); the editing baselines vary the covariance weight
-#: (smaller = stronger edit; MEMIT uses 1.5e4 on GPT-J).
-_FT_STRENGTHS = tuple({"lr": lr, "epochs": 2, "batch_size": 8} for lr in (5e-4, 1e-3, 3e-3))
+#: fine-tuning methods share 2 epochs of batch 8 and vary the learning rate, chosen on the toy world so the three
+#: points span partial to complete removal of the target answers (target BLEU about 40-60, 3-13 and 0; DPO,
+#: which moves answers towards a refusal more slowly, gets larger rates); the editing baselines vary the
+#: covariance weight (smaller = stronger edit; MEMIT uses 1.5e4 on GPT-J).
 DEFAULT_GRID: dict[str, tuple[dict[str, Any], ...]] = {
-    **{m: _FT_STRENGTHS for m in FINETUNING_METHODS},
+    **{m: _lr_strengths(7e-4, 1e-3, 2e-3) for m in ("ga", "graddiff", "npo", "npo_kl")},
+    "dpo": _lr_strengths(1.5e-3, 2e-3, 3e-3),
     **{m: tuple({"cov_weight": w} for w in (1e4, 1e3, 1.0)) for m in EDITING_METHODS},
 }
 
