@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 from patchlab.arch import arch_spec
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.modules import MODULE_ORDER, layer_index, module_type
-from patchlab.unlearning.data import Example, batches, to_examples
+from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
 
 Scores = dict[str, torch.Tensor]
@@ -53,11 +53,6 @@ def _examples(data: Any, tokenizer: PreTrainedTokenizerBase | None, max_length: 
         raise PatchlabValueError(f"the {what} set is not encoded: pass tokenizer=... to encode texts or records")
     return to_examples(data, tokenizer, max_length=max_length, what=what)
 
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase | None) -> int:
-    if tokenizer is None:
-        return 0
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @contextlib.contextmanager
@@ -211,7 +206,7 @@ def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, me
         raise PatchlabValueError(f"forget_loss must be one of {', '.join(_FORGET_SIGN)}, got {forget_loss!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PatchlabValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer) if tokenizer is not None else 0  # pre-encoded examples: padding is masked anyway
     if method == "magnitude":
         out = {n: p.detach().float().abs() for n, p in model.named_parameters()}
     elif method == "random":

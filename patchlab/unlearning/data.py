@@ -117,6 +117,16 @@ def to_examples(data: Any, tokenizer: PreTrainedTokenizerBase, *, max_length: in
             for i, r in enumerate(records)]
 
 
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads right-padded batches: the tokenizer's pad token, else its EOS token (padding is masked out
+    of every loss and statistic, so only its validity as an id matters)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise PatchlabValueError("the tokenizer has neither a pad nor an eos token")
+    return tokenizer.eos_token_id
+
+
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` on padding), each ``[batch, seq]``."""
     width = max(len(e.input_ids) for e in examples)

@@ -23,7 +23,7 @@ from patchlab.errors import PatchlabValueError
 from patchlab.generation import DEFAULT_TEMPLATE
 from patchlab.io import atomic_write_json
 from patchlab.pair import ModelSpec, TokenizerSpec, load_model, load_tokenizer
-from patchlab.unlearning.data import Example, collate, refusal_pairs, to_examples
+from patchlab.unlearning.data import Example, collate, padding_id, refusal_pairs, to_examples
 from patchlab.unlearning.losses import METHODS, Batch, LossFn
 from patchlab.unlearning.masks import Mask, apply_mask, check_mask
 
@@ -209,7 +209,7 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
     forget_ex = to_examples(forget, tok, max_length=max_length, template=template, what="forget")
     retain_ex = to_examples(retain, tok, max_length=max_length, template=template, what="retain") if needs_retain else []
     pairs = refusal_pairs(forget_ex, tok, refusals) if method == "dpo" else None
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = padding_id(tok)
     torch.manual_seed(seed)
 
     ref = _frozen_reference(model, reference) if needs_ref else None
