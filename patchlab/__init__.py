@@ -5,8 +5,8 @@ inside the unlearned model, and measure how much of the forgotten knowledge come
 """
 
 from patchlab.arch import ArchSpec, arch_spec, register_architecture, supported_architectures
-from patchlab.errors import (DegenerateKRSError, MissingDependencyError, NonFiniteError, PairMismatchError, PatchlabError,
-                             PatchlabFileError, PatchlabValueError, UnsupportedArchitectureError)
+from patchlab.errors import (DegenerateKRSError, MissingDependencyError, NonFiniteError, PairMismatchError,
+                             PatchlabError, PatchlabFileError, PatchlabValueError, UnsupportedArchitectureError)
 from patchlab.interventions import ActivationCache, parse_component, run_with_cache
 from patchlab.krs import KRSResult, krs_sweep
 from patchlab.unlearning import UnlearnRun, load_mask, save_mask, unlearn
@@ -16,8 +16,9 @@ from patchlab.windows import sliding_windows
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationCache", "ArchSpec", "DegenerateKRSError", "KRSResult", "MissingDependencyError", "ModelPair", "NonFiniteError",
-    "PairMismatchError", "PatchlabError", "PatchlabFileError", "PatchlabValueError", "UnsupportedArchitectureError",
-    "arch_spec", "krs_sweep", "load_model", "load_pair", "parse_component", "register_architecture",
-    "run_with_cache", "sliding_windows", "supported_architectures", "UnlearnRun", "load_mask", "save_mask", "unlearn",
+    "ActivationCache", "ArchSpec", "DegenerateKRSError", "KRSResult", "MissingDependencyError", "ModelPair",
+    "NonFiniteError", "PairMismatchError", "PatchlabError", "PatchlabFileError", "PatchlabValueError", "UnlearnRun",
+    "UnsupportedArchitectureError", "arch_spec", "krs_sweep", "load_mask", "load_model", "load_pair",
+    "parse_component", "register_architecture", "run_with_cache", "save_mask", "sliding_windows",
+    "supported_architectures", "unlearn",
 ]

@@ -5,5 +5,5 @@ from patchlab.unlearning.losses import METHODS, nll, sequence_logprob, sequence_
 from patchlab.unlearning.masks import Mask, check_mask, load_mask, save_mask
 from patchlab.unlearning.trainer import UnlearnRun, unlearn
 
-__all__ = ["METHODS", "Example", "Mask", "UnlearnRun", "batches", "check_mask", "load_mask", "nll", "padding_id", "save_mask",
-           "sequence_logprob", "sequence_nll", "to_examples", "unlearn"]
+__all__ = ["METHODS", "Example", "Mask", "UnlearnRun", "batches", "check_mask", "load_mask", "nll", "padding_id",
+           "save_mask", "sequence_logprob", "sequence_nll", "to_examples", "unlearn"]
