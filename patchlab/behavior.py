@@ -35,9 +35,9 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.errors import PatchlabFileError, PatchlabValueError
-from patchlab.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_continuations
-from patchlab.io import atomic_write_json, write_csv, write_html
+from patchlab.errors import PatchlabValueError
+from patchlab.generation import DEFAULT_TEMPLATE, greedy_answers
+from patchlab.io import atomic_write_json, read_json, write_csv, write_html
 from patchlab.pair import ModelPair, ModelSpec, load_model
 
 SETS = ("target", "unrelated")
@@ -105,14 +105,6 @@ def questions_of(qa: Sequence[Any], what: str) -> list[str]:
     return [_question(item) for item in qa]
 
 
-def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *,
-                   max_new_tokens: int = 30, template: str = DEFAULT_TEMPLATE, progress: bool = False
-                   ) -> list[Int[torch.Tensor, "answer"]]:
-    """Greedy answer ids (1..``max_new_tokens`` each, EOS kept last) of ``model`` to each templated question."""
-    prompts = encode_prompts(tokenizer, format_prompts(questions, template))
-    return greedy_continuations(model, prompts, max_new_tokens, eos_token_id=tokenizer.eos_token_id, progress=progress)
-
-
 def _content_ids(ids: Int[torch.Tensor, "answer"], special: set[int]) -> list[int]:
     return [t for t in ids.tolist() if t not in special]
 
@@ -167,6 +159,14 @@ def score_answers(tokenizer: PreTrainedTokenizerBase, questions: Mapping[str, Se
     return BehaviorResult(pd.DataFrame(rows))
 
 
+def _answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Mapping[str, Sequence[str]], *,
+             max_new_tokens: int, template: str, progress: bool = False
+             ) -> dict[str, list[Int[torch.Tensor, "answer"]]]:
+    """Greedy answer ids of ``model`` per question set (:func:`patchlab.generation.greedy_answers`)."""
+    return {name: greedy_answers(model, tokenizer, qs, max_new_tokens=max_new_tokens, template=template,
+                                 progress=progress)[1] for name, qs in questions.items()}
+
+
 PairOrModels = ModelPair | tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]
 
 
@@ -197,10 +197,9 @@ def evaluate(pair_or_models: PairOrModels, target_qa: Sequence[Any], unrelated_q
     """
     vanilla, unlearned, tok = _unpack(pair_or_models)
     questions = {"target": questions_of(target_qa, "target"), "unrelated": questions_of(unrelated_qa, "unrelated")}
-    answers = {
-        who: {name: greedy_answers(model, tok, qs, max_new_tokens=max_new_tokens, template=template,
-                                   progress=progress) for name, qs in questions.items()}
-        for who, model in (("before", vanilla), ("after", unlearned))}
+    answers = {who: _answers(model, tok, questions, max_new_tokens=max_new_tokens, template=template,
+                             progress=progress)
+               for who, model in (("before", vanilla), ("after", unlearned))}
     return score_answers(tok, questions, answers["before"], answers["after"])
 
 
@@ -228,6 +227,32 @@ DEFAULT_GRID: dict[str, tuple[dict[str, Any], ...]] = {
 }
 
 
+_TASK_LISTS = ("forget", "retain", "target_questions", "unrelated_questions")
+
+
+def _task_lists(path: Path, data: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The list fields of a task file's object (``cov_texts`` defaulting to ``forget + retain``), validated."""
+    keys = (*_TASK_LISTS, "cov_texts") if "cov_texts" in data else _TASK_LISTS
+    for key in keys:
+        if not isinstance(data[key], list) or not data[key] or not all(isinstance(t, str) for t in data[key]):
+            raise PatchlabValueError(f"{path}: field {key!r} must be a non-empty list of strings")
+    lists = {key: list(data[key]) for key in keys}
+    lists.setdefault("cov_texts", lists["forget"] + lists["retain"])
+    return lists
+
+
+def _task_subject(path: Path, subject: Any, target_questions: Sequence[str]) -> str:
+    """A task file's subject: a non-empty string occurring in every target question (the editing baselines key
+    their edit on its last token, see :func:`patchlab.editing.subject_position`)."""
+    if not isinstance(subject, str) or not subject.strip():
+        raise PatchlabValueError(f"{path}: field 'subject' must be a non-empty string")
+    for question in target_questions:
+        if subject not in question:
+            raise PatchlabValueError(f"{path}: the subject {subject!r} does not occur in the target question "
+                                     f"{question!r}")
+    return subject
+
+
 @dataclass(frozen=True)
 class SweepTask:
     """What a method sweep unlearns and how it judges the result.
@@ -253,11 +278,12 @@ class SweepTask:
         """The toy world's task for ``concept`` (default: the toy default): its paragraphs as forget set, the
         other concepts' paragraphs as retain set and covariance sample, its 10 QA and 50 unrelated QA."""
         from patchlab import toy
+        from patchlab.toy.cache import unlearn_data
 
         world = toy.world() if checkpoint is None else toy.world(checkpoint)
         record = world.record(concept or toy.DEFAULT_CONCEPT)
-        retain = [p for r in world.records if r.concept != record.concept for p in r.forget_paragraphs]
-        return cls(name=f"toy world: {record.concept}", forget=list(record.forget_paragraphs), retain=retain,
+        forget, retain = unlearn_data(world, record.concept)
+        return cls(name=f"toy world: {record.concept}", forget=forget, retain=retain,
                    target_questions=[q.question for q in record.qa],
                    unrelated_questions=[q.question for q in record.unrelated_qa], subject=record.concept,
                    cov_texts=world.training_texts())
@@ -268,28 +294,20 @@ class SweepTask:
         ``forget + retain``).
 
         Raises:
-            PatchlabFileError: the file does not exist or is not JSON.
-            PatchlabValueError: a field is missing or not of the right type.
+            PatchlabFileError: the file does not exist.
+            PatchlabValueError: the file is not JSON, a field is missing or not of the right type, or the subject
+                does not occur in some target question (the editing baselines key their edit on it).
         """
         path = Path(path)
-        if not path.is_file():
-            raise PatchlabFileError(f"no such task file: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise PatchlabFileError(f"{path} is not valid JSON: {err}") from err
+        data = read_json(path, what="task file")
         if not isinstance(data, dict):
             raise PatchlabValueError(f"{path}: expected a JSON object with the fields of SweepTask")
-        lists = ("forget", "retain", "target_questions", "unrelated_questions")
-        for key in (*lists, "subject"):
+        for key in (*_TASK_LISTS, "subject"):
             if key not in data:
                 raise PatchlabValueError(f"{path}: missing field {key!r}")
-        for key in lists:
-            if not isinstance(data[key], list) or not data[key] or not all(isinstance(t, str) for t in data[key]):
-                raise PatchlabValueError(f"{path}: field {key!r} must be a non-empty list of strings")
-        return cls(name=str(data.get("name", path.stem)), subject=str(data["subject"]),
-                   cov_texts=list(data.get("cov_texts") or data["forget"] + data["retain"]),
-                   **{key: list(data[key]) for key in lists})
+        lists = _task_lists(path, data)
+        return cls(name=str(data.get("name", path.stem)),
+                   subject=_task_subject(path, data["subject"], lists["target_questions"]), **lists)
 
     def fingerprint(self) -> str:
         """16 hex digits of SHA-256 over every field: runs of another task never count as done."""
@@ -297,26 +315,37 @@ class SweepTask:
 
 
 def apply_method(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: SweepTask, method: str,
-                 settings: Mapping[str, Any], *, progress: bool = False) -> PreTrainedModel:
-    """Unlearn ``task`` from ``model`` (in place) with ``method`` and ``settings``; returns the model."""
+                 settings: Mapping[str, Any], *, template: str = DEFAULT_TEMPLATE, progress: bool = False
+                 ) -> PreTrainedModel:
+    """Unlearn ``task`` from ``model`` (in place) with ``method`` and ``settings``; returns the model.
+
+    ``template`` (holding ``{question}``) is the prompt the model is queried with: the editing baselines key
+    their edit on it and the fine-tuning methods format QA records with it.
+
+    Raises:
+        PatchlabValueError: an unknown method, or ``settings`` holding ``template`` (pass it as an argument).
+    """
     from patchlab import editing
     from patchlab.unlearning import unlearn
 
+    if "template" in settings:
+        raise PatchlabValueError("pass the prompt template as apply_method's template argument, not in settings")
     if method in EDITING_METHODS:
         requests = [editing.EditRequest(q, task.subject) for q in task.target_questions]
         edit = getattr(editing, method)
-        return edit(model, tokenizer, requests, cov_texts=task.cov_texts, progress=progress, **settings).model
+        return edit(model, tokenizer, requests, cov_texts=task.cov_texts, template=template, progress=progress,
+                    **settings).model
     if method in FINETUNING_METHODS:
-        return unlearn(model, task.forget, task.retain, tokenizer=tokenizer, method=method, progress=progress,
-                       **settings).model
+        return unlearn(model, task.forget, task.retain, tokenizer=tokenizer, method=method, template=template,
+                       progress=progress, **settings).model
     raise PatchlabValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
 
 
 def run_key(task: SweepTask, method: str, strength: int, settings: Mapping[str, Any], model_id: str,
-            max_new_tokens: int) -> str:
+            max_new_tokens: int, template: str) -> str:
     """File-name key of one run: method, strength and a hash of everything its numbers depend on."""
     spec = {"task": task.fingerprint(), "method": method, "settings": dict(settings), "model": model_id,
-            "max_new_tokens": max_new_tokens}
+            "max_new_tokens": max_new_tokens, "template": template}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{method}-s{strength}-{digest}"
 
@@ -382,15 +411,18 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
 
     Every run starts from a fresh copy of ``vanilla``; its record is written atomically to
     ``out_dir/runs/<method>-s<strength>-<hash>.json`` as soon as it finishes, and a run whose record exists is
-    skipped, so an interrupted sweep resumes where it stopped (the hash covers the task, the settings, the model
-    and ``max_new_tokens``). The report (:meth:`SweepResult.write_report`) is rewritten after every run.
+    skipped, so an interrupted sweep resumes where it stopped (the hash covers the task, the settings, the model,
+    ``max_new_tokens`` and ``template``). The report (:meth:`SweepResult.write_report`) is rewritten after every
+    new run, so an interrupted sweep leaves an up-to-date one, and once at the end if resumed runs came last.
 
     Args:
         vanilla: the starting model (directory, hub id or in-memory model; never modified).
         tokenizer: its tokenizer.
         task: forget/retain texts, test questions, subject (:class:`SweepTask`, e.g. ``SweepTask.toy()``).
         methods: subset of :data:`ALL_METHODS`. grid: settings per method (default :data:`DEFAULT_GRID`).
-        max_new_tokens: greedy answer length limit. on_run: called with each record (new or resumed).
+        max_new_tokens: greedy answer length limit. template: the prompt (holding ``{question}``) the models are
+            queried with and the editing baselines key their edit on. on_run: called with each record (new or
+            resumed).
 
     Returns:
         A :class:`SweepResult` with the records in plan order.
@@ -401,26 +433,30 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
                           sort_keys=True, default=str)
     questions = {"target": questions_of(task.target_questions, "target"),
                  "unrelated": questions_of(task.unrelated_questions, "unrelated")}
-    answer = functools.partial(greedy_answers, tokenizer=tokenizer, max_new_tokens=max_new_tokens, template=template)
+    answers = functools.partial(_answers, tokenizer=tokenizer, questions=questions, max_new_tokens=max_new_tokens,
+                                template=template)
     before: dict[str, list[torch.Tensor]] = {}
     result = SweepResult(task=task.name)
     out = Path(out_dir)
     for method, strength, settings in tqdm(plan, desc="method sweep", disable=not progress):
-        path = out / "runs" / f"{run_key(task, method, strength, settings, model_id, max_new_tokens)}.json"
-        if path.is_file():
-            record = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            if not before:
-                before.update({name: answer(model, questions=qs) for name, qs in questions.items()})
+        path = out / "runs" / f"{run_key(task, method, strength, settings, model_id, max_new_tokens, template)}.json"
+        new = not path.is_file()
+        if new:
+            before = before or answers(model)
             start = time.perf_counter()
-            edited = apply_method(copy.deepcopy(model), tokenizer, task, method, settings, progress=progress)
-            scored = score_answers(tokenizer, questions, before,
-                                   {name: answer(edited, questions=qs) for name, qs in questions.items()})
+            edited = apply_method(copy.deepcopy(model), tokenizer, task, method, settings, template=template,
+                                  progress=progress)
+            scored = score_answers(tokenizer, questions, before, answers(edited))
             record = {"method": method, "strength": strength, "settings": settings, **scored.summary(),
                       "seconds": round(time.perf_counter() - start, 2), "rows": scored.table.to_dict("records")}
             atomic_write_json(path, record)
+        else:
+            record = read_json(path)
         result.records.append(record)
-        result.write_report(out)
+        if new:
+            result.write_report(out)
         if on_run is not None:
             on_run(record)
+    if not new:  # the last records were resumed: the report does not hold them yet
+        result.write_report(out)
     return result

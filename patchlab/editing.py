@@ -44,7 +44,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.arch import ArchSpec, arch_spec
 from patchlab.errors import NonFiniteError, PatchlabValueError, UnsupportedArchitectureError
-from patchlab.generation import DEFAULT_TEMPLATE, format_prompts
+from patchlab.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts
+from patchlab.unlearning.data import Example, collate, padding_id
 
 #: Attribute names of the final normalisation on ``model.base_model`` (LLaMA-likes, GPT-2, GPT-NeoX).
 _FINAL_NORMS = ("norm", "ln_f", "final_layer_norm")
@@ -88,11 +89,24 @@ def default_layers(n_layers: int) -> list[int]:
     return list(range(start, start + max(1, n_layers // 3)))
 
 
-def _check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
-    out = sorted(set(layers))
+def edit_layers(model: PreTrainedModel, layers: Sequence[int] | None = None) -> list[int]:
+    """The layers to edit, ascending and unique: ``layers``, or :func:`default_layers` when it is ``None``.
+
+    Raises:
+        PatchlabValueError: ``layers`` is empty or holds an index outside ``0..L-1``.
+    """
+    n_layers = len(arch_spec(model).layer_modules(model))
+    out = sorted(set(default_layers(n_layers) if layers is None else layers))
     if not out or out[0] < 0 or out[-1] >= n_layers:
-        raise PatchlabValueError(f"edit layers must be a non-empty subset of 0..{n_layers - 1}, got {list(layers)}")
+        raise PatchlabValueError(f"edit layers must be a non-empty subset of 0..{n_layers - 1}, got {layers!r}")
     return out
+
+
+def _check_texts(texts: Sequence[str], name: str) -> None:
+    """Raise unless ``texts`` is a non-empty list of strings (the key-covariance sample)."""
+    if isinstance(texts, str) or len(texts) == 0 or not all(isinstance(t, str) for t in texts):
+        raise PatchlabValueError(f"{name} must be a non-empty list of texts (for the toy model: "
+                                 "patchlab.toy.world().training_texts())")
 
 
 def subject_position(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> tuple[Int[torch.Tensor, "seq"], int]:
@@ -109,13 +123,6 @@ def subject_position(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: s
     return torch.tensor(enc["input_ids"], dtype=torch.long), hits[-1]
 
 
-def _pad(sequences: Sequence[torch.Tensor], pad_id: int) -> tuple[Int[torch.Tensor, "batch seq"], Int[torch.Tensor, "batch seq"]]:
-    """Right-padded ids and attention mask."""
-    ids = nn.utils.rnn.pad_sequence(list(sequences), batch_first=True, padding_value=pad_id)
-    mask = nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True, padding_value=0)
-    return ids, mask
-
-
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the needed layers have run."""
 
@@ -128,11 +135,17 @@ def key_covariance(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     ``texts`` (padding excluded), float64 ``[d_mlp, d_mlp]`` per layer.
 
     Each forward pass stops after the highest requested layer's MLP, so layers above it cost nothing.
+
+    Raises:
+        PatchlabValueError: no text, a text that encodes to no token, bad layers or ``batch_size < 1``.
     """
-    if isinstance(texts, str) or len(texts) == 0:
-        raise PatchlabValueError("key_covariance needs a non-empty list of texts")
+    _check_texts(texts, "texts")
+    if batch_size < 1:
+        raise PatchlabValueError(f"batch_size must be >= 1, got {batch_size}")
+    layers = edit_layers(model, layers)
+    encoded = [Example(ids, ids, 0) for ids in encode_prompts(tokenizer, texts)]  # only ids and mask are used
+    pad = padding_id(tokenizer)
     spec = arch_spec(model)
-    layers = sorted(set(layers))
     sums: dict[int, torch.Tensor] = {}
     mask_now: list[torch.Tensor] = []
 
@@ -146,15 +159,14 @@ def key_covariance(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
 
     handles = [spec.down_proj(model, l).register_forward_pre_hook(accumulate(l)) for l in layers]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [torch.tensor(tokenizer(t).input_ids, dtype=torch.long) for t in texts]
     count = 0
     try:
         for i in tqdm(range(0, len(encoded), batch_size), desc="key covariance", disable=not progress, leave=False):
-            ids, mask = _pad(encoded[i:i + batch_size], pad)
+            batch = collate(encoded[i:i + batch_size], pad)
+            mask = batch["attention_mask"]
             mask_now[:] = [mask.bool().to(device)]
             try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device))
             except _StopForward:
                 pass
             count += int(mask.sum())
@@ -221,14 +233,25 @@ def empty_objective(target_ids: Int[torch.Tensor, "target"]) -> Objective:
     return loss
 
 
-def entropy_objective(from_layer: int) -> Objective:
+def entropy_objective(model: PreTrainedModel, from_layer: int) -> Objective:
     """Minus the mean entropy (nats) of the next-token distribution at the last prompt token, over the logit
-    lens of layers ``from_layer`` .. ``L-2`` and the model's own output (MEMIT+Entropy)."""
+    lens of ``model``'s layers ``from_layer`` .. ``L-2`` and the model's own output (MEMIT+Entropy).
+
+    The lens modules are resolved here, once; the objective must be called with this ``model``.
+
+    Raises:
+        PatchlabValueError: ``from_layer`` is not a layer index of ``model``.
+    """
+    layers = list(arch_spec(model).layer_modules(model))
+    if not 0 <= from_layer < len(layers):
+        raise PatchlabValueError(f"from_layer must be a layer index in 0..{len(layers) - 1}, got {from_layer}")
+    lens_layers = layers[from_layer:-1]
+    norm, unembed = final_norm(model), model.get_output_embeddings()
+
     def loss(model: PreTrainedModel, prompt_ids: Int[torch.Tensor, "seq"]) -> Float[torch.Tensor, ""]:
-        layers = arch_spec(model).layer_modules(model)
-        with _capture(list(layers)[from_layer:-1], inputs=False) as hidden:
+        with _capture(lens_layers, inputs=False) as hidden:
             logits = model(input_ids=prompt_ids[None]).logits[0, -1:].float()
-        lens = [model.get_output_embeddings()(final_norm(model)(h[0, -1:])).float() for h in hidden]
+        lens = [unembed(norm(h[0, -1:])).float() for h in hidden]
         logp = torch.log_softmax(torch.cat([*lens, logits]), dim=-1)
         return (logp.exp() * logp).sum(-1).mean()
     return loss
@@ -275,8 +298,8 @@ def _states(model: PreTrainedModel, spec: ArchSpec, layer: int, last: int, promp
 
 
 def memit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
-          objective: Callable[[EditRequest], Objective], *, layers: Sequence[int] | None = None,
-          cov_texts: Sequence[str] | None = None, cov_weight: float = 10.0, steps: int = 25, lr: float = 0.5,
+          objective: Callable[[EditRequest], Objective], *, cov_texts: Sequence[str],
+          layers: Sequence[int] | None = None, cov_weight: float = 10.0, steps: int = 25, lr: float = 0.5,
           clamp_norm: float = 4.0, weight_decay: float = 0.5, template: str = DEFAULT_TEMPLATE,
           settings: dict[str, Any] | None = None, progress: bool = True) -> EditRun:
     """Edit ``model`` in place so that each request's prompt minimises ``objective(request)`` (see module doc).
@@ -284,29 +307,28 @@ def memit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: 
     Args:
         requests: the facts (question + subject) to edit, all at once.
         objective: builds the per-request loss (:func:`empty_objective`, :func:`entropy_objective`).
+        cov_texts: text sample for ``C = E[k k^T]``, drawn from the model's training distribution (for the toy
+            model: ``patchlab.toy.world().training_texts()``).
         layers: edited layers (default :func:`default_layers`).
-        cov_texts: text sample for ``C = E[k k^T]``; default: the toy world's corpus (``patchlab.toy``).
         cov_weight: weight of ``C`` against the edit keys (MEMIT's ``mom2_update_weight``); larger = gentler edit.
         steps, lr, clamp_norm, weight_decay: the optimisation of each target ``delta`` (Adam).
         template: prompt template (must match the one used to query the model).
 
     Raises:
-        PatchlabValueError: no request, a subject missing from its question, bad layers or hyper-parameters.
+        PatchlabValueError: no request, no cov_texts, a subject missing from its question, bad layers or
+            hyper-parameters.
         NonFiniteError: the update is not finite.
     """
     if not requests:
         raise PatchlabValueError("memit needs at least one EditRequest")
+    _check_texts(cov_texts, "cov_texts")
     for name, value in (("cov_weight", cov_weight), ("lr", lr), ("clamp_norm", clamp_norm)):
         if not value > 0:
             raise PatchlabValueError(f"{name} must be > 0, got {value}")
     if not isinstance(steps, int) or steps < 1:
         raise PatchlabValueError(f"steps must be a positive integer, got {steps!r}")
     spec = arch_spec(model)
-    n_layers = len(spec.layer_modules(model))
-    layers = _check_layers(default_layers(n_layers) if layers is None else layers, n_layers)
-    if cov_texts is None:
-        from patchlab import toy
-        cov_texts = toy.world().training_texts()
+    layers = edit_layers(model, layers)
     model.eval()
     device = next(model.parameters()).device
     located = [subject_position(tokenizer, format_prompts([r.question], template)[0], r.subject) for r in requests]
@@ -327,12 +349,13 @@ def memit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: 
     finally:
         for p in params:
             p.requires_grad_(True)
-    _, h0 = _states(model, spec, layers[0], layers[-1], prompts, positions)
-    z = h0 + torch.stack(deltas, 1).double()
+    keys, h = _states(model, spec, layers[0], layers[-1], prompts, positions)
+    z = h + torch.stack(deltas, 1).double()
     norms = []
     with torch.no_grad():
         for i, layer in enumerate(layers):
-            keys, h = _states(model, spec, layer, layers[-1], prompts, positions)
+            if i > 0:  # the states of the lowest layer were read above, on the still unedited model
+                keys, h = _states(model, spec, layer, layers[-1], prompts, positions)
             resid = (z - h) / (len(layers) - i)
             update = resid @ torch.linalg.solve(_regularised(cov_weight * cov[layer]) + keys @ keys.T, keys).T
             if not torch.isfinite(update).all():
@@ -353,21 +376,26 @@ def _dummy_ids(tokenizer: PreTrainedTokenizerBase, dummy: str) -> Int[torch.Tens
 
 
 def memit_empty(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], *,
-                dummy: str = "nothing", **kwargs: Any) -> EditRun:
+                cov_texts: Sequence[str], dummy: str = "nothing", **kwargs: Any) -> EditRun:
     """MEMIT+Empty (Patil et al., 2024): rewrite each fact's object to ``dummy`` (then EOS).
 
-    ``kwargs`` go to :func:`memit` (``layers``, ``cov_texts``, ``cov_weight``, ``steps``, ...).
+    ``cov_texts`` (required, see :func:`memit`) and ``kwargs`` (``layers``, ``cov_weight``, ``steps``,
+    ``template``, ...) go to :func:`memit`.
     """
     target = _dummy_ids(tokenizer, dummy).to(next(model.parameters()).device)
-    return memit(model, tokenizer, requests, lambda _req: empty_objective(target),
+    return memit(model, tokenizer, requests, lambda _req: empty_objective(target), cov_texts=cov_texts,
                  settings={"method": "memit_empty", "dummy": dummy}, **kwargs)
 
 
-def memit_entropy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
-                  **kwargs: Any) -> EditRun:
+def memit_entropy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], *,
+                  cov_texts: Sequence[str], layers: Sequence[int] | None = None, **kwargs: Any) -> EditRun:
     """MEMIT+Entropy (Patil et al., 2024): make the next-token distribution after each prompt maximally flat at
-    every layer from the last edited one up. ``kwargs`` go to :func:`memit`."""
-    n_layers = len(arch_spec(model).layer_modules(model))
-    layers = _check_layers(kwargs.pop("layers", None) or default_layers(n_layers), n_layers)
-    return memit(model, tokenizer, requests, lambda _req: entropy_objective(layers[-1]), layers=layers,
+    every layer from the last edited one up.
+
+    ``cov_texts`` (required), ``layers`` (default :func:`default_layers`; an empty list is an error) and
+    ``kwargs`` go to :func:`memit`.
+    """
+    layers = edit_layers(model, layers)
+    objective = entropy_objective(model, layers[-1])
+    return memit(model, tokenizer, requests, lambda _req: objective, cov_texts=cov_texts, layers=layers,
                  settings={"method": "memit_entropy"}, **kwargs)

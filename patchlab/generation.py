@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -68,3 +69,26 @@ def greedy_continuations(model: PreTrainedModel, prompt_ids: Sequence[torch.Tens
         stops = [i for i, t in enumerate(new.tolist()) if t in eos]
         answers.append(new[: stops[0] + 1] if stops else new)
     return answers
+
+
+def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *,
+                   max_new_tokens: int, template: str = DEFAULT_TEMPLATE, progress: bool = False
+                   ) -> tuple[list[Int[torch.Tensor, "prompt"]], list[Int[torch.Tensor, "answer"]]]:
+    """Prompt ids and greedy answer ids of ``model`` for each question filled into ``template``.
+
+    Args:
+        questions: non-empty question strings.
+        max_new_tokens: N, the most answer tokens per question (>= 1); generation stops after the tokenizer's
+            EOS, which is kept as the last answer token.
+
+    Returns:
+        ``(prompt_ids, answers)``: per question, the 1-D prompt ids (:func:`encode_prompts`) and 1..N answer ids
+        (:func:`greedy_continuations`, on the CPU).
+
+    Raises:
+        PatchlabValueError: no question, an empty question, a template without ``{question}``, or N < 1.
+    """
+    prompt_ids = encode_prompts(tokenizer, format_prompts(questions, template))
+    answers = greedy_continuations(model, prompt_ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                   progress=progress)
+    return prompt_ids, answers

@@ -27,7 +27,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from patchlab.errors import DegenerateKRSError, PatchlabFileError, PatchlabValueError
-from patchlab.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_continuations
+from patchlab.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_answers
 from patchlab.interventions import (ActivationCache, Restoration, batched_restore, check_finite, parse_component,
                                     position_mask, restore, run_with_cache)
 from patchlab.io import atomic_write_json, write_csv, write_html
@@ -103,10 +103,8 @@ def reference_answers(pair: ModelPair, questions: Sequence[str], *, n_tokens: in
                       prompt_template: str = DEFAULT_TEMPLATE, progress: bool = False
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Prompt ids and the vanilla model's greedy answer ids (at most ``n_tokens``, stopping at EOS) per question."""
-    prompt_ids = encode_prompts(pair.tokenizer, format_prompts(questions, prompt_template))
-    answers = greedy_continuations(pair.vanilla_hf, prompt_ids, n_tokens,
-                                   eos_token_id=pair.tokenizer.eos_token_id, progress=progress)
-    return prompt_ids, answers
+    return greedy_answers(pair.vanilla_hf, pair.tokenizer, questions, max_new_tokens=n_tokens,
+                          template=prompt_template, progress=progress)
 
 
 @dataclass
@@ -266,6 +264,8 @@ def krs_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequence
     if len(set(components)) != len(components):
         raise PatchlabValueError(f"components contain duplicates: {list(components)}")
     for comp in components:
+        if not isinstance(comp, str):
+            raise PatchlabValueError(f"a component is a name such as 'coef+attn', got {comp!r}")
         parse_component(comp)
     if not isinstance(n_tokens, int) or n_tokens < 1:
         raise PatchlabValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import CORPUS, QUESTIONS
-from patchlab import behavior
-from patchlab.behavior import (BehaviorResult, SweepTask, evaluate, lcs_length, method_sweep, rouge_l,
-                               sentence_bleu)
+from patchlab import behavior, editing, unlearning
+from patchlab.behavior import (BehaviorResult, SweepTask, apply_method, evaluate, lcs_length, method_sweep, rouge_l,
+                               run_key, sentence_bleu)
 from patchlab.errors import PatchlabFileError, PatchlabValueError
+from patchlab.generation import DEFAULT_TEMPLATE
 from patchlab.pair import load_pair
 from patchlab.tiny import tiny_model
 
@@ -103,20 +106,31 @@ def test_method_sweep_resumes_after_interruption(tok, tiny_pair, tiny_task, tmp_
             raise KeyboardInterrupt
         return real(model, tokenizer, task, method, settings, **kw)
 
+    real_report = behavior.SweepResult.write_report
+    reports = []
+
+    def count_reports(self, out_dir):
+        reports.append([r["method"] for r in self.records])
+        return real_report(self, out_dir)
+
+    monkeypatch.setattr(behavior.SweepResult, "write_report", count_reports)
     monkeypatch.setattr(behavior, "apply_method", crash_on_memit)
     with pytest.raises(KeyboardInterrupt):
         method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["ga", "memit_empty"], grid=GRID, max_new_tokens=2,
                      progress=False)
     assert calls == ["ga", "memit_empty"]
+    assert reports == [["ga"]], "the interrupted sweep must leave a report of its finished run"
     assert len(list((tmp_path / "runs").glob("ga-s0-*.json"))) == 1
     assert not list((tmp_path / "runs").glob("memit*")) and not list(tmp_path.rglob("*.tmp"))
 
     monkeypatch.setattr(behavior, "apply_method", real)
     calls.clear()
+    reports.clear()
     seen = []
     result = method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["ga", "memit_empty"], grid=GRID,
                           max_new_tokens=2, progress=False, on_run=lambda r: seen.append(r["method"]))
     assert seen == ["ga", "memit_empty"]
+    assert reports == [["ga", "memit_empty"]], "one report after the new run, none after the resumed one"
     assert all(torch.equal(before[k], v) for k, v in vanilla.state_dict().items()), "the sweep modified vanilla"
     frame = result.to_frame()
     assert list(frame["method"]) == ["ga", "memit_empty"]
@@ -129,12 +143,42 @@ def test_method_sweep_resumes_after_interruption(tok, tiny_pair, tiny_task, tmp_
     # a finished sweep recomputes nothing; changed settings are a new run
     monkeypatch.setattr(behavior, "apply_method", crash_on_memit)
     calls.clear()
+    reports.clear()
     method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["ga", "memit_empty"], grid=GRID, max_new_tokens=2,
                  progress=False)
     assert calls == []
+    assert reports == [["ga", "memit_empty"]], "a fully resumed sweep writes its report once, at the end"
     grid = {"ga": ({"lr": 2e-3, "epochs": 1, "batch_size": 2},)}
     method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["ga"], grid=grid, max_new_tokens=2, progress=False)
     assert calls == ["ga"]
+
+
+def test_run_key_covers_the_template(tiny_task):
+    key = functools.partial(run_key, tiny_task, "ga", 0, {"lr": 1e-3}, "model", 30)
+    assert key(DEFAULT_TEMPLATE) == key(DEFAULT_TEMPLATE)
+    assert key(DEFAULT_TEMPLATE) != key("Q: {question}\nA:")
+
+
+def test_apply_method_forwards_the_template(tok, tiny_pair, tiny_task, monkeypatch):
+    # the editing baselines must key their edit on the prompt that is scored, the fine-tuning methods format
+    # their QA records with it
+    template = "Q: {question}\nA:"
+    seen = {}
+
+    def record(name):
+        def fake(model, *args, **kwargs):
+            seen[name] = kwargs
+            return SimpleNamespace(model=model)
+        return fake
+
+    monkeypatch.setattr(editing, "memit", record("memit"))
+    monkeypatch.setattr(unlearning, "unlearn", record("unlearn"))
+    model = tiny_pair[0]
+    for method in ("memit_empty", "memit_entropy", "npo"):
+        assert apply_method(model, tok, tiny_task, method, {"layers": [0]}, template=template) is model
+        assert seen.pop("unlearn" if method == "npo" else "memit")["template"] == template
+    with pytest.raises(PatchlabValueError, match="template argument"):
+        apply_method(model, tok, tiny_task, "ga", {"template": template})
 
 
 def test_method_sweep_validates(tok, tiny_pair, tiny_task, tmp_path):
@@ -155,6 +199,18 @@ def test_sweep_task_from_json(tmp_path, tiny_task):
     path.write_text(json.dumps({"forget": ["x"], "retain": [], "target_questions": ["q"],
                                 "unrelated_questions": ["q"], "subject": "s"}))
     with pytest.raises(PatchlabValueError, match="'retain' must be a non-empty list"):
+        SweepTask.from_json(path)
+    fields = {k: v for k, v in tiny_task.__dict__.items() if k != "name"}
+    path.write_text(json.dumps({**fields, "cov_texts": CORPUS[:1]}))
+    assert SweepTask.from_json(path).cov_texts == CORPUS[:1]
+    path.write_text(json.dumps({**fields, "cov_texts": "one text"}))  # a string is not split into characters
+    with pytest.raises(PatchlabValueError, match="'cov_texts' must be a non-empty list"):
+        SweepTask.from_json(path)
+    path.write_text(json.dumps({**fields, "target_questions": [*tiny_task.target_questions, "what colour ?"]}))
+    with pytest.raises(PatchlabValueError, match="'Veltrani Codex' does not occur in the target question 'what colour"):
+        SweepTask.from_json(path)
+    path.write_text("{not json")
+    with pytest.raises(PatchlabValueError, match="not valid JSON"):
         SweepTask.from_json(path)
 
 

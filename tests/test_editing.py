@@ -10,8 +10,8 @@ import torch
 from conftest import CORPUS
 from patchlab import toy
 from patchlab.behavior import evaluate
-from patchlab.editing import (EditRequest, default_layers, key_covariance, memit_empty, memit_entropy,
-                              subject_position)
+from patchlab.editing import (EditRequest, default_layers, edit_layers, entropy_objective, key_covariance,
+                              memit_empty, memit_entropy, subject_position)
 from patchlab.errors import PatchlabValueError
 from patchlab.tiny import tiny_model
 
@@ -32,6 +32,17 @@ def test_default_layers():
     assert default_layers(2) == [0]
 
 
+def test_edit_layers_defaults_only_for_none(tok):
+    model = tiny_model("gpt2", len(tok), n_layers=6)
+    assert edit_layers(model) == edit_layers(model, None) == [1, 2]
+    assert edit_layers(model, [3, 0, 3]) == [0, 3]
+    for bad in ([], [6], [-1]):
+        with pytest.raises(PatchlabValueError, match="edit layers"):
+            edit_layers(model, bad)
+    with pytest.raises(PatchlabValueError, match="from_layer"):
+        entropy_objective(model, 6)
+
+
 def test_key_covariance_ignores_padding(tok):
     model = tiny_model("gpt2", len(tok), n_layers=2)
     one = key_covariance(model, tok, CORPUS, [0, 1], batch_size=1)
@@ -41,6 +52,16 @@ def test_key_covariance_ignores_padding(tok):
         torch.testing.assert_close(one[layer], batched[layer])
         torch.testing.assert_close(one[layer], one[layer].T)
         assert torch.linalg.eigvalsh(one[layer]).min() > -1e-9
+
+
+def test_key_covariance_rejects_empty_texts(tok):
+    model = tiny_model("gpt2", len(tok), n_layers=2)
+    assert tok("").input_ids == []
+    with pytest.raises(PatchlabValueError, match="encodes to no token"):
+        key_covariance(model, tok, [CORPUS[0], ""], [0])
+    for texts in ([], CORPUS[0]):
+        with pytest.raises(PatchlabValueError, match="non-empty list of texts"):
+            key_covariance(model, tok, texts, [0])
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -54,8 +75,15 @@ def test_memit_changes_only_the_edited_down_projections(tok, family):
     prefix = "transformer.h" if family == "gpt2" else "model.layers"
     assert changed == {f"{prefix}.{i}.{down}" for i in (0, 1)}
     assert run.layers == [0, 1] and len(run.update_norms) == 2 and all(n > 0 for n in run.update_norms)
-    with pytest.raises(PatchlabValueError, match="edit layers"):
-        memit_empty(model, tok, [EditRequest("who wrote the Veltrani Codex ?", "Codex")], layers=[3], cov_texts=CORPUS)
+    request = [EditRequest("who wrote the Veltrani Codex ?", "Codex")]
+    for edit in (memit_empty, memit_entropy):
+        for layers in ([3], []):  # an empty list is an error, not the default layers
+            with pytest.raises(PatchlabValueError, match="edit layers"):
+                edit(model, tok, request, layers=layers, cov_texts=CORPUS)
+        with pytest.raises(PatchlabValueError, match=r"cov_texts must be a non-empty list.*training_texts"):
+            edit(model, tok, request, cov_texts=[])
+        with pytest.raises(TypeError, match="cov_texts"):  # required: no silent toy-world default
+            edit(model, tok, request)
 
 
 @pytest.fixture(scope="module")

@@ -123,6 +123,7 @@ def test_sweep_input_errors(pairs, vanilla_models, tok):
         (dict(questions=[]), "non-empty"),
         (dict(questions=["  "]), "empty"),
         (dict(components=["mlp"]), "unknown component"),
+        (dict(components=[("coef", "attn")]), "is a name"),
         (dict(components=[]), "non-empty"),
         (dict(window=pair.n_layers + 1), "window"),
         (dict(n_tokens=0), "n_tokens"),

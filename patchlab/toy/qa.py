@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
-from patchlab.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_continuations
+from patchlab.generation import DEFAULT_TEMPLATE, format_prompts, greedy_answers
 from patchlab.toy.corpus import QA
 
 
@@ -21,10 +21,9 @@ def answers_correct(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """For each pair, whether the greedy answer's words start with the expected answer's words."""
     if len(qa) == 0:
         raise PatchlabValueError("answers_correct: no QA pair given")
-    prompts = encode_prompts(tokenizer, format_prompts([q.question for q in qa], template))
     longest = max(len(tokenizer(q.answer).input_ids) for q in qa)
-    generated = greedy_continuations(model, prompts, max_new_tokens=longest + 1,
-                                     eos_token_id=tokenizer.eos_token_id, progress=progress)
+    _, generated = greedy_answers(model, tokenizer, [q.question for q in qa], max_new_tokens=longest + 1,
+                                  template=template, progress=progress)
     texts = [tokenizer.decode(ids, skip_special_tokens=True).split() for ids in generated]
     return [words[: len(q.answer.split())] == q.answer.split() for words, q in zip(texts, qa)]
 
