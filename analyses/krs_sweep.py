@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 import patchlab
+from patchlab.cli import add_model_args, model_kwargs, run
 from patchlab.io import read_questions
 from patchlab.krs import DEFAULT_COMPONENTS
 
@@ -34,8 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--positions", default="all", choices=["all", "answer", "last_prompt"])
     p.add_argument("--engine", default="batched", choices=["batched", "loop"])
     p.add_argument("--batch-size", type=int, default=64, help="restorations per forward pass")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: as stored)")
-    p.add_argument("--device", help="e.g. cuda, cpu (default: cpu)")
+    add_model_args(p)
     p.add_argument("--out", default="results/krs", help="output directory for krs.json/.csv/.html")
     return p.parse_args(argv)
 
@@ -50,28 +48,27 @@ def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str]
         return world.pair, questions, f"toy world: {world.concept} ({world.method})"
     if not (args.vanilla and args.unlearned and args.questions):
         raise patchlab.PatchlabValueError("--vanilla, --unlearned and --questions go together (or give none of them)")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    pair = patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, dtype=dtype, device=args.device)
+    pair = patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, **model_kwargs(args))
     return pair, read_questions(args.questions), f"{args.unlearned} vs {args.vanilla}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        pair, questions, title = load_inputs(args)
-        result = patchlab.krs_sweep(
-            pair, questions, components=[c.strip() for c in args.components.split(",") if c.strip()],
-            window=args.window, window_mode=args.window_mode, n_tokens=args.n_tokens, positions=args.positions,
-            engine=args.engine, batch_size=args.batch_size)
-        paths = result.write_report(args.out)
-    except patchlab.PatchlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def report(args: argparse.Namespace) -> None:
+    """Run the sweep, write krs.json/.csv/.html and print the component x window table."""
+    pair, questions, title = load_inputs(args)
+    result = patchlab.krs_sweep(
+        pair, questions, components=[c.strip() for c in args.components.split(",") if c.strip()],
+        window=args.window, window_mode=args.window_mode, n_tokens=args.n_tokens, positions=args.positions,
+        engine=args.engine, batch_size=args.batch_size)
+    paths = result.write_report(args.out)
     print(f"KRS sweep on {title}: {len(questions)} questions, {pair.n_layers} layers, window {args.window}")
     print(result.to_frame().pivot(index="component", columns="window", values="krs").round(3).to_string())
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run(lambda: report(args))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 import patchlab
 from patchlab.behavior import ALL_METHODS, SweepTask, method_sweep
+from patchlab.cli import add_model_args, model_kwargs, run
+from patchlab.pair import load_model, load_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,42 +32,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concept", help="toy-world concept (default: the toy default)")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset of the methods")
     p.add_argument("--max-new-tokens", type=int, default=30, help="greedy answer length limit (default 30)")
+    add_model_args(p)
     p.add_argument("--out", default="results/method_sweep", help="output directory (runs/, sweep.json/.csv/.html)")
     return p.parse_args(argv)
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[object, object, SweepTask]:
-    """The vanilla model (or its path), its tokenizer and the task, from a checkpoint + task file or the toy world."""
+def load_inputs(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SweepTask]:
+    """The vanilla model (in --dtype, on --device), its tokenizer and the task, from a checkpoint + task file or
+    the toy world."""
     if args.vanilla is None:
         if args.task:
             raise patchlab.PatchlabValueError("--task needs --vanilla (the toy world brings its own task)")
         from patchlab import toy
 
         model, tok = toy.vanilla(args.checkpoint) if args.checkpoint else toy.vanilla()
-        return model, tok, SweepTask.toy(args.concept, args.checkpoint)
+        return load_model(model, **model_kwargs(args)), tok, SweepTask.toy(args.concept, args.checkpoint)
     if not args.task:
         raise patchlab.PatchlabValueError("--vanilla needs --task (a JSON task file)")
-    from patchlab.pair import load_tokenizer
-
     task = SweepTask.from_json(args.task)
-    return args.vanilla, load_tokenizer(args.tokenizer or args.vanilla), task
+    model = load_model(args.vanilla, **model_kwargs(args))
+    return model, load_tokenizer(args.tokenizer or args.vanilla), task
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        vanilla, tok, task = load_inputs(args)
-        result = method_sweep(vanilla, tok, task, args.out,
-                              methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                              max_new_tokens=args.max_new_tokens)
-    except patchlab.PatchlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def sweep_and_report(args: argparse.Namespace) -> None:
+    """Run (or resume) the sweep into --out and print its summary table."""
+    vanilla, tok, task = load_inputs(args)
+    result = method_sweep(vanilla, tok, task, args.out,
+                          methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                          max_new_tokens=args.max_new_tokens)
     columns = ["method", "strength", "target_bleu", "unrelated_bleu", "target_rouge_l", "unrelated_rouge_l", "seconds"]
     print(f"method sweep on {task.name}")
     print(result.to_frame()[columns].round(2).to_string(index=False))
     print(f"wrote {args.out}/sweep.json, sweep.csv, sweep.html")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run(lambda: sweep_and_report(args))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import patchlab
+from patchlab.cli import run
 from patchlab.io import write_csv, write_html
 from patchlab.paramdiff import paramdiff, value_vector_changes
 
@@ -39,34 +40,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_pair(args: argparse.Namespace) -> tuple[object, object, patchlab.ModelPair | None, str]:
-    """(vanilla, unlearned, pair or None, title): the toy pair, or two directories (loaded as a pair only when
-    value vectors are asked for)."""
+def load_models(args: argparse.Namespace) -> tuple[object, str | None, str]:
+    """(vanilla, unlearned, title): the toy world's pair and ``None``, or the two checkpoint directories."""
     if args.vanilla is None and args.unlearned is None:
         from patchlab import toy
 
         world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method)
-        return world.pair, None, world.pair, f"toy world: {world.concept} ({world.method})"
+        return world.pair, None, f"toy world: {world.concept} ({world.method})"
     if not (args.vanilla and args.unlearned):
         raise patchlab.PatchlabValueError("--vanilla and --unlearned go together (or give neither)")
-    for path in (args.vanilla, args.unlearned):
-        if not Path(path).is_dir():
-            raise patchlab.PatchlabFileError(f"checkpoint directory {path!r} does not exist")
-    pair = patchlab.load_pair(args.vanilla, args.unlearned) if args.value_vectors > 0 else None
-    return args.vanilla, args.unlearned, pair, f"{args.unlearned} vs {args.vanilla}"
+    return args.vanilla, args.unlearned, f"{args.unlearned} vs {args.vanilla}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        vanilla, unlearned, pair, title = load_pair(args)
-        diff = paramdiff(vanilla, unlearned)
-        values = value_vector_changes(pair, top=args.value_vectors, top_tokens=args.top_tokens) \
-            if args.value_vectors > 0 else None
-        heatmaps = {metric: diff.heatmap(metric) for metric in METRICS}
-    except patchlab.PatchlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def report(args: argparse.Namespace) -> None:
+    """Compare the two models' parameters; write the tables and heatmaps, print a summary."""
+    vanilla, unlearned, title = load_models(args)
+    diff = paramdiff(vanilla, unlearned)  # checks both directories before any model is loaded
+    values = None
+    if args.value_vectors > 0:
+        pair = vanilla if unlearned is None else patchlab.load_pair(vanilla, unlearned)
+        values = value_vector_changes(pair, top=args.value_vectors, top_tokens=args.top_tokens)
+    heatmaps = {metric: diff.heatmap(metric) for metric in METRICS}
     out = Path(args.out)
     modules = diff.by_module()
     paths = [write_csv(diff.table, out / "paramdiff.csv"), write_csv(modules, out / "paramdiff_modules.csv")]
@@ -81,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(values.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     for path in paths:
         print(f"wrote {path}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run(lambda: report(args))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-import patchlab
+from patchlab.cli import add_model_args, model_kwargs, run
 from patchlab.generation import DEFAULT_TEMPLATE
 from patchlab.pair import load_model
 from patchlab.unlearning import METHODS, load_mask, unlearn
@@ -42,29 +40,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=256, help="truncation in tokens (default 256)")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="QA prompt template with {question}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: as stored)")
-    p.add_argument("--device", help="e.g. cuda (default: cpu; under accelerate launch, each process's GPU)")
+    add_model_args(p, device_help="e.g. cuda (default: cpu; under accelerate launch, each process's GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
+def unlearn_and_report(args: argparse.Namespace) -> None:
+    """Run the unlearning the arguments describe, save it to --out and print the loss change."""
+    mask = load_mask(args.mask) if args.mask else None
+    model = load_model(args.model, **model_kwargs(args))
+    result = unlearn(model, args.forget, args.retain, tokenizer=args.tokenizer or args.model, method=args.method,
+                     lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                     beta=args.beta, retain_weight=args.retain_weight, kl_weight=args.kl_weight,
+                     refusals=tuple(args.refusal or ("I don't know.",)), mask=mask, max_length=args.max_length,
+                     template=args.template, seed=args.seed, out_dir=args.out, progress=not args.quiet)
+    print(f"{args.method}: {result.settings['n_forget']} forget / {result.settings['n_retain']} retain examples, "
+          f"{len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    print(f"wrote {result.out_dir}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        mask = load_mask(args.mask) if args.mask else None
-        model = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
-        run = unlearn(model, args.forget, args.retain, tokenizer=args.tokenizer or args.model, method=args.method,
-                      lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      beta=args.beta, retain_weight=args.retain_weight, kl_weight=args.kl_weight,
-                      refusals=tuple(args.refusal or ("I don't know.",)), mask=mask, max_length=args.max_length,
-                      template=args.template, seed=args.seed, out_dir=args.out, progress=not args.quiet)
-    except patchlab.PatchlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.method}: {run.settings['n_forget']} forget / {run.settings['n_retain']} retain examples, "
-          f"{len(run.losses)} steps, loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f}")
-    print(f"wrote {run.out_dir}")
-    return 0
+    return run(lambda: unlearn_and_report(args))
 
 
 if __name__ == "__main__":

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import torch
-
-import patchlab
 from patchlab import attribution
-from patchlab.io import write_csv, write_html
+from patchlab.cli import add_model_args, model_kwargs, run
+from patchlab.errors import PatchlabValueError
+from patchlab.io import read_records
 from patchlab.pair import load_model, load_tokenizer
 
 
@@ -42,8 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward/backward pass")
     p.add_argument("--max-length", type=int, default=256, help="truncation, in tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: as stored)")
-    p.add_argument("--device", help="e.g. cuda, cpu (default: cpu)")
+    add_model_args(p)
     p.add_argument("--out", default="results/wagle_density", help="output directory")
     return p.parse_args(argv)
 
@@ -59,45 +55,36 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
         forget, retain = unlearn_data(toy.world(), concept)
         return model, tok, forget, retain, f"toy world: {concept}"
     if not (args.vanilla and args.forget and args.retain):
-        raise patchlab.PatchlabValueError("--vanilla, --forget and --retain go together (or give none of them)")
-    for path in (args.forget, args.retain):
-        if not Path(path).is_file():
-            raise patchlab.PatchlabFileError(f"no such file: {path}")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load_model(args.vanilla, dtype=dtype, device=args.device)
-    tok = load_tokenizer(args.tokenizer or args.vanilla)
-    return model, tok, Path(args.forget), Path(args.retain), args.vanilla
+        raise PatchlabValueError("--vanilla, --forget and --retain go together (or give none of them)")
+    forget, retain = read_records(args.forget), read_records(args.retain)
+    model = load_model(args.vanilla, **model_kwargs(args))
+    return model, load_tokenizer(args.tokenizer or args.vanilla), forget, retain, args.vanilla
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def report(args: argparse.Namespace) -> None:
+    """Score, mask and measure the density of every method; write the tables and figures, print a summary."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    try:
-        model, tok, forget, retain, title = load_inputs(args)
-        frames, masks = {}, {}
-        for method in methods:
-            scores = attribution.scores(model, forget, retain, method=method, gamma=args.gamma,
-                                        forget_loss=args.forget_loss, tokenizer=tok, batch_size=args.batch_size,
-                                        max_length=args.max_length, seed=args.seed)
-            masks[method] = attribution.mask(scores, args.ratio, per_layer=args.per_layer)
-            frames[method] = attribution.density(masks[method], model)
-        bars, heat = attribution.density_figures(frames)
-    except patchlab.PatchlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    table = pd.concat([f.assign(method=m) for m, f in frames.items()], ignore_index=True)
-    per_module = attribution.module_density(table)
-    out = Path(args.out)
-    paths = [write_csv(table, out / "density.csv"), write_csv(per_module, out / "density_modules.csv"),
-             write_html(bars, out / "density_modules.html"), write_html(heat, out / "density_layers.html")]
+    model, tok, forget, retain, title = load_inputs(args)
+    frames, masks = {}, {}
+    for method in methods:
+        scores = attribution.scores(model, forget, retain, method=method, gamma=args.gamma,
+                                    forget_loss=args.forget_loss, tokenizer=tok, batch_size=args.batch_size,
+                                    max_length=args.max_length, seed=args.seed)
+        masks[method] = attribution.mask(scores, args.ratio, per_layer=args.per_layer)
+        frames[method] = attribution.density(masks[method], model)
+    densities = attribution.density_report(frames)
+    paths = densities.write(args.out)
     print(f"weight attribution on {title}: ratio {args.ratio}{' per layer' if args.per_layer else ''}")
-    print(per_module.pivot(index="module", columns="method", values="density")
-          .reindex(index=list(dict.fromkeys(per_module["module"])), columns=methods).round(3).to_string())
+    print(densities.by_method().round(3).to_string())
     for other in methods[1:]:
         print(f"mask overlap (Jaccard) {methods[0]} vs {other}: {attribution.overlap(masks[methods[0]], masks[other]):.3f}")
     for path in paths:
         print(f"wrote {path}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run(lambda: report(args))
 
 
 if __name__ == "__main__":

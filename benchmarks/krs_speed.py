@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import patchlab
+from patchlab.cli import DTYPES, model_kwargs
 from patchlab.krs import reference_answers
 from patchlab.tiny import tiny_model
 from transformers import PreTrainedTokenizerFast
@@ -46,7 +47,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     args = p.parse_args()
 
     tok = numbered_tokenizer(args.vocab)
@@ -56,8 +57,7 @@ def main() -> None:
     with torch.no_grad():
         for p_ in unlearned.parameters():
             p_.add_(0.05 * p_.std() * torch.randn_like(p_))
-    dtype = getattr(torch, args.dtype)
-    pair = patchlab.load_pair(vanilla, unlearned, tokenizer=tok, dtype=dtype, device=args.device)
+    pair = patchlab.load_pair(vanilla, unlearned, tokenizer=tok, **model_kwargs(args))
     rng = np.random.default_rng(0)
     questions = [" ".join(f"w{i}" for i in rng.integers(4, args.vocab, size=12)) for _ in range(args.questions)]
     kw = dict(window=args.window, n_tokens=args.n_tokens, batch_size=args.batch_size, progress=False)

@@ -29,11 +29,13 @@ from transformers import PreTrainedModel
 
 import patchlab
 from patchlab import attribution, toy
+from patchlab.cli import run
 from patchlab.io import atomic_write_json
 from patchlab.toy.build import ASSETS
 from patchlab.toy.cache import method_settings, unlearn_data
-from patchlab.unlearning import batches, nll, to_examples, unlearn
+from patchlab.unlearning import batches, to_examples, unlearn
 from patchlab.unlearning.data import Example
+from patchlab.unlearning.losses import token_logprobs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,12 +54,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @torch.no_grad()
 def mean_nll(model: PreTrainedModel, examples: list[Example], batch_size: int = 32) -> float:
-    """NLL per target token (nats) over ``examples``, tokens pooled across batches."""
+    """NLL per target token (nats) over ``examples``: ``-log p`` summed over every target token, divided by
+    their count (tokens pooled across batches).
+
+    Raises:
+        PatchlabValueError: no example.
+    """
+    if not examples:
+        raise patchlab.PatchlabValueError("mean_nll needs at least one example")
     total, count = 0.0, 0
     for batch in batches(examples, batch_size):
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += nll(model, batch).item() * n
-        count += n
+        logp, targets = token_logprobs(model, batch)
+        total -= logp.sum().item()
+        count += int(targets.sum())
     return total / count
 
 
@@ -72,7 +81,9 @@ def build_masks(model: PreTrainedModel, tok, forget: list[Example], retain: list
     """The masks compared, by name (``None``: no mask)."""
     common = {"tokenizer": tok, "progress": False}
     ascent = attribution.scores(model, forget, retain, method="wagle", gamma=gamma, forget_loss="ascent", **common)
-    nll_s = attribution.scores(model, forget, retain, method="wagle", gamma=gamma, forget_loss="nll", **common)
+    # forget_loss="nll" only flips the sign of the forget gradient, so its scores are exactly -ascent
+    # (tests/test_attribution.py checks the equality bit for bit): no second pair of gradient passes
+    nll_s = {name: -s for name, s in ascent.items()}
     return {
         "none": None,
         "random": attribution.mask(attribution.scores(model, method="random", seed=seed, **common), ratio),
@@ -83,28 +94,24 @@ def build_masks(model: PreTrainedModel, tok, forget: list[Example], retain: list
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        vanilla, tok = toy.vanilla(args.checkpoint)
-        world = toy.world(args.checkpoint)
-        record = world.record(args.concept)
-        forget, retain = unlearn_data(world, args.concept)
-        settings = method_settings(args.method)
-        settings.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
-        forget_ex, retain_ex = to_examples(forget, tok), to_examples(retain, tok)
-        results = {"vanilla": evaluate(vanilla, tok, record, forget_ex, retain_ex)}
-        masks = build_masks(vanilla, tok, forget_ex, retain_ex, args.ratio, args.gamma, args.seed)
-        for name, m in masks.items():
-            start = time.perf_counter()
-            run = unlearn(copy.deepcopy(vanilla), forget, retain, tokenizer=tok, method=args.method, mask=m,
-                          seed=args.seed, progress=False, **settings)
-            results[name] = evaluate(run.model, tok, record, forget_ex, retain_ex)
-            results[name]["seconds"] = round(time.perf_counter() - start, 1)
-            print(f"{name:>13}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
-    except patchlab.PatchlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def compare(args: argparse.Namespace) -> None:
+    """Unlearn once per mask, evaluate each run, write --out and print the comparison."""
+    vanilla, tok = toy.vanilla(args.checkpoint)
+    world = toy.world(args.checkpoint)
+    record = world.record(args.concept)
+    forget, retain = unlearn_data(world, args.concept)
+    settings = method_settings(args.method)
+    settings.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
+    forget_ex, retain_ex = to_examples(forget, tok), to_examples(retain, tok)
+    results = {"vanilla": evaluate(vanilla, tok, record, forget_ex, retain_ex)}
+    masks = build_masks(vanilla, tok, forget_ex, retain_ex, args.ratio, args.gamma, args.seed)
+    for name, m in masks.items():
+        start = time.perf_counter()
+        unlearned = unlearn(copy.deepcopy(vanilla), forget, retain, tokenizer=tok, method=args.method, mask=m,
+                            seed=args.seed, progress=False, **settings).model
+        results[name] = evaluate(unlearned, tok, record, forget_ex, retain_ex)
+        results[name]["seconds"] = round(time.perf_counter() - start, 1)
+        print(f"{name:>13}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
     overlaps = {f"{a} vs {b}": attribution.overlap(masks[a], masks[b])
                 for a, b in [("wagle|S|", "random"), ("wagle|S|", "magnitude"), ("wagle ascent", "wagle nll")]}
     atomic_write_json(args.out, {"settings": {**vars(args), "unlearn": settings}, "results": results,
@@ -117,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     for pair, value in overlaps.items():
         print(f"mask overlap (Jaccard) {pair}: {value:.3f}")
     print(f"wrote {args.out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run(lambda: compare(args))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Pipeline::
     m = attribution.mask(s, 0.8)                       # top-80% weights, global
     unlearn(model, forget, retain, tokenizer=tok, method="graddiff", mask=m)
     attribution.density(m, model)                      # selected fraction per module type and layer
+    attribution.density_report({"wagle": ..., "random": ...}).write(out)   # tables + figures, side by side
 
 Scores and masks are ``dict[str, Tensor]`` keyed by ``model.named_parameters()`` names, each tensor the shape
 of its parameter. A mask holds only the parameters that were scored; the unlearning layer freezes the others.
@@ -15,13 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from plotly.subplots import make_subplots
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,6 +34,7 @@ from transformers.pytorch_utils import Conv1D
 
 from patchlab.arch import arch_spec
 from patchlab.errors import NonFiniteError, PatchlabValueError
+from patchlab.io import write_csv, write_html
 from patchlab.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
@@ -259,15 +264,42 @@ def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "ab
         groups.setdefault(layer_index(name) if per_layer else None, []).append(name)
     out: Mask = {}
     for group in groups.values():
-        flat = torch.cat([scores[n].detach().float().flatten().cpu() for n in group])
-        if not torch.isfinite(flat).all():
+        key = _flat_scores(scores, group)
+        if not torch.isfinite(key).all():
             raise NonFiniteError("scores contain NaN or inf")
-        key = flat.abs() if by == "abs" else flat
-        selected = torch.zeros(flat.numel(), dtype=torch.bool)
-        selected[torch.topk(key, round(ratio * flat.numel()), sorted=False).indices] = True
+        if by == "abs":
+            key.abs_()  # a private copy: the scores are untouched
+        selected = _top(key, round(ratio * key.numel()))
+        del key  # free 4 bytes per weight before the next group is flattened
         for name, part in zip(group, selected.split([scores[n].numel() for n in group])):
             out[name] = part.view(scores[name].shape).to(scores[name].device)
     return out
+
+
+def _flat_scores(scores: Scores, names: Sequence[str]) -> Float[torch.Tensor, "n"]:
+    """The scores of ``names`` concatenated into one new float32 CPU tensor (4 bytes per weight; each score is
+    converted while copied, without an intermediate copy)."""
+    sizes = [scores[n].numel() for n in names]
+    flat = torch.empty(sum(sizes), dtype=torch.float32)
+    for name, part in zip(names, flat.split(sizes)):
+        part.copy_(scores[name].detach().flatten())
+    return flat
+
+
+def _top(key: Float[torch.Tensor, "n"], k: int) -> Bool[torch.Tensor, "n"]:
+    """Which entries of ``key`` are among its ``k`` largest (ties broken arbitrarily).
+
+    ``torch.topk`` returns a float32 value and an int64 index per entry it picks (12 bytes each), so when
+    ``k > n/2`` the ``n - k`` smallest are picked instead and the selection inverted: the same set, up to ties.
+    """
+    n = key.numel()
+    if 2 * k <= n:
+        selected = torch.zeros(n, dtype=torch.bool)
+        selected[torch.topk(key, k, sorted=False).indices] = True
+    else:
+        selected = torch.ones(n, dtype=torch.bool)
+        selected[torch.topk(key, n - k, largest=False, sorted=False).indices] = False
+    return selected
 
 
 def overlap(mask_a: Mask, mask_b: Mask) -> float:
@@ -328,10 +360,63 @@ def module_density(frame: pd.DataFrame) -> pd.DataFrame:
                            ignore_index=True)
 
 
-def _stack(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    if not frames:
-        raise PatchlabValueError("no density frame given")
+def stack_densities(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The :func:`density` frames of ``{method: frame}`` as one long frame with a ``method`` column, methods in
+    the mapping's order.
+
+    Raises:
+        PatchlabValueError: no frame given.
+    """
+    if not isinstance(frames, Mapping) or not frames:
+        raise PatchlabValueError("no density frame given: pass a non-empty {method: density frame} mapping")
     return pd.concat([f.assign(method=name) for name, f in frames.items()], ignore_index=True)
+
+
+@dataclass(frozen=True)
+class DensityReport:
+    """Densities of several methods' masks, side by side (:func:`density_report`).
+
+    Attributes:
+        table: per method, module type and layer (:func:`stack_densities`): ``module``, ``layer``, ``selected``,
+            ``total``, ``density`` (0..1), ``method``.
+        per_module: per method and module type (:func:`module_density` of ``table``).
+        bars, heat: WAGLE's figures (:func:`density_figures`).
+    """
+
+    table: pd.DataFrame
+    per_module: pd.DataFrame
+    bars: go.Figure
+    heat: go.Figure
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods, in the order they were given."""
+        return list(dict.fromkeys(self.table["method"]))
+
+    def by_method(self) -> pd.DataFrame:
+        """Density (0..1) per module type (rows, display order) and method (columns, given order)."""
+        return (self.per_module.pivot(index="module", columns="method", values="density")
+                .reindex(index=list(dict.fromkeys(self.per_module["module"])), columns=self.methods))
+
+    def write(self, out_dir: str | os.PathLike) -> list[Path]:
+        """Write ``density.csv`` (``table``), ``density_modules.csv`` (``per_module``), ``density_modules.html``
+        (bars) and ``density_layers.html`` (heatmaps) into ``out_dir``, each atomically; returns their paths."""
+        out = Path(out_dir)
+        return [write_csv(self.table, out / "density.csv"), write_csv(self.per_module, out / "density_modules.csv"),
+                write_html(self.bars, out / "density_modules.html"), write_html(self.heat, out / "density_layers.html")]
+
+
+def density_report(frames: Mapping[str, pd.DataFrame]) -> DensityReport:
+    """Tables and figures of ``{method: density frame}``: the frames stacked, their per-module densities and
+    WAGLE's two figures (see :func:`density_figures`), each computed once.
+
+    Raises:
+        PatchlabValueError: no frame given, or no decoder-layer parameter in the frames.
+    """
+    table = stack_densities(frames)
+    per_module = module_density(table)
+    methods = list(frames)
+    return DensityReport(table, per_module, _density_bars(per_module, methods), _density_heatmaps(table, methods))
 
 
 def density_figures(frames: Mapping[str, pd.DataFrame]) -> tuple[go.Figure, go.Figure]:
@@ -340,31 +425,43 @@ def density_figures(frames: Mapping[str, pd.DataFrame]) -> tuple[go.Figure, go.F
     Returns:
         (bars, heatmaps): grouped bars of the density per module type (over all layers), one bar per method;
         and one layer x module-type heatmap per method (decoder layers only) on a shared 0..1 colour scale.
+
+    Raises:
+        PatchlabValueError: no frame given, or no decoder-layer parameter in the frames.
     """
-    stacked = _stack(frames)
-    per_module = module_density(stacked)
+    report = density_report(frames)
+    return report.bars, report.heat
+
+
+def _density_bars(per_module: pd.DataFrame, methods: list[str]) -> go.Figure:
+    """Grouped bars of ``per_module``'s density per module type, one bar per method."""
     order = [m for m in MODULE_ORDER if m in set(per_module["module"])]
     bars = go.Figure()
-    for method in frames:
+    for method in methods:
         part = per_module[per_module["method"] == method].set_index("module").reindex(order)
         bars.add_bar(name=method, x=order, y=part["density"], customdata=part[["selected", "total"]].to_numpy(),
                      hovertemplate="%{x}: %{y:.3f} (%{customdata[0]:,} of %{customdata[1]:,} weights)")
     bars.update_layout(barmode="group", title="Density of selected weights per module type",
                        xaxis_title="module", yaxis_title="fraction selected", yaxis_range=[0, 1])
+    return bars
 
-    layered = stacked[stacked["layer"].notna()]
+
+def _density_heatmaps(table: pd.DataFrame, methods: list[str]) -> go.Figure:
+    """One layer x module-type heatmap of ``table``'s density per method (decoder layers only), colours 0..1."""
+    layered = table[table["layer"].notna()]
     if layered.empty:
         raise PatchlabValueError("the density frames have no decoder-layer parameter")
-    heat = make_subplots(rows=1, cols=len(frames), subplot_titles=list(frames), shared_yaxes=True)
-    for col, method in enumerate(frames, start=1):
+    order = [m for m in MODULE_ORDER if m in set(layered["module"])]
+    heat = make_subplots(rows=1, cols=len(methods), subplot_titles=methods, shared_yaxes=True)
+    for col, method in enumerate(methods, start=1):
         grid = (layered[layered["method"] == method]
                 .pivot_table(index="layer", columns="module", values="density", aggfunc="first")
-                .reindex(columns=[m for m in order if m in set(layered["module"])]))
+                .reindex(columns=order))
         heat.add_trace(go.Heatmap(z=grid.to_numpy(dtype=float), x=list(grid.columns),
                                   y=[int(i) for i in grid.index], zmin=0, zmax=1, colorscale="Viridis",
-                                  showscale=col == len(frames),
+                                  showscale=col == len(methods),
                                   hovertemplate="layer %{y}, %{x}: %{z:.3f}<extra>" + method + "</extra>"),
                        row=1, col=col)
     heat.update_layout(title="Density of selected weights per layer and module type")
     heat.update_yaxes(title_text="layer", row=1, col=1)
-    return bars, heat
+    return heat

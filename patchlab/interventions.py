@@ -25,7 +25,9 @@ import nnsight
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
+from torch import nn
 
+from patchlab.arch import ArchSpec
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair import ModelPair
 from patchlab.windows import Window
@@ -34,17 +36,28 @@ SITES = ("coef", "value", "attn")
 POSITIONS = ("all", "answer", "last_prompt")
 
 
-def parse_component(component: str) -> frozenset[str]:
-    """Sites of a component name such as ``"coef"`` or ``"coef+attn"``.
+def parse_component(component: str | Iterable[str]) -> frozenset[str]:
+    """Sites of a component: a name such as ``"coef"`` or ``"coef+attn"``, or an iterable of site names
+    (``{"coef", "attn"}``).
 
     Raises:
-        PatchlabValueError: empty name or a part that is not one of ``coef``, ``value``, ``attn``.
+        PatchlabValueError: empty name or set, a part that is not one of ``coef``, ``value``, ``attn``, or an
+            argument that is neither a string nor an iterable.
     """
-    parts = [p.strip() for p in str(component).split("+")]
-    bad = [p for p in parts if p not in SITES]
-    if not component or bad:
-        raise PatchlabValueError(f"unknown component {component!r}: use {', '.join(SITES)} or a '+' combination")
-    return frozenset(parts)
+    if isinstance(component, str):
+        parts = frozenset(p.strip() for p in component.split("+"))
+        if not component or not parts <= set(SITES):
+            raise PatchlabValueError(f"unknown component {component!r}: use {', '.join(SITES)} or a '+' combination")
+        return parts
+    try:
+        parts = frozenset(component)
+    except TypeError as err:
+        raise PatchlabValueError(f"sites must be a component name or an iterable of {SITES}, "
+                                 f"got {component!r}") from err
+    bad = sorted(str(p) for p in parts if p not in SITES)
+    if not parts or bad:
+        raise PatchlabValueError(f"unknown or no sites {bad or '[]'}: use a non-empty subset of {SITES}")
+    return parts
 
 
 def position_mask(positions: str, prompt_len: int, total_len: int) -> Bool[torch.Tensor, "seq"]:
@@ -147,10 +160,23 @@ class SiteMasks:
         return cls(**masks)
 
 
-def _value_output(pair: ModelPair, layer: int, x: torch.Tensor) -> torch.Tensor:
-    """The down projection of ``layer`` applied to ``x`` with the vanilla weight and bias."""
-    down = pair.arch.down_proj(pair.vanilla_hf, layer)
-    return F.linear(x, pair.arch.value_weight(pair.vanilla_hf, layer), getattr(down, "bias", None))
+def value_output(spec: ArchSpec, model: nn.Module, layer: int, x: Float[torch.Tensor, "*batch d_mlp"]
+                 ) -> Float[torch.Tensor, "*batch d_model"]:
+    """The MLP down projection of ``model``'s ``layer`` applied to the coefficients ``x``, ``x @ W.T + b``,
+    computed with its weight and bias (cast to ``x``'s device and dtype; no copy when they already match).
+
+    Restoring ``value`` is this with the vanilla model on the (possibly restored) coefficients of the unlearned
+    run; ``spec`` locates the projection (GPT-2's ``Conv1D`` weight is transposed to the ``nn.Linear`` layout).
+
+    Raises:
+        PatchlabValueError: ``layer`` is not a layer index of ``model``.
+    """
+    n_layers = len(spec.layer_modules(model))
+    if not (isinstance(layer, int) and 0 <= layer < n_layers):
+        raise PatchlabValueError(f"layer must be an int in 0..{n_layers - 1}, got {layer!r}")
+    weight = spec.value_weight(model, layer).to(device=x.device, dtype=x.dtype)
+    bias = getattr(spec.down_proj(model, layer), "bias", None)
+    return F.linear(x, weight, None if bias is None else bias.to(device=x.device, dtype=x.dtype))
 
 
 def _expand_rows(output: Any, rows: int) -> Any:
@@ -210,23 +236,26 @@ def batched_restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], cache: Activ
                     # only the rows that restore value vectors here pay for the extra projection
                     rows_v = masks.value[i].any(dim=-1).nonzero().flatten().to(pair.device)
                     out = down.output.clone()
-                    out[rows_v] = torch.where(value_mask[rows_v], _value_output(pair, i, x[rows_v]), out[rows_v])
+                    restored = value_output(arch, pair.vanilla_hf, i, x[rows_v])
+                    out[rows_v] = torch.where(value_mask[rows_v], restored, out[rows_v])
                     down.output = out
         logits = nnsight.save(pair.unlearned.output.logits)
     return logits
 
 
 @torch.no_grad()
-def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], sites: Iterable[str], layers: Window,
+def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], sites: str | Iterable[str], layers: Window,
             positions: Bool[torch.Tensor, "seq"]) -> Float[torch.Tensor, "1 seq vocab"]:
-    """Logits of the unlearned model on ``ids`` with ``sites`` restored in ``layers`` at ``positions``.
+    """Logits of the unlearned model on ``ids`` with ``sites`` (a component or site names, see
+    :func:`parse_component`) restored in ``layers`` at ``positions``.
 
     The plain path, one restoration at a time as in the paper's scripts: run the vanilla model on ``ids``,
     then the unlearned model with the vanilla values written in place into the chosen layers and positions.
+
+    Raises:
+        PatchlabValueError: unknown or no sites.
     """
-    arch, sites = pair.arch, set(sites)
-    if not sites <= set(SITES):
-        raise PatchlabValueError(f"unknown sites {sorted(sites - set(SITES))}; use {SITES}")
+    arch, sites = pair.arch, parse_component(sites)
     vanilla = run_with_cache(pair, ids[None], which="vanilla")
     pos = positions.nonzero().flatten().to(pair.device)
     layer_envoys = _layers(pair, "unlearned")
@@ -238,6 +267,6 @@ def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], sites: Iterable[str]
             if "coef" in sites:
                 down.input[:, pos] = vanilla.coef(i)[:, pos]
             if "value" in sites:
-                down.output[:, pos] = _value_output(pair, i, down.input[:, pos])
+                down.output[:, pos] = value_output(arch, pair.vanilla_hf, i, down.input[:, pos])
         logits = nnsight.save(pair.unlearned.output.logits)
     return logits

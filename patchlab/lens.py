@@ -31,13 +31,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.arch import ArchSpec, arch_spec
 from patchlab.errors import MissingDependencyError, PatchlabValueError, UnsupportedArchitectureError
-from patchlab.interventions import SITES, ActivationCache, parse_component
+from patchlab.interventions import ActivationCache, parse_component, value_output
 from patchlab.pair import ModelPair
 from patchlab.windows import Window
 
@@ -176,19 +175,6 @@ def bridge_pair(pair: ModelPair, *, share_weights: bool = False) -> tuple[Transf
             bridge(pair.unlearned_hf, tokenizer=pair.tokenizer, share_weights=share_weights))
 
 
-def _parse_sites(sites: str | Iterable[str]) -> frozenset[str]:
-    if isinstance(sites, str):
-        return parse_component(sites)
-    try:
-        chosen = frozenset(sites)
-    except TypeError as err:
-        raise PatchlabValueError(f"sites must be a component name or an iterable of {SITES}, got {sites!r}") from err
-    bad = sorted(str(s) for s in chosen if s not in SITES)
-    if not chosen or bad:
-        raise PatchlabValueError(f"unknown or no sites {bad or '[]'}: use a non-empty subset of {SITES}")
-    return chosen
-
-
 def _cache_layers(cache: Any) -> int:
     """Layer count of a cache: the TransformerLens model's ``cfg.n_layers``, else 1 + the largest block index."""
     n_layers = getattr(getattr(getattr(cache, "model", None), "cfg", None), "n_layers", None)
@@ -254,12 +240,7 @@ def _value_hook(spec: ArchSpec, model: PreTrainedModel, layer: int, mask: torch.
                 stash: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Hook on ``mlp.out.hook_out``: the down projection of the stashed input with the vanilla weight and bias."""
     def hook(act: Float[torch.Tensor, "batch seq d_model"], hook: Any) -> Float[torch.Tensor, "batch seq d_model"]:
-        x = stash.pop("x")
-        weight = spec.value_weight(model, layer)
-        bias = getattr(spec.down_proj(model, layer), "bias", None)
-        bias = None if bias is None else bias.to(device=x.device, dtype=x.dtype)
-        new = F.linear(x, weight.to(device=x.device, dtype=x.dtype), bias)
-        return _restore(act, new, mask, hook.name)
+        return _restore(act, value_output(spec, model, layer, stash.pop("x")), mask, hook.name)
     return hook
 
 
@@ -298,7 +279,7 @@ def restore_hooks(vanilla_cache: Any, sites: str | Iterable[str], layers: Window
     if not (hasattr(vanilla_cache, "keys") and hasattr(vanilla_cache, "__getitem__")):
         raise PatchlabValueError("vanilla_cache must be an ActivationCache (TransformerLens or patchlab), "
                                  f"got {type(vanilla_cache).__name__}")
-    chosen = _parse_sites(sites)
+    chosen = parse_component(sites)
     n_layers = _cache_layers(vanilla_cache)
     start, stop = _check_window(layers, n_layers)
     spec = None

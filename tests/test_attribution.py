@@ -4,12 +4,14 @@ computation, the baselines against their definitions, masks, densities, figures 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from patchlab.attribution import METHODS, density, density_figures, mask, module_density, overlap, scores
+from patchlab.attribution import (METHODS, density, density_figures, density_report, mask, module_density, overlap,
+                                  scores, stack_densities)
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.modules import MODULE_ORDER, module_type
 from patchlab.tiny import tiny_model, word_tokenizer
@@ -213,11 +215,13 @@ def _group(name: str) -> str | None:
     return name.split(".")[2] if name.startswith("model.layers.") else None
 
 
-@pytest.mark.parametrize("ratio", [0.05, 0.37, 1.0])
+@pytest.mark.parametrize("ratio", [0.05, 0.37, 0.8, 1.0])  # above 1/2 the smallest are found and excluded
 @pytest.mark.parametrize("by", ["abs", "value"])
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_mask_selects_the_exact_top_fraction(signed_scores, ratio, by, per_layer):
+    before = {n: s.clone() for n, s in signed_scores.items()}
     m = mask(signed_scores, ratio, per_layer=per_layer, by=by)
+    assert all(torch.equal(signed_scores[n], before[n]) for n in before)  # |s| is taken on a copy
     assert m.keys() == signed_scores.keys()
     assert all(m[n].dtype == torch.bool and m[n].shape == s.shape for n, s in signed_scores.items())
     groups: dict = {}
@@ -300,6 +304,28 @@ def test_density_figures_one_trace_per_method(models):
         for i, layer in enumerate(hmap.y):
             for j, module in enumerate(hmap.x):
                 assert z[i, j] == pytest.approx(cells[(layer, module)])
+
+
+def test_density_report_holds_the_tables_behind_the_figures(models, tmp_path):
+    model = models["gpt2"]
+    frames = {method: density(mask(scores(model, method="random", seed=seed), 0.4), model)
+              for method, seed in (("random", 2), ("magnitude", 3))}
+    report = density_report(frames)
+    pd.testing.assert_frame_equal(report.table, stack_densities(frames))
+    assert list(report.table["method"].unique()) == report.methods == ["random", "magnitude"]
+    pd.testing.assert_frame_equal(report.per_module, module_density(report.table))
+    assert [t.name for t in report.bars.data] == report.methods and len(report.heat.data) == 2
+    table = report.by_method()
+    assert list(table.columns) == report.methods
+    assert list(table.index) == list(module_density(frames["random"])["module"])
+    assert table.loc["mlp_down", "magnitude"] == pytest.approx(
+        report.per_module.set_index(["method", "module"]).loc[("magnitude", "mlp_down"), "density"])
+    paths = report.write(tmp_path / "out")
+    assert [p.name for p in paths] == ["density.csv", "density_modules.csv", "density_modules.html",
+                                       "density_layers.html"]
+    assert len(pd.read_csv(paths[0])) == len(report.table)
+    with pytest.raises(PatchlabValueError, match="no density frame"):
+        stack_densities({})
 
 
 # ----------------------------------------------------------------------------------------------------- errors --

@@ -1,14 +1,18 @@
-"""analyses/krs_sweep.py on saved checkpoints: writes its three files; bad inputs give a clear error, no file."""
+"""analyses/krs_sweep.py on saved checkpoints: writes its three files; bad inputs give a clear error, no file.
+Also the helpers of patchlab.cli that every script shares."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import patchlab
+from patchlab.cli import add_model_args, model_kwargs, run
 from tests.conftest import ATTN_OR_UP, QUESTIONS, perturbed
 
 SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "krs_sweep.py"
@@ -68,3 +72,46 @@ def test_cli_reports_bad_inputs(cli, checkpoints, tmp_path, capsys, bad, match):
 def test_cli_requires_questions_with_explicit_models(cli, checkpoints, capsys):
     assert cli.main(["--vanilla", str(checkpoints / "vanilla"), "--unlearned", str(checkpoints / "unlearned")]) == 2
     assert "--questions" in capsys.readouterr().err
+
+
+def test_run_turns_patchlab_errors_into_status_2(capsys):
+    def bad() -> None:
+        raise patchlab.PatchlabFileError("no such file: x.json")
+
+    assert run(lambda: print("done")) == 0 and capsys.readouterr().out == "done\n"
+    assert run(bad) == 2
+    assert capsys.readouterr().err == "error: no such file: x.json\n"
+    with pytest.raises(KeyError):  # a bug is not an input error: it keeps its traceback
+        run(lambda: {}["missing"])
+    with pytest.raises(patchlab.PatchlabValueError, match="callable"):
+        run("not a function")
+
+
+def test_model_args_give_load_model_kwargs():
+    parser = add_model_args(argparse.ArgumentParser())
+    assert model_kwargs(parser.parse_args([])) == {"dtype": None, "device": None}
+    assert model_kwargs(parser.parse_args(["--dtype", "bfloat16", "--device", "cpu"])) == {
+        "dtype": torch.bfloat16, "device": "cpu"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "int8"])
+    with pytest.raises(patchlab.PatchlabValueError, match="dtype must be one of"):
+        model_kwargs(argparse.Namespace(dtype="int8", device=None))
+    with pytest.raises(patchlab.PatchlabValueError, match="add_model_args"):
+        model_kwargs(argparse.Namespace(dtype=None))
+    with pytest.raises(patchlab.PatchlabValueError, match="ArgumentParser"):
+        add_model_args(None)
+
+
+def test_cli_passes_dtype_and_device_to_the_loader(cli, checkpoints, monkeypatch, capsys):
+    seen = {}
+
+    def load_pair(*args, **kwargs):
+        seen.update(kwargs)
+        raise patchlab.PatchlabValueError("stop here")
+
+    monkeypatch.setattr(cli.patchlab, "load_pair", load_pair)
+    assert cli.main(["--vanilla", str(checkpoints / "vanilla"), "--unlearned", str(checkpoints / "unlearned"),
+                     "--questions", str(checkpoints / "questions.jsonl"), "--dtype", "bfloat16",
+                     "--device", "cpu"]) == 2
+    assert seen == {"tokenizer": None, "dtype": torch.bfloat16, "device": "cpu"}
+    assert "stop here" in capsys.readouterr().err

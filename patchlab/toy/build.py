@@ -12,28 +12,24 @@ import argparse
 import dataclasses
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.errors import PatchlabError, PatchlabValueError
-from patchlab.io import atomic_write_json
+from patchlab.cli import run
+from patchlab.errors import PatchlabValueError
+from patchlab.io import atomic_write_dir, atomic_write_json
 from patchlab.tiny import tiny_model, word_tokenizer
 from patchlab.toy.corpus import ASSETS, WORLD_FILE, World, generate_world
 from patchlab.toy.qa import qa_accuracy, qa_text
+from patchlab.unlearning.data import IGNORE, Example, collate
 
 BUILD_FILE = "build.json"
-
-#: ``[batch, seq]`` token ids, attention mask or labels.
-TokenBatch = Int[torch.Tensor, "batch seq"]
 
 
 @dataclass(frozen=True)
@@ -75,21 +71,17 @@ def make_tokenizer(world: World) -> PreTrainedTokenizerBase:
     return word_tokenizer(world.training_texts() + [qa_text(q) for q in world.all_qa()])
 
 
-def training_sequences(world: World, tokenizer: PreTrainedTokenizerBase, qa_repeats: int) -> list[torch.Tensor]:
-    """Token ids (1-D, EOS appended) of every paragraph, then of every QA pair ``qa_repeats`` times."""
+def training_sequences(world: World, tokenizer: PreTrainedTokenizerBase, qa_repeats: int) -> list[Example]:
+    """Every paragraph, then every QA pair ``qa_repeats`` times, as plain-text examples: token ids with EOS
+    appended, every token but the first a target."""
     texts = world.training_texts() + [qa_text(q) for q in world.all_qa()] * qa_repeats
-    return [torch.tensor(tokenizer(t).input_ids + [tokenizer.eos_token_id], dtype=torch.long) for t in texts]
-
-
-def pad_batch(sequences: list[torch.Tensor], pad_id: int) -> tuple[TokenBatch, TokenBatch, TokenBatch]:
-    """Right-pad to the longest sequence: (input ids, attention mask, labels with -100 on padding)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return ids, mask, ids.masked_fill(mask == 0, -100)
+    out = []
+    for text in texts:
+        ids = torch.tensor(tokenizer(text).input_ids + [tokenizer.eos_token_id], dtype=torch.long)
+        labels = ids.clone()
+        labels[0] = IGNORE
+        out.append(Example(ids, labels, prompt_len=1))
+    return out
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:
@@ -100,9 +92,10 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
-def train(model: PreTrainedModel, sequences: list[torch.Tensor], config: BuildConfig, pad_id: int, *,
+def train(model: PreTrainedModel, sequences: list[Example], config: BuildConfig, pad_id: int, *,
           progress: bool = True) -> list[float]:
-    """Train ``model`` in place on random batches of ``sequences`` (causal LM loss); returns per-step losses (nats)."""
+    """Train ``model`` in place on random right-padded batches of ``sequences`` (causal LM loss, mean over target
+    tokens); returns per-step losses (nats/token)."""
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config.warmup, config.steps))
@@ -111,8 +104,7 @@ def train(model: PreTrainedModel, sequences: list[torch.Tensor], config: BuildCo
     bar = tqdm(range(config.steps), desc="training toy model", disable=not progress)
     for _ in bar:
         picks = torch.randint(len(sequences), (config.batch_size,), generator=gen).tolist()
-        ids, mask, labels = pad_batch([sequences[i] for i in picks], pad_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(**collate([sequences[i] for i in picks], pad_id)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -123,23 +115,11 @@ def train(model: PreTrainedModel, sequences: list[torch.Tensor], config: BuildCo
     return losses
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished directory ``tmp`` onto ``out``; an existing ``out`` is kept until the move succeeds."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_checkpoint(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World,
                      report: dict) -> Path:
-    """Write model (safetensors + config), tokenizer, world corpus and build report into ``out`` atomically."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Write model (safetensors + config), tokenizer, world corpus and build report into ``out`` atomically
+    (:func:`patchlab.io.atomic_write_dir`), readable by all."""
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / WORLD_FILE, world.to_dict())
@@ -147,11 +127,8 @@ def write_checkpoint(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTok
         for path in tmp.iterdir():  # temp files are private (0600); a checkpoint is readable by all
             path.chmod(0o644)
         tmp.chmod(0o755)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return atomic_write_dir(out, write)
 
 
 def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, *, progress: bool = True) -> dict:
@@ -190,19 +167,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def build_and_report(args: argparse.Namespace) -> None:
+    """Build the checkpoint the parsed arguments ask for and print a one-line summary."""
     torch.set_num_threads(args.threads)
     config = SMALL if args.small else BuildConfig()
     overrides = {k: v for k, v in {"seed": args.seed, "steps": args.steps}.items() if v is not None}
-    try:
-        report = build(dataclasses.replace(config, **overrides), args.out)
-    except PatchlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = build(dataclasses.replace(config, **overrides), args.out)
     print(f"trained {report['n_params']:,} parameters in {report['train_seconds']} s; "
           f"greedy QA accuracy {report['qa_accuracy']:.3f} on {report['n_qa']} QA; wrote {args.out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run(lambda: build_and_report(args))
 
 
 if __name__ == "__main__":

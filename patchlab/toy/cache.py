@@ -64,10 +64,10 @@ def cached_path(record: ConceptRecord, method: str, retain: list[str], vanilla_w
     return (root or cache_dir()) / f"{slug}-{method}-{cache_key(record, method, retain, vanilla_weights)}.safetensors"
 
 
-def build_unlearned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World, concept: str,
+def build_unlearned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, forget: list[str], retain: list[str],
                     method: str, *, progress: bool = True) -> PreTrainedModel:
-    """Unlearn ``concept`` from ``model`` (updated in place) with ``method`` on the concept's paragraphs."""
-    forget, retain = unlearn_data(world, concept)
+    """Unlearn ``forget`` from ``model`` (updated in place) with ``method``'s toy settings, keeping ``retain``
+    (texts, e.g. from :func:`unlearn_data`)."""
     return unlearn(model, forget, retain, tokenizer=tokenizer, method=method, progress=progress,
                    **method_settings(method)).model
 
@@ -81,12 +81,12 @@ def load_or_build(vanilla: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """
     method_settings(method)
     record = world.record(concept)
-    _, retain = unlearn_data(world, concept)
+    forget, retain = unlearn_data(world, concept)
     path = cached_path(record, method, retain, vanilla_weights, root)
     if path.is_file():
         vanilla.load_state_dict(load_file(path))
         return vanilla.eval()
-    model = build_unlearned(vanilla, tokenizer, world, concept, method, progress=progress)
+    model = build_unlearned(vanilla, tokenizer, forget, retain, method, progress=progress)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"concept": concept, "method": method}))
     return model

@@ -7,8 +7,6 @@ import contextlib
 import copy
 import itertools
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +17,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.errors import PatchlabValueError
+from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.generation import DEFAULT_TEMPLATE
-from patchlab.io import atomic_write_json
+from patchlab.io import atomic_write_dir, atomic_write_json
 from patchlab.pair import ModelSpec, TokenizerSpec, load_model, load_tokenizer
 from patchlab.unlearning.data import Example, collate, padding_id, refusal_pairs, to_examples
 from patchlab.unlearning.losses import METHODS, Batch, LossFn
@@ -50,26 +48,16 @@ class UnlearnRun:
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: dict, losses: list[float],
           out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write checkpoint + tokenizer + ``unlearn_run.json`` into a temp dir, then rename it onto ``out_dir``.
+    """Write checkpoint + tokenizer + ``unlearn_run.json`` to ``out_dir`` atomically (:func:`atomic_write_dir`).
 
     ``state_dict``: the full weights when they are sharded across processes (FSDP); default the model's own.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "unlearn_run.json", {"settings": settings, "losses": losses})
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write_dir(out_dir, write)
 
 
 def _check_settings(method: str, retain: Any, refusals: Sequence[str], *, lr: float, beta: float, epochs: int,
@@ -198,9 +186,12 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
     Raises:
         PatchlabValueError: unknown method, empty forget set, missing retain set, bad mask, bad hyper-parameters,
             or a loss that became NaN/infinite.
+        PatchlabFileError: ``out_dir`` exists and is not a directory (checked before training).
     """
     _check_settings(method, retain, refusals, lr=lr, beta=beta, epochs=epochs, batch_size=batch_size,
                     grad_accum=grad_accum)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise PatchlabFileError(f"out_dir {str(out_dir)!r} exists and is not a directory")
     objective, needs_retain, needs_ref = METHODS[method]
     tok = load_tokenizer(tokenizer if tokenizer is not None else model)
     model = load_model(model)
