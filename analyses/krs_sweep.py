@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine", default="batched", choices=["batched", "loop"])
     p.add_argument("--batch-size", type=int, default=64, help="restorations per forward pass")
     add_model_args(p)
+    p.add_argument("--aggregate", default="mean", choices=["mean", "pooled"],
+                   help="over questions: mean of per-question KRS, or the paper's pooled losses (table and heatmap)")
     p.add_argument("--out", default="results/krs", help="output directory for krs.json/.csv/.html")
     return p.parse_args(argv)
 
@@ -59,9 +61,10 @@ def report(args: argparse.Namespace) -> None:
         pair, questions, components=[c.strip() for c in args.components.split(",") if c.strip()],
         window=args.window, window_mode=args.window_mode, n_tokens=args.n_tokens, positions=args.positions,
         engine=args.engine, batch_size=args.batch_size)
-    paths = result.write_report(args.out)
+    paths = result.write_report(args.out, aggregate=args.aggregate)
     print(f"KRS sweep on {title}: {len(questions)} questions, {pair.n_layers} layers, window {args.window}")
-    print(result.to_frame().pivot(index="component", columns="window", values="krs").round(3).to_string())
+    column = "krs" if args.aggregate == "mean" else "krs_pooled"
+    print(result.to_frame().pivot(index="component", columns="window", values=column).round(3).to_string())
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
 

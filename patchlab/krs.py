@@ -7,7 +7,8 @@ answer tokens (float32) of the vanilla, unlearned and restored-unlearned models,
     KRS = 1 - MSE(l_r, l_v) / MSE(l_u, l_v)
 
 with MSE averaged over the N positions and the vocabulary. A sweep reports, for every component and layer
-window, the mean KRS over questions.
+window, the mean KRS over questions (``KRSResult.krs``), and the paper's pooled form, ``1 - mean_q MSE(l_r, l_v) /
+mean_q MSE(l_u, l_v)`` with both losses averaged over the K questions first (``KRSResult.pooled()``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from patchlab.windows import Window, sliding_windows
 
 DEFAULT_COMPONENTS = ("coef", "value", "attn", "coef+attn")
 ENGINES = ("batched", "loop")
+AGGREGATES = ("mean", "pooled")
 
 
 def scored_logits(logits: Float[torch.Tensor, "row kept vocab"], answer_len: int) -> Float[torch.Tensor, "row answer vocab"]:
@@ -134,6 +136,22 @@ class KRSResult:
     def components(self) -> list[str]:
         return list(self.krs)
 
+    def pooled(self) -> dict[str, np.ndarray]:
+        """The paper's Eq. 3 with both losses averaged over the questions before the ratio: component ->
+        ``[n_windows]`` of ``1 - mean_q MSE(l_r, l_v) / mean_q MSE(l_u, l_v)``.
+
+        Exact from the stored numbers, since ``MSE(l_r, l_v) = (1 - KRS_q) * MSE(l_u, l_v)`` per question. Questions
+        whose unlearned model moved further from the vanilla one weigh more than in the plain mean :attr:`krs`.
+        """
+        weights = self.mse_unlearned[:, None]
+        return {c: 1.0 - ((1.0 - v) * weights).sum(axis=0) / weights.sum() for c, v in self.per_question.items()}
+
+    def aggregated(self, aggregate: str = "mean") -> dict[str, np.ndarray]:
+        """:attr:`krs` (``"mean"``, the mean of per-question KRS) or :meth:`pooled` (``"pooled"``)."""
+        if aggregate not in AGGREGATES:
+            raise PatchlabValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        return self.krs if aggregate == "mean" else self.pooled()
+
     def window_labels(self) -> list[int]:
         """x-axis labels: the centre layer (centred windows) or the first layer (fixed windows)."""
         if self.settings.get("window_mode", "centered") == "centered":
@@ -141,13 +159,15 @@ class KRSResult:
         return [start for start, _ in self.windows]
 
     def to_frame(self) -> pd.DataFrame:
-        """Long table: one row per (component, window) with mean, std and per-question count."""
+        """Long table: one row per (component, window) with the mean KRS, its std over questions, the pooled KRS
+        (:meth:`pooled`) and the question count."""
         rows = []
+        pooled = self.pooled()
         for comp, values in self.per_question.items():
             for w, ((start, stop), label) in enumerate(zip(self.windows, self.window_labels())):
                 rows.append({"component": comp, "window": label, "start": start, "stop": stop,
                              "krs": float(self.krs[comp][w]), "krs_std": float(values[:, w].std()),
-                             "n_questions": values.shape[0]})
+                             "krs_pooled": float(pooled[comp][w]), "n_questions": values.shape[0]})
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,17 +198,23 @@ class KRSResult:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise PatchlabValueError(f"{path} is not a patchlab KRS result file ({err!r})") from err
 
-    def write_report(self, out_dir: str | os.PathLike, name: str = "krs") -> dict[str, Path]:
-        """Write ``{name}.json`` (the result), ``{name}.csv`` (:meth:`to_frame`) and ``{name}.html`` (the heatmap)
-        into ``out_dir``, each atomically. Returns the paths by kind."""
+    def write_report(self, out_dir: str | os.PathLike, name: str = "krs", *, aggregate: str = "mean"
+                     ) -> dict[str, Path]:
+        """Write ``{name}.json`` (the result), ``{name}.csv`` (:meth:`to_frame`, both aggregates) and ``{name}.html``
+        (the heatmap of ``aggregate``) into ``out_dir``, each atomically. Returns the paths by kind."""
+        figure = self.heatmap(aggregate=aggregate)  # validates aggregate before anything is written
         out = Path(out_dir)
         return {"json": self.save(out / f"{name}.json"), "csv": write_csv(self.to_frame(), out / f"{name}.csv"),
-                "html": write_html(self.heatmap(), out / f"{name}.html")}
+                "html": write_html(figure, out / f"{name}.html")}
 
-    def heatmap(self, title: str | None = None) -> go.Figure:
-        """Interactive plotly heatmap, component x layer window; hover shows the window and the KRS."""
+    def heatmap(self, title: str | None = None, *, aggregate: str = "mean") -> go.Figure:
+        """Interactive plotly heatmap, component x layer window; hover shows the window and the KRS.
+
+        ``aggregate``: ``"mean"`` (mean of per-question KRS) or ``"pooled"`` (:meth:`pooled`, the paper's Eq. 3).
+        """
         labels = self.window_labels()
-        z = np.stack([self.krs[c] for c in self.components])
+        values = self.aggregated(aggregate)
+        z = np.stack([values[c] for c in self.components])
         hover = [[f"{c}<br>layers {s}-{e - 1}<br>KRS {v:.4f}" for (s, e), v in zip(self.windows, row)]
                  for c, row in zip(self.components, z)]
         fig = go.Figure(go.Heatmap(z=z, x=labels, y=self.components, text=hover, hoverinfo="text",
@@ -196,8 +222,8 @@ class KRSResult:
                                    colorbar={"title": "KRS"}))
         mode = self.settings.get("window_mode", "centered")
         fig.update_layout(
-            title=title or f"Knowledge Recovery Score (window {self.settings.get('window')}, "
-                           f"{len(self.questions)} questions, {self.settings.get('n_tokens')} tokens)",
+            title=title or f"Knowledge Recovery Score, {aggregate} over {len(self.questions)} questions "
+                           f"(window {self.settings.get('window')}, {self.settings.get('n_tokens')} tokens)",
             xaxis_title="centre layer of the window" if mode == "centered" else "first layer of the window",
             yaxis_title="restored component", yaxis={"autorange": "reversed"})
         return fig

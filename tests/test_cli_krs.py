@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,13 @@ def test_cli_writes_result_table_and_heatmap(cli, checkpoints, tmp_path, capsys)
     assert (out / "krs.csv").read_text().startswith("component,window,start,stop,krs")
     assert "plotly" in (out / "krs.html").read_text()[:100000].lower()
     assert "coef+attn" in capsys.readouterr().out
+    code = cli.main(["--vanilla", str(checkpoints / "vanilla"), "--unlearned", str(checkpoints / "unlearned"),
+                     "--questions", str(checkpoints / "questions.jsonl"), "--components", "attn", "--window", "3",
+                     "--n-tokens", "4", "--aggregate", "pooled", "--out", str(out / "pooled")])
+    assert code == 0
+    pooled = patchlab.KRSResult.load(out / "pooled" / "krs.json").pooled()["attn"]
+    printed = capsys.readouterr().out.split("attn", 1)[1].split()[:len(pooled)]
+    np.testing.assert_allclose([float(v) for v in printed], pooled, atol=5e-4)
 
 
 @pytest.mark.parametrize("bad, match", [

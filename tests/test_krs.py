@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import patchlab
-from patchlab.interventions import Restoration, batched_restore, position_mask
-from patchlab.krs import prepare_question, reference_answers, scored_logits
+from patchlab.interventions import Restoration, batched_restore, position_mask, restore
+from patchlab.krs import mse, prepare_question, reference_answers, scored_logits
 from tests.conftest import ATTN_OR_UP, DOWN, QUESTIONS, perturbed
 
 FAMILIES = ["llama", "gpt2", "gpt_neox"]
@@ -115,6 +115,28 @@ def test_result_roundtrip_frame_and_heatmap(pairs, tmp_path):
         patchlab.KRSResult.load(tmp_path / "bad.json")
     with pytest.raises(patchlab.PatchlabFileError):
         patchlab.KRSResult.load(tmp_path / "missing.json")
+
+
+def test_pooled_krs_is_the_ratio_of_question_averaged_losses(pairs):
+    """KRSResult.pooled() against MSEs computed directly from restored logits, one restoration at a time."""
+    pair = pairs["gpt2"]["attn_up"]
+    res = patchlab.krs_sweep(pair, QUESTIONS, components=["attn"], window=3, n_tokens=5, progress=False)
+    prompts, answers = reference_answers(pair, QUESTIONS, n_tokens=5)
+    mse_r, mse_u = np.zeros((len(QUESTIONS), len(res.windows))), []
+    for q, (p_ids, a_ids) in enumerate(zip(prompts, answers)):
+        prepared = prepare_question(pair, p_ids, a_ids)
+        mse_u.append(prepared.mse_unlearned)
+        for w, window in enumerate(res.windows):
+            logits = restore(pair, prepared.ids, "attn", window, torch.ones(len(prepared.ids), dtype=torch.bool))
+            mse_r[q, w] = float(mse(scored_logits(logits, len(a_ids)), prepared.vanilla_logits)[0])
+    expected = 1 - mse_r.mean(axis=0) / np.mean(mse_u)
+    np.testing.assert_allclose(res.pooled()["attn"], expected, rtol=1e-4, atol=1e-5)
+    # questions weigh by how far unlearning moved them, so the two aggregates differ unless all MSE(l_u, l_v) agree
+    assert np.ptp(mse_u) > 0 and not np.allclose(res.pooled()["attn"], res.krs["attn"])
+    np.testing.assert_allclose(res.to_frame()["krs_pooled"], res.pooled()["attn"])
+    np.testing.assert_allclose(np.asarray(res.heatmap(aggregate="pooled").data[0].z)[0], res.pooled()["attn"])
+    with pytest.raises(patchlab.PatchlabValueError, match="aggregate"):
+        res.heatmap(aggregate="median")
 
 
 def test_sweep_input_errors(pairs, vanilla_models, tok):
