@@ -369,9 +369,10 @@ class SweepResult:
         return pd.DataFrame(rows)
 
     def scatter(self, title: str | None = None) -> go.Figure:
-        """Target BLEU (x) against unrelated BLEU (y) per run, coloured by method (Hong et al., Fig. 2)."""
-        frame = self.to_frame()
-        fig = px.scatter(frame, x="target_bleu", y="unrelated_bleu", color="method", symbol="method",
+        """Target BLEU (x) against unrelated BLEU (y) per run, coloured by method, each method's strengths joined
+        weakest to strongest (Hong et al., Fig. 2)."""
+        frame = self.to_frame().sort_values("strength", kind="stable")  # methods keep their first-seen order
+        fig = px.line(frame, x="target_bleu", y="unrelated_bleu", color="method", symbol="method", markers=True,
                          hover_data=["strength", "settings", "target_rouge_l", "unrelated_rouge_l"],
                          title=title or f"Behavioural test: {self.task}",
                          labels={"target_bleu": "target QA BLEU (after vs before, 0-100)",

@@ -12,8 +12,8 @@ import torch
 
 from conftest import CORPUS, QUESTIONS
 from patchlab import behavior, editing, unlearning
-from patchlab.behavior import (BehaviorResult, SweepTask, apply_method, evaluate, lcs_length, method_sweep, rouge_l,
-                               run_key, sentence_bleu)
+from patchlab.behavior import (BehaviorResult, SweepResult, SweepTask, apply_method, evaluate, lcs_length,
+                               method_sweep, rouge_l, run_key, sentence_bleu)
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.generation import DEFAULT_TEMPLATE
 from patchlab.pair import load_pair
@@ -234,3 +234,14 @@ def test_behavior_result_averages_per_set():
     result = BehaviorResult(table)
     assert result.averages["target"] == {"bleu": 25.0, "rouge_l": 0.25, "same": 0.0}
     assert result.unrelated_bleu == 100.0
+
+
+def test_sweep_figure_joins_each_methods_strengths_in_order():
+    records = [{"method": m, "strength": s, "settings": {"lr": s}, "target_bleu": float(10 * s + i),
+                "unrelated_bleu": float(90 - s), "target_rouge_l": 0.0, "unrelated_rouge_l": 0.0, "seconds": 0.0}
+               for s in (2, 0, 1) for i, m in enumerate(("npo", "ga"))]
+    fig = SweepResult(task="t", records=records).scatter()
+    assert [t.name for t in fig.data] == ["npo", "ga"]  # first-seen order kept
+    for i, trace in enumerate(fig.data):
+        assert list(trace.x) == [0.0 + i, 10.0 + i, 20.0 + i]  # weakest to strongest
+        assert "lines" in trace.mode and "markers" in trace.mode
