@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from plotly.subplots import make_subplots
 from torch import nn
 from tqdm.auto import tqdm
@@ -247,7 +247,9 @@ def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "ab
     weights (``per_layer=False``), or separately within each decoder layer and within the non-layer parameters
     (``per_layer=True``; layer from :func:`patchlab.modules.layer_index`). ``by="abs"`` ranks by ``|score|``
     (WAGLE's ``|S|``, as in the authors' code; identical for the non-negative baselines), ``by="value"`` by the
-    signed score. Ties are broken arbitrarily.
+    signed score. Ties at the cut go to the earliest weights (in the order of ``scores``, then flattened order),
+    so a mask is deterministic. Scores are read one tensor at a time and never concatenated (an exact radix
+    select), so a global mask over a 7B model needs only a few temporaries the size of its largest tensor.
 
     Raises:
         PatchlabValueError: empty scores, ``ratio`` outside ``(0, 1]``, unknown ``by``.
@@ -264,42 +266,55 @@ def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "ab
         groups.setdefault(layer_index(name) if per_layer else None, []).append(name)
     out: Mask = {}
     for group in groups.values():
-        key = _flat_scores(scores, group)
-        if not torch.isfinite(key).all():
-            raise NonFiniteError("scores contain NaN or inf")
-        if by == "abs":
-            key.abs_()  # a private copy: the scores are untouched
-        selected = _top(key, round(ratio * key.numel()))
-        del key  # free 4 bytes per weight before the next group is flattened
-        for name, part in zip(group, selected.split([scores[n].numel() for n in group])):
-            out[name] = part.view(scores[name].shape).to(scores[name].device)
+        for name in group:
+            if not torch.isfinite(scores[name]).all():
+                raise NonFiniteError(f"scores of {name} contain NaN or inf")
+        tensors = [scores[n].detach() for n in group]
+        n = sum(t.numel() for t in tensors)
+        out.update(zip(group, _select_top(tensors, round(ratio * n), absolute=by == "abs")))
     return out
 
 
-def _flat_scores(scores: Scores, names: Sequence[str]) -> Float[torch.Tensor, "n"]:
-    """The scores of ``names`` concatenated into one new float32 CPU tensor (4 bytes per weight; each score is
-    converted while copied, without an intermediate copy)."""
-    sizes = [scores[n].numel() for n in names]
-    flat = torch.empty(sum(sizes), dtype=torch.float32)
-    for name, part in zip(names, flat.split(sizes)):
-        part.copy_(scores[name].detach().flatten())
-    return flat
+def _order_keys(scores: torch.Tensor, absolute: bool) -> Int[torch.Tensor, "n"]:
+    """Integers in ``[0, 2**32)`` ordered like the (absolute) float32 scores: the IEEE bit pattern, with negative
+    numbers' magnitude bits flipped so that larger floats get larger keys (flattened, int64, a temporary)."""
+    values = scores.float().flatten()
+    bits = (values.abs() if absolute else values).view(torch.int32).long()
+    # non-negative floats order like their bits: [2**31, 2**32); negative ones reversed below them: [0, 2**31)
+    return torch.where(bits >= 0, bits + 2**31, -bits - 1)
 
 
-def _top(key: Float[torch.Tensor, "n"], k: int) -> Bool[torch.Tensor, "n"]:
-    """Which entries of ``key`` are among its ``k`` largest (ties broken arbitrarily).
+def _select_top(tensors: Sequence[torch.Tensor], k: int, *, absolute: bool) -> list[torch.Tensor]:
+    """Bool masks (shaped like ``tensors``) selecting exactly the ``k`` largest scores among all of them; ties at
+    the cut go to the earliest entries (tensor order, then flattened order), so the selection is deterministic.
 
-    ``torch.topk`` returns a float32 value and an int64 index per entry it picks (12 bytes each), so when
-    ``k > n/2`` the ``n - k`` smallest are picked instead and the selection inverted: the same set, up to ties.
+    A radix select over the 32-bit order keys of :func:`_order_keys`: four passes of 256-bucket histograms find
+    the ``k``-th largest key, one tensor at a time, so memory stays at a few temporaries of the largest tensor
+    (a global mask over a 7B model never concatenates its scores).
     """
-    n = key.numel()
-    if 2 * k <= n:
-        selected = torch.zeros(n, dtype=torch.bool)
-        selected[torch.topk(key, k, sorted=False).indices] = True
-    else:
-        selected = torch.ones(n, dtype=torch.bool)
-        selected[torch.topk(key, n - k, largest=False, sorted=False).indices] = False
-    return selected
+    prefix, remaining = 0, k  # remaining: how many of the top still lie in keys that share ``prefix``
+    if k > 0:
+        for shift in (24, 16, 8, 0):
+            hist = torch.zeros(256, dtype=torch.long)
+            for t in tensors:
+                keys = _order_keys(t, absolute)
+                if shift < 24:
+                    keys = keys[(keys >> (shift + 8)) == (prefix >> (shift + 8))]
+                hist += torch.bincount((keys >> shift) & 255, minlength=256).cpu()
+            above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0]) - hist  # counts in higher buckets
+            bucket = int(((above < remaining) & (above + hist >= remaining)).nonzero()[-1])
+            remaining -= int(above[bucket])
+            prefix |= bucket << shift
+    out = []
+    for t in tensors:
+        keys = _order_keys(t, absolute)
+        chosen = keys > prefix if k > 0 else torch.zeros_like(keys, dtype=torch.bool)
+        if remaining > 0:
+            ties = (keys == prefix).nonzero().flatten()[:remaining]
+            chosen[ties] = True
+            remaining -= len(ties)
+        out.append(chosen.view(t.shape))
+    return out
 
 
 def overlap(mask_a: Mask, mask_b: Mask) -> float:

@@ -237,6 +237,21 @@ def test_mask_selects_the_exact_top_fraction(signed_scores, ratio, by, per_layer
             assert key[selected].min() >= key[~selected].max()
 
 
+def test_mask_breaks_ties_in_order_and_handles_signs_and_zeros():
+    # many exact ties (zero scores are common: weights the data never reaches get no gradient)
+    scores = {"a": torch.tensor([0.0, -3.0, 0.0, 2.0]), "b": torch.tensor([[0.0, -0.0], [3.0, 0.0]])}
+    by_abs = mask(scores, 0.5)  # |s|: 3, 3, 2, then the earliest of the zeros
+    assert by_abs["a"].tolist() == [True, True, False, True]
+    assert by_abs["b"].tolist() == [[False, False], [True, False]]
+    by_value = mask(scores, 0.5, by="value")  # 3, 2, then the two earliest zeros (-3 last)
+    assert by_value["a"].tolist() == [True, False, True, True]
+    assert by_value["b"].tolist() == [[False, False], [True, False]]
+    tiny = mask({"a": torch.tensor([-1e-30, 0.0, 1e-30])}, 1 / 3, by="value")
+    assert tiny["a"].tolist() == [False, False, True]
+    everything = mask(scores, 1.0)
+    assert all(t.all() for t in everything.values())
+
+
 def test_overlap_is_jaccard(signed_scores):
     small, large = mask(signed_scores, 0.2), mask(signed_scores, 0.5)
     count = lambda m: sum(int(t.sum()) for t in m.values())  # noqa: E731
