@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import patchlab
 from patchlab.cli import run
-from patchlab.io import write_csv, write_html
-from patchlab.paramdiff import paramdiff, value_vector_changes
-
-METRICS = ("cosine", "rel_l2")
+from patchlab.paramdiff import METRICS, paramdiff, value_vector_changes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,15 +56,8 @@ def report(args: argparse.Namespace) -> None:
     if args.value_vectors > 0:
         pair = vanilla if unlearned is None else patchlab.load_pair(vanilla, unlearned)
         values = value_vector_changes(pair, top=args.value_vectors, top_tokens=args.top_tokens)
-    heatmaps = {metric: diff.heatmap(metric) for metric in METRICS}
-    out = Path(args.out)
+    paths = diff.write_report(args.out, value_vectors=values)
     modules = diff.by_module()
-    paths = [write_csv(diff.table, out / "paramdiff.csv"), write_csv(modules, out / "paramdiff_modules.csv")]
-    for metric, fig in heatmaps.items():
-        paths.append(write_csv(diff.by_layer(metric).reset_index(), out / f"paramdiff_layers_{metric}.csv"))
-        paths.append(write_html(fig, out / f"paramdiff_{metric}.html"))
-    if values is not None:
-        paths.append(write_csv(values, out / "value_vectors.csv"))
     print(f"parameter diff on {title}: {len(diff.table)} tensors")
     print(modules[["module", "numel", *METRICS]].to_string(index=False, float_format=lambda x: f"{x:.6f}"))
     if values is not None:

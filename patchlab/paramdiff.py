@@ -20,10 +20,12 @@ from transformers import PreTrainedModel
 
 from patchlab.arch import spec_for_type
 from patchlab.errors import NonFiniteError, PairMismatchError, PatchlabFileError, PatchlabValueError
+from patchlab.io import write_csv, write_html
 from patchlab.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.pair import ModelPair
 
 CHUNK = 1 << 24  # elements per float64 chunk
+METRICS = ("cosine", "rel_l2")
 
 
 class _Source:
@@ -111,11 +113,25 @@ class ParamDiff:
 
     def by_layer(self, metric: str = "cosine") -> pd.DataFrame:
         """``metric`` (cosine or rel_l2) pooled per (layer, module type): a layer x module table."""
-        if metric not in ("cosine", "rel_l2"):
-            raise PatchlabValueError(f"metric must be 'cosine' or 'rel_l2', got {metric!r}")
+        if metric not in METRICS:
+            raise PatchlabValueError(f"metric must be one of {METRICS}, got {metric!r}")
         pooled = self._pooled(["layer", "module"])
         table = pooled[pooled["layer"] >= 0].pivot(index="layer", columns="module", values=metric)
         return table[[m for m in MODULE_ORDER if m in table.columns]]
+
+    def write_report(self, out_dir: str | os.PathLike, *, value_vectors: pd.DataFrame | None = None) -> list[Path]:
+        """Write ``paramdiff.csv`` (:attr:`table`), ``paramdiff_modules.csv`` (:meth:`by_module`), and per metric
+        ``paramdiff_layers_<metric>.csv`` (:meth:`by_layer`) and ``paramdiff_<metric>.html`` (:meth:`heatmap`),
+        plus ``value_vectors.csv`` when given (:func:`value_vector_changes`), each atomically; returns the paths."""
+        out = Path(out_dir)
+        paths = [write_csv(self.table, out / "paramdiff.csv"),
+                 write_csv(self.by_module(), out / "paramdiff_modules.csv")]
+        for metric in METRICS:
+            paths.append(write_csv(self.by_layer(metric).reset_index(), out / f"paramdiff_layers_{metric}.csv"))
+            paths.append(write_html(self.heatmap(metric), out / f"paramdiff_{metric}.html"))
+        if value_vectors is not None:
+            paths.append(write_csv(value_vectors, out / "value_vectors.csv"))
+        return paths
 
     def heatmap(self, metric: str = "cosine") -> go.Figure:
         """Interactive layer x module heatmap of ``metric``."""

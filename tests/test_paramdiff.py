@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -95,3 +96,17 @@ def test_nan_weights_are_reported(llama):
         broken.get_parameter("model.layers.0.mlp.up_proj.weight")[0, 0] = float("nan")
     with pytest.raises(patchlab.NonFiniteError, match="model.layers.0.mlp.up_proj.weight"):
         paramdiff(llama, broken, progress=False)
+
+
+def test_write_report_holds_every_table_and_figure(llama, tmp_path):
+    other = copy.deepcopy(llama)
+    with torch.no_grad():
+        other.get_parameter("model.layers.1.self_attn.q_proj.weight").mul_(-1)
+    diff = paramdiff(llama, other, progress=False)
+    paths = diff.write_report(tmp_path / "out")
+    assert sorted(p.name for p in paths) == sorted(
+        ["paramdiff.csv", "paramdiff_modules.csv", "paramdiff_layers_cosine.csv", "paramdiff_cosine.html",
+         "paramdiff_layers_rel_l2.csv", "paramdiff_rel_l2.html"])
+    layers = pd.read_csv(tmp_path / "out" / "paramdiff_layers_cosine.csv").set_index("layer")
+    assert layers.loc[1, "attn_q"] == pytest.approx(-1.0)  # the negated tensor, read back from disk
+    assert not list((tmp_path / "out").glob(".*"))  # atomic writes leave no temporary file
