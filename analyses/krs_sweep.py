@@ -14,7 +14,7 @@ import sys
 import patchlab
 from patchlab.cli import add_model_args, model_kwargs, run
 from patchlab.io import read_questions
-from patchlab.krs import DEFAULT_COMPONENTS
+from patchlab.patching.krs import DEFAULT_COMPONENTS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

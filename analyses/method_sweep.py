@@ -18,7 +18,7 @@ import sys
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import patchlab
-from patchlab.behavior import ALL_METHODS, SweepTask, method_sweep
+from patchlab.analysis.behavior import ALL_METHODS, SweepTask, method_sweep
 from patchlab.cli import add_model_args, model_kwargs, run
 from patchlab.pair import load_model, load_tokenizer
 

@@ -19,7 +19,7 @@ import sys
 
 import patchlab
 from patchlab.cli import run
-from patchlab.paramdiff import METRICS, paramdiff, value_vector_changes
+from patchlab.analysis.paramdiff import METRICS, paramdiff, value_vector_changes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from patchlab.cli import add_model_args, model_kwargs, run
-from patchlab.generation import DEFAULT_TEMPLATE
+from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.pair import load_model
 from patchlab.unlearning import METHODS, load_mask, unlearn
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Any
 
-from patchlab import attribution
+from patchlab.unlearning import attribution
 from patchlab.cli import add_model_args, model_kwargs, run
 from patchlab.errors import PatchlabValueError
 from patchlab.io import read_records

@@ -5,7 +5,7 @@ The default concept is unlearned with the toy world's settings for ``--method`` 
 once per mask, each time from a fresh copy of the vanilla model. Masks, all at ``--ratio``:
 
 * ``none`` - every weight may change (the toy world's own unlearned model);
-* ``random``, ``magnitude`` - the baselines of :func:`patchlab.attribution.scores`;
+* ``random``, ``magnitude`` - the baselines of :func:`patchlab.unlearning.attribution.scores`;
 * ``wagle|S|`` - WAGLE ranked by ``|S|`` (the authors' selection; identical for both ``ℓ_f`` conventions);
 * ``wagle ascent``, ``wagle nll`` - WAGLE ranked by the signed ``S`` with ``ℓ_f = −NLL(forget)`` (the paper's
   reading, the gradient-ascent objective) or ``ℓ_f = +NLL(forget)``.
@@ -28,7 +28,8 @@ import torch
 from transformers import PreTrainedModel
 
 import patchlab
-from patchlab import attribution, toy
+from patchlab import toy
+from patchlab.unlearning import attribution
 from patchlab.cli import run
 from patchlab.io import atomic_write_json
 from patchlab.toy.build import ASSETS

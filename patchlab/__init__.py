@@ -4,14 +4,17 @@ Load a vanilla checkpoint and its unlearned copy as a pair, restore pieces of th
 inside the unlearned model, and measure how much of the forgotten knowledge comes back (KRS).
 """
 
-from patchlab.arch import ArchSpec, arch_spec, register_architecture, supported_architectures
+from patchlab.pair.arch import ArchSpec, arch_spec, register_architecture, supported_architectures
 from patchlab.errors import (DegenerateKRSError, MissingDependencyError, NonFiniteError, PairMismatchError,
                              PatchlabError, PatchlabFileError, PatchlabValueError, UnsupportedArchitectureError)
-from patchlab.interventions import ActivationCache, parse_component, run_with_cache
-from patchlab.krs import KRSResult, krs_sweep
+from patchlab.patching.interventions import ActivationCache, parse_component, run_with_cache
+from patchlab.patching.krs import KRSResult, krs_sweep
 from patchlab.unlearning import UnlearnRun, load_mask, save_mask, unlearn
 from patchlab.pair import ModelPair, load_model, load_pair
-from patchlab.windows import sliding_windows
+from patchlab.patching.windows import sliding_windows
+from patchlab.analysis import behavior, paramdiff
+from patchlab.patching import lens
+from patchlab.unlearning import attribution, editing
 
 __version__ = "0.1.0"
 

@@ -36,4 +36,4 @@ class DegenerateKRSError(PatchlabValueError):
 
 
 class MissingDependencyError(PatchlabError, ImportError):
-    """An optional dependency (e.g. TransformerLens for :mod:`patchlab.lens`) is not installed."""
+    """An optional dependency (e.g. TransformerLens for :mod:`patchlab.patching.lens`) is not installed."""

@@ -1,4 +1,4 @@
-"""patchlab.attribution on tiny LLaMA / GPT-2 models built on the fly: WAGLE against a direct autograd
+"""patchlab.unlearning.attribution on tiny LLaMA / GPT-2 models built on the fly: WAGLE against a direct autograd
 computation, the baselines against their definitions, masks, densities, figures and input validation."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from patchlab.attribution import (METHODS, density, density_figures, density_report, mask, module_density, overlap,
+from patchlab.unlearning.attribution import (METHODS, density, density_figures, density_report, mask, module_density, overlap,
                                   scores, stack_densities)
 from patchlab.errors import NonFiniteError, PatchlabValueError
-from patchlab.modules import MODULE_ORDER, module_type
+from patchlab.pair.modules import MODULE_ORDER, module_type
 from patchlab.tiny import tiny_model, word_tokenizer
 from patchlab.unlearning.data import collate, to_examples
 from patchlab.unlearning.losses import nll, token_logprobs

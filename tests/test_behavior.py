@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from conftest import CORPUS, QUESTIONS
-from patchlab import behavior, editing, unlearning
-from patchlab.behavior import (BehaviorResult, SweepResult, SweepTask, apply_method, evaluate, lcs_length,
+from patchlab import unlearning
+from patchlab.analysis import behavior
+from patchlab.unlearning import editing
+from patchlab.analysis.behavior import (BehaviorResult, SweepResult, SweepTask, apply_method, evaluate, lcs_length,
                                method_sweep, rouge_l, run_key, sentence_bleu)
 from patchlab.errors import PatchlabFileError, PatchlabValueError
-from patchlab.generation import DEFAULT_TEMPLATE
+from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.pair import load_pair
 from patchlab.tiny import tiny_model
 

@@ -9,8 +9,8 @@ import torch
 
 from conftest import CORPUS
 from patchlab import toy
-from patchlab.behavior import evaluate
-from patchlab.editing import (EditRequest, default_layers, edit_layers, entropy_objective, key_covariance,
+from patchlab.analysis.behavior import evaluate
+from patchlab.unlearning.editing import (EditRequest, default_layers, edit_layers, entropy_objective, key_covariance,
                               memit_empty, memit_entropy, subject_position)
 from patchlab.errors import PatchlabValueError
 from patchlab.tiny import tiny_model

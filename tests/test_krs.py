@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import patchlab
-from patchlab.interventions import Restoration, batched_restore, position_mask, restore
-from patchlab.krs import mse, prepare_question, reference_answers, scored_logits
+from patchlab.patching.interventions import Restoration, batched_restore, position_mask, restore
+from patchlab.patching.krs import mse, prepare_question, reference_answers, scored_logits
 from tests.conftest import ATTN_OR_UP, DOWN, QUESTIONS, perturbed
 
 FAMILIES = ["llama", "gpt2", "gpt_neox"]

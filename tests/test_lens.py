@@ -13,8 +13,8 @@ from transformer_lens.model_bridge import TransformerBridge  # a hard dependency
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import patchlab
-from patchlab import lens
-from patchlab.interventions import SITES, restore
+from patchlab.patching import lens
+from patchlab.patching.interventions import SITES, restore
 from patchlab.tiny import tiny_model
 from tests.conftest import ATTN_OR_UP, CORPUS, DOWN, perturbed
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import patchlab
-from patchlab.arch import _REGISTRY
+from patchlab.pair.arch import _REGISTRY
 from patchlab.tiny import tiny_model, word_tokenizer
 from tests.conftest import ATTN_OR_UP, CORPUS, QUESTIONS, perturbed
 

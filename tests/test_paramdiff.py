@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import patchlab
-from patchlab.paramdiff import paramdiff, value_vector_changes
+from patchlab.analysis.paramdiff import paramdiff, value_vector_changes
 
 
 @pytest.fixture(scope="module")

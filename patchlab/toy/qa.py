@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
-from patchlab.generation import DEFAULT_TEMPLATE, format_prompts, greedy_answers
+from patchlab.pair.generation import DEFAULT_TEMPLATE, format_prompts, greedy_answers
 from patchlab.toy.corpus import QA
 
 

@@ -16,7 +16,7 @@ from jaxtyping import Int
 from transformers import PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
-from patchlab.generation import DEFAULT_TEMPLATE, format_prompts
+from patchlab.pair.generation import DEFAULT_TEMPLATE, format_prompts
 from patchlab.io import read_records
 
 IGNORE = -100

@@ -46,7 +46,7 @@ def sequence_nll(model: PreTrainedModel, batch: Batch) -> Float[torch.Tensor, ""
     """Mean over the batch's sequences of each sequence's mean NLL per target token (nats).
 
     Unlike :func:`nll`, batches weighted by their number of sequences average exactly to the full-data value,
-    whatever the batching (used by :mod:`patchlab.attribution`).
+    whatever the batching (used by :mod:`patchlab.unlearning.attribution`).
     """
     picked, mask = token_logprobs(model, batch)
     return (-picked.sum(1) / mask.sum(1).clamp(min=1)).mean()

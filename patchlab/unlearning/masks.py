@@ -1,6 +1,6 @@
 """Weight masks for unlearning: ``{parameter name: bool tensor}``, True where a weight may change.
 
-Masks come from :mod:`patchlab.attribution` (or anywhere else) and travel between processes as safetensors files.
+Masks come from :mod:`patchlab.unlearning.attribution` (or anywhere else) and travel between processes as safetensors files.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabFileError, PatchlabValueError
-from patchlab.generation import DEFAULT_TEMPLATE
+from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.io import atomic_write_dir, atomic_write_json
 from patchlab.pair import ModelSpec, TokenizerSpec, load_model, load_tokenizer
 from patchlab.unlearning.data import Example, collate, padding_id, refusal_pairs, to_examples
@@ -174,7 +174,7 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
             processes when there are several; grad_accum: micro-batches per optimizer step.
         beta: β of NPO / DPO. retain_weight: GradDiff's retain weight. kl_weight: NPO+KL's KL weight.
         refusals: preferred answers for DPO, used in turn.
-        mask: ``{parameter name: bool tensor}`` (e.g. from :mod:`patchlab.attribution`); only selected weights
+        mask: ``{parameter name: bool tensor}`` (e.g. from :mod:`patchlab.unlearning.attribution`); only selected weights
             change, parameters without a selected weight are frozen.
         max_length: truncation, in tokens. template: QA prompt template. seed: shuffling and initialisation seed.
         reference: the frozen reference of NPO / NPO+KL / DPO; default: a deep copy of the starting model. It is

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from patchlab.arch import ArchSpec
+from patchlab.pair.arch import ArchSpec
 
 #: (pattern on a parameter name, module type), first match wins.
 _MODULE_TYPES: list[tuple[re.Pattern, str]] = [(re.compile(p), t) for p, t in [

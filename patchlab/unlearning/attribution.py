@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from patchlab.arch import arch_spec
+from patchlab.pair.arch import arch_spec
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.io import write_csv, write_html
-from patchlab.modules import MODULE_ORDER, layer_index, module_type
+from patchlab.pair.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
 
@@ -245,7 +245,7 @@ def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "ab
 
     Exactly ``round(ratio · n)`` weights are selected among the ``n`` weights ranked together: all scored
     weights (``per_layer=False``), or separately within each decoder layer and within the non-layer parameters
-    (``per_layer=True``; layer from :func:`patchlab.modules.layer_index`). ``by="abs"`` ranks by ``|score|``
+    (``per_layer=True``; layer from :func:`patchlab.pair.modules.layer_index`). ``by="abs"`` ranks by ``|score|``
     (WAGLE's ``|S|``, as in the authors' code; identical for the non-negative baselines), ``by="value"`` by the
     signed score. Ties at the cut go to the earliest weights (in the order of ``scores``, then flattened order),
     so a mask is deterministic. Scores are read one tensor at a time and never concatenated (an exact radix
@@ -342,7 +342,7 @@ def density(mask: Mask, model: PreTrainedModel) -> pd.DataFrame:
     """Selected weights per (module type, layer): columns ``module``, ``layer`` (``<NA>`` outside the decoder
     layers), ``selected``, ``total`` (weight counts) and ``density = selected / total`` (0..1).
 
-    Module types as in :func:`patchlab.modules.module_type` (a tied LM head is the embedding); parameters of
+    Module types as in :func:`patchlab.pair.modules.module_type` (a tied LM head is the embedding); parameters of
     ``model`` absent from the mask count as not selected.
 
     Raises:

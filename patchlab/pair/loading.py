@@ -11,7 +11,7 @@ import torch
 from nnsight import TransformersModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.arch import ArchSpec, arch_spec
+from patchlab.pair.arch import ArchSpec, arch_spec
 from patchlab.errors import PairMismatchError, PatchlabFileError, PatchlabValueError
 
 ModelSpec = Union[str, os.PathLike, PreTrainedModel]

@@ -42,9 +42,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.arch import ArchSpec, arch_spec
+from patchlab.pair.arch import ArchSpec, arch_spec
 from patchlab.errors import NonFiniteError, PatchlabValueError, UnsupportedArchitectureError
-from patchlab.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts
+from patchlab.pair.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts
 from patchlab.unlearning.data import Example, collate, padding_id
 
 #: Attribute names of the final normalisation on ``model.base_model`` (LLaMA-likes, GPT-2, GPT-NeoX).
@@ -110,7 +110,7 @@ def _check_texts(texts: Sequence[str], name: str) -> None:
 
 
 def subject_position(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> tuple[Int[torch.Tensor, "seq"], int]:
-    """Token ids of ``prompt`` (as :func:`patchlab.generation.encode_prompts` gives them) and the index of the
+    """Token ids of ``prompt`` (as :func:`patchlab.pair.generation.encode_prompts` gives them) and the index of the
     last token of the last occurrence of ``subject`` in it."""
     start = prompt.rfind(subject)
     if not subject or start < 0:

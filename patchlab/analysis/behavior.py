@@ -1,6 +1,6 @@
 """Behavioural tests of unlearning (Hong et al., section 4 and Fig. 2).
 
-The vanilla and the unlearned model each answer every question greedily (``patchlab.generation``: ids kept,
+The vanilla and the unlearned model each answer every question greedily (``patchlab.pair.generation``: ids kept,
 one prompt at a time, no padding). Each after-answer is scored against the before-answer of the same question:
 
 * **BLEU**: sacrebleu's ``sentence_bleu`` (13a tokenisation, exponential smoothing, effective order), on the
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
-from patchlab.generation import DEFAULT_TEMPLATE, greedy_answers
+from patchlab.pair.generation import DEFAULT_TEMPLATE, greedy_answers
 from patchlab.io import atomic_write_json, read_json, write_csv, write_html
 from patchlab.pair import ModelPair, ModelSpec, load_model
 
@@ -162,7 +162,7 @@ def score_answers(tokenizer: PreTrainedTokenizerBase, questions: Mapping[str, Se
 def _answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Mapping[str, Sequence[str]], *,
              max_new_tokens: int, template: str, progress: bool = False
              ) -> dict[str, list[Int[torch.Tensor, "answer"]]]:
-    """Greedy answer ids of ``model`` per question set (:func:`patchlab.generation.greedy_answers`)."""
+    """Greedy answer ids of ``model`` per question set (:func:`patchlab.pair.generation.greedy_answers`)."""
     return {name: greedy_answers(model, tokenizer, qs, max_new_tokens=max_new_tokens, template=template,
                                  progress=progress)[1] for name, qs in questions.items()}
 
@@ -215,7 +215,7 @@ def _lr_strengths(*lrs: float) -> tuple[dict[str, Any], ...]:
 
 
 #: Three strengths (weak, medium, strong) per method, as keyword arguments of
-#: :func:`patchlab.unlearning.unlearn` (fine-tuning) or :func:`patchlab.editing.memit` (editing). The
+#: :func:`patchlab.unlearning.unlearn` (fine-tuning) or :func:`patchlab.unlearning.editing.memit` (editing). The
 #: fine-tuning methods share 2 epochs of batch 8 and vary the learning rate, chosen on the toy world so the three
 #: points span partial to complete removal of the target answers (target BLEU about 40-60, 3-13 and 0; DPO,
 #: which moves answers towards a refusal more slowly, gets larger rates); the editing baselines vary the
@@ -243,7 +243,7 @@ def _task_lists(path: Path, data: Mapping[str, Any]) -> dict[str, list[str]]:
 
 def _task_subject(path: Path, subject: Any, target_questions: Sequence[str]) -> str:
     """A task file's subject: a non-empty string occurring in every target question (the editing baselines key
-    their edit on its last token, see :func:`patchlab.editing.subject_position`)."""
+    their edit on its last token, see :func:`patchlab.unlearning.editing.subject_position`)."""
     if not isinstance(subject, str) or not subject.strip():
         raise PatchlabValueError(f"{path}: field 'subject' must be a non-empty string")
     for question in target_questions:
@@ -325,7 +325,7 @@ def apply_method(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tas
     Raises:
         PatchlabValueError: an unknown method, or ``settings`` holding ``template`` (pass it as an argument).
     """
-    from patchlab import editing
+    from patchlab.unlearning import editing
     from patchlab.unlearning import unlearn
 
     if "template" in settings:

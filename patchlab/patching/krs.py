@@ -28,12 +28,12 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from patchlab.errors import DegenerateKRSError, PatchlabFileError, PatchlabValueError
-from patchlab.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_answers
-from patchlab.interventions import (ActivationCache, Restoration, batched_restore, check_finite, parse_component,
+from patchlab.pair.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_answers
+from patchlab.patching.interventions import (ActivationCache, Restoration, batched_restore, check_finite, parse_component,
                                     position_mask, restore, run_with_cache)
 from patchlab.io import atomic_write_json, write_csv, write_html
 from patchlab.pair import ModelPair
-from patchlab.windows import Window, sliding_windows
+from patchlab.patching.windows import Window, sliding_windows
 
 DEFAULT_COMPONENTS = ("coef", "value", "attn", "coef+attn")
 ENGINES = ("batched", "loop")
@@ -265,12 +265,12 @@ def krs_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequence
         pair: the vanilla / unlearned pair.
         questions: K questions about the unlearned concept (the paper uses 10).
         components: sites or ``+``-combinations, e.g. ``("coef", "value", "attn", "coef+attn")``.
-        window: layers per window (the paper: 5); see :func:`patchlab.windows.sliding_windows`.
+        window: layers per window (the paper: 5); see :func:`patchlab.patching.windows.sliding_windows`.
         window_mode: ``"centered"`` (one window per layer, clipped; the paper) or ``"fixed"``.
         n_tokens: N, the vanilla greedy answer length in tokens (the paper: 30; shorter if EOS comes first).
         prompt_template: must contain ``{question}``.
         positions: ``"all"`` (the paper), ``"answer"`` or ``"last_prompt"``; see
-            :func:`patchlab.interventions.position_mask`.
+            :func:`patchlab.patching.interventions.position_mask`.
         engine: ``"batched"`` runs all restorations of a question as rows of one masked forward pass
             (``batch_size`` rows at a time); ``"loop"`` runs one forward pass per restoration. Both give the
             same numbers.

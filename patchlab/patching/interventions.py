@@ -1,7 +1,7 @@
 """Restoring pieces of the vanilla computation inside the unlearned model (activation patching and
 parameter restoration, Hong et al. section 3).
 
-Sites, named after TransformerLens hooks and located per family by :mod:`patchlab.arch`:
+Sites, named after TransformerLens hooks and located per family by :mod:`patchlab.pair.arch`:
 
 * ``coef``  - ``blocks.{i}.mlp.hook_post``: input of the MLP down projection, ``[batch, seq, d_mlp]``;
   restored by overwriting it with the vanilla activation.
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import nn
 
-from patchlab.arch import ArchSpec
+from patchlab.pair.arch import ArchSpec
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair import ModelPair
-from patchlab.windows import Window
+from patchlab.patching.windows import Window
 
 SITES = ("coef", "value", "attn")
 POSITIONS = ("all", "answer", "last_prompt")

@@ -18,10 +18,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from patchlab.arch import spec_for_type
+from patchlab.pair.arch import spec_for_type
 from patchlab.errors import NonFiniteError, PairMismatchError, PatchlabFileError, PatchlabValueError
 from patchlab.io import write_csv, write_html
-from patchlab.modules import MODULE_ORDER, layer_index, module_type
+from patchlab.pair.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.pair import ModelPair
 
 CHUNK = 1 << 24  # elements per float64 chunk

@@ -7,11 +7,11 @@ Needs ``pip install 'transformer-lens>=4.3,<5'`` (imported lazily, on first use:
   (wrapping a model makes TransformerLens replace its submodules, rename its state-dict keys and switch it to
   eager attention, so the model patchlab traces is never handed over).
 * :func:`restore_hooks`: ``fwd_hooks`` that restore the vanilla ``coef`` / ``attn`` (and ``value``) sites of a
-  layer window inside the unlearned bridge, the same restorations as :func:`patchlab.interventions.restore`::
+  layer window inside the unlearned bridge, the same restorations as :func:`patchlab.patching.interventions.restore`::
 
-      bridge_v, bridge_u = patchlab.lens.bridge_pair(pair)
+      bridge_v, bridge_u = patchlab.patching.lens.bridge_pair(pair)
       _, cache_v = bridge_v.run_with_cache(ids)
-      logits = bridge_u.run_with_hooks(ids, fwd_hooks=patchlab.lens.restore_hooks(cache_v, "coef+attn", (0, L)))
+      logits = bridge_u.run_with_hooks(ids, fwd_hooks=patchlab.patching.lens.restore_hooks(cache_v, "coef+attn", (0, L)))
 
 Sites as TransformerLens hook names (:data:`TL_HOOKS`; they hold in every family patchlab registers, including
 the post-norm OLMo-2/3 and Gemma-2/3 where TransformerLens's ``blocks.{i}.hook_attn_out`` is the *normalized*
@@ -34,11 +34,11 @@ import torch
 from jaxtyping import Bool, Float
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.arch import ArchSpec, arch_spec
+from patchlab.pair.arch import ArchSpec, arch_spec
 from patchlab.errors import MissingDependencyError, PatchlabValueError, UnsupportedArchitectureError
-from patchlab.interventions import ActivationCache, parse_component, value_output
+from patchlab.patching.interventions import ActivationCache, parse_component, value_output
 from patchlab.pair import ModelPair
-from patchlab.windows import Window
+from patchlab.patching.windows import Window
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformer_lens is imported lazily
     from transformer_lens.model_bridge import TransformerBridge
@@ -69,7 +69,7 @@ def _bridge_builder() -> Callable[..., Any]:
         from transformer_lens.model_bridge.sources import build_bridge_from_module
     except ImportError as err:
         raise MissingDependencyError(
-            f"patchlab.lens needs TransformerLens 4: {INSTALL_HINT} (import failed: {err})") from err
+            f"patchlab.patching.lens needs TransformerLens 4: {INSTALL_HINT} (import failed: {err})") from err
     return build_bridge_from_module
 
 
@@ -249,7 +249,7 @@ def restore_hooks(vanilla_cache: Any, sites: str | Iterable[str], layers: Window
                   vanilla_model: PreTrainedModel | None = None) -> list[Hook]:
     """TransformerLens ``fwd_hooks`` restoring vanilla ``sites`` in ``layers`` at ``positions``.
 
-    The same restoration as :func:`patchlab.interventions.restore` (to float rounding), for
+    The same restoration as :func:`patchlab.patching.interventions.restore` (to float rounding), for
     ``bridge_u.run_with_hooks(ids, fwd_hooks=...)`` or ``with bridge_u.hooks(fwd_hooks=...)``:
 
     * ``coef``: ``blocks.{i}.mlp.hook_post`` is overwritten with the vanilla activation;
@@ -264,7 +264,7 @@ def restore_hooks(vanilla_cache: Any, sites: str | Iterable[str], layers: Window
             row) or the restored run's batch.
         sites: a component (``"coef+attn"``) or an iterable of sites from ``coef``, ``value``, ``attn``.
         layers: half-open layer window ``(start, stop)``; ``(0, 0)`` restores nothing.
-        positions: ``[seq]`` bool mask of the restored positions (e.g. :func:`patchlab.interventions.position_mask`);
+        positions: ``[seq]`` bool mask of the restored positions (e.g. :func:`patchlab.patching.interventions.position_mask`);
             ``None``: every position.
         vanilla_model: the vanilla Hugging Face model (``pair.vanilla_hf``), required for ``value``.
 

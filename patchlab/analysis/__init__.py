@@ -1,0 +1,1 @@
+"""Analyses of weights and behaviour: parameter diffs, behavioural tests and the method comparison."""
