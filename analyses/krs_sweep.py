@@ -12,8 +12,8 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import add_model_args, model_kwargs, run
-from patchlab.io import read_questions
+from patchlab.cli import add_model_args, add_output_args, model_kwargs, run
+from patchlab.io import output_dir, read_questions
 from patchlab.patching.krs import DEFAULT_COMPONENTS
 
 
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--aggregate", default="mean", choices=["mean", "pooled"],
                    help="over questions: mean of per-question KRS, or the paper's pooled losses (table and heatmap)")
-    p.add_argument("--out", default="results/krs", help="output directory for krs.json/.csv/.html")
+    add_output_args(p, "results/krs", "output directory for krs.json/.csv/.html")
     return p.parse_args(argv)
 
 
@@ -56,12 +56,13 @@ def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str]
 
 def report(args: argparse.Namespace) -> None:
     """Run the sweep, write krs.json/.csv/.html and print the component x window table."""
+    out = output_dir(args.out, "krs", overwrite=args.overwrite)
     pair, questions, title = load_inputs(args)
     result = patchlab.krs_sweep(
         pair, questions, components=[c.strip() for c in args.components.split(",") if c.strip()],
         window=args.window, window_mode=args.window_mode, n_tokens=args.n_tokens, positions=args.positions,
         engine=args.engine, batch_size=args.batch_size)
-    paths = result.write_report(args.out, aggregate=args.aggregate)
+    paths = result.write_report(out, aggregate=args.aggregate)
     print(f"KRS sweep on {title}: {len(questions)} questions, {pair.n_layers} layers, window {args.window}")
     column = "krs" if args.aggregate == "mean" else "krs_pooled"
     print(result.to_frame().pivot(index="component", columns="window", values=column).round(3).to_string())

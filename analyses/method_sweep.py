@@ -19,7 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import patchlab
 from patchlab.analysis.behavior import ALL_METHODS, SweepTask, method_sweep
-from patchlab.cli import add_model_args, model_kwargs, run
+from patchlab.cli import add_model_args, add_output_args, model_kwargs, run
+from patchlab.io import output_dir
 from patchlab.pair import load_model, load_tokenizer
 
 
@@ -33,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset of the methods")
     p.add_argument("--max-new-tokens", type=int, default=30, help="greedy answer length limit (default 30)")
     add_model_args(p)
-    p.add_argument("--out", default="results/method_sweep", help="output directory (runs/, sweep.json/.csv/.html)")
+    add_output_args(p, "results/method_sweep", "output directory (runs/, sweep.json/.csv/.html); an earlier sweep "
+                    "there is resumed")
     return p.parse_args(argv)
 
 
@@ -56,8 +58,9 @@ def load_inputs(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTo
 
 def sweep_and_report(args: argparse.Namespace) -> None:
     """Run (or resume) the sweep into --out and print its summary table."""
+    out = output_dir(args.out, "method_sweep", overwrite=args.overwrite, resume=not args.overwrite)
     vanilla, tok, task = load_inputs(args)
-    result = method_sweep(vanilla, tok, task, args.out,
+    result = method_sweep(vanilla, tok, task, out,
                           methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                           max_new_tokens=args.max_new_tokens)
     columns = ["method", "strength", "target_bleu", "unrelated_bleu", "target_rouge_l", "unrelated_rouge_l", "seconds"]

@@ -18,7 +18,8 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import run
+from patchlab.cli import add_output_args, run
+from patchlab.io import output_dir
 from patchlab.analysis.paramdiff import METRICS, paramdiff, value_vector_changes
 
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also list the N most changed MLP value vectors with their top vocabulary tokens "
                         "(loads both models and their tokenizer)")
     p.add_argument("--top-tokens", type=int, default=5, help="vocabulary tokens shown per value vector")
-    p.add_argument("--out", default="results/param_cosine", help="output directory")
+    add_output_args(p, "results/param_cosine")
     return p.parse_args(argv)
 
 
@@ -50,13 +51,14 @@ def load_models(args: argparse.Namespace) -> tuple[object, str | None, str]:
 
 def report(args: argparse.Namespace) -> None:
     """Compare the two models' parameters; write the tables and heatmaps, print a summary."""
+    out = output_dir(args.out, "paramdiff", overwrite=args.overwrite)
     vanilla, unlearned, title = load_models(args)
     diff = paramdiff(vanilla, unlearned)  # checks both directories before any model is loaded
     values = None
     if args.value_vectors > 0:
         pair = vanilla if unlearned is None else patchlab.load_pair(vanilla, unlearned)
         values = value_vector_changes(pair, top=args.value_vectors, top_tokens=args.top_tokens)
-    paths = diff.write_report(args.out, value_vectors=values)
+    paths = diff.write_report(out, value_vectors=values)
     modules = diff.by_module()
     print(f"parameter diff on {title}: {len(diff.table)} tensors")
     print(modules[["module", "numel", *METRICS]].to_string(index=False, float_format=lambda x: f"{x:.6f}"))

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from patchlab.cli import add_model_args, model_kwargs, run
+from patchlab.io import output_dir
 from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.pair import load_model
 from patchlab.unlearning import METHODS, load_mask, unlearn
@@ -26,7 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--forget", required=True, help="JSON/JSONL file of the forget set")
     p.add_argument("--retain", help="JSON/JSONL file of the retain set (needed by graddiff and npo_kl)")
     p.add_argument("--method", required=True, choices=sorted(METHODS))
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", required=True, help="output directory, checked before training: refused when it holds "
+                                                 "files patchlab did not write")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier patchlab checkpoint in --out "
+                                                            "(files you added there are kept)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8, help="forget sequences per micro-batch (default 8)")
@@ -47,13 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def unlearn_and_report(args: argparse.Namespace) -> None:
     """Run the unlearning the arguments describe, save it to --out and print the loss change."""
+    out = output_dir(args.out, "checkpoint", overwrite=args.overwrite)
     mask = load_mask(args.mask) if args.mask else None
     model = load_model(args.model, **model_kwargs(args))
     result = unlearn(model, args.forget, args.retain, tokenizer=args.tokenizer or args.model, method=args.method,
                      lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                      beta=args.beta, retain_weight=args.retain_weight, kl_weight=args.kl_weight,
                      refusals=tuple(args.refusal or ("I don't know.",)), mask=mask, max_length=args.max_length,
-                     template=args.template, seed=args.seed, out_dir=args.out, progress=not args.quiet)
+                     template=args.template, seed=args.seed, out_dir=out, progress=not args.quiet)
     print(f"{args.method}: {result.settings['n_forget']} forget / {result.settings['n_retain']} retain examples, "
           f"{len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     print(f"wrote {result.out_dir}")

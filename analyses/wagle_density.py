@@ -17,9 +17,9 @@ import sys
 from typing import Any
 
 from patchlab.unlearning import attribution
-from patchlab.cli import add_model_args, model_kwargs, run
+from patchlab.cli import add_model_args, add_output_args, model_kwargs, run
 from patchlab.errors import PatchlabValueError
-from patchlab.io import read_records
+from patchlab.io import output_dir, read_records
 from patchlab.pair import load_model, load_tokenizer
 
 
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=256, help="truncation, in tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     add_model_args(p)
-    p.add_argument("--out", default="results/wagle_density", help="output directory")
+    add_output_args(p, "results/wagle_density")
     return p.parse_args(argv)
 
 
@@ -64,6 +64,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
 def report(args: argparse.Namespace) -> None:
     """Score, mask and measure the density of every method; write the tables and figures, print a summary."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = output_dir(args.out, "density", overwrite=args.overwrite)
     model, tok, forget, retain, title = load_inputs(args)
     frames, masks = {}, {}
     for method in methods:
@@ -73,7 +74,7 @@ def report(args: argparse.Namespace) -> None:
         masks[method] = attribution.mask(scores, args.ratio, per_layer=args.per_layer)
         frames[method] = attribution.density(masks[method], model)
     densities = attribution.density_report(frames)
-    paths = densities.write(args.out)
+    paths = densities.write(out)
     print(f"weight attribution on {title}: ratio {args.ratio}{' per layer' if args.per_layer else ''}")
     print(densities.by_method().round(3).to_string())
     for other in methods[1:]:

@@ -58,6 +58,23 @@ def add_model_args(parser: argparse.ArgumentParser, *, device_help: str = DEFAUL
     return parser
 
 
+def add_output_args(parser: argparse.ArgumentParser, default: str, what: str = "output directory"
+                    ) -> argparse.ArgumentParser:
+    """Add ``--out`` (default ``default``) and ``--overwrite`` to ``parser``; returns it. Scripts claim ``--out``
+    with :func:`patchlab.io.output_dir` before any compute.
+
+    Raises:
+        PatchlabValueError: ``parser`` is not an ``argparse.ArgumentParser``.
+    """
+    if not isinstance(parser, argparse.ArgumentParser):
+        raise PatchlabValueError(f"parser must be an argparse.ArgumentParser, got {type(parser).__name__}")
+    parser.add_argument("--out", default=default, help=f"{what} (default {default}); checked before any compute")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier patchlab output in --out (files you added there are kept; a "
+                             "directory holding files patchlab did not write is always refused)")
+    return parser
+
+
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``{"dtype": torch.dtype | None, "device": str | None}`` from parsed ``--dtype`` / ``--device``, the keyword
     arguments of :func:`patchlab.pair.load_model` and :func:`patchlab.pair.load_pair`.

@@ -1,4 +1,5 @@
-"""File helpers: atomic writes (temp file or directory + rename) and question/record loading (JSON or JSONL)."""
+"""File helpers: atomic writes (temp file + rename), output directories that never lose a file patchlab did not
+write, and question/record loading (JSON or JSONL)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,37 +122,166 @@ def write_csv(frame: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)`` on a fresh, empty directory beside ``path``, then put it in place of ``path``.
+#: The manifest patchlab writes into every output directory it owns: kind, files written, settings key.
+MANIFEST = ".patchlab.json"
+_MANIFEST_FORMAT = "patchlab.output/1"
+_TMP_PREFIX = ".patchlab-tmp-"
 
-    ``path`` always holds either its previous contents or the complete new ones: an existing directory is moved
-    aside to ``.{name}.old`` (a stale one left by an earlier crash is deleted first), the new one is renamed onto
-    ``path``, then the old one is deleted. If ``write`` or a rename fails, the temporary directory is removed and
-    the previous ``path`` is put back. The new directory gets the permissions of a plain ``mkdir`` (umask applied);
-    parent folders are created.
 
-    Raises:
-        PatchlabFileError: ``path`` exists and is not a directory.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise PatchlabFileError(f"{path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    old = path.with_name(f".{path.name}.old")
-    moved_aside = False
-    tmp.mkdir()
+def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of a patchlab output directory, or ``None`` when ``path`` holds none (or an unreadable one)."""
     try:
-        write(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-            moved_aside = True
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if moved_aside and not path.exists():
-            os.replace(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+        data = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == _MANIFEST_FORMAT else None
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    """Names in ``path`` that are neither the manifest nor a leftover temporary directory of patchlab's."""
+    return sorted(p.name for p in path.iterdir() if p.name != MANIFEST and not p.name.startswith(_TMP_PREFIX))
+
+
+class OutputDir:
+    """A directory a patchlab run writes its results into, claimed (checked) before any compute.
+
+    patchlab never removes a file it did not write. The directory's manifest (``.patchlab.json``) records the run
+    ``kind`` (``"checkpoint"``, ``"krs"``, ``"method_sweep"``...), the files patchlab wrote there and an optional
+    ``key`` (a hash of the run's settings and inputs). Claiming ``path`` for ``kind``:
+
+    * a new or empty directory is claimed;
+    * a directory holding anything without a patchlab manifest (a thesis, a data file) is refused;
+    * a directory holding another kind of patchlab output is refused;
+    * a directory holding this kind of output is reused when ``resume`` and the keys match (an interrupted run
+      picks up its own files), replaced only with ``overwrite=True``, and refused otherwise. Replacing removes
+      only the files the old manifest lists; files a user added beside them are kept.
+
+    The claim also proves the location writable (a probe file is created and removed in the directory or its
+    nearest existing ancestor), so a read-only location, a path under ``/proc`` or a path that is a file fails
+    here, before hours of compute, with a :class:`~patchlab.errors.PatchlabFileError`. The directory itself is
+    created on the first write.
+
+    Attributes:
+        path: the directory (absolute). kind: the run kind. key: the settings key, if any.
+        resumed: True when the directory already held this run's (possibly partial) output.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str, *, overwrite: bool = False, resume: bool = False,
+                 key: str | None = None):
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise PatchlabValueError(f"an output directory must be a non-empty path, got {path!r}")
+        self.path = Path(path).expanduser().absolute()
+        self.kind, self.key, self.overwrite = kind, key, overwrite
+        self.resumed = False
+        manifest = self._check_existing(resume)
+        self._files: list[str] = list(manifest["files"]) if manifest and self.resumed else []
+        self._old_files: list[str] = list(manifest["files"]) if manifest and not self.resumed else []
+        self._ensure_writable()
+
+    def _check_existing(self, resume: bool) -> dict[str, Any] | None:
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise PatchlabFileError(f"output path {str(path)!r} exists and is not a directory")
+        if not path.exists() or not _foreign_entries(path):
+            return read_manifest(path) if path.exists() else None
+        manifest = read_manifest(path)
+        if manifest is None:
+            entries = _foreign_entries(path)
+            raise PatchlabFileError(
+                f"output directory {str(path)!r} already holds files patchlab did not write "
+                f"({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); patchlab never removes them: "
+                "choose a new or empty directory")
+        if manifest.get("kind") != self.kind:
+            raise PatchlabFileError(f"output directory {str(path)!r} holds a patchlab {manifest.get('kind')!r} "
+                                    f"output, not a {self.kind!r} one: choose another directory")
+        if resume and manifest.get("key") == self.key:
+            self.resumed = True
+        elif not self.overwrite:
+            why = "with other settings or inputs" if resume else "from an earlier run"
+            raise PatchlabFileError(
+                f"output directory {str(path)!r} already holds a patchlab {self.kind} output {why}; pass "
+                "overwrite=True (--overwrite on the command line) to replace it (files you added there are kept)")
+        return manifest
+
+    def _ensure_writable(self) -> None:
+        """Create and remove a probe file in the directory, or in its nearest existing ancestor (the directory
+        itself is created on the first write, so a run that fails early leaves nothing behind)."""
+        base = self.path
+        while not base.exists():
+            base = base.parent
+        if not base.is_dir():
+            raise PatchlabFileError(f"cannot create output directory {str(self.path)!r}: {str(base)!r} is a file")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=base)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise PatchlabFileError(f"cannot write into output directory {str(self.path)!r}: "
+                                    f"{err.strerror or err}") from err
+
+    def _create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PatchlabFileError(f"cannot create output directory {str(self.path)!r}: "
+                                    f"{err.strerror or err}") from err
+
+    # ---------------------------------------------------------------------------------------------- writing
+
+    def _write_manifest(self, *, complete: bool = True) -> None:
+        atomic_write_json(self.path / MANIFEST, {
+            "format": _MANIFEST_FORMAT, "kind": self.kind, "key": self.key, "complete": complete,
+            "files": sorted(set(self._files)), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def _drop_old_files(self, keep: set[str]) -> None:
+        """Remove the files of the replaced output (listed in its manifest) that this run did not rewrite."""
+        for rel in self._old_files:
+            if rel not in keep:
+                (self.path / rel).unlink(missing_ok=True)
+        self._old_files = []
+
+    def file(self, name: str) -> Path:
+        """The path of result file ``name`` inside the directory, recorded in the manifest (write it atomically,
+        e.g. with :func:`atomic_write`). The first file of an overwrite removes the replaced output's files."""
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise PatchlabValueError(f"a result file name must be relative and inside the directory, got {name!r}")
+        self._create()
+        self._files.append(rel.as_posix())
+        if self._old_files:
+            self._drop_old_files(set(self._files))
+        self._write_manifest()
+        return self.path / rel
+
+    def write_tree(self, write: Callable[[Path], None]) -> Path:
+        """Call ``write(tmp)`` on an empty temporary directory, then move what it wrote into place.
+
+        Each file is renamed into place (atomic per file) under a manifest marked incomplete until the last one is
+        in, so an interrupted move leaves a directory patchlab recognises as its own; only the replaced output's
+        own files are removed. If ``write`` fails, nothing in the directory changes.
+        """
+        self._create()
+        tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.path))
+        try:
+            write(tmp)
+            files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+            self._files = files + [f for f in self._files if f not in files]
+            self._write_manifest(complete=False)
+            for rel in files:
+                (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / rel, self.path / rel)
+            self._drop_old_files(set(files))
+            self._write_manifest()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.path
+
+
+def output_dir(out: str | os.PathLike | OutputDir, kind: str, *, overwrite: bool = False, resume: bool = False,
+               key: str | None = None) -> OutputDir:
+    """``out`` itself when it is already a claimed :class:`OutputDir` of ``kind``, else a new claim of it."""
+    if isinstance(out, OutputDir):
+        if out.kind != kind:
+            raise PatchlabValueError(f"output directory {out.path} was claimed for {out.kind!r}, not {kind!r}")
+        return out
+    return OutputDir(out, kind, overwrite=overwrite, resume=resume, key=key)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import patchlab
-from patchlab.io import atomic_write_dir
 from patchlab.tiny import tiny_model, word_tokenizer
 from patchlab.unlearning import METHODS, batches, load_mask, nll, save_mask, sequence_logprob, to_examples, unlearn
 
@@ -145,42 +144,6 @@ def test_run_is_deterministic_and_saved_atomically(learned, tok, tmp_path):
         assert torch.equal(p, q)
 
 
-def _write_files(**files: str):
-    """A ``write`` callback for :func:`patchlab.io.atomic_write_dir` creating ``files`` (name: text)."""
-    def write(tmp: Path) -> None:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-    return write
-
-
-def test_atomic_write_dir_replaces_contents_and_cleans_up(tmp_path):
-    out = tmp_path / "parent" / "ckpt"
-    assert atomic_write_dir(out, _write_files(a="1", b="2")) == out
-    assert sorted((p.name, p.read_text()) for p in out.iterdir()) == [("a", "1"), ("b", "2")]
-    (tmp_path / "parent" / ".ckpt.old").mkdir()  # left by a crash between the two renames of an earlier run
-    (tmp_path / "parent" / ".ckpt.old" / "stale").write_text("x")
-    atomic_write_dir(out, _write_files(c="3"))
-    assert [(p.name, p.read_text()) for p in out.iterdir()] == [("c", "3")]  # replaced, not merged
-    assert [p.name for p in (tmp_path / "parent").iterdir()] == ["ckpt"]  # no temp or .old dir left
-
-
-def test_atomic_write_dir_keeps_the_old_directory_when_write_fails(tmp_path):
-    out = tmp_path / "ckpt"
-    atomic_write_dir(out, _write_files(a="1"))
-
-    def fail(tmp: Path) -> None:
-        (tmp / "half").write_text("written")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic_write_dir(out, fail)
-    assert [(p.name, p.read_text()) for p in out.iterdir()] == [("a", "1")]
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
-    (tmp_path / "file").write_text("")
-    with pytest.raises(patchlab.PatchlabFileError, match="not a directory"):
-        atomic_write_dir(tmp_path / "file", _write_files(a="1"))
-
-
 def test_data_forms_and_padding(tok, tmp_path):
     path = tmp_path / "forget.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in FORGET))
@@ -268,3 +231,16 @@ def test_out_dir_that_is_a_file_is_rejected_before_training(learned, tok, tmp_pa
         unlearn(model, FORGET, tokenizer=tok, method="ga", out_dir=tmp_path / "taken", progress=False)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), learned.parameters()))  # nothing trained
     assert (tmp_path / "taken").read_text() == "not a checkpoint"
+
+
+def test_out_dir_with_foreign_files_is_refused_and_kept(learned, tok, tmp_path):
+    """The data-loss bug: a directory holding a thesis and the run's own data was emptied, exit 0."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("\\section{years of work}")
+    (out / "forget.jsonl").write_text("\n".join(json.dumps(r) for r in FORGET))
+    model = copy.deepcopy(learned)
+    with pytest.raises(patchlab.PatchlabFileError, match="did not write"):
+        unlearn(model, out / "forget.jsonl", tokenizer=tok, method="ga", out_dir=out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["forget.jsonl", "thesis.tex"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), learned.parameters()))  # nothing trained

@@ -37,7 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, greedy_answers
-from patchlab.io import atomic_write_json, read_json, write_csv, write_html
+from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json, write_csv, write_html
 from patchlab.pair import ModelPair, ModelSpec, load_model
 
 SETS = ("target", "unrelated")
@@ -382,12 +382,13 @@ class SweepResult:
         fig.update_yaxes(range=[-3, 103])
         return fig
 
-    def write_report(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Write ``sweep.json`` (all records), ``sweep.csv`` and the interactive ``sweep.html``, atomically."""
-        out = Path(out_dir)
-        return {"json": atomic_write_json(out / "sweep.json", {"task": self.task, "records": self.records}),
-                "csv": write_csv(self.to_frame(), out / "sweep.csv"),
-                "html": write_html(self.scatter(), out / "sweep.html")}
+    def write_report(self, out_dir: str | os.PathLike | OutputDir, *, overwrite: bool = False) -> dict[str, Path]:
+        """Write ``sweep.json`` (all records), ``sweep.csv`` and the interactive ``sweep.html``, atomically, into
+        ``out_dir`` (claimed as a ``"method_sweep"`` output, :class:`patchlab.io.OutputDir`)."""
+        out = output_dir(out_dir, "method_sweep", overwrite=overwrite, resume=True)
+        return {"json": atomic_write_json(out.file("sweep.json"), {"task": self.task, "records": self.records}),
+                "csv": write_csv(self.to_frame(), out.file("sweep.csv")),
+                "html": write_html(self.scatter(), out.file("sweep.html"))}
 
 
 def _plan(methods: Sequence[str], grid: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, int, dict]]:
@@ -404,10 +405,10 @@ def _plan(methods: Sequence[str], grid: Mapping[str, Sequence[Mapping[str, Any]]
 
 
 def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: SweepTask,
-                 out_dir: str | os.PathLike, *, methods: Sequence[str] = ALL_METHODS,
+                 out_dir: str | os.PathLike | OutputDir, *, methods: Sequence[str] = ALL_METHODS,
                  grid: Mapping[str, Sequence[Mapping[str, Any]]] = DEFAULT_GRID, max_new_tokens: int = 30,
                  template: str = DEFAULT_TEMPLATE, progress: bool = True,
-                 on_run: Callable[[dict[str, Any]], None] | None = None) -> SweepResult:
+                 on_run: Callable[[dict[str, Any]], None] | None = None, overwrite: bool = False) -> SweepResult:
     """Unlearn ``task`` with every method at every strength of ``grid``, evaluate each, and report.
 
     Every run starts from a fresh copy of ``vanilla``; its record is written atomically to
@@ -415,6 +416,9 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
     skipped, so an interrupted sweep resumes where it stopped (the hash covers the task, the settings, the model,
     ``max_new_tokens`` and ``template``). The report (:meth:`SweepResult.write_report`) is rewritten after every
     new run, so an interrupted sweep leaves an up-to-date one, and once at the end if resumed runs came last.
+    ``out_dir`` is claimed before any run (:class:`patchlab.io.OutputDir`, kind ``"method_sweep"``): an earlier
+    sweep there is resumed, or started afresh with ``overwrite=True``; a directory holding files patchlab did not
+    write is refused.
 
     Args:
         vanilla: the starting model (directory, hub id or in-memory model; never modified).
@@ -429,6 +433,7 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
         A :class:`SweepResult` with the records in plan order.
     """
     plan = _plan(methods, grid)
+    out = output_dir(out_dir, "method_sweep", overwrite=overwrite, resume=not overwrite)
     model = load_model(vanilla)
     model_id = json.dumps({"name": model.config.name_or_path, "config": model.config.to_diff_dict()},
                           sort_keys=True, default=str)
@@ -438,10 +443,10 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
                                 template=template)
     before: dict[str, list[torch.Tensor]] = {}
     result = SweepResult(task=task.name)
-    out = Path(out_dir)
     for method, strength, settings in tqdm(plan, desc="method sweep", disable=not progress):
-        path = out / "runs" / f"{run_key(task, method, strength, settings, model_id, max_new_tokens, template)}.json"
-        new = not path.is_file()
+        name = f"runs/{run_key(task, method, strength, settings, model_id, max_new_tokens, template)}.json"
+        path = out.path / name
+        new = not (out.resumed and path.is_file())
         if new:
             before = before or answers(model)
             start = time.perf_counter()
@@ -450,7 +455,7 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
             scored = score_answers(tokenizer, questions, before, answers(edited))
             record = {"method": method, "strength": strength, "settings": settings, **scored.summary(),
                       "seconds": round(time.perf_counter() - start, 2), "rows": scored.table.to_dict("records")}
-            atomic_write_json(path, record)
+            atomic_write_json(out.file(name), record)
         else:
             record = read_json(path)
         result.records.append(record)

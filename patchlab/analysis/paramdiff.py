@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from patchlab.pair.arch import spec_for_type
 from patchlab.errors import NonFiniteError, PairMismatchError, PatchlabFileError, PatchlabValueError
-from patchlab.io import write_csv, write_html
+from patchlab.io import OutputDir, output_dir, write_csv, write_html
 from patchlab.pair.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.pair import ModelPair
 
@@ -119,18 +119,20 @@ class ParamDiff:
         table = pooled[pooled["layer"] >= 0].pivot(index="layer", columns="module", values=metric)
         return table[[m for m in MODULE_ORDER if m in table.columns]]
 
-    def write_report(self, out_dir: str | os.PathLike, *, value_vectors: pd.DataFrame | None = None) -> list[Path]:
+    def write_report(self, out_dir: str | os.PathLike | OutputDir, *, value_vectors: pd.DataFrame | None = None,
+                     overwrite: bool = False) -> list[Path]:
         """Write ``paramdiff.csv`` (:attr:`table`), ``paramdiff_modules.csv`` (:meth:`by_module`), and per metric
         ``paramdiff_layers_<metric>.csv`` (:meth:`by_layer`) and ``paramdiff_<metric>.html`` (:meth:`heatmap`),
-        plus ``value_vectors.csv`` when given (:func:`value_vector_changes`), each atomically; returns the paths."""
-        out = Path(out_dir)
-        paths = [write_csv(self.table, out / "paramdiff.csv"),
-                 write_csv(self.by_module(), out / "paramdiff_modules.csv")]
+        plus ``value_vectors.csv`` when given (:func:`value_vector_changes`), each atomically; returns the paths.
+        ``out_dir`` is claimed as a ``"paramdiff"`` output (:class:`patchlab.io.OutputDir`)."""
+        out = output_dir(out_dir, "paramdiff", overwrite=overwrite)
+        paths = [write_csv(self.table, out.file("paramdiff.csv")),
+                 write_csv(self.by_module(), out.file("paramdiff_modules.csv"))]
         for metric in METRICS:
-            paths.append(write_csv(self.by_layer(metric).reset_index(), out / f"paramdiff_layers_{metric}.csv"))
-            paths.append(write_html(self.heatmap(metric), out / f"paramdiff_{metric}.html"))
+            paths.append(write_csv(self.by_layer(metric).reset_index(), out.file(f"paramdiff_layers_{metric}.csv")))
+            paths.append(write_html(self.heatmap(metric), out.file(f"paramdiff_{metric}.html")))
         if value_vectors is not None:
-            paths.append(write_csv(value_vectors, out / "value_vectors.csv"))
+            paths.append(write_csv(value_vectors, out.file("value_vectors.csv")))
         return paths
 
     def heatmap(self, metric: str = "cosine") -> go.Figure:

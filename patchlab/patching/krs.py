@@ -31,7 +31,7 @@ from patchlab.errors import DegenerateKRSError, PatchlabFileError, PatchlabValue
 from patchlab.pair.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_answers
 from patchlab.patching.interventions import (ActivationCache, Restoration, batched_restore, check_finite, parse_component,
                                     position_mask, restore, run_with_cache)
-from patchlab.io import atomic_write_json, write_csv, write_html
+from patchlab.io import OutputDir, atomic_write_json, output_dir, write_csv, write_html
 from patchlab.pair import ModelPair
 from patchlab.patching.windows import Window, sliding_windows
 
@@ -198,14 +198,17 @@ class KRSResult:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise PatchlabValueError(f"{path} is not a patchlab KRS result file ({err!r})") from err
 
-    def write_report(self, out_dir: str | os.PathLike, name: str = "krs", *, aggregate: str = "mean"
-                     ) -> dict[str, Path]:
+    def write_report(self, out_dir: str | os.PathLike | OutputDir, name: str = "krs", *, aggregate: str = "mean",
+                     overwrite: bool = False) -> dict[str, Path]:
         """Write ``{name}.json`` (the result), ``{name}.csv`` (:meth:`to_frame`, both aggregates) and ``{name}.html``
-        (the heatmap of ``aggregate``) into ``out_dir``, each atomically. Returns the paths by kind."""
+        (the heatmap of ``aggregate``) into ``out_dir``, each atomically. Returns the paths by kind.
+
+        ``out_dir`` is claimed as a ``"krs"`` output (:class:`patchlab.io.OutputDir`): an earlier one is replaced
+        only with ``overwrite=True``, a directory holding files patchlab did not write is refused."""
         figure = self.heatmap(aggregate=aggregate)  # validates aggregate before anything is written
-        out = Path(out_dir)
-        return {"json": self.save(out / f"{name}.json"), "csv": write_csv(self.to_frame(), out / f"{name}.csv"),
-                "html": write_html(figure, out / f"{name}.html")}
+        out = output_dir(out_dir, "krs", overwrite=overwrite)
+        return {"json": self.save(out.file(f"{name}.json")), "csv": write_csv(self.to_frame(), out.file(f"{name}.csv")),
+                "html": write_html(figure, out.file(f"{name}.html"))}
 
     def heatmap(self, title: str | None = None, *, aggregate: str = "mean") -> go.Figure:
         """Interactive plotly heatmap, component x layer window; hover shows the window and the KRS.

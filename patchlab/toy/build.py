@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.cli import run
 from patchlab.errors import PatchlabValueError
-from patchlab.io import atomic_write_dir, atomic_write_json
+from patchlab.io import OutputDir, atomic_write_json, output_dir
 from patchlab.tiny import tiny_model, word_tokenizer
 from patchlab.toy.corpus import ASSETS, WORLD_FILE, World, generate_world
 from patchlab.toy.qa import qa_accuracy, qa_text
@@ -115,10 +115,10 @@ def train(model: PreTrainedModel, sequences: list[Example], config: BuildConfig,
     return losses
 
 
-def write_checkpoint(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World,
+def write_checkpoint(out: OutputDir, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World,
                      report: dict) -> Path:
-    """Write model (safetensors + config), tokenizer, world corpus and build report into ``out`` atomically
-    (:func:`patchlab.io.atomic_write_dir`), readable by all."""
+    """Write model (safetensors + config), tokenizer, world corpus and build report into the claimed ``out``
+    (:meth:`patchlab.io.OutputDir.write_tree`), readable by all."""
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -128,17 +128,22 @@ def write_checkpoint(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTok
             path.chmod(0o644)
         tmp.chmod(0o755)
 
-    return atomic_write_dir(out, write)
+    return out.write_tree(write)
 
 
-def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, *, progress: bool = True) -> dict:
+def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, *, overwrite: bool = False,
+          progress: bool = True) -> dict:
     """Generate the world, train the vanilla model, score it on all QA and write the checkpoint to ``out``.
+
+    ``out`` is claimed before training (:class:`patchlab.io.OutputDir`, kind ``"toy_checkpoint"``): an earlier
+    toy checkpoint there is replaced only with ``overwrite=True``, and a directory holding anything else is refused.
 
     Returns the build report written as ``build.json``: the config, the parameter count, the training time
     (seconds), the final loss (nats/token, mean of the last 50 steps) and the greedy QA accuracy (0..1).
     """
     if config.steps < 1 or config.batch_size < 1:
         raise PatchlabValueError(f"steps and batch_size must be >= 1, got {config.steps}, {config.batch_size}")
+    target = output_dir(out, "toy_checkpoint", overwrite=overwrite)
     world = make_world(config)
     tok = make_tokenizer(world)
     model = tiny_model("llama", len(tok), seed=config.seed, n_layers=config.n_layers, d_model=config.d_model,
@@ -152,7 +157,7 @@ def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, 
               "train_seconds": round(seconds, 1), "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
               "qa_accuracy": qa_accuracy(model, tok, world.all_qa(), progress=progress),
               "n_qa": len(world.all_qa())}
-    write_checkpoint(Path(out), model, tok, world, report)
+    write_checkpoint(target, model, tok, world, report)
     return report
 
 
@@ -162,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="the seconds-long test config (3 concepts, 2 layers)")
     p.add_argument("--seed", type=int, help="world, init and batch-order seed (default: the config's)")
     p.add_argument("--steps", type=int, help="optimisation steps (default: the config's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier toy checkpoint in --out")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: fastest on a busy machine, and the shipped weights were built so)")
     return p.parse_args(argv)
@@ -172,7 +178,7 @@ def build_and_report(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     config = SMALL if args.small else BuildConfig()
     overrides = {k: v for k, v in {"seed": args.seed, "steps": args.steps}.items() if v is not None}
-    report = build(dataclasses.replace(config, **overrides), args.out)
+    report = build(dataclasses.replace(config, **overrides), args.out, overwrite=args.overwrite)
     print(f"trained {report['n_params']:,} parameters in {report['train_seconds']} s; "
           f"greedy QA accuracy {report['qa_accuracy']:.3f} on {report['n_qa']} QA; wrote {args.out}")
 

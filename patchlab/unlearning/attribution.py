@@ -34,7 +34,7 @@ from transformers.pytorch_utils import Conv1D
 
 from patchlab.pair.arch import arch_spec
 from patchlab.errors import NonFiniteError, PatchlabValueError
-from patchlab.io import write_csv, write_html
+from patchlab.io import OutputDir, output_dir, write_csv, write_html
 from patchlab.pair.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
@@ -413,12 +413,14 @@ class DensityReport:
         return (self.per_module.pivot(index="module", columns="method", values="density")
                 .reindex(index=list(dict.fromkeys(self.per_module["module"])), columns=self.methods))
 
-    def write(self, out_dir: str | os.PathLike) -> list[Path]:
+    def write(self, out_dir: str | os.PathLike | OutputDir, *, overwrite: bool = False) -> list[Path]:
         """Write ``density.csv`` (``table``), ``density_modules.csv`` (``per_module``), ``density_modules.html``
-        (bars) and ``density_layers.html`` (heatmaps) into ``out_dir``, each atomically; returns their paths."""
-        out = Path(out_dir)
-        return [write_csv(self.table, out / "density.csv"), write_csv(self.per_module, out / "density_modules.csv"),
-                write_html(self.bars, out / "density_modules.html"), write_html(self.heat, out / "density_layers.html")]
+        (bars) and ``density_layers.html`` (heatmaps) into ``out_dir``, each atomically; returns their paths.
+        ``out_dir`` is claimed as a ``"density"`` output (:class:`patchlab.io.OutputDir`)."""
+        out = output_dir(out_dir, "density", overwrite=overwrite)
+        return [write_csv(self.table, out.file("density.csv")), write_csv(self.per_module, out.file("density_modules.csv")),
+                write_html(self.bars, out.file("density_modules.html")),
+                write_html(self.heat, out.file("density_layers.html"))]
 
 
 def density_report(frames: Mapping[str, pd.DataFrame]) -> DensityReport:

@@ -17,9 +17,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.errors import PatchlabFileError, PatchlabValueError
+from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE
-from patchlab.io import atomic_write_dir, atomic_write_json
+from patchlab.io import OutputDir, atomic_write_json, output_dir
 from patchlab.pair import ModelSpec, TokenizerSpec, load_model, load_tokenizer
 from patchlab.unlearning.data import Example, collate, padding_id, refusal_pairs, to_examples
 from patchlab.unlearning.losses import METHODS, Batch, LossFn
@@ -47,8 +47,8 @@ class UnlearnRun:
 
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: dict, losses: list[float],
-          out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write checkpoint + tokenizer + ``unlearn_run.json`` to ``out_dir`` atomically (:func:`atomic_write_dir`).
+          out_dir: OutputDir, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write checkpoint + tokenizer + ``unlearn_run.json`` into the claimed ``out_dir`` (:meth:`OutputDir.write_tree`).
 
     ``state_dict``: the full weights when they are sharded across processes (FSDP); default the model's own.
     """
@@ -57,7 +57,7 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: 
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "unlearn_run.json", {"settings": settings, "losses": losses})
 
-    atomic_write_dir(out_dir, write)
+    out_dir.write_tree(write)
 
 
 def _check_settings(method: str, retain: Any, refusals: Sequence[str], *, lr: float, beta: float, epochs: int,
@@ -156,7 +156,8 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
             lr: float = 1e-5, epochs: int = 1, batch_size: int = 8, grad_accum: int = 1, beta: float = 0.1,
             retain_weight: float = 1.0, kl_weight: float = 1.0, refusals: Sequence[str] = ("I don't know.",),
             mask: Mask | None = None, max_length: int = 256, template: str = DEFAULT_TEMPLATE, seed: int = 0,
-            reference: PreTrainedModel | None = None, out_dir: str | os.PathLike | None = None,
+            reference: PreTrainedModel | None = None, out_dir: str | os.PathLike | OutputDir | None = None,
+            overwrite: bool = False,
             progress: bool = True) -> UnlearnRun:
     """Unlearn ``forget`` from ``model`` by fine-tuning with ``method``; returns an :class:`UnlearnRun`
     (``.model``, ``.losses`` the loss curve, ``.settings``, ``.out_dir``).
@@ -180,18 +181,21 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
         reference: the frozen reference of NPO / NPO+KL / DPO; default: a deep copy of the starting model. It is
             put in eval mode with gradients off and never updated.
         out_dir: if given, the checkpoint (safetensors), tokenizer and ``unlearn_run.json`` (settings, loss curve)
-            are written there atomically (by the main process).
+            are written there (by the main process; see :class:`patchlab.io.OutputDir`). It is checked before
+            training: a directory holding anything patchlab did not write is refused, an earlier checkpoint is
+            replaced only with ``overwrite=True``, and files you added beside it are never removed.
         progress: show a tqdm bar with the current loss.
 
     Raises:
         PatchlabValueError: unknown method, empty forget set, missing retain set, bad mask, bad hyper-parameters,
             or a loss that became NaN/infinite.
-        PatchlabFileError: ``out_dir`` exists and is not a directory (checked before training).
+        PatchlabFileError: ``out_dir`` is not a usable output directory (checked before training, see
+            :class:`patchlab.io.OutputDir`): a file, unwritable, holding files patchlab did not write, or an earlier
+            checkpoint without ``overwrite=True``.
     """
     _check_settings(method, retain, refusals, lr=lr, beta=beta, epochs=epochs, batch_size=batch_size,
                     grad_accum=grad_accum)
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise PatchlabFileError(f"out_dir {str(out_dir)!r} exists and is not a directory")
+    out = output_dir(out_dir, "checkpoint", overwrite=overwrite) if out_dir is not None else None
     objective, needs_retain, needs_ref = METHODS[method]
     tok = load_tokenizer(tokenizer if tokenizer is not None else model)
     model = load_model(model)
@@ -231,10 +235,9 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
                 "beta": beta, "retain_weight": retain_weight, "kl_weight": kl_weight, "refusals": list(refusals),
                 "masked": mask is not None, "max_length": max_length, "template": template, "seed": seed,
                 "n_forget": len(forget_ex), "n_retain": len(retain_ex), "n_processes": accelerator.num_processes}
-    out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         state = accelerator.get_state_dict(wrapped) if accelerator.num_processes > 1 else None
         if accelerator.is_main_process:
             _save(model, tok, settings, losses, out, state)
         accelerator.wait_for_everyone()
-    return UnlearnRun(model=model, losses=losses, settings=settings, out_dir=out)
+    return UnlearnRun(model=model, losses=losses, settings=settings, out_dir=out.path if out is not None else None)

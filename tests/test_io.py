@@ -1,0 +1,139 @@
+"""Output directories: patchlab never removes a file it did not write, and checks every output location before
+any compute; atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import patchlab
+from patchlab.io import MANIFEST, OutputDir, output_dir, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _files(**files: str):
+    """A ``write`` callback for :meth:`OutputDir.write_tree` creating ``files`` (name: text)."""
+    def write(tmp: Path) -> None:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+    return write
+
+
+def _listing(path: Path) -> list[tuple[str, str]]:
+    return sorted((p.name, p.read_text()) for p in path.iterdir() if p.name != MANIFEST)
+
+
+def test_new_directory_is_written_with_a_manifest_and_no_leftovers(tmp_path):
+    out = OutputDir(tmp_path / "parent" / "ckpt", "checkpoint")
+    assert not out.path.exists()  # created on the first write, not by the claim
+    out.write_tree(_files(a="1", b="2"))
+    assert _listing(out.path) == [("a", "1"), ("b", "2")]
+    manifest = read_manifest(out.path)
+    assert manifest["kind"] == "checkpoint" and manifest["files"] == ["a", "b"] and manifest["complete"]
+    assert sorted(p.name for p in out.path.iterdir()) == [MANIFEST, "a", "b"]  # no temp dir left
+
+
+def test_foreign_files_are_never_removed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years")
+    for overwrite in (False, True):
+        with pytest.raises(patchlab.PatchlabFileError, match="did not write.*thesis.tex"):
+            OutputDir(out, "checkpoint", overwrite=overwrite)
+    assert _listing(out) == [("thesis.tex", "years")]
+
+
+def test_earlier_output_is_replaced_only_with_overwrite_and_added_files_are_kept(tmp_path):
+    out = tmp_path / "run"
+    OutputDir(out, "checkpoint").write_tree(_files(model="old", extra="old-only"))
+    (out / "NOTES.txt").write_text("my notes")
+    with pytest.raises(patchlab.PatchlabFileError, match="overwrite"):
+        OutputDir(out, "checkpoint")
+    with pytest.raises(patchlab.PatchlabFileError, match="'checkpoint' output, not a 'krs'"):
+        OutputDir(out, "krs", overwrite=True)
+    OutputDir(out, "checkpoint", overwrite=True).write_tree(_files(model="new"))
+    assert _listing(out) == [("NOTES.txt", "my notes"), ("model", "new")]  # old-only file gone, notes kept
+    assert read_manifest(out)["files"] == ["model"]
+
+
+def test_a_failed_write_changes_nothing(tmp_path):
+    out = tmp_path / "ckpt"
+    OutputDir(out, "checkpoint").write_tree(_files(a="1"))
+
+    def fail(tmp: Path) -> None:
+        (tmp / "half").write_text("written")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        OutputDir(out, "checkpoint", overwrite=True).write_tree(fail)
+    assert _listing(out) == [("a", "1")]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "a"]
+
+
+def test_resume_reuses_only_a_run_with_the_same_key(tmp_path):
+    first = OutputDir(tmp_path / "sweep", "krs", resume=True, key="k1")
+    first.file("partial.json").write_text("{}")
+    again = OutputDir(tmp_path / "sweep", "krs", resume=True, key="k1")
+    assert again.resumed and not first.resumed
+    with pytest.raises(patchlab.PatchlabFileError, match="other settings"):
+        OutputDir(tmp_path / "sweep", "krs", resume=True, key="k2")
+    assert output_dir(again, "krs") is again
+    with pytest.raises(patchlab.PatchlabValueError, match="claimed for 'krs'"):
+        output_dir(again, "checkpoint")
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "proc", "cwd", "empty"])
+def test_unusable_locations_fail_at_the_claim(tmp_path, monkeypatch, where):
+    (tmp_path / "taken").write_text("x")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "data.csv").write_text("1,2")
+    monkeypatch.chdir(tmp_path / "work")
+    path = {"file": tmp_path / "taken", "under_file": tmp_path / "taken" / "out", "proc": "/proc/patchlab/out",
+            "cwd": ".", "empty": ""}[where]
+    error = patchlab.PatchlabValueError if where == "empty" else patchlab.PatchlabFileError
+    with pytest.raises(error):
+        OutputDir(path, "krs")
+    assert (tmp_path / "taken").read_text() == "x" and _listing(tmp_path / "work") == [("data.csv", "1,2")]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directory_fails_at_the_claim(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    with pytest.raises(patchlab.PatchlabFileError, match="cannot write"):
+        OutputDir(ro / "out", "krs")
+
+
+@pytest.mark.parametrize("script", ["krs_sweep.py", "param_cosine.py", "wagle_density.py", "method_sweep.py",
+                                    "unlearn.py"])
+def test_every_script_refuses_a_foreign_directory_before_compute(tmp_path, script):
+    """Each CLI claims --out first: exit 2 with one error line, in seconds, and the user's file is untouched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years")
+    extra = ["--model", "nowhere", "--forget", "nowhere.jsonl", "--method", "ga"] if script == "unlearn.py" else []
+    proc = subprocess.run([sys.executable, str(ROOT / "analyses" / script), *extra, "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error:") and "did not write" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _listing(out) == [("thesis.tex", "years")]
+
+
+def test_atomic_write_json_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "r.json"
+    patchlab.io.atomic_write_json(path, {"a": 1})
+
+    class Boom:
+        pass
+
+    with pytest.raises(TypeError):
+        patchlab.io.atomic_write_json(path, {"a": Boom()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
