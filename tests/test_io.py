@@ -137,3 +137,19 @@ def test_atomic_write_json_leaves_no_partial_file(tmp_path):
         patchlab.io.atomic_write_json(path, {"a": Boom()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_weights_digest_sees_every_weight_and_nothing_else(tmp_path):
+    from patchlab.provenance import settings_key, weights_digest
+    from patchlab.tiny import tiny_model
+
+    a, b = tiny_model("llama", 50, seed=0), tiny_model("llama", 50, seed=0)
+    assert weights_digest(a) == weights_digest(b) == weights_digest(dict(a.state_dict()))
+    with __import__("torch").no_grad():
+        b.lm_head.weight[3, 5] += 1e-6
+    assert weights_digest(a) != weights_digest(b)
+    a.save_pretrained(tmp_path / "a")
+    assert weights_digest(tmp_path / "a") == weights_digest(tmp_path / "a")
+    with pytest.raises(patchlab.PatchlabValueError, match="no .safetensors"):
+        weights_digest(tmp_path)
+    assert settings_key({"x": 1}, "a") == settings_key({"x": 1}, "a") != settings_key({"x": 2}, "a")

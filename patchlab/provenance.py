@@ -1,0 +1,99 @@
+"""Provenance of results: which checkpoints (by name and by a content hash of their weights), which patchlab and
+library versions, which settings. Every result file records it, and resumable runs key on it, so an overwritten
+checkpoint is never mistaken for the one a stored result came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from transformers import PreTrainedModel
+
+from patchlab.errors import PatchlabValueError
+
+#: Bytes read per step when hashing tensors or files.
+_BLOCK = 1 << 24
+
+
+def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    """Feed ``name``, dtype, shape and the raw bytes of ``tensor`` (moved to the CPU block by block) to ``digest``."""
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    flat = tensor.detach().reshape(-1)
+    if flat.device.type == "meta":
+        raise PatchlabValueError(f"tensor {name} has no data (meta device); hash the checkpoint directory instead")
+    step = max(1, _BLOCK // max(1, flat.element_size()))
+    for start in range(0, flat.numel(), step):
+        chunk = flat[start:start + step].cpu().contiguous()
+        digest.update(chunk.view(torch.uint8).numpy().tobytes() if chunk.numel() else b"")
+
+
+def weights_digest(source: PreTrainedModel | Mapping[str, torch.Tensor] | str | os.PathLike) -> str:
+    """A content hash (xxh3-128, 32 hex digits) of a model's weights.
+
+    ``source``: an in-memory model (its ``state_dict``: names, dtypes, shapes and bytes, in sorted name order),
+    a ``{name: tensor}`` mapping, or a checkpoint directory (the bytes of its ``*.safetensors`` files, in sorted
+    order; they are not loaded). The same weights in the same dtype always give the same digest; any changed
+    weight gives another. A directory and the model loaded from it give different digests (different inputs).
+
+    Raises:
+        PatchlabValueError: a directory without safetensors files, or a source of another type.
+    """
+    digest = xxhash.xxh3_128()
+    if isinstance(source, (str, os.PathLike)):
+        files = sorted(Path(source).glob("*.safetensors"))
+        if not files:
+            raise PatchlabValueError(f"{source} holds no .safetensors file to hash")
+        for path in files:
+            digest.update(path.name.encode())
+            with open(path, "rb") as f:
+                while block := f.read(_BLOCK):
+                    digest.update(block)
+        return digest.hexdigest()
+    if isinstance(source, PreTrainedModel):
+        source = source.state_dict()
+    if not isinstance(source, Mapping):
+        raise PatchlabValueError(f"weights_digest takes a model, a state dict or a checkpoint directory, "
+                                 f"got {type(source).__name__}")
+    for name in sorted(source):
+        _hash_tensor(digest, name, source[name])
+    return digest.hexdigest()
+
+
+def describe_source(spec: Any) -> str:
+    """How a checkpoint was given: an absolute path for a local directory, the hub id as typed, or
+    ``"in-memory <Class> (<name_or_path>)"`` for a model object."""
+    if isinstance(spec, PreTrainedModel):
+        origin = getattr(spec.config, "name_or_path", "") or "unnamed"
+        return f"in-memory {type(spec).__name__} ({origin})"
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec).expanduser()
+        return str(path.resolve()) if path.exists() else str(spec)
+    raise PatchlabValueError(f"a checkpoint is a path, a hub id or a model, got {type(spec).__name__}")
+
+
+def checkpoint_record(spec: Any, model: PreTrainedModel | None = None) -> dict[str, Any]:
+    """``{"source": describe_source(spec), "weights": digest}`` for one checkpoint; the digest is taken from
+    ``model`` (the loaded weights) when given, else from ``spec`` itself."""
+    return {"source": describe_source(spec), "weights": weights_digest(model if model is not None else spec)}
+
+
+def environment() -> dict[str, str]:
+    """Versions of patchlab, Python, torch and transformers."""
+    import transformers
+
+    from patchlab import __version__
+    return {"patchlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def settings_key(*parts: Any) -> str:
+    """16 hex digits identifying ``parts`` (JSON-serialisable, e.g. settings and checkpoint records): resumable
+    runs compare it to decide whether stored output belongs to the same run."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return xxhash.xxh3_64_hexdigest(text.encode())
