@@ -14,7 +14,7 @@ import sys
 import patchlab
 from patchlab.cli import add_model_args, add_output_args, model_kwargs, run
 from patchlab.io import output_dir, read_questions
-from patchlab.patching.krs import DEFAULT_COMPONENTS
+from patchlab.patching.sweep import DEFAULT_COMPONENTS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

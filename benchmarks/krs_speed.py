@@ -18,7 +18,7 @@ import torch
 
 import patchlab
 from patchlab.cli import DTYPES, model_kwargs
-from patchlab.patching.krs import reference_answers
+from patchlab.patching.sweep import reference_answers
 from patchlab.tiny import tiny_model
 from transformers import PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers

@@ -4,11 +4,17 @@ Load a vanilla checkpoint and its unlearned copy as a pair, restore pieces of th
 inside the unlearned model, and measure how much of the forgotten knowledge comes back (KRS).
 """
 
-from patchlab.pair.arch import ArchSpec, arch_spec, register_architecture, supported_architectures
-from patchlab.errors import (DegenerateKRSError, MissingDependencyError, NonFiniteError, PairMismatchError,
-                             PatchlabError, PatchlabFileError, PatchlabValueError, UnsupportedArchitectureError)
-from patchlab.patching.interventions import ActivationCache, parse_component, run_with_cache
-from patchlab.patching.krs import KRSResult, krs_sweep
+from patchlab.errors import (DegenerateKRSError, DegenerateMetricError, MissingDependencyError, NonFiniteError,
+                             PairMismatchError, PatchlabError, PatchlabFileError, PatchlabValueError,
+                             UnsupportedArchitectureError)
+from patchlab.pair.arch import (ArchSpec, arch_spec, register_architecture, register_site, supported_architectures,
+                                unregister_site)
+from patchlab.pair.sites import Site, parse_component
+from patchlab.patching.loop import ActivationCache, run_with_cache
+from patchlab.patching.metrics import References, metrics, register_metric
+from patchlab.patching.result import KRSResult, PatchResult
+from patchlab.patching.sweep import krs_sweep, patch_sweep
+from patchlab.reports.results import load_result
 from patchlab.unlearning import UnlearnRun, load_mask, save_mask, unlearn
 from patchlab.pair import ModelPair, load_model, load_pair
 from patchlab.patching.windows import sliding_windows
@@ -19,9 +25,11 @@ from patchlab.unlearning import attribution, editing
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationCache", "ArchSpec", "DegenerateKRSError", "KRSResult", "MissingDependencyError", "ModelPair",
-    "NonFiniteError", "PairMismatchError", "PatchlabError", "PatchlabFileError", "PatchlabValueError", "UnlearnRun",
-    "UnsupportedArchitectureError", "arch_spec", "krs_sweep", "load_mask", "load_model", "load_pair",
-    "parse_component", "register_architecture", "run_with_cache", "save_mask", "sliding_windows",
-    "supported_architectures", "unlearn",
+    "ActivationCache", "ArchSpec", "DegenerateKRSError", "DegenerateMetricError", "KRSResult", "MissingDependencyError",
+    "ModelPair", "NonFiniteError", "PairMismatchError", "PatchResult", "PatchlabError", "PatchlabFileError",
+    "PatchlabValueError", "References", "Site", "UnlearnRun", "UnsupportedArchitectureError", "arch_spec",
+    "attribution", "behavior", "editing", "krs_sweep", "lens", "load_mask", "load_model", "load_pair", "load_result",
+    "metrics", "paramdiff", "parse_component", "patch_sweep", "register_architecture", "register_metric",
+    "register_site", "run_with_cache", "save_mask", "sliding_windows", "supported_architectures", "unlearn",
+    "unregister_site",
 ]

@@ -31,7 +31,11 @@ class NonFiniteError(PatchlabValueError):
     """A tensor that patchlab relies on contains NaN or infinite values."""
 
 
-class DegenerateKRSError(PatchlabValueError):
+class DegenerateMetricError(PatchlabValueError):
+    """A recovery metric's denominator is zero for some question (the models agree there): its score is undefined."""
+
+
+class DegenerateKRSError(DegenerateMetricError):
     """MSE(l_u, l_v) is zero: the unlearned model equals the vanilla one, KRS is undefined."""
 
 

@@ -10,9 +10,19 @@ import pytest
 import torch
 
 import patchlab
-from patchlab.patching.interventions import Restoration, batched_restore, position_mask, restore
-from patchlab.patching.krs import mse, prepare_question, reference_answers, scored_logits
+from patchlab.pair.sites import parse_component
+from patchlab.patching.engine import Row, run_rows
+from patchlab.patching.loop import restore
+from patchlab.patching.metrics import get_metric, mse
+from patchlab.patching.sweep import position_mask, prepare, reference_answers
 from tests.conftest import ATTN_OR_UP, DOWN, QUESTIONS, perturbed
+
+
+def prepared(pair, questions, n_tokens, sites=("coef", "attn", "heads", "mlp_out", "resid")):
+    """The sweep's store for ``questions`` (vanilla activations at ``sites``, references for KRS)."""
+    prompts, answers = reference_answers(pair, questions, n_tokens=n_tokens)
+    return prepare(pair, prompts, answers, sites=[pair.arch.site(s) for s in sites], metric=get_metric("krs"),
+                   labels=list(questions))
 
 FAMILIES = ["llama", "gpt2", "gpt_neox"]
 
@@ -51,12 +61,12 @@ def test_value_over_all_layers_recovers_down_projection_change(pairs, family):
 
 def test_empty_restoration_gives_zero(pairs, tok):
     pair = pairs["llama"]["attn_up"]
-    prompts, answers = reference_answers(pair, QUESTIONS[:1], n_tokens=5)
-    q = prepare_question(pair, prompts[0], answers[0])
-    everything = frozenset({"coef", "value", "attn"})
-    nowhere = Restoration(everything, (0, 0), position_mask("all", q.prompt_len, len(q.ids)))
-    no_position = Restoration(everything, (0, pair.n_layers), torch.zeros(len(q.ids), dtype=torch.bool))
-    krs = q.krs(batched_restore(pair, q.ids, q.cache, [nowhere, no_position]))
+    store = prepared(pair, QUESTIONS[:1], 5)
+    everything = parse_component("coef+value+attn", pair.arch.sites)
+    seq = len(store.ids[0])
+    nowhere = Row(0, everything, (0, 0), position_mask("all", store.prompt_lens[0], seq))
+    no_position = Row(0, everything, (0, pair.n_layers), torch.zeros(seq, dtype=torch.bool))
+    krs = run_rows(pair.unlearned_hf, store, [nowhere, no_position], get_metric("krs"))
     torch.testing.assert_close(krs, torch.zeros(2), atol=1e-6, rtol=0)
 
 
@@ -76,13 +86,13 @@ def test_batched_engine_equals_loop(pairs, family, positions):
 def test_last_prompt_restoration_makes_first_prediction_vanilla(pairs):
     """Restoring every site in every layer at the last prompt position reproduces the vanilla logit there."""
     pair = pairs["gpt2"]["attn_up"]
-    prompts, answers = reference_answers(pair, QUESTIONS[1:2], n_tokens=5)
-    q = prepare_question(pair, prompts[0], answers[0])
-    pos = position_mask("last_prompt", q.prompt_len, len(q.ids))
-    logits = batched_restore(pair, q.ids, q.cache, [Restoration(frozenset({"coef", "attn"}), (0, pair.n_layers), pos)])
-    restored = scored_logits(logits, q.answer_len)
-    torch.testing.assert_close(restored[0, 0], q.vanilla_logits[0, 0], atol=1e-5, rtol=0)
-    assert (restored[0, 1:] - q.vanilla_logits[0, 1:]).abs().max() > 1e-3
+    store = prepared(pair, QUESTIONS[1:2], 5)
+    pos = position_mask("last_prompt", store.prompt_lens[0], len(store.ids[0]))
+    logits = restore(pair, store.ids[0], "coef+attn", (0, pair.n_layers), pos)
+    restored = logits[0, store.scored_positions(0)]
+    vanilla = store.refs[0].vanilla
+    torch.testing.assert_close(restored[0], vanilla[0], atol=1e-5, rtol=0)
+    assert (restored[1:] - vanilla[1:]).abs().max() > 1e-3
 
 
 def test_sliding_windows_match_the_paper():
@@ -111,7 +121,7 @@ def test_result_roundtrip_frame_and_heatmap(pairs, tmp_path):
     assert "layers" in fig.data[0].text[0][0]
     assert not list(tmp_path.joinpath("sub").glob(".*tmp"))
     (tmp_path / "bad.json").write_text('{"krs": 1}')
-    with pytest.raises(patchlab.PatchlabValueError, match="not a patchlab KRS result"):
+    with pytest.raises(patchlab.PatchlabValueError, match="not a patchlab PatchResult"):
         patchlab.KRSResult.load(tmp_path / "bad.json")
     with pytest.raises(patchlab.PatchlabFileError):
         patchlab.KRSResult.load(tmp_path / "missing.json")
@@ -121,14 +131,14 @@ def test_pooled_krs_is_the_ratio_of_question_averaged_losses(pairs):
     """KRSResult.pooled() against MSEs computed directly from restored logits, one restoration at a time."""
     pair = pairs["gpt2"]["attn_up"]
     res = patchlab.krs_sweep(pair, QUESTIONS, components=["attn"], window=3, n_tokens=5, progress=False)
-    prompts, answers = reference_answers(pair, QUESTIONS, n_tokens=5)
+    store = prepared(pair, QUESTIONS, 5, sites=("attn",))
     mse_r, mse_u = np.zeros((len(QUESTIONS), len(res.windows))), []
-    for q, (p_ids, a_ids) in enumerate(zip(prompts, answers)):
-        prepared = prepare_question(pair, p_ids, a_ids)
-        mse_u.append(prepared.mse_unlearned)
+    for q in range(len(QUESTIONS)):
+        vanilla, unlearned = store.refs[q].vanilla, store.refs[q].unlearned
+        mse_u.append(float(((unlearned - vanilla) ** 2).mean()))
         for w, window in enumerate(res.windows):
-            logits = restore(pair, prepared.ids, "attn", window, torch.ones(len(prepared.ids), dtype=torch.bool))
-            mse_r[q, w] = float(mse(scored_logits(logits, len(a_ids)), prepared.vanilla_logits)[0])
+            logits = restore(pair, store.ids[q], "attn", window, torch.ones(len(store.ids[q]), dtype=torch.bool))
+            mse_r[q, w] = float(mse(logits[:, store.scored_positions(q)], vanilla)[0])
     expected = 1 - mse_r.mean(axis=0) / np.mean(mse_u)
     np.testing.assert_allclose(res.pooled()["attn"], expected, rtol=1e-4, atol=1e-5)
     # questions weigh by how far unlearning moved them, so the two aggregates differ unless all MSE(l_u, l_v) agree

@@ -14,10 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import patchlab
 from patchlab.patching import lens
-from patchlab.patching.interventions import SITES, restore
+from patchlab.patching.loop import restore
 from patchlab.tiny import tiny_model
 from tests.conftest import ATTN_OR_UP, CORPUS, DOWN, perturbed
 
+SITES = "coef+value+attn"
 FAMILIES = ["llama", "gpt2"]  # llama: grouped-query attention (4 heads, 2 KV heads), tied embeddings; gpt2: Conv1D
 ATOL = 1e-4
 WINDOW = (1, 3)  # of 4 layers
@@ -112,11 +113,14 @@ def test_tl_cache_names_match_patchlab_cache(pairs, bridges, ids, family):
         ours = patchlab.run_with_cache(pair, ids[None], which=which)
         close(logits, ours["logits"])
         for i in range(L):
-            close(tl[f"blocks.{i}.mlp.hook_post"], ours[f"blocks.{i}.mlp.hook_post"], atol=1e-5)
-            close(tl[f"blocks.{i}.hook_attn_out"], ours[f"blocks.{i}.hook_attn_out"], atol=1e-5)
-            close(tl[lens.TL_HOOKS["attn"].format(layer=i)], ours.attn(i), atol=1e-5)
-            resid = ours.resid_post(i)
-            close(tl[f"blocks.{i}.hook_resid_post"], resid[0] if isinstance(resid, tuple) else resid, atol=1e-5)
+            close(tl[f"blocks.{i}.mlp.hook_post"], ours.coef(i), atol=1e-5)
+            close(tl[f"blocks.{i}.hook_attn_out"], ours.attn(i), atol=1e-5)  # pre-norm family: the same tensor
+            close(tl[f"blocks.{i}.hook_resid_post"], ours.resid_post(i), atol=1e-5)
+            paths = lens.tl_paths(b)
+            for site in pair.arch.sites:  # every site's TransformerLens hook holds what patchlab caches
+                if site.cached is not None:
+                    tl_value = tl[lens.tl_hook_name(paths, site, i, site.cached)]
+                    close(tl_value.flatten(2), ours.site(site.name, i), atol=1e-5)
 
 
 def _mask(kind: str, seq: int) -> torch.Tensor:
@@ -127,7 +131,8 @@ def _mask(kind: str, seq: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("positions", ["all", "partial"])
-@pytest.mark.parametrize("sites", ["coef", "attn", "coef+attn", "value", "coef+value+attn"])
+@pytest.mark.parametrize("sites", ["coef", "attn", "coef+attn", "value", "coef+value+attn", "heads[1,2]", "mlp_out",
+                                   "resid"])
 def test_tl_hooks_equal_patchlab_restore(pairs, bridges, caches, ids, family, positions, sites):
     pair, bridge_u = pairs[family], bridges[family][1]
     tl_cache, our_cache, unlearned_logits = caches[family]
@@ -135,7 +140,7 @@ def test_tl_hooks_equal_patchlab_restore(pairs, bridges, caches, ids, family, po
     expected = restore(pair, ids, patchlab.parse_component(sites), WINDOW, mask)
     for cache in (tl_cache, our_cache):  # a TransformerLens cache or patchlab's, same restoration
         hooks = lens.restore_hooks(cache, sites, WINDOW, None if positions == "all" else mask,
-                                   vanilla_model=pair.vanilla_hf)
+                                   vanilla_model=pair.vanilla_hf, bridge=bridge_u)
         with torch.no_grad():
             got = bridge_u.run_with_hooks(ids[None], fwd_hooks=hooks)
         close(got, expected)
@@ -154,7 +159,8 @@ def test_full_restoration_gives_vanilla_logits(pairs, bridges, caches, ids, fami
     with torch.no_grad():
         everything = bridge_u.run_with_hooks(
             ids[None], fwd_hooks=lens.restore_hooks(tl_cache, SITES, (0, L), vanilla_model=pair.vanilla_hf))
-        no_value = bridge_u.run_with_hooks(ids[None], fwd_hooks=lens.restore_hooks(tl_cache, "coef+attn", (0, L)))
+        no_value = bridge_u.run_with_hooks(ids[None], fwd_hooks=lens.restore_hooks(
+            tl_cache, "coef+attn", (0, L), vanilla_model=pair.vanilla_hf))
         batch = bridge_u.run_with_hooks(torch.stack([ids, ids]),  # a batch-1 cache restores every row
                                         fwd_hooks=lens.restore_hooks(tl_cache, SITES, (0, L),
                                                                      vanilla_model=pair.vanilla_hf))
@@ -162,7 +168,7 @@ def test_full_restoration_gives_vanilla_logits(pairs, bridges, caches, ids, fami
     close(batch, our_cache["logits"].expand(2, -1, -1))
     # the pair differs in the down projections: without value the last layer's MLP output still differs
     assert (no_value - our_cache["logits"]).abs().max() > 1e-3
-    assert lens.restore_hooks(tl_cache, "coef+attn", (2, 2)) == []
+    assert lens.restore_hooks(tl_cache, "coef+attn", (2, 2), vanilla_model=pair.vanilla_hf) == []
 
 
 def test_bad_inputs(pairs, bridges, caches, ids, tok, vanilla_models, monkeypatch):
@@ -187,27 +193,30 @@ def test_bad_inputs(pairs, bridges, caches, ids, tok, vanilla_models, monkeypatc
 
     cases = [
         (dict(sites="mlp"), "unknown component"),
-        (dict(sites={"coef", "mlp"}), "unknown or no sites"),
-        (dict(sites=[]), "unknown or no sites"),
+        (dict(sites={"coef", "mlp"}), "unknown component"),
+        (dict(sites=[]), "empty"),
         (dict(layers=(0, L + 1)), "layer window"),
         (dict(layers=(3, 1)), "layer window"),
         (dict(layers=(-1, 2)), "layer window"),
         (dict(layers=[0, 2]), "layer window"),
         (dict(positions=torch.ones(len(ids) + 1, dtype=torch.bool)), "positions"),
         (dict(positions=torch.ones(len(ids))), "positions"),
-        (dict(sites="value"), "vanilla_model"),
+        (dict(vanilla_model=None), "vanilla_model"),
         (dict(sites="value", vanilla_model=vanilla_models["gpt_neox"]), "3 layers, the vanilla cache 4"),
-        (dict(vanilla_cache={f"blocks.{i}.attn.o.hook_out": tl_cache[f"blocks.{i}.attn.o.hook_out"] for i in (0, 1)}),
-         "no 'blocks.0.mlp.hook_post'"),  # e.g. a cache run with a names_filter
+        (dict(vanilla_cache=caches["llama"][1]), "bridge="),
+        (dict(sites="heads", bridge=None), "bridge=bridge_u"),
+        (dict(vanilla_cache={f"blocks.{i}.attn.o.hook_out": tl_cache[f"blocks.{i}.attn.o.hook_out"] for i in (0, 1)},
+              bridge=bridge_u),
+         "no 'blocks.0.mlp.out.hook_in'"),  # e.g. a cache run with a names_filter
         (dict(vanilla_cache=[1, 2]), "ActivationCache"),
-        (dict(vanilla_cache={"logits": torch.zeros(1, 2, 3)}), "no .blocks"),
+        (dict(vanilla_cache={"logits": torch.zeros(1, 2, 3)}), "no per-layer"),
     ]
     for overrides, match in cases:
-        kw = dict(vanilla_cache=tl_cache, sites="coef+attn", layers=(0, 2)) | overrides
+        kw = dict(vanilla_cache=tl_cache, sites="coef+attn", layers=(0, 2), vanilla_model=pair.vanilla_hf) | overrides
         with pytest.raises(patchlab.PatchlabValueError, match=match):
             lens.restore_hooks(**kw)
     # ids of another length than the cached ones are refused when the hooks run
-    hooks = lens.restore_hooks(tl_cache, "coef", WINDOW)
+    hooks = lens.restore_hooks(tl_cache, "coef", WINDOW, vanilla_model=pair.vanilla_hf)
     with pytest.raises(patchlab.PatchlabValueError, match="does not match the vanilla one"):
         with torch.no_grad():
             bridge_u.run_with_hooks(ids[None, :-1], fwd_hooks=hooks)
@@ -235,5 +244,6 @@ def test_attn_site_is_the_output_projection_in_post_norm_families(tok, ids):
         ours = patchlab.run_with_cache(pair, ids[None])
         assert (tl_cache["blocks.1.hook_attn_out"] - ours.attn(1)).abs().max() > 1e-2
         mask = _mask("partial", len(ids))
-        got = bridge_u.run_with_hooks(ids[None], fwd_hooks=lens.restore_hooks(tl_cache, "attn", (0, 2), mask))
+        got = bridge_u.run_with_hooks(ids[None], fwd_hooks=lens.restore_hooks(tl_cache, "attn", (0, 2), mask,
+                                                                              vanilla_model=pair.vanilla_hf))
     close(got, restore(pair, ids, {"attn"}, (0, 2), mask))

@@ -98,6 +98,9 @@ def test_registry_names_the_sites_of_every_family(tok):
         assert spec.value_weight(model, 1).shape[0] == d_model, family
         assert spec.value_weight(model, 1).shape[1] == spec.down_proj(model, 1).weight.numel() // d_model
         assert down is spec.down_proj(model, 1)
+        assert spec.site_names == ("coef", "value", "attn", "heads", "mlp_out", "resid"), family
+        assert spec.site_module(model, "resid", 1) is layer and spec.site_module(model, "coef", 1) is down
+        assert spec.norm(model) is not None and spec.norm(model) in list(model.modules())
 
 
 def test_unknown_architecture_error_explains_registration(vanilla_models):

@@ -6,21 +6,26 @@ Needs ``pip install 'transformer-lens>=4.3,<5'`` (imported lazily, on first use:
 * :func:`bridge` / :func:`bridge_pair`: a ``TransformerBridge`` over a *deep copy* of a Hugging Face causal LM
   (wrapping a model makes TransformerLens replace its submodules, rename its state-dict keys and switch it to
   eager attention, so the model patchlab traces is never handed over).
-* :func:`restore_hooks`: ``fwd_hooks`` that restore the vanilla ``coef`` / ``attn`` (and ``value``) sites of a
-  layer window inside the unlearned bridge, the same restorations as :func:`patchlab.patching.interventions.restore`::
+* :func:`restore_hooks`: ``fwd_hooks`` that restore any component of vanilla sites over a layer window inside the
+  unlearned bridge, the same restorations as :func:`patchlab.patching.loop.restore`::
 
-      bridge_v, bridge_u = patchlab.patching.lens.bridge_pair(pair)
+      bridge_v, bridge_u = patchlab.lens.bridge_pair(pair)
       _, cache_v = bridge_v.run_with_cache(ids)
-      logits = bridge_u.run_with_hooks(ids, fwd_hooks=patchlab.patching.lens.restore_hooks(cache_v, "coef+attn", (0, L)))
+      hooks = patchlab.lens.restore_hooks(cache_v, "coef+attn", (0, L), vanilla_model=pair.vanilla_hf)
+      logits = bridge_u.run_with_hooks(ids, fwd_hooks=hooks)
 
-Sites as TransformerLens hook names (:data:`TL_HOOKS`; they hold in every family patchlab registers, including
-the post-norm OLMo-2/3 and Gemma-2/3 where TransformerLens's ``blocks.{i}.hook_attn_out`` is the *normalized*
-attention output, after ``post_attention_layernorm``):
+Sites as TransformerLens hook names: each site of the family's site table (:mod:`patchlab.pair.sites`) is the
+``hook_in`` or ``hook_out`` of the bridge component that wraps the site's module, found through the bridge's own
+component mapping (:func:`tl_paths`); they hold in every family patchlab registers, including the post-norm
+OLMo-2/3 and Gemma-2/3 where TransformerLens's ``blocks.{i}.hook_attn_out`` is the *normalized* attention output,
+after ``post_attention_layernorm``. For LLaMA:
 
-* ``coef``  - ``blocks.{i}.mlp.hook_post``, the input of the MLP down projection ``[batch, seq, d_mlp]``;
+* ``coef``  - ``blocks.{i}.mlp.out.hook_in``, the input of the MLP down projection ``[batch, seq, d_mlp]``
+  (the same tensor as TransformerLens's ``blocks.{i}.mlp.hook_post``);
 * ``attn``  - ``blocks.{i}.attn.o.hook_out``, the output of the attention output projection ``[batch, seq, d_model]``;
 * ``value`` - ``blocks.{i}.mlp.out.hook_out``, the output of the down projection, recomputed with the vanilla
-  weight and bias on the (possibly restored) coefficients.
+  weight and bias on the (possibly restored) coefficients; ``heads`` likewise on ``attn.o``;
+* ``mlp_out`` - ``blocks.{i}.mlp.hook_out``; ``resid`` - ``blocks.{i}.hook_out``.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ import torch
 from jaxtyping import Bool, Float
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.pair.arch import ArchSpec, arch_spec
 from patchlab.errors import MissingDependencyError, PatchlabValueError, UnsupportedArchitectureError
-from patchlab.patching.interventions import ActivationCache, parse_component, value_output
+from patchlab.pair.arch import arch_spec, n_heads
+from patchlab.pair.sites import Site, parse_component
+from patchlab.patching.engine import apply_module, head_delta, module_params
+from patchlab.patching.loop import ActivationCache, site_order
 from patchlab.pair import ModelPair
 from patchlab.patching.windows import Window
 
@@ -45,20 +52,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only; transformer_lens is importe
 
 INSTALL_HINT = "pip install 'transformer-lens>=4.3,<5'"
 
-#: TransformerLens hook name of each site, formatted with ``layer``.
-TL_HOOKS: dict[str, str] = {
-    "coef": "blocks.{layer}.mlp.hook_post",
-    "attn": "blocks.{layer}.attn.o.hook_out",
-    "value": "blocks.{layer}.mlp.out.hook_out",
-}
-
-#: Keys of the same sites in :class:`patchlab.ActivationCache` (``patchlab.run_with_cache``).
-_PATCHLAB_KEYS: dict[str, str] = {
-    "coef": "blocks.{layer}.mlp.hook_post",
-    "attn": "blocks.{layer}.hook_attn_out",
-}
-
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+#: A cached activation's layer: TransformerLens's ``blocks.{i}.…`` or patchlab's ``{site}@{i}``.
+_LAYER_KEY = re.compile(r"^blocks\.(\d+)\.|@(\d+)$")
 
 Hook = tuple[str, Callable[..., torch.Tensor]]
 
@@ -175,14 +170,43 @@ def bridge_pair(pair: ModelPair, *, share_weights: bool = False) -> tuple[Transf
             bridge(pair.unlearned_hf, tokenizer=pair.tokenizer, share_weights=share_weights))
 
 
+def tl_paths(bridge: Any) -> dict[str, str]:
+    """Module paths inside a decoder layer (Hugging Face names, ``"self_attn.o_proj"``) -> bridge component paths
+    inside a block (``"attn.o"``), from the bridge's architecture adapter; ``""`` (the layer) -> ``""``."""
+    adapter = getattr(bridge, "adapter", None)
+    blocks = getattr(adapter, "component_mapping", {}).get("blocks") if adapter is not None else None
+    if blocks is None:
+        raise PatchlabValueError(f"{type(bridge).__name__} is not a TransformerBridge with a block mapping")
+
+    def walk(component: Any, tl_prefix: str, hf_prefix: str) -> dict[str, str]:
+        out = {}
+        for tl_name, sub in (getattr(component, "submodules", None) or {}).items():
+            if sub.name:
+                hf, tl = f"{hf_prefix}{sub.name}", f"{tl_prefix}{tl_name}"
+                out[hf] = tl
+                out.update(walk(sub, tl + ".", hf + "."))
+        return out
+    return {"": "", **walk(blocks, "", "")}
+
+
+def tl_hook_name(paths: Mapping[str, str], site: Site, layer: int, point: str) -> str:
+    """The TransformerLens hook name of ``site``'s ``point`` (``"input"`` / ``"output"``) in ``layer``."""
+    if site.module not in paths:
+        raise UnsupportedArchitectureError(
+            f"TransformerLens's bridge has no component for {site.module!r} (site {site.name!r}); it bridges "
+            f"{', '.join(sorted(p for p in paths if p))}")
+    component = paths[site.module]
+    return f"blocks.{layer}{'.' + component if component else ''}.{'hook_in' if point == 'input' else 'hook_out'}"
+
+
 def _cache_layers(cache: Any) -> int:
     """Layer count of a cache: the TransformerLens model's ``cfg.n_layers``, else 1 + the largest block index."""
     n_layers = getattr(getattr(getattr(cache, "model", None), "cfg", None), "n_layers", None)
     if isinstance(n_layers, int):
         return n_layers
-    indices = [int(m.group(1)) for k in cache.keys() if isinstance(k, str) and (m := _BLOCK.match(k))]
+    indices = [int(m.group(1) or m.group(2)) for k in cache.keys() if isinstance(k, str) and (m := _LAYER_KEY.search(k))]
     if not indices:
-        raise PatchlabValueError("the vanilla cache holds no 'blocks.{i}.*' activations")
+        raise PatchlabValueError("the vanilla cache holds no per-layer activations ('blocks.{i}.*' or '{site}@{i}')")
     return max(indices) + 1
 
 
@@ -197,13 +221,15 @@ def _check_window(layers: Window, n_layers: int) -> Window:
 
 
 def _cached(cache: Any, key: str) -> Float[torch.Tensor, "batch seq d"]:
-    """``cache[key]`` as a ``[batch, seq, d]`` tensor (a batch-less ``[seq, d]`` entry gets batch 1)."""
+    """``cache[key]`` as a ``[batch, seq, d]`` tensor (a batch-less ``[seq, d]`` entry gets batch 1; TransformerLens's
+    per-head ``[batch, seq, head, d_head]`` entries are flattened to ``[batch, seq, head * d_head]``)."""
     if key not in cache.keys():
         raise PatchlabValueError(
             f"the vanilla cache has no {key!r}: cache every site (no names_filter that drops it)")
     value = cache[key]
-    if not isinstance(value, torch.Tensor) or value.ndim not in (2, 3):
+    if not isinstance(value, torch.Tensor) or value.ndim not in (2, 3, 4):
         raise PatchlabValueError(f"vanilla cache entry {key!r} must be a [batch, seq, d] tensor")
+    value = value.flatten(2) if value.ndim == 4 else value
     return (value[None] if value.ndim == 2 else value).detach()
 
 
@@ -217,12 +243,15 @@ def _check_positions(positions: Bool[torch.Tensor, "seq"] | None, seq: int) -> B
 
 
 def _restore(act: torch.Tensor, new: torch.Tensor, mask: Bool[torch.Tensor, "seq"], name: str) -> torch.Tensor:
-    """``act`` with ``new`` written at the ``mask`` positions; ``new`` has batch 1 or ``act``'s batch."""
-    if act.shape[-2:] != new.shape[-2:] or new.shape[0] not in (1, act.shape[0]):
+    """``act`` with ``new`` written at the ``mask`` positions; ``new`` has batch 1 or ``act``'s batch. A per-head
+    ``[batch, seq, head, d_head]`` activation is compared and written as ``[batch, seq, head * d_head]``."""
+    flat = act.flatten(2) if act.ndim == 4 else act
+    if flat.shape[-2:] != new.shape[-2:] or new.shape[0] not in (1, flat.shape[0]):
         raise PatchlabValueError(
-            f"{name}: activation {tuple(act.shape)} does not match the vanilla one {tuple(new.shape)}: run the "
+            f"{name}: activation {tuple(flat.shape)} does not match the vanilla one {tuple(new.shape)}: run the "
             "restored model on the ids the vanilla cache was computed on")
-    return torch.where(mask.to(act.device)[:, None], new.to(device=act.device, dtype=act.dtype), act)
+    out = torch.where(mask.to(act.device)[:, None], new.to(device=act.device, dtype=act.dtype), flat)
+    return out.view(act.shape)
 
 
 def _overwrite_hook(vanilla: torch.Tensor | None, mask: torch.Tensor, stash: dict[str, torch.Tensor] | None = None
@@ -236,73 +265,139 @@ def _overwrite_hook(vanilla: torch.Tensor | None, mask: torch.Tensor, stash: dic
     return hook
 
 
-def _value_hook(spec: ArchSpec, model: PreTrainedModel, layer: int, mask: torch.Tensor,
-                stash: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Hook on ``mlp.out.hook_out``: the down projection of the stashed input with the vanilla weight and bias."""
-    def hook(act: Float[torch.Tensor, "batch seq d_model"], hook: Any) -> Float[torch.Tensor, "batch seq d_model"]:
-        return _restore(act, value_output(spec, model, layer, stash.pop("x")), mask, hook.name)
+def _recompute_hook(site: Site, module: torch.nn.Module, params: dict[str, torch.Tensor], mask: torch.Tensor,
+                    stash: dict[str, torch.Tensor], z_vanilla: torch.Tensor | None, heads: torch.Tensor | None,
+                    target_params: dict[str, torch.Tensor] | None) -> Callable[..., torch.Tensor]:
+    """Hook on a site module's ``hook_out``: its output recomputed with the vanilla parameters on the stashed input
+    (``recompute``), or changed by :func:`patchlab.patching.engine.head_delta` (``per_head``)."""
+    def hook(act: Float[torch.Tensor, "batch seq d"], hook: Any) -> Float[torch.Tensor, "batch seq d"]:
+        x = stash.pop("x").flatten(2)  # TransformerLens hands the output projection [batch, seq, head, d_head]
+        device_params = {k: v.to(act.device) for k, v in params.items()}
+        if site.restore == "recompute":
+            return _restore(act, apply_module(module, device_params, x), mask, hook.name)
+        rows, seq = x.shape[:2]
+        flat_heads = heads.to(act.device).expand(rows * seq, -1)
+        rest = 1.0 - flat_heads.float().mean(-1, keepdim=True)
+        delta = head_delta(module, device_params, {k: v.to(act.device) for k, v in target_params.items()},
+                           x.reshape(rows * seq, -1),
+                           z_vanilla.to(act.device).expand(rows, -1, -1).reshape(rows * seq, -1), flat_heads, rest)
+        return _restore(act, act + delta.view(act.shape).to(act.dtype), mask, hook.name)
     return hook
 
 
 def restore_hooks(vanilla_cache: Any, sites: str | Iterable[str], layers: Window,
-                  positions: Bool[torch.Tensor, "seq"] | None = None, *,
-                  vanilla_model: PreTrainedModel | None = None) -> list[Hook]:
+                  positions: Bool[torch.Tensor, "seq"] | None = None, *, vanilla_model: PreTrainedModel,
+                  bridge: Any = None) -> list[Hook]:
     """TransformerLens ``fwd_hooks`` restoring vanilla ``sites`` in ``layers`` at ``positions``.
 
-    The same restoration as :func:`patchlab.patching.interventions.restore` (to float rounding), for
-    ``bridge_u.run_with_hooks(ids, fwd_hooks=...)`` or ``with bridge_u.hooks(fwd_hooks=...)``:
-
-    * ``coef``: ``blocks.{i}.mlp.hook_post`` is overwritten with the vanilla activation;
-    * ``attn``: ``blocks.{i}.attn.o.hook_out`` is overwritten with the vanilla activation;
-    * ``value``: ``blocks.{i}.mlp.out.hook_out`` is replaced by the down projection of the (possibly restored)
-      coefficients with ``vanilla_model``'s weight and bias (a weight swap, computed, not copied).
+    The same restoration as :func:`patchlab.patching.loop.restore` (to float rounding), for
+    ``bridge_u.run_with_hooks(ids, fwd_hooks=...)`` or ``with bridge_u.hooks(fwd_hooks=...)``, for every site of the
+    family's table (a site registered with :func:`patchlab.register_site` included): ``overwrite`` sites replace
+    their hook point's activation with the vanilla one; ``recompute`` and ``per_head`` sites replace the output of
+    their component with one computed from ``vanilla_model``'s parameters on the (possibly restored) input.
 
     Args:
         vanilla_cache: the vanilla model's activations on the same ids: a TransformerLens ``ActivationCache``
             (``bridge_v.run_with_cache(ids)``) or a :class:`patchlab.ActivationCache`
             (``patchlab.run_with_cache(pair, ids)``). Entries ``[batch, seq, d]`` with batch 1 (applied to every
             row) or the restored run's batch.
-        sites: a component (``"coef+attn"``) or an iterable of sites from ``coef``, ``value``, ``attn``.
+        sites: a component (``"coef+attn"``, ``"heads[0,2]"``) or an iterable of site names.
         layers: half-open layer window ``(start, stop)``; ``(0, 0)`` restores nothing.
-        positions: ``[seq]`` bool mask of the restored positions (e.g. :func:`patchlab.patching.interventions.position_mask`);
+        positions: ``[seq]`` bool mask of the restored positions (e.g. :func:`patchlab.patching.sweep.position_mask`);
             ``None``: every position.
-        vanilla_model: the vanilla Hugging Face model (``pair.vanilla_hf``), required for ``value``.
+        vanilla_model: the vanilla Hugging Face model (``pair.vanilla_hf``): its family's site table, and its
+            parameters for ``recompute`` / ``per_head`` sites.
+        bridge: the bridge the hooks run on (``bridge_u``): its component mapping names the hooks and its weights
+            are the unlearned ones a per-head restoration removes. Default: the cache's own model (a
+            TransformerLens cache knows its bridge), which is enough for every site but ``per_head`` ones.
 
     Returns:
         ``[(hook_name, fn), ...]``, in the order they must be registered. The hooks hold references to the cache.
 
     Raises:
         PatchlabValueError: unknown site, window outside the model, positions of the wrong shape or dtype, a cache
-            without the needed entries, ``value`` without ``vanilla_model``, or (when run) ids of another length.
-        UnsupportedArchitectureError: ``vanilla_model``'s family is not registered.
+            without the needed entries, a missing ``vanilla_model`` / ``bridge``, or (when run) ids of another
+            length.
+        UnsupportedArchitectureError: ``vanilla_model``'s family is not registered, or the bridge does not wrap
+            some site's module.
     """
     if not (hasattr(vanilla_cache, "keys") and hasattr(vanilla_cache, "__getitem__")):
         raise PatchlabValueError("vanilla_cache must be an ActivationCache (TransformerLens or patchlab), "
                                  f"got {type(vanilla_cache).__name__}")
-    chosen = parse_component(sites)
-    n_layers = _cache_layers(vanilla_cache)
+    if not isinstance(vanilla_model, PreTrainedModel):
+        raise PatchlabValueError("restore_hooks needs vanilla_model=pair.vanilla_hf (its site table and weights)")
+    spec = arch_spec(vanilla_model)
+    component = parse_component(sites, spec.sites)
+    chosen = [spec.site(s) for s in sorted(component.sites)]
+    n_layers = len(spec.layer_modules(vanilla_model))
+    cached_layers = _cache_layers(vanilla_cache)
+    if getattr(vanilla_cache, "model", None) is not None and cached_layers != n_layers:
+        raise PatchlabValueError(f"vanilla_model has {n_layers} layers, the vanilla cache {cached_layers}")
     start, stop = _check_window(layers, n_layers)
-    spec = None
-    if "value" in chosen:
-        if not isinstance(vanilla_model, PreTrainedModel):
-            raise PatchlabValueError(
-                "restoring 'value' needs vanilla_model=pair.vanilla_hf (the vanilla down projection weights)")
-        spec = arch_spec(vanilla_model)
-        if len(spec.layer_modules(vanilla_model)) != n_layers:
-            raise PatchlabValueError(f"vanilla_model has {len(spec.layer_modules(vanilla_model))} layers, "
-                                     f"the vanilla cache {n_layers}")
-    keys = _PATCHLAB_KEYS if isinstance(vanilla_cache, ActivationCache) else TL_HOOKS
-    probe = keys["attn" if "attn" in chosen else "coef"].format(layer=min(start, n_layers - 1))
-    mask = _check_positions(positions, _cached(vanilla_cache, probe).shape[1])
+    source = bridge if bridge is not None else getattr(vanilla_cache, "model", None)
+    if source is None:
+        raise PatchlabValueError("the cache carries no bridge (a patchlab cache, or a plain dict): pass bridge=bridge_u "
+                                 "(for its component names)")
+    paths = tl_paths(source)
+    ours = isinstance(vanilla_cache, ActivationCache)
+
+    def cached(site: Site, layer: int) -> torch.Tensor:
+        key = f"{site.name}@{layer}" if ours else tl_hook_name(paths, site, layer, site.cached)
+        return _cached(vanilla_cache, key)
+
+    probe = next((s for s in chosen if s.cached is not None), None)
+    seq = cached(probe, min(start, n_layers - 1)).shape[1] if probe is not None else None
+    if seq is None:  # only weight sites: read the length from any cached activation
+        seq = _cached(vanilla_cache, next(k for k in vanilla_cache.keys() if isinstance(k, str)
+                                          and _LAYER_KEY.search(k))).shape[1]
+    mask = _check_positions(positions, seq)
+    heads = None
+    if any(s.restore == "per_head" for s in chosen):
+        heads = torch.zeros(1, n_heads(vanilla_model), dtype=torch.bool)
+        heads[0, sorted(component.heads) if component.heads is not None else slice(None)] = True
+    order = {event: k for k, event in enumerate(site_order(vanilla_model, spec))}
     hooks: list[Hook] = []
     for i in range(start, stop):
-        if "attn" in chosen:
-            hooks.append((TL_HOOKS["attn"].format(layer=i),
-                          _overwrite_hook(_cached(vanilla_cache, keys["attn"].format(layer=i)), mask)))
-        coef = _cached(vanilla_cache, keys["coef"].format(layer=i)) if "coef" in chosen else None
-        stash: dict[str, torch.Tensor] | None = {} if spec is not None else None
-        if coef is not None or stash is not None:
-            hooks.append((TL_HOOKS["coef"].format(layer=i), _overwrite_hook(coef, mask, stash)))
-        if stash is not None:
-            hooks.append((TL_HOOKS["value"].format(layer=i), _value_hook(spec, vanilla_model, i, mask, stash)))
-    return hooks
+        events = []  # (execution order, overwrites before stashes, hook name, fn)
+        for site in chosen:
+            if site.restore == "overwrite":
+                fn = _overwrite_hook(cached(site, i), mask)
+                events.append((order[(site.module, site.cached)], 0, tl_hook_name(paths, site, i, site.cached), fn))
+                continue
+            stash: dict[str, torch.Tensor] = {}
+            module = spec.site_module(vanilla_model, site, i)
+            params = module_params(module)
+            z = cached(site, i) if site.restore == "per_head" else None
+            target = _component_params(bridge, paths, site, i) if site.restore == "per_head" else None
+            events.append((order[(site.module, "input")], 1, tl_hook_name(paths, site, i, "input"),
+                           _overwrite_hook(None, mask, stash)))
+            events.append((order[(site.module, "output")], 1, tl_hook_name(paths, site, i, "output"),
+                           _recompute_hook(site, module, params, mask, stash, z, heads, target)))
+        hooks += [(name, fn) for _, _, name, fn in sorted(events, key=lambda e: e[:2])]
+    return _merged(hooks)
+
+
+def _component_params(bridge: Any, paths: Mapping[str, str], site: Site, layer: int) -> dict[str, torch.Tensor]:
+    """The restored bridge's own parameters of ``site``'s module in ``layer`` (a per-head restoration removes the
+    unlearned heads' contribution, so it needs the unlearned weights)."""
+    if bridge is None:
+        raise PatchlabValueError(f"restoring {site.name!r} needs bridge=bridge_u, the bridge the hooks run on "
+                                 "(its weights remove the unlearned heads' contribution)")
+    component = bridge.blocks[layer].get_submodule(paths[site.module])
+    return module_params(getattr(component, "original_component", component))
+
+
+def _merged(hooks: list[Hook]) -> list[Hook]:
+    """One hook per name: a component's input hook that both overwrites (``coef``) and stashes (``value``) runs the
+    overwrite first, then stashes its result."""
+    out: dict[str, list[Callable[..., torch.Tensor]]] = {}
+    for name, fn in hooks:
+        out.setdefault(name, []).append(fn)
+
+    def chain(fns: list[Callable[..., torch.Tensor]]) -> Callable[..., torch.Tensor]:
+        def run(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            for fn in fns:
+                act = fn(act, hook)
+            return act
+        return run
+    return [(name, fns[0] if len(fns) == 1 else chain(fns)) for name, fns in out.items()]

@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from torch import nn
 from tqdm.auto import tqdm
@@ -35,6 +35,7 @@ from transformers.pytorch_utils import Conv1D
 from patchlab.pair.arch import arch_spec
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.io import OutputDir, output_dir, write_csv, write_html
+from patchlab.pair.sites import hooks
 from patchlab.pair.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
@@ -123,26 +124,24 @@ def _input_norms(model: PreTrainedModel, examples: list[Example], *, batch_size:
     sums: dict[str, torch.Tensor] = {}
     current: dict[str, torch.Tensor] = {}
 
-    def hook(name: str) -> Callable:
-        def accumulate(module: nn.Module, inputs: tuple) -> None:
-            x = inputs[0].detach().double() * current["keep"][..., None]
+    def accumulate(name: str) -> Callable:
+        def read(x: torch.Tensor) -> None:
+            x = x.detach().double() * current["keep"][..., None]
             sums[name] = sums.get(name, 0) + x.pow(2).flatten(0, -2).sum(0)
-        return accumulate
+        return read
 
-    handles = [m.register_forward_pre_hook(hook(names[id(m.weight)]))
-               for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m.weight) in names]
+    reads = [(m, "input", accumulate(names[id(m.weight)]))
+             for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m.weight) in names]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), hooks(reads):
             for batch in tqdm(batches(examples, batch_size, pad_id=pad_id), total=math.ceil(len(examples) / batch_size),
                               desc="wanda calibration", disable=not progress):
                 current["keep"] = batch["attention_mask"].to(device, torch.float64)
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     return {name: s.sqrt().float() for name, s in sums.items()}
 

@@ -31,8 +31,8 @@ of the target answers (tests/test_editing.py records the measured fractions).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +43,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.pair.arch import ArchSpec, arch_spec
-from patchlab.errors import NonFiniteError, PatchlabValueError, UnsupportedArchitectureError
+from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts
+from patchlab.pair.sites import hook, hooks, recording
 from patchlab.unlearning.data import Example, collate, padding_id
 
 #: Attribute names of the final normalisation on ``model.base_model`` (LLaMA-likes, GPT-2, GPT-NeoX).
-_FINAL_NORMS = ("norm", "ln_f", "final_layer_norm")
 
 
 @dataclass(frozen=True)
@@ -150,17 +150,18 @@ def key_covariance(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     mask_now: list[torch.Tensor] = []
 
     def accumulate(layer: int) -> Callable:
-        def hook(_module: nn.Module, args: tuple) -> None:
-            keys = args[0][mask_now[0]].double()
+        def read(coef: torch.Tensor) -> None:
+            keys = coef[mask_now[0]].double()
             sums[layer] = sums.get(layer, 0) + keys.T @ keys
             if layer == layers[-1]:
                 raise _StopForward
-        return hook
+        return read
 
-    handles = [spec.down_proj(model, l).register_forward_pre_hook(accumulate(l)) for l in layers]
+    coef = spec.site("coef")
+    reads = [(spec.site_module(model, coef, l), coef.cached, accumulate(l)) for l in layers]
     device = next(model.parameters()).device
     count = 0
-    try:
+    with hooks(reads):
         for i in tqdm(range(0, len(encoded), batch_size), desc="key covariance", disable=not progress, leave=False):
             batch = collate(encoded[i:i + batch_size], pad)
             mask = batch["attention_mask"]
@@ -170,9 +171,6 @@ def key_covariance(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
             except _StopForward:
                 pass
             count += int(mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
     return {l: sums[l] / count for l in layers}
 
 
@@ -181,43 +179,13 @@ def _regularised(matrix: Float[torch.Tensor, "mlp mlp"], ridge: float = 1e-6) ->
     return matrix + ridge * matrix.diagonal().mean() * torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device)
 
 
-@contextmanager
-def _add_at(module: nn.Module, position: int, delta: torch.Tensor) -> Iterator[None]:
+def _add_at(module: nn.Module, position: int, delta: torch.Tensor) -> contextlib.AbstractContextManager:
     """While active, add ``delta`` ``[d_model]`` to ``module``'s output hidden states at ``position``."""
-    def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
+    def add(hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.clone()
         hidden[:, position] += delta.to(hidden.dtype)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def _capture(modules: Sequence[nn.Module], *, inputs: bool) -> Iterator[list[torch.Tensor]]:
-    """Record the first input (``inputs=True``) or the hidden-state output of each module, in order."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_module: nn.Module, args: tuple, output: Any = None) -> None:
-        value = args[0] if inputs else (output[0] if isinstance(output, tuple) else output)
-        seen.append(value)
-    handles = [m.register_forward_pre_hook(hook) if inputs else m.register_forward_hook(hook) for m in modules]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def final_norm(model: PreTrainedModel) -> nn.Module:
-    """The normalisation applied before the unembedding (``model.norm``, ``ln_f`` or ``final_layer_norm``)."""
-    for name in _FINAL_NORMS:
-        if isinstance(getattr(model.base_model, name, None), nn.Module):
-            return getattr(model.base_model, name)
-    raise UnsupportedArchitectureError(f"no final norm named any of {_FINAL_NORMS} on {type(model.base_model).__name__}")
+        return hidden
+    return hook(module, "output", add)
 
 
 # An objective runs the model on one prompt (with the edit's delta hook active) and returns the loss to minimise.
@@ -246,10 +214,10 @@ def entropy_objective(model: PreTrainedModel, from_layer: int) -> Objective:
     if not 0 <= from_layer < len(layers):
         raise PatchlabValueError(f"from_layer must be a layer index in 0..{len(layers) - 1}, got {from_layer}")
     lens_layers = layers[from_layer:-1]
-    norm, unembed = final_norm(model), model.get_output_embeddings()
+    norm, unembed = arch_spec(model).norm(model), model.get_output_embeddings()
 
     def loss(model: PreTrainedModel, prompt_ids: Int[torch.Tensor, "seq"]) -> Float[torch.Tensor, ""]:
-        with _capture(lens_layers, inputs=False) as hidden:
+        with recording(lens_layers, "output") as hidden:
             logits = model(input_ids=prompt_ids[None]).logits[0, -1:].float()
         lens = [unembed(norm(h[0, -1:])).float() for h in hidden]
         logp = torch.log_softmax(torch.cat([*lens, logits]), dim=-1)
@@ -262,7 +230,7 @@ def _target_delta(model: PreTrainedModel, spec: ArchSpec, layer: int, prompt_ids
                   ) -> tuple[Float[torch.Tensor, "d_model"], float]:
     """MEMIT's ``compute_z``: the change of ``layer``'s output at ``position`` that minimises ``objective``."""
     module = spec.layer_modules(model)[layer]
-    with torch.no_grad(), _capture([module], inputs=False) as out:
+    with torch.no_grad(), recording([module], "output") as out:
         model(input_ids=prompt_ids[None])
     h = out[0][0, position].detach().float()
     delta = torch.zeros_like(h, requires_grad=True)
@@ -290,7 +258,9 @@ def _states(model: PreTrainedModel, spec: ArchSpec, layer: int, last: int, promp
     layers = spec.layer_modules(model)
     keys, outs = [], []
     for ids, pos in zip(prompts, positions):
-        with _capture([spec.down_proj(model, layer)], inputs=True) as k, _capture([layers[last]], inputs=False) as h:
+        coef = spec.site("coef")
+        with recording([spec.site_module(model, coef, layer)], coef.cached) as k, \
+                recording([layers[last]], "output") as h:
             model(input_ids=ids[None])
         keys.append(k[0][0, pos])
         outs.append(h[0][0, pos])

@@ -1,0 +1,476 @@
+"""The batched restoration engine: many restorations, of many questions, as rows of few forward passes.
+
+Inputs are prepared once per sweep (:class:`PatchStore`): each question's token ids, the *source* model's
+activations at the restored sites (the vanilla model in a KRS sweep) and the *target* model's own residual stream
+(the unlearned model), both packed per layer as ``[Σ_q seq_q, d]`` on the device of the layer that uses them, and
+the metric's references. A *row* is one restoration of one question (:class:`Row`). Rows are sorted by their
+first restored layer and their length and cut into batches, across questions, so every forward pass starts at the
+lowest first layer of its rows: the layers below are not run, their output is the target's cached residual stream
+(exact, since nothing differs there). Sequences of a batch are right-padded; with causal attention padding never
+reaches a real position, so no attention mask is needed.
+
+Inside the forward pass nothing waits on the host: the row and position indices of every (layer, site) are built
+on the host before the pass and moved to the device once, and restorations write only the restored rows and
+positions (``index_copy`` / ``index_add``), never ``torch.where`` over whole tensors. The LM head runs only on the
+positions that predict the answer tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from patchlab.errors import NonFiniteError, PatchlabValueError
+from patchlab.pair.arch import ArchSpec, n_heads
+from patchlab.pair.sites import Component, Site, hook, hooks
+from patchlab.patching.metrics import Metric, References
+from patchlab.patching.windows import Window
+
+
+# ------------------------------------------------------------------------------------------------ placement
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device a module computes on: Accelerate's execution device when the model is dispatched over a device
+    map, else the device of its first parameter or buffer (CPU for a module without tensors)."""
+    hf_hook = getattr(module, "_hf_hook", None)
+    device = getattr(hf_hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def module_params(module: nn.Module, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The module's own parameters by local name (``weight``, ``bias``), with real data: offloaded weights
+    (on the meta device under an Accelerate device map) are read from the dispatch hook's weights map."""
+    params = dict(module.named_parameters(recurse=False))
+    hf_hook = getattr(module, "_hf_hook", None)
+    weights_map = getattr(hf_hook, "weights_map", None)
+    out = {}
+    for name, tensor in params.items():
+        if tensor.device.type == "meta" and weights_map is not None:
+            tensor = weights_map[name]
+        out[name] = tensor if device is None else tensor.to(device)
+    return out
+
+
+def apply_module(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``module``'s computation on ``x`` with ``params`` in place of its own (no hooks run): ``nn.Linear`` and
+    GPT-2's ``Conv1D`` directly, any other module through ``torch.func.functional_call``."""
+    weight, bias = params.get("weight"), params.get("bias")
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if isinstance(module, Conv1D):
+        out = x @ weight.to(x.dtype)
+        return out if bias is None else out + bias.to(x.dtype)
+    return torch.func.functional_call(module, params, (x,))
+
+
+class WeightSource:
+    """The source model's parameters of a site module, as :func:`apply_module` takes them.
+
+    The default reads them from an in-memory (possibly dispatched) model; a one-model-at-a-time pair reads them
+    layer by layer from the checkpoint's safetensors files instead (:class:`patchlab.pair.loading.ModelPair`).
+    """
+
+    def __init__(self, model: PreTrainedModel, spec: ArchSpec):
+        self.model, self.spec = model, spec
+
+    def params(self, site: Site, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """``{"weight": ..., "bias": ...}`` of ``site``'s module in ``layer``, on ``device``."""
+        return module_params(self.spec.site_module(self.model, site, layer), device)
+
+
+# ------------------------------------------------------------------------------------------------ the store
+
+def _key(site: str, layer: int) -> str:
+    return f"{site}@{layer}"
+
+
+@dataclass
+class PatchStore:
+    """Everything a sweep needs besides the target model, prepared once.
+
+    Attributes:
+        spec: the family's architecture spec (its site table).
+        ids: per question, ``[seq_q]`` token ids (CPU). prompt_lens, answer_lens: per question.
+        source: packed source activations, ``"{site}@{layer}" -> [Σ_q seq_q, d]`` (only the cached sites in use).
+        target_resid: packed target residual stream after each layer, ``layer -> [Σ_q seq_q, d_model]``.
+        resid_tuple: whether the decoder layers return tuples (the cached output is re-wrapped alike).
+        refs: per question, the metric references (on the LM head's device). weights: per question, the metric's
+            pooling weight (``None`` without a pooled form).
+        source_weights: where recompute / per-head sites read the source parameters.
+    """
+
+    spec: ArchSpec
+    ids: list[torch.Tensor]
+    prompt_lens: list[int]
+    answer_lens: list[int]
+    source: dict[str, torch.Tensor] = field(default_factory=dict)
+    target_resid: dict[int, torch.Tensor] = field(default_factory=dict)
+    resid_tuple: bool = False
+    refs: list[References] = field(default_factory=list)
+    weights: list[float | None] = field(default_factory=list)
+    source_weights: WeightSource | None = None
+
+    @property
+    def offsets(self) -> list[int]:
+        """Start of each question in the packed ``[Σ_q seq_q, d]`` tensors."""
+        out, start = [], 0
+        for ids in self.ids:
+            out.append(start)
+            start += len(ids)
+        return out
+
+    def scored_positions(self, q: int) -> Int[torch.Tensor, "answer"]:
+        """Positions whose logits predict question ``q``'s answer tokens: ``prompt_len - 1 .. seq - 2``."""
+        return torch.arange(self.prompt_lens[q] - 1, self.prompt_lens[q] - 1 + self.answer_lens[q])
+
+
+@contextlib.contextmanager
+def head_gather(model: PreTrainedModel, index: Int[torch.Tensor, "flat"], shape: tuple[int, int]) -> Iterator[None]:
+    """While active, the LM head sees only the hidden states at ``index`` (flat ``row * seq + position`` indices),
+    reshaped to ``shape = (rows, kept)``: the model's logits come out ``[rows, kept, vocab]``, with whatever the
+    family applies after its head (soft-capping, scaling) included."""
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.index_select(0, index.to(flat.device)).view(*shape, x.shape[-1])
+
+    with hook(model.get_output_embeddings(), "input", gather):
+        yield
+
+
+@torch.no_grad()
+def capture(model: PreTrainedModel, spec: ArchSpec, ids: Int[torch.Tensor, "seq"], sites: Sequence[Site], *,
+            resid: bool = False, scored: Int[torch.Tensor, "answer"] | None = None
+            ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+    """Run ``model`` on one sequence and read the cached point of every site in every layer (and the residual
+    stream after every layer when ``resid``), through :func:`patchlab.pair.sites.hook`.
+
+    Returns:
+        ``"{site}@{layer}" -> [seq, d]`` on the site module's device (plus ``"resid@{layer}"``); the logits at the
+        ``scored`` positions ``[answer, vocab]`` (every position without ``scored``); and whether the decoder
+        layers return tuples.
+    """
+    layers = spec.layer_modules(model)
+    stored: dict[str, torch.Tensor] = {}
+    reads = []
+    for i, layer in enumerate(layers):
+        for site in sites:
+            reads.append((spec.site_module(model, site, i), site.cached, _store(stored, _key(site.name, i))))
+        if resid:
+            reads.append((layer, "output", _store(stored, _key("resid", i))))
+    tuple_out: list[bool] = []
+    probe = layers[0].register_forward_hook(lambda _m, _a, output: tuple_out.append(isinstance(output, tuple)))
+    index = scored if scored is not None else torch.arange(len(ids))
+    try:
+        with hooks(reads), head_gather(model, index, (1, len(index))):
+            device = module_device(model.get_input_embeddings())
+            logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0]
+    finally:
+        probe.remove()
+    return stored, logits, tuple_out[0]
+
+
+def _store(stored: dict[str, torch.Tensor], key: str):
+    def keep(value: torch.Tensor) -> None:
+        stored[key] = value[0].detach()
+    return keep
+
+
+# ------------------------------------------------------------------------------------------------ rows and plans
+
+@dataclass(frozen=True)
+class Row:
+    """One restoration of one question: ``component`` in layers ``window`` at ``positions`` of question
+    ``question``'s sequence."""
+
+    question: int
+    component: Component
+    window: Window
+    positions: Bool[torch.Tensor, "seq"]
+
+    @property
+    def first_layer(self) -> int:
+        """The lowest restored layer (the number of layers when nothing is restored)."""
+        return self.window[0] if self.window[1] > self.window[0] and bool(self.positions.any()) else -1
+
+
+def plan_batches(rows: Sequence[Row], lengths: Sequence[int], n_layers: int, batch_size: int, *,
+                 max_padding: float = 0.1) -> list[list[int]]:
+    """Row indices cut into batches, across questions, so each forward pass starts as high as its rows allow and
+    pads little.
+
+    Rows are sorted by first restored layer, then by length (longest first); a batch holds rows of one first layer
+    only, at most ``batch_size`` of them, and takes the next row only while its padding stays within
+    ``max_padding`` of its real tokens (``rows x longest <= (1 + max_padding) x Σ lengths``). So the executed
+    layer work is at most ``1 + max_padding`` times the minimum (:func:`layer_work`). Rows that restore nothing run
+    only the top layer.
+    """
+    def first(r: int) -> int:
+        f = rows[r].first_layer
+        return n_layers - 1 if f < 0 else f
+    order = sorted(range(len(rows)), key=lambda r: (first(r), -lengths[rows[r].question], rows[r].question, r))
+    batches: list[list[int]] = []
+    tokens = 0
+    for r in order:
+        n = lengths[rows[r].question]
+        if batches:
+            batch = batches[-1]
+            longest = lengths[rows[batch[0]].question]
+            if (len(batch) < batch_size and first(batch[0]) == first(r)
+                    and (len(batch) + 1) * longest <= (1 + max_padding) * (tokens + n)):
+                batch.append(r)
+                tokens += n
+                continue
+        batches.append([r])
+        tokens = n
+    return batches
+
+
+def layer_work(rows: Sequence[Row], batches: Sequence[Sequence[int]], lengths: Sequence[int], n_layers: int
+               ) -> tuple[int, int]:
+    """``(executed, minimum)`` layer-token counts of a plan: the decoder-layer token positions the batches run
+    (rows x padded length x layers from the batch's start), and the least any plan could run (each row's own
+    length x layers from its own first restored layer). Their ratio is the plan's hardware-independent overhead."""
+    def start(r: int) -> int:
+        f = rows[r].first_layer
+        return n_layers - 1 if f < 0 else f
+    executed = sum(len(b) * max(lengths[rows[r].question] for r in b) * (n_layers - min(start(r) for r in b))
+                   for b in batches)
+    minimum = sum(lengths[row.question] * (n_layers - start(i)) for i, row in enumerate(rows))
+    return executed, minimum
+
+
+# ------------------------------------------------------------------------------------------------ one batch
+
+@dataclass
+class _SiteIndex:
+    """Where one site is restored in one layer of a batch: flat destination ``row * seq + pos`` indices into the
+    batch, flat source indices into the packed store, and for per-head sites the kept fraction of the bias and the
+    head mask of each (row, position) pair."""
+
+    dst: torch.Tensor
+    src: torch.Tensor
+    heads: torch.Tensor | None = None
+    bias_rest: torch.Tensor | None = None
+
+
+def _batch_indices(store: PatchStore, rows: Sequence[Row], width: int, start: int, n_layers: int,
+                   n_head: int, device_of: Any) -> dict[tuple[int, str], _SiteIndex]:
+    """The :class:`_SiteIndex` of every (layer, site) restored in a batch, built on the host and moved once."""
+    offsets = store.offsets
+    parts: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor, frozenset[int] | None]]] = {}
+    for b, row in enumerate(rows):
+        pos = row.positions.nonzero().flatten()
+        if not len(pos):
+            continue
+        dst, src = b * width + pos, offsets[row.question] + pos
+        for layer in range(max(row.window[0], start), row.window[1]):
+            for site in row.component.sites:
+                parts.setdefault((layer, site), []).append((dst, src, row.component.heads))
+    out = {}
+    for (layer, site_name), items in parts.items():
+        site = store.spec.site(site_name)
+        device = device_of(layer, site)
+        dst = torch.cat([d for d, _, _ in items]).to(device, non_blocking=True)
+        src = torch.cat([s for _, s, _ in items]).to(device, non_blocking=True)
+        heads = bias_rest = None
+        if site.restore == "per_head":
+            masks = [_head_mask(h, n_head).expand(len(d), n_head) for d, _, h in items]
+            mask = torch.cat(masks)
+            heads = mask.to(device, non_blocking=True)
+            bias_rest = (1.0 - mask.float().mean(-1, keepdim=True)).to(device, non_blocking=True)
+        out[(layer, site_name)] = _SiteIndex(dst, src, heads, bias_rest)
+    return out
+
+
+def _head_mask(heads: frozenset[int] | None, n_head: int) -> Bool[torch.Tensor, "1 head"]:
+    mask = torch.zeros(1, n_head, dtype=torch.bool)
+    if heads is None:
+        mask[:] = True
+    else:
+        bad = [h for h in heads if not 0 <= h < n_head]
+        if bad:
+            raise PatchlabValueError(f"head indices {bad} out of range: the model has {n_head} heads per layer")
+        mask[0, sorted(heads)] = True
+    return mask
+
+
+def _overwrite(values: torch.Tensor, index: _SiteIndex, inplace: bool):
+    """Hook function writing ``values[src]`` at the ``dst`` (row, position) pairs of a ``[rows, seq, d]`` tensor."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        new = values.index_select(0, index.src).to(x.dtype)
+        if inplace and x.is_contiguous():
+            flat.index_copy_(0, index.dst, new)
+            return x
+        return flat.index_copy(0, index.dst, new).view(x.shape)
+    return fn
+
+
+def _recompute(module: nn.Module, params: dict[str, torch.Tensor], index: _SiteIndex):
+    """Hook function recomputing the module's output at the ``dst`` pairs with ``params`` on its own input."""
+    def fn(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        x = inp.reshape(-1, inp.shape[-1]).index_select(0, index.dst)
+        out.reshape(-1, out.shape[-1]).index_copy_(0, index.dst, apply_module(module, params, x).to(out.dtype))
+        return out
+    return fn
+
+
+def head_delta(module: nn.Module, source_params: dict[str, torch.Tensor], target_params: dict[str, torch.Tensor],
+               z_target: torch.Tensor, z_source: torch.Tensor, heads: Bool[torch.Tensor, "n head"],
+               bias_rest: Float[torch.Tensor, "n 1"]) -> Float[torch.Tensor, "n d_model"]:
+    """The change of an attention output projection's output when the ``heads`` of each of ``n`` positions are
+    restored: ``W_s (z_s ⊙ m) - W_t (z_t ⊙ m) + (|H| / n_heads) (b_s - b_t)``, with ``m`` the head mask expanded
+    to each head's slice of the projection's input ``z`` (``[n, n_heads * head_dim]``), ``module`` the projection
+    (its type), ``*_params`` the source and target parameters. The bias change is shared evenly among the heads, so
+    restoring every head restores the whole projection output (the ``attn`` site)."""
+    head_dim = z_target.shape[-1] // heads.shape[-1]
+    mask = heads.repeat_interleave(head_dim, dim=-1).to(z_target.dtype)
+    restored = apply_module(module, source_params, z_source.to(z_target.dtype) * mask)
+    removed = apply_module(module, target_params, z_target * mask)
+    if "bias" in source_params and source_params["bias"] is not None:
+        restored = restored - bias_rest.to(restored.dtype) * (source_params["bias"].to(restored.dtype)
+                                                             - target_params["bias"].to(restored.dtype))
+    return restored - removed
+
+
+def _per_head(module: nn.Module, params: dict[str, torch.Tensor], values: torch.Tensor, index: _SiteIndex):
+    """Hook function adding :func:`head_delta` at the ``dst`` pairs of an output projection's output."""
+    def fn(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        z = inp.reshape(-1, inp.shape[-1]).index_select(0, index.dst)
+        delta = head_delta(module, params, module_params(module, z.device), z, values.index_select(0, index.src),
+                           index.heads, index.bias_rest)
+        out.reshape(-1, out.shape[-1]).index_add_(0, index.dst, delta.to(out.dtype))
+        return out
+    return fn
+
+
+@contextlib.contextmanager
+def skip_layers(layers: Sequence[nn.Module], output: Any) -> Iterator[None]:
+    """While active, each of ``layers`` returns ``output`` without computing anything (its ``forward`` is
+    swapped, Accelerate's dispatch wrapper included, and put back on exit)."""
+    saved = [(layer, layer.__dict__.get("forward")) for layer in layers]
+    for layer in layers:
+        layer.forward = lambda *args, **kwargs: output
+    try:
+        yield
+    finally:
+        for layer, forward in saved:
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
+def _restoration_hooks(target: PreTrainedModel, store: PatchStore, index: dict[tuple[int, str], _SiteIndex]
+                       ) -> list[tuple[nn.Module, str, Any]]:
+    """``(module, point, fn)`` for every restored (layer, site) of a batch, in layer order."""
+    out = []
+    for (layer, name), idx in sorted(index.items(), key=lambda item: item[0][0]):
+        site = store.spec.site(name)
+        module = store.spec.site_module(target, site, layer)
+        if site.restore == "overwrite":
+            out.append((module, site.point, _overwrite(store.source[_key(name, layer)], idx, site.point == "output")))
+        else:
+            params = store.source_weights.params(site, layer, idx.dst.device)
+            fn = _recompute(module, params, idx) if site.restore == "recompute" else \
+                _per_head(module, params, store.source[_key(name, layer)], idx)
+            out.append((module, "output", (fn, True)))
+    return out
+
+
+@contextlib.contextmanager
+def _installed(specs: Sequence[tuple[nn.Module, str, Any]]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for module, point, fn in specs:
+            if isinstance(fn, tuple):
+                stack.enter_context(hook(module, point, fn[0], with_input=fn[1]))
+            else:
+                stack.enter_context(hook(module, point, fn))
+        yield
+
+
+def _skipped_input(store: PatchStore, rows: Sequence[Row], width: int, layer: int, device: torch.device) -> Any:
+    """The target's residual stream after ``layer`` for every row of a batch, ``[rows, width, d]`` (zero padding),
+    in the structure the decoder layers return."""
+    packed = store.target_resid[layer]
+    out = torch.zeros(len(rows), width, packed.shape[-1], dtype=packed.dtype, device=device)
+    offsets = store.offsets
+    dst = torch.cat([b * width + torch.arange(len(store.ids[r.question])) for b, r in enumerate(rows)])
+    src = torch.cat([offsets[r.question] + torch.arange(len(store.ids[r.question])) for r in rows])
+    out.view(-1, out.shape[-1]).index_copy_(0, dst.to(device), packed.index_select(0, src.to(packed.device)).to(device))
+    return (out,) if store.resid_tuple else out
+
+
+@torch.no_grad()
+def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], metric: Metric
+              ) -> Float[torch.Tensor, "row"]:
+    """The metric of each row of one batch, on the device of the LM head (no host synchronisation)."""
+    spec = store.spec
+    layers = spec.layer_modules(target)
+    n_layers = len(layers)
+    width = max(len(store.ids[r.question]) for r in rows)
+    firsts = [r.first_layer for r in rows]
+    start = min(n_layers - 1 if f < 0 else f for f in firsts)
+    heads = n_heads(target) if any(spec.site(s).restore == "per_head" for r in rows for s in r.component.sites) else 1
+    device_of = lambda layer, site: module_device(spec.site_module(target, site, layer))  # noqa: E731
+    index = _batch_indices(store, rows, width, start, n_layers, heads, device_of)
+    embed_device = module_device(target.get_input_embeddings())
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(store.ids[r.question])] = store.ids[r.question]
+    answer = max(store.answer_lens[r.question] for r in rows)
+    scored = torch.cat([b * width + store.scored_positions(r.question)[
+        torch.arange(answer).clamp(max=store.answer_lens[r.question] - 1)] for b, r in enumerate(rows)])
+    with contextlib.ExitStack() as stack:
+        if start > 0:
+            h = _skipped_input(store, rows, width, start - 1, module_device(layers[start]))
+            stack.enter_context(skip_layers(list(layers[:start]), h))
+        stack.enter_context(_installed(_restoration_hooks(target, store, index)))
+        stack.enter_context(head_gather(target, scored, (len(rows), answer)))
+        logits = target(input_ids=ids.to(embed_device, non_blocking=True), use_cache=False).logits
+    scores = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
+    by_question: dict[int, list[int]] = {}
+    for b, r in enumerate(rows):
+        by_question.setdefault(r.question, []).append(b)
+    for q, members in by_question.items():
+        picked = torch.tensor(members, device=logits.device)
+        restored = logits.index_select(0, picked)[:, :store.answer_lens[q]]
+        scores.index_copy_(0, picked, metric(restored, store.refs[q].to(logits.device)))
+    return scores
+
+
+def run_rows(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], metric: Metric, *,
+             batch_size: int = 64, progress: bool = False, desc: str = "patching") -> Float[torch.Tensor, "row"]:
+    """The metric of every row, ``batch_size`` rows per forward pass (:func:`plan_batches`), on the CPU.
+
+    Raises:
+        NonFiniteError: a score is NaN or infinite (NaN activations).
+    """
+    if batch_size < 1:
+        raise PatchlabValueError(f"batch_size must be >= 1, got {batch_size}")
+    lengths = [len(ids) for ids in store.ids]
+    batches = plan_batches(rows, lengths, len(store.spec.layer_modules(target)), batch_size)
+    results = []
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        results.append((batch, run_batch(target, store, [rows[r] for r in batch], metric)))
+    scores = torch.empty(len(rows), dtype=torch.float32)
+    for batch, values in results:
+        scores[batch] = values.cpu()
+    if not torch.isfinite(scores).all():
+        raise NonFiniteError("restored logits contain NaN or infinite values")
+    return scores

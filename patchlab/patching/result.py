@@ -1,0 +1,161 @@
+"""The result of a patching sweep: a score per component, layer window and question."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from patchlab.errors import PatchlabValueError
+from patchlab.patching.metrics import pool
+from patchlab.patching.windows import Window
+from patchlab.reports.results import Result, register_result
+
+AGGREGATES = ("mean", "pooled")
+
+
+@register_result
+@dataclass
+class PatchResult(Result):
+    """A patching sweep: mean and per-question scores of one metric for each component and layer window.
+
+    Attributes:
+        scores: component -> ``[n_windows]`` mean score over questions (indexed like ``windows``; for centred
+            windows index ``c`` is the window centred on layer ``c``).
+        per_question: component -> ``[n_questions, n_windows]``.
+        windows: half-open layer ranges ``(start, stop)``.
+        questions: the questions, in order.
+        answers: the vanilla reference answers, decoded (the sweep itself used their token ids).
+        weights: ``[n_questions]`` the metric's per-question denominators (for KRS, ``MSE(l_u, l_v)``), the weights
+            of :meth:`pooled`; ``None`` for metrics without a pooled form.
+        metric: the metric's name (``"krs"``...).
+        settings: n_tokens, window, window_mode, positions, prompt_template, engine, n_layers, metric, heads.
+        provenance: the checkpoints (source and weights digest), versions and settings (:mod:`patchlab.provenance`).
+    """
+
+    kind = "krs"
+    format = "patchlab.PatchResult/1"
+    legacy_formats = ("patchlab.KRSResult/1",)
+
+    scores: dict[str, np.ndarray]
+    per_question: dict[str, np.ndarray]
+    windows: list[Window]
+    questions: list[str]
+    answers: list[str]
+    weights: np.ndarray | None = None
+    metric: str = "krs"
+    settings: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def components(self) -> list[str]:
+        return list(self.scores)
+
+    @property
+    def krs(self) -> dict[str, np.ndarray]:
+        """:attr:`scores` of a KRS sweep (the paper's name)."""
+        if self.metric != "krs":
+            raise PatchlabValueError(f"this sweep scored {self.metric!r}, not KRS: use .scores")
+        return self.scores
+
+    @property
+    def mse_unlearned(self) -> np.ndarray:
+        """``[n_questions]`` MSE(l_u, l_v) of a KRS sweep, the denominator of each question's KRS."""
+        if self.metric != "krs" or self.weights is None:
+            raise PatchlabValueError(f"this sweep scored {self.metric!r}, not KRS")
+        return self.weights
+
+    def pooled(self) -> dict[str, np.ndarray]:
+        """The metric with numerators and denominators summed over questions before the ratio: component ->
+        ``[n_windows]`` of ``1 - Σ_q w_q (1 - s_q) / Σ_q w_q``. For KRS that is the paper's Eq. 3 read literally,
+        ``1 - mean_q MSE(l_r, l_v) / mean_q MSE(l_u, l_v)``, exact from the stored numbers since
+        ``MSE(l_r, l_v) = (1 - KRS_q) MSE(l_u, l_v)``. Questions whose unlearned model moved further from the vanilla
+        one weigh more than in the plain mean :attr:`scores`.
+
+        Raises:
+            PatchlabValueError: the metric has no pooled form.
+        """
+        if self.weights is None:
+            raise PatchlabValueError(f"metric {self.metric!r} has no pooled form")
+        return {c: pool(v, self.weights) for c, v in self.per_question.items()}
+
+    def aggregated(self, aggregate: str = "mean") -> dict[str, np.ndarray]:
+        """:attr:`scores` (``"mean"``, the mean of per-question scores) or :meth:`pooled` (``"pooled"``)."""
+        if aggregate not in AGGREGATES:
+            raise PatchlabValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        return self.scores if aggregate == "mean" else self.pooled()
+
+    def window_labels(self) -> list[int]:
+        """x-axis labels: the centre layer (centred windows) or the first layer (fixed or explicit windows)."""
+        if self.settings.get("window_mode", "centered") == "centered":
+            return list(range(len(self.windows)))
+        return [start for start, _ in self.windows]
+
+    def to_frame(self, per_question: bool = False) -> pd.DataFrame:
+        """Long table: one row per (component, window) with the mean score, its std over questions, the pooled
+        score (when the metric has one) and the question count; with ``per_question=True`` one row per
+        (component, window, question) with that question's score."""
+        pooled = self.pooled() if self.weights is not None else None
+        rows = []
+        for comp, values in self.per_question.items():
+            for w, ((start, stop), label) in enumerate(zip(self.windows, self.window_labels())):
+                base = {"component": comp, "window": label, "start": start, "stop": stop}
+                if per_question:
+                    rows += [{**base, "question_index": k, "question": q, self.metric: float(values[k, w])}
+                             for k, q in enumerate(self.questions)]
+                    continue
+                row = {**base, self.metric: float(self.scores[comp][w]), f"{self.metric}_std": float(values[:, w].std()),
+                       "n_questions": values.shape[0]}
+                if pooled is not None:
+                    row[f"{self.metric}_pooled"] = float(pooled[comp][w])
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "settings": self.settings, "provenance": self.provenance,
+                "windows": [list(w) for w in self.windows], "questions": self.questions, "answers": self.answers,
+                "weights": None if self.weights is None else self.weights.tolist(),
+                "scores": {c: v.tolist() for c, v in self.scores.items()},
+                "per_question": {c: v.tolist() for c, v in self.per_question.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PatchResult:
+        legacy = data["format"] == "patchlab.KRSResult/1"
+        weights = data["mse_unlearned"] if legacy else data["weights"]
+        return cls(scores={c: np.asarray(v) for c, v in data["krs" if legacy else "scores"].items()},
+                   per_question={c: np.asarray(v) for c, v in data["per_question"].items()},
+                   windows=[tuple(w) for w in data["windows"]], questions=data["questions"],
+                   answers=data["answers"], weights=None if weights is None else np.asarray(weights),
+                   metric="krs" if legacy else data["metric"], settings=data["settings"],
+                   provenance=data.get("provenance", {}))
+
+    def figure(self, title: str | None = None, *, aggregate: str = "mean") -> go.Figure:
+        """Interactive plotly heatmap, component x layer window; hover shows the window and the score.
+
+        ``aggregate``: ``"mean"`` (mean of per-question scores) or ``"pooled"`` (:meth:`pooled`).
+        """
+        labels = self.window_labels()
+        values = self.aggregated(aggregate)
+        z = np.stack([values[c] for c in self.components])
+        name = self.metric.upper() if self.metric == "krs" else self.metric
+        hover = [[f"{c}<br>layers {s}-{e - 1}<br>{name} {v:.4f}" for (s, e), v in zip(self.windows, row)]
+                 for c, row in zip(self.components, z)]
+        fig = go.Figure(go.Heatmap(z=z, x=labels, y=self.components, text=hover, hoverinfo="text",
+                                   colorscale="Viridis", zmin=min(0.0, float(z.min())), zmax=max(1.0, float(z.max())),
+                                   colorbar={"title": name}))
+        mode = self.settings.get("window_mode", "centered")
+        fig.update_layout(
+            title=title or f"{name}, {aggregate} over {len(self.questions)} questions "
+                           f"(window {self.settings.get('window')}, {self.settings.get('n_tokens')} tokens)",
+            xaxis_title="centre layer of the window" if mode == "centered" else "first layer of the window",
+            yaxis_title="restored component", yaxis={"autorange": "reversed"})
+        return fig
+
+    heatmap = figure
+
+
+#: The paper's name for a KRS sweep's result.
+KRSResult = PatchResult

@@ -1,0 +1,254 @@
+"""Patching sweeps: restore components of the vanilla model inside the unlearned one over layer windows, and score
+each restoration with a metric (Hong et al., section 3; :mod:`patchlab.patching.metrics`).
+
+For a question with vanilla greedy answer ``a`` (N tokens, ids kept), the models are run teacher-forced on
+``prompt + a``; the metric compares the restored model's logits at the N positions that predict the answer tokens
+with the vanilla and unlearned models' own. :func:`krs_sweep` is the paper's case, ``metric="krs"``::
+
+    KRS = 1 - MSE(l_r, l_v) / MSE(l_u, l_v)
+
+with MSE averaged over the N positions and the vocabulary. A sweep reports, for every component and layer window,
+the mean score over questions and the per-question scores (:class:`PatchResult`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Bool
+from tqdm.auto import tqdm
+
+from patchlab.errors import NonFiniteError, PatchlabValueError
+from patchlab.pair.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_answers
+from patchlab.pair.arch import n_heads
+from patchlab.pair.loading import ModelPair
+from patchlab.pair.sites import Component, Site, parse_component
+from patchlab.patching.engine import PatchStore, Row, WeightSource, capture, run_rows
+from patchlab.patching.loop import restore
+from patchlab.patching.metrics import Metric, MetricFn, References, get_metric
+from patchlab.patching.result import PatchResult
+from patchlab.patching.windows import Window, sliding_windows
+
+DEFAULT_COMPONENTS = ("coef", "value", "attn", "coef+attn")
+ENGINES = ("batched", "loop")
+POSITIONS = ("all", "answer", "last_prompt")
+
+
+def position_mask(positions: str, prompt_len: int, total_len: int) -> Bool[torch.Tensor, "seq"]:
+    """Which sequence positions are restored.
+
+    ``"all"``: every position (the paper). ``"answer"``: the answer tokens' positions ``prompt_len..total_len-1``.
+    ``"last_prompt"``: only the last prompt position ``prompt_len-1`` (the one predicting the first answer token).
+    """
+    if positions not in POSITIONS:
+        raise PatchlabValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    if not 0 < prompt_len <= total_len:
+        raise PatchlabValueError(f"prompt length {prompt_len} must be in 1..{total_len}")
+    mask = torch.zeros(total_len, dtype=torch.bool)
+    if positions == "all":
+        mask[:] = True
+    elif positions == "answer":
+        mask[prompt_len:] = True
+    else:
+        mask[prompt_len - 1] = True
+    return mask
+
+
+def reference_answers(pair: ModelPair, questions: Sequence[str], *, n_tokens: int = 30,
+                      prompt_template: str = DEFAULT_TEMPLATE, progress: bool = False
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prompt ids and the vanilla model's greedy answer ids (at most ``n_tokens``, stopping at EOS) per question."""
+    return greedy_answers(pair.vanilla_hf, pair.tokenizer, questions, max_new_tokens=n_tokens,
+                          template=prompt_template, progress=progress)
+
+
+def _cached_sites(pair: ModelPair, components: Sequence[Component]) -> list[Site]:
+    """The sites whose source activations the components need cached."""
+    names = sorted({s for c in components for s in c.sites})
+    return [site for site in (pair.arch.site(n) for n in names) if site.cached is not None]
+
+
+@torch.no_grad()
+def prepare(pair: ModelPair, prompt_ids: Sequence[torch.Tensor], answers: Sequence[torch.Tensor], *,
+            sites: Sequence[Site], metric: Metric, labels: Sequence[str], progress: bool = False) -> PatchStore:
+    """Run the vanilla and the unlearned model once per question: cache the vanilla activations at ``sites``, the
+    unlearned model's residual stream, both models' logits at the answer-predicting positions, and check that
+    ``metric`` is defined for every question (:meth:`Metric.check`).
+
+    Raises:
+        DegenerateMetricError: for some question the models agree, so the metric is undefined.
+        NonFiniteError: NaN or infinite logits.
+    """
+    spec = pair.arch
+    store = PatchStore(spec=spec, ids=[torch.cat([p, a]).long() for p, a in zip(prompt_ids, answers)],
+                       prompt_lens=[len(p) for p in prompt_ids], answer_lens=[len(a) for a in answers],
+                       source_weights=WeightSource(pair.vanilla_hf, spec))
+    packed_source: dict[str, list[torch.Tensor]] = {}
+    packed_resid: dict[int, list[torch.Tensor]] = {}
+    for q in tqdm(range(len(store.ids)), desc="caching both models", disable=not progress, leave=False):
+        scored = store.scored_positions(q)
+        source, l_v, _ = capture(pair.vanilla_hf, spec, store.ids[q], sites, scored=scored)
+        target, l_u, store.resid_tuple = capture(pair.unlearned_hf, spec, store.ids[q], [], resid=True,
+                                                 scored=scored)
+        for which, logits in (("vanilla", l_v), ("unlearned", l_u)):
+            if not torch.isfinite(logits).all():
+                raise NonFiniteError(f"{labels[q]}: {which} logits contain NaN or infinite values")
+        refs = References(source=l_v.float(), target=l_u.float(), answer_ids=answers[q].to(l_v.device))
+        store.weights.append(metric.check(refs, labels[q]))
+        store.refs.append(refs)
+        for key, value in source.items():
+            packed_source.setdefault(key, []).append(value)
+        for i in range(pair.n_layers):
+            packed_resid.setdefault(i, []).append(target[f"resid@{i}"])
+    store.source = {k: torch.cat(v) for k, v in packed_source.items()}
+    store.target_resid = {i: torch.cat(v) for i, v in packed_resid.items()}
+    return store
+
+
+def expand_heads(components: Sequence[Component], heads: Any, spec_sites: Sequence[Site], n_head: int
+                 ) -> list[Component]:
+    """``heads=None``: the components as given. ``heads="each"`` or a list of head indices: every component with a
+    per-head site and no head list of its own becomes one component per head (``"heads"`` -> ``"heads[0]"``, ...)."""
+    if heads is None:
+        return list(components)
+    picked = list(range(n_head)) if heads == "each" else list(heads) if not isinstance(heads, str) else None
+    if picked is None or not picked or not all(isinstance(h, int) and 0 <= h < n_head for h in picked):
+        raise PatchlabValueError(f"heads must be None, 'each' or head indices in 0..{n_head - 1}, got {heads!r}")
+    per_head = {s.name for s in spec_sites if s.restore == "per_head"}
+    out = []
+    for comp in components:
+        if comp.sites & per_head and comp.heads is None:
+            out += [Component(comp.sites, frozenset([h]), f"{comp.label}[{h}]") for h in picked]
+        else:
+            out.append(comp)
+    return out
+
+
+def _components(pair: ModelPair, components: Sequence[str], heads: Any) -> list[Component]:
+    if isinstance(components, str) or len(components) == 0:
+        raise PatchlabValueError("components must be a non-empty list such as ['coef', 'attn', 'coef+attn']")
+    if len(set(components)) != len(components):
+        raise PatchlabValueError(f"components contain duplicates: {list(components)}")
+    for comp in components:
+        if not isinstance(comp, str):
+            raise PatchlabValueError(f"a component is a name such as 'coef+attn', got {comp!r}")
+    parsed = [parse_component(c, pair.arch.sites) for c in components]
+    if heads is None:
+        return parsed
+    return expand_heads(parsed, heads, pair.arch.sites, n_heads(pair.unlearned_hf))
+
+
+def _windows(pair: ModelPair, window: int | None, windows: Sequence[Window] | None, window_mode: str) -> list[Window]:
+    if windows is None:
+        return sliding_windows(pair.n_layers, 5 if window is None else window, mode=window_mode)
+    if window is not None:
+        raise PatchlabValueError("pass either window= (a width) or windows= (explicit layer ranges), not both")
+    out = [tuple(w) for w in windows] if not isinstance(windows, str) else []
+    if not out or not all(len(w) == 2 and all(isinstance(x, int) for x in w) and 0 <= w[0] < w[1] <= pair.n_layers
+                          for w in out):
+        raise PatchlabValueError(f"windows must be (start, stop) layer ranges with 0 <= start < stop <= "
+                                 f"{pair.n_layers}, got {windows!r}")
+    return out
+
+
+def _scores_loop(pair: ModelPair, store: PatchStore, rows: Sequence[Row], metric: Metric) -> torch.Tensor:
+    """The plain path: one restoration per forward pass (:func:`patchlab.patching.loop.restore`)."""
+    out = torch.empty(len(rows))
+    for r, row in enumerate(rows):
+        logits = restore(pair, store.ids[row.question], row.component, row.window, row.positions,
+                         source_weights=store.source_weights)
+        restored = logits[0, store.scored_positions(row.question)]
+        out[r] = metric(restored, store.refs[row.question].to(restored.device))[0].cpu()
+    return out
+
+
+def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequence[str] = DEFAULT_COMPONENTS,
+                window: int | None = None, windows: Sequence[Window] | None = None, window_mode: str = "centered",
+                heads: Any = None, metric: str | Metric | MetricFn = "krs", n_tokens: int = 30,
+                prompt_template: str = DEFAULT_TEMPLATE, positions: str = "all", engine: str = "batched",
+                batch_size: int = 64, answers: Sequence[torch.Tensor] | None = None, progress: bool = True
+                ) -> PatchResult:
+    """Score restoring each component over each layer window with ``metric``, per question.
+
+    Args:
+        pair: the vanilla / unlearned pair.
+        questions: K questions about the unlearned concept (the paper uses 10).
+        components: sites or ``+``-combinations from the family's site table, e.g. ``("coef", "value", "attn",
+            "coef+attn")``; per-head sites take a head list (``"heads[0,3]"``).
+        window: layers per sliding window (default 5, the paper); see :func:`patchlab.sliding_windows`.
+        windows: explicit ``(start, stop)`` layer ranges instead of sliding windows.
+        window_mode: ``"centered"`` (one window per layer, clipped; the paper) or ``"fixed"``.
+        heads: the head axis: ``None``, ``"each"`` (every head) or head indices; each component holding a per-head
+            site without a head list becomes one row per head (``"heads[3]"``).
+        metric: a registered metric name (``"krs"``, ``"logprob"``, ``"kl"``, ``"top1"``), a
+            :class:`~patchlab.patching.metrics.Metric`, or a function ``fn(restored, refs) -> [row]``.
+        n_tokens: N, the vanilla greedy answer length in tokens (the paper: 30; shorter if EOS comes first).
+        prompt_template: must contain ``{question}``.
+        positions: ``"all"`` (the paper), ``"answer"`` or ``"last_prompt"`` (:func:`position_mask`).
+        engine: ``"batched"`` runs restorations of all questions as rows of few forward passes
+            (:mod:`patchlab.patching.engine`); ``"loop"`` runs one nnsight forward pass per restoration. Both give
+            the same numbers.
+        batch_size: rows per forward pass of the batched engine.
+        answers: precomputed vanilla reference answers (1-D token id tensors, one per question, e.g. from
+            :func:`reference_answers`), to share them between sweeps; default: generated here.
+
+    Raises:
+        PatchlabValueError: empty questions or components, unknown component/engine/positions/metric, window
+            larger than the model, ``n_tokens < 1``.
+        DegenerateMetricError: for some question the unlearned logits equal the vanilla ones (the metric is
+            undefined; :class:`~patchlab.errors.DegenerateKRSError` for KRS).
+        NonFiniteError: NaN/inf logits.
+    """
+    if engine not in ENGINES:
+        raise PatchlabValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    chosen_metric = get_metric(metric)
+    comps = _components(pair, components, heads)
+    if not isinstance(n_tokens, int) or n_tokens < 1:
+        raise PatchlabValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise PatchlabValueError(f"batch_size must be >= 1, got {batch_size}")
+    wins = _windows(pair, window, windows, window_mode)
+    position_mask(positions, 1, 1)  # validates the name before any model work
+    if answers is None:
+        prompt_ids, answers = reference_answers(pair, questions, n_tokens=n_tokens, prompt_template=prompt_template,
+                                                progress=progress)
+    else:
+        prompt_ids = encode_prompts(pair.tokenizer, format_prompts(questions, prompt_template))
+        if len(answers) != len(prompt_ids) or any(a.ndim != 1 or not 1 <= len(a) <= n_tokens for a in answers):
+            raise PatchlabValueError(f"answers must be {len(prompt_ids)} 1-D token id tensors of 1..{n_tokens} tokens")
+    labels = [f"question {k} ({q!r})" for k, q in enumerate(questions)]
+    store = prepare(pair, prompt_ids, answers, sites=_cached_sites(pair, comps), metric=chosen_metric, labels=labels,
+                    progress=progress)
+    rows = [Row(q, c, w, position_mask(positions, store.prompt_lens[q], len(store.ids[q])))
+            for q in range(len(questions)) for c in comps for w in wins]
+    if engine == "batched":
+        scores = run_rows(pair.unlearned_hf, store, rows, chosen_metric, batch_size=batch_size, progress=progress,
+                          desc=f"{chosen_metric.name} sweep")
+    else:
+        scores = _scores_loop(pair, store, tqdm(rows, desc=f"{chosen_metric.name} sweep (loop)", disable=not progress),
+                              chosen_metric)
+    stacked = scores.reshape(len(questions), len(comps), len(wins)).numpy()
+    weights = None if chosen_metric.denominator is None else np.asarray(store.weights, dtype=np.float64)
+    return PatchResult(
+        scores={c.label: stacked[:, j].mean(axis=0) for j, c in enumerate(comps)},
+        per_question={c.label: stacked[:, j] for j, c in enumerate(comps)},
+        windows=wins, questions=list(questions),
+        answers=[pair.tokenizer.decode(a, skip_special_tokens=True) for a in answers],
+        weights=weights, metric=chosen_metric.name,
+        settings={"n_tokens": n_tokens, "window": None if windows is not None else 5 if window is None else window,
+                  "window_mode": window_mode if windows is None else "explicit", "positions": positions,
+                  "prompt_template": prompt_template, "engine": engine, "n_layers": pair.n_layers,
+                  "metric": chosen_metric.name, "heads": heads if heads is None or isinstance(heads, str)
+                  else list(heads)})
+
+
+def krs_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequence[str] = DEFAULT_COMPONENTS,
+              window: int = 5, **kwargs: Any) -> PatchResult:
+    """The paper's sweep: :func:`patch_sweep` with ``metric="krs"`` (Knowledge Recovery Score) over sliding
+    windows of ``window`` layers (default 5). Other keyword arguments as :func:`patch_sweep`."""
+    if "metric" in kwargs:
+        raise PatchlabValueError("krs_sweep scores KRS; use patch_sweep(..., metric=...) for another metric")
+    return patch_sweep(pair, questions, components=components, window=window, metric="krs", **kwargs)

@@ -1,0 +1,132 @@
+"""The one result protocol, and the registry of result types.
+
+Every result patchlab produces (a patching sweep, a parameter diff, attribution densities, a method sweep, an
+audit) is a :class:`Result`: ``to_frame()`` gives its long table, ``save(path)`` / ``load(path)`` its JSON file
+(written atomically), ``figure(...)`` its main interactive figure and ``write_report(dir)`` all of them into an
+output directory (claimed first: :class:`patchlab.io.OutputDir`). A result type is one class registered with
+:func:`register_result`; :func:`load_result` reads any result file back by its format tag.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import pandas as pd
+
+from patchlab.errors import PatchlabValueError
+from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json, write_csv, write_html
+
+R = TypeVar("R", bound="Result")
+
+_RESULT_TYPES: dict[str, type[Result]] = {}
+
+
+class Result:
+    """Base class of every result type.
+
+    Subclasses set :attr:`kind` (the output-directory kind and the default file stem) and :attr:`format` (the JSON
+    format tag), and implement :meth:`to_dict`, :meth:`from_dict`, :meth:`to_frame` and :meth:`figure`; they may
+    add tables (:meth:`tables`) and figures (:meth:`figures`) to the report.
+    """
+
+    kind: ClassVar[str] = "result"
+    format: ClassVar[str] = "patchlab.Result/1"
+    #: Older format tags :meth:`load` still reads.
+    legacy_formats: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every number of the result, JSON-serialisable."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls: type[R], data: dict[str, Any]) -> R:
+        """The result :meth:`to_dict` describes."""
+        raise NotImplementedError
+
+    def to_frame(self, **kwargs: Any) -> pd.DataFrame:
+        """The result as one long table."""
+        raise NotImplementedError
+
+    def figure(self, **kwargs: Any) -> Any:
+        """The main interactive plotly figure."""
+        raise NotImplementedError
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The CSV tables of the report, by file stem (default: :meth:`to_frame` under :attr:`kind`)."""
+        return {self.kind: self.to_frame()}
+
+    def figures(self) -> dict[str, Any]:
+        """The HTML figures of the report, by file stem (default: :meth:`figure` under :attr:`kind`)."""
+        return {self.kind: self.figure()}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result as JSON, atomically (temp file + rename)."""
+        return atomic_write_json(path, {"format": self.format, **self.to_dict()})
+
+    @classmethod
+    def load(cls: type[R], path: str | os.PathLike) -> R:
+        """Read a result written by :meth:`save`.
+
+        Raises:
+            PatchlabFileError: no such file. PatchlabValueError: not JSON, or not a result of this type.
+        """
+        data = read_json(path, what=f"{cls.kind} result file")
+        if not isinstance(data, dict) or data.get("format") not in (cls.format, *cls.legacy_formats):
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise PatchlabValueError(f"{path} is not a patchlab {cls.__name__} file (format {found!r})")
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise PatchlabValueError(f"{path} is not a valid patchlab {cls.__name__} file ({err!r})") from err
+
+    def write_report(self, out_dir: str | os.PathLike | OutputDir, *, name: str | None = None,
+                     overwrite: bool = False, **figure_kwargs: Any) -> dict[str, Path]:
+        """Write ``{name}.json`` (:meth:`save`), a CSV per table and an HTML page per figure into ``out_dir``,
+        each atomically; returns the paths by file name. ``out_dir`` is claimed as a :attr:`kind` output
+        (:class:`patchlab.io.OutputDir`): an earlier one is replaced only with ``overwrite=True``.
+
+        ``figure_kwargs`` go to :meth:`figure` (the figures are built before anything is written, so a bad
+        argument writes nothing).
+        """
+        stem = name or self.kind
+        figures = self.figures() if not figure_kwargs else {self.kind: self.figure(**figure_kwargs)}
+        tables = self.tables()
+        out = output_dir(out_dir, self.kind, overwrite=overwrite)
+        paths = {f"{stem}.json": self.save(out.file(f"{stem}.json"))}
+        for table, frame in tables.items():
+            file = f"{table if table != self.kind else stem}.csv"
+            paths[file] = write_csv(frame, out.file(file))
+        for fig, figure in figures.items():
+            file = f"{fig if fig != self.kind else stem}.html"
+            paths[file] = write_html(figure, out.file(file))
+        return paths
+
+
+def register_result(cls: type[R]) -> type[R]:
+    """Class decorator: register a :class:`Result` subclass under its format tags (for :func:`load_result`)."""
+    for tag in (cls.format, *cls.legacy_formats):
+        if tag in _RESULT_TYPES and _RESULT_TYPES[tag] is not cls:
+            raise PatchlabValueError(f"result format {tag!r} is already registered by {_RESULT_TYPES[tag].__name__}")
+        _RESULT_TYPES[tag] = cls
+    return cls
+
+
+def result_types() -> dict[str, type[Result]]:
+    """Format tag -> result class, for every registered result type."""
+    return dict(_RESULT_TYPES)
+
+
+def load_result(path: str | os.PathLike) -> Result:
+    """Any patchlab result file, read back as its registered type.
+
+    Raises:
+        PatchlabFileError: no such file. PatchlabValueError: not JSON or of no registered result type.
+    """
+    data = read_json(path, what="result file")
+    tag = data.get("format") if isinstance(data, dict) else None
+    if tag not in _RESULT_TYPES:
+        raise PatchlabValueError(f"{path} is not a patchlab result file (format {tag!r}); known: "
+                                 f"{', '.join(sorted(_RESULT_TYPES))}")
+    return _RESULT_TYPES[tag].load(path)
