@@ -26,8 +26,7 @@ from typing import Any
 
 import patchlab
 from patchlab.analysis.behavior import evaluate
-from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, interrupt_note, model_kwargs, parser, quiet,
-                          run)
+from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, run_script
 from patchlab.io import atomic_write_json, output_dir, read_questions, write_csv, write_html
 from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.provenance import checkpoint_record, environment
@@ -98,9 +97,7 @@ def report(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    with quiet(args.quiet):
-        return run(lambda: report(args), on_interrupt=interrupt_note(args.out))
+    return run_script(parse_args, report, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 
 import patchlab
 from patchlab.analysis.paramdiff import paramdiff, value_vector_changes
-from patchlab.cli import add_output_args, add_quiet_arg, interrupt_note, parser, quiet, run
+from patchlab.cli import add_output_args, add_quiet_arg, parser, run_script
 from patchlab.io import output_dir
 
 #: The per-module summary printed: how much each module type moved.
@@ -77,9 +77,7 @@ def report(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    with quiet(args.quiet):
-        return run(lambda: report(args), on_interrupt=interrupt_note(args.out))
+    return run_script(parse_args, report, argv)
 
 
 if __name__ == "__main__":

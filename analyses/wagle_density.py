@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, interrupt_note, model_kwargs, output_file,
-                          parser, quiet, run)
+from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, model_kwargs, output_file, parser,
+                          run_script)
 from patchlab.errors import PatchlabValueError
 from patchlab.io import output_dir, read_records
 from patchlab.pair import load_model, load_tokenizer
@@ -124,11 +124,9 @@ def report(args: argparse.Namespace, saved: dict[str, Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     saved: dict[str, Path] = {}
-    note = interrupt_note(args.out, extra=lambda: "; ".join(f"the {m} mask was saved to {p}" for m, p in saved.items()))
-    with quiet(args.quiet):
-        return run(lambda: report(args, saved), on_interrupt=note)
+    return run_script(parse_args, lambda args: report(args, saved), argv,
+                      extra=lambda: "; ".join(f"the {m} mask was saved to {p}" for m, p in saved.items()))
 
 
 if __name__ == "__main__":

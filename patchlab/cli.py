@@ -8,9 +8,7 @@ the help text (the whole module docstring), the exit statuses (errors, Ctrl-C), 
         return p.parse_args(argv)
 
     def main(argv=None) -> int:
-        args = parse_args(argv)
-        with quiet(args.quiet):            # no progress bars, transformers' own included
-            return run(lambda: report(args), on_interrupt=interrupt_note(args.out))
+        return run_script(parse_args, report, argv)   # run(report(args)) in quiet(args.quiet), Ctrl-C note on --out
 """
 
 from __future__ import annotations
@@ -113,6 +111,17 @@ def interrupt_note(out: str | os.PathLike | OutputDir, *, resumable: bool = Fals
         return f"{text}; {more}" if more else text
 
     return note
+
+
+def run_script(parse_args: Callable[[list[str] | None], argparse.Namespace],
+               body: Callable[[argparse.Namespace], None], argv: list[str] | None = None, *,
+               extra: Callable[[], str | None] | None = None) -> int:
+    """A script's ``main``: parse ``argv`` with ``parse_args`` (a parser that called :func:`add_output_args` and
+    :func:`add_quiet_arg`), then :func:`run` ``body(args)`` inside :func:`quiet` when ``--quiet`` is given, saying on
+    Ctrl-C what ``--out`` holds (:func:`interrupt_note`, with ``extra``). Returns the exit status."""
+    args = parse_args(argv)
+    with quiet(args.quiet):
+        return run(lambda: body(args), on_interrupt=interrupt_note(args.out, extra=extra))
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.cli import add_quiet_arg, interrupt_note, parser, quiet, run
+from patchlab.cli import add_quiet_arg, parser, run_script
 from patchlab.errors import PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir
 from patchlab.tiny import tiny_model, word_tokenizer
@@ -201,9 +201,7 @@ def build_and_report(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    with quiet(args.quiet):
-        return run(lambda: build_and_report(args), on_interrupt=interrupt_note(args.out))
+    return run_script(parse_args, build_and_report, argv)
 
 
 if __name__ == "__main__":
