@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from patchlab.errors import PatchlabError, PatchlabFileError, PatchlabValueError
-from patchlab.io import OutputDir, read_manifest
+from patchlab.io import MANIFEST, OutputDir, read_manifest
 
 #: Names accepted by ``--dtype``, each a ``torch`` attribute.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -77,31 +78,56 @@ def run(body: Callable[[], None], *, on_interrupt: str | Callable[[], str] | Non
         print(f"error: {err}", file=sys.stderr)
         return ERROR_STATUS
     except KeyboardInterrupt:
+        _close_progress_bars()
         note = on_interrupt() if callable(on_interrupt) else on_interrupt
-        print(f"\ninterrupted: {note or DEFAULT_INTERRUPT_NOTE}", file=sys.stderr)
+        print(f"interrupted: {note or DEFAULT_INTERRUPT_NOTE}", file=sys.stderr)
         return INTERRUPT_STATUS
     return 0
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an interrupt left open, so they end their lines now instead of redrawing
+    themselves after the interrupt note when they are garbage-collected. A bar the interrupt caught half-built may
+    fail to close: it is skipped (its line is cosmetic)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a half-initialised bar; nothing to clean up
+            continue
 
 
 def _names(files: list[str], shown: int = 3) -> str:
     return ", ".join(files[:shown]) + (f" and {len(files) - shown} more" if len(files) > shown else "")
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime in ns, size) of ``path``, or None: every atomic rewrite of a manifest changes it."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
 def interrupt_note(out: str | os.PathLike | OutputDir, *, resumable: bool = False,
                    extra: Callable[[], str | None] | None = None) -> Callable[[], str]:
     """A note for :func:`run`'s ``on_interrupt``, read from ``out``'s manifest when Ctrl-C comes: nothing was
-    written there, or which files were (each whole), and how to go on: rerun to resume (``resumable``), or rerun
-    with ``--overwrite`` to start over (the claim refuses an unfinished earlier output otherwise).
+    written there since this note was made (an earlier output, if any, is as it was), or which files are there
+    (each whole), and how to go on: rerun to resume (``resumable``), or rerun with ``--overwrite`` to start over
+    (the claim refuses an unfinished earlier output otherwise).
 
     ``extra``: called at that moment too; a non-empty string it returns (e.g. another file saved) is appended.
     """
     path = out.path if isinstance(out, OutputDir) else Path(out)
+    before = _stamp(path / MANIFEST)
 
     def note() -> str:
         manifest = read_manifest(path)
         files = sorted(manifest.get("files", [])) if manifest else []
-        if not files:
-            text = f"nothing was written to {path}; run the same command again to start over"
+        if not files or _stamp(path / MANIFEST) == before:
+            kept = " (the earlier output there is as it was)" if files else ""
+            text = f"nothing was written to {path}{kept}; run the same command again" + (
+                " to resume" if resumable and files else " to start over")
         elif resumable:
             text = f"{path} keeps {_names(files)} (whole files); run the same command again to resume"
         else:
@@ -115,13 +141,14 @@ def interrupt_note(out: str | os.PathLike | OutputDir, *, resumable: bool = Fals
 
 def run_script(parse_args: Callable[[list[str] | None], argparse.Namespace],
                body: Callable[[argparse.Namespace], None], argv: list[str] | None = None, *,
-               extra: Callable[[], str | None] | None = None) -> int:
+               resumable: bool = False, extra: Callable[[], str | None] | None = None) -> int:
     """A script's ``main``: parse ``argv`` with ``parse_args`` (a parser that called :func:`add_output_args` and
     :func:`add_quiet_arg`), then :func:`run` ``body(args)`` inside :func:`quiet` when ``--quiet`` is given, saying on
-    Ctrl-C what ``--out`` holds (:func:`interrupt_note`, with ``extra``). Returns the exit status."""
+    Ctrl-C what ``--out`` holds (:func:`interrupt_note`, with ``resumable`` and ``extra``). Returns the exit
+    status."""
     args = parse_args(argv)
     with quiet(args.quiet):
-        return run(lambda: body(args), on_interrupt=interrupt_note(args.out, extra=extra))
+        return run(lambda: body(args), on_interrupt=interrupt_note(args.out, resumable=resumable, extra=extra))
 
 
 @contextlib.contextmanager

@@ -67,8 +67,17 @@ def test_interrupt_note_says_what_was_saved_and_how_to_go_on(tmp_path):
     assert note() == (f"{out.path} holds an unfinished output (a.csv, b.csv, c.csv and 1 more); run the same command "
                       "with --overwrite to start over")
     resumable = interrupt_note(tmp_path / "out", resumable=True, extra=lambda: "the mask was saved to m")
-    assert resumable().endswith("keeps a.csv, b.csv, c.csv and 1 more (whole files); run the same command again to "
+    atomic_write_text(OutputDir(tmp_path / "out", "krs", resume=True).file("e.csv"), "1")
+    assert resumable().endswith("keeps a.csv, b.csv, c.csv and 2 more (whole files); run the same command again to "
                                 "resume; the mask was saved to m")
+
+
+def test_interrupt_note_before_the_first_file_leaves_an_earlier_output_as_it_was(tmp_path):
+    atomic_write_text(OutputDir(tmp_path / "out", "krs").file("krs.json"), "{}")
+    note = interrupt_note(OutputDir(tmp_path / "out", "krs", overwrite=True))  # a rerun, stopped before writing
+    assert note() == (f"nothing was written to {tmp_path / 'out'} (the earlier output there is as it was); run the "
+                      "same command again to start over")
+    assert (tmp_path / "out" / "krs.json").read_text() == "{}"
 
 
 def _read_until(stream, marker: bytes, timeout: float) -> bytes:
@@ -93,8 +102,8 @@ def test_sigint_on_a_toy_world_script_prints_one_line_and_exits_130(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "analyses" / "behavior.py"), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
-        before = _read_until(proc.stderr, b"unlearn (graddiff)", timeout=180)  # the build's bar is up
-        assert b"unlearn (graddiff)" in before, before.decode(errors="replace")
+        before = _read_until(proc.stderr, b"| 1/", timeout=180)  # the build's bar made its first step
+        assert b"unlearn (graddiff)" in before and b"| 1/" in before, before.decode(errors="replace")
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=60)
     finally:
