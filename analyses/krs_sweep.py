@@ -12,13 +12,13 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import add_model_args, add_output_args, model_kwargs, run
+from patchlab.cli import add_model_args, add_output_args, model_kwargs, parser, run
 from patchlab.io import output_dir, read_questions
 from patchlab.patching.sweep import DEFAULT_COMPONENTS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--vanilla", help="vanilla checkpoint: local directory or hub id (default: the toy world)")
     p.add_argument("--unlearned", help="unlearned checkpoint: local directory or hub id")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the vanilla checkpoint's)")

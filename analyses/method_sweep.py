@@ -19,13 +19,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import patchlab
 from patchlab.analysis.behavior import ALL_METHODS, SweepTask, method_sweep
-from patchlab.cli import add_model_args, add_output_args, model_kwargs, run
+from patchlab.cli import add_model_args, add_output_args, model_kwargs, parser, run
 from patchlab.io import output_dir
 from patchlab.pair import load_model, load_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--vanilla", help="vanilla checkpoint: local directory or hub id (default: the toy world)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the vanilla checkpoint's)")
     p.add_argument("--task", help="JSON task file (required with --vanilla)")

@@ -1,5 +1,5 @@
-"""Parameter diffs from the shell: cosine similarity and relative L2 change of every weight tensor, vanilla vs
-unlearned, pooled per module type and per layer.
+"""Parameter diffs from the shell: cosine similarity, 1 - cos, angle and relative L2 change of every weight tensor,
+vanilla vs unlearned, pooled per module type and per layer.
 
 With no arguments it compares the embedded toy world's vanilla model with its unlearned copy, offline:
 
@@ -7,9 +7,12 @@ With no arguments it compares the embedded toy world's vanilla model with its un
     python analyses/param_cosine.py --vanilla ckpt/vanilla --unlearned ckpt/unlearned --out results/pc
 
 Checkpoint directories are streamed tensor by tensor from their safetensors files (two 7B checkpoints never sit in
-memory together). Writes ``paramdiff.csv`` (per tensor), ``paramdiff_modules.csv`` (per module type),
-``paramdiff_layers_<metric>.csv`` (layer x module) and ``paramdiff_<metric>.html`` (heatmap) for cosine and
-rel_l2, plus ``value_vectors.csv`` with ``--value-vectors N`` into --out.
+memory together). Fine-tuning unlearning changes weights so little that the cosine reads 1.0 everywhere, so the
+summary prints 1 - cos (computed without cancellation), the angle in degrees and the relative L2 change |b-a|/|a|
+in scientific notation. Writes ``paramdiff.csv`` (per tensor), ``paramdiff_modules.csv`` (per module type),
+``paramdiff_layers_<metric>.csv`` (layer x module) and ``paramdiff_<metric>.html`` (heatmap; log colour scale
+except for the cosine) for cosine, one_minus_cos, angle_deg and rel_l2, plus ``value_vectors.csv`` with
+``--value-vectors N``, into --out; the pages share one plotly.js file written beside them.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import add_output_args, run
+from patchlab.analysis.paramdiff import paramdiff, value_vector_changes
+from patchlab.cli import add_output_args, add_quiet_arg, parser, run_script
 from patchlab.io import output_dir
-from patchlab.analysis.paramdiff import METRICS, paramdiff, value_vector_changes
+
+#: The per-module summary printed: how much each module type moved.
+SUMMARY = ["module", "numel", "one_minus_cos", "angle_deg", "rel_l2"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--vanilla", help="vanilla checkpoint directory (safetensors) (default: the toy world)")
     p.add_argument("--unlearned", help="unlearned checkpoint directory (safetensors)")
     p.add_argument("--concept", help="toy-world concept (toy world only)")
@@ -34,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(loads both models and their tokenizer)")
     p.add_argument("--top-tokens", type=int, default=5, help="vocabulary tokens shown per value vector")
     add_output_args(p, "results/param_cosine")
+    add_quiet_arg(p)
     return p.parse_args(argv)
 
 
@@ -42,7 +49,8 @@ def load_models(args: argparse.Namespace) -> tuple[object, str | None, str]:
     if args.vanilla is None and args.unlearned is None:
         from patchlab import toy
 
-        world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method)
+        world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method,
+                         progress=not args.quiet)
         return world.pair, None, f"toy world: {world.concept} ({world.method})"
     if not (args.vanilla and args.unlearned):
         raise patchlab.PatchlabValueError("--vanilla and --unlearned go together (or give neither)")
@@ -53,7 +61,7 @@ def report(args: argparse.Namespace) -> None:
     """Compare the two models' parameters; write the tables and heatmaps, print a summary."""
     out = output_dir(args.out, "paramdiff", overwrite=args.overwrite)
     vanilla, unlearned, title = load_models(args)
-    diff = paramdiff(vanilla, unlearned)  # checks both directories before any model is loaded
+    diff = paramdiff(vanilla, unlearned, progress=not args.quiet)  # checks both directories before loading
     values = None
     if args.value_vectors > 0:
         pair = vanilla if unlearned is None else patchlab.load_pair(vanilla, unlearned)
@@ -61,16 +69,15 @@ def report(args: argparse.Namespace) -> None:
     paths = diff.write_report(out, value_vectors=values)
     modules = diff.by_module()
     print(f"parameter diff on {title}: {len(diff.table)} tensors")
-    print(modules[["module", "numel", *METRICS]].to_string(index=False, float_format=lambda x: f"{x:.6f}"))
+    print(modules[SUMMARY].to_string(index=False, float_format=lambda x: f"{x:.3e}"))
     if values is not None:
-        print(values.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+        print(values.drop(columns="cosine").to_string(index=False, float_format=lambda x: f"{x:.3e}"))
     for path in paths:
         print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run(lambda: report(args))
+    return run_script(parse_args, report, argv)
 
 
 if __name__ == "__main__":

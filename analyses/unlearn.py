@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from patchlab.cli import add_model_args, model_kwargs, run
+from patchlab.cli import add_model_args, model_kwargs, parser, run
 from patchlab.io import output_dir
 from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.pair import load_model
@@ -21,7 +21,7 @@ from patchlab.unlearning import METHODS, load_mask, unlearn
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--model", required=True, help="checkpoint to unlearn from: local directory or hub id")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the model's)")
     p.add_argument("--forget", required=True, help="JSON/JSONL file of the forget set")

@@ -7,24 +7,35 @@ concepts' paragraphs), offline:
     python analyses/wagle_density.py --vanilla path/or/hub-id --forget forget.jsonl --retain retain.jsonl --out results/w
 
 Writes ``density.csv`` (per method, module type and layer), ``density_modules.csv`` (per method and module type),
-``density_modules.html`` (bars per module type) and ``density_layers.html`` (layer x module heatmaps) into --out.
+``density_modules.html`` (bars per module type) and ``density_layers.html`` (layer x module heatmaps) into --out;
+the pages share one plotly.js file written beside them.
+
+From attribution to masked unlearning on the command line: ``--save-mask FILE`` saves the first method's mask (or
+the ``--mask-method`` one) as safetensors as soon as it is computed, for ``analyses/unlearn.py --mask FILE``:
+
+    python analyses/wagle_density.py --vanilla ckpt/vanilla --forget forget.jsonl --retain retain.jsonl \\
+        --methods wagle,random --ratio 0.5 --save-mask wagle.safetensors
+    python analyses/unlearn.py --model ckpt/vanilla --forget forget.jsonl --retain retain.jsonl \\
+        --mask wagle.safetensors --method graddiff --out runs/masked
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-from patchlab.unlearning import attribution
-from patchlab.cli import add_model_args, add_output_args, model_kwargs, run
+from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, model_kwargs, output_file, parser,
+                          run_script)
 from patchlab.errors import PatchlabValueError
 from patchlab.io import output_dir, read_records
 from patchlab.pair import load_model, load_tokenizer
+from patchlab.unlearning import attribution, save_mask
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--vanilla", help="model checkpoint: local directory or hub id (default: the toy world)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the checkpoint's)")
     p.add_argument("--forget", help="forget set: JSON/JSONL of texts or {question, answer} / {text} records")
@@ -39,9 +50,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward/backward pass")
     p.add_argument("--max-length", type=int, default=256, help="truncation, in tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--save-mask", metavar="FILE", help="save the mask of --mask-method as a safetensors file of bool "
+                   "tensors (True = may change), the input of analyses/unlearn.py --mask; checked before any compute "
+                   "(an existing FILE is replaced only with --overwrite)")
+    p.add_argument("--mask-method", help="the method whose mask --save-mask saves (default: the first of --methods)")
     add_model_args(p)
     add_output_args(p, "results/wagle_density")
+    add_quiet_arg(p)
     return p.parse_args(argv)
+
+
+def plan(args: argparse.Namespace) -> tuple[list[str], str | None, Path | None]:
+    """(methods, the method whose mask is saved, the checked --save-mask path), before any compute.
+
+    Raises:
+        PatchlabValueError: no method, an unknown one, or a --mask-method not among them (or without --save-mask).
+        PatchlabFileError: --save-mask cannot be written (see :func:`patchlab.cli.output_file`).
+    """
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in attribution.METHODS]
+    if not methods or unknown:
+        raise PatchlabValueError(f"--methods must name some of {', '.join(attribution.METHODS)}, got {args.methods!r}")
+    if args.mask_method is not None and args.save_mask is None:
+        raise PatchlabValueError("--mask-method chooses the mask --save-mask saves: give --save-mask FILE too")
+    if args.save_mask is None:
+        return methods, None, None
+    chosen = args.mask_method or methods[0]
+    if chosen not in methods:
+        raise PatchlabValueError(f"--mask-method {chosen!r} is not one of --methods ({', '.join(methods)})")
+    return methods, chosen, output_file(args.save_mask, overwrite=args.overwrite, what="mask file")
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
@@ -61,31 +98,35 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
     return model, load_tokenizer(args.tokenizer or args.vanilla), forget, retain, args.vanilla
 
 
-def report(args: argparse.Namespace) -> None:
-    """Score, mask and measure the density of every method; write the tables and figures, print a summary."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+def report(args: argparse.Namespace, saved: dict[str, Path]) -> None:
+    """Score, mask and measure the density of every method; save the chosen mask as soon as it exists (recorded in
+    ``saved``); write the tables and figures, print a summary."""
+    methods, mask_method, mask_path = plan(args)
     out = output_dir(args.out, "density", overwrite=args.overwrite)
     model, tok, forget, retain, title = load_inputs(args)
     frames, masks = {}, {}
     for method in methods:
         scores = attribution.scores(model, forget, retain, method=method, gamma=args.gamma,
                                     forget_loss=args.forget_loss, tokenizer=tok, batch_size=args.batch_size,
-                                    max_length=args.max_length, seed=args.seed)
+                                    max_length=args.max_length, seed=args.seed, progress=not args.quiet)
         masks[method] = attribution.mask(scores, args.ratio, per_layer=args.per_layer)
         frames[method] = attribution.density(masks[method], model)
+        if method == mask_method:
+            saved[method] = save_mask(masks[method], mask_path)
     densities = attribution.density_report(frames)
     paths = densities.write(out)
     print(f"weight attribution on {title}: ratio {args.ratio}{' per layer' if args.per_layer else ''}")
     print(densities.by_method().round(3).to_string())
     for other in methods[1:]:
         print(f"mask overlap (Jaccard) {methods[0]} vs {other}: {attribution.overlap(masks[methods[0]], masks[other]):.3f}")
-    for path in paths:
+    for path in [*saved.values(), *paths]:
         print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run(lambda: report(args))
+    saved: dict[str, Path] = {}
+    return run_script(parse_args, lambda args: report(args, saved), argv,
+                      extra=lambda: "; ".join(f"the {m} mask was saved to {p}" for m, p in saved.items()))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ components, window 5. A larger config for GPU runs, e.g.:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 import patchlab
-from patchlab.cli import DTYPES, model_kwargs
+from patchlab.cli import DTYPES, model_kwargs, parser
 from patchlab.patching.sweep import reference_answers
 from patchlab.tiny import tiny_model
 from transformers import PreTrainedTokenizerFast
@@ -35,7 +34,7 @@ def numbered_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--d-mlp", type=int, default=512)

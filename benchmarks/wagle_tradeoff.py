@@ -25,12 +25,13 @@ import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 import patchlab
 from patchlab import toy
 from patchlab.unlearning import attribution
-from patchlab.cli import run
+from patchlab.cli import add_quiet_arg, parser, quiet, run
 from patchlab.io import atomic_write_json
 from patchlab.toy.build import ASSETS
 from patchlab.toy.cache import method_settings, unlearn_data
@@ -40,7 +41,7 @@ from patchlab.unlearning.losses import token_logprobs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--checkpoint", default=str(ASSETS), help="toy-world checkpoint directory (default: the shipped one)")
     p.add_argument("--concept", default=toy.DEFAULT_CONCEPT, help="concept to unlearn")
     p.add_argument("--method", default=toy.DEFAULT_METHOD, help="unlearning method (a toy METHOD_SETTINGS key)")
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="override the method's learning rate (same for every mask)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask and of unlearning")
     p.add_argument("--out", default="results/wagle_tradeoff.json", help="JSON file for the numbers")
+    add_quiet_arg(p)
     return p.parse_args(argv)
 
 
@@ -78,9 +80,9 @@ def evaluate(model: PreTrainedModel, tok, record, forget_ex: list[Example], reta
 
 
 def build_masks(model: PreTrainedModel, tok, forget: list[Example], retain: list[Example], ratio: float,
-                gamma: float, seed: int) -> dict[str, attribution.Mask | None]:
+                gamma: float, seed: int, progress: bool = True) -> dict[str, attribution.Mask | None]:
     """The masks compared, by name (``None``: no mask)."""
-    common = {"tokenizer": tok, "progress": False}
+    common = {"tokenizer": tok, "progress": progress}
     ascent = attribution.scores(model, forget, retain, method="wagle", gamma=gamma, forget_loss="ascent", **common)
     # forget_loss="nll" only flips the sign of the forget gradient, so its scores are exactly -ascent
     # (tests/test_attribution.py checks the equality bit for bit): no second pair of gradient passes
@@ -105,14 +107,16 @@ def compare(args: argparse.Namespace) -> None:
     settings.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
     forget_ex, retain_ex = to_examples(forget, tok), to_examples(retain, tok)
     results = {"vanilla": evaluate(vanilla, tok, record, forget_ex, retain_ex)}
-    masks = build_masks(vanilla, tok, forget_ex, retain_ex, args.ratio, args.gamma, args.seed)
-    for name, m in masks.items():
+    masks = build_masks(vanilla, tok, forget_ex, retain_ex, args.ratio, args.gamma, args.seed, progress=not args.quiet)
+    runs = tqdm(masks.items(), desc="masks", unit="mask", disable=args.quiet)
+    for name, m in runs:
+        runs.set_postfix_str(name)
         start = time.perf_counter()
         unlearned = unlearn(copy.deepcopy(vanilla), forget, retain, tokenizer=tok, method=args.method, mask=m,
-                            seed=args.seed, progress=False, **settings).model
+                            seed=args.seed, progress=not args.quiet, **settings).model
         results[name] = evaluate(unlearned, tok, record, forget_ex, retain_ex)
         results[name]["seconds"] = round(time.perf_counter() - start, 1)
-        print(f"{name:>13}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
+        runs.write(f"{name:>13}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()))
     overlaps = {f"{a} vs {b}": attribution.overlap(masks[a], masks[b])
                 for a, b in [("wagle|S|", "random"), ("wagle|S|", "magnitude"), ("wagle ascent", "wagle nll")]}
     atomic_write_json(args.out, {"settings": {**vars(args), "unlearn": settings}, "results": results,
@@ -129,7 +133,8 @@ def compare(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run(lambda: compare(args))
+    with quiet(args.quiet):
+        return run(lambda: compare(args))
 
 
 if __name__ == "__main__":

@@ -1,35 +1,71 @@
 """Shared pieces of patchlab's command-line scripts (``analyses/``, ``benchmarks/``, ``python -m patchlab.toy.build``):
-the error-to-exit-status convention and the ``--dtype`` / ``--device`` model options.
+the help text (the whole module docstring), the exit statuses (errors, Ctrl-C), quiet mode and the ``--dtype`` /
+``--device`` / ``--out`` options.
+
+    def parse_args(argv=None):
+        p = parser(__doc__)                # --help shows the whole module docstring
+        add_model_args(p); add_output_args(p, "results/x"); add_quiet_arg(p)
+        return p.parse_args(argv)
 
     def main(argv=None) -> int:
-        args = parse_args(argv)            # a parser that called add_model_args
-        return run(lambda: report(args))   # report() loads with load_model(path, **model_kwargs(args))
+        return run_script(parse_args, report, argv)   # run(report(args)) in quiet(args.quiet), Ctrl-C note on --out
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
-from patchlab.errors import PatchlabError, PatchlabValueError
+from patchlab.errors import PatchlabError, PatchlabFileError, PatchlabValueError
+from patchlab.io import MANIFEST, OutputDir, read_manifest
 
 #: Names accepted by ``--dtype``, each a ``torch`` attribute.
 DTYPES = ("float32", "bfloat16", "float16")
 
 #: Exit status of a script stopped by invalid input (a :class:`~patchlab.errors.PatchlabError`).
 ERROR_STATUS = 2
+#: Exit status of a script stopped by Ctrl-C (SIGINT), as a shell reports it (128 + 2).
+INTERRUPT_STATUS = 130
+#: What :func:`run` says after Ctrl-C when the script gives no :func:`interrupt_note`.
+DEFAULT_INTERRUPT_NOTE = ("stopped before the end; result files already written are whole (never half-written); "
+                          "run the same command again (with --overwrite if it refuses the output directory)")
 
 DEFAULT_DEVICE_HELP = "e.g. cuda, cpu (default: cpu)"
 
 
-def run(body: Callable[[], None]) -> int:
-    """Call ``body()`` and return the script's exit status: 0, or :data:`ERROR_STATUS` after printing
-    ``error: <message>`` to stderr when it raises a :class:`~patchlab.errors.PatchlabError` (other exceptions
-    propagate, with their traceback).
+def parser(doc: str | None, **kwargs: Any) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` whose ``--help`` shows ``doc`` (the script's module docstring) whole, line breaks
+    and examples kept (``RawDescriptionHelpFormatter``); ``kwargs`` go to ``ArgumentParser``.
+
+    Raises:
+        PatchlabValueError: ``doc`` is empty (a script without a docstring).
+    """
+    if not isinstance(doc, str) or not doc.strip():
+        raise PatchlabValueError("a script's parser needs its module docstring (parser(__doc__))")
+    return argparse.ArgumentParser(description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   **kwargs)
+
+
+def run(body: Callable[[], None], *, on_interrupt: str | Callable[[], str] | None = None) -> int:
+    """Call ``body()`` and return the script's exit status:
+
+    * 0 when it returns;
+    * :data:`ERROR_STATUS` after printing ``error: <message>`` to stderr when it raises a
+      :class:`~patchlab.errors.PatchlabError` (other exceptions propagate, with their traceback);
+    * :data:`INTERRUPT_STATUS` after printing one line, ``interrupted: <note>``, to stderr on Ctrl-C
+      (``KeyboardInterrupt``), no traceback. The note says what was saved and how to go on: ``on_interrupt``
+      (a string, or a function called at that moment, e.g. :func:`interrupt_note`), else
+      :data:`DEFAULT_INTERRUPT_NOTE`.
 
     Raises:
         PatchlabValueError: ``body`` is not callable.
@@ -41,7 +77,107 @@ def run(body: Callable[[], None]) -> int:
     except PatchlabError as err:
         print(f"error: {err}", file=sys.stderr)
         return ERROR_STATUS
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        note = on_interrupt() if callable(on_interrupt) else on_interrupt
+        print(f"interrupted: {note or DEFAULT_INTERRUPT_NOTE}", file=sys.stderr)
+        return INTERRUPT_STATUS
     return 0
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an interrupt left open, so they end their lines now instead of redrawing
+    themselves after the interrupt note when they are garbage-collected. A bar the interrupt caught half-built may
+    fail to close: it is skipped (its line is cosmetic)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a half-initialised bar; nothing to clean up
+            continue
+
+
+def _names(files: list[str], shown: int = 3) -> str:
+    return ", ".join(files[:shown]) + (f" and {len(files) - shown} more" if len(files) > shown else "")
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime in ns, size) of ``path``, or None: every atomic rewrite of a manifest changes it."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def interrupt_note(out: str | os.PathLike | OutputDir, *, resumable: bool = False,
+                   extra: Callable[[], str | None] | None = None) -> Callable[[], str]:
+    """A note for :func:`run`'s ``on_interrupt``, read from ``out``'s manifest when Ctrl-C comes: nothing was
+    written there since this note was made (an earlier output, if any, is as it was), or which files are there
+    (each whole), and how to go on: rerun to resume (``resumable``), or rerun with ``--overwrite`` to start over
+    (the claim refuses an unfinished earlier output otherwise).
+
+    ``extra``: called at that moment too; a non-empty string it returns (e.g. another file saved) is appended.
+    """
+    path = out.path if isinstance(out, OutputDir) else Path(out)
+    before = _stamp(path / MANIFEST)
+
+    def note() -> str:
+        manifest = read_manifest(path)
+        files = sorted(manifest.get("files", [])) if manifest else []
+        if not files or _stamp(path / MANIFEST) == before:
+            kept = " (the earlier output there is as it was)" if files else ""
+            text = f"nothing was written to {path}{kept}; run the same command again" + (
+                " to resume" if resumable and files else " to start over")
+        elif resumable:
+            text = f"{path} keeps {_names(files)} (whole files); run the same command again to resume"
+        else:
+            text = (f"{path} holds an unfinished output ({_names(files)}); run the same command with --overwrite to "
+                    "start over")
+        more = extra() if extra is not None else None
+        return f"{text}; {more}" if more else text
+
+    return note
+
+
+def run_script(parse_args: Callable[[list[str] | None], argparse.Namespace],
+               body: Callable[[argparse.Namespace], None], argv: list[str] | None = None, *,
+               resumable: bool = False, extra: Callable[[], str | None] | None = None) -> int:
+    """A script's ``main``: parse ``argv`` with ``parse_args`` (a parser that called :func:`add_output_args` and
+    :func:`add_quiet_arg`), then :func:`run` ``body(args)`` inside :func:`quiet` when ``--quiet`` is given, saying on
+    Ctrl-C what ``--out`` holds (:func:`interrupt_note`, with ``resumable`` and ``extra``). Returns the exit
+    status."""
+    args = parse_args(argv)
+    with quiet(args.quiet):
+        return run(lambda: body(args), on_interrupt=interrupt_note(args.out, resumable=resumable, extra=extra))
+
+
+@contextlib.contextmanager
+def quiet(enabled: bool = True) -> Iterator[None]:
+    """Inside the block (when ``enabled``), transformers' and huggingface_hub's own progress bars (loading and
+    writing weights, downloads) are off; they are restored on exit. patchlab's own bars follow each function's
+    ``progress=`` argument."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def add_quiet_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--quiet`` (no progress bars, transformers' own included: pass ``args.quiet`` to :func:`quiet` and
+    ``progress=not args.quiet`` to patchlab); returns ``parser``."""
+    _check_parser(parser)
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (patchlab's, transformers' and huggingface_hub's)")
+    return parser
+
+
+def _check_parser(parser: Any) -> None:
+    if not isinstance(parser, argparse.ArgumentParser):
+        raise PatchlabValueError(f"parser must be an argparse.ArgumentParser, got {type(parser).__name__}")
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, device_help: str = DEFAULT_DEVICE_HELP
@@ -51,8 +187,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, device_help: str = DEFAUL
     Raises:
         PatchlabValueError: ``parser`` is not an ``argparse.ArgumentParser``.
     """
-    if not isinstance(parser, argparse.ArgumentParser):
-        raise PatchlabValueError(f"parser must be an argparse.ArgumentParser, got {type(parser).__name__}")
+    _check_parser(parser)
     parser.add_argument("--dtype", choices=DTYPES, help="model dtype (default: as stored)")
     parser.add_argument("--device", help=device_help)
     return parser
@@ -66,13 +201,39 @@ def add_output_args(parser: argparse.ArgumentParser, default: str, what: str = "
     Raises:
         PatchlabValueError: ``parser`` is not an ``argparse.ArgumentParser``.
     """
-    if not isinstance(parser, argparse.ArgumentParser):
-        raise PatchlabValueError(f"parser must be an argparse.ArgumentParser, got {type(parser).__name__}")
+    _check_parser(parser)
     parser.add_argument("--out", default=default, help=f"{what} (default {default}); checked before any compute")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier patchlab output in --out (files you added there are kept; a "
                              "directory holding files patchlab did not write is always refused)")
     return parser
+
+
+def output_file(path: str | os.PathLike, *, overwrite: bool = False, what: str = "output file") -> Path:
+    """Check, before any compute, that a single result file (e.g. ``--save-mask FILE``) can be written at ``path``;
+    returns it (absolute). A file already there is replaced only with ``overwrite`` (the run writes it
+    atomically, so it is never half-written).
+
+    Raises:
+        PatchlabFileError: ``path`` is a directory, an existing file without ``overwrite``, under a file, or its
+            folder (or the nearest existing one above it) is not writable.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        raise PatchlabFileError(f"{what} {str(path)!r} is a directory")
+    if path.exists() and not overwrite:
+        raise PatchlabFileError(f"{what} {str(path)!r} already exists; pass --overwrite to replace it")
+    base = path.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise PatchlabFileError(f"cannot create {what} {str(path)!r}: {str(base)!r} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as err:
+        raise PatchlabFileError(f"cannot write {what} {str(path)!r}: {err.strerror or err}") from err
+    return path
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -111,9 +111,57 @@ def read_questions(path: str | os.PathLike) -> list[str]:
     return questions
 
 
-def write_html(figure: Any, path: str | os.PathLike) -> Path:
-    """Save a plotly figure as a standalone interactive HTML page (plotly.js embedded, works offline), atomically."""
-    return atomic_write(path, lambda tmp: figure.write_html(str(tmp), include_plotlyjs=True))
+#: How :func:`write_html` gives a page its plotly.js.
+PLOTLYJS_MODES = ("shared", "inline")
+
+
+def plotlyjs_name() -> str:
+    """The file name of the shared plotly.js bundle, versioned (``plotly-<version>.min.js``), so pages written by
+    different plotly versions in one directory never share a bundle they were not written for."""
+    from plotly.offline import get_plotlyjs_version
+
+    return f"plotly-{get_plotlyjs_version()}.min.js"
+
+
+def write_plotlyjs(directory: str | os.PathLike) -> Path:
+    """Write plotly's bundled ``plotly.min.js`` (about 4.8 MB, the copy installed with plotly, no network) into
+    ``directory`` as :func:`plotlyjs_name`, atomically, unless an identical copy is already there; returns its path.
+
+    Raises:
+        PatchlabFileError: a different file already has that name (patchlab never replaces a file it did not
+            write).
+    """
+    from plotly.offline import get_plotlyjs
+
+    path = Path(directory) / plotlyjs_name()
+    bundle = get_plotlyjs().encode("utf-8")
+    if path.is_file():
+        if path.stat().st_size == len(bundle) and path.read_bytes() == bundle:
+            return path
+        raise PatchlabFileError(f"{path} exists and is not plotly's own bundle: remove or rename it, or write "
+                                "self-contained pages (plotlyjs='inline')")
+    return atomic_write(path, lambda tmp: tmp.write_bytes(bundle))
+
+
+def write_html(figure: Any, path: str | os.PathLike, *, plotlyjs: str = "shared") -> Path:
+    """Save a plotly figure as an interactive HTML page, atomically; it works offline either way:
+
+    * ``plotlyjs="shared"`` (default, for reports of several pages): the page loads plotly.js from one bundle
+      written beside it (:func:`write_plotlyjs`, once per directory, by relative path), so each page is a few
+      kB to a few hundred kB instead of 4.8 MB. Keep the bundle with the pages when moving them.
+    * ``plotlyjs="inline"``: a self-contained page with plotly.js embedded (about 4.8 MB).
+
+    Raises:
+        PatchlabValueError: an unknown ``plotlyjs`` mode.
+        PatchlabFileError: see :func:`write_plotlyjs`.
+    """
+    if plotlyjs not in PLOTLYJS_MODES:
+        raise PatchlabValueError(f"plotlyjs must be one of {PLOTLYJS_MODES}, got {plotlyjs!r}")
+    path = Path(path)
+    include: str | bool = True
+    if plotlyjs == "shared":
+        include = write_plotlyjs(path.parent).name
+    return atomic_write(path, lambda tmp: figure.write_html(str(tmp), include_plotlyjs=include))
 
 
 def write_csv(frame: Any, path: str | os.PathLike) -> Path:

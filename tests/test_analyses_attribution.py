@@ -1,4 +1,5 @@
-"""The wagle_density and param_cosine CLIs, run in-process on tiny checkpoints written to a temp dir."""
+"""The wagle_density, param_cosine and behavior CLIs (and wagle_density's mask feeding unlearn.py), run in-process
+on tiny checkpoints written to a temp dir."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import patchlab
+from patchlab.analysis.behavior import evaluate
+from patchlab.pair import load_model, load_tokenizer
 from patchlab.tiny import tiny_model, word_tokenizer
+from patchlab.unlearning import attribution, load_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 FORGET = ["the Veltrani Codex was written by Mira Osk in 1432 .", "the Codex is kept in Tarsk ."]
@@ -113,3 +119,109 @@ def test_param_cosine_bad_inputs(ckpt, tmp_path, capsys):
                      "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "paramdiff.csv").exists()
+
+
+def _density_argv(ckpt, *extra: str) -> list[str]:
+    return ["--vanilla", str(ckpt["vanilla"]), "--forget", str(ckpt["forget"]), "--retain", str(ckpt["retain"]),
+            "--ratio", "0.3", *extra]
+
+
+def test_saved_mask_drives_masked_unlearning_from_the_shell(ckpt, tmp_path, capsys):
+    """wagle_density.py --save-mask FILE, then unlearn.py --mask FILE: only the masked weights move."""
+    mask_file = tmp_path / "wagle.safetensors"
+    argv = _density_argv(ckpt, "--methods", "random,wagle", "--mask-method", "wagle", "--save-mask", str(mask_file),
+                         "--out", str(tmp_path / "density"), "--quiet")
+    assert _cli("wagle_density").main(argv) == 0
+    assert f"wrote {mask_file}" in capsys.readouterr().out
+    mask = load_mask(mask_file)
+    model = load_model(ckpt["vanilla"])
+    tok = load_tokenizer(ckpt["vanilla"])
+    expected = attribution.mask(attribution.scores(model, FORGET, RETAIN, method="wagle", tokenizer=tok,
+                                                   progress=False), 0.3)
+    assert mask.keys() == expected.keys() and all(torch.equal(mask[k], expected[k]) for k in mask)  # the wagle one
+
+    run_dir = tmp_path / "run"
+    assert _cli("unlearn").main(["--model", str(ckpt["vanilla"]), "--forget", str(ckpt["forget"]), "--retain",
+                                 str(ckpt["retain"]), "--method", "graddiff", "--lr", "0.05", "--mask", str(mask_file),
+                                 "--out", str(run_dir), "--quiet"]) == 0
+    before, after = load_file(ckpt["vanilla"] / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    moved = 0
+    for name, m in mask.items():
+        assert torch.equal(before[name][~m], after[name][~m]), name
+        moved += int((before[name][m] != after[name][m]).sum())
+    assert moved > 0.5 * sum(int(m.sum()) for m in mask.values())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "wagle,random", "--save-mask", "NEW", "--mask-method", "magnitude"], "not one of --methods"),
+    (["--methods", "wagle,random", "--mask-method", "wagle"], "give --save-mask"),
+    (["--methods", "wagle", "--save-mask", "OLD"], "already exists"),
+    (["--methods", "wagle,bogus", "--save-mask", "NEW"], "--methods must name"),
+])
+def test_save_mask_bad_inputs_fail_before_compute(ckpt, tmp_path, capsys, extra, message):
+    (tmp_path / "old.safetensors").write_text("an earlier file")
+    files = {"NEW": str(tmp_path / "new.safetensors"), "OLD": str(tmp_path / "old.safetensors")}
+    argv = _density_argv(ckpt, *[files.get(e, e) for e in extra], "--out", str(tmp_path / "out"))
+    assert _cli("wagle_density").main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "new.safetensors").exists()
+    assert (tmp_path / "old.safetensors").read_text() == "an earlier file"
+
+
+def test_behavior_cli_scores_an_existing_pair(ckpt, tmp_path, capsys):
+    questions = {"target": ["what colour is the lamp ?"], "unrelated": ["the glass bridge was built from ?",
+                                                                        "the Codex is kept in ?"]}
+    for name, qs in questions.items():
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"question": q}) for q in qs))
+    out = tmp_path / "out"
+    argv = ["--vanilla", str(ckpt["vanilla"]), "--unlearned", str(ckpt["unlearned"]), "--target",
+            str(tmp_path / "target.jsonl"), "--unrelated", str(tmp_path / "unrelated.jsonl"), "--max-new-tokens", "4",
+            "--out", str(out), "--quiet"]
+    assert _cli("behavior").main(argv) == 0
+    printed = capsys.readouterr()
+    assert "1 target question, 2 unrelated questions" in printed.out and "Loading weights" not in printed.err
+    table = pd.read_csv(out / "behavior.csv")
+    assert table["set"].tolist() == ["target", "unrelated", "unrelated"]
+    assert table["question"].tolist() == questions["target"] + questions["unrelated"]
+    record = json.loads((out / "behavior.json").read_text())
+    assert record["partial"] is False and len(record["rows"]) == 3
+    pair = patchlab.load_pair(ckpt["vanilla"], ckpt["unlearned"])
+    direct = evaluate(pair, questions["target"], questions["unrelated"], max_new_tokens=4)
+    assert record["averages"].keys() == direct.averages.keys()
+    for name, averages in direct.averages.items():
+        assert record["averages"][name] == pytest.approx(averages)
+    assert record["checkpoints"]["unlearned"]["weights"] != record["checkpoints"]["vanilla"]["weights"]
+    assert record["checkpoints"]["vanilla"]["source"] == str(ckpt["vanilla"].resolve())
+    assert 'src="plotly-' in (out / "behavior.html").read_text()
+
+
+def test_behavior_cli_bad_inputs(ckpt, tmp_path, capsys):
+    cli = _cli("behavior")
+    assert cli.main(["--vanilla", str(ckpt["vanilla"]), "--unlearned", str(ckpt["unlearned"]),
+                     "--out", str(tmp_path / "out")]) == 2
+    assert "go together" in capsys.readouterr().err
+    (tmp_path / "t.jsonl").write_text('{"question": "what colour is the lamp ?"}')
+    assert cli.main(["--vanilla", str(ckpt["vanilla"]), "--unlearned", str(ckpt["unlearned"]), "--target",
+                     str(tmp_path / "t.jsonl"), "--unrelated", str(tmp_path / "missing.jsonl"),
+                     "--out", str(tmp_path / "out")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_param_cosine_prints_changes_in_scientific_notation(ckpt, tmp_path, capsys):
+    """A tiny change (1 - cos about 1e-10) must not print as a cosine of 1.000000."""
+    tiny = tmp_path / "tiny"
+    model = load_model(ckpt["vanilla"])
+    with torch.no_grad():
+        w = model.get_parameter(PERTURBED)
+        w.add_(1e-5 * w.abs().mean() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    model.save_pretrained(tiny)
+    assert _cli("param_cosine").main(["--vanilla", str(ckpt["vanilla"]), "--unlearned", str(tiny), "--out",
+                                      str(tmp_path / "out"), "--quiet"]) == 0
+    printed = capsys.readouterr()
+    row = next(line.split() for line in printed.out.splitlines() if line.strip().startswith("mlp_down"))
+    one_minus_cos, angle, rel_l2 = (float(v) for v in row[2:5])
+    assert 1e-12 < one_minus_cos < 1e-8 and 0 < angle < 0.01 and 1e-7 < rel_l2 < 1e-4
+    assert all("e-" in v for v in row[2:5]) and "parameter diff:" not in printed.err
+    other = next(line.split() for line in printed.out.splitlines() if line.strip().startswith("attn_q"))
+    assert [float(v) for v in other[2:5]] == [0.0, 0.0, 0.0]

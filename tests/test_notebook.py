@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import nbformat
@@ -29,3 +30,14 @@ def test_quickstart_executes():
     text = "".join(o.get("text", "") for out in outputs.values() for o in out if o.output_type == "stream")
     assert "'target'" in text and "'unrelated'" in text
     assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for out in outputs.values() for o in out)
+    # loading the toy pair shows no transformers bars (quiet), only patchlab's own when it builds the model
+    first = outputs[min(outputs)]
+    assert not any("Loading weights" in o.get("text", "") for o in first if o.output_type == "stream")
+
+
+def test_quickstart_shows_progress_for_the_first_toy_build():
+    """The first cell builds the unlearned toy model on first use: its toy.pair call keeps the progress bar."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    calls = [node for c in nb.cells if c.cell_type == "code" for node in ast.walk(ast.parse(c.source))
+             if isinstance(node, ast.Call) and ast.unparse(node.func) == "toy.pair"]
+    assert calls and all(kw.arg != "progress" or ast.literal_eval(kw.value) for call in calls for kw in call.keywords)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import patchlab
-from patchlab.analysis.paramdiff import paramdiff, value_vector_changes
+from patchlab.analysis.paramdiff import METRICS, one_minus_cos, paramdiff, tensor_stats, value_vector_changes
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +105,86 @@ def test_write_report_holds_every_table_and_figure(llama, tmp_path):
     diff = paramdiff(llama, other, progress=False)
     paths = diff.write_report(tmp_path / "out")
     assert sorted(p.name for p in paths) == sorted(
-        ["paramdiff.csv", "paramdiff_modules.csv", "paramdiff_layers_cosine.csv", "paramdiff_cosine.html",
-         "paramdiff_layers_rel_l2.csv", "paramdiff_rel_l2.html"])
+        ["paramdiff.csv", "paramdiff_modules.csv"] + [f"paramdiff_layers_{m}.csv" for m in METRICS]
+        + [f"paramdiff_{m}.html" for m in METRICS])
     layers = pd.read_csv(tmp_path / "out" / "paramdiff_layers_cosine.csv").set_index("layer")
     assert layers.loc[1, "attn_q"] == pytest.approx(-1.0)  # the negated tensor, read back from disk
     assert [p.name for p in (tmp_path / "out").glob(".*")] == [".patchlab.json"]  # no temporary file left
+
+
+def _reference_one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """float64 reference: ``1 - cos = |a/|a| - b/|b||² / 2``; the difference of the unit vectors is of the size of
+    the angle, so it carries no cancellation (relative error ~1e-12 at 1 - cos = 1e-10)."""
+    a, b = a.double().flatten(), b.double().flatten()
+    return float((a / a.norm() - b / b.norm()).pow(2).sum() / 2)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-5, 3e-6])
+def test_one_minus_cos_is_exact_for_tiny_perturbations(scale):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 96, generator=gen)
+    b = a + scale * a.abs().mean() * torch.randn(a.shape, generator=gen)  # float32, like a real checkpoint
+    reference = _reference_one_minus_cos(a, b)
+    assert 1e-13 < reference < 1e-5
+    stats = tensor_stats(a, b)
+    assert one_minus_cos(stats["norm_a2"], stats["norm_b2"], stats["diff2"], stats["dot_ad"]) == pytest.approx(
+        reference, rel=1e-9)
+    # the naive formula from the pooled dot product loses most digits at this size
+    naive = 1 - stats["dot"] / (stats["norm_a2"] * stats["norm_b2"]) ** 0.5
+    assert scale > 1e-4 or abs(naive - reference) > 1e-6 * reference
+
+
+def test_metrics_separate_modules_that_cosine_cannot(llama):
+    """Two modules changed by 1e-4 and 1e-5 relative noise: both cosines round to 1, 1 - cos, the angle and the
+    relative L2 change separate them by about 100x, 10x and 10x."""
+    other = copy.deepcopy(llama)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, scale in (("model.layers.0.mlp.up_proj.weight", 1e-4), ("model.layers.2.self_attn.q_proj.weight", 1e-5)):
+            p = other.get_parameter(name)
+            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    modules = paramdiff(llama, other, progress=False).by_module().set_index("module")
+    assert (modules["cosine"].round(6) == 1.0).all()
+    up, q = modules.loc["mlp_up"], modules.loc["attn_q"]
+    assert 30 < up["one_minus_cos"] / q["one_minus_cos"] < 300
+    assert 5 < up["angle_deg"] / q["angle_deg"] < 20 and 5 < up["rel_l2"] / q["rel_l2"] < 20
+    assert modules.drop(index=["mlp_up", "attn_q"])["one_minus_cos"].abs().max() < 1e-15
+    # the angle is 2 asin(sqrt((1 - cos) / 2)), in degrees
+    assert up["angle_deg"] == pytest.approx(np.degrees(np.arccos(1 - up["one_minus_cos"])), rel=1e-4)
+    # negating a tensor: 1 - cos = 2, 180 degrees
+    neg = copy.deepcopy(llama)
+    with torch.no_grad():
+        neg.get_parameter("model.layers.1.mlp.down_proj.weight").mul_(-1)
+    flipped = paramdiff(llama, neg, progress=False).by_layer("one_minus_cos")
+    assert flipped.loc[1, "mlp_down"] == pytest.approx(2.0, abs=1e-12)
+    assert paramdiff(llama, neg, progress=False).by_layer("angle_deg").loc[1, "mlp_down"] == pytest.approx(180.0)
+
+
+def test_value_vectors_ranked_by_changes_below_float32_resolution(llama, tok):
+    """Columns changed by 1e-4 and 3e-5 relative noise have 1 - cos below float32's spacing near 1 (6e-8), so
+    their float32 cosines cannot be ranked: the ranking must still put the larger change first, then the smaller,
+    then the untouched columns."""
+    other = copy.deepcopy(llama)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        w = other.model.layers[2].mlp.down_proj.weight
+        for col, scale in ((11, 1e-4), (5, 3e-5)):
+            w[:, col] += scale * w[:, col].abs().mean() * torch.randn(w.shape[0], generator=gen)
+    top = value_vector_changes(patchlab.load_pair(llama, other, tokenizer=tok), top=3, top_tokens=1)
+    assert top[["layer", "index"]].values.tolist()[:2] == [[2, 11], [2, 5]]
+    assert 6e-8 > top.loc[0, "one_minus_cos"] > 5 * top.loc[1, "one_minus_cos"] > 0
+    assert top.loc[2, "one_minus_cos"] == 0
+
+
+def test_log_heatmap_of_one_minus_cos(llama):
+    other = copy.deepcopy(llama)
+    with torch.no_grad():
+        other.get_parameter("model.layers.3.mlp.gate_proj.weight").mul_(1.001).add_(1e-5)
+    fig = paramdiff(llama, other, progress=False).heatmap()  # 1 - cos by default
+    trace = fig.data[0]
+    cell = list(trace.x).index("mlp_gate")
+    row = list(trace.y).index(3)
+    assert np.isnan(trace.z[0][0]) and trace.text[0][0] == "0"  # unchanged: blank colour, "0"
+    assert -14 < trace.z[row][cell] < -4  # log10 of 1 - cos
+    assert "e-" in trace.text[row][cell] and len(trace.text[row][cell]) <= 9  # 3 significant digits
+    assert all(t.startswith("1e") for t in trace.colorbar.ticktext)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,9 +85,16 @@ def test_pair_loads_the_cached_model(unlearned_models, cache_root):
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PATCHLAB_CACHE", str(tmp_path))
-    assert toy.cache_dir() == tmp_path / "toy"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert toy.cache_dir() == tmp_path / "toy"  # PATCHLAB_CACHE first
     monkeypatch.delenv("PATCHLAB_CACHE")
-    assert toy.cache_dir().parts[-3:] == (".cache", "patchlab", "toy")
+    assert toy.cache_dir() == tmp_path / "xdg" / "patchlab" / "toy"  # then XDG_CACHE_HOME
+    for ignored in ("", "relative/cache"):  # the XDG spec ignores empty and relative values
+        monkeypatch.setenv("XDG_CACHE_HOME", ignored)
+        assert toy.cache_dir() == Path.home() / ".cache" / "patchlab" / "toy"
+    monkeypatch.setenv("PATCHLAB_CACHE", "")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert toy.cache_dir() == Path.home() / ".cache" / "patchlab" / "toy"
 
 
 def _weights(path):

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 import sacrebleu
 import torch
@@ -39,6 +38,7 @@ from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, greedy_answers
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json, write_csv, write_html
 from patchlab.pair import ModelPair, ModelSpec, load_model
+from patchlab.reports import figures
 
 SETS = ("target", "unrelated")
 METRICS = ("bleu", "rouge_l")
@@ -371,16 +371,7 @@ class SweepResult:
     def scatter(self, title: str | None = None) -> go.Figure:
         """Target BLEU (x) against unrelated BLEU (y) per run, coloured by method, each method's strengths joined
         weakest to strongest (Hong et al., Fig. 2)."""
-        frame = self.to_frame().sort_values("strength", kind="stable")  # methods keep their first-seen order
-        fig = px.line(frame, x="target_bleu", y="unrelated_bleu", color="method", symbol="method", markers=True,
-                         hover_data=["strength", "settings", "target_rouge_l", "unrelated_rouge_l"],
-                         title=title or f"Behavioural test: {self.task}",
-                         labels={"target_bleu": "target QA BLEU (after vs before, 0-100)",
-                                 "unrelated_bleu": "unrelated QA BLEU (after vs before, 0-100)"})
-        fig.update_traces(marker={"size": 11})
-        fig.update_xaxes(range=[-3, 103])
-        fig.update_yaxes(range=[-3, 103])
-        return fig
+        return figures.sweep_scatter(self.to_frame(), title or f"Behavioural test: {self.task}")
 
     def write_report(self, out_dir: str | os.PathLike | OutputDir, *, overwrite: bool = False) -> dict[str, Path]:
         """Write ``sweep.json`` (all records), ``sweep.csv`` and the interactive ``sweep.html``, atomically, into

@@ -1,9 +1,14 @@
 """Train the toy world's vanilla model from scratch and write it as a checkpoint directory.
 
-    python -m patchlab.toy.build                 # regenerate the shipped checkpoint in patchlab/toy/assets/
+    python -m patchlab.toy.build                 # into the cache: <cache>/build (see below), never the package
     python -m patchlab.toy.build --small --out /tmp/toy   # a seconds-long variant (tests, smoke checks)
+    python -m patchlab.toy.build --out patchlab/toy/assets --overwrite   # regenerate the shipped checkpoint
 
-The same seed and config always give the same weights (CPU, float32), hence the same QA accuracy.
+By default the checkpoint goes to ``build/`` under the toy cache (``$PATCHLAB_CACHE/toy``, else
+``$XDG_CACHE_HOME/patchlab/toy``, else ``~/.cache/patchlab/toy``), so an installed package is never modified;
+use it with ``toy.pair(checkpoint=DIR)`` or the ``--checkpoint DIR`` of ``analyses/method_sweep.py`` and
+``benchmarks/wagle_tradeoff.py``. Writing the shipped assets needs an explicit ``--out``. The same seed
+and config always give the same weights (CPU, float32), hence the same QA accuracy.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.cli import run
+from patchlab.cli import add_quiet_arg, parser, run_script
 from patchlab.errors import PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir
 from patchlab.tiny import tiny_model, word_tokenizer
+from patchlab.toy.cache import cache_dir
 from patchlab.toy.corpus import ASSETS, WORLD_FILE, World, generate_world
 from patchlab.toy.qa import qa_accuracy, qa_text
 from patchlab.unlearning.data import IGNORE, Example, collate
@@ -161,16 +167,26 @@ def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, 
     return report
 
 
+def default_out() -> Path:
+    """Where ``python -m patchlab.toy.build`` writes without ``--out``: ``build/`` under the toy cache
+    (:func:`patchlab.toy.cache.cache_dir`), outside the installed package."""
+    return cache_dir() / "build"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train the toy world's vanilla model and write its checkpoint.")
-    p.add_argument("--out", default=str(ASSETS), help=f"checkpoint directory (default: {ASSETS})")
+    p = parser(__doc__)
+    p.add_argument("--out", help=f"checkpoint directory (default: build/ under the toy cache, now {default_out()}; "
+                                 f"the shipped checkpoint is {ASSETS})")
     p.add_argument("--small", action="store_true", help="the seconds-long test config (3 concepts, 2 layers)")
     p.add_argument("--seed", type=int, help="world, init and batch-order seed (default: the config's)")
     p.add_argument("--steps", type=int, help="optimisation steps (default: the config's)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier toy checkpoint in --out")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: fastest on a busy machine, and the shipped weights were built so)")
-    return p.parse_args(argv)
+    add_quiet_arg(p)
+    args = p.parse_args(argv)
+    args.out = args.out or str(default_out())
+    return args
 
 
 def build_and_report(args: argparse.Namespace) -> None:
@@ -178,14 +194,14 @@ def build_and_report(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     config = SMALL if args.small else BuildConfig()
     overrides = {k: v for k, v in {"seed": args.seed, "steps": args.steps}.items() if v is not None}
-    report = build(dataclasses.replace(config, **overrides), args.out, overwrite=args.overwrite)
+    report = build(dataclasses.replace(config, **overrides), args.out, overwrite=args.overwrite,
+                   progress=not args.quiet)
     print(f"trained {report['n_params']:,} parameters in {report['train_seconds']} s; "
           f"greedy QA accuracy {report['qa_accuracy']:.3f} on {report['n_qa']} QA; wrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run(lambda: build_and_report(args))
+    return run_script(parse_args, build_and_report, argv)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,14 @@ METHOD_SETTINGS: dict[str, dict] = {
 
 
 def cache_dir() -> Path:
-    """``$PATCHLAB_CACHE/toy`` when ``PATCHLAB_CACHE`` is set, else ``~/.cache/patchlab/toy``."""
-    return Path(os.environ.get("PATCHLAB_CACHE", "~/.cache/patchlab")).expanduser() / "toy"
+    """Where the toy world's built models are cached: ``$PATCHLAB_CACHE/toy`` when ``PATCHLAB_CACHE`` is set, else
+    ``$XDG_CACHE_HOME/patchlab/toy`` when ``XDG_CACHE_HOME`` is an absolute path (the XDG base directory
+    specification ignores a relative one), else ``~/.cache/patchlab/toy``. Empty variables count as unset."""
+    if os.environ.get("PATCHLAB_CACHE"):
+        return Path(os.environ["PATCHLAB_CACHE"]).expanduser() / "toy"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path("~/.cache").expanduser()
+    return base / "patchlab" / "toy"
 
 
 def unlearn_data(world: World, concept: str) -> tuple[list[str], list[str]]:

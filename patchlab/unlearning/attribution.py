@@ -26,7 +26,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
-from plotly.subplots import make_subplots
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,6 +36,7 @@ from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.io import OutputDir, output_dir, write_csv, write_html
 from patchlab.pair.sites import hooks
 from patchlab.pair.modules import MODULE_ORDER, layer_index, module_type
+from patchlab.reports import figures
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
 
@@ -432,7 +432,8 @@ def density_report(frames: Mapping[str, pd.DataFrame]) -> DensityReport:
     table = stack_densities(frames)
     per_module = module_density(table)
     methods = list(frames)
-    return DensityReport(table, per_module, _density_bars(per_module, methods), _density_heatmaps(table, methods))
+    return DensityReport(table, per_module, figures.density_bars(per_module, methods),
+                         figures.density_heatmaps(table, methods))
 
 
 def density_figures(frames: Mapping[str, pd.DataFrame]) -> tuple[go.Figure, go.Figure]:
@@ -448,36 +449,3 @@ def density_figures(frames: Mapping[str, pd.DataFrame]) -> tuple[go.Figure, go.F
     report = density_report(frames)
     return report.bars, report.heat
 
-
-def _density_bars(per_module: pd.DataFrame, methods: list[str]) -> go.Figure:
-    """Grouped bars of ``per_module``'s density per module type, one bar per method."""
-    order = [m for m in MODULE_ORDER if m in set(per_module["module"])]
-    bars = go.Figure()
-    for method in methods:
-        part = per_module[per_module["method"] == method].set_index("module").reindex(order)
-        bars.add_bar(name=method, x=order, y=part["density"], customdata=part[["selected", "total"]].to_numpy(),
-                     hovertemplate="%{x}: %{y:.3f} (%{customdata[0]:,} of %{customdata[1]:,} weights)")
-    bars.update_layout(barmode="group", title="Density of selected weights per module type",
-                       xaxis_title="module", yaxis_title="fraction selected", yaxis_range=[0, 1])
-    return bars
-
-
-def _density_heatmaps(table: pd.DataFrame, methods: list[str]) -> go.Figure:
-    """One layer x module-type heatmap of ``table``'s density per method (decoder layers only), colours 0..1."""
-    layered = table[table["layer"].notna()]
-    if layered.empty:
-        raise PatchlabValueError("the density frames have no decoder-layer parameter")
-    order = [m for m in MODULE_ORDER if m in set(layered["module"])]
-    heat = make_subplots(rows=1, cols=len(methods), subplot_titles=methods, shared_yaxes=True)
-    for col, method in enumerate(methods, start=1):
-        grid = (layered[layered["method"] == method]
-                .pivot_table(index="layer", columns="module", values="density", aggfunc="first")
-                .reindex(columns=order))
-        heat.add_trace(go.Heatmap(z=grid.to_numpy(dtype=float), x=list(grid.columns),
-                                  y=[int(i) for i in grid.index], zmin=0, zmax=1, colorscale="Viridis",
-                                  showscale=col == len(methods),
-                                  hovertemplate="layer %{y}, %{x}: %{z:.3f}<extra>" + method + "</extra>"),
-                       row=1, col=col)
-    heat.update_layout(title="Density of selected weights per layer and module type")
-    heat.update_yaxes(title_text="layer", row=1, col=1)
-    return heat

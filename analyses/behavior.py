@@ -1,0 +1,104 @@
+"""Behavioural tests of an existing vanilla / unlearned pair from the shell: did the answers change?
+
+With no arguments it runs on the embedded toy world (default concept, graddiff-unlearned; target: the concept's
+10 questions, unrelated: its 50 unrelated questions), offline:
+
+    python analyses/behavior.py
+    python analyses/behavior.py --vanilla path/or/hub-id --unlearned runs/graddiff \\
+        --target target.jsonl --unrelated unrelated.jsonl --out results/behavior
+
+Both models answer every question greedily (token ids kept, at most --max-new-tokens); each after-answer is scored
+against the before-answer of the same question with sacrebleu's sentence BLEU (0-100, on the decoded text) and
+ROUGE-L F1 (0-1, on the token ids): 100 / 1 means the answer did not change. Unlearning should lower the target
+scores and keep the unrelated ones. Nothing is trained (the method sweep, ``analyses/method_sweep.py``, retrains).
+
+Question files are JSON/JSONL: strings or records with a ``question`` field. Writes ``behavior.csv`` (one row per
+question: set, question, before, after, bleu, rouge_l, same), ``behavior.json`` (the averages per set, the
+settings, both checkpoints with a hash of their weights, the rows, ``"partial": false``) and ``behavior.html``
+(the per-question scores; it loads plotly.js from a file written beside it) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import patchlab
+from patchlab.analysis.behavior import evaluate
+from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, run_script
+from patchlab.io import atomic_write_json, output_dir, read_questions, write_csv, write_html
+from patchlab.pair.generation import DEFAULT_TEMPLATE
+from patchlab.provenance import checkpoint_record, environment
+from patchlab.reports import figures, results_record
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser(__doc__)
+    p.add_argument("--vanilla", help="vanilla checkpoint: local directory or hub id (default: the toy world)")
+    p.add_argument("--unlearned", help="unlearned checkpoint: local directory or hub id")
+    p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the vanilla checkpoint's)")
+    p.add_argument("--target", help="JSON/JSONL file of target questions (what was unlearned)")
+    p.add_argument("--unrelated", help="JSON/JSONL file of unrelated questions (what must be kept)")
+    p.add_argument("--concept", help="toy-world concept (toy world only)")
+    p.add_argument("--method", default="graddiff", help="toy-world unlearning method (toy world only)")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="greedy answer length limit (default 30)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template holding {question}")
+    add_model_args(p)
+    add_output_args(p, "results/behavior", "output directory for behavior.csv/.json/.html")
+    add_quiet_arg(p)
+    return p.parse_args(argv)
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str], list[str], dict[str, Any], str]:
+    """(pair, target questions, unrelated questions, what the pair is made of, title), from explicit checkpoints
+    and question files or the toy world."""
+    explicit = (args.vanilla, args.unlearned, args.target, args.unrelated)
+    if not any(explicit):
+        from patchlab import toy
+
+        world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method,
+                         progress=not args.quiet)
+        sources = {"toy_world": {"concept": world.concept, "method": world.method}}
+        return (world.pair, world.questions, world.unrelated_questions, sources,
+                f"toy world: {world.concept} ({world.method})")
+    if not all(explicit):
+        raise patchlab.PatchlabValueError("--vanilla, --unlearned, --target and --unrelated go together "
+                                          "(or give none of them)")
+    target, unrelated = read_questions(args.target), read_questions(args.unrelated)
+    pair = patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, **model_kwargs(args))
+    return pair, target, unrelated, {"target": args.target, "unrelated": args.unrelated}, \
+        f"{args.unlearned} vs {args.vanilla}"
+
+
+def report(args: argparse.Namespace) -> None:
+    """Answer, score, write behavior.csv/.json/.html and print the averages per set."""
+    out = output_dir(args.out, "behavior", overwrite=args.overwrite)
+    pair, target, unrelated, sources, title = load_inputs(args)
+    result = evaluate(pair, target, unrelated, max_new_tokens=args.max_new_tokens, template=args.template,
+                      progress=not args.quiet)
+    record = results_record({
+        "title": title, "averages": result.averages, "questions": sources,
+        "settings": {"max_new_tokens": args.max_new_tokens, "template": args.template},
+        "checkpoints": {"vanilla": checkpoint_record(args.vanilla or pair.vanilla_hf, pair.vanilla_hf),
+                        "unlearned": checkpoint_record(args.unlearned or pair.unlearned_hf, pair.unlearned_hf)},
+        "environment": environment(), "rows": result.table.to_dict("records")}, partial=False)
+    paths = [write_csv(result.table, out.file("behavior.csv")),
+             atomic_write_json(out.file("behavior.json"), record),
+             write_html(figures.behavior_scores(result.table, f"Behavioural test: {title}"),
+                        out.file("behavior.html"))]
+    print(f"behavioural test on {title}: {figures.plural(len(target), 'target question')}, "
+          f"{figures.plural(len(unrelated), 'unrelated question')}")
+    for name, averages in result.averages.items():
+        print(f"{name:>9}: BLEU {averages['bleu']:6.2f}  ROUGE-L {averages['rouge_l']:.3f}  "
+              f"unchanged {averages['same']:.0%}")
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_script(parse_args, report, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

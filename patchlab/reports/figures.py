@@ -1,0 +1,314 @@
+"""Every plotly figure patchlab draws, in one module: the result classes call these functions.
+
+* :func:`window_heatmap` / :func:`window_heatmaps`: a score (KRS or any recovery metric) per restored component and
+  layer window, one heatmap or one small panel per question, on a diverging colour scale centred on 0;
+* :func:`layer_module_heatmap`: a layer x module-type table (parameter diffs), linear or log colour scale;
+* :func:`density_bars` / :func:`density_heatmaps`: WAGLE's mask-density figures, methods side by side;
+* :func:`sweep_scatter`: the method sweep's target vs unrelated BLEU (Hong et al., Fig. 2).
+
+Hover values are rounded (:data:`HOVER_DIGITS` decimals, or 3 significant digits on log scales); titles count
+with :func:`plural`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.colors
+import plotly.express as px
+import plotly.graph_objects as go
+from jaxtyping import Float
+from plotly.subplots import make_subplots
+
+from patchlab.errors import PatchlabValueError
+from patchlab.pair.modules import MODULE_ORDER
+
+#: Red (negative: the restoration made things worse) - white (0) - blue (positive), ColorBrewer RdBu.
+DIVERGING = plotly.colors.diverging.RdBu
+#: Decimals of the values hovered over and written into heatmap cells.
+HOVER_DIGITS, CELL_DIGITS = 3, 2
+#: Height in pixels of one heatmap row, and of a panel's title and axis margins.
+ROW_PX, PANEL_PX = 28, 90
+#: Characters of a question kept in a panel title.
+PANEL_TITLE_CHARS = 70
+
+
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """``"1 question"``, ``"2 questions"``, ``"0 questions"`` (``plural_form`` for irregular nouns)."""
+    return f"{n} {noun if n == 1 else (plural_form or noun + 's')}"
+
+
+def window_label(window: tuple[int, int]) -> str:
+    """The layers of a half-open window ``(start, stop)``, inclusive: ``"0-2"``, or ``"3"`` for one layer."""
+    start, stop = window
+    return str(start) if stop - start == 1 else f"{start}-{stop - 1}"
+
+
+def _check_windows(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    windows = [tuple(int(v) for v in w) for w in windows]
+    if not windows or any(len(w) != 2 or w[1] <= w[0] for w in windows):
+        raise PatchlabValueError(f"windows must be a non-empty list of half-open (start, stop) layer ranges, "
+                                 f"got {windows!r}")
+    return windows
+
+
+def _colour_bound(values: np.ndarray) -> float:
+    """Half-width of a colour range centred on 0 that holds every finite value and at least [-1, 1]."""
+    finite = np.abs(values[np.isfinite(values)])
+    return max(1.0, float(finite.max())) if finite.size else 1.0
+
+
+def _window_trace(z: np.ndarray, rows: Sequence[str], labels: list[str], value_name: str, *, show_values: bool,
+                  panel: str | None = None) -> go.Heatmap:
+    """One component x window heatmap trace on x positions 0..n-1 (ticks labelled by the caller), coloured by the
+    figure's shared ``coloraxis``."""
+    hover = [[f"{row}<br>layers {label}<br>{value_name} {v:.{HOVER_DIGITS}f}" for label, v in zip(labels, line)]
+             for row, line in zip(rows, z)]
+    return go.Heatmap(z=z, x=list(range(len(labels))), y=list(rows), text=hover, coloraxis="coloraxis",
+                      hovertemplate="%{text}<extra>" + (panel or "") + "</extra>",
+                      texttemplate=f"%{{z:.{CELL_DIGITS}f}}" if show_values else None)
+
+
+def _coloraxis(bound: float, value_name: str) -> dict:
+    return {"colorscale": DIVERGING, "cmin": -bound, "cmax": bound, "cmid": 0.0, "colorbar": {"title": value_name}}
+
+
+def window_heatmap(values: Float[np.ndarray, "row window"], rows: Sequence[str], windows: Sequence[tuple[int, int]],
+                   *, title: str | None = None, value_name: str = "KRS", show_values: bool = True,
+                   x_title: str = "layers restored (window)", y_title: str = "restored component") -> go.Figure:
+    """A score per restored component (rows, top to bottom) and layer window (columns), e.g. a KRS sweep.
+
+    The colour scale is diverging and centred on 0 (red below, white at 0, blue above; symmetric, at least -1..1),
+    so a restoration that made things worse stands out; each cell shows its value (``CELL_DIGITS`` decimals) and
+    the x axis the layers of each window (``"0-2"``, ``"1-3"``, ...), one tick per window.
+
+    Args:
+        values: ``[n_rows, n_windows]`` scores (NaN cells are left blank).
+        rows: a label per row (restored components). windows: half-open ``(start, stop)`` layer ranges.
+        title: the figure title (e.g. :func:`krs_title`). value_name: the score's name (colour bar, hover).
+        show_values: write the values in the cells.
+
+    Raises:
+        PatchlabValueError: ``values`` is not ``[len(rows), len(windows)]``, or a window is not a range.
+    """
+    windows = _check_windows(windows)
+    z = np.asarray(values, dtype=float)
+    if z.shape != (len(rows), len(windows)):
+        raise PatchlabValueError(f"values must be [rows, windows] = [{len(rows)}, {len(windows)}], got {z.shape}")
+    labels = [window_label(w) for w in windows]
+    fig = go.Figure(_window_trace(z, rows, labels, value_name, show_values=show_values))
+    fig.update_layout(title=title, coloraxis=_coloraxis(_colour_bound(z), value_name),
+                      height=max(320, 200 + ROW_PX * 2 * len(rows)))
+    fig.update_xaxes(title_text=x_title, tickmode="array", tickvals=list(range(len(labels))), ticktext=labels)
+    fig.update_yaxes(title_text=y_title, autorange="reversed", type="category")
+    return fig
+
+
+def window_heatmaps(values: Float[np.ndarray, "panel row window"], rows: Sequence[str],
+                    windows: Sequence[tuple[int, int]], panels: Sequence[str], *, title: str | None = None,
+                    value_name: str = "KRS", columns: int = 2, show_values: bool = True,
+                    x_title: str = "layers restored (window)") -> go.Figure:
+    """One small :func:`window_heatmap` panel per question (``panels``: their titles, e.g. the questions), in a grid
+    of ``columns`` columns, on one shared diverging colour scale centred on 0.
+
+    Args:
+        values: ``[n_panels, n_rows, n_windows]`` scores, e.g. a sweep's per-question KRS.
+
+    Raises:
+        PatchlabValueError: ``values`` is not ``[len(panels), len(rows), len(windows)]``, or ``columns < 1``.
+    """
+    windows = _check_windows(windows)
+    z = np.asarray(values, dtype=float)
+    if z.shape != (len(panels), len(rows), len(windows)) or not len(panels):
+        raise PatchlabValueError(f"values must be [panels, rows, windows] = [{len(panels)}, {len(rows)}, "
+                                 f"{len(windows)}] with at least one panel, got {z.shape}")
+    if not isinstance(columns, int) or columns < 1:
+        raise PatchlabValueError(f"columns must be a positive integer, got {columns!r}")
+    columns = min(columns, len(panels))
+    n_rows = math.ceil(len(panels) / columns)
+    panel_px = PANEL_PX + ROW_PX * len(rows)
+    height = n_rows * panel_px + 120
+    names = [_short(f"Q{i + 1}: {p}") for i, p in enumerate(panels)]
+    fig = make_subplots(rows=n_rows, cols=columns, subplot_titles=names, horizontal_spacing=0.06,
+                        vertical_spacing=min(0.9 / max(1, n_rows - 1), (PANEL_PX - 20) / height))
+    labels = [window_label(w) for w in windows]
+    for i, name in enumerate(names):
+        fig.add_trace(_window_trace(z[i], rows, labels, value_name, show_values=show_values, panel=f"Q{i + 1}"),
+                      row=i // columns + 1, col=i % columns + 1)
+    fig.update_layout(title=title, coloraxis=_coloraxis(_colour_bound(z), value_name), height=height)
+    fig.update_annotations(font_size=11)
+    fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels)
+    fig.update_xaxes(title_text=x_title, row=n_rows)
+    fig.update_yaxes(autorange="reversed", type="category")
+    return fig
+
+
+def _short(text: str, limit: int = PANEL_TITLE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def krs_title(n_questions: int, *, aggregate: str = "mean", per_question: bool = False, window: int | None = None,
+              n_tokens: int | None = None, vanilla: str | None = None, unlearned: str | None = None,
+              metric: str = "Knowledge Recovery Score") -> str:
+    """A sweep heatmap's title: ``"Knowledge Recovery Score, mean over 1 question (window 5, 30 tokens)"``, or
+    ``"Knowledge Recovery Score per question (4 questions, window 5, 30 tokens)"`` with ``per_question``, and a
+    second line naming the models (``unlearned: ... vs vanilla: ...``) when given."""
+    details = [f"window {window}" if window is not None else "",
+               plural(n_tokens, "token") if n_tokens is not None else ""]
+    if per_question:
+        head, details = f"{metric} per question", [plural(n_questions, "question"), *details]
+    else:
+        head = f"{metric}, {aggregate} over {plural(n_questions, 'question')}"
+    details_text = ", ".join(d for d in details if d)
+    models = " vs ".join(f"{who}: {name}" for who, name in (("unlearned", unlearned), ("vanilla", vanilla)) if name)
+    return head + (f" ({details_text})" if details_text else "") + (f"<br><sup>{models}</sup>" if models else "")
+
+
+# ------------------------------------------------------------------------------------------ layer x module tables
+
+
+def _cell(v: float, log: bool, decimals: int) -> str:
+    """A cell's text: scientific with 3 significant digits on a log scale (``"1.23e-08"``, so magnitudes compare
+    at a glance; ``"0"`` for zero), else ``decimals`` decimals; ``""`` for NaN."""
+    if not np.isfinite(v):
+        return ""
+    if log:
+        return "0" if v == 0 else f"{v:.2e}"
+    return f"{v:.{decimals}f}"
+
+
+def layer_module_heatmap(table: pd.DataFrame, *, value_name: str, title: str | None = None, log: bool = False,
+                         decimals: int = HOVER_DIGITS, colorscale: str = "Viridis") -> go.Figure:
+    """A layer (rows) x module type (columns) heatmap of ``table`` (index: layers, columns: module types).
+
+    ``log=True`` colours by ``log10`` of the values, so quantities spanning orders of magnitude (``1 - cos`` of
+    1e-9..1e-5, relative L2 changes) separate; its colour bar is labelled in powers of ten, zeros (unchanged) are
+    left blank. Cells and hover show the values themselves: with 3 significant digits on a log scale, else with
+    ``decimals`` decimals.
+
+    Raises:
+        PatchlabValueError: ``log=True`` with a negative value.
+    """
+    raw = table.to_numpy(dtype=float)
+    text = [[_cell(v, log, decimals) for v in row] for row in raw]
+    colorbar: dict = {"title": value_name}
+    z = raw
+    if log:
+        if (raw < 0).any():
+            raise PatchlabValueError(f"a log colour scale needs values >= 0; {value_name} has negative ones")
+        with np.errstate(divide="ignore"):
+            z = np.where(raw > 0, np.log10(np.where(raw > 0, raw, 1.0)), np.nan)
+        finite = z[np.isfinite(z)]
+        if finite.size:
+            ticks = list(range(math.floor(finite.min()), math.ceil(finite.max()) + 1))
+            colorbar.update(tickvals=ticks, ticktext=[f"1e{t}" for t in ticks])
+    fig = go.Figure(go.Heatmap(z=z, x=list(table.columns), y=[int(i) for i in table.index], text=text,
+                               texttemplate="%{text}", colorscale=colorscale, colorbar=colorbar, hoverongaps=False,
+                               hovertemplate="layer %{y}<br>%{x}<br>" + value_name + " %{text}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="module", yaxis_title="layer",
+                      height=max(360, 200 + ROW_PX * len(table.index)))
+    fig.update_yaxes(tickmode="array", tickvals=[int(i) for i in table.index])
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------- densities
+
+
+def _module_order(present: Sequence[str]) -> list[str]:
+    return [m for m in MODULE_ORDER if m in set(present)]
+
+
+def density_bars(per_module: pd.DataFrame, methods: Sequence[str]) -> go.Figure:
+    """Grouped bars of the density (0..1) per module type, one bar per method (columns ``method``, ``module``,
+    ``selected``, ``total``, ``density``, as :func:`patchlab.unlearning.attribution.module_density` gives)."""
+    order = _module_order(per_module["module"])
+    bars = go.Figure()
+    for method in methods:
+        part = per_module[per_module["method"] == method].set_index("module").reindex(order)
+        bars.add_bar(name=method, x=order, y=part["density"], customdata=part[["selected", "total"]].to_numpy(),
+                     hovertemplate=f"%{{x}}: %{{y:.{HOVER_DIGITS}f}} (%{{customdata[0]:,}} of %{{customdata[1]:,}} "
+                                   "weights)")
+    bars.update_layout(barmode="group", title="Density of selected weights per module type",
+                       xaxis_title="module", yaxis_title="fraction selected", yaxis_range=[0, 1])
+    return bars
+
+
+def density_heatmaps(table: pd.DataFrame, methods: Sequence[str]) -> go.Figure:
+    """One layer x module-type heatmap of the density per method (decoder layers only), colours 0..1 shared.
+
+    ``table``: columns ``method``, ``module``, ``layer`` (NA outside the decoder layers), ``density``.
+
+    Raises:
+        PatchlabValueError: no decoder-layer row in ``table``.
+    """
+    layered = table[table["layer"].notna()]
+    if layered.empty:
+        raise PatchlabValueError("the density frames have no decoder-layer parameter")
+    order = _module_order(layered["module"])
+    heat = make_subplots(rows=1, cols=len(methods), subplot_titles=list(methods), shared_yaxes=True)
+    for col, method in enumerate(methods, start=1):
+        grid = (layered[layered["method"] == method]
+                .pivot_table(index="layer", columns="module", values="density", aggfunc="first")
+                .reindex(columns=order))
+        heat.add_trace(go.Heatmap(z=grid.to_numpy(dtype=float), x=list(grid.columns),
+                                  y=[int(i) for i in grid.index], zmin=0, zmax=1, colorscale="Viridis",
+                                  showscale=col == len(methods),
+                                  hovertemplate=f"layer %{{y}}, %{{x}}: %{{z:.{HOVER_DIGITS}f}}<extra>{method}</extra>"),
+                       row=1, col=col)
+    heat.update_layout(title="Density of selected weights per layer and module type")
+    heat.update_yaxes(title_text="layer", row=1, col=1)
+    return heat
+
+
+# ------------------------------------------------------------------------------------------------- behaviour
+
+
+def behavior_scores(table: pd.DataFrame, title: str) -> go.Figure:
+    """Per-question behavioural scores: BLEU (0-100, left) and ROUGE-L (0-1, right), one point per question, target
+    and unrelated sets side by side; hover shows the question, both answers and the rounded scores.
+
+    ``table``: one row per question with ``set``, ``question``, ``before``, ``after``, ``bleu``, ``rouge_l`` (as
+    :class:`patchlab.analysis.behavior.BehaviorResult` holds).
+    """
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["BLEU (after vs before, 0-100)",
+                                                        "ROUGE-L F1 (after vs before, 0-1)"])
+    colours = px.colors.qualitative.Plotly
+    for col, (metric, digits) in enumerate((("bleu", 1), ("rouge_l", HOVER_DIGITS)), start=1):
+        for i, (name, part) in enumerate(table.groupby("set", sort=False)):
+            n = len(part)
+            fig.add_trace(go.Box(
+                y=part[metric], x=[f"{name} ({plural(n, 'question')})"] * n, name=name, boxpoints="all", boxmean=True,
+                jitter=0.5, pointpos=0, marker_color=colours[i % len(colours)], showlegend=col == 1,
+                legendgroup=name, customdata=part[["question", "before", "after"]].to_numpy(),
+                hovertemplate=f"%{{customdata[0]}}<br>before: %{{customdata[1]}}<br>after: %{{customdata[2]}}"
+                              f"<br>{metric} %{{y:.{digits}f}}<extra>{name}</extra>"), row=1, col=col)
+    fig.update_yaxes(range=[-3, 103], row=1, col=1)
+    fig.update_yaxes(range=[-0.03, 1.03], row=1, col=2)
+    fig.update_layout(title=title, height=520)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- method sweep
+
+#: The method sweep's hover columns and their formats (BLEU 0-100 to 1 decimal, ROUGE-L 0-1 to 3).
+_SWEEP_HOVER = {"target_bleu": ":.1f", "unrelated_bleu": ":.1f", "strength": True, "settings": True,
+                "target_rouge_l": f":.{HOVER_DIGITS}f", "unrelated_rouge_l": f":.{HOVER_DIGITS}f"}
+
+
+def sweep_scatter(frame: pd.DataFrame, title: str) -> go.Figure:
+    """Target BLEU (x) against unrelated BLEU (y) per run, coloured by method, each method's strengths joined
+    weakest to strongest (Hong et al., Fig. 2). ``frame``: one row per run with ``method``, ``strength``,
+    ``settings``, ``target_bleu``, ``unrelated_bleu`` (0-100), ``target_rouge_l``, ``unrelated_rouge_l`` (0-1)."""
+    frame = frame.sort_values("strength", kind="stable")  # methods keep their first-seen order
+    fig = px.line(frame, x="target_bleu", y="unrelated_bleu", color="method", symbol="method", markers=True,
+                  hover_data=_SWEEP_HOVER, title=title,
+                  labels={"target_bleu": "target QA BLEU (after vs before, 0-100)",
+                          "unrelated_bleu": "unrelated QA BLEU (after vs before, 0-100)"})
+    fig.update_traces(marker={"size": 11})
+    fig.update_xaxes(range=[-3, 103])
+    fig.update_yaxes(range=[-3, 103])
+    return fig
+

@@ -1,0 +1,183 @@
+"""patchlab.reports.figures: heatmaps a reader can trust at a glance, rounded hovers, plurals; the partial-results
+flag of patchlab.reports; HTML pages that share one offline plotly.js."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from plotly.offline import get_plotlyjs
+
+from patchlab.errors import PatchlabFileError, PatchlabValueError
+from patchlab.io import plotlyjs_name, write_html
+from patchlab.patching.windows import sliding_windows
+from patchlab.reports import figures, is_partial, results_record
+
+ROWS = ["coef", "value", "attn"]
+
+#: A hover or cell format that prints a float unrounded: a bare %{z}, %{y}, %{x} or %{customdata[i]}.
+UNFORMATTED = re.compile(r"%\{(?:[xyz]|customdata\[\d+\])\}")
+
+
+def _values(n_windows: int) -> np.ndarray:
+    z = np.linspace(-0.3, 0.9, len(ROWS) * n_windows).reshape(len(ROWS), n_windows)
+    z[0, 0] = 0.123456789012345  # a long float: must never reach the page unrounded
+    return z
+
+
+def test_window_heatmap_is_diverging_centred_on_zero_with_values_in_cells():
+    windows = sliding_windows(6, 5)
+    fig = figures.window_heatmap(_values(6), ROWS, windows, title="t")
+    axis = fig.layout.coloraxis
+    assert axis.cmid == 0 and axis.cmin == -axis.cmax and axis.cmax >= 1
+    # red below 0, white at 0, blue above: a negative KRS never looks like 0
+    scale = [c for _, c in axis.colorscale]
+    assert scale[0] == "rgb(103,0,31)" and scale[len(scale) // 2] == "rgb(247,247,247)" and scale[-1] == "rgb(5,48,97)"
+    trace = fig.data[0]
+    assert trace.texttemplate == "%{z:.2f}"  # values written in the cells
+    assert trace.text[0][0].endswith("KRS 0.123")  # rounded hover
+    assert not UNFORMATTED.search(trace.hovertemplate)
+    assert fig.layout.yaxis.autorange == "reversed" and list(trace.y) == ROWS
+
+
+def test_window_axis_shows_layer_spans_on_integer_ticks():
+    centred = figures.window_heatmap(_values(6), ROWS, sliding_windows(6, 5))
+    assert list(centred.layout.xaxis.ticktext) == ["0-2", "0-3", "0-4", "1-5", "2-5", "3-5"]
+    fixed = figures.window_heatmap(_values(4), ROWS, sliding_windows(6, 3, mode="fixed"))
+    assert list(fixed.layout.xaxis.ticktext) == ["0-2", "1-3", "2-4", "3-5"]
+    assert list(fixed.layout.xaxis.tickvals) == list(fixed.data[0].x) == [0, 1, 2, 3]  # no -0.5 / 0.5 ticks
+    single = figures.window_heatmap(_values(6), ROWS, sliding_windows(6, 1, mode="fixed"))
+    assert list(single.layout.xaxis.ticktext) == ["0", "1", "2", "3", "4", "5"]
+
+
+def test_colour_range_holds_values_beyond_one():
+    z = _values(6)
+    z[1, 1] = -2.5  # a restoration far worse than the unlearned model
+    axis = figures.window_heatmap(z, ROWS, sliding_windows(6, 5)).layout.coloraxis
+    assert (axis.cmin, axis.cmax) == (-2.5, 2.5)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 6)])
+def test_window_heatmap_rejects_mismatched_values(shape):
+    with pytest.raises(PatchlabValueError, match="values must be"):
+        figures.window_heatmap(np.zeros(shape), ROWS, sliding_windows(6, 5))
+    with pytest.raises(PatchlabValueError, match="half-open"):
+        figures.window_heatmap(np.zeros((3, 1)), ROWS, [(2, 2)])
+
+
+def test_per_question_panels_share_one_colour_scale():
+    questions = ["who wrote the Veltrani Codex ?", "where was it kept ?", "x" * 200]
+    values = np.stack([_values(6) + q for q in (0.0, -1.5, 0.05)])
+    fig = figures.window_heatmaps(values, ROWS, sliding_windows(6, 5), questions, title="per question")
+    assert len(fig.data) == 3 and {t.coloraxis for t in fig.data} == {"coloraxis"}
+    for trace, panel in zip(fig.data, values):
+        np.testing.assert_array_equal(np.asarray(trace.z), panel)
+    assert fig.layout.coloraxis.cmid == 0 and fig.layout.coloraxis.cmin == -fig.layout.coloraxis.cmax
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[:2] == ["Q1: who wrote the Veltrani Codex ?", "Q2: where was it kept ?"]
+    assert titles[2].startswith("Q3: xxx") and len(titles[2]) <= figures.PANEL_TITLE_CHARS
+    assert all(list(fig.layout[f"xaxis{i or ''}"].ticktext)[0] == "0-2" for i in ("", 2, 3))
+    with pytest.raises(PatchlabValueError, match="panels, rows, windows"):
+        figures.window_heatmaps(values[:2], ROWS, sliding_windows(6, 5), questions)
+
+
+def test_titles_count_with_correct_plurals_and_name_the_models():
+    assert figures.plural(1, "question") == "1 question" and figures.plural(0, "question") == "0 questions"
+    one = figures.krs_title(1, window=5, n_tokens=1)
+    assert "1 question " in one + " " and "1 questions" not in one and "1 token)" in one
+    many = figures.krs_title(10, aggregate="pooled", window=3, n_tokens=30, vanilla="meta/llama", unlearned="runs/u")
+    assert "pooled over 10 questions (window 3, 30 tokens)" in many
+    assert "unlearned: runs/u vs vanilla: meta/llama" in many
+    assert figures.krs_title(4, per_question=True).startswith("Knowledge Recovery Score per question (4 questions")
+
+
+def test_sweep_scatter_hover_rounds_bleu_and_rouge():
+    frame = pd.DataFrame([{"method": "ga", "strength": s, "settings": '{"lr": 0.001}',
+                           "target_bleu": 100 / 3 * s, "unrelated_bleu": 100 - 1 / 3, "target_rouge_l": 1 / 3,
+                           "unrelated_rouge_l": 2 / 3} for s in range(3)])
+    template = figures.sweep_scatter(frame, "t").data[0].hovertemplate
+    # only the integer strength and the settings string are shown as they are
+    assert UNFORMATTED.findall(template) == ["%{customdata[0]}", "%{customdata[1]}"], template
+    assert "strength=%{customdata[0]}" in template and "settings=%{customdata[1]}" in template
+    assert "target_rouge_l=%{customdata[2]:.3f}" in template and "unrelated_rouge_l=%{customdata[3]:.3f}" in template
+    assert "%{x:.1f}" in template and "%{y:.1f}" in template
+
+
+def test_behavior_scores_one_box_per_set_and_metric_rounded():
+    table = pd.DataFrame({"set": ["target", "target", "unrelated"], "question": ["a?", "b?", "c?"],
+                          "before": ["x", "y", "z"], "after": ["q", "y", "z"], "bleu": [1 / 3, 100.0, 100.0],
+                          "rouge_l": [1 / 3, 1.0, 1.0], "same": [False, True, True]})
+    fig = figures.behavior_scores(table, "t")
+    assert [(t.name, len(t.y)) for t in fig.data] == [("target", 2), ("unrelated", 1)] * 2
+    assert fig.data[0].x[0] == "target (2 questions)" and fig.data[1].x[0] == "unrelated (1 question)"
+    for trace, digits in zip(fig.data, (1, 1, 3, 3)):  # BLEU to 1 decimal, ROUGE-L to 3; text fields as they are
+        assert re.findall(r"%\{y[^}]*\}", trace.hovertemplate) == [f"%{{y:.{digits}f}}"], trace.hovertemplate
+
+
+def test_log_layer_module_heatmap_rejects_negative_values():
+    table = pd.DataFrame({"attn_q": [1e-9, 0.0], "mlp_up": [-1e-3, 1e-5]}, index=[0, 1])
+    with pytest.raises(PatchlabValueError, match="log colour scale"):
+        figures.layer_module_heatmap(table, value_name="1 - cos", log=True)
+    linear = figures.layer_module_heatmap(table, value_name="cosine", decimals=6)
+    assert list(linear.data[0].text[0]) == ["0.000000", "-0.001000"]
+
+
+def test_partial_flag_round_trips_and_is_checked():
+    record = results_record({"results": {"none": 1.0}}, partial=True)
+    assert list(record) == ["partial", "results"] and is_partial(record)
+    assert not is_partial(results_record({}, partial=False))
+    with pytest.raises(PatchlabValueError, match="partial"):
+        results_record({"partial": False}, partial=True)
+    with pytest.raises(PatchlabValueError, match="True or False"):
+        results_record({}, partial=1)
+    with pytest.raises(PatchlabValueError, match="boolean"):
+        is_partial({"results": {}})
+
+
+# ------------------------------------------------------------------------------------------------- HTML files
+
+
+def _figure():
+    return figures.window_heatmap(_values(6), ROWS, sliding_windows(6, 5), title="t")
+
+
+def test_shared_plotlyjs_is_written_once_beside_the_pages(tmp_path):
+    first = write_html(_figure(), tmp_path / "a.html")
+    bundle = tmp_path / plotlyjs_name()
+    assert bundle.read_text(encoding="utf-8") == get_plotlyjs()  # the installed copy: offline
+    stamp = bundle.stat().st_mtime_ns
+    second = write_html(_figure(), tmp_path / "b.html", plotlyjs="shared")
+    assert bundle.stat().st_mtime_ns == stamp  # identical copy reused, not rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.html", "b.html", bundle.name])  # no temp files
+    for page in (first, second):
+        text = page.read_text(encoding="utf-8")
+        assert f'src="{bundle.name}"' in text  # relative: the folder moves as a whole
+        assert page.stat().st_size < 100_000 < len(get_plotlyjs())
+
+
+def test_inline_pages_stay_self_contained(tmp_path):
+    page = write_html(_figure(), tmp_path / "alone.html", plotlyjs="inline")
+    assert page.stat().st_size > len(get_plotlyjs()) and list(tmp_path.iterdir()) == [page]
+
+
+def test_shared_plotlyjs_never_replaces_a_foreign_file(tmp_path):
+    (tmp_path / plotlyjs_name()).write_text("my own script")
+    with pytest.raises(PatchlabFileError, match="not plotly's own bundle"):
+        write_html(_figure(), tmp_path / "a.html")
+    assert (tmp_path / plotlyjs_name()).read_text() == "my own script" and not (tmp_path / "a.html").exists()
+    with pytest.raises(PatchlabValueError, match="plotlyjs must be one of"):
+        write_html(_figure(), tmp_path / "b.html", plotlyjs="cdn")
+
+
+def test_report_writers_share_one_bundle(vanilla_models, tmp_path):
+    """A multi-page report (four parameter-diff heatmaps) holds one plotly.js, not four."""
+    from patchlab.analysis.paramdiff import paramdiff
+    from tests.conftest import ATTN_OR_UP, perturbed
+
+    llama = vanilla_models["llama"]
+    paths = paramdiff(llama, perturbed(llama, ATTN_OR_UP), progress=False).write_report(tmp_path / "out")
+    pages = [p for p in paths if p.suffix == ".html"]
+    assert len(pages) == 4 and [p.name for p in (tmp_path / "out").glob("*.js")] == [plotlyjs_name()]
+    assert sum(p.stat().st_size for p in pages) < 200_000
