@@ -4,6 +4,12 @@ With no arguments it runs on the embedded toy world (default concept, graddiff-u
 
     python analyses/krs_sweep.py
     python analyses/krs_sweep.py --vanilla path/or/hub-id --unlearned path --questions qs.jsonl --out results/hp
+    python analyses/krs_sweep.py --method npo --out results/krs-npo --compare results/krs/krs.json
+
+It writes krs.json (every number and its provenance), krs.csv (component x window), krs_per_question.csv (one row
+per question) and krs.html / krs_per_question.html (heatmaps) into --out. Each question's scores are saved as soon
+as they are computed, so an interrupted sweep resumes where it stopped when rerun with the same arguments.
+--compare OTHER.json also writes the two sweeps side by side and their difference (krs_comparison.*).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import add_model_args, add_output_args, model_kwargs, parser, run
+from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, run_script
 from patchlab.io import output_dir, read_questions
 from patchlab.patching.sweep import DEFAULT_COMPONENTS
 
@@ -31,12 +37,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window-mode", default="centered", choices=["centered", "fixed"])
     p.add_argument("--n-tokens", type=int, default=30, help="answer tokens N (default 30)")
     p.add_argument("--positions", default="all", choices=["all", "answer", "last_prompt"])
+    p.add_argument("--metric", default="krs", choices=list(patchlab.metrics()),
+                   help="recovery metric (default krs; see patchlab.patching.metrics)")
+    p.add_argument("--heads", action="store_true", help="one row per attention head for components with 'heads'")
     p.add_argument("--engine", default="batched", choices=["batched", "loop"])
     p.add_argument("--batch-size", type=int, default=64, help="restorations per forward pass")
     add_model_args(p)
     p.add_argument("--aggregate", default="mean", choices=["mean", "pooled"],
                    help="over questions: mean of per-question KRS, or the paper's pooled losses (table and heatmap)")
+    p.add_argument("--compare", metavar="OTHER_JSON", help="a krs.json of another sweep with the same settings: "
+                   "also write both side by side and their difference")
     add_output_args(p, "results/krs", "output directory for krs.json/.csv/.html")
+    add_quiet_arg(p)
     return p.parse_args(argv)
 
 
@@ -55,24 +67,33 @@ def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str]
 
 
 def report(args: argparse.Namespace) -> None:
-    """Run the sweep, write krs.json/.csv/.html and print the component x window table."""
-    out = output_dir(args.out, "krs", overwrite=args.overwrite)
+    """Run (or resume) the sweep, write the report and print the component x window table."""
+    out = output_dir(args.out, "krs", overwrite=args.overwrite, resume=True)
+    other = patchlab.PatchResult.load(args.compare) if args.compare else None
     pair, questions, title = load_inputs(args)
-    result = patchlab.krs_sweep(
+    result = patchlab.patch_sweep(
         pair, questions, components=[c.strip() for c in args.components.split(",") if c.strip()],
         window=args.window, window_mode=args.window_mode, n_tokens=args.n_tokens, positions=args.positions,
-        engine=args.engine, batch_size=args.batch_size)
+        metric=args.metric, heads="each" if args.heads else None, engine=args.engine, batch_size=args.batch_size,
+        resume=out, progress=not args.quiet)
+    comparison = patchlab.compare(other, result) if other is not None else None  # refuses other settings
     paths = result.write_report(out, aggregate=args.aggregate)
-    print(f"KRS sweep on {title}: {len(questions)} questions, {pair.n_layers} layers, window {args.window}")
-    column = "krs" if args.aggregate == "mean" else "krs_pooled"
+    if comparison is not None:
+        paths.update(comparison.write_report(out.path / "comparison", overwrite=True))
+    print(f"{result.value_name} sweep on {title}: {len(questions)} questions, {pair.n_layers} layers, "
+          f"window {args.window}")
+    column = args.metric if args.aggregate == "mean" else f"{args.metric}_pooled"
     print(result.to_frame().pivot(index="component", columns="window", values=column).round(3).to_string())
+    if comparison is not None:
+        print(f"difference ({comparison.labels[1]} - {comparison.labels[0]}):")
+        print(comparison.to_frame().pivot(index="component", columns="layers", values="difference")
+              .round(3).to_string())
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run(lambda: report(args))
+    return run_script(parse_args, report, argv, resumable=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from patchlab.pair.arch import (ArchSpec, arch_spec, register_architecture, regi
 from patchlab.pair.sites import Site, parse_component
 from patchlab.patching.loop import ActivationCache, run_with_cache
 from patchlab.patching.metrics import References, metrics, register_metric
-from patchlab.patching.result import KRSResult, PatchResult
+from patchlab.patching.result import KRSResult, PatchComparison, PatchResult, compare
 from patchlab.patching.sweep import krs_sweep, patch_sweep
 from patchlab.reports.results import load_result
 from patchlab.unlearning import UnlearnRun, load_mask, save_mask, unlearn
@@ -26,9 +26,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache", "ArchSpec", "DegenerateKRSError", "DegenerateMetricError", "KRSResult", "MissingDependencyError",
-    "ModelPair", "NonFiniteError", "PairMismatchError", "PatchResult", "PatchlabError", "PatchlabFileError",
+    "ModelPair", "NonFiniteError", "PairMismatchError", "PatchComparison", "PatchResult", "PatchlabError", "PatchlabFileError",
     "PatchlabValueError", "References", "Site", "UnlearnRun", "UnsupportedArchitectureError", "arch_spec",
-    "attribution", "behavior", "editing", "krs_sweep", "lens", "load_mask", "load_model", "load_pair", "load_result",
+    "attribution", "behavior", "compare", "editing", "krs_sweep", "lens", "load_mask", "load_model", "load_pair", "load_result",
     "metrics", "paramdiff", "parse_component", "patch_sweep", "register_architecture", "register_metric",
     "register_site", "run_with_cache", "save_mask", "sliding_windows", "supported_architectures", "unlearn",
     "unregister_site",

@@ -97,3 +97,36 @@ def settings_key(*parts: Any) -> str:
     runs compare it to decide whether stored output belongs to the same run."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return xxhash.xxh3_64_hexdigest(text.encode())
+
+
+_DIGESTS: dict[int, tuple[Any, str]] = {}
+
+
+def model_digest(model: PreTrainedModel) -> str:
+    """:func:`weights_digest` of an in-memory model, memoised per model object until its weights change (the
+    memo is keyed by the object and checked against the data pointers and versions of its parameters)."""
+    stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    cached = _DIGESTS.get(id(model))
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    digest = weights_digest(model)
+    _DIGESTS[id(model)] = (stamp, digest)
+    return digest
+
+
+def pair_provenance(pair: Any) -> dict[str, Any]:
+    """``{"vanilla": {"source", "weights"}, "unlearned": {...}, "environment": ...}`` of a
+    :class:`~patchlab.pair.loading.ModelPair`: how each checkpoint was given and a content hash of the weights
+    actually loaded, and the library versions."""
+    sources = getattr(pair, "sources", ("", ""))
+    return {"vanilla": {"source": sources[0] or describe_source(pair.vanilla_hf),
+                        "weights": model_digest(pair.vanilla_hf)},
+            "unlearned": {"source": sources[1] or describe_source(pair.unlearned_hf),
+                          "weights": model_digest(pair.unlearned_hf)},
+            "environment": environment()}
+
+
+def short_name(source: str) -> str:
+    """A checkpoint's short display name: the last two path components of a path, a hub id as is."""
+    parts = [p for p in str(source).replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:]) if str(source).startswith("/") else str(source)

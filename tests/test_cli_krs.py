@@ -46,7 +46,7 @@ def test_cli_writes_result_table_and_heatmap(cli, checkpoints, tmp_path, capsys)
     assert code == 0
     result = patchlab.KRSResult.load(out / "krs.json")
     assert result.components == ["coef", "attn", "coef+attn"] and len(result.questions) == len(QUESTIONS)
-    assert (out / "krs.csv").read_text().startswith("component,window,start,stop,krs")
+    assert (out / "krs.csv").read_text().startswith("component,window,layers,start,stop,krs")
     assert "plotly" in (out / "krs.html").read_text()[:100000].lower()
     assert "coef+attn" in capsys.readouterr().out
     code = cli.main(["--vanilla", str(checkpoints / "vanilla"), "--unlearned", str(checkpoints / "unlearned"),

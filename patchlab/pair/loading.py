@@ -12,6 +12,7 @@ from nnsight import TransformersModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.pair.arch import ArchSpec, arch_spec
+from patchlab.provenance import describe_source
 from patchlab.errors import PairMismatchError, PatchlabFileError, PatchlabValueError
 
 ModelSpec = Union[str, os.PathLike, PreTrainedModel]
@@ -120,7 +121,9 @@ class ModelPair:
         vanilla_hf: the underlying Hugging Face model (eval mode).
         unlearned_hf: the underlying Hugging Face model (eval mode).
         tokenizer: the shared tokenizer.
-        arch: module paths of the paper's sites for this family.
+        arch: module paths and the site table of this family.
+        sources: how the two checkpoints were given (a resolved path, a hub id, or ``"in-memory ..."``), for
+            provenance (:func:`patchlab.provenance.pair_provenance`).
     """
 
     vanilla: TransformersModel
@@ -129,6 +132,7 @@ class ModelPair:
     unlearned_hf: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     arch: ArchSpec
+    sources: tuple[str, str] = ("", "")
 
     @property
     def n_layers(self) -> int:
@@ -179,4 +183,5 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
         raise PairMismatchError(
             f"tokenizer has {len(tok)} tokens but the models' vocabulary has {model_v.config.vocab_size} rows")
     return ModelPair(vanilla=trace_model(model_v, tok), unlearned=trace_model(model_u, tok),
-                     vanilla_hf=model_v, unlearned_hf=model_u, tokenizer=tok, arch=spec)
+                     vanilla_hf=model_v, unlearned_hf=model_u, tokenizer=tok, arch=spec,
+                     sources=(describe_source(vanilla), describe_source(unlearned)))

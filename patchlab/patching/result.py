@@ -12,6 +12,8 @@ import plotly.graph_objects as go
 from patchlab.errors import PatchlabValueError
 from patchlab.patching.metrics import pool
 from patchlab.patching.windows import Window
+from patchlab.provenance import short_name
+from patchlab.reports import figures
 from patchlab.reports.results import Result, register_result
 
 AGGREGATES = ("mean", "pooled")
@@ -102,7 +104,8 @@ class PatchResult(Result):
         rows = []
         for comp, values in self.per_question.items():
             for w, ((start, stop), label) in enumerate(zip(self.windows, self.window_labels())):
-                base = {"component": comp, "window": label, "start": start, "stop": stop}
+                base = {"component": comp, "window": label, "layers": figures.window_label((start, stop)),
+                        "start": start, "stop": stop}
                 if per_question:
                     rows += [{**base, "question_index": k, "question": q, self.metric: float(values[k, w])}
                              for k, q in enumerate(self.questions)]
@@ -132,30 +135,129 @@ class PatchResult(Result):
                    metric="krs" if legacy else data["metric"], settings=data["settings"],
                    provenance=data.get("provenance", {}))
 
-    def figure(self, title: str | None = None, *, aggregate: str = "mean") -> go.Figure:
-        """Interactive plotly heatmap, component x layer window; hover shows the window and the score.
+    @property
+    def value_name(self) -> str:
+        """The metric's display name (``"KRS"`` for ``krs``)."""
+        return "KRS" if self.metric == "krs" else self.metric
 
-        ``aggregate``: ``"mean"`` (mean of per-question scores) or ``"pooled"`` (:meth:`pooled`).
+    def model_names(self) -> tuple[str | None, str | None]:
+        """``(vanilla, unlearned)`` short names from the provenance, for titles."""
+        return tuple(short_name(self.provenance[who]["source"]) if who in self.provenance else None
+                     for who in ("vanilla", "unlearned"))
+
+    def _title(self, aggregate: str, per_question: bool) -> str:
+        vanilla, unlearned = self.model_names()
+        metric = "Knowledge Recovery Score" if self.metric == "krs" else f"{self.metric} recovery"
+        return figures.krs_title(len(self.questions), aggregate=aggregate, per_question=per_question,
+                                 window=self.settings.get("window"), n_tokens=self.settings.get("n_tokens"),
+                                 vanilla=vanilla, unlearned=unlearned, metric=metric)
+
+    def figure(self, title: str | None = None, *, aggregate: str = "mean", per_question: bool = False) -> go.Figure:
+        """Interactive heatmap, component x layer window, on a diverging colour scale centred on 0 (a negative score
+        means the restoration made things worse), values in the cells, each window's layers on the x axis.
+
+        Args:
+            aggregate: ``"mean"`` (mean of per-question scores) or ``"pooled"`` (:meth:`pooled`).
+            per_question: one small panel per question instead of the aggregate.
         """
-        labels = self.window_labels()
         values = self.aggregated(aggregate)
-        z = np.stack([values[c] for c in self.components])
-        name = self.metric.upper() if self.metric == "krs" else self.metric
-        hover = [[f"{c}<br>layers {s}-{e - 1}<br>{name} {v:.4f}" for (s, e), v in zip(self.windows, row)]
-                 for c, row in zip(self.components, z)]
-        fig = go.Figure(go.Heatmap(z=z, x=labels, y=self.components, text=hover, hoverinfo="text",
-                                   colorscale="Viridis", zmin=min(0.0, float(z.min())), zmax=max(1.0, float(z.max())),
-                                   colorbar={"title": name}))
-        mode = self.settings.get("window_mode", "centered")
-        fig.update_layout(
-            title=title or f"{name}, {aggregate} over {len(self.questions)} questions "
-                           f"(window {self.settings.get('window')}, {self.settings.get('n_tokens')} tokens)",
-            xaxis_title="centre layer of the window" if mode == "centered" else "first layer of the window",
-            yaxis_title="restored component", yaxis={"autorange": "reversed"})
-        return fig
+        title = title or self._title(aggregate, per_question)
+        if per_question:
+            stacked = np.stack([self.per_question[c] for c in self.components], axis=1)
+            return figures.window_heatmaps(stacked, self.components, self.windows, self.questions, title=title,
+                                           value_name=self.value_name)
+        return figures.window_heatmap(np.stack([values[c] for c in self.components]), self.components, self.windows,
+                                      title=title, value_name=self.value_name)
 
     heatmap = figure
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``{kind}.csv`` (one row per component and window) and ``{kind}_per_question.csv`` (one row per question)."""
+        return {self.kind: self.to_frame(), f"{self.kind}_per_question": self.to_frame(per_question=True)}
+
+    def figures(self, aggregate: str = "mean") -> dict[str, go.Figure]:
+        """The aggregate heatmap (``aggregate``: ``"mean"`` or ``"pooled"``) and the per-question panels."""
+        return {self.kind: self.figure(aggregate=aggregate), f"{self.kind}_per_question": self.figure(per_question=True)}
 
 
 #: The paper's name for a KRS sweep's result.
 KRSResult = PatchResult
+
+
+#: Settings two sweeps must share to be compared (the engine and batch size may differ: they give the same numbers).
+COMPARED_SETTINGS = ("n_tokens", "window", "window_mode", "positions", "prompt_template", "n_layers", "metric", "heads")
+
+
+@register_result
+@dataclass
+class PatchComparison(Result):
+    """Two sweeps side by side, ``a`` and ``b``, and their difference ``b - a`` per component and window.
+
+    Attributes:
+        a, b: the two sweeps (same settings, components and windows).
+        labels: their display names (default: the unlearned checkpoints' short names).
+    """
+
+    kind = "krs_comparison"
+    format = "patchlab.PatchComparison/1"
+
+    a: PatchResult
+    b: PatchResult
+    labels: tuple[str, str] = ("a", "b")
+
+    def difference(self, aggregate: str = "mean") -> dict[str, np.ndarray]:
+        """component -> ``[n_windows]`` of ``b - a``."""
+        a, b = self.a.aggregated(aggregate), self.b.aggregated(aggregate)
+        return {c: b[c] - a[c] for c in self.a.components}
+
+    def to_frame(self, aggregate: str = "mean") -> pd.DataFrame:
+        """One row per (component, window): the score of each sweep and ``b - a``."""
+        a, b = self.a.aggregated(aggregate), self.b.aggregated(aggregate)
+        rows = []
+        for comp in self.a.components:
+            for w, (start, stop) in enumerate(self.a.windows):
+                rows.append({"component": comp, "layers": figures.window_label((start, stop)), "start": start,
+                             "stop": stop, self.labels[0]: float(a[comp][w]), self.labels[1]: float(b[comp][w]),
+                             "difference": float(b[comp][w] - a[comp][w])})
+        return pd.DataFrame(rows)
+
+    def figure(self, *, aggregate: str = "mean") -> go.Figure:
+        """Three heatmaps on one diverging scale centred on 0: ``a``, ``b`` and ``b - a``."""
+        a, b = self.a.aggregated(aggregate), self.b.aggregated(aggregate)
+        diff = self.difference(aggregate)
+        stacked = np.stack([np.stack([v[c] for c in self.a.components]) for v in (a, b, diff)])
+        name = self.a.value_name
+        panels = [self.labels[0], self.labels[1], f"{self.labels[1]} - {self.labels[0]}"]
+        return figures.window_heatmaps(stacked, self.a.components, self.a.windows, panels, columns=1,
+                                       value_name=name, numbered=False, title=f"{name}: {panels[0]} vs {panels[1]} ({aggregate} over "
+                                       f"{figures.plural(len(self.a.questions), 'question')})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": list(self.labels), "a": self.a.to_dict() | {"format": self.a.format},
+                "b": self.b.to_dict() | {"format": self.b.format}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PatchComparison:
+        return cls(PatchResult.from_dict(data["a"]), PatchResult.from_dict(data["b"]), tuple(data["labels"]))
+
+
+def compare(a: PatchResult, b: PatchResult, labels: tuple[str, str] | None = None) -> PatchComparison:
+    """Two sweeps side by side and their difference (:class:`PatchComparison`), e.g. two unlearning methods on the
+    same questions.
+
+    Raises:
+        PatchlabValueError: the sweeps differ in a setting of :data:`COMPARED_SETTINGS`, in their components or in
+            their windows (their numbers would not mean the same thing).
+    """
+    if not isinstance(a, PatchResult) or not isinstance(b, PatchResult):
+        raise PatchlabValueError("compare takes two PatchResult sweeps (patchlab.krs_sweep / patch_sweep results)")
+    for key in COMPARED_SETTINGS:
+        if a.settings.get(key) != b.settings.get(key):
+            raise PatchlabValueError(f"the sweeps were computed with different {key}: {a.settings.get(key)!r} vs "
+                                     f"{b.settings.get(key)!r}; compare sweeps with the same settings")
+    if a.components != b.components or list(map(tuple, a.windows)) != list(map(tuple, b.windows)):
+        raise PatchlabValueError("the sweeps restore different components or windows")
+    if labels is None:
+        names = [r.model_names()[1] or "" for r in (a, b)]
+        labels = (names[0] or "a", names[1] or "b") if names[0] != names[1] else ("a", "b")
+    return PatchComparison(a, b, tuple(labels))

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool
 from tqdm.auto import tqdm
 
-from patchlab.errors import NonFiniteError, PatchlabValueError
+from patchlab.errors import NonFiniteError, PatchlabFileError, PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_answers
 from patchlab.pair.arch import n_heads
 from patchlab.pair.loading import ModelPair
@@ -31,6 +31,9 @@ from patchlab.patching.loop import restore
 from patchlab.patching.metrics import Metric, MetricFn, References, get_metric
 from patchlab.patching.result import PatchResult
 from patchlab.patching.windows import Window, sliding_windows
+from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
+from patchlab.provenance import pair_provenance, settings_key
+from patchlab.reports import results_record
 
 DEFAULT_COMPONENTS = ("coef", "value", "attn", "coef+attn")
 ENGINES = ("batched", "loop")
@@ -169,8 +172,8 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
                 window: int | None = None, windows: Sequence[Window] | None = None, window_mode: str = "centered",
                 heads: Any = None, metric: str | Metric | MetricFn = "krs", n_tokens: int = 30,
                 prompt_template: str = DEFAULT_TEMPLATE, positions: str = "all", engine: str = "batched",
-                batch_size: int = 64, answers: Sequence[torch.Tensor] | None = None, progress: bool = True
-                ) -> PatchResult:
+                batch_size: int = 64, answers: Sequence[torch.Tensor] | None = None, resume: Any = None,
+                chunk: int = 8, progress: bool = True) -> PatchResult:
     """Score restoring each component over each layer window with ``metric``, per question.
 
     Args:
@@ -194,6 +197,11 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
         batch_size: rows per forward pass of the batched engine.
         answers: precomputed vanilla reference answers (1-D token id tensors, one per question, e.g. from
             :func:`reference_answers`), to share them between sweeps; default: generated here.
+        resume: an output directory (path or claimed :class:`~patchlab.io.OutputDir`) where each question's
+            scores are saved as soon as its chunk is done (:class:`SweepProgress`); a rerun with the same settings,
+            checkpoints and questions skips the questions already there. ``None``: nothing is saved.
+        chunk: questions prepared and scored together (their restorations share forward passes); with ``resume``
+            the progress is saved after each chunk. The scores do not depend on it.
 
     Raises:
         PatchlabValueError: empty questions or components, unknown component/engine/positions/metric, window
@@ -210,39 +218,104 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
         raise PatchlabValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PatchlabValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise PatchlabValueError(f"chunk must be a positive integer, got {chunk!r}")
     wins = _windows(pair, window, windows, window_mode)
     position_mask(positions, 1, 1)  # validates the name before any model work
-    if answers is None:
-        prompt_ids, answers = reference_answers(pair, questions, n_tokens=n_tokens, prompt_template=prompt_template,
-                                                progress=progress)
-    else:
-        prompt_ids = encode_prompts(pair.tokenizer, format_prompts(questions, prompt_template))
-        if len(answers) != len(prompt_ids) or any(a.ndim != 1 or not 1 <= len(a) <= n_tokens for a in answers):
-            raise PatchlabValueError(f"answers must be {len(prompt_ids)} 1-D token id tensors of 1..{n_tokens} tokens")
-    labels = [f"question {k} ({q!r})" for k, q in enumerate(questions)]
-    store = prepare(pair, prompt_ids, answers, sites=_cached_sites(pair, comps), metric=chosen_metric, labels=labels,
-                    progress=progress)
-    rows = [Row(q, c, w, position_mask(positions, store.prompt_lens[q], len(store.ids[q])))
-            for q in range(len(questions)) for c in comps for w in wins]
-    if engine == "batched":
-        scores = run_rows(pair.unlearned_hf, store, rows, chosen_metric, batch_size=batch_size, progress=progress,
-                          desc=f"{chosen_metric.name} sweep")
-    else:
-        scores = _scores_loop(pair, store, tqdm(rows, desc=f"{chosen_metric.name} sweep (loop)", disable=not progress),
-                              chosen_metric)
-    stacked = scores.reshape(len(questions), len(comps), len(wins)).numpy()
-    weights = None if chosen_metric.denominator is None else np.asarray(store.weights, dtype=np.float64)
+    prompt_ids = encode_prompts(pair.tokenizer, format_prompts(questions, prompt_template))
+    if answers is not None and (len(answers) != len(prompt_ids) or any(
+            a.ndim != 1 or not 1 <= len(a) <= n_tokens for a in answers)):
+        raise PatchlabValueError(f"answers must be {len(prompt_ids)} 1-D token id tensors of 1..{n_tokens} tokens")
+    settings = {"n_tokens": n_tokens, "window": None if windows is not None else 5 if window is None else window,
+                "window_mode": window_mode if windows is None else "explicit", "positions": positions,
+                "prompt_template": prompt_template, "engine": engine, "n_layers": pair.n_layers,
+                "metric": chosen_metric.name, "heads": heads if heads is None or isinstance(heads, str) else list(heads)}
+    provenance = {**pair_provenance(pair), "settings": settings}
+    progress_file = SweepProgress.open(resume, settings, provenance, questions, comps, wins)
+    todo = [q for q in range(len(questions)) if q not in progress_file.done]
+    for start in tqdm(range(0, len(todo), chunk), desc="question chunks", disable=not progress or len(todo) <= chunk):
+        part = todo[start:start + chunk]
+        part_answers = [answers[q] for q in part] if answers is not None else reference_answers(
+            pair, [questions[q] for q in part], n_tokens=n_tokens, prompt_template=prompt_template,
+            progress=progress)[1]
+        store = prepare(pair, [prompt_ids[q] for q in part], part_answers, sites=_cached_sites(pair, comps),
+                        metric=chosen_metric, labels=[f"question {q} ({questions[q]!r})" for q in part],
+                        progress=progress)
+        rows = [Row(k, c, w, position_mask(positions, store.prompt_lens[k], len(store.ids[k])))
+                for k in range(len(part)) for c in comps for w in wins]
+        if engine == "batched":
+            scores = run_rows(pair.unlearned_hf, store, rows, chosen_metric, batch_size=batch_size,
+                              progress=progress, desc=f"{chosen_metric.name} sweep")
+        else:
+            scores = _scores_loop(pair, store, tqdm(rows, desc=f"{chosen_metric.name} sweep (loop)",
+                                                    disable=not progress), chosen_metric)
+        for k, q in enumerate(part):
+            progress_file.add(q, scores.reshape(len(part), len(comps), len(wins))[k].numpy(),
+                              pair.tokenizer.decode(part_answers[k], skip_special_tokens=True), store.weights[k])
+    stacked = np.stack([progress_file.done[q]["scores"] for q in range(len(questions))])
+    weights = None if chosen_metric.denominator is None else \
+        np.asarray([progress_file.done[q]["weight"] for q in range(len(questions))], dtype=np.float64)
+    progress_file.finish()
     return PatchResult(
         scores={c.label: stacked[:, j].mean(axis=0) for j, c in enumerate(comps)},
         per_question={c.label: stacked[:, j] for j, c in enumerate(comps)},
-        windows=wins, questions=list(questions),
-        answers=[pair.tokenizer.decode(a, skip_special_tokens=True) for a in answers],
-        weights=weights, metric=chosen_metric.name,
-        settings={"n_tokens": n_tokens, "window": None if windows is not None else 5 if window is None else window,
-                  "window_mode": window_mode if windows is None else "explicit", "positions": positions,
-                  "prompt_template": prompt_template, "engine": engine, "n_layers": pair.n_layers,
-                  "metric": chosen_metric.name, "heads": heads if heads is None or isinstance(heads, str)
-                  else list(heads)})
+        windows=wins, questions=list(questions), answers=[progress_file.done[q]["answer"] for q in range(len(questions))],
+        weights=weights, metric=chosen_metric.name, settings=settings, provenance=provenance)
+
+
+class SweepProgress:
+    """The per-question results of a sweep written into its output directory as they come (``sweep_progress.json``,
+    ``"partial": true`` until the last question), so an interrupted sweep resumes at the next unfinished question.
+
+    The file is keyed by the settings, the checkpoints' weight digests, the questions, components and windows: a
+    directory holding another sweep's progress is refused (pass ``overwrite=True`` when claiming it to start over).
+    Without a directory the results are only kept in memory.
+    """
+
+    FILE = "sweep_progress.json"
+
+    def __init__(self, out: OutputDir | None, key: str, done: dict[int, dict[str, Any]]):
+        self.out, self.key, self.done = out, key, done
+
+    @classmethod
+    def open(cls, resume: Any, settings: dict[str, Any], provenance: dict[str, Any], questions: Sequence[str],
+             comps: Sequence[Component], wins: Sequence[Window]) -> SweepProgress:
+        """The progress of this sweep in ``resume`` (a directory or a claimed :class:`~patchlab.io.OutputDir`;
+        ``None``: in memory only).
+
+        Raises:
+            PatchlabFileError: the directory holds another sweep's progress.
+        """
+        key = settings_key(settings, provenance["vanilla"]["weights"], provenance["unlearned"]["weights"],
+                           list(questions), [c.label for c in comps], [list(w) for w in wins])
+        if resume is None:
+            return cls(None, key, {})
+        out = output_dir(resume, "krs", resume=True)
+        path = out.path / cls.FILE
+        done: dict[int, dict[str, Any]] = {}
+        if path.is_file():
+            data = read_json(path, what="sweep progress file")
+            if data.get("key") != key and not out.overwrite:
+                raise PatchlabFileError(f"{out.path} holds a sweep with other settings, questions or checkpoints; "
+                                        "choose another directory, or overwrite it (--overwrite)")
+            if data.get("key") == key:
+                done = {int(q): {**v, "scores": np.asarray(v["scores"])} for q, v in data["done"].items()}
+        return cls(out, key, done)
+
+    def add(self, question: int, scores: np.ndarray, answer: str, weight: float | None) -> None:
+        """Record one question's ``[component, window]`` scores, and save (partial)."""
+        self.done[question] = {"scores": scores, "answer": answer, "weight": weight}
+        self._save(partial=True)
+
+    def finish(self) -> None:
+        """Mark the saved progress complete."""
+        self._save(partial=False)
+
+    def _save(self, *, partial: bool) -> None:
+        if self.out is None:
+            return
+        done = {str(q): {**v, "scores": np.asarray(v["scores"]).tolist()} for q, v in sorted(self.done.items())}
+        atomic_write_json(self.out.file(self.FILE), results_record({"key": self.key, "done": done}, partial=partial))
 
 
 def krs_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequence[str] = DEFAULT_COMPONENTS,

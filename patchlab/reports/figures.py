@@ -110,12 +110,13 @@ def window_heatmap(values: Float[np.ndarray, "row window"], rows: Sequence[str],
 def window_heatmaps(values: Float[np.ndarray, "panel row window"], rows: Sequence[str],
                     windows: Sequence[tuple[int, int]], panels: Sequence[str], *, title: str | None = None,
                     value_name: str = "KRS", columns: int = 2, show_values: bool = True,
-                    x_title: str = "layers restored (window)") -> go.Figure:
+                    x_title: str = "layers restored (window)", numbered: bool = True) -> go.Figure:
     """One small :func:`window_heatmap` panel per question (``panels``: their titles, e.g. the questions), in a grid
     of ``columns`` columns, on one shared diverging colour scale centred on 0.
 
     Args:
         values: ``[n_panels, n_rows, n_windows]`` scores, e.g. a sweep's per-question KRS.
+        numbered: prefix panel titles with ``Q1:``, ``Q2:``, ... (questions); ``False`` for other panels.
 
     Raises:
         PatchlabValueError: ``values`` is not ``[len(panels), len(rows), len(windows)]``, or ``columns < 1``.
@@ -131,12 +132,13 @@ def window_heatmaps(values: Float[np.ndarray, "panel row window"], rows: Sequenc
     n_rows = math.ceil(len(panels) / columns)
     panel_px = PANEL_PX + ROW_PX * len(rows)
     height = n_rows * panel_px + 120
-    names = [_short(f"Q{i + 1}: {p}") for i, p in enumerate(panels)]
+    names = [_short(f"Q{i + 1}: {p}" if numbered else p) for i, p in enumerate(panels)]
     fig = make_subplots(rows=n_rows, cols=columns, subplot_titles=names, horizontal_spacing=0.06,
                         vertical_spacing=min(0.9 / max(1, n_rows - 1), (PANEL_PX - 20) / height))
     labels = [window_label(w) for w in windows]
     for i, name in enumerate(names):
-        fig.add_trace(_window_trace(z[i], rows, labels, value_name, show_values=show_values, panel=f"Q{i + 1}"),
+        fig.add_trace(_window_trace(z[i], rows, labels, value_name, show_values=show_values,
+                                    panel=f"Q{i + 1}" if numbered else _short(panels[i], 30)),
                       row=i // columns + 1, col=i % columns + 1)
     fig.update_layout(title=title, coloraxis=_coloraxis(_colour_bound(z), value_name), height=height)
     fig.update_annotations(font_size=11)

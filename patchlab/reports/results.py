@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import pandas as pd
 
 from patchlab.errors import PatchlabValueError
-from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json, write_csv, write_html
+from patchlab.io import OutputDir, atomic_write_json, output_dir, plotlyjs_name, read_json, write_csv, write_html
 
 R = TypeVar("R", bound="Result")
 
@@ -57,9 +57,10 @@ class Result:
         """The CSV tables of the report, by file stem (default: :meth:`to_frame` under :attr:`kind`)."""
         return {self.kind: self.to_frame()}
 
-    def figures(self) -> dict[str, Any]:
-        """The HTML figures of the report, by file stem (default: :meth:`figure` under :attr:`kind`)."""
-        return {self.kind: self.figure()}
+    def figures(self, **kwargs: Any) -> dict[str, Any]:
+        """The HTML figures of the report, by file stem (default: :meth:`figure` under :attr:`kind`); ``kwargs`` go
+        to the figure functions."""
+        return {self.kind: self.figure(**kwargs)}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the result as JSON, atomically (temp file + rename)."""
@@ -87,17 +88,19 @@ class Result:
         each atomically; returns the paths by file name. ``out_dir`` is claimed as a :attr:`kind` output
         (:class:`patchlab.io.OutputDir`): an earlier one is replaced only with ``overwrite=True``.
 
-        ``figure_kwargs`` go to :meth:`figure` (the figures are built before anything is written, so a bad
+        ``figure_kwargs`` go to :meth:`figures` (the figures are built before anything is written, so a bad
         argument writes nothing).
         """
         stem = name or self.kind
-        figures = self.figures() if not figure_kwargs else {self.kind: self.figure(**figure_kwargs)}
+        figures = self.figures(**figure_kwargs)
         tables = self.tables()
         out = output_dir(out_dir, self.kind, overwrite=overwrite)
         paths = {f"{stem}.json": self.save(out.file(f"{stem}.json"))}
         for table, frame in tables.items():
             file = f"{table if table != self.kind else stem}.csv"
             paths[file] = write_csv(frame, out.file(file))
+        if figures:
+            out.file(plotlyjs_name())  # the shared bundle write_html puts beside the pages is part of the output
         for fig, figure in figures.items():
             file = f"{fig if fig != self.kind else stem}.html"
             paths[file] = write_html(figure, out.file(file))

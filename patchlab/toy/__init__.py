@@ -13,6 +13,7 @@ The vanilla checkpoint (tokenizer, safetensors, generated corpus ``world.json``,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,13 +80,21 @@ class ToyPair:
     forget_texts: list[str]
 
 
+def _toy_name(what: str, checkpoint: PathLike) -> str:
+    """A toy model's provenance name: ``"toy world: vanilla"``, with the checkpoint when not the shipped one."""
+    shipped = Path(checkpoint).resolve() == Path(ASSETS).resolve()
+    return f"toy world: {what}" + ("" if shipped else f" ({checkpoint})")
+
+
 def pair(concept: str = DEFAULT_CONCEPT, method: str = DEFAULT_METHOD, *, checkpoint: PathLike = ASSETS,
          cache: PathLike | None = None, progress: bool = True) -> ToyPair:
     """The vanilla toy model paired with its ``method``-unlearned copy on ``concept`` (see :func:`unlearned`)."""
     record = world(checkpoint).record(concept)
     model_u = unlearned(concept, method, checkpoint=checkpoint, cache=cache, progress=progress)
     model_v, tok = vanilla(checkpoint)
-    return ToyPair(pair=load_pair(model_v, model_u, tokenizer=tok), concept=concept, method=method,
+    pair = dataclasses.replace(load_pair(model_v, model_u, tokenizer=tok),
+                               sources=(_toy_name("vanilla", checkpoint), _toy_name(f"{concept}, {method}", checkpoint)))
+    return ToyPair(pair=pair, concept=concept, method=method,
                    questions=[q.question for q in record.qa], answers=[q.answer for q in record.qa],
                    unrelated_questions=[q.question for q in record.unrelated_qa],
                    unrelated_answers=[q.answer for q in record.unrelated_qa],
