@@ -417,9 +417,12 @@ def _skipped_input(store: PatchStore, rows: Sequence[Row], width: int, layer: in
 
 
 @torch.no_grad()
-def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], metric: Metric
-              ) -> Float[torch.Tensor, "row"]:
-    """The metric of each row of one batch, on the device of the LM head (no host synchronisation)."""
+def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], metric: Metric, *,
+              restore: bool = True) -> Float[torch.Tensor, "row"]:
+    """The metric of each row of one batch, on the device of the LM head (no host synchronisation).
+
+    ``restore=False`` runs the same forward pass (same rows, first layer, padding and scored positions) without
+    writing any source value: the plain-forward baseline the speed benchmark compares with."""
     spec = store.spec
     layers = spec.layer_modules(target)
     n_layers = len(layers)
@@ -440,7 +443,8 @@ def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], m
         if start > 0:
             h = _skipped_input(store, rows, width, start - 1, module_device(layers[start]))
             stack.enter_context(skip_layers(list(layers[:start]), h))
-        stack.enter_context(_installed(_restoration_hooks(target, store, index)))
+        if restore:
+            stack.enter_context(_installed(_restoration_hooks(target, store, index)))
         stack.enter_context(head_gather(target, scored, (len(rows), answer)))
         logits = target(input_ids=ids.to(embed_device, non_blocking=True), use_cache=False).logits
     scores = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
@@ -455,8 +459,10 @@ def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], m
 
 
 def run_rows(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], metric: Metric, *,
-             batch_size: int = 64, progress: bool = False, desc: str = "patching") -> Float[torch.Tensor, "row"]:
-    """The metric of every row, ``batch_size`` rows per forward pass (:func:`plan_batches`), on the CPU.
+             batch_size: int = 64, progress: bool = False, desc: str = "patching", restore: bool = True
+             ) -> Float[torch.Tensor, "row"]:
+    """The metric of every row, ``batch_size`` rows per forward pass (:func:`plan_batches`), on the CPU; the
+    device results are copied to the host once, after the last batch (``restore``: see :func:`run_batch`).
 
     Raises:
         NonFiniteError: a score is NaN or infinite (NaN activations).
@@ -467,7 +473,7 @@ def run_rows(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], me
     batches = plan_batches(rows, lengths, len(store.spec.layer_modules(target)), batch_size)
     results = []
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        results.append((batch, run_batch(target, store, [rows[r] for r in batch], metric)))
+        results.append((batch, run_batch(target, store, [rows[r] for r in batch], metric, restore=restore)))
     scores = torch.empty(len(rows), dtype=torch.float32)
     for batch, values in results:
         scores[batch] = values.cpu()
