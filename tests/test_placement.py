@@ -107,8 +107,8 @@ def test_execution_device_and_parameter_value_without_a_device_map(checkpoints):
 def test_execution_device_follows_the_hook_not_the_storage(checkpoints, tmp_path):
     """An offloaded module computes on the map's main device; the hook says so even though its weights sit on meta."""
     family, _, vanilla, _ = checkpoints
-    model = dispatch(tiny_model(family, vanilla.config.vocab_size, n_layers=4, n_heads=4,
-                                tie_embeddings=family == "llama"), offload_map(vanilla, family), offload_folder=tmp_path)
+    fresh = tiny_model(family, vanilla.config.vocab_size, n_layers=4, n_heads=4, tie_embeddings=family == "llama")
+    model = dispatch(fresh, offload_map(vanilla, family), offload_folder=tmp_path)
     layer = f"{LAYERS[family]}.1"
     assert is_dispatched(model)
     assert next(model.get_submodule(layer).parameters()).is_meta

@@ -132,7 +132,8 @@ def check_metrics(names: Sequence[str]) -> list[str]:
         names = [names]
     unknown = [n for n in names if n not in LIKELIHOOD_METRICS]
     if unknown:
-        raise PatchlabValueError(f"unknown likelihood metric {unknown[0]!r}; choose from {', '.join(LIKELIHOOD_METRICS)}")
+        raise PatchlabValueError(f"unknown likelihood metric {unknown[0]!r}; "
+                                 f"choose from {', '.join(LIKELIHOOD_METRICS)}")
     return list(names)
 
 
@@ -147,7 +148,8 @@ def answer_nlls(model: PreTrainedModel, examples: Sequence[Example]) -> list[flo
 
 
 def encode_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
-                   answers: Sequence[list[list[str]]], *, template: str = DEFAULT_TEMPLATE) -> list[list[list[Example]]]:
+                   answers: Sequence[list[list[str]]], *, template: str = DEFAULT_TEMPLATE
+                   ) -> list[list[list[Example]]]:
     """The teacher-forced examples of every answer of every question (``answers[i]``: groups of texts), each
     checked against the model's context (:func:`patchlab.pair.generation.check_fits`, naming the question)."""
     if tokenizer.eos_token_id is None:

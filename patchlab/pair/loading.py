@@ -139,8 +139,8 @@ def _check_placement(device: Any, device_map: Any, max_memory: Any, offload_fold
 
 def _adapter_model(adapter_dir: str | os.PathLike, base: ModelSpec | None, dtype: torch.dtype | None
                    ) -> PreTrainedModel:
-    """The base model of a PEFT adapter directory with the adapter merged (:func:`patchlab.pair.adapters.merge_adapter`),
-    loaded whole on the CPU (an in-memory base is copied)."""
+    """The base model of a PEFT adapter directory with the adapter merged
+    (:func:`patchlab.pair.adapters.merge_adapter`), loaded whole on the CPU (an in-memory base is copied)."""
     name = adapter_base_name(adapter_dir)
     if base is None and name is None:
         raise PatchlabValueError(f"the adapter {str(adapter_dir)!r} names no base model (base_model_name_or_path): "
