@@ -136,3 +136,25 @@ def test_contradictory_placements_are_rejected(checkpoints, tok, tmp_path):
         with pytest.raises(patchlab.PatchlabValueError, match=match):
             patchlab.load_pair(v, u, **kwargs)
     assert resolve_device_map(vanilla, {"": "cpu"}) == {"": "cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: layers on cuda:0, offloaded to the CPU and disk")
+def test_gpu_map_with_cpu_and_disk_offload(checkpoints, tok, tmp_path):
+    family, root, vanilla, unlearned = checkpoints
+    device_map = {name: 0 if where == "cpu" else where for name, where in offload_map(vanilla, family).items()}
+    device_map[f"{LAYERS[family]}.1"] = "cpu"  # offloaded to the CPU: weights in the hook, computed on cuda:0
+    pair = patchlab.load_pair(root / "vanilla", root / "unlearned", device_map=device_map, offload_folder=tmp_path)
+    whole = patchlab.load_pair(root / "vanilla", root / "unlearned", device="cuda")
+    ids = torch.tensor([tok(CORPUS[0]).input_ids])
+    assert pair.device == torch.device("cuda", 0)
+    assert_same_forward(pair, whole.vanilla_hf, whole.unlearned_hf, ids.cuda())
+    for layer in (1, 2):
+        name = f"{LAYERS[family]}.{layer}.{DOWN[family]}"
+        assert pair.unlearned_hf.get_parameter(f"{name}.weight").is_meta
+        assert execution_device(pair.unlearned_hf, name) == torch.device("cuda", 0)
+        value = parameter_value(pair.unlearned_hf, f"{name}.weight")
+        assert value.device == torch.device("cuda", 0)
+        assert torch.equal(value, whole.unlearned_hf.get_parameter(f"{name}.weight"))
+    placed = greedy_answers(pair.unlearned_hf, tok, QUESTIONS, max_new_tokens=4)[1]
+    assert all(torch.equal(a, b) for a, b in zip(placed, greedy_answers(whole.unlearned_hf, tok, QUESTIONS,
+                                                                          max_new_tokens=4)[1]))
