@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,9 @@ def merge_adapter(base: PreTrainedModel, adapter_dir: str | os.PathLike) -> PreT
         raise PatchlabValueError("the base model of an adapter must not be dispatched with a device map yet: the "
                                  "adapter is merged first, then the merged model is placed")
     try:
-        merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        with warnings.catch_warnings():  # peft's own deprecation notices about transformers internals
+            warnings.simplefilter("ignore", FutureWarning)
+            merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise PatchlabValueError(f"could not apply the adapter {str(adapter_dir)!r} to its base model "
                                  f"({type(base).__name__}): {err}") from err

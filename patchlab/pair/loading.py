@@ -168,9 +168,9 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype | None = None, device: str
       model's ordinary modules and weights ``W + ΔW``: patching a merged adapter is patching a full checkpoint.
       Needs ``pip install 'patchlab[peft]'``.
     * ``device_map`` (``"auto"`` or ``{module name: device}``) places the model with Accelerate's big-model
-      dispatch (``from_pretrained(device_map=...)``; ``dispatch_model`` for in-memory models and merged
-      adapters, which pass through the CPU whole), within ``max_memory`` (``{0: "20GiB", "cpu": "60GiB"}``),
-      modules mapped to ``"disk"`` keeping their weights in ``offload_folder``.
+      dispatch (``from_pretrained(device_map=...)``; ``dispatch_model`` for in-memory models, placed in place,
+      and merged adapters, which pass through the CPU whole), within ``max_memory`` (``{0: "20GiB", "cpu":
+      "60GiB"}``), modules mapped to ``"disk"`` keeping their weights in ``offload_folder``.
     * Otherwise an in-memory model is returned as is, converted in place when ``dtype``/``device`` are given.
 
     Raises:
