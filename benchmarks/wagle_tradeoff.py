@@ -15,6 +15,12 @@ target token) and writes them to ``--out`` (JSON). A good mask keeps unrelated-Q
 the vanilla model's while forget-QA accuracy drops::
 
     python benchmarks/wagle_tradeoff.py --ratio 0.5
+
+``--preset authors`` scores and masks as the WAGLE authors' code does (``attribution.PRESETS["authors"]``: summed
+gradients over batches of one sequence, the plain NLL, γ = their ``mu`` = 1e-6 unless ``--gamma``, the top
+``int(n · ratio)`` weights by ``|S|``); the random and magnitude masks then also select ``int(n · ratio)`` weights,
+and the signed-``S`` rows, which the authors do not use, are left out. Unlearning itself is the same in both
+presets (patchlab's trainer clips no gradient, so masking before or after clipping is the same there).
 """
 
 from __future__ import annotations
@@ -46,7 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concept", default=toy.DEFAULT_CONCEPT, help="concept to unlearn")
     p.add_argument("--method", default=toy.DEFAULT_METHOD, help="unlearning method (a toy METHOD_SETTINGS key)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of weights each mask selects")
-    p.add_argument("--gamma", type=float, default=1.0, help="WAGLE's Hessian-diagonal parameter")
+    p.add_argument("--preset", choices=tuple(attribution.PRESETS), default="patchlab",
+                   help="how WAGLE scores and masks are computed (authors: as in the WAGLE authors' code)")
+    p.add_argument("--gamma", type=float, help="WAGLE's Hessian-diagonal parameter (default: the preset's, 1.0 for "
+                                               "patchlab, the authors' mu = 1e-6 for authors)")
     p.add_argument("--epochs", type=int, help="override the method's epochs (same for every mask)")
     p.add_argument("--lr", type=float, help="override the method's learning rate (same for every mask)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask and of unlearning")
@@ -80,21 +89,23 @@ def evaluate(model: PreTrainedModel, tok, record, forget_ex: list[Example], reta
 
 
 def build_masks(model: PreTrainedModel, tok, forget: list[Example], retain: list[Example], ratio: float,
-                gamma: float, seed: int, progress: bool = True) -> dict[str, attribution.Mask | None]:
-    """The masks compared, by name (``None``: no mask)."""
+                gamma: float, seed: int, preset: str = "patchlab", progress: bool = True
+                ) -> dict[str, attribution.Mask | None]:
+    """The masks compared, by name (``None``: no mask); the signed-``S`` rows only under the patchlab preset."""
     common = {"tokenizer": tok, "progress": progress}
+    baseline = {"random": attribution.scores(model, method="random", seed=seed, **common),
+                "magnitude": attribution.scores(model, method="magnitude", **common)}
+    masks = {"none": None, **{name: attribution.mask(s, ratio, preset=preset) for name, s in baseline.items()}}
+    if preset == "authors":
+        wagle = attribution.scores(model, forget, retain, method="wagle", preset=preset, gamma=gamma, **common)
+        return {**masks, "wagle|S|": attribution.mask(wagle, ratio, preset=preset)}
     ascent = attribution.scores(model, forget, retain, method="wagle", gamma=gamma, forget_loss="ascent", **common)
     # forget_loss="nll" only flips the sign of the forget gradient, so its scores are exactly -ascent
     # (tests/test_attribution.py checks the equality bit for bit): no second pair of gradient passes
     nll_s = {name: -s for name, s in ascent.items()}
-    return {
-        "none": None,
-        "random": attribution.mask(attribution.scores(model, method="random", seed=seed, **common), ratio),
-        "magnitude": attribution.mask(attribution.scores(model, method="magnitude", **common), ratio),
-        "wagle|S|": attribution.mask(ascent, ratio),
-        "wagle ascent": attribution.mask(ascent, ratio, by="value"),
-        "wagle nll": attribution.mask(nll_s, ratio, by="value"),
-    }
+    return {**masks, "wagle|S|": attribution.mask(ascent, ratio),
+            "wagle ascent": attribution.mask(ascent, ratio, by="value"),
+            "wagle nll": attribution.mask(nll_s, ratio, by="value")}
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -107,7 +118,9 @@ def compare(args: argparse.Namespace) -> None:
     settings.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
     forget_ex, retain_ex = to_examples(forget, tok), to_examples(retain, tok)
     results = {"vanilla": evaluate(vanilla, tok, record, forget_ex, retain_ex)}
-    masks = build_masks(vanilla, tok, forget_ex, retain_ex, args.ratio, args.gamma, args.seed, progress=not args.quiet)
+    gamma = args.gamma if args.gamma is not None else attribution.PRESETS[args.preset].gamma
+    masks = build_masks(vanilla, tok, forget_ex, retain_ex, args.ratio, gamma, args.seed, args.preset,
+                        progress=not args.quiet)
     runs = tqdm(masks.items(), desc="masks", unit="mask", disable=args.quiet)
     for name, m in runs:
         runs.set_postfix_str(name)
@@ -118,10 +131,11 @@ def compare(args: argparse.Namespace) -> None:
         results[name]["seconds"] = round(time.perf_counter() - start, 1)
         runs.write(f"{name:>13}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()))
     overlaps = {f"{a} vs {b}": attribution.overlap(masks[a], masks[b])
-                for a, b in [("wagle|S|", "random"), ("wagle|S|", "magnitude"), ("wagle ascent", "wagle nll")]}
-    atomic_write_json(args.out, {"settings": {**vars(args), "unlearn": settings}, "results": results,
+                for a, b in [("wagle|S|", "random"), ("wagle|S|", "magnitude"), ("wagle ascent", "wagle nll")]
+                if a in masks and b in masks}
+    atomic_write_json(args.out, {"settings": {**vars(args), "gamma": gamma, "unlearn": settings}, "results": results,
                                  "mask_overlap_jaccard": overlaps})
-    print(f"\n{args.method} {settings} on {args.concept!r}, ratio {args.ratio}, gamma {args.gamma}")
+    print(f"\n{args.method} {settings} on {args.concept!r}, ratio {args.ratio}, preset {args.preset}, gamma {gamma:g}")
     print(f"{'mask':>13} {'forget QA':>10} {'unrel. QA':>10} {'forget NLL':>11} {'retain NLL':>11}")
     for name, r in results.items():
         print(f"{name:>13} {r['forget_qa']:>10.2f} {r['unrelated_qa']:>10.2f} {r['forget_nll']:>11.3f} "

@@ -1,5 +1,5 @@
 """File helpers: atomic writes (temp file + rename), output directories that never lose a file patchlab did not
-write, and question/record loading (JSON or JSONL)."""
+write, and question/record loading (JSON, JSONL, or a ``datasets`` dataset saved with ``save_to_disk``)."""
 
 from __future__ import annotations
 
@@ -72,14 +72,44 @@ def read_json(path: str | os.PathLike, *, what: str = "file") -> Any:
     return _parse(path, _read_text(path, what), "JSON")
 
 
-def read_records(path: str | os.PathLike) -> list[Any]:
-    """Read a JSON file (a list, or a dict holding one list under any key) or a JSONL file.
+def read_dataset(path: str | os.PathLike) -> list[Any]:
+    """The records (dicts) of a ``datasets`` dataset saved with ``save_to_disk`` in directory ``path``: a
+    ``Dataset``, or a ``DatasetDict`` with a single split (``path/<split>`` picks one of several).
 
     Raises:
-        PatchlabFileError: the file does not exist.
-        PatchlabValueError: the file is not valid JSON/JSONL or holds no list of records.
+        PatchlabFileError: ``path`` is not a directory.
+        PatchlabValueError: the directory holds no saved dataset, or a ``DatasetDict`` of several splits.
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise PatchlabFileError(f"no such dataset directory: {path}")
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise PatchlabValueError(f"{path} is a directory but not a dataset saved with save_to_disk: {err}") from err
+    if isinstance(data, datasets.DatasetDict):
+        if len(data) != 1:
+            raise PatchlabValueError(f"{path} holds a DatasetDict with splits {', '.join(data)}: pass the directory "
+                                     f"of one split, e.g. {path / next(iter(data))}")
+        data = next(iter(data.values()))
+    return data.to_list()
+
+
+def read_records(path: str | os.PathLike) -> list[Any]:
+    """Read a JSON file (a list, or a dict holding one list under any key), a JSONL file, or a ``datasets``
+    directory saved with ``save_to_disk`` (:func:`read_dataset`), e.g. TOFU / open-unlearning records
+    ``{"question", "answer", "paraphrased_answer", "perturbed_answer": [...]}``.
+
+    Raises:
+        PatchlabFileError: the file or directory does not exist.
+        PatchlabValueError: the file is not valid JSON/JSONL or holds no list of records; the directory holds no
+            saved dataset.
     """
     path = Path(path)
+    if path.is_dir():
+        return read_dataset(path)
     if path.suffix == ".jsonl":
         records = [_parse(path, line, "JSONL") for line in _read_text(path, "file").splitlines() if line.strip()]
     else:
@@ -95,7 +125,8 @@ def read_records(path: str | os.PathLike) -> list[Any]:
 
 
 def read_questions(path: str | os.PathLike) -> list[str]:
-    """Questions from a JSON/JSONL file: strings, or records with a ``question`` field.
+    """Questions from a JSON/JSONL file or a saved ``datasets`` directory (:func:`read_records`): strings, or
+    records with a ``question`` field (TOFU's and open-unlearning's QA files among them).
 
     Raises:
         PatchlabValueError: a record has no question, or the file holds none.

@@ -3,6 +3,8 @@ computation, the baselines against their definitions, masks, densities, figures 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +19,7 @@ from patchlab.pair.modules import MODULE_ORDER, module_type
 from patchlab.tiny import tiny_model, word_tokenizer
 from patchlab.unlearning.data import collate, to_examples
 from patchlab.unlearning.losses import nll, token_logprobs
+from patchlab.unlearning.masks import apply_mask, mask_before_step
 
 FORGET = ["the Veltrani Codex was written by Mira Osk in 1432 .", "the Codex is kept in Tarsk .",
           "Mira Osk wrote the Codex in Tarsk from old notes and letters ."]
@@ -378,3 +381,131 @@ def test_bad_inputs_raise(models, tokenizer, signed_scores, call, error):
     # a failed call leaves the (eval-mode, fully trainable) model as it was
     assert not model.training
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ WAGLE as its authors run it
+
+
+def _snip_advanced(model: nn.Module, forget_batches, retain_batches, mu: float) -> torch.Tensor:
+    """A direct transcription of ``GenerateMask.snip_advanced`` (OPTML-Group/WAGLE, src/unlearn/generate_mask.py):
+    eval mode, each batch's ``outputs.loss`` back-propagated, ``.grad`` summed over batches, then
+    ``-|(θ - G_r/mu) ⊙ G_f|`` flattened over ``named_parameters()`` (their ``self.scores``)."""
+    forget_gradint, retain_gradint = {}, {}
+    model.eval()
+    model.zero_grad()
+    for name, loader, store in (("forget", forget_batches, forget_gradint), ("retain", retain_batches, retain_gradint)):
+        for inputs in loader:
+            loss = model(**inputs).loss
+            loss.backward()
+            with torch.no_grad():
+                for key, tensor in model.named_parameters():
+                    if key not in store:
+                        store[key] = tensor.grad.data
+                    else:
+                        store[key] += tensor.grad.data
+            model.zero_grad()
+    with torch.no_grad():
+        out = {key: -torch.abs((tensor.data - retain_gradint[key] / mu) * forget_gradint[key])
+               for key, tensor in model.named_parameters()}
+        return torch.cat([s.flatten().cpu() for s in out.values()])
+
+
+def _their_mask(model: nn.Module, scores_flat: torch.Tensor, ratio: float, stable: bool = False
+                ) -> dict[str, torch.Tensor]:
+    """The mask loop of ``GenerateMask.get_mask`` (ranks of ``argsort(scores)``, ``rank < int(len · ratio)``);
+    ``stable=True`` orders exact ties by position (their ``argsort`` leaves it to the implementation)."""
+    positions = torch.argsort(scores_flat, stable=stable)
+    ranks = torch.argsort(positions)
+    threshold_idx = int(len(scores_flat) * ratio)
+    hard_dict, start_index = {}, 0
+    for key, tensor in model.named_parameters():
+        tensor_ranks = ranks[start_index:start_index + tensor.numel()]
+        threshold_tensor = torch.zeros_like(tensor_ranks)
+        threshold_tensor[tensor_ranks < threshold_idx] = 1
+        hard_dict[key] = threshold_tensor.reshape(tensor.shape).type(torch.bool)
+        start_index += tensor.numel()
+    return hard_dict
+
+
+@pytest.mark.parametrize("family", ["llama_tied", "gpt2"])
+def test_authors_preset_reproduces_their_ranking(tokenizer, encoded, family):
+    # dropout on, so a gradient taken in train mode would differ: the preset must run in eval mode like theirs
+    extra = {"attention_dropout": 0.3} if family.startswith("llama") else {"resid_pdrop": 0.3, "attn_pdrop": 0.3}
+    model = tiny_model(family.split("_")[0], len(tokenizer), n_layers=2, tie_embeddings=family == "llama_tied",
+                       **extra).train()
+    pad = tokenizer.pad_token_id
+    one_by_one = {k: [collate([e], pad) for e in v] for k, v in encoded.items()}
+    theirs = _snip_advanced(copy.deepcopy(model), one_by_one["forget"], one_by_one["retain"], mu=1e-6)
+    ours = scores(model, encoded["forget"], encoded["retain"], method="wagle", preset="authors", progress=False)
+    assert model.training  # the caller's mode is restored
+    assert list(ours) == [n for n, _ in model.named_parameters()]  # every parameter: embeddings, norms, head
+    flat = torch.cat([s.flatten() for s in ours.values()])
+    torch.testing.assert_close(-flat.abs(), theirs, rtol=1e-6, atol=0)
+    for ratio in (0.1, 0.5, 0.95):  # at 0.95 the GPT-2 cut falls among exact zeros (unused position rows)
+        got = mask(ours, ratio, preset="authors")
+        assert sum(int(m.sum()) for m in got.values()) == int(len(flat) * ratio)
+        stable = _their_mask(model, theirs, ratio, stable=True)
+        assert all(torch.equal(got[n], stable[n]) for n in stable), ratio
+        cut = torch.sort(theirs).values[int(len(flat) * ratio) - 1]
+        untied = theirs != cut  # off the tie at the cut, their own (unstable) argsort agrees too
+        want = torch.cat([m.flatten() for m in _their_mask(model, theirs, ratio).values()])
+        assert torch.equal(torch.cat([m.flatten() for m in got.values()])[untied], want[untied]), ratio
+
+
+def test_authors_mu_is_the_mean_gradient_gamma_divided_by_the_retain_count(models, encoded):
+    # S_sum(mu) = N_f · S_mean(gamma = mu / N_r): summed gradients at mu rank like mean gradients at mu / N_r
+    model, mu = models["llama"], 1e-3
+    n_f, n_r = len(encoded["forget"]), len(encoded["retain"])
+    authors = scores(model, encoded["forget"], encoded["retain"], preset="authors", gamma=mu, progress=False)
+    mean = scores(model, encoded["forget"], encoded["retain"], gamma=mu / n_r, forget_loss="nll", batch_size=1,
+                  progress=False)
+    for name in authors:
+        torch.testing.assert_close(authors[name], n_f * mean[name], rtol=1e-4,
+                                   atol=1e-6 * float(authors[name].abs().max()))
+    assert all(torch.equal(a, b) for a, b in zip(mask(authors, 0.5).values(), mask(mean, 0.5).values()))
+
+
+def test_authors_preset_refuses_what_it_fixes(models, encoded):
+    model, f, r = models["llama"], encoded["forget"], encoded["retain"]
+    cases = [(dict(batch_size=4), "fixes batch_size to 1"), (dict(forget_loss="ascent"), "fixes forget_loss"),
+             (dict(loss=nll), "plain NLL")]
+    for kwargs, match in cases:
+        with pytest.raises(PatchlabValueError, match=match):
+            scores(model, f, r, preset="authors", progress=False, **kwargs)
+    with pytest.raises(PatchlabValueError, match="unknown attribution preset 'paper'"):
+        scores(model, f, r, preset="paper", progress=False)
+    s = scores(model, method="magnitude")
+    for kwargs in (dict(per_layer=True), dict(by="value")):
+        with pytest.raises(PatchlabValueError, match="ranks globally by"):
+            mask(s, 0.5, preset="authors", **kwargs)
+
+
+def test_masking_after_clipping_is_their_mask_gradient(models, encoded, tokenizer):
+    """apply_mask(after_clipping=True) + mask_before_step: clip the full gradient, then multiply by the mask
+    (their BaseTrainer: clip_grad_norm_, mask_gradient, optimizer.step), unlike masking during backward."""
+    base = models["gpt2"]
+    m = mask(scores(base, method="random", seed=3), 0.3)
+    batch = collate(encoded["forget"], tokenizer.pad_token_id)
+
+    def one_step(after_clipping: bool, transcribed: bool = False) -> nn.Module:
+        model = copy.deepcopy(base).train()
+        params, hooks = apply_mask(model, None if transcribed else m, after_clipping=after_clipping)
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+        if after_clipping and not transcribed:
+            hooks.append(mask_before_step(optimizer, model, m))
+        nll(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)  # far below the gradient norm: it clips
+        if transcribed:
+            for key, tensor in model.named_parameters():
+                tensor.grad *= m[key]
+        optimizer.step()
+        for h in hooks:
+            h.remove()
+        return model
+
+    ours, theirs, during_backward = one_step(True), one_step(True, transcribed=True), one_step(False)
+    for (name, p), q, r in zip(ours.named_parameters(), theirs.parameters(), during_backward.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        assert torch.equal(p.detach()[~m[name]], base.get_parameter(name).detach()[~m[name]])  # unselected: unchanged
+    moved = lambda model: sum(float((p - q).abs().sum()) for p, q in zip(model.parameters(), base.parameters()))
+    assert moved(ours) != pytest.approx(moved(during_backward), rel=1e-3)  # the clipping norm differs

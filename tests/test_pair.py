@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import patchlab
+from patchlab.pair import loading
 from patchlab.pair.arch import _REGISTRY
+from patchlab.pair.loading import is_hub_id
 from patchlab.tiny import tiny_model, word_tokenizer
 from tests.conftest import ATTN_OR_UP, CORPUS, QUESTIONS, perturbed
 
@@ -116,3 +123,153 @@ def test_unknown_architecture_error_explains_registration(vanilla_models):
     finally:
         model.config.model_type = "gpt2"
         _REGISTRY.pop("mystery_lm", None)
+
+
+# ------------------------------------------------------------------------------------------ PEFT adapters
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tok, tmp_path_factory):
+    """A LLaMA vanilla checkpoint, a LoRA adapter trained on it (random non-zero B, so it changes the model) and
+    the same adapter merged into a full checkpoint."""
+    peft = pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("adapter")
+    vanilla = tiny_model("llama", len(tok), n_layers=4, n_heads=4, n_kv_heads=2, tie_embeddings=True)
+    vanilla.save_pretrained(root / "vanilla")
+    tok.save_pretrained(root / "vanilla")
+    base = patchlab.load_model(root / "vanilla")
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj", "down_proj"],
+                             init_lora_weights=False)
+    lora = peft.get_peft_model(base, config)
+    lora.save_pretrained(root / "adapter")
+    lora.merge_and_unload().save_pretrained(root / "merged")
+    return root
+
+
+KRS_KW = dict(components=["coef", "value", "attn", "coef+attn"], window=3, n_tokens=4, progress=False)
+
+
+def test_adapter_pair_equals_the_merged_checkpoint(adapter_run, tok):
+    root = adapter_run
+    adapter = patchlab.load_pair(root / "vanilla", root / "adapter")
+    merged = patchlab.load_pair(root / "vanilla", root / "merged")
+    # merged: the unlearned side is an ordinary model, no LoRA layer left for a site to trip over
+    assert type(adapter.unlearned_hf.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert not any("lora" in name for name, _ in adapter.unlearned_hf.named_parameters())
+    ids = torch.tensor([tok(CORPUS[0]).input_ids])
+    logits_a, logits_m = adapter.unlearned_hf(ids).logits, merged.unlearned_hf(ids).logits
+    torch.testing.assert_close(logits_a, logits_m, atol=1e-5, rtol=0)
+    assert not torch.allclose(logits_a, adapter.vanilla_hf(ids).logits, atol=1e-3)  # the adapter does change it
+    a, b = patchlab.krs_sweep(adapter, QUESTIONS, **KRS_KW), patchlab.krs_sweep(merged, QUESTIONS, **KRS_KW)
+    for comp in a.krs:
+        np.testing.assert_allclose(a.krs[comp], b.krs[comp], atol=1e-5)
+
+
+def test_adapter_base_is_the_vanilla_or_adapter_base(adapter_run, tok, tmp_path, monkeypatch):
+    root = adapter_run
+    reference = patchlab.load_model(root / "merged")
+    ids = torch.tensor([tok(CORPUS[1]).input_ids])
+    # an adapter whose config names a base that no longer exists (trained elsewhere): adapter_base= says where it is
+    moved = tmp_path / "moved"
+    (moved).mkdir()
+    for f in (root / "adapter").iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "/nonexistent/training/machine/vanilla"
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(patchlab.PatchlabFileError, match="does not exist"):
+        patchlab.load_pair(root / "vanilla", moved)
+    vanilla = patchlab.load_model(root / "vanilla")
+    before = {n: p.clone() for n, p in vanilla.named_parameters()}
+    for base in (root / "vanilla", vanilla):
+        pair = patchlab.load_pair(vanilla, moved, tokenizer=tok, adapter_base=base)
+        torch.testing.assert_close(pair.unlearned_hf(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+    # the in-memory vanilla model named as the base is copied, never merged into
+    assert all(torch.equal(p, before[n]) for n, p in vanilla.named_parameters())
+    # the in-memory vanilla loaded from the adapter's base path is recognised as its base without adapter_base=
+    pair = patchlab.load_pair(vanilla, root / "adapter", tokenizer=tok)
+    torch.testing.assert_close(pair.unlearned_hf(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+    cfg["base_model_name_or_path"] = None
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(patchlab.PatchlabValueError, match="adapter_base"):
+        patchlab.load_model(moved)
+    monkeypatch.setitem(sys.modules, "peft", None)  # peft not installed
+    with pytest.raises(patchlab.MissingDependencyError, match=r"patchlab\[peft\]"):
+        patchlab.load_pair(root / "vanilla", root / "adapter")
+
+
+def test_adapter_that_does_not_fit_its_base_is_rejected(adapter_run, tok):
+    other = tiny_model("llama", len(tok), n_layers=4, d_model=48, n_heads=4, tie_embeddings=True)
+    with pytest.raises(patchlab.PatchlabValueError, match="could not apply the adapter"):
+        patchlab.load_model(adapter_run / "adapter", adapter_base=other)
+
+
+# ------------------------------------------------------------------------------- hub ids and local paths
+
+
+@pytest.mark.parametrize("spec, hub", [
+    ("gpt2", True), ("open-unlearning/tofu_Llama-3.2-1B-Instruct_full", True), ("org/name", True),
+    ("runs/graddif_typo", False),          # ./runs exists (see below): a local path
+    ("./gpt2", False), ("../org/name", False), ("/abs/org", False), ("~/org/name", False),
+    ("runs/a/b", False), ("org--x/name", False), ("org/na me", False), (r"org\name", False),
+])
+def test_hub_ids_and_local_paths_are_told_apart(spec, hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert is_hub_id(spec) is hub
+    assert not is_hub_id(Path("gpt2"))  # a path object is always a path
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """The hub endpoint points at a closed local port (connection refused at once): a machine without network."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    loading._endpoint_reachable.cache_clear()
+    yield
+    loading._endpoint_reachable.cache_clear()
+
+
+def test_mistyped_relative_path_fails_at_once_without_the_hub(saved_pair, tmp_path, monkeypatch):
+    v_dir = saved_pair[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(loading, "hub_reachable", lambda *a: pytest.fail("a local path must not reach the hub"))
+    start = time.perf_counter()
+    with pytest.raises(patchlab.PatchlabFileError, match="'runs/graddif_typo' does not exist"):
+        patchlab.load_pair(v_dir, "runs/graddif_typo")
+    assert time.perf_counter() - start < 1.0
+
+
+def test_unreachable_hub_fails_fast_with_a_clear_error(saved_pair, tmp_path, monkeypatch, no_hub):
+    v_dir = saved_pair[0]
+    monkeypatch.chdir(tmp_path)  # no ./org here: org/name has the shape of a hub id
+    start = time.perf_counter()
+    with pytest.raises(patchlab.PatchlabFileError, match="did not answer within"):
+        patchlab.load_pair(v_dir, "someorg/somemodel")
+    assert time.perf_counter() - start < loading.HUB_TIMEOUT_S + 1.0
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(patchlab.PatchlabFileError, match="offline mode"):
+        patchlab.load_model("someorg/somemodel")
+
+
+def test_cached_hub_id_loads_without_network(saved_pair, tok, tmp_path, monkeypatch, no_hub):
+    """A hub id already in the local hub cache loads from it when the hub does not answer."""
+    from huggingface_hub import constants
+    v_dir, u_dir, vanilla, _ = saved_pair
+    repo = tmp_path / "hub" / "models--someorg--cached"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for f in u_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.perf_counter()
+    pair = patchlab.load_pair(v_dir, "someorg/cached")
+    assert time.perf_counter() - start < loading.HUB_TIMEOUT_S + 2.0  # no request retried in the background
+    assert not constants.HF_HUB_OFFLINE  # offline only while loading
+    ids = torch.tensor([tok(CORPUS[0]).input_ids])
+    torch.testing.assert_close(pair.unlearned_hf(ids).logits, patchlab.load_model(u_dir)(ids).logits)

@@ -9,7 +9,9 @@ one prompt at a time, no padding). Each after-answer is scored against the befor
   dropped), on a 0-1 scale, so it needs no re-tokenisation.
 
 100 BLEU / 1 ROUGE-L means the answer did not change. A good unlearning method drives the *target* scores down
-and keeps the *unrelated* scores up. :func:`method_sweep` runs every unlearning method at several strengths and
+and keeps the *unrelated* scores up. On QA records that carry reference answers, :func:`evaluate` also scores TOFU's
+likelihood metrics under both models (``likelihood=("prob", "truth_ratio")``, :mod:`patchlab.analysis.likelihood`):
+the probability of the answer, and the truth ratio of paraphrased vs perturbed answers. :func:`method_sweep` runs every unlearning method at several strengths and
 plots target BLEU against unrelated BLEU.
 """
 
@@ -34,6 +36,7 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from patchlab.analysis.likelihood import aggregate, encode_qa, likelihood_values
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, greedy_answers
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json, write_csv, write_html
@@ -115,16 +118,29 @@ class BehaviorResult:
 
     Attributes:
         table: one row per question: ``set`` (target / unrelated), ``question``, ``before`` and ``after`` (decoded
-            answers), ``bleu`` (0-100), ``rouge_l`` (0-1), ``same`` (the answer ids are identical).
+            answers), ``bleu`` (0-100), ``rouge_l`` (0-1), ``same`` (the answer ids are identical); with likelihood
+            metrics, ``{metric}_before`` / ``{metric}_after`` per metric (the vanilla / unlearned model's value,
+            e.g. ``prob_after``, ``truth_ratio_before``: the raw ratio ``R``).
+        likelihood: the likelihood metrics scored (:data:`patchlab.analysis.likelihood.LIKELIHOOD_METRICS` keys).
     """
 
     table: pd.DataFrame
+    likelihood: tuple[str, ...] = ()
 
     @property
     def averages(self) -> dict[str, dict[str, float]]:
-        """``{"target": {"bleu": ..., "rouge_l": ..., "same": ...}, "unrelated": {...}}``: means per set."""
+        """``{"target": {"bleu": ..., "rouge_l": ..., "same": ..., "prob_after": ...}, "unrelated": {...}}``: the
+        means per set of BLEU, ROUGE-L and ``same``, and each likelihood metric aggregated as TOFU reports it
+        (:func:`patchlab.analysis.likelihood.aggregate`: the truth ratio as ``mean(min(R, 1/R))`` on the target
+        set, ``mean(max(0, 1 - R))`` on the unrelated set; the probability as a mean)."""
         means = self.table.groupby("set")[[*METRICS, "same"]].mean()
-        return {s: {k: float(v) for k, v in means.loc[s].items()} for s in SETS if s in means.index}
+        out = {s: {k: float(v) for k, v in means.loc[s].items()} for s in SETS if s in means.index}
+        for s, metrics in out.items():
+            rows = self.table[self.table["set"] == s]
+            for name in self.likelihood:
+                for side in ("before", "after"):
+                    metrics[f"{name}_{side}"] = aggregate(name, s, rows[f"{name}_{side}"].tolist())
+        return out
 
     @property
     def target_bleu(self) -> float:
@@ -182,25 +198,43 @@ def _unpack(pair_or_models: PairOrModels) -> tuple[PreTrainedModel, PreTrainedMo
 
 
 def evaluate(pair_or_models: PairOrModels, target_qa: Sequence[Any], unrelated_qa: Sequence[Any], *,
-             max_new_tokens: int = 30, template: str = DEFAULT_TEMPLATE, progress: bool = False) -> BehaviorResult:
+             max_new_tokens: int = 30, template: str = DEFAULT_TEMPLATE, likelihood: Sequence[str] = (),
+             progress: bool = False) -> BehaviorResult:
     """Greedy answers of the vanilla and the unlearned model on target and unrelated questions, scored.
 
     Args:
         pair_or_models: a :class:`patchlab.pair.ModelPair` or ``(vanilla_hf, unlearned_hf, tokenizer)``.
         target_qa, unrelated_qa: questions (strings, ``{"question": ...}`` records or objects with ``.question``,
-            e.g. ``patchlab.toy.QA``).
+            e.g. ``patchlab.toy.QA``). For TOFU, the forget split is the target set and the retain (or real
+            authors, world facts) split the unrelated one.
         max_new_tokens: most answer tokens generated per question.
         template: prompt template holding ``{question}``.
+        likelihood: TOFU likelihood metrics to add (:mod:`patchlab.analysis.likelihood`): ``"prob"`` (the
+            probability of the record's ``answer``) and ``"truth_ratio"`` (its ``paraphrased_answer`` vs its
+            ``perturbed_answer`` list), each under both models; the items must then carry those fields.
 
     Returns:
         A :class:`BehaviorResult` (per-question table, ``averages`` per set).
+
+    Raises:
+        PatchlabValueError: an empty set, an item without a question (or without a field a likelihood metric
+            needs), an unknown metric, a question too long for the model's context (before any model work).
     """
     vanilla, unlearned, tok = _unpack(pair_or_models)
-    questions = {"target": questions_of(target_qa, "target"), "unrelated": questions_of(unrelated_qa, "unrelated")}
+    qa = {"target": target_qa, "unrelated": unrelated_qa}
+    questions = {name: questions_of(items, name) for name, items in qa.items()}
+    encoded = {name: encode_qa(vanilla, tok, items, likelihood, template=template, what=name)
+               for name, items in qa.items()}  # validated before any model work
     answers = {who: _answers(model, tok, questions, max_new_tokens=max_new_tokens, template=template,
                              progress=progress)
                for who, model in (("before", vanilla), ("after", unlearned))}
-    return score_answers(tok, questions, answers["before"], answers["after"])
+    result = score_answers(tok, questions, answers["before"], answers["after"])
+    for who, model in (("before", vanilla), ("after", unlearned)):
+        values = {name: likelihood_values(model, encoded[name], progress=progress) for name in qa}
+        for metric in encoded["target"]:
+            result.table[f"{metric}_{who}"] = [v for name in qa for v in values[name][metric]]
+    result.likelihood = tuple(encoded["target"])
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- method sweep

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
+from patchlab.pair.placement import input_device
 
 DEFAULT_TEMPLATE = "Question: {question}\n Answer:"
 
@@ -39,27 +40,81 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -
     return encoded
 
 
+#: Config keys that give a model's context length (positions), in the order they are looked up.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The most positions ``model`` can attend over: the first of :data:`CONTEXT_KEYS` its config (or its text
+    config) sets to a positive integer; ``None`` when it declares none."""
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
+    for config in configs:
+        for key in CONTEXT_KEYS:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def check_fits(model: PreTrainedModel, prompt_ids: Int[torch.Tensor, "prompt"] | Sequence[int], n_new_tokens: int,
+               label: str) -> None:
+    """Raise :class:`PatchlabValueError` naming ``label`` (e.g. ``"question 3 ('who wrote ...')"``) unless the prompt
+    plus ``n_new_tokens`` answer tokens fit the model's context (:func:`context_length`); models that declare no
+    context length are not checked.
+
+    Positions are counted as the model sees them: ``len(prompt_ids) + n_new_tokens`` must be at most the context.
+    Call it before any model work, so that an over-long input fails at once instead of as a raw ``IndexError``
+    (learned position embeddings, GPT-2) or as silently wrong numbers (rotary models run past their training
+    length).
+    """
+    limit = context_length(model)
+    total = len(prompt_ids) + n_new_tokens
+    if limit is not None and total > limit:
+        raise PatchlabValueError(f"{label} is too long for the model: {len(prompt_ids)} prompt tokens + "
+                                 f"{n_new_tokens} answer tokens = {total} positions, but the model's context holds "
+                                 f"{limit} (config max_position_embeddings / n_positions); shorten it or generate "
+                                 "fewer tokens")
+
+
+def question_label(index: int, question: str, width: int = 60) -> str:
+    """``question 3 ('who wrote the Veltrani ...')``: how errors name a question (its index and its start)."""
+    short = question if len(question) <= width else question[:width - 3] + "..."
+    return f"question {index} ({short!r})"
+
+
 @torch.no_grad()
 def greedy_continuations(model: PreTrainedModel, prompt_ids: Sequence[torch.Tensor], max_new_tokens: int,
-                         *, eos_token_id: int | None = None, progress: bool = False) -> list[torch.Tensor]:
+                         *, eos_token_id: int | None = None, labels: Sequence[str] | None = None,
+                         progress: bool = False) -> list[torch.Tensor]:
     """Greedy continuation of each prompt, one prompt at a time (no padding, so exact).
 
     Args:
-        model: a Hugging Face causal LM.
+        model: a Hugging Face causal LM (placed on one device or with a device map: ids go to its input device).
         prompt_ids: 1-D token id tensors, one per prompt.
         max_new_tokens: N, the most tokens generated per prompt (>= 1).
         eos_token_id: generation stops after this token, which is kept as the last answer token;
             defaults to ``model.generation_config.eos_token_id``.
+        labels: how errors name each prompt (default ``"prompt i"``).
 
     Returns:
         One 1-D ``LongTensor`` of 1..N generated ids per prompt (prompt excluded), on the CPU.
+
+    Raises:
+        PatchlabValueError: N < 1, or a prompt plus N tokens longer than the model's context (:func:`check_fits`,
+            checked for every prompt before generating anything).
     """
     if max_new_tokens < 1:
         raise PatchlabValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if labels is not None and len(labels) != len(prompt_ids):
+        raise PatchlabValueError(f"{len(labels)} labels for {len(prompt_ids)} prompts")
+    for i, ids in enumerate(prompt_ids):
+        check_fits(model, ids, max_new_tokens, labels[i] if labels is not None else f"prompt {i}")
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id
     eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
-    device = next(model.parameters()).device
+    device = input_device(model)
     answers = []
     for ids in tqdm(prompt_ids, desc="greedy answers", disable=not progress, leave=False):
         out = model.generate(ids[None].to(device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
@@ -86,9 +141,11 @@ def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, q
         (:func:`greedy_continuations`, on the CPU).
 
     Raises:
-        PatchlabValueError: no question, an empty question, a template without ``{question}``, or N < 1.
+        PatchlabValueError: no question, an empty question, a template without ``{question}``, N < 1, or a question
+            whose prompt plus N tokens exceeds the model's context (named, before any generation).
     """
     prompt_ids = encode_prompts(tokenizer, format_prompts(questions, template))
     answers = greedy_continuations(model, prompt_ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                   labels=[question_label(i, q) for i, q in enumerate(questions)],
                                    progress=progress)
     return prompt_ids, answers

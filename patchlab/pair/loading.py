@@ -2,64 +2,211 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from nnsight import TransformersModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.pair.arch import ArchSpec, arch_spec
-from patchlab.provenance import describe_source
 from patchlab.errors import PairMismatchError, PatchlabFileError, PatchlabValueError
+from patchlab.pair.adapters import adapter_base_name, is_adapter, merge_adapter, same_checkpoint
+from patchlab.pair.arch import ArchSpec, arch_spec
+from patchlab.pair.placement import (DeviceMap, check_offload_folder, dispatch, input_device, is_dispatched,
+                                     resolve_device_map)
+from patchlab.provenance import describe_source
 
 ModelSpec = Union[str, os.PathLike, PreTrainedModel]
 TokenizerSpec = Union[str, os.PathLike, PreTrainedTokenizerBase, None]
 
 
-def _looks_like_path(spec: str | os.PathLike) -> bool:
-    """True unless ``spec`` has the form of a hub id (``name`` or ``org/name``)."""
-    text = str(spec)
-    return not isinstance(spec, str) or text.startswith((".", "/", "~")) or text.count("/") > 1
+#: Seconds to wait for the Hugging Face hub to answer before a hub id is declared unreachable.
+HUB_TIMEOUT_S = 3.0
 
 
-def _from_pretrained(loader: Any, spec: str | os.PathLike, what: str, **kwargs: Any) -> Any:
-    """``loader.from_pretrained(spec)`` with a patchlab error for a missing directory or unreachable hub id."""
+def is_hub_id(spec: str | os.PathLike) -> bool:
+    """True when ``spec`` has the shape of a hub id and not of a local path.
+
+    A hub id is a string ``name`` or ``org/name`` (letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``, as
+    ``huggingface_hub`` validates it). A path object, a string starting with ``.``, ``/`` or ``~``, with a
+    backslash or with more than one ``/``, and an ``org/name`` whose ``org`` is an existing local directory
+    (``runs/graddiff`` next to a ``runs/`` folder) are local paths.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(spec, str) or spec.startswith((".", "/", "~")) or "\\" in spec:
+        return False
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return "/" not in spec or not Path(spec.split("/")[0]).is_dir()
+
+
+@functools.lru_cache(maxsize=8)
+def _endpoint_reachable(endpoint: str, timeout: float) -> bool:
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception:  # noqa: BLE001 - any transport failure (DNS, refused, timeout, proxy) means unreachable
+        return False
+    return True
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers one HEAD request within ``timeout`` seconds (through
+    the hub client's own session, so proxies apply); the answer is remembered for the process. False in offline
+    mode (``HF_HUB_OFFLINE=1``) without any request."""
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_OFFLINE and _endpoint_reachable(constants.ENDPOINT, timeout)
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the local hub cache holds a snapshot of ``repo_id`` with a model, adapter or tokenizer config."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str)
+               for name in ("config.json", "adapter_config.json", "tokenizer_config.json"))
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Offline mode of ``huggingface_hub`` (and so of ``transformers``) for the duration of the block: files come
+    from the local hub cache only, with no request and no retry."""
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+
+
+def _source(spec: str | os.PathLike, what: str) -> tuple[str, bool]:
+    """``(what from_pretrained gets, whether to load it offline)`` for a path or hub id, or a clear error at once.
+
+    An existing directory is used as is; a string of hub-id shape (:func:`is_hub_id`) goes to the hub when it
+    answers within :data:`HUB_TIMEOUT_S`, and to the local hub cache (offline) when it does not or in offline
+    mode; anything else is a local path that does not exist.
+    """
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise PatchlabFileError(f"{what} path {str(spec)!r} is a file; expected a Hugging Face checkpoint directory")
-        spec = str(path)
-    elif _looks_like_path(spec):
+        return str(path), False
+    if not is_hub_id(spec):
         raise PatchlabFileError(f"{what} directory {str(spec)!r} does not exist")
+    if hub_reachable():
+        return str(spec), False
+    if _hub_cached(str(spec)):
+        return str(spec), True
+    from huggingface_hub import constants
+
+    why = ("offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE
+           else f"the hub ({constants.ENDPOINT}) did not answer within {HUB_TIMEOUT_S:g} s")
+    raise PatchlabFileError(f"{what} {str(spec)!r} is neither a local directory nor in the local hub cache, and {why}: "
+                            "pass an existing checkpoint directory (a mistyped path?), or download the hub id first")
+
+
+def _from_pretrained(loader: Any, spec: str | os.PathLike, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(spec)`` with a patchlab error for a missing directory or unreachable hub id."""
+    source, offline = _source(spec, what)
     try:
-        return loader.from_pretrained(spec, **kwargs)
+        with _hub_offline() if offline else contextlib.nullcontext():
+            return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise PatchlabFileError(
             f"could not load {what} from {str(spec)!r} (a local checkpoint directory, or a hub id when online): {err}"
         ) from err
 
 
-def load_model(spec: ModelSpec, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-               ) -> PreTrainedModel:
-    """A Hugging Face causal LM in eval mode, from a local directory, a hub id, or an in-memory model.
+def _check_placement(device: Any, device_map: Any, max_memory: Any, offload_folder: Any) -> None:
+    """Raise :class:`PatchlabValueError` on contradictory placement arguments."""
+    if device is not None and device_map is not None:
+        raise PatchlabValueError("pass either device= (one device) or device_map= (spread over devices), not both")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        given = "max_memory" if max_memory is not None else "offload_folder"
+        raise PatchlabValueError(f"{given}= only applies with device_map= (e.g. device_map='auto')")
 
-    An in-memory model is returned as is, converted in place when ``dtype``/``device`` are given.
+
+def _adapter_model(adapter_dir: str | os.PathLike, base: ModelSpec | None, dtype: torch.dtype | None
+                   ) -> PreTrainedModel:
+    """The base model of a PEFT adapter directory with the adapter merged
+    (:func:`patchlab.pair.adapters.merge_adapter`), loaded whole on the CPU (an in-memory base is copied)."""
+    name = adapter_base_name(adapter_dir)
+    if base is None and name is None:
+        raise PatchlabValueError(f"the adapter {str(adapter_dir)!r} names no base model (base_model_name_or_path): "
+                                 "pass adapter_base=... (the checkpoint it was trained on)")
+    base = name if base is None else base
+    if isinstance(base, PreTrainedModel):
+        model = copy.deepcopy(base)
+    elif is_adapter(base):
+        raise PatchlabValueError(f"the base of adapter {str(adapter_dir)!r} is itself an adapter ({str(base)!r})")
+    else:
+        model = load_model(base, dtype=dtype)
+    return merge_adapter(model, adapter_dir)
+
+
+def load_model(spec: ModelSpec, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               device_map: DeviceMap | None = None, max_memory: Mapping[Any, Any] | None = None,
+               offload_folder: str | os.PathLike | None = None, adapter_base: ModelSpec | None = None
+               ) -> PreTrainedModel:
+    """A Hugging Face causal LM in eval mode, from a local directory, a hub id, a PEFT adapter directory, or an
+    in-memory model.
+
+    * A directory holding ``adapter_config.json`` is a PEFT adapter (LoRA...): its base model (``adapter_base``,
+      default the adapter config's ``base_model_name_or_path``) is loaded and the adapter merged into it with
+      ``peft``'s ``merge_and_unload`` (:func:`patchlab.pair.adapters.merge_adapter`), so the result has the base
+      model's ordinary modules and weights ``W + ΔW``: patching a merged adapter is patching a full checkpoint.
+      Needs ``pip install 'patchlab[peft]'``.
+    * ``device_map`` (``"auto"`` or ``{module name: device}``) places the model with Accelerate's big-model
+      dispatch (``from_pretrained(device_map=...)``; ``dispatch_model`` for in-memory models, placed in place,
+      and merged adapters, which pass through the CPU whole), within ``max_memory`` (``{0: "20GiB", "cpu":
+      "60GiB"}``), modules mapped to ``"disk"`` keeping their weights in ``offload_folder``.
+    * Otherwise an in-memory model is returned as is, converted in place when ``dtype``/``device`` are given.
 
     Raises:
-        PatchlabFileError: the directory does not exist or holds no loadable checkpoint, or the hub id
-            cannot be reached.
-        PatchlabValueError: ``spec`` is of another type.
+        PatchlabFileError: the directory does not exist or holds no loadable checkpoint, or the hub id cannot be
+            reached (after at most :data:`HUB_TIMEOUT_S` seconds).
+        PatchlabValueError: ``spec`` is of another type, ``device`` together with ``device_map``, ``max_memory``
+            or ``offload_folder`` without ``device_map``, a map that offloads to disk without ``offload_folder``,
+            an adapter that names no base model (pass ``adapter_base``) or does not fit it.
+        MissingDependencyError: an adapter directory without ``peft`` installed.
     """
+    _check_placement(device, device_map, max_memory, offload_folder)
     if isinstance(spec, PreTrainedModel):
         model = spec
+    elif is_adapter(spec):
+        model = _adapter_model(spec, adapter_base, dtype)
     elif isinstance(spec, (str, os.PathLike)):
-        model = _from_pretrained(AutoModelForCausalLM, spec, "model", **({"dtype": dtype} if dtype else {}))
+        placement = {}
+        if device_map is not None:
+            if isinstance(device_map, Mapping):
+                check_offload_folder(device_map, offload_folder)
+            placement = {"device_map": device_map if isinstance(device_map, str) else dict(device_map),
+                         "max_memory": None if max_memory is None else dict(max_memory),
+                         "offload_folder": None if offload_folder is None else str(offload_folder)}
+        model = _from_pretrained(AutoModelForCausalLM, spec, "model", **({"dtype": dtype} if dtype else {}),
+                                 **placement)
     else:
         raise PatchlabValueError(f"a model must be a path, a hub id or a PreTrainedModel, got {type(spec).__name__}")
-    if dtype is not None or device is not None:
+    if device_map is not None and not is_dispatched(model):
+        if dtype is not None:
+            model = model.to(dtype=dtype)
+        model = dispatch(model, resolve_device_map(model, device_map, max_memory=max_memory, dtype=dtype),
+                         offload_folder=offload_folder)
+    elif device_map is None and (dtype is not None or device is not None):
+        if is_dispatched(model):
+            raise PatchlabValueError("the model is placed with a device map: it cannot be moved with dtype=/device=")
         model = model.to(device=device, dtype=dtype)
     return model.eval()
 
@@ -100,9 +247,10 @@ def check_compatible(vanilla: PreTrainedModel, unlearned: PreTrainedModel) -> No
     for name, shape in shapes_v.items():
         if shapes_u[name] != shape:
             raise PairMismatchError(f"parameter {name} has shape {shape} in vanilla but {shapes_u[name]} in unlearned")
-    dev_v, dev_u = next(vanilla.parameters()).device, next(unlearned.parameters()).device
+    dev_v, dev_u = input_device(vanilla), input_device(unlearned)
     if dev_v != dev_u:
-        raise PairMismatchError(f"vanilla is on {dev_v} but unlearned on {dev_u}; pass device=... to load_pair")
+        raise PairMismatchError(f"vanilla takes its input on {dev_v} but unlearned on {dev_u}; pass device=... or "
+                                "device_map=... to load_pair")
 
 
 def check_tokenizers(tok_v: PreTrainedTokenizerBase, tok_u: PreTrainedTokenizerBase) -> None:
@@ -141,7 +289,9 @@ class ModelPair:
 
     @property
     def device(self) -> torch.device:
-        return next(self.vanilla_hf.parameters()).device
+        """The input device: where the vanilla model's input embedding runs (token ids go there). Under a device
+        map the layers may run elsewhere: see :func:`patchlab.pair.placement.execution_device`."""
+        return input_device(self.vanilla_hf)
 
 
 def trace_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> TransformersModel:
@@ -149,26 +299,77 @@ def trace_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> T
     return TransformersModel(model, task="text-generation", tokenizer=tokenizer)
 
 
+def _pair_placement(vanilla: ModelSpec, device_map: DeviceMap | None, max_memory: Mapping[Any, Any] | None,
+                    offload_folder: str | os.PathLike | None, dtype: torch.dtype | None
+                    ) -> tuple[dict[str, Any] | None, list[Path | None]]:
+    """The device map both models of a pair share (checked on the vanilla architecture, built on the meta device
+    from its config; ``"auto"`` resolved there with each device's budget halved) and each model's own offload
+    folder (``offload_folder/vanilla``, ``/unlearned``)."""
+    if device_map is None:
+        return None, [None, None]
+    if isinstance(vanilla, PreTrainedModel):
+        skeleton = vanilla
+    else:
+        from accelerate import init_empty_weights
+        config = _from_pretrained(AutoConfig, vanilla, "model config")
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        skeleton.tie_weights()
+    device_map = resolve_device_map(skeleton, device_map, max_memory=max_memory, dtype=dtype, share=2)
+    check_offload_folder(device_map, offload_folder)
+    root = None if offload_folder is None else Path(offload_folder).expanduser()
+    return dict(device_map), [None if root is None else root / side for side in ("vanilla", "unlearned")]
+
+
 def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerSpec = None,
-              dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> ModelPair:
+              dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+              device_map: DeviceMap | None = None, max_memory: Mapping[Any, Any] | None = None,
+              offload_folder: str | os.PathLike | None = None, adapter_base: ModelSpec | None = None) -> ModelPair:
     """Load and validate a vanilla / unlearned pair.
 
     Args:
         vanilla: local checkpoint directory, hub id, or in-memory ``PreTrainedModel``.
-        unlearned: same, for the unlearned copy.
+        unlearned: same, or a PEFT adapter directory (one holding ``adapter_config.json``, e.g. a LoRA run). An
+            adapter is applied to its base model and **merged** (``peft``'s ``merge_and_unload``): the unlearned
+            model is then an ordinary model with weights ``W + ΔW``, so every site (coefficients, value vectors,
+            attention outputs) is patched exactly as in a full checkpoint. Its base is ``adapter_base`` when given,
+            else the vanilla model when the adapter config's ``base_model_name_or_path`` names the vanilla
+            checkpoint (same string, same directory, or the path an in-memory vanilla was loaded from), else that
+            checkpoint itself (loaded from its path or the hub). Needs ``pip install 'patchlab[peft]'``.
         tokenizer: shared tokenizer (object, directory or hub id). Defaults to the vanilla checkpoint's; when
             both checkpoints ship a tokenizer they must agree.
         dtype: load/cast both models to this dtype (e.g. ``torch.bfloat16``); default: as stored.
-        device: move both models there (e.g. ``"cuda"``).
+        device: move both models to this one device (e.g. ``"cuda"``).
+        device_map: spread both models over several devices with Accelerate's big-model dispatch: ``"auto"``
+            (the vanilla architecture placed within ``max_memory``, each device's budget split equally between
+            the two models) or a dict ``{module name: device}`` (devices: GPU indices, ``"cpu"``, ``"disk"``). Both
+            models get the same map, so layer ``i`` of both runs on the same device; ``pair.device`` is then the
+            input embedding's device.
+        max_memory: with ``device_map="auto"``, the memory the *pair* may use per device (``{0: "40GiB",
+            "cpu": "100GiB"}``; default: what is free); what does not fit goes to disk.
+        offload_folder: where modules mapped to ``"disk"`` keep their weights (``vanilla/`` and ``unlearned/``
+            below it; checkpoints stored as safetensors are read in place).
+        adapter_base: the base checkpoint of an adapter ``unlearned`` (path, hub id or in-memory model; an
+            in-memory one is copied, never modified).
 
     Raises:
-        PatchlabFileError: a path does not exist / holds no checkpoint.
+        PatchlabFileError: a path does not exist / holds no checkpoint, or a hub id cannot be reached (within
+            :data:`HUB_TIMEOUT_S` seconds).
+        PatchlabValueError: ``device`` together with ``device_map``, ``max_memory`` / ``offload_folder`` without
+            ``device_map``, a map that offloads to disk without ``offload_folder``, an adapter without a base.
         PairMismatchError: different architecture, layer count, hidden/intermediate/vocab size, parameter
-            shapes, device or tokenizer.
+            shapes, input device or tokenizer.
         UnsupportedArchitectureError: the family is not in the registry (see ``register_architecture``).
+        MissingDependencyError: an adapter directory without ``peft`` installed.
     """
-    model_v = load_model(vanilla, dtype=dtype, device=device)
-    model_u = load_model(unlearned, dtype=dtype, device=device)
+    _check_placement(device, device_map, max_memory, offload_folder)
+    if adapter_base is None and is_adapter(unlearned) and same_checkpoint(adapter_base_name(unlearned), vanilla):
+        adapter_base = vanilla
+    shared_map, folders = _pair_placement(vanilla, device_map, max_memory, offload_folder, dtype)
+    # the unlearned side first: an adapter may copy the in-memory vanilla model before it is dispatched
+    model_u = load_model(unlearned, dtype=dtype, device=device, device_map=shared_map, offload_folder=folders[1],
+                         adapter_base=adapter_base)
+    model_v = load_model(vanilla, dtype=dtype, device=device, device_map=shared_map, offload_folder=folders[0])
     if model_v is model_u:
         raise PairMismatchError("vanilla and unlearned are the same model object; pass two distinct models")
     check_compatible(model_v, model_u)

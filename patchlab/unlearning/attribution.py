@@ -10,6 +10,9 @@ Pipeline::
 
 Scores and masks are ``dict[str, Tensor]`` keyed by ``model.named_parameters()`` names, each tensor the shape
 of its parameter. A mask holds only the parameters that were scored; the unlearning layer freezes the others.
+
+``preset="authors"`` (in :func:`scores` and :func:`mask`) reproduces the ranking of the WAGLE authors' code
+(OPTML-Group/WAGLE, ``src/unlearn/generate_mask.py``, ``snip_advanced``); see :data:`PRESETS`.
 """
 
 from __future__ import annotations
@@ -49,6 +52,71 @@ METHODS = ("wagle", "magnitude", "wanda", "random")
 #: Sign of ``ℓ_f`` relative to ``loss`` on the forget set, per WAGLE convention (see :func:`scores`).
 _FORGET_SIGN = {"ascent": -1.0, "nll": 1.0}
 
+@dataclass(frozen=True)
+class Preset:
+    """How WAGLE gradients are taken and masks drawn: one entry of :data:`PRESETS`.
+
+    Attributes:
+        gamma: the default γ (``gamma=None`` in :func:`scores`).
+        reduction: ``"mean"`` (each batch's loss weighted by its share of the sequences) or ``"sum"`` (batch
+            losses summed as they are).
+        batch_size: the default batch size; ``fixed_batch_size`` makes it the only one allowed.
+        forget_loss: the default ``ℓ_f`` convention; ``fixed_forget_loss`` makes it the only one allowed.
+        fixed_loss: only the default loss (:func:`~patchlab.unlearning.losses.sequence_nll`, the plain NLL) is allowed.
+        floor_count: a mask selects ``floor(ratio · n)`` weights instead of ``round(ratio · n)``, and only globally
+            by ``|S|``.
+    """
+
+    gamma: float
+    reduction: str
+    batch_size: int
+    fixed_batch_size: bool
+    forget_loss: str
+    fixed_forget_loss: bool
+    fixed_loss: bool
+    floor_count: bool
+
+
+#: ``"patchlab"``: mean gradients over batches of 8 (so scores do not depend on the batch size), γ = 1, ℓ_f the
+#: gradient-ascent objective (the paper's reading), masks of ``round(ratio · n)`` weights, per layer or global,
+#: by ``|S|`` or signed ``S``.
+#:
+#: ``"authors"``: the WAGLE authors' ``snip_advanced`` exactly: the model in eval mode; one sequence per batch;
+#: the gradients of each batch's plain NLL (:func:`~patchlab.unlearning.losses.sequence_nll` on one sequence is
+#: the Hugging Face ``outputs.loss`` they use) **summed** over the forget set and over the retain set, the forget
+#: gradient from the plain NLL whatever unlearning method follows (``forget_loss="nll"``); their ``mu`` as γ
+#: (1e-6 in every shipped config); ``S = (θ − G_r/μ) ⊙ G_f``, ranked by ``|S|`` globally over every parameter
+#: (embeddings, norms, LM head included), the top ``int(len(S) · ratio)`` weights selected (ties to the earliest,
+#: as a stable ``argsort``; theirs is unstable at exact ties). Their masking multiplies gradients after clipping:
+#: :func:`patchlab.unlearning.masks.apply_mask` with ``after_clipping=True``.
+#:
+#: γ under sums vs means: with ``N_f`` forget and ``N_r`` retain sequences, ``G_f = N_f·ḡ_f`` and ``G_r = N_r·ḡ_r``
+#: (``ḡ`` the mean gradients), so ``S_sum(μ) = N_f · (θ − ḡ_r/(μ/N_r)) ⊙ ḡ_f = N_f · S_mean(γ = μ/N_r)``: the
+#: authors' ranking at ``mu`` is the mean-gradient ranking at ``γ = mu / N_r`` (e.g. 1e-6 / 400 = 2.5e-9 on TOFU
+#: forget10 with 400 sampled retain sequences). At such γ the ``θ`` term is negligible and the ranking is that of
+#: ``|G_r ⊙ G_f|``.
+PRESETS: dict[str, Preset] = {
+    "patchlab": Preset(gamma=1.0, reduction="mean", batch_size=8, fixed_batch_size=False, forget_loss="ascent",
+                       fixed_forget_loss=False, fixed_loss=False, floor_count=False),
+    "authors": Preset(gamma=1e-6, reduction="sum", batch_size=1, fixed_batch_size=True, forget_loss="nll",
+                      fixed_forget_loss=True, fixed_loss=True, floor_count=True),
+}
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise PatchlabValueError(f"unknown attribution preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _setting(preset_name: str, preset_value: Any, given: Any, fixed: bool, what: str) -> Any:
+    """``given`` (or the preset's value when ``None``); raises when the preset fixes it to another value."""
+    if given is None:
+        return preset_value
+    if fixed and given != preset_value:
+        raise PatchlabValueError(f"the {preset_name!r} preset fixes {what} to {preset_value!r}, got {given!r}")
+    return given
+
 # ----------------------------------------------------------------------------------------------------- scores --
 
 def _examples(data: Any, tokenizer: PreTrainedTokenizerBase | None, max_length: int, what: str) -> list[Example]:
@@ -79,9 +147,10 @@ def _gradient_mode(model: PreTrainedModel) -> Iterator[None]:
 
 
 def _accumulate_gradients(model: PreTrainedModel, examples: list[Example], loss: LossFn, *, batch_size: int,
-                          pad_id: int, desc: str, progress: bool) -> None:
-    """Leave ``∇ℓ(θ)`` in every ``p.grad``, with ``ℓ = Σ_b (n_b / N) · loss(θ, batch_b)`` (batches of ``n_b`` of
-    the ``N`` sequences): the mean of the batch losses weighted by batch size. One batch in memory at a time."""
+                          reduction: str, pad_id: int, desc: str, progress: bool) -> None:
+    """Leave ``∇ℓ(θ)`` in every ``p.grad``, with ``ℓ = Σ_b w_b · loss(θ, batch_b)`` over batches of ``n_b`` of the
+    ``N`` sequences: ``w_b = n_b / N`` (``reduction="mean"``: the mean of the batch losses weighted by batch size)
+    or ``w_b = 1`` (``"sum"``). One batch in memory at a time; gradients accumulate in ``.grad`` batch by batch."""
     for p in model.parameters():
         p.grad = None
     n_batches = math.ceil(len(examples) / batch_size)
@@ -89,24 +158,23 @@ def _accumulate_gradients(model: PreTrainedModel, examples: list[Example], loss:
         value = loss(model, batch)
         if not torch.isfinite(value):
             raise NonFiniteError(f"the {desc} loss is {value.item()} on a batch")
-        (value * (batch["input_ids"].shape[0] / len(examples))).backward()
+        (value * (batch["input_ids"].shape[0] / len(examples)) if reduction == "mean" else value).backward()
 
 
 def _wagle(model: PreTrainedModel, forget: list[Example], retain: list[Example], *, gamma: float, loss: LossFn,
-           forget_sign: float, batch_size: int, pad_id: int, progress: bool) -> Scores:
+           forget_sign: float, batch_size: int, reduction: str, pad_id: int, progress: bool) -> Scores:
     """WAGLE scores with ``ℓ_f = forget_sign · loss`` on ``forget``; peak memory: the model, its gradients and
     one stored gradient (3x the model)."""
     params = dict(model.named_parameters())
+    grads = {"batch_size": batch_size, "reduction": reduction, "pad_id": pad_id, "progress": progress}
     with _gradient_mode(model):
-        _accumulate_gradients(model, forget, loss, batch_size=batch_size, pad_id=pad_id, desc="forget gradient",
-                              progress=progress)
+        _accumulate_gradients(model, forget, loss, desc="forget gradient", **grads)
         grad_f = {}
         for name, p in params.items():
             grad_f[name] = p.grad.float().mul_(forget_sign) if p.grad is not None \
                 else torch.zeros_like(p, dtype=torch.float32)
             p.grad = None
-        _accumulate_gradients(model, retain, loss, batch_size=batch_size, pad_id=pad_id, desc="retain gradient",
-                              progress=progress)
+        _accumulate_gradients(model, retain, loss, desc="retain gradient", **grads)
         out = {}
         for name, p in params.items():
             g_r = p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
@@ -161,9 +229,9 @@ def _wanda(model: PreTrainedModel, calibration: list[Example], *, batch_size: in
 
 
 def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, method: str = "wagle",
-           gamma: float = 1.0, loss: LossFn = sequence_nll, forget_loss: str = "ascent", tokenizer: PreTrainedTokenizerBase | None = None,
-           calibration: Any = None, batch_size: int = 8, max_length: int = 256, seed: int = 0,
-           progress: bool = True) -> Scores:
+           preset: str = "patchlab", gamma: float | None = None, loss: LossFn | None = None,
+           forget_loss: str | None = None, tokenizer: PreTrainedTokenizerBase | None = None, calibration: Any = None,
+           batch_size: int | None = None, max_length: int = 256, seed: int = 0, progress: bool = True) -> Scores:
     """Per-weight attribution scores (float32, same shapes as the parameters); larger = more worth updating.
 
     Methods:
@@ -179,8 +247,9 @@ def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, me
       objective on ``forget``: ``−loss`` for ``forget_loss="ascent"`` (the paper's reading: ℓ_f is minimised
       to forget, as in gradient ascent), ``+loss`` for ``forget_loss="nll"``. The two conventions give opposite
       ``S``; :func:`mask` ranks by ``|S|`` by default, as the authors' code does, where they agree.
-      Gradients are accumulated over batches (one batch in memory at a time); peak memory is about 3x the model
-      (weights, gradients, the stored forget gradient).
+      Gradients are accumulated over batches (one batch in memory at a time), as means (``preset="patchlab"``)
+      or sums (``preset="authors"``, see :data:`PRESETS` for the γ equivalence); peak memory is about 3x the
+      model (weights, gradients, the stored forget gradient). The model is in eval mode (no dropout).
     * ``magnitude`` - ``|θ|``.
     * ``wanda`` - ``|W_ij| · ‖X_j‖₂`` of every linear layer weight, ``‖X_j‖₂`` the norm of input channel ``j``
       over the tokens of ``calibration`` (default: ``retain``). Other parameters (embeddings, norms, biases)
@@ -189,23 +258,36 @@ def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, me
 
     Args:
         model: a Hugging Face causal LM (not modified; its mode, gradient flags and ``.grad`` are restored).
-        forget, retain: texts, ``{"question", "answer"}`` / ``{"text"}`` records, a JSON/JSONL path, a
-            ``datasets.Dataset`` (encoded with ``tokenizer``) or a list of :class:`~patchlab.unlearning.data.Example`.
-        gamma: γ > 0, the Hessian-diagonal parameter of WAGLE.
+        forget, retain: texts, ``{"question", "answer"}`` / ``{"text"}`` records, a JSON/JSONL path or saved
+            ``datasets`` directory, a ``datasets.Dataset`` (encoded with ``tokenizer``) or a list of
+            :class:`~patchlab.unlearning.data.Example`.
+        preset: ``"patchlab"`` or ``"authors"`` (:data:`PRESETS`): the defaults of ``gamma``, ``forget_loss``,
+            ``batch_size`` and how batch gradients combine; ``"authors"`` fixes batch size 1, ``forget_loss="nll"``
+            and the default loss, and refuses other values.
+        gamma: γ > 0, the Hessian-diagonal parameter of WAGLE (default: the preset's, 1.0 or the authors' 1e-6).
         loss: ``loss(model, batch) -> scalar``, a mean over the batch's sequences; default
             :func:`~patchlab.unlearning.losses.sequence_nll` (each sequence's NLL per target token, nats).
-            Batches are weighted by their number of sequences, so such a loss gives scores that do not depend
-            on ``batch_size``.
-        forget_loss: ``"ascent"`` or ``"nll"``, the sign convention of ``ℓ_f`` (WAGLE only, see above).
-        batch_size: sequences per forward/backward pass. max_length: truncation, in tokens.
+            Under ``"patchlab"`` batches are weighted by their number of sequences, so such a loss gives scores
+            that do not depend on ``batch_size``.
+        forget_loss: ``"ascent"`` or ``"nll"``, the sign convention of ``ℓ_f`` (WAGLE only, see above; default:
+            the preset's).
+        batch_size: sequences per forward/backward pass (default: the preset's, 8 or 1). max_length: truncation,
+            in tokens.
 
     Raises:
-        PatchlabValueError: unknown method or ``forget_loss``, missing data or tokenizer, ``gamma <= 0``,
-            ``batch_size < 1``.
+        PatchlabValueError: unknown method, preset or ``forget_loss``, missing data or tokenizer, ``gamma <= 0``,
+            ``batch_size < 1``, a setting the preset fixes to another value.
         NonFiniteError: a loss or a score is NaN/inf.
     """
     if method not in METHODS:
         raise PatchlabValueError(f"unknown attribution method {method!r}; choose from {', '.join(METHODS)}")
+    chosen = _preset(preset)
+    gamma = chosen.gamma if gamma is None else gamma
+    forget_loss = _setting(preset, chosen.forget_loss, forget_loss, chosen.fixed_forget_loss, "forget_loss")
+    batch_size = _setting(preset, chosen.batch_size, batch_size, chosen.fixed_batch_size, "batch_size")
+    if loss is not None and chosen.fixed_loss and loss is not sequence_nll:
+        raise PatchlabValueError(f"the {preset!r} preset takes its gradients from the plain NLL: leave loss= unset")
+    loss = sequence_nll if loss is None else loss
     if forget_loss not in _FORGET_SIGN:
         raise PatchlabValueError(f"forget_loss must be one of {', '.join(_FORGET_SIGN)}, got {forget_loss!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -229,8 +311,8 @@ def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, me
             raise PatchlabValueError(f"gamma must be > 0, got {gamma}")
         out = _wagle(model, _examples(forget, tokenizer, max_length, "forget"),
                      _examples(retain, tokenizer, max_length, "retain"), gamma=gamma, loss=loss,
-                     forget_sign=_FORGET_SIGN[forget_loss],
-                     batch_size=batch_size, pad_id=pad, progress=progress)
+                     forget_sign=_FORGET_SIGN[forget_loss], batch_size=batch_size, reduction=chosen.reduction,
+                     pad_id=pad, progress=progress)
     for name, s in out.items():
         if not torch.isfinite(s).all():
             raise NonFiniteError(f"{method} scores of {name} contain NaN or inf")
@@ -239,10 +321,11 @@ def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, me
 
 # ------------------------------------------------------------------------------------------------------- mask --
 
-def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "abs") -> Mask:
+def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "abs", preset: str = "patchlab") -> Mask:
     """Select the top-``ratio`` fraction of weights by score: a bool tensor per scored parameter (True = update).
 
-    Exactly ``round(ratio · n)`` weights are selected among the ``n`` weights ranked together: all scored
+    Exactly ``round(ratio · n)`` weights (``preset="authors"``: ``int(n · ratio)``, as the WAGLE authors' code,
+    global and by ``|S|`` only) are selected among the ``n`` weights ranked together: all scored
     weights (``per_layer=False``), or separately within each decoder layer and within the non-layer parameters
     (``per_layer=True``; layer from :func:`patchlab.pair.modules.layer_index`). ``by="abs"`` ranks by ``|score|``
     (WAGLE's ``|S|``, as in the authors' code; identical for the non-negative baselines), ``by="value"`` by the
@@ -251,9 +334,14 @@ def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "ab
     select), so a global mask over a 7B model needs only a few temporaries the size of its largest tensor.
 
     Raises:
-        PatchlabValueError: empty scores, ``ratio`` outside ``(0, 1]``, unknown ``by``.
+        PatchlabValueError: empty scores, ``ratio`` outside ``(0, 1]``, unknown ``by`` or preset, ``per_layer`` or
+            ``by="value"`` under the ``"authors"`` preset.
         NonFiniteError: a score is NaN/inf.
     """
+    floor_count = _preset(preset).floor_count
+    if floor_count and (per_layer or by != "abs"):
+        raise PatchlabValueError(f"the {preset!r} preset ranks globally by |S|: per_layer=True and by='value' do "
+                                 "not apply")
     if not isinstance(scores, dict) or not scores:
         raise PatchlabValueError("scores must be a non-empty dict {parameter name: tensor}")
     if not 0.0 < ratio <= 1.0:
@@ -270,7 +358,8 @@ def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "ab
                 raise NonFiniteError(f"scores of {name} contain NaN or inf")
         tensors = [scores[n].detach() for n in group]
         n = sum(t.numel() for t in tensors)
-        out.update(zip(group, _select_top(tensors, round(ratio * n), absolute=by == "abs")))
+        k = int(n * ratio) if floor_count else round(ratio * n)
+        out.update(zip(group, _select_top(tensors, k, absolute=by == "abs")))
     return out
 
 

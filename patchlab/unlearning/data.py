@@ -38,10 +38,12 @@ class Example:
 
 
 def _records(data: Any) -> list[Any]:
-    if isinstance(data, os.PathLike) or (isinstance(data, str) and data.endswith((".json", ".jsonl"))):
+    if isinstance(data, os.PathLike) or (isinstance(data, str) and (data.endswith((".json", ".jsonl"))
+                                                                    or os.path.isdir(data))):
         return read_records(data)
     if isinstance(data, str):
-        raise PatchlabValueError(f"data must be a list of texts or QA records, or a .json/.jsonl file; got {data!r}")
+        raise PatchlabValueError(f"data must be a list of texts or QA records, a .json/.jsonl file or a datasets "
+                                 f"directory (save_to_disk); got {data!r}")
     try:
         import datasets
         if isinstance(data, datasets.Dataset):

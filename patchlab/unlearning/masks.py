@@ -36,13 +36,27 @@ def check_mask(model: PreTrainedModel, mask: Mask) -> None:
             raise PatchlabValueError(f"mask for {name} must be a bool tensor, got {m.dtype}")
 
 
-def apply_mask(model: PreTrainedModel, mask: Mask | None) -> tuple[list[torch.nn.Parameter], list[Any]]:
-    """Freeze parameters without a selected weight; zero the gradient of unselected weights of the others.
+def apply_mask(model: PreTrainedModel, mask: Mask | None, *, after_clipping: bool = False
+               ) -> tuple[list[torch.nn.Parameter], list[Any]]:
+    """Restrict training to the weights ``mask`` selects; returns the trainable parameters and hook handles (to
+    remove after training).
 
-    Returns the trainable parameters and the gradient hooks' handles (to remove after training). An unselected
-    weight gets a zero gradient at every step, so AdamW without weight decay (first and second moments stay 0,
-    update ``lr * 0 / (0 + eps)``) leaves it exactly unchanged.
+    * ``after_clipping=False`` (default): parameters without a selected weight are frozen, and a gradient hook
+      zeroes the gradient of the unselected weights of the others as it is computed.
+    * ``after_clipping=True`` (the WAGLE authors' trainer, ``mask_gradient`` after ``clip_grad_norm_``): every
+      parameter stays trainable, so its whole gradient counts in a clipping norm, and the mask multiplies the
+      gradients later, in :func:`mask_gradients`, which the training loop calls between clipping and
+      ``optimizer.step()`` (or registers with :func:`mask_before_step`). No hook is returned.
+
+    Either way an unselected weight gets a zero gradient at every step, so AdamW without weight decay (first and
+    second moments stay 0, update ``lr * 0 / (0 + eps)``) leaves it exactly unchanged; with weight decay (the
+    authors' TOFU configs use 0.1) ``after_clipping=True`` still decays it, as their code does.
     """
+    if after_clipping:
+        params = list(model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return params, []
     trainable, hooks = [], []
     for name, p in model.named_parameters():
         m = None if mask is None else mask.get(name)
@@ -55,6 +69,27 @@ def apply_mask(model: PreTrainedModel, mask: Mask | None) -> tuple[list[torch.nn
             hooks.append(p.register_hook(lambda grad, keep=keep: grad * keep))
         trainable.append(p)
     return trainable, hooks
+
+
+@torch.no_grad()
+def mask_gradients(model: PreTrainedModel, mask: Mask) -> None:
+    """Multiply every parameter's ``.grad`` by its mask in place (a parameter the mask omits selects nothing:
+    its gradient is zeroed); parameters without a gradient are skipped."""
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        m = mask.get(name)
+        if m is None:
+            p.grad.zero_()
+        elif not m.all():
+            p.grad.mul_(m.to(p.grad.device, p.grad.dtype))
+
+
+def mask_before_step(optimizer: torch.optim.Optimizer, model: PreTrainedModel, mask: Mask) -> Any:
+    """Register :func:`mask_gradients` to run right before every ``optimizer.step()``, that is after any gradient
+    clipping done between the backward pass and the step (``apply_mask(..., after_clipping=True)``); returns the
+    handle (``.remove()`` it after training)."""
+    return optimizer.register_step_pre_hook(lambda *_: mask_gradients(model, mask))
 
 
 def save_mask(mask: Mask, path: str | os.PathLike) -> Path:
