@@ -15,10 +15,18 @@ from typing import Any
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 
 
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``.
 
-    A crash half-way never leaves a partial file at ``path``. Parent folders are created.
+    A crash half-way never leaves a partial file at ``path``. Parent folders are created. The file gets the
+    permissions of a plain ``open(path, "w")`` (``0o666`` less the umask), not the temporary file's private ``0o600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +34,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

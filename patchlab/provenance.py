@@ -114,16 +114,28 @@ def model_digest(model: PreTrainedModel) -> str:
     return digest
 
 
+def checkpoint_digest(source: str, model: PreTrainedModel | None) -> str:
+    """The weights digest of one side of a pair: of its safetensors files when it was given as a local checkpoint
+    or adapter directory (the checkpoint's identity, whatever dtype it was loaded in; nothing is loaded), else of
+    the in-memory model's weights (:func:`model_digest`)."""
+    path = Path(source)
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return weights_digest(path)
+    if model is None:
+        raise PatchlabValueError(f"no weights to hash for {source!r}")
+    return model_digest(model)
+
+
 def pair_provenance(pair: Any) -> dict[str, Any]:
-    """``{"vanilla": {"source", "weights"}, "unlearned": {...}, "environment": ...}`` of a
-    :class:`~patchlab.pair.loading.ModelPair`: how each checkpoint was given and a content hash of the weights
-    actually loaded, and the library versions."""
-    sources = getattr(pair, "sources", ("", ""))
-    return {"vanilla": {"source": sources[0] or describe_source(pair.vanilla_hf),
-                        "weights": model_digest(pair.vanilla_hf)},
-            "unlearned": {"source": sources[1] or describe_source(pair.unlearned_hf),
-                          "weights": model_digest(pair.unlearned_hf)},
-            "environment": environment()}
+    """``{"vanilla": {"source", "weights"}, "unlearned": {...}, "environment": ...}`` of a pair (held in memory or
+    one model at a time): how each checkpoint was given, a content hash of its weights (:func:`checkpoint_digest`)
+    and the library versions."""
+    out: dict[str, Any] = {}
+    for which, source in zip(("vanilla", "unlearned"), getattr(pair, "sources", ("", ""))):
+        model = pair.model(which) if hasattr(pair, "model") else None
+        source = source or describe_source(model)
+        out[which] = {"source": source, "weights": checkpoint_digest(source, model)}
+    return {**out, "environment": environment()}
 
 
 def short_name(source: str) -> str:

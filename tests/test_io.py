@@ -153,3 +153,12 @@ def test_weights_digest_sees_every_weight_and_nothing_else(tmp_path):
     with pytest.raises(patchlab.PatchlabValueError, match="no .safetensors"):
         weights_digest(tmp_path)
     assert settings_key({"x": 1}, "a") == settings_key({"x": 1}, "a") != settings_key({"x": 2}, "a")
+
+
+def test_written_files_are_readable_like_plain_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = patchlab.io.atomic_write_text(tmp_path / "r.txt", "x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -153,7 +153,7 @@ def test_tl_hooks_equal_patchlab_restore(pairs, bridges, caches, ids, family, po
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_restoration_gives_vanilla_logits(pairs, bridges, caches, ids, family):
-    pair, (bridge_v, bridge_u) = pairs[family], bridges[family]
+    pair, (_, bridge_u) = pairs[family], bridges[family]
     tl_cache, our_cache, _ = caches[family]
     L = pair.n_layers
     with torch.no_grad():

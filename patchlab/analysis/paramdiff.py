@@ -9,7 +9,6 @@ tables show it, the angle and the relative L2 change on log / scientific scales.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +19,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from patchlab.pair.arch import spec_for_type
-from patchlab.errors import NonFiniteError, PairMismatchError, PatchlabFileError, PatchlabValueError
+from patchlab.errors import NonFiniteError, PairMismatchError, PatchlabValueError
 from patchlab.io import OutputDir, output_dir, write_csv, write_html
+from patchlab.pair.weights import CheckpointTensors
 from patchlab.pair.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.pair import ModelPair
 from patchlab.reports import figures
@@ -52,37 +51,13 @@ class _Source:
             self._get = lambda name: params[name].detach()
             self.model_type = source.config.model_type
         elif isinstance(source, (str, os.PathLike)):
-            self._open_dir(Path(source))
+            tensors = CheckpointTensors(source, what)
+            self.shapes, self._get, self.model_type = tensors.shapes, tensors.get, tensors.model_type
         else:
             raise PatchlabValueError(f"{what} must be a PreTrainedModel or a checkpoint directory, got {type(source).__name__}")
 
-    def _open_dir(self, root: Path) -> None:
-        if not root.is_dir():
-            raise PatchlabFileError(f"{self.what} checkpoint directory {str(root)!r} does not exist")
-        index = root / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (root / "model.safetensors").exists():
-            with safe_open(root / "model.safetensors", "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise PatchlabFileError(f"{root} holds no safetensors checkpoint (model.safetensors or its index); "
-                                    "re-save it with save_pretrained(..., safe_serialization=True)")
-        self.shapes = {}
-        for name, file in weight_map.items():
-            with safe_open(root / file, "pt") as f:
-                self.shapes[name] = tuple(f.get_slice(name).get_shape())
-        self._get = lambda name: _load(root / weight_map[name], name)
-        config = root / "config.json"
-        self.model_type = json.loads(config.read_text()).get("model_type") if config.exists() else None
-
     def get(self, name: str) -> torch.Tensor:
         return self._get(name)
-
-
-def _load(path: Path, name: str) -> torch.Tensor:
-    with safe_open(path, "pt") as f:
-        return f.get_tensor(name)
 
 
 def tensor_stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:

@@ -20,6 +20,8 @@ from patchlab.pair.adapters import adapter_base_name, is_adapter, merge_adapter,
 from patchlab.pair.arch import ArchSpec, arch_spec
 from patchlab.pair.placement import (DeviceMap, check_offload_folder, dispatch, input_device, is_dispatched,
                                      resolve_device_map)
+from patchlab.pair.sequential import SequentialPair, sequential_pair
+from patchlab.pair.weights import ModelWeights
 from patchlab.provenance import describe_source
 
 ModelSpec = Union[str, os.PathLike, PreTrainedModel]
@@ -288,6 +290,27 @@ class ModelPair:
         return len(self.arch.layer_modules(self.vanilla_hf))
 
     @property
+    def skeleton(self) -> PreTrainedModel:
+        """A model with the pair's module structure and config (here the vanilla model itself)."""
+        return self.vanilla_hf
+
+    def model(self, which: str) -> PreTrainedModel:
+        """The Hugging Face model ``which`` (``"vanilla"`` or ``"unlearned"``)."""
+        if which not in ("vanilla", "unlearned"):
+            raise PatchlabValueError(f"which must be 'vanilla' or 'unlearned', got {which!r}")
+        return self.vanilla_hf if which == "vanilla" else self.unlearned_hf
+
+    @contextlib.contextmanager
+    def using(self, which: str) -> Iterator[PreTrainedModel]:
+        """The model ``which``, for a block of work that needs only that one (both stay in memory here; a
+        one-model-at-a-time pair, :class:`patchlab.pair.sequential.SequentialPair`, loads it and releases it)."""
+        yield self.model(which)
+
+    def source_weights(self) -> ModelWeights:
+        """Where restorations that recompute with the vanilla weights read them: the in-memory vanilla model."""
+        return ModelWeights(self.vanilla_hf, self.arch)
+
+    @property
     def device(self) -> torch.device:
         """The input device: where the vanilla model's input embedding runs (token ids go there). Under a device
         map the layers may run elsewhere: see :func:`patchlab.pair.placement.execution_device`."""
@@ -324,7 +347,8 @@ def _pair_placement(vanilla: ModelSpec, device_map: DeviceMap | None, max_memory
 def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerSpec = None,
               dtype: torch.dtype | None = None, device: str | torch.device | None = None,
               device_map: DeviceMap | None = None, max_memory: Mapping[Any, Any] | None = None,
-              offload_folder: str | os.PathLike | None = None, adapter_base: ModelSpec | None = None) -> ModelPair:
+              offload_folder: str | os.PathLike | None = None, adapter_base: ModelSpec | None = None,
+              sequential: bool = False) -> ModelPair | SequentialPair:
     """Load and validate a vanilla / unlearned pair.
 
     Args:
@@ -351,6 +375,10 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
             below it; checkpoints stored as safetensors are read in place).
         adapter_base: the base checkpoint of an adapter ``unlearned`` (path, hub id or in-memory model; an
             in-memory one is copied, never modified).
+        sequential: never hold both models in memory: check the pair from configs and file headers and return a
+            :class:`~patchlab.pair.sequential.SequentialPair` whose sweeps load the vanilla model, then the
+            unlearned one (the vanilla weights that ``value`` / ``heads`` restorations need are read from its
+            safetensors files). Needs checkpoint directories or hub ids; the same numbers, about half the memory.
 
     Raises:
         PatchlabFileError: a path does not exist / holds no checkpoint, or a hub id cannot be reached (within
@@ -363,6 +391,12 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
         MissingDependencyError: an adapter directory without ``peft`` installed.
     """
     _check_placement(device, device_map, max_memory, offload_folder)
+    if sequential:
+        if device_map is not None:
+            raise PatchlabValueError("sequential=True holds one model at a time: use device=, not device_map")
+        tok = load_tokenizer(tokenizer if tokenizer is not None else vanilla)
+        return sequential_pair(vanilla, unlearned, tokenizer=tok, load={"dtype": dtype, "device": device},
+                               adapter_base=adapter_base)
     if adapter_base is None and is_adapter(unlearned) and same_checkpoint(adapter_base_name(unlearned), vanilla):
         adapter_base = vanilla
     shared_map, folders = _pair_placement(vanilla, device_map, max_memory, offload_folder, dtype)

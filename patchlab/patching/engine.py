@@ -32,39 +32,14 @@ from transformers.pytorch_utils import Conv1D
 
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.arch import ArchSpec, n_heads
+from patchlab.pair.placement import execution_device, input_device
+from patchlab.pair.weights import CheckpointWeights, ModelWeights, site_params
 from patchlab.pair.sites import Component, Site, hook, hooks
 from patchlab.patching.metrics import Metric, References
 from patchlab.patching.windows import Window
 
 
 # ------------------------------------------------------------------------------------------------ placement
-
-def module_device(module: nn.Module) -> torch.device:
-    """The device a module computes on: Accelerate's execution device when the model is dispatched over a device
-    map, else the device of its first parameter or buffer (CPU for a module without tensors)."""
-    hf_hook = getattr(module, "_hf_hook", None)
-    device = getattr(hf_hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.device.type != "meta":
-            return tensor.device
-    return torch.device("cpu")
-
-
-def module_params(module: nn.Module, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """The module's own parameters by local name (``weight``, ``bias``), with real data: offloaded weights
-    (on the meta device under an Accelerate device map) are read from the dispatch hook's weights map."""
-    params = dict(module.named_parameters(recurse=False))
-    hf_hook = getattr(module, "_hf_hook", None)
-    weights_map = getattr(hf_hook, "weights_map", None)
-    out = {}
-    for name, tensor in params.items():
-        if tensor.device.type == "meta" and weights_map is not None:
-            tensor = weights_map[name]
-        out[name] = tensor if device is None else tensor.to(device)
-    return out
-
 
 def apply_module(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``module``'s computation on ``x`` with ``params`` in place of its own (no hooks run): ``nn.Linear`` and
@@ -78,19 +53,8 @@ def apply_module(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Te
     return torch.func.functional_call(module, params, (x,))
 
 
-class WeightSource:
-    """The source model's parameters of a site module, as :func:`apply_module` takes them.
-
-    The default reads them from an in-memory (possibly dispatched) model; a one-model-at-a-time pair reads them
-    layer by layer from the checkpoint's safetensors files instead (:class:`patchlab.pair.loading.ModelPair`).
-    """
-
-    def __init__(self, model: PreTrainedModel, spec: ArchSpec):
-        self.model, self.spec = model, spec
-
-    def params(self, site: Site, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """``{"weight": ..., "bias": ...}`` of ``site``'s module in ``layer``, on ``device``."""
-        return module_params(self.spec.site_module(self.model, site, layer), device)
+#: Where recompute / per-head restorations read the source parameters: ``params(site, layer, device) -> dict``.
+WeightSource = ModelWeights | CheckpointWeights
 
 
 # ------------------------------------------------------------------------------------------------ the store
@@ -177,7 +141,7 @@ def capture(model: PreTrainedModel, spec: ArchSpec, ids: Int[torch.Tensor, "seq"
     index = scored if scored is not None else torch.arange(len(ids))
     try:
         with hooks(reads), head_gather(model, index, (1, len(index))):
-            device = module_device(model.get_input_embeddings())
+            device = input_device(model)
             logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0]
     finally:
         probe.remove()
@@ -348,12 +312,13 @@ def head_delta(module: nn.Module, source_params: dict[str, torch.Tensor], target
     return restored - removed
 
 
-def _per_head(module: nn.Module, params: dict[str, torch.Tensor], values: torch.Tensor, index: _SiteIndex):
-    """Hook function adding :func:`head_delta` at the ``dst`` pairs of an output projection's output."""
+def _per_head(module: nn.Module, params: dict[str, torch.Tensor], own: dict[str, torch.Tensor], values: torch.Tensor,
+              index: _SiteIndex):
+    """Hook function adding :func:`head_delta` at the ``dst`` pairs of an output projection's output (``params``
+    the source parameters, ``own`` the patched model's)."""
     def fn(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
         z = inp.reshape(-1, inp.shape[-1]).index_select(0, index.dst)
-        delta = head_delta(module, params, module_params(module, z.device), z, values.index_select(0, index.src),
-                           index.heads, index.bias_rest)
+        delta = head_delta(module, params, own, z, values.index_select(0, index.src), index.heads, index.bias_rest)
         out.reshape(-1, out.shape[-1]).index_add_(0, index.dst, delta.to(out.dtype))
         return out
     return fn
@@ -388,7 +353,8 @@ def _restoration_hooks(target: PreTrainedModel, store: PatchStore, index: dict[t
         else:
             params = store.source_weights.params(site, layer, idx.dst.device)
             fn = _recompute(module, params, idx) if site.restore == "recompute" else \
-                _per_head(module, params, store.source[_key(name, layer)], idx)
+                _per_head(module, params, site_params(target, store.spec, site, layer), store.source[_key(name, layer)],
+                          idx)
             out.append((module, "output", (fn, True)))
     return out
 
@@ -430,9 +396,9 @@ def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], m
     firsts = [r.first_layer for r in rows]
     start = min(n_layers - 1 if f < 0 else f for f in firsts)
     heads = n_heads(target) if any(spec.site(s).restore == "per_head" for r in rows for s in r.component.sites) else 1
-    device_of = lambda layer, site: module_device(spec.site_module(target, site, layer))  # noqa: E731
-    index = _batch_indices(store, rows, width, start, n_layers, heads, device_of)
-    embed_device = module_device(target.get_input_embeddings())
+    index = _batch_indices(store, rows, width, start, n_layers, heads,
+                           lambda layer, site: execution_device(target, spec.site_module(target, site, layer)))
+    embed_device = input_device(target)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, :len(store.ids[r.question])] = store.ids[r.question]
@@ -441,7 +407,7 @@ def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], m
         torch.arange(answer).clamp(max=store.answer_lens[r.question] - 1)] for b, r in enumerate(rows)])
     with contextlib.ExitStack() as stack:
         if start > 0:
-            h = _skipped_input(store, rows, width, start - 1, module_device(layers[start]))
+            h = _skipped_input(store, rows, width, start - 1, execution_device(target, layers[start]))
             stack.enter_context(skip_layers(list(layers[:start]), h))
         if restore:
             stack.enter_context(_installed(_restoration_hooks(target, store, index)))

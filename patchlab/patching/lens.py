@@ -42,7 +42,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from patchlab.errors import MissingDependencyError, PatchlabValueError, UnsupportedArchitectureError
 from patchlab.pair.arch import arch_spec, n_heads
 from patchlab.pair.sites import Site, parse_component
-from patchlab.patching.engine import apply_module, head_delta, module_params
+from patchlab.pair.weights import site_params
+from patchlab.patching.engine import apply_module, head_delta
 from patchlab.patching.loop import ActivationCache, site_order
 from patchlab.pair import ModelPair
 from patchlab.patching.windows import Window
@@ -366,7 +367,7 @@ def restore_hooks(vanilla_cache: Any, sites: str | Iterable[str], layers: Window
                 continue
             stash: dict[str, torch.Tensor] = {}
             module = spec.site_module(vanilla_model, site, i)
-            params = module_params(module)
+            params = site_params(vanilla_model, spec, site, i)
             z = cached(site, i) if site.restore == "per_head" else None
             target = _component_params(bridge, paths, site, i) if site.restore == "per_head" else None
             events.append((order[(site.module, "input")], 1, tl_hook_name(paths, site, i, "input"),
@@ -384,7 +385,8 @@ def _component_params(bridge: Any, paths: Mapping[str, str], site: Site, layer: 
         raise PatchlabValueError(f"restoring {site.name!r} needs bridge=bridge_u, the bridge the hooks run on "
                                  "(its weights remove the unlearned heads' contribution)")
     component = bridge.blocks[layer].get_submodule(paths[site.module])
-    return module_params(getattr(component, "original_component", component))
+    original = getattr(component, "original_component", component)
+    return {name: p.detach() for name, p in original.named_parameters(recurse=False)}
 
 
 def _merged(hooks: list[Hook]) -> list[Hook]:

@@ -21,7 +21,9 @@ from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.arch import ArchSpec, n_heads
 from patchlab.pair.loading import ModelPair
 from patchlab.pair.sites import Component, Site, parse_component, submodule
-from patchlab.patching.engine import WeightSource, apply_module, head_delta, module_device, module_params
+from patchlab.pair.placement import input_device
+from patchlab.pair.weights import ModelWeights, site_params
+from patchlab.patching.engine import WeightSource, apply_module, head_delta
 from patchlab.patching.windows import Window
 
 
@@ -84,7 +86,7 @@ def _probe_order(model: PreTrainedModel, spec: ArchSpec) -> list[tuple[str, str]
         handles.append(module.register_forward_pre_hook(lambda *_a, p=path: seen.append((p, "input"))))
         handles.append(module.register_forward_hook(lambda *_a, p=path: seen.append((p, "output"))))
     try:
-        device = module_device(model.get_input_embeddings())
+        device = input_device(model)
         with torch.no_grad():
             model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
     finally:
@@ -125,7 +127,7 @@ def run_with_cache(pair: ModelPair, ids: Int[torch.Tensor, "batch seq"], *, whic
     order = site_order(hf, spec)
     events = _events(spec, order, chosen)
     layers = _layer_envoys(pair, which)
-    with model.trace(ids.to(module_device(hf.get_input_embeddings()))):
+    with model.trace(ids.to(input_device(hf))):
         cache = nnsight.save(ActivationCache())
         for i in range(pair.n_layers):
             for path, point in events:
@@ -152,7 +154,7 @@ def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], component: str | Ite
     spec = pair.arch
     comp = component if isinstance(component, Component) else parse_component(component, spec.sites)
     sites = [spec.site(s) for s in sorted(comp.sites)]
-    weights = source_weights or WeightSource(pair.vanilla_hf, spec)
+    weights = source_weights or ModelWeights(pair.vanilla_hf, spec)
     cached = sorted({s.name for s in sites if s.cached is not None})
     vanilla = run_with_cache(pair, ids[None], which="vanilla", sites=cached)
     order = site_order(pair.unlearned_hf, spec)
@@ -163,7 +165,7 @@ def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], component: str | Ite
         heads = torch.zeros(n_heads(pair.unlearned_hf), dtype=torch.bool)
         heads[sorted(comp.heads) if comp.heads is not None else slice(None)] = True
     envoys = _layer_envoys(pair, "unlearned")
-    device = module_device(pair.unlearned_hf.get_input_embeddings())
+    device = input_device(pair.unlearned_hf)
     with pair.unlearned.trace(ids[None].to(device)):
         for i in range(*layers):
             inputs: dict[str, Any] = {}
@@ -195,7 +197,8 @@ def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], component: str | Ite
                         n = len(pos)
                         mask = heads[None].expand(n, -1).to(value.device)
                         rest = (1.0 - mask.float().mean(-1, keepdim=True))
-                        value[0, pos] += head_delta(module, params, module_params(module, value.device),
+                        own = {k: v.to(value.device) for k, v in site_params(pair.unlearned_hf, spec, s, i).items()}
+                        value[0, pos] += head_delta(module, params, own,
                                                     inputs[path][0, pos], z_v.to(value.device), mask,
                                                     rest).to(value.dtype)
                 envoy.output = (value, *out[1:]) if isinstance(out, tuple) else value

@@ -19,14 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 from jaxtyping import Bool
+from transformers import PreTrainedModel
 from tqdm.auto import tqdm
 
 from patchlab.errors import NonFiniteError, PatchlabFileError, PatchlabValueError
-from patchlab.pair.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts, greedy_answers
+from patchlab.pair.arch import ArchSpec
+from patchlab.pair.generation import (DEFAULT_TEMPLATE, check_fits, encode_prompts, format_prompts, greedy_answers,
+                                      question_label)
 from patchlab.pair.arch import n_heads
 from patchlab.pair.loading import ModelPair
+from patchlab.pair.sequential import SequentialPair
 from patchlab.pair.sites import Component, Site, parse_component
-from patchlab.patching.engine import PatchStore, Row, WeightSource, capture, run_rows
+from patchlab.patching.engine import PatchStore, Row, capture, run_rows
 from patchlab.patching.loop import restore
 from patchlab.patching.metrics import Metric, MetricFn, References, get_metric
 from patchlab.patching.result import PatchResult
@@ -60,12 +64,13 @@ def position_mask(positions: str, prompt_len: int, total_len: int) -> Bool[torch
     return mask
 
 
-def reference_answers(pair: ModelPair, questions: Sequence[str], *, n_tokens: int = 30,
+def reference_answers(pair: ModelPair | SequentialPair, questions: Sequence[str], *, n_tokens: int = 30,
                       prompt_template: str = DEFAULT_TEMPLATE, progress: bool = False
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Prompt ids and the vanilla model's greedy answer ids (at most ``n_tokens``, stopping at EOS) per question."""
-    return greedy_answers(pair.vanilla_hf, pair.tokenizer, questions, max_new_tokens=n_tokens,
-                          template=prompt_template, progress=progress)
+    with pair.using("vanilla") as model:
+        return greedy_answers(model, pair.tokenizer, questions, max_new_tokens=n_tokens, template=prompt_template,
+                              progress=progress)
 
 
 def _cached_sites(pair: ModelPair, components: Sequence[Component]) -> list[Site]:
@@ -75,40 +80,72 @@ def _cached_sites(pair: ModelPair, components: Sequence[Component]) -> list[Site
 
 
 @torch.no_grad()
-def prepare(pair: ModelPair, prompt_ids: Sequence[torch.Tensor], answers: Sequence[torch.Tensor], *,
-            sites: Sequence[Site], metric: Metric, labels: Sequence[str], progress: bool = False) -> PatchStore:
-    """Run the vanilla and the unlearned model once per question: cache the vanilla activations at ``sites``, the
-    unlearned model's residual stream, both models' logits at the answer-predicting positions, and check that
-    ``metric`` is defined for every question (:meth:`Metric.check`).
+def _packed(parts: Sequence[dict[Any, torch.Tensor]]) -> dict[Any, torch.Tensor]:
+    """Per-question ``{key: [seq_q, d]}`` caches concatenated into ``{key: [Σ_q seq_q, d]}``."""
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else {}
+
+
+def _checked(logits: torch.Tensor, label: str, which: str) -> torch.Tensor:
+    if not torch.isfinite(logits).all():
+        raise NonFiniteError(f"{label}: {which} logits contain NaN or infinite values")
+    return logits.float()
+
+
+@torch.no_grad()
+def prepare_source(model: PreTrainedModel, spec: ArchSpec, prompt_ids: Sequence[torch.Tensor],
+                   answers: Sequence[torch.Tensor], *, sites: Sequence[Site], labels: Sequence[str],
+                   progress: bool = False) -> tuple[PatchStore, list[torch.Tensor]]:
+    """Run the source (vanilla) model once per question on ``prompt + answer``: a store holding the ids and its
+    activations at ``sites``, and its logits at the answer-predicting positions (float32), per question.
+
+    Raises:
+        NonFiniteError: NaN or infinite logits.
+    """
+    store = PatchStore(spec=spec, ids=[torch.cat([p, a]).long() for p, a in zip(prompt_ids, answers)],
+                       prompt_lens=[len(p) for p in prompt_ids], answer_lens=[len(a) for a in answers])
+    caches, logits = [], []
+    for q in tqdm(range(len(store.ids)), desc="caching the vanilla model", disable=not progress, leave=False):
+        cache, l_v, _ = capture(model, spec, store.ids[q], sites, scored=store.scored_positions(q))
+        caches.append(cache)
+        logits.append(_checked(l_v, labels[q], "vanilla"))
+    store.source = _packed(caches)
+    return store, logits
+
+
+@torch.no_grad()
+def prepare_target(model: PreTrainedModel, store: PatchStore, source_logits: Sequence[torch.Tensor],
+                   answers: Sequence[torch.Tensor], *, metric: Metric, labels: Sequence[str],
+                   progress: bool = False) -> PatchStore:
+    """Run the target (unlearned) model once per question: cache its residual stream after every layer, and set
+    the metric's references, checking that ``metric`` is defined for every question (:meth:`Metric.check`).
 
     Raises:
         DegenerateMetricError: for some question the models agree, so the metric is undefined.
         NonFiniteError: NaN or infinite logits.
     """
-    spec = pair.arch
-    store = PatchStore(spec=spec, ids=[torch.cat([p, a]).long() for p, a in zip(prompt_ids, answers)],
-                       prompt_lens=[len(p) for p in prompt_ids], answer_lens=[len(a) for a in answers],
-                       source_weights=WeightSource(pair.vanilla_hf, spec))
-    packed_source: dict[str, list[torch.Tensor]] = {}
-    packed_resid: dict[int, list[torch.Tensor]] = {}
-    for q in tqdm(range(len(store.ids)), desc="caching both models", disable=not progress, leave=False):
-        scored = store.scored_positions(q)
-        source, l_v, _ = capture(pair.vanilla_hf, spec, store.ids[q], sites, scored=scored)
-        target, l_u, store.resid_tuple = capture(pair.unlearned_hf, spec, store.ids[q], [], resid=True,
-                                                 scored=scored)
-        for which, logits in (("vanilla", l_v), ("unlearned", l_u)):
-            if not torch.isfinite(logits).all():
-                raise NonFiniteError(f"{labels[q]}: {which} logits contain NaN or infinite values")
-        refs = References(source=l_v.float(), target=l_u.float(), answer_ids=answers[q].to(l_v.device))
+    caches = []
+    for q in tqdm(range(len(store.ids)), desc="caching the unlearned model", disable=not progress, leave=False):
+        cache, l_u, store.resid_tuple = capture(model, store.spec, store.ids[q], [], resid=True,
+                                                scored=store.scored_positions(q))
+        refs = References(source=source_logits[q].to(l_u.device), target=_checked(l_u, labels[q], "unlearned"),
+                          answer_ids=answers[q].to(l_u.device))
         store.weights.append(metric.check(refs, labels[q]))
         store.refs.append(refs)
-        for key, value in source.items():
-            packed_source.setdefault(key, []).append(value)
-        for i in range(pair.n_layers):
-            packed_resid.setdefault(i, []).append(target[f"resid@{i}"])
-    store.source = {k: torch.cat(v) for k, v in packed_source.items()}
-    store.target_resid = {i: torch.cat(v) for i, v in packed_resid.items()}
+        caches.append({int(k.split("@")[1]): v for k, v in cache.items()})
+    store.target_resid = _packed(caches)
     return store
+
+
+def prepare(pair: ModelPair | SequentialPair, prompt_ids: Sequence[torch.Tensor], answers: Sequence[torch.Tensor],
+            *, sites: Sequence[Site], metric: Metric, labels: Sequence[str], progress: bool = False) -> PatchStore:
+    """:func:`prepare_source` with the vanilla model, then :func:`prepare_target` with the unlearned one: a store
+    ready for :func:`patchlab.patching.engine.run_rows` (the unlearned model must then be at hand again)."""
+    with pair.using("vanilla") as model:
+        store, source_logits = prepare_source(model, pair.arch, prompt_ids, answers, sites=sites, labels=labels,
+                                              progress=progress)
+    store.source_weights = pair.source_weights()
+    with pair.using("unlearned") as model:
+        return prepare_target(model, store, source_logits, answers, metric=metric, labels=labels, progress=progress)
 
 
 def expand_heads(components: Sequence[Component], heads: Any, spec_sites: Sequence[Site], n_head: int
@@ -141,7 +178,7 @@ def _components(pair: ModelPair, components: Sequence[str], heads: Any) -> list[
     parsed = [parse_component(c, pair.arch.sites) for c in components]
     if heads is None:
         return parsed
-    return expand_heads(parsed, heads, pair.arch.sites, n_heads(pair.unlearned_hf))
+    return expand_heads(parsed, heads, pair.arch.sites, n_heads(pair.skeleton))
 
 
 def _windows(pair: ModelPair, window: int | None, windows: Sequence[Window] | None, window_mode: str) -> list[Window]:
@@ -173,7 +210,7 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
                 heads: Any = None, metric: str | Metric | MetricFn = "krs", n_tokens: int = 30,
                 prompt_template: str = DEFAULT_TEMPLATE, positions: str = "all", engine: str = "batched",
                 batch_size: int = 64, answers: Sequence[torch.Tensor] | None = None, resume: Any = None,
-                chunk: int = 8, progress: bool = True) -> PatchResult:
+                chunk: int | None = None, progress: bool = True) -> PatchResult:
     """Score restoring each component over each layer window with ``metric``, per question.
 
     Args:
@@ -200,8 +237,8 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
         resume: an output directory (path or claimed :class:`~patchlab.io.OutputDir`) where each question's
             scores are saved as soon as its chunk is done (:class:`SweepProgress`); a rerun with the same settings,
             checkpoints and questions skips the questions already there. ``None``: nothing is saved.
-        chunk: questions prepared and scored together (their restorations share forward passes); with ``resume``
-            the progress is saved after each chunk. The scores do not depend on it.
+        chunk: questions prepared and scored together (their restorations share forward passes; default all of
+            them, or 8 with ``resume``, whose progress is saved after each chunk). The scores do not depend on it.
 
     Raises:
         PatchlabValueError: empty questions or components, unknown component/engine/positions/metric, window
@@ -218,8 +255,11 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
         raise PatchlabValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PatchlabValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not isinstance(chunk, int) or chunk < 1:
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise PatchlabValueError(f"chunk must be a positive integer, got {chunk!r}")
+    if engine == "loop" and not isinstance(pair, ModelPair):
+        raise PatchlabValueError("the loop engine traces both models with nnsight: it needs a pair held in memory "
+                                 "(load_pair without sequential=True)")
     wins = _windows(pair, window, windows, window_mode)
     position_mask(positions, 1, 1)  # validates the name before any model work
     prompt_ids = encode_prompts(pair.tokenizer, format_prompts(questions, prompt_template))
@@ -233,22 +273,30 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
     provenance = {**pair_provenance(pair), "settings": settings}
     progress_file = SweepProgress.open(resume, settings, provenance, questions, comps, wins)
     todo = [q for q in range(len(questions)) if q not in progress_file.done]
-    for start in tqdm(range(0, len(todo), chunk), desc="question chunks", disable=not progress or len(todo) <= chunk):
-        part = todo[start:start + chunk]
-        part_answers = [answers[q] for q in part] if answers is not None else reference_answers(
-            pair, [questions[q] for q in part], n_tokens=n_tokens, prompt_template=prompt_template,
-            progress=progress)[1]
-        store = prepare(pair, [prompt_ids[q] for q in part], part_answers, sites=_cached_sites(pair, comps),
-                        metric=chosen_metric, labels=[f"question {q} ({questions[q]!r})" for q in part],
-                        progress=progress)
+    size = chunk or (len(questions) if resume is None else 8)
+    for start in tqdm(range(0, len(todo), size), desc="question chunks", disable=not progress or len(todo) <= size):
+        part = todo[start:start + size]
+        labels = [question_label(q, questions[q]) for q in part]
+        with pair.using("vanilla") as model_v:
+            part_answers = [answers[q] for q in part] if answers is not None else greedy_answers(
+                model_v, pair.tokenizer, [questions[q] for q in part], max_new_tokens=n_tokens,
+                template=prompt_template, progress=progress)[1]
+            for q, a in zip(part, part_answers):
+                check_fits(model_v, prompt_ids[q], len(a), question_label(q, questions[q]))
+            store, source_logits = prepare_source(model_v, pair.arch, [prompt_ids[q] for q in part], part_answers,
+                                                  sites=_cached_sites(pair, comps), labels=labels, progress=progress)
+        store.source_weights = pair.source_weights()
         rows = [Row(k, c, w, position_mask(positions, store.prompt_lens[k], len(store.ids[k])))
                 for k in range(len(part)) for c in comps for w in wins]
-        if engine == "batched":
-            scores = run_rows(pair.unlearned_hf, store, rows, chosen_metric, batch_size=batch_size,
-                              progress=progress, desc=f"{chosen_metric.name} sweep")
-        else:
-            scores = _scores_loop(pair, store, tqdm(rows, desc=f"{chosen_metric.name} sweep (loop)",
-                                                    disable=not progress), chosen_metric)
+        with pair.using("unlearned") as model_u:
+            prepare_target(model_u, store, source_logits, part_answers, metric=chosen_metric, labels=labels,
+                           progress=progress)
+            if engine == "batched":
+                scores = run_rows(model_u, store, rows, chosen_metric, batch_size=batch_size, progress=progress,
+                                  desc=f"{chosen_metric.name} sweep")
+            else:
+                scores = _scores_loop(pair, store, tqdm(rows, desc=f"{chosen_metric.name} sweep (loop)",
+                                                        disable=not progress), chosen_metric)
         for k, q in enumerate(part):
             progress_file.add(q, scores.reshape(len(part), len(comps), len(wins))[k].numpy(),
                               pair.tokenizer.decode(part_answers[k], skip_special_tokens=True), store.weights[k])

@@ -1,0 +1,143 @@
+"""A vanilla / unlearned pair that never holds both models in memory at once.
+
+``load_pair(vanilla, unlearned, sequential=True)`` checks the two checkpoints from their configs and file headers
+(no weights loaded), then a sweep uses one model at a time (:meth:`SequentialPair.using`): the vanilla model runs
+first (reference answers, its activations at the restored sites, its logits), is released, and the unlearned model
+runs the patched forward passes. Restorations that recompute with the vanilla weights (``value``, ``heads``) read
+them layer by layer from the vanilla checkpoint's safetensors files (:class:`~patchlab.pair.weights.CheckpointWeights`).
+The numbers equal those of a pair held in memory; the peak memory is about one model plus the cached activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from patchlab.errors import PairMismatchError, PatchlabValueError
+from patchlab.pair.arch import ArchSpec, arch_spec
+from patchlab.pair.weights import CheckpointTensors, CheckpointWeights
+
+
+def _skeleton(config: Any) -> PreTrainedModel:
+    """The model of ``config`` with its parameters on the meta device (no memory): module names and shapes only."""
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass
+class SequentialPair:
+    """A pair whose models are loaded one at a time (see the module docstring); the sweeps accept it wherever they
+    accept a :class:`~patchlab.pair.loading.ModelPair`, except the nnsight loop engine and
+    :func:`patchlab.run_with_cache`, which need both models in memory.
+
+    Attributes:
+        specs: ``{"vanilla": checkpoint directory, "unlearned": checkpoint or adapter directory}``.
+        load: the keyword arguments each model is loaded with (:func:`~patchlab.pair.loading.load_model`).
+        tokenizer: the shared tokenizer. arch: the family's spec. sources: how the checkpoints were given.
+        skeleton: the vanilla model on the meta device (names and shapes).
+    """
+
+    specs: dict[str, Any]
+    load: dict[str, dict[str, Any]]
+    tokenizer: PreTrainedTokenizerBase
+    arch: ArchSpec
+    sources: tuple[str, str]
+    skeleton: PreTrainedModel
+    dtype: torch.dtype | None = None
+    _resident: dict[str, PreTrainedModel] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder layers L."""
+        return len(self.arch.layer_modules(self.skeleton))
+
+    @contextlib.contextmanager
+    def using(self, which: str) -> Iterator[PreTrainedModel]:
+        """Load the model ``which`` (``"vanilla"`` / ``"unlearned"``), yield it, and release it on exit (the other
+        one is never loaded meanwhile)."""
+        from patchlab.pair.loading import load_model
+
+        if which not in self.specs:
+            raise PatchlabValueError(f"which must be 'vanilla' or 'unlearned', got {which!r}")
+        if self._resident:
+            raise PatchlabValueError(f"a sequential pair holds one model at a time: {next(iter(self._resident))!r} "
+                                     f"is in use, {which!r} cannot be loaded beside it")
+        self._resident[which] = load_model(self.specs[which], **self.load[which])
+        try:
+            yield self._resident[which]
+        finally:
+            self._resident.clear()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def source_weights(self) -> CheckpointWeights:
+        """The vanilla weights of the recomputed sites, read from the vanilla checkpoint's files layer by layer."""
+        return CheckpointWeights(self.specs["vanilla"], self.arch, self.skeleton, dtype=self.dtype)
+
+
+def _checkpoint_dir(spec: Any, what: str) -> Path:
+    """A local checkpoint directory for ``spec``: the directory itself, or a hub id's local snapshot."""
+    if isinstance(spec, PreTrainedModel):
+        raise PatchlabValueError(f"sequential=True reads the {what} checkpoint from its files: pass a directory or "
+                                 "a hub id, not an in-memory model")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    from patchlab.pair.loading import _source
+
+    _source(spec, what)  # a missing local path fails here with a clear error
+    return Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+
+
+def sequential_pair(vanilla: Any, unlearned: Any, *, tokenizer: PreTrainedTokenizerBase,
+                    load: Mapping[str, Any], adapter_base: Any = None) -> SequentialPair:
+    """Check a pair from its configs and file headers and return it unloaded (:class:`SequentialPair`).
+
+    Raises:
+        PatchlabValueError: an in-memory model (it is in memory already: use ``sequential=False``).
+        PairMismatchError: different architectures, sizes or tensor shapes.
+        PatchlabFileError: a directory that does not exist or holds no safetensors checkpoint.
+    """
+    from patchlab.pair.adapters import is_adapter
+    from patchlab.pair.loading import _config_signature
+    from patchlab.provenance import describe_source
+
+    v_dir = _checkpoint_dir(vanilla, "vanilla")
+    u_dir = unlearned if is_adapter(unlearned) else _checkpoint_dir(unlearned, "unlearned")
+    config = AutoConfig.from_pretrained(v_dir)
+    skeleton = _skeleton(config)
+    spec = arch_spec(skeleton)
+    tensors_v = CheckpointTensors(v_dir, "vanilla")
+    if not is_adapter(unlearned):
+        other = _skeleton(AutoConfig.from_pretrained(u_dir))
+        sig_v, sig_u = _config_signature(skeleton), _config_signature(other)
+        for key in sig_v:
+            if sig_v[key] != sig_u[key]:
+                raise PairMismatchError(f"vanilla and unlearned models differ in {key}: {sig_v[key]!r} vs "
+                                        f"{sig_u[key]!r}")
+        shapes_u = CheckpointTensors(u_dir, "unlearned").shapes
+        for name, shape in tensors_v.shapes.items():
+            if name in shapes_u and shapes_u[name] != shape:
+                raise PairMismatchError(f"tensor {name} has shape {shape} in vanilla but {shapes_u[name]} in unlearned")
+    if len(tokenizer) > config.vocab_size:
+        raise PairMismatchError(f"tokenizer has {len(tokenizer)} tokens but the models' vocabulary has "
+                                f"{config.vocab_size} rows")
+    load_u = {**load, **({"adapter_base": adapter_base or v_dir} if is_adapter(unlearned) else {})}
+    return SequentialPair(specs={"vanilla": v_dir, "unlearned": u_dir}, load={"vanilla": dict(load), "unlearned": load_u},
+                          tokenizer=tokenizer, arch=spec, sources=(describe_source(v_dir), describe_source(unlearned)),
+                          skeleton=skeleton, dtype=load.get("dtype"))
+
+
+__all__ = ["SequentialPair", "sequential_pair"]
+

@@ -1,0 +1,127 @@
+"""Where restorations read the source model's weights, and tensors of a checkpoint directory read one at a time.
+
+* :class:`ModelWeights`: a site module's parameters from an in-memory model (also when a device map offloads them);
+* :class:`CheckpointWeights`: the same read from the checkpoint's safetensors files, for a one-model-at-a-time pair
+  whose vanilla model is never in memory during the patched passes;
+* :class:`CheckpointTensors`: named tensors of a safetensors checkpoint directory (sharded too), read one at a time
+  without loading the model; the parameter diffs stream two checkpoints through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+import torch
+from safetensors import safe_open
+
+from patchlab.errors import PatchlabFileError, PatchlabValueError
+from patchlab.pair.arch import ArchSpec
+from patchlab.pair.placement import parameter_value
+from patchlab.pair.sites import Site
+
+
+class CheckpointTensors:
+    """The named tensors of a checkpoint directory (``model.safetensors`` or a sharded index), by parameter name.
+
+    Attributes:
+        root: the directory. shapes: ``{name: shape}`` of every tensor (read from the file headers only).
+        model_type: ``config.json``'s ``model_type`` (``None`` without a config).
+
+    Raises:
+        PatchlabFileError: the directory does not exist or holds no safetensors checkpoint.
+    """
+
+    def __init__(self, root: str | os.PathLike, what: str = "checkpoint"):
+        self.root, self.what = Path(root), what
+        if not self.root.is_dir():
+            raise PatchlabFileError(f"{what} checkpoint directory {str(root)!r} does not exist")
+        index = self.root / "model.safetensors.index.json"
+        if index.exists():
+            self.weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.root / "model.safetensors").exists():
+            with safe_open(self.root / "model.safetensors", "pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise PatchlabFileError(f"{self.root} holds no safetensors checkpoint (model.safetensors or its index); "
+                                    "re-save it with save_pretrained(..., safe_serialization=True)")
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for file in sorted(set(self.weight_map.values())):
+            with safe_open(self.root / file, "pt") as f:
+                for name in f.keys():
+                    if self.weight_map.get(name) == file:
+                        self.shapes[name] = tuple(f.get_slice(name).get_shape())
+        config = self.root / "config.json"
+        self.model_type = json.loads(config.read_text()).get("model_type") if config.exists() else None
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, read from its file (CPU, stored dtype).
+
+        Raises:
+            PatchlabValueError: no such tensor in the checkpoint.
+        """
+        if name not in self.weight_map:
+            raise PatchlabValueError(f"{self.root} holds no tensor {name!r}")
+        with safe_open(self.root / self.weight_map[name], "pt") as f:
+            return f.get_tensor(name)
+
+
+class CheckpointWeights:
+    """A site module's parameters read from a checkpoint directory instead of an in-memory model, for restorations
+    that recompute with the vanilla weights (``value``, ``heads``) in a one-model-at-a-time pair.
+
+    The last ``keep`` modules read stay in memory (a sweep visits the layers window by window, so each is read about
+    once); they are cast to ``dtype`` (the dtype the loaded models compute in) and moved to the requested device.
+    """
+
+    def __init__(self, root: str | os.PathLike, spec: ArchSpec, skeleton: torch.nn.Module, *,
+                 dtype: torch.dtype | None = None, keep: int = 8):
+        self.tensors, self.spec, self.skeleton, self.dtype = CheckpointTensors(root, "vanilla"), spec, skeleton, dtype
+        self.keep, self._cache = keep, OrderedDict()
+
+    def _name(self, name: str) -> str:
+        """The checkpoint's key of parameter ``name``: as named, or without the model's base prefix (old GPT-2
+        checkpoints store ``h.0...`` for ``transformer.h.0...``)."""
+        if name in self.tensors.weight_map:
+            return name
+        prefix = getattr(self.skeleton, "base_model_prefix", "")
+        short = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+        if short in self.tensors.weight_map:
+            return short
+        raise PatchlabValueError(f"the vanilla checkpoint {self.tensors.root} holds no {name!r}")
+
+    def params(self, site: Site, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """``{"weight": ..., "bias": ...}`` of ``site``'s module in ``layer``, on ``device``."""
+        key = (site.name, layer)
+        if key not in self._cache:
+            prefix = ".".join(p for p in (self.spec.layers, str(layer), site.module) if p)
+            module = self.spec.site_module(self.skeleton, site, layer)
+            stored = {n: self.tensors.get(self._name(f"{prefix}.{n}")) for n, _ in module.named_parameters(recurse=False)}
+            self._cache[key] = {n: v.to(self.dtype) if self.dtype is not None else v for n, v in stored.items()}
+            while len(self._cache) > self.keep:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return {n: t.to(device) for n, t in self._cache[key].items()}
+
+
+def site_params(model: PreTrainedModel, spec: ArchSpec, site: Site, layer: int) -> dict[str, torch.Tensor]:
+    """The parameters of ``site``'s module in ``layer`` by local name (``weight``, ``bias``), with real values on
+    the module's execution device, also when a device map offloads them (:func:`patchlab.pair.placement.parameter_value`)."""
+    prefix = ".".join(p for p in (spec.layers, str(layer), site.module) if p)
+    module = spec.site_module(model, site, layer)
+    return {name: parameter_value(model, f"{prefix}.{name}") for name, _ in module.named_parameters(recurse=False)}
+
+
+class ModelWeights:
+    """A site module's parameters read from an in-memory (possibly dispatched) source model."""
+
+    def __init__(self, model: PreTrainedModel, spec: ArchSpec):
+        self.model, self.spec = model, spec
+
+    def params(self, site: Site, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """``{"weight": ..., "bias": ...}`` of ``site``'s module in ``layer``, on ``device``."""
+        return {k: v.to(device) for k, v in site_params(self.model, self.spec, site, layer).items()}
