@@ -15,13 +15,14 @@ from patchlab.patching.windows import sliding_windows
 from patchlab.analysis import behavior, paramdiff
 from patchlab.patching import lens
 from patchlab.unlearning import attribution, editing
+from patchlab.audit import AuditReport, audit  # the function shadows the subpackage's name on purpose
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationCache", "ArchSpec", "DegenerateKRSError", "KRSResult", "MissingDependencyError", "ModelPair",
+    "ActivationCache", "ArchSpec", "AuditReport", "DegenerateKRSError", "KRSResult", "MissingDependencyError", "ModelPair",
     "NonFiniteError", "PairMismatchError", "PatchlabError", "PatchlabFileError", "PatchlabValueError", "UnlearnRun",
-    "UnsupportedArchitectureError", "arch_spec", "krs_sweep", "load_mask", "load_model", "load_pair",
+    "UnsupportedArchitectureError", "arch_spec", "audit", "krs_sweep", "load_mask", "load_model", "load_pair",
     "parse_component", "register_architecture", "run_with_cache", "save_mask", "sliding_windows",
     "supported_architectures", "unlearn",
 ]

@@ -226,7 +226,7 @@ def build_and_report(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in {"seed": args.seed, "steps": args.steps}.items() if v is not None}
     report = build(dataclasses.replace(config, **overrides), args.out, exclude_concept=args.exclude_concept,
                    overwrite=args.overwrite, command=regeneration_command(args))
-    excluded = (f" ({report['excluded_qa_accuracy']:.3f} on {args.exclude_concept!r}'s QA, "
+    excluded = (f" ({report['excluded_qa_accuracy']:.3f} on the QA of {args.exclude_concept!r}, "
                 f"{report['kept_qa_accuracy']:.3f} on the others)" if args.exclude_concept else "")
     print(f"trained {report['n_params']:,} parameters in {report['train_seconds']} s; "
           f"greedy QA accuracy {report['qa_accuracy']:.3f} on {report['n_qa']} QA{excluded}; wrote {args.out}")
