@@ -226,8 +226,7 @@ class AuditReport:
         rows = [row for row in (self._accuracy_row(),) if row]
         for name in self.probes:
             first = next((run.results[name] for run in self.runs if name in run.results), None)
-            meaning = (f'{html.escape(first.meaning)}<div class="rule">verdict: {html.escape(first.rule)}</div>'
-                       if first else "")
+            meaning = html.escape(first.meaning) if first else ""
             cells = []
             for run in self.runs:
                 r = run.results.get(name)
@@ -239,8 +238,17 @@ class AuditReport:
                              f'<td class="verdict" style="background:{VERDICT_COLOURS[r.verdict]}">{r.verdict}</td>')
             rows.append(f'<tr><th class="probe"><a href="#{html.escape(name)}">{html.escape(_title(name))}</a></th>'
                         f'<td class="meaning">{meaning}</td>{"".join(cells)}</tr>')
-        return (f'<table class="verdicts"><thead><tr><th>probe</th><th>score (95% bootstrap CI over questions): what it '
-                f'means</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+        rules = "".join(f"<li><b>{html.escape(_title(name))}</b>: {html.escape(rule)}</li>"
+                        for name, rule in self._rules().items())
+        return (f'<table class="verdicts"><thead><tr><th>probe</th><th>what the score means</th>{head}</tr></thead>'
+                f'<tbody>{"".join(rows)}</tbody></table><p class="caption">Scores: value [95% bootstrap interval over '
+                f'questions].</p><details open><summary>Verdict rules</summary><ul class="rules">{rules}</ul>'
+                f'</details>')
+
+    def _rules(self) -> dict[str, str]:
+        """Probe -> its verdict rule (the first run's wording: it depends only on the settings)."""
+        return {name: next(run.results[name].rule for run in self.runs if name in run.results)
+                for name in self.probes if any(name in run.results for run in self.runs)}
 
     def _accuracy_row(self) -> str:
         """A context row: each pair's greedy target accuracy, vanilla -> unlearned (from any probe that scored it)."""
@@ -299,9 +307,11 @@ table.verdicts { border-collapse: collapse; margin: 12px 0; }
 table.verdicts th, table.verdicts td { border: 1px solid #ccc; padding: 6px 10px; vertical-align: top; }
 table.verdicts thead th { background: #f3f3f3; }
 th.probe { text-align: left; white-space: nowrap; } th.probe a { color: #222; }
-td.meaning { max-width: 460px; font-size: 14px; } .rule { color: #666; font-size: 12px; margin-top: 4px; }
+td.meaning { min-width: 280px; max-width: 420px; font-size: 14px; }
 td.score { font-variant-numeric: tabular-nums; white-space: nowrap; text-align: right; }
-.note { color: #666; font-size: 12px; } td.verdict { color: white; font-weight: 600; text-align: center; }
+.note { color: #666; font-size: 12px; white-space: normal; max-width: 190px; margin-left: auto; }
+td.verdict { color: white; font-weight: 600; text-align: center; vertical-align: middle; }
+.caption { color: #555; font-size: 13px; margin-top: 0; } ul.rules { font-size: 13px; color: #444; }
 td.na { color: #999; text-align: center; } tr.context td, tr.context th { background: #fafafa; }
 table.prov { border-collapse: collapse; font-size: 13px; } table.prov td, table.prov th { border: 1px solid #ddd; padding: 3px 8px; }
 pre { font-size: 12px; background: #f7f7f7; padding: 8px; }
