@@ -15,8 +15,11 @@ import argparse
 import sys
 from typing import Any
 
+import torch
+
 import patchlab
-from patchlab.audit import PROBES, TOY_SETTINGS, AuditCase, audit_many, toy_cases
+from patchlab.audit import PROBES, TOY_SETTINGS, AuditCase, audit_many, resolve_settings, toy_cases
+from patchlab.audit.registry import select
 from patchlab.cli import add_model_args, add_output_args, model_kwargs, run
 from patchlab.io import read_records
 from patchlab.pair import load_model, load_tokenizer
@@ -58,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bits", type=_ints, help="quantization: bit widths, e.g. 8,4")
     add_model_args(p)
     add_output_args(p, "results/audit", "output directory for audit.json/.csv/.html and the per-probe results")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: on the toy world 2 threads on a busy 2-core machine ran 13x slower)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -98,8 +103,13 @@ def cases_from_args(args: argparse.Namespace) -> list[AuditCase]:
 
 def report(args: argparse.Namespace) -> None:
     """Run the audit (resumable in --out), write audit.json/.csv/.html and print the verdict table."""
+    if args.threads < 1:
+        raise patchlab.PatchlabValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     toy = args.vanilla is None and args.unlearned is None
     settings = settings_from_args(args, toy)
+    resolve_settings(list(PROBES.values()), settings)  # bad probes or settings fail before any model loads
+    select(_names(args.probes))
     cases = cases_from_args(args)
     result = audit_many(cases, probes=_names(args.probes), settings=settings, out_dir=args.out,
                         overwrite=args.overwrite, progress=not args.quiet)

@@ -20,9 +20,9 @@ from patchlab.audit import AuditReport, audit  # the function shadows the subpac
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationCache", "ArchSpec", "AuditReport", "DegenerateKRSError", "KRSResult", "MissingDependencyError", "ModelPair",
-    "NonFiniteError", "PairMismatchError", "PatchlabError", "PatchlabFileError", "PatchlabValueError", "UnlearnRun",
-    "UnsupportedArchitectureError", "arch_spec", "audit", "krs_sweep", "load_mask", "load_model", "load_pair",
-    "parse_component", "register_architecture", "run_with_cache", "save_mask", "sliding_windows",
+    "ActivationCache", "ArchSpec", "AuditReport", "DegenerateKRSError", "KRSResult", "MissingDependencyError",
+    "ModelPair", "NonFiniteError", "PairMismatchError", "PatchlabError", "PatchlabFileError", "PatchlabValueError",
+    "UnlearnRun", "UnsupportedArchitectureError", "arch_spec", "audit", "krs_sweep", "load_mask", "load_model",
+    "load_pair", "parse_component", "register_architecture", "run_with_cache", "save_mask", "sliding_windows",
     "supported_architectures", "unlearn",
 ]

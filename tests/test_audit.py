@@ -6,10 +6,9 @@ model (which never saw the concept) in the unlearned slot.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -300,18 +299,52 @@ def test_load_rejects_other_files(tmp_path):
         AuditReport.load(tmp_path / "x.json")
 
 
-def test_cli_audits_the_toy_world_and_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("audit_cli", ROOT / "analyses" / "audit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_audits_the_toy_world_and_resumes(cli, tmp_path, capsys):
     out = tmp_path / "audit"
-    cmd = [sys.executable, str(ROOT / "analyses" / "audit.py"), "--probes", "quantization,behavior", "--bits", "8",
-           "--n-boot", "50", "--sanity", "--method", "graddiff", "--out", str(out), "--quiet"]
-    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert first.returncode == 0, first.stderr
-    assert "retain model" in first.stdout and "erased" in first.stdout
+    argv = ["--probes", "quantization,behavior", "--bits", "8", "--n-boot", "50", "--sanity", "--out", str(out),
+            "--quiet"]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "graddiff" in first and "retain model" in first and "erased" in first
     stored = out / "probes" / "retain-model" / "quantization.json"
     mtime = stored.stat().st_mtime_ns
-    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert second.returncode == 0 and stored.stat().st_mtime_ns == mtime
-    assert second.stdout == first.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "analyses" / "audit.py"), "--vanilla", "x"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "--questions" in bad.stderr
+    assert cli.main(argv) == 0
+    assert stored.stat().st_mtime_ns == mtime and capsys.readouterr().out == first
+    assert AuditReport.load(out / "audit.json").runs[0].provenance["settings"]["relearning"]["lr"] == 1e-3  # toy
+
+
+def test_cli_audits_checkpoints_side_by_side(cli, tmp_path, capsys):
+    record = toy.world().record(toy.DEFAULT_CONCEPT)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"question": q.question}) for q in record.qa[:3]))
+    out = tmp_path / "audit"
+    code = cli.main(["--vanilla", str(toy.ASSETS), "--unlearned", str(toy.RETAIN_ASSETS), str(toy.RETAIN_ASSETS),
+                     "--labels", "a,b", "--questions", str(questions), "--probes", "quantization", "--bits", "8",
+                     "--n-boot", "20", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = AuditReport.load(out / "audit.json")
+    assert report.labels == ["a", "b"] and report.runs[0].skipped == {}
+    prov = report.runs[0].provenance
+    assert prov["checkpoints"]["unlearned"]["source"] == str(toy.RETAIN_ASSETS.resolve())
+    assert prov["questions"][0]["answer"] is None and prov["settings"]["relearning"]["lr"] == 1e-5
+    assert report.result("a", "quantization").details["vanilla"]["accuracy"] == 1.0  # vanilla greedy = reference
+
+
+@pytest.mark.parametrize("argv, message", [(["--vanilla", "x"], "--questions"),
+                                           (["--unlearned", "a", "b", "--vanilla", "v", "--questions", "q.json",
+                                             "--labels", "one"], "--labels"),
+                                           (["--probes", "nope"], "unknown probe"),
+                                           (["--threads", "0"], "--threads")])
+def test_cli_reports_bad_input_in_one_line(cli, argv, message, tmp_path, capsys):
+    assert cli.main([*argv, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()

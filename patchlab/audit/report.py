@@ -216,7 +216,8 @@ class AuditReport:
         for run in self.runs:
             prov = run.provenance
             n_q, n_u = len(prov.get("questions", [])), len(prov.get("unrelated") or [])
-            skipped = "".join(f"; <i>{html.escape(p)} not run: {html.escape(why)}</i>" for p, why in run.skipped.items())
+            skipped = "".join(f"; <i>{html.escape(p)} not run: {html.escape(why)}</i>"
+                              for p, why in run.skipped.items())
             items.append(f"<li><b>{html.escape(run.label)}</b>: {n_q} target questions, {n_u} unrelated questions, "
                          f"retain model: {'yes' if prov.get('checkpoints', {}).get('retain') else 'no'}{skipped}</li>")
         return f"<ul>{''.join(items)}</ul>"
@@ -301,7 +302,8 @@ def _json_safe(obj: Any) -> Any:
 
 
 _CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px 40px; color: #222; max-width: 1400px; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px 40px; color: #222;
+       max-width: 1400px; }
 h1 { margin-bottom: 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 table.verdicts { border-collapse: collapse; margin: 12px 0; }
 table.verdicts th, table.verdicts td { border: 1px solid #ccc; padding: 6px 10px; vertical-align: top; }
@@ -313,7 +315,8 @@ td.score { font-variant-numeric: tabular-nums; white-space: nowrap; text-align: 
 td.verdict { color: white; font-weight: 600; text-align: center; vertical-align: middle; }
 .caption { color: #555; font-size: 13px; margin-top: 0; } ul.rules { font-size: 13px; color: #444; }
 td.na { color: #999; text-align: center; } tr.context td, tr.context th { background: #fafafa; }
-table.prov { border-collapse: collapse; font-size: 13px; } table.prov td, table.prov th { border: 1px solid #ddd; padding: 3px 8px; }
+table.prov { border-collapse: collapse; font-size: 13px; }
+table.prov td, table.prov th { border: 1px solid #ddd; padding: 3px 8px; }
 pre { font-size: 12px; background: #f7f7f7; padding: 8px; }
 """
 

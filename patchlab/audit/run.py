@@ -12,7 +12,7 @@ import xxhash
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from patchlab.audit.base import Probe, ProbeResult, Question, as_questions
+from patchlab.audit.base import Probe, ProbeResult, as_questions
 from patchlab.audit.registry import PROBES, probe_settings, resolve_settings, select
 from patchlab.audit.report import AuditReport, AuditRun
 from patchlab.errors import PatchlabValueError
