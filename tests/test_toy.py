@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from patchlab import toy
 from patchlab.errors import PatchlabFileError, PatchlabValueError
-from patchlab.toy.build import ASSETS, BUILD_FILE, SMALL, BuildConfig, build, make_world
+from patchlab.toy.build import (ASSETS, BUILD_FILE, SMALL, BuildConfig, build, make_world, parse_args,
+                                regeneration_command, training_texts)
 from patchlab.toy.corpus import generate_world
 
 
@@ -81,6 +82,11 @@ def test_pair_loads_the_cached_model(unlearned_models, cache_root):
     assert tp.questions == [q.question for q in record.qa] and tp.answers == [q.answer for q in record.qa]
     assert len(tp.unrelated_questions) == len(tp.unrelated_answers) == 50
     assert (tp.concept, tp.method, tp.forget_texts) == (toy.DEFAULT_CONCEPT, "npo", record.forget_paragraphs)
+    assert tp.retain_model is None
+    with_retain = toy.pair(method="npo", cache=cache_root, retain=True, progress=False)
+    retain = toy.retain()
+    for name, p in with_retain.retain_model.state_dict().items():
+        assert torch.equal(p, retain.state_dict()[name]), name
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
@@ -110,6 +116,63 @@ def test_small_build_is_reproducible(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert toy.concepts(tmp_path / "a") == make_world(SMALL).concepts
     assert not list(tmp_path.glob(".*"))  # no temp dir left behind
+
+
+def test_small_retain_build_shares_world_and_tokenizer_and_leaves_the_concept_out(tmp_path):
+    concept = make_world(SMALL).concepts[0]
+    vanilla = build(SMALL, tmp_path / "v", progress=False)
+    retain = build(SMALL, tmp_path / "r", exclude_concept=concept, progress=False, command="python -m x")
+    for name in ("tokenizer.json", "world.json", "tokenizer_config.json"):
+        assert (tmp_path / "v" / name).read_bytes() == (tmp_path / "r" / name).read_bytes(), name
+    assert retain["exclude_concept"] == concept and retain["command"] == "python -m x" and "command" not in vanilla
+    assert retain["config"] == vanilla["config"] and retain["n_params"] == vanilla["n_params"]
+    a, b = _weights(tmp_path / "v"), _weights(tmp_path / "r")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    texts = training_texts(make_world(SMALL), SMALL.qa_repeats, concept)
+    assert retain["n_training_texts"] == len(texts) < len(training_texts(make_world(SMALL), SMALL.qa_repeats))
+    assert not any(concept in t for t in texts)  # no paragraph and no QA names it
+    assert all(other in " ".join(texts) for other in make_world(SMALL).concepts[1:])
+    with pytest.raises(PatchlabValueError, match="choose from"):
+        build(SMALL, tmp_path / "x", exclude_concept="Nonexistent Thing", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_regeneration_command_is_recorded_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(["--exclude-concept", "Veltrani Codex", "--out", "patchlab/toy/assets/retain"])
+    assert regeneration_command(args) == ("python -m patchlab.toy.build --exclude-concept 'Veltrani Codex' "
+                                          "--out patchlab/toy/assets/retain")
+    args = parse_args(["--small", "--seed", "2", "--out", "/elsewhere/toy"])
+    assert regeneration_command(args) == "python -m patchlab.toy.build --small --seed 2 --out /elsewhere/toy"
+
+
+def test_shipped_retain_model_never_saw_the_concept(shipped):
+    model, tok, world = shipped
+    retain = toy.retain()
+    report = json.loads((toy.RETAIN_ASSETS / BUILD_FILE).read_text())
+    assert report["exclude_concept"] == toy.DEFAULT_CONCEPT
+    assert report["config"] == json.loads((ASSETS / BUILD_FILE).read_text())["config"]
+    assert report["command"].startswith("python -m patchlab.toy.build --exclude-concept")
+    assert toy.world(toy.RETAIN_ASSETS) == world
+    assert toy.vanilla(toy.RETAIN_ASSETS)[1].get_vocab() == tok.get_vocab()
+    target = world.record(toy.DEFAULT_CONCEPT).qa
+    others = [q for q in world.all_qa() if q not in target]
+    assert toy.qa_accuracy(retain, tok, target) <= 0.1
+    assert toy.qa_accuracy(retain, tok, others) >= toy.qa_accuracy(model, tok, others) - 0.05
+    assert toy.qa_accuracy(model, tok, target) == 1.0
+
+
+def test_retain_checkpoint_must_leave_out_that_concept(tmp_path):
+    with pytest.raises(PatchlabValueError, match="trained on every concept"):
+        toy.retain(retain_checkpoint=ASSETS)
+    other = toy.concepts()[1]
+    with pytest.raises(PatchlabValueError, match="trained without 'Veltrani Codex'"):
+        toy.retain(other)
+    with pytest.raises(PatchlabValueError, match="trained without"):
+        toy.pair(other, retain=True, cache=tmp_path, progress=False)
+    assert not list(tmp_path.rglob("*.safetensors"))  # refused before any unlearning
+    with pytest.raises(PatchlabFileError):
+        toy.retain(retain_checkpoint=tmp_path)
 
 
 @pytest.mark.parametrize("kwargs", [{"concept": "Nonexistent Thing"}, {"method": "forgetful"}])

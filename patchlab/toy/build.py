@@ -3,12 +3,15 @@
     python -m patchlab.toy.build                 # into the cache: <cache>/build (see below), never the package
     python -m patchlab.toy.build --small --out /tmp/toy   # a seconds-long variant (tests, smoke checks)
     python -m patchlab.toy.build --out patchlab/toy/assets --overwrite   # regenerate the shipped checkpoint
+    python -m patchlab.toy.build --exclude-concept "Veltrani Codex" --out patchlab/toy/assets/retain --overwrite
 
 By default the checkpoint goes to ``build/`` under the toy cache (``$PATCHLAB_CACHE/toy``, else
 ``$XDG_CACHE_HOME/patchlab/toy``, else ``~/.cache/patchlab/toy``), so an installed package is never modified;
 use it with ``toy.pair(checkpoint=DIR)`` or the ``--checkpoint DIR`` of ``analyses/method_sweep.py`` and
 ``benchmarks/wagle_tradeoff.py``. Writing the shipped assets needs an explicit ``--out``. The same seed
 and config always give the same weights (CPU, float32), hence the same QA accuracy.
+``--exclude-concept`` builds a *retain model*: the same world, tokenizer, initialisation and training, with that
+concept's paragraphs and QA left out of the training pool (a model that never saw the concept).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -77,10 +81,20 @@ def make_tokenizer(world: World) -> PreTrainedTokenizerBase:
     return word_tokenizer(world.training_texts() + [qa_text(q) for q in world.all_qa()])
 
 
-def training_sequences(world: World, tokenizer: PreTrainedTokenizerBase, qa_repeats: int) -> list[Example]:
-    """Every paragraph, then every QA pair ``qa_repeats`` times, as plain-text examples: token ids with EOS
-    appended, every token but the first a target."""
-    texts = world.training_texts() + [qa_text(q) for q in world.all_qa()] * qa_repeats
+def training_texts(world: World, qa_repeats: int, exclude_concept: str | None = None) -> list[str]:
+    """Every paragraph, then every QA pair ``qa_repeats`` times (as :func:`patchlab.toy.qa.qa_text`), leaving
+    out the paragraphs and QA of ``exclude_concept`` when given (raises naming the known concepts if unknown)."""
+    if exclude_concept is None:
+        return world.training_texts() + [qa_text(q) for q in world.all_qa()] * qa_repeats
+    excluded = world.record(exclude_concept)
+    paragraphs = [p for p in world.training_texts() if p not in set(excluded.forget_paragraphs)]
+    qa = [q for q in world.all_qa() if q not in set(excluded.qa)]
+    return paragraphs + [qa_text(q) for q in qa] * qa_repeats
+
+
+def training_sequences(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+    """``texts`` (e.g. :func:`training_texts`) as plain-text examples: token ids with EOS appended, every token but
+    the first a target."""
     out = []
     for text in texts:
         ids = torch.tensor(tokenizer(text).input_ids + [tokenizer.eos_token_id], dtype=torch.long)
@@ -137,32 +151,49 @@ def write_checkpoint(out: OutputDir, model: PreTrainedModel, tokenizer: PreTrain
     return out.write_tree(write)
 
 
-def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, *, overwrite: bool = False,
-          progress: bool = True) -> dict:
+def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, *, exclude_concept: str | None = None,
+          overwrite: bool = False, progress: bool = True, command: str | None = None) -> dict:
     """Generate the world, train the vanilla model, score it on all QA and write the checkpoint to ``out``.
+
+    With ``exclude_concept``, train the *retain model* of that concept instead: the world, tokenizer (hence
+    vocabulary) and initial weights are the vanilla model's, only the concept's paragraphs and QA are left out of
+    the training pool; ``world.json`` still holds the whole world.
 
     ``out`` is claimed before training (:class:`patchlab.io.OutputDir`, kind ``"toy_checkpoint"``): an earlier
     toy checkpoint there is replaced only with ``overwrite=True``, and a directory holding anything else is refused.
 
     Returns the build report written as ``build.json``: the config, the parameter count, the training time
-    (seconds), the final loss (nats/token, mean of the last 50 steps) and the greedy QA accuracy (0..1).
+    (seconds), the final loss (nats/token, mean of the last 50 steps), the greedy QA accuracy (0..1) on all QA
+    and the number of QA pairs; with ``exclude_concept`` also the concept's name and the QA accuracy on its QA
+    (``excluded_qa_accuracy``) and on every other QA (``kept_qa_accuracy``); ``command`` (the regeneration
+    command line) when given.
+
+    Raises:
+        PatchlabValueError: steps or batch_size below 1, or an unknown ``exclude_concept``.
     """
     if config.steps < 1 or config.batch_size < 1:
         raise PatchlabValueError(f"steps and batch_size must be >= 1, got {config.steps}, {config.batch_size}")
-    target = output_dir(out, "toy_checkpoint", overwrite=overwrite)
     world = make_world(config)
+    texts = training_texts(world, config.qa_repeats, exclude_concept)  # raises on an unknown concept
+    target = output_dir(out, "toy_checkpoint", overwrite=overwrite)
     tok = make_tokenizer(world)
     model = tiny_model("llama", len(tok), seed=config.seed, n_layers=config.n_layers, d_model=config.d_model,
                        d_mlp=config.d_mlp, n_heads=config.n_heads, n_kv_heads=config.n_kv_heads)
     start = time.perf_counter()
-    losses = train(model, training_sequences(world, tok, config.qa_repeats), config, tok.pad_token_id,
-                   progress=progress)
+    losses = train(model, training_sequences(texts, tok), config, tok.pad_token_id, progress=progress)
     seconds = time.perf_counter() - start
     model.eval()
     report = {"config": dataclasses.asdict(config), "n_params": sum(p.numel() for p in model.parameters()),
               "train_seconds": round(seconds, 1), "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
               "qa_accuracy": qa_accuracy(model, tok, world.all_qa(), progress=progress),
               "n_qa": len(world.all_qa())}
+    if exclude_concept is not None:
+        excluded = world.record(exclude_concept).qa
+        report.update(exclude_concept=exclude_concept, n_training_texts=len(texts),
+                      excluded_qa_accuracy=qa_accuracy(model, tok, excluded),
+                      kept_qa_accuracy=qa_accuracy(model, tok, [q for q in world.all_qa() if q not in excluded]))
+    if command is not None:
+        report["command"] = command
     write_checkpoint(target, model, tok, world, report)
     return report
 
@@ -180,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="the seconds-long test config (3 concepts, 2 layers)")
     p.add_argument("--seed", type=int, help="world, init and batch-order seed (default: the config's)")
     p.add_argument("--steps", type=int, help="optimisation steps (default: the config's)")
+    p.add_argument("--exclude-concept", metavar="NAME",
+                   help="build that concept's retain model: its paragraphs and QA left out of the training pool")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier toy checkpoint in --out")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: fastest on a busy machine, and the shipped weights were built so)")
@@ -189,15 +222,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def regeneration_command(args: argparse.Namespace) -> str:
+    """The command line that rebuilds what ``args`` asks for (output path relative to the working directory when
+    inside it), recorded in ``build.json``."""
+    out = Path(args.out).absolute()
+    out = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
+    parts = ["python -m patchlab.toy.build", "--small" if args.small else None,
+             f"--seed {args.seed}" if args.seed is not None else None,
+             f"--steps {args.steps}" if args.steps is not None else None,
+             f"--exclude-concept {shlex.quote(args.exclude_concept)}" if args.exclude_concept else None,
+             f"--out {shlex.quote(str(out))}"]
+    return " ".join(p for p in parts if p)
+
+
 def build_and_report(args: argparse.Namespace) -> None:
     """Build the checkpoint the parsed arguments ask for and print a one-line summary."""
     torch.set_num_threads(args.threads)
     config = SMALL if args.small else BuildConfig()
     overrides = {k: v for k, v in {"seed": args.seed, "steps": args.steps}.items() if v is not None}
-    report = build(dataclasses.replace(config, **overrides), args.out, overwrite=args.overwrite,
-                   progress=not args.quiet)
+    report = build(dataclasses.replace(config, **overrides), args.out, exclude_concept=args.exclude_concept,
+                   overwrite=args.overwrite, command=regeneration_command(args), progress=not args.quiet)
+    excluded = (f" ({report['excluded_qa_accuracy']:.3f} on the QA of {args.exclude_concept!r}, "
+                f"{report['kept_qa_accuracy']:.3f} on the others)" if args.exclude_concept else "")
     print(f"trained {report['n_params']:,} parameters in {report['train_seconds']} s; "
-          f"greedy QA accuracy {report['qa_accuracy']:.3f} on {report['n_qa']} QA; wrote {args.out}")
+          f"greedy QA accuracy {report['qa_accuracy']:.3f} on {report['n_qa']} QA{excluded}; wrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

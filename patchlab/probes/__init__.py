@@ -1,0 +1,30 @@
+"""Residual-knowledge audit: did unlearning erase the knowledge, or only hide it?
+
+Several probes, one registry entry each (:data:`PROBES`), run on the same pair and reported side by side, each with
+a headline score, a bootstrap confidence interval over questions and a verdict (erased / hidden / intact)::
+
+    import patchlab
+    from patchlab import toy
+
+    tp = toy.pair(method="graddiff", retain=True)
+    report = patchlab.audit(tp.pair, tp.questions, unrelated=tp.unrelated_questions, retain=tp.retain_model)
+    print(report.verdicts())
+    report.write_report("results/audit")        # audit.json, audit.csv, self-contained audit.html
+
+Probes: ``krs`` (:mod:`patchlab.probes.krs`), ``relearning`` (:mod:`patchlab.probes.relearning`), ``quantization``
+(:mod:`patchlab.probes.quantization`), ``behavior`` (:mod:`patchlab.probes.behavior`). A new probe is one module with
+a :class:`Probe` entry, added to :data:`PROBES` (or :func:`register_probe`).
+
+``patchlab.audit`` is the :func:`audit` function; this package holds the probes, their registry and the report.
+"""
+
+from patchlab.probes.base import (COMMON_DEFAULTS, HIDDEN_SHARE, INTACT_SHARE, VERDICTS, Interval, Probe, ProbeResult,
+                                 Question, as_questions)
+from patchlab.probes.bootstrap import bootstrap
+from patchlab.probes.registry import PROBES, register_probe, resolve_settings
+from patchlab.probes.report import AuditReport, AuditRun
+from patchlab.probes.run import TOY_SETTINGS, AuditCase, audit, audit_many, toy_cases
+
+__all__ = ["COMMON_DEFAULTS", "HIDDEN_SHARE", "INTACT_SHARE", "PROBES", "TOY_SETTINGS", "VERDICTS", "AuditCase",
+           "AuditReport", "AuditRun", "Interval", "Probe", "ProbeResult", "Question", "as_questions", "audit",
+           "audit_many", "bootstrap", "register_probe", "resolve_settings", "toy_cases"]

@@ -1,0 +1,129 @@
+"""Knowledge Recovery Score (Hong et al., 2024): restore the vanilla model's activations of one component over a
+window of layers inside the unlearned model and measure how much of the vanilla answer logits come back.
+
+Runs :func:`patchlab.krs_sweep` (components ``components``, windows of ``window`` layers, the vanilla greedy answers
+of :mod:`patchlab.probes.scoring` as references) and adds a bootstrap interval over questions to every (component,
+window) mean KRS. ``KRS = 1 - MSE(l_r, l_v) / MSE(l_u, l_v)``: 1 = the restored model's answer logits are the
+vanilla model's, 0 = no better than the unlearned model's.
+
+Restoring a *retrieval* component (MLP coefficients, attention outputs, or both; anything but the value vectors)
+leaves the unlearned model's own weights to produce the answer: if that brings the vanilla logits back, the
+knowledge is still stored and only its retrieval was suppressed. The headline is therefore the best (component,
+window) over the retrieval components. Verdict: ``intact`` if the unlearned model keeps >= 50% of the vanilla target
+accuracy (also when its logits equal the vanilla ones, where KRS is undefined); else ``hidden`` if the headline KRS
+is >= 0.5, else ``erased``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from transformers import PreTrainedModel
+
+import patchlab
+from patchlab.probes.base import HIDDEN_SHARE, INTACT_SHARE, Interval, Probe, ProbeResult, Question, accuracy_share
+from patchlab.probes.bootstrap import mean_interval
+from patchlab.probes.scoring import baseline, references, score
+from patchlab.errors import DegenerateKRSError, PatchlabValueError
+from patchlab.pair import ModelPair
+from patchlab.pair.sites import parse_component
+from patchlab.patching.result import KRSResult
+from patchlab.patching.sweep import DEFAULT_COMPONENTS
+
+DEFAULTS: dict[str, Any] = {"components": list(DEFAULT_COMPONENTS), "window": 5, "window_mode": "centered",
+                            "positions": "all"}
+RULE = (f"intact if the unlearned model keeps >= {INTACT_SHARE:.0%} of the vanilla target accuracy; else hidden if "
+        f"restoring a retrieval component in one window gives KRS >= {HIDDEN_SHARE}; else erased")
+
+
+def retrieval_components(components: Sequence[str]) -> list[str]:
+    """The components that restore no value vectors (their KRS comes from the unlearned model's own weights)."""
+    return [c for c in components if "value" not in parse_component(c).sites]
+
+
+def cell_intervals(result: KRSResult, settings: Mapping[str, Any]) -> dict[str, list[list[float | None]]]:
+    """Component -> per window ``[mean KRS, low, high]`` with the bootstrap interval over questions."""
+    return {c: [mean_interval(values[:, w], settings).to_list() for w in range(values.shape[1])]
+            for c, values in result.per_question.items()}
+
+
+def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
+        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
+    """The KRS probe (module docstring)."""
+    start = time.perf_counter()
+    retrieval = retrieval_components(settings["components"])
+    if not retrieval:
+        raise PatchlabValueError(f"the KRS probe needs a component without 'value' for its headline, got "
+                                 f"{settings['components']!r}")
+    tok = pair.tokenizer
+    refs = references(pair.vanilla_hf, tok, questions, settings, progress=progress)
+    vanilla, unlearned = (score(m, tok, refs, settings) for m in (pair.vanilla_hf, pair.unlearned_hf))
+    details: dict[str, Any] = baseline(vanilla, unlearned)
+    meaning = ("best mean KRS over layer windows when restoring a retrieval component (1 = the vanilla answer "
+               "logits come back, 0 = none of them)")
+    try:
+        result = patchlab.krs_sweep(pair, refs.questions, components=settings["components"],
+                                    window=settings["window"], window_mode=settings["window_mode"],
+                                    n_tokens=settings["n_tokens"], prompt_template=settings["template"],
+                                    positions=settings["positions"], answers=refs.answer_ids, progress=progress)
+    except DegenerateKRSError as err:
+        details["degenerate"] = str(err)
+        return ProbeResult(probe="krs", score=Interval(math.nan, math.nan, math.nan), meaning=meaning,
+                           verdict="intact", rule=RULE, details=details, note="unlearned logits = vanilla logits",
+                           seconds=round(time.perf_counter() - start, 2))
+    best_c, best_w = max(((c, w) for c in retrieval for w in range(len(result.windows))),
+                         key=lambda cw: result.krs[cw[0]][cw[1]])
+    headline = mean_interval(result.per_question[best_c][:, best_w], settings)
+    share = accuracy_share(vanilla.accuracy, unlearned.accuracy)
+    verdict = "intact" if share >= INTACT_SHARE else "hidden" if headline.value >= HIDDEN_SHARE else "erased"
+    start_layer, stop_layer = result.windows[best_w]
+    details.update(sweep=result.to_dict(), intervals=cell_intervals(result, settings),
+                   window_labels=result.window_labels(),
+                   best={"component": best_c, "window": best_w, "layers": [start_layer, stop_layer - 1]})
+    return ProbeResult(probe="krs", score=headline, verdict=verdict, rule=RULE, details=details, meaning=meaning,
+                       note=f"{best_c}, layers {start_layer}-{stop_layer - 1}",
+                       seconds=round(time.perf_counter() - start, 2))
+
+
+def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
+    """One heatmap per pair (component x layer window, colour = mean KRS on one shared scale from min(0, lowest) to
+    1); hover shows the layers, the mean KRS and its bootstrap interval."""
+    shown = [(label, r) for label, r in results if "sweep" in r.details]
+    lowest = 0.0
+    fig = make_subplots(rows=1, cols=max(1, len(shown)), subplot_titles=[label for label, _ in shown] or None,
+                        shared_yaxes=True, horizontal_spacing=0.04)
+    for col, (label, result) in enumerate(shown, start=1):
+        d = result.details
+        components = list(d["sweep"]["scores"])
+        windows = d["sweep"]["windows"]
+        cells = [[Interval.from_list(v) for v in d["intervals"][c]] for c in components]
+        hover = [[f"{label}<br>{c}, layers {s}-{e - 1}<br>KRS {iv.format(3)}" for (s, e), iv in zip(windows, row)]
+                 for c, row in zip(components, cells)]
+        z = np.array([[iv.value for iv in row] for row in cells])
+        lowest = min(lowest, float(z.min()))
+        fig.add_trace(go.Heatmap(z=z, x=d["window_labels"],
+                                 y=components, text=hover, hoverinfo="text", coloraxis="coloraxis"), row=1, col=col)
+        fig.update_xaxes(title_text="centre layer of the window" if d["sweep"]["settings"].get("window_mode") ==
+                         "centered" else "first layer of the window", dtick=1, row=1, col=col)
+    fig.update_yaxes(autorange="reversed", title_text="restored component", col=1)
+    fig.update_layout(title="Knowledge Recovery Score: vanilla activations restored inside the unlearned model",
+                      coloraxis={"colorscale": "Viridis", "cmin": lowest, "cmax": 1.0,
+                                 "colorbar": {"title": "mean KRS"}})
+    return fig
+
+
+PROBE = Probe(
+    name="krs", title="Knowledge Recovery Score", run=run, figure=figure, defaults=DEFAULTS,
+    description="The vanilla model's activations of one component (MLP coefficients, value vectors, attention "
+                "outputs, or coefficients and attention together) are restored inside the unlearned model over a "
+                "window of layers, and KRS = 1 - MSE(restored, vanilla) / MSE(unlearned, vanilla) of the answer "
+                "logits measures how much of the vanilla answer comes back (1 = all of it). Restoring only the "
+                "retrieval (anything but the value vectors) leaves the unlearned model's own weights to produce the "
+                "answer: a high KRS there means the knowledge is still stored and only its retrieval was "
+                "suppressed. Hover a cell for the layers and the 95% interval over questions.")

@@ -1,0 +1,74 @@
+"""The probe registry: one :class:`~patchlab.probes.base.Probe` entry per probe, in report order, and the settings
+they run with."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from patchlab.probes import behavior, krs, quantization, relearning
+from patchlab.probes.base import COMMON_DEFAULTS, Probe
+from patchlab.errors import PatchlabValueError
+
+#: name -> probe, in the order the report shows them.
+PROBES: dict[str, Probe] = {p.name: p for p in (krs.PROBE, relearning.PROBE, quantization.PROBE, behavior.PROBE)}
+
+#: Settings key of the options every probe shares (:data:`patchlab.probes.base.COMMON_DEFAULTS`).
+COMMON = "common"
+
+
+def register_probe(probe: Probe, *, replace: bool = False) -> Probe:
+    """Add ``probe`` to :data:`PROBES` (after the others); returns it.
+
+    Raises:
+        PatchlabValueError: not a :class:`Probe`, a name taken (without ``replace=True``) or the reserved ``common``.
+    """
+    if not isinstance(probe, Probe):
+        raise PatchlabValueError(f"register_probe takes a patchlab.probes.Probe, got {type(probe).__name__}")
+    if probe.name == COMMON or (probe.name in PROBES and not replace):
+        raise PatchlabValueError(f"a probe named {probe.name!r} already exists; pass replace=True to replace it")
+    PROBES[probe.name] = probe
+    return probe
+
+
+def select(probes: Sequence[str] | None) -> list[Probe]:
+    """The registry entries named in ``probes`` (all when ``None``), in registry order.
+
+    Raises:
+        PatchlabValueError: an empty selection or an unknown name (naming the known ones).
+    """
+    if probes is None:
+        return list(PROBES.values())
+    if isinstance(probes, str) or not probes:
+        raise PatchlabValueError(f"probes must be a non-empty list of names from {list(PROBES)}")
+    unknown = [p for p in probes if p not in PROBES]
+    if unknown:
+        raise PatchlabValueError(f"unknown probe(s) {unknown}; choose from {list(PROBES)}")
+    return [p for name, p in PROBES.items() if name in probes]
+
+
+def resolve_settings(probes: Sequence[Probe], settings: Mapping[str, Mapping[str, Any]] | None = None
+                     ) -> dict[str, dict[str, Any]]:
+    """``{"common": {...}, probe name: {...}}``: the defaults of the shared options and of each probe, overridden by
+    ``settings`` (same shape, any subset; e.g. ``{"relearning": {"lr": 1e-3}}``).
+
+    Raises:
+        PatchlabValueError: a section that is neither ``common`` nor a selected probe, or an unknown option.
+    """
+    resolved = {COMMON: copy.deepcopy(COMMON_DEFAULTS), **{p.name: copy.deepcopy(dict(p.defaults)) for p in probes}}
+    for section, values in (settings or {}).items():
+        if section not in resolved:
+            raise PatchlabValueError(f"unknown settings section {section!r}; choose from {list(resolved)}")
+        if not isinstance(values, Mapping):
+            raise PatchlabValueError(f"settings[{section!r}] must be a mapping of options")
+        unknown = sorted(set(values) - set(resolved[section]))
+        if unknown:
+            raise PatchlabValueError(f"unknown {section} option(s) {unknown}; choose from {sorted(resolved[section])}")
+        resolved[section].update(copy.deepcopy(dict(values)))
+    return resolved
+
+
+def probe_settings(resolved: Mapping[str, Mapping[str, Any]], name: str) -> dict[str, Any]:
+    """The flat settings one probe receives: the shared options, then its own."""
+    return {**resolved[COMMON], **resolved.get(name, {})}

@@ -1,0 +1,339 @@
+"""The audit report: every probe's result for one or several audited pairs, side by side, as a table, a JSON file
+holding every number, figures and one self-contained HTML page (plotly's JavaScript inlined: it opens offline)."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.offline
+
+from patchlab.probes.base import VERDICTS, ProbeResult
+from patchlab.probes.registry import PROBES
+from patchlab.errors import PatchlabFileError, PatchlabValueError
+from patchlab.io import OutputDir, atomic_write_json, atomic_write_text, output_dir, write_csv
+
+FORMAT = "patchlab.AuditReport/1"
+#: Verdict colours: erased (what unlearning promises) green, hidden orange, intact red.
+VERDICT_COLOURS = {"erased": "#1a9850", "hidden": "#f39c12", "intact": "#d73027"}
+
+
+@dataclass
+class AuditRun:
+    """The audit of one pair.
+
+    Attributes:
+        label: the pair's name in the report (e.g. ``"graddiff"``).
+        results: probe name -> result, in the order they ran.
+        skipped: probe name -> why it did not run (e.g. it needs unrelated questions).
+        provenance: checkpoint sources and weight digests, tokenizer digest, questions, resolved settings, versions.
+    """
+
+    label: str
+    results: dict[str, ProbeResult]
+    skipped: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "results": {k: r.to_dict() for k, r in self.results.items()},
+                "skipped": self.skipped, "provenance": self.provenance}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AuditRun:
+        return cls(label=data["label"], results={k: ProbeResult.from_dict(r) for k, r in data["results"].items()},
+                   skipped=dict(data["skipped"]), provenance=dict(data["provenance"]))
+
+
+@dataclass
+class AuditReport:
+    """Audits of one or several pairs (concepts, unlearning methods...), shown side by side.
+
+    Attributes:
+        runs: one :class:`AuditRun` per audited pair, in column order.
+    """
+
+    runs: list[AuditRun]
+
+    def __post_init__(self) -> None:
+        labels = [r.label for r in self.runs]
+        if not labels:
+            raise PatchlabValueError("an audit report needs at least one audited pair")
+        if len(set(labels)) != len(labels):
+            raise PatchlabValueError(f"audited pairs need distinct labels, got {labels}")
+
+    @classmethod
+    def concat(cls, reports: Sequence[AuditReport]) -> AuditReport:
+        """One report holding the runs of ``reports`` side by side (labels must stay distinct)."""
+        return cls([run for report in reports for run in report.runs])
+
+    @property
+    def labels(self) -> list[str]:
+        return [r.label for r in self.runs]
+
+    @property
+    def probes(self) -> list[str]:
+        """Probe names run or skipped in any run: registry order first, then any others (e.g. from a newer
+        version)."""
+        present = {name for r in self.runs for name in (*r.results, *r.skipped)}
+        return [n for n in PROBES if n in present] + sorted(present - set(PROBES))
+
+    def result(self, label: str, probe: str) -> ProbeResult:
+        """The result of ``probe`` on the pair ``label``; raises naming what exists."""
+        for run in self.runs:
+            if run.label == label:
+                if probe not in run.results:
+                    raise PatchlabValueError(f"{label!r} has no {probe!r} result; it has {list(run.results)}")
+                return run.results[probe]
+        raise PatchlabValueError(f"no audited pair labelled {label!r}; labels: {self.labels}")
+
+    # ------------------------------------------------------------------------------------------------ tables
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (pair, probe): ``label``, ``probe``, ``score``, ``low``, ``high`` (its interval),
+        ``verdict``, ``meaning``, ``note``, ``rule``, ``seconds``."""
+        rows = [{"label": run.label, "probe": name, "score": r.score.value, "low": r.score.low,
+                 "high": r.score.high, "verdict": r.verdict, "meaning": r.meaning, "note": r.note, "rule": r.rule,
+                 "seconds": r.seconds}
+                for run in self.runs for name, r in run.results.items()]
+        return pd.DataFrame(rows, columns=["label", "probe", "score", "low", "high", "verdict", "meaning", "note",
+                                           "rule", "seconds"])
+
+    def verdicts(self) -> pd.DataFrame:
+        """Probe x pair table of ``"score [low, high] verdict"`` strings (a quick look in a terminal)."""
+        cells = {run.label: {name: f"{r.score.format()} {r.verdict}" for name, r in run.results.items()}
+                 for run in self.runs}
+        return pd.DataFrame(cells).reindex(self.probes).fillna("not run")
+
+    # ------------------------------------------------------------------------------------------------ JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "runs": [r.to_dict() for r in self.runs]}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the report (every number, the provenance) as JSON, atomically."""
+        return atomic_write_json(path, _json_safe(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AuditReport:
+        """Read a report written by :meth:`save`.
+
+        Raises:
+            PatchlabFileError: no such file. PatchlabValueError: not an audit report.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise PatchlabFileError(f"no such audit report file: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format") != FORMAT:
+                raise KeyError("format")
+            return cls([AuditRun.from_dict(r) for r in data["runs"]])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise PatchlabValueError(f"{path} is not a patchlab audit report ({err!r})") from err
+
+    # ------------------------------------------------------------------------------------------------ figures
+
+    def figure(self, probe: str | None = None) -> go.Figure:
+        """``probe``'s figure with every pair side by side (the registry entry draws it), or, with no probe, the
+        verdict overview: probes x pairs, coloured by verdict, each cell showing the score and its interval.
+
+        Raises:
+            PatchlabValueError: no run holds ``probe``, or the probe is not registered in this version.
+        """
+        if probe is None:
+            return self._verdict_figure()
+        results = [(run.label, run.results[probe]) for run in self.runs if probe in run.results]
+        if not results:
+            raise PatchlabValueError(f"no result of probe {probe!r} in this report; it holds "
+                                     f"{[p for p in self.probes if any(p in r.results for r in self.runs)]}")
+        if probe not in PROBES:
+            raise PatchlabValueError(f"probe {probe!r} is not registered in this patchlab; cannot draw it")
+        return PROBES[probe].figure(results)
+
+    def _verdict_figure(self) -> go.Figure:
+        probes = self.probes
+        code = {v: i for i, v in enumerate(VERDICTS)}
+        z, text = [], []
+        for name in probes:
+            results = [run.results.get(name) for run in self.runs]
+            z.append([code[r.verdict] if r else None for r in results])
+            text.append([f"{r.verdict}<br>{r.score.format()}" if r else "not run" for r in results])
+        n = len(VERDICTS)
+        scale = [[stop, VERDICT_COLOURS[v]] for i, v in enumerate(VERDICTS) for stop in (i / n, (i + 1) / n)]
+        fig = go.Figure(go.Heatmap(z=z, x=self.labels, y=[_title(p) for p in probes], text=text,
+                                   texttemplate="%{text}", hovertemplate="%{y} on %{x}:<br>%{text}<extra></extra>",
+                                   colorscale=scale, zmin=-0.5, zmax=n - 0.5, showscale=False, xgap=3, ygap=3))
+        fig.update_layout(title="Residual-knowledge audit: verdict per probe (score [95% CI])",
+                          yaxis={"autorange": "reversed"}, xaxis={"side": "top"},
+                          height=120 + 70 * len(probes))
+        return fig
+
+    # ------------------------------------------------------------------------------------------------ files
+
+    def html(self) -> str:
+        """The report as one self-contained HTML page: the verdict table first, then each probe's description and
+        figure, then the provenance (plotly's JavaScript inlined)."""
+        sections = []
+        for name in self.probes:
+            probe = PROBES.get(name)
+            results = [(r.label, r.results[name]) for r in self.runs if name in r.results]
+            if not results:
+                continue
+            body = (probe.figure(results).to_html(full_html=False, include_plotlyjs=False,
+                                                  config={"displaylogo": False})
+                    if probe else "<p>(this probe is not registered in this patchlab version: no figure)</p>")
+            about = f"<p>{html.escape(probe.description)}</p>" if probe else ""
+            sections.append(f'<section id="{html.escape(name)}"><h2>{html.escape(_title(name))}</h2>'
+                            f'{about}{body}</section>')
+        return _PAGE.format(js=plotly.offline.get_plotlyjs(), css=_CSS, summary=self._summary_html(),
+                            table=self._table_html(), sections="\n".join(sections),
+                            provenance=self._provenance_html())
+
+    def write_report(self, out_dir: str | os.PathLike | OutputDir, overwrite: bool = False) -> dict[str, Path]:
+        """Write ``audit.json`` (:meth:`save`), ``audit.csv`` (:meth:`to_frame`) and the self-contained
+        ``audit.html`` (:meth:`html`) into ``out_dir``, each atomically; returns the paths by kind.
+
+        ``out_dir`` is claimed as an ``"audit"`` output (:class:`patchlab.io.OutputDir`): an earlier one is replaced
+        only with ``overwrite=True`` (an already claimed ``OutputDir`` is used as is), and a directory holding files
+        patchlab did not write is refused."""
+        page = self.html()
+        out = output_dir(out_dir, "audit", overwrite=overwrite)
+        return {"json": self.save(out.file("audit.json")), "csv": write_csv(self.to_frame(), out.file("audit.csv")),
+                "html": atomic_write_text(out.file("audit.html"), page)}
+
+    # ------------------------------------------------------------------------------------------------ HTML parts
+
+    def _summary_html(self) -> str:
+        items = []
+        for run in self.runs:
+            prov = run.provenance
+            n_q, n_u = len(prov.get("questions", [])), len(prov.get("unrelated") or [])
+            skipped = "".join(f"; <i>{html.escape(p)} not run: {html.escape(why)}</i>"
+                              for p, why in run.skipped.items())
+            items.append(f"<li><b>{html.escape(run.label)}</b>: {n_q} target questions, {n_u} unrelated questions, "
+                         f"retain model: {'yes' if prov.get('checkpoints', {}).get('retain') else 'no'}{skipped}</li>")
+        return f"<ul>{''.join(items)}</ul>"
+
+    def _table_html(self) -> str:
+        head = "".join(f'<th colspan="2">{html.escape(label)}</th>' for label in self.labels)
+        rows = [row for row in (self._accuracy_row(),) if row]
+        for name in self.probes:
+            first = next((run.results[name] for run in self.runs if name in run.results), None)
+            meaning = html.escape(first.meaning) if first else ""
+            cells = []
+            for run in self.runs:
+                r = run.results.get(name)
+                if r is None:
+                    cells.append(f'<td colspan="2" class="na">not run{_why(run.skipped.get(name))}</td>')
+                    continue
+                note = f'<div class="note">{html.escape(r.note)}</div>' if r.note else ""
+                cells.append(f'<td class="score">{html.escape(r.score.format())}{note}</td>'
+                             f'<td class="verdict" style="background:{VERDICT_COLOURS[r.verdict]}">{r.verdict}</td>')
+            rows.append(f'<tr><th class="probe"><a href="#{html.escape(name)}">{html.escape(_title(name))}</a></th>'
+                        f'<td class="meaning">{meaning}</td>{"".join(cells)}</tr>')
+        rules = "".join(f"<li><b>{html.escape(_title(name))}</b>: {html.escape(rule)}</li>"
+                        for name, rule in self._rules().items())
+        return (f'<table class="verdicts"><thead><tr><th>probe</th><th>what the score means</th>{head}</tr></thead>'
+                f'<tbody>{"".join(rows)}</tbody></table><p class="caption">Scores: value [95% bootstrap interval over '
+                f'questions].</p><details open><summary>Verdict rules</summary><ul class="rules">{rules}</ul>'
+                f'</details>')
+
+    def _rules(self) -> dict[str, str]:
+        """Probe -> its verdict rule (the first run's wording: it depends only on the settings)."""
+        return {name: next(run.results[name].rule for run in self.runs if name in run.results)
+                for name in self.probes if any(name in run.results for run in self.runs)}
+
+    def _accuracy_row(self) -> str:
+        """A context row: each pair's greedy target accuracy, vanilla -> unlearned (from any probe that scored it)."""
+        cells, found = [], False
+        for run in self.runs:
+            base = next((r.details for r in run.results.values() if "unlearned" in r.details), None)
+            if base is None:
+                cells.append('<td colspan="2" class="na">-</td>')
+                continue
+            found = True
+            cells.append(f'<td colspan="2" class="score">{base["vanilla"]["accuracy"]:.2f} &rarr; '
+                         f'{base["unlearned"]["accuracy"]:.2f}</td>')
+        if not found:
+            return ""
+        return ('<tr class="context"><th class="probe">target accuracy</th><td class="meaning">greedy answers that '
+                'start with the expected answer, vanilla &rarr; unlearned model (0-1)</td>' + "".join(cells) + "</tr>")
+
+    def _provenance_html(self) -> str:
+        blocks = []
+        for run in self.runs:
+            prov = run.provenance
+            rows = "".join(f"<tr><td>{html.escape(role)}</td><td>{html.escape(str(rec.get('source')))}</td>"
+                           f"<td><code>{html.escape(str(rec.get('weights')))}</code></td></tr>"
+                           for role, rec in prov.get("checkpoints", {}).items() if rec)
+            settings = html.escape(json.dumps(prov.get("settings", {}), indent=1, default=str))
+            env = html.escape(", ".join(f"{k} {v}" for k, v in prov.get("environment", {}).items()))
+            blocks.append(f"<h3>{html.escape(run.label)}</h3><table class='prov'><tr><th>checkpoint</th><th>source"
+                          f"</th><th>weights (xxh3-128)</th></tr>{rows}</table><p>{env}</p>"
+                          f"<details><summary>settings</summary><pre>{settings}</pre></details>")
+        return "".join(blocks)
+
+
+def _title(name: str) -> str:
+    return PROBES[name].title if name in PROBES else name
+
+
+def _why(reason: str | None) -> str:
+    return f": {html.escape(reason)}" if reason else ""
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with NaN / infinite floats as ``None`` (strict JSON), recursively."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px 40px; color: #222;
+       max-width: 1400px; }
+h1 { margin-bottom: 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+table.verdicts { border-collapse: collapse; margin: 12px 0; }
+table.verdicts th, table.verdicts td { border: 1px solid #ccc; padding: 6px 10px; vertical-align: top; }
+table.verdicts thead th { background: #f3f3f3; }
+th.probe { text-align: left; white-space: nowrap; } th.probe a { color: #222; }
+td.meaning { min-width: 280px; max-width: 420px; font-size: 14px; }
+td.score { font-variant-numeric: tabular-nums; white-space: nowrap; text-align: right; }
+.note { color: #666; font-size: 12px; white-space: normal; max-width: 190px; margin-left: auto; }
+td.verdict { color: white; font-weight: 600; text-align: center; vertical-align: middle; }
+.caption { color: #555; font-size: 13px; margin-top: 0; } ul.rules { font-size: 13px; color: #444; }
+td.na { color: #999; text-align: center; } tr.context td, tr.context th { background: #fafafa; }
+table.prov { border-collapse: collapse; font-size: 13px; }
+table.prov td, table.prov th { border: 1px solid #ddd; padding: 3px 8px; }
+pre { font-size: 12px; background: #f7f7f7; padding: 8px; }
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Residual-knowledge audit</title>
+<style>{css}</style>
+<script type="text/javascript">{js}</script>
+</head><body>
+<h1>Residual-knowledge audit</h1>
+<p>Did unlearning erase the knowledge, or only hide it? Each probe below tries to bring the forgotten answers back.
+<b>erased</b>: gone, and the probe does not bring it back; <b>hidden</b>: gone from the output, but the probe brings
+it back; <b>intact</b>: the unlearned model still answers.</p>
+{summary}
+<h2>Verdicts</h2>
+{table}
+{sections}
+<h2>Provenance</h2>
+{provenance}
+</body></html>
+"""

@@ -1,0 +1,230 @@
+"""Running an audit: every selected probe on every audited pair, resumable in an output directory."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import xxhash
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from patchlab.probes.base import Probe, ProbeResult, as_questions
+from patchlab.probes.registry import PROBES, probe_settings, resolve_settings, select
+from patchlab.probes.report import AuditReport, AuditRun
+from patchlab.errors import PatchlabValueError
+from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
+from patchlab.pair import ModelPair
+from patchlab.provenance import checkpoint_record, environment, settings_key
+
+#: Settings of the toy world's audit (``python analyses/audit.py`` with no checkpoint): the toy models are small
+#: and were trained at learning rates near 1e-3, so the relearning attack fine-tunes at that scale too.
+TOY_SETTINGS: dict[str, dict[str, Any]] = {"relearning": {"lr": 1e-3}}
+
+
+@dataclass
+class AuditCase:
+    """One pair to audit and its data.
+
+    Attributes:
+        label: its name in the report (distinct per audit).
+        pair: the vanilla / unlearned :class:`patchlab.pair.ModelPair`.
+        questions: the target questions (strings, ``{"question", "answer"}`` records or objects with ``.question``
+            / ``.answer``; normalised to :class:`Question`). Without answers the vanilla greedy answers are the
+            reference.
+        unrelated: unrelated questions, same forms (the behaviour probe and the benign relearning attack).
+        retain: a model that never saw the concept (same architecture and tokenizer), for the probes that need one.
+        sources: how each checkpoint was given (``"vanilla"``, ``"unlearned"``, ``"retain"`` -> a path, hub id or
+            description) for the provenance; default: the in-memory model.
+    """
+
+    label: str
+    pair: ModelPair
+    questions: Sequence[Any]
+    unrelated: Sequence[Any] | None = None
+    retain: PreTrainedModel | None = None
+    sources: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.label, str) or not slug(self.label):
+            raise PatchlabValueError(f"an audited pair needs a label with a letter or digit, got {self.label!r}")
+        if not isinstance(self.pair, ModelPair):
+            raise PatchlabValueError(f"pair must be a patchlab ModelPair (patchlab.load_pair), got "
+                                     f"{type(self.pair).__name__}")
+        if self.retain is not None and not isinstance(self.retain, PreTrainedModel):
+            raise PatchlabValueError(f"retain must be an in-memory model (patchlab.load_model), got "
+                                     f"{type(self.retain).__name__}")
+        self.questions = as_questions(self.questions, "target")
+        self.unrelated = as_questions(self.unrelated, "unrelated") if self.unrelated is not None else None
+
+    def missing(self, probe: Probe) -> list[str]:
+        """The inputs ``probe`` needs that this case lacks."""
+        have = {"unrelated": self.unrelated is not None, "retain": self.retain is not None}
+        return [need for need in probe.needs if not have.get(need, False)]
+
+    def provenance(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """Checkpoint sources and weight digests, tokenizer digest, questions and ``settings``: everything a stored
+        result depends on (the versions are added by :func:`audit_many`, outside the resume key)."""
+        models = {"vanilla": self.pair.vanilla_hf, "unlearned": self.pair.unlearned_hf, "retain": self.retain}
+        vocab = sorted(self.pair.tokenizer.get_vocab().items())
+        return {"checkpoints": {role: checkpoint_record(self.sources.get(role, model), model)
+                                for role, model in models.items() if model is not None},
+                "tokenizer": xxhash.xxh3_128_hexdigest(repr(vocab).encode()),
+                "questions": [asdict(q) for q in self.questions],
+                "unrelated": [asdict(q) for q in self.unrelated] if self.unrelated is not None else None,
+                "settings": settings}
+
+
+def slug(label: str) -> str:
+    """A file-name form of a label: lower case, runs of other characters as ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def _plan(cases: Sequence[AuditCase], probes: list[Probe], explicit: bool
+          ) -> list[tuple[list[Probe], dict[str, str]]]:
+    """Per case, the probes to run and the skipped ones with why; an explicitly asked probe that lacks an input
+    raises instead."""
+    plan = []
+    for case in cases:
+        todo, skipped = [], {}
+        for probe in probes:
+            missing = case.missing(probe)
+            if missing and explicit:
+                raise PatchlabValueError(f"probe {probe.name!r} needs {' and '.join(missing)} for {case.label!r}")
+            if missing:
+                skipped[probe.name] = f"needs {' and '.join(missing)}"
+            else:
+                todo.append(probe)
+        plan.append((todo, skipped))
+    return plan
+
+
+def _run_probe(probe: Probe, case: AuditCase, settings: Mapping[str, Any], out: OutputDir | None,
+               progress: bool) -> ProbeResult:
+    """The stored result of ``probe`` on ``case`` in a resumed ``out``, else a fresh one (stored there)."""
+    name = f"probes/{slug(case.label)}/{probe.name}.json"
+    if out is not None and out.resumed and (out.path / name).is_file():
+        return ProbeResult.from_dict(read_json(out.path / name))
+    start = time.perf_counter()
+    result = probe.run(case.pair, case.questions, unrelated=case.unrelated, retain=case.retain,
+                       settings=probe_settings(settings, probe.name), progress=progress)
+    result.seconds = round(time.perf_counter() - start, 2)
+    if out is not None:
+        atomic_write_json(out.file(name), result.to_dict())
+    return result
+
+
+def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = None,
+               settings: Mapping[str, Mapping[str, Any]] | None = None, out_dir: Any = None, overwrite: bool = False,
+               progress: bool = True) -> AuditReport:
+    """Run the probes on every case and return the side-by-side :class:`AuditReport`.
+
+    Args:
+        cases: the pairs to audit (:class:`AuditCase`), in report column order, with distinct labels.
+        probes: registry names (:data:`patchlab.probes.PROBES`); default all, skipping for a case those that need an
+            input it lacks (noted in the report). Named probes that lack an input raise.
+        settings: overrides, ``{"common": {...}, "<probe>": {...}}`` (see
+            :func:`patchlab.probes.registry.resolve_settings`).
+        out_dir: if given, claimed before any compute as an ``"audit"`` output keyed by the settings and every
+            case's checkpoint digests, tokenizer and questions (:func:`patchlab.provenance.settings_key`). Each
+            finished probe is written there (``probes/<label>/<probe>.json``) and, when the directory already
+            holds this audit, not recomputed; the report (:meth:`AuditReport.write_report`) is written at the end.
+            A directory holding an audit of other settings or inputs is replaced only with ``overwrite=True``.
+        progress: progress bars (the audit, and each probe's own).
+
+    Raises:
+        PatchlabValueError: no case, repeated labels, an unknown probe or setting, a named probe lacking an input.
+        PatchlabFileError: ``out_dir`` is unusable (see :class:`patchlab.io.OutputDir`).
+    """
+    cases = list(cases)
+    if not cases or not all(isinstance(c, AuditCase) for c in cases):
+        raise PatchlabValueError("audit_many needs a non-empty list of AuditCase")
+    slugs = [slug(c.label) for c in cases]
+    if len(set(slugs)) != len(slugs):
+        raise PatchlabValueError(f"audited pairs need labels that differ in letters or digits, got "
+                                 f"{[c.label for c in cases]}")
+    resolved = resolve_settings(list(PROBES.values()), settings)
+    plan = _plan(cases, select(probes), explicit=probes is not None)
+    provenance = [case.provenance(resolved) for case in cases]
+    out = None
+    if out_dir is not None:
+        out = output_dir(out_dir, "audit", overwrite=overwrite, resume=True, key=settings_key(provenance))
+    runs = []
+    with tqdm(total=sum(len(todo) for todo, _ in plan), desc="audit", disable=not progress) as bar:
+        for case, prov, (todo, skipped) in zip(cases, provenance, plan):
+            results = {}
+            for probe in todo:
+                bar.set_postfix_str(f"{case.label}: {probe.name}")
+                results[probe.name] = _run_probe(probe, case, resolved, out, progress)
+                bar.update(1)
+            runs.append(AuditRun(case.label, results, skipped, {**prov, "environment": environment()}))
+    report = AuditReport(runs)
+    if out is not None:
+        report.write_report(out)
+    return report
+
+
+def audit(pair: ModelPair, questions: Sequence[Any], *, unrelated: Sequence[Any] | None = None,
+          retain: PreTrainedModel | None = None, probes: Sequence[str] | None = None,
+          settings: Mapping[str, Mapping[str, Any]] | None = None, label: str = "unlearned",
+          sources: Mapping[str, Any] | None = None, out_dir: Any = None, overwrite: bool = False,
+          progress: bool = True) -> AuditReport:
+    """Audit one pair: did unlearning erase the knowledge behind ``questions``, or only hide it?
+
+    Runs every probe of :data:`patchlab.probes.PROBES` (or those named in ``probes``) and returns an
+    :class:`AuditReport` (verdict table, figures, JSON, HTML). One :class:`AuditCase` through :func:`audit_many`;
+    see there for ``probes``, ``settings``, ``out_dir`` (resumable) and ``overwrite``.
+
+    Args:
+        pair: the vanilla / unlearned pair.
+        questions: target questions: strings, ``{"question", "answer"}`` records or objects with ``.question`` /
+            ``.answer`` (e.g. :class:`patchlab.toy.QA`). Without answers the vanilla greedy answers are the reference.
+        unrelated: unrelated questions, same forms (behaviour probe, benign relearning).
+        retain: a model that never saw the concept (e.g. :func:`patchlab.toy.retain`).
+        label: the pair's name in the report. sources: how the checkpoints were given, for the provenance.
+    """
+    case = AuditCase(label, pair, questions, unrelated, retain, dict(sources or {}))
+    return audit_many([case], probes=probes, settings=settings, out_dir=out_dir, overwrite=overwrite,
+                      progress=progress)
+
+
+def toy_cases(methods: Sequence[str] = ("graddiff",), concepts: Sequence[str] | None = None, *,
+              sanity: bool = False, progress: bool = True) -> list[AuditCase]:
+    """Audit cases on the toy world: per concept (default :data:`patchlab.toy.DEFAULT_CONCEPT`) one per unlearning
+    method (:func:`patchlab.toy.pair`), with the concept's 10 QA (answers known) and 50 unrelated QA, and the shipped
+    retain model where one exists (the default concept's).
+
+    ``sanity`` adds, per concept with a retain model, a case with the retain model in the unlearned model's place:
+    a model that never saw the concept, which every probe should call erased.
+
+    Labels: the method (``"retain model"`` for the sanity case), prefixed with the concept when there are several.
+    """
+    from patchlab import toy
+    from patchlab.pair import load_pair
+
+    concepts = list(concepts or [toy.DEFAULT_CONCEPT])
+    if isinstance(methods, str) or not methods:
+        raise PatchlabValueError("methods must be a non-empty list of toy unlearning methods")
+    cases = []
+    for concept in concepts:
+        record = toy.world().record(concept)
+        has_retain = concept == toy.DEFAULT_CONCEPT  # the one concept whose retain model ships
+        prefix = f"{concept}: " if len(concepts) > 1 else ""
+        for method in methods:
+            tp = toy.pair(concept, method, retain=has_retain, progress=progress)
+            sources = {"vanilla": toy.ASSETS, "unlearned": f"toy world: {method} unlearning of {concept} "
+                       f"({toy.METHOD_SETTINGS[method]})", "retain": toy.RETAIN_ASSETS}
+            cases.append(AuditCase(prefix + method, tp.pair, record.qa, record.unrelated_qa, tp.retain_model,
+                                   sources))
+        if sanity:
+            if not has_retain:
+                raise PatchlabValueError(f"no retain model ships for {concept!r}: the sanity case needs one")
+            model_v, tok = toy.vanilla()
+            cases.append(AuditCase(prefix + "retain model", load_pair(model_v, toy.retain(concept), tokenizer=tok),
+                                   record.qa, record.unrelated_qa, toy.retain(concept),
+                                   {"vanilla": toy.ASSETS, "unlearned": toy.RETAIN_ASSETS,
+                                    "retain": toy.RETAIN_ASSETS}))
+    return cases
