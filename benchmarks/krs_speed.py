@@ -1,26 +1,47 @@
-"""Loop engine vs batched engine on the same KRS sweep, timed in one run; prints both times and the ratio.
+"""KRS sweep speed, measured in one run: loop vs batched engine, the batched engine vs plain forward passes over the
+same layer work, the plan's work ratio and (on CUDA) host synchronisations inside the layer loop.
 
-Default (the CPU target): a 6-layer LLaMA (d_model 128, GQA), 10 questions x 30 answer tokens, the four paper
-components, window 5. A larger config for GPU runs, e.g.:
+A random LLaMA pair (the unlearned copy is the vanilla one plus 5% Gaussian noise), 10 questions of 12 random words,
+30 greedy answer tokens, the four paper components over centred windows of 5 layers. Shapes:
 
-    python benchmarks/krs_speed.py --layers 32 --d-model 2048 --d-mlp 5504 --heads 16 --kv-heads 4 \
-        --vocab 32000 --device cuda --dtype bfloat16 --batch-size 128
+    python benchmarks/krs_speed.py                                # toy: 6 layers, d_model 128 (the CPU target)
+    python benchmarks/krs_speed.py --shape 1b --device cuda --dtype bfloat16
+    python benchmarks/krs_speed.py --shape 7b --device cuda --dtype bfloat16 --no-loop
+
+Printed ratios (each from numbers measured in this run):
+
+* work ratio: decoder-layer token positions the batched plan runs / the least any plan could run (each
+  restoration from its first restored layer up, its own length); hardware independent, target <= 1.1;
+* time ratio: the batched patching passes / the same forward passes without restorations (same rows, start
+  layers, padding and scored positions); target <= 1.3 on a GPU;
+* loop / batched: the plain one-restoration-per-pass engine against the batched one; target >= 8x on the CPU default;
+* host syncs (CUDA): synchronising calls counted by torch.cuda.set_sync_debug_mode inside the forward passes of
+  the patching phase; target 0.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import patchlab
-from patchlab.cli import DTYPES, model_kwargs, parser
-from patchlab.patching.sweep import reference_answers
-from patchlab.tiny import tiny_model
-from transformers import PreTrainedTokenizerFast
-from tokenizers import Tokenizer, models, pre_tokenizers
+from patchlab.cli import DTYPES, parser
+from patchlab.patching.engine import Row, layer_work, plan_batches, run_rows
+from patchlab.patching.metrics import get_metric
+from patchlab.patching.sweep import DEFAULT_COMPONENTS, _cached_sites, position_mask, prepare, reference_answers
+from patchlab.pair.sites import parse_component
+from patchlab.tiny import tiny_config
+
+#: layers, d_model, d_mlp, heads, kv heads, vocab
+SHAPES = {"toy": (6, 128, 512, 4, 2, 2000), "1b": (22, 2048, 5632, 32, 4, 32000), "7b": (32, 4096, 11008, 32, 32, 32000)}
 
 
 def numbered_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
@@ -33,60 +54,119 @@ def numbered_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
                                    eos_token="<eos>")
 
 
+def random_pair(shape: tuple[int, ...], device: str, dtype: torch.dtype, tok: PreTrainedTokenizerFast
+                ) -> patchlab.ModelPair:
+    """A random LLaMA of ``shape`` built directly on ``device`` in ``dtype``, and a noisy copy of it."""
+    layers, d_model, d_mlp, heads, kv, vocab = shape
+    config = tiny_config("llama", vocab, n_layers=layers, d_model=d_model, d_mlp=d_mlp, n_heads=heads,
+                         n_kv_heads=kv, max_positions=512)
+    torch.manual_seed(0)
+    with torch.device(device):
+        vanilla = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    unlearned = copy.deepcopy(vanilla)
+    with torch.no_grad():
+        for p in unlearned.parameters():
+            p.add_(0.05 * p.float().std().to(p.dtype) * torch.randn_like(p))
+    return patchlab.load_pair(vanilla, unlearned, tokenizer=tok)
+
+
+def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
+    """``fn()`` and its wall time in seconds (CUDA synchronised before and after)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def count_syncs(model: torch.nn.Module, fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``fn()`` and the number of synchronising CUDA calls inside ``model``'s forward passes meanwhile."""
+    count = [0]
+    forward = model.forward
+
+    def counted(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return forward(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            count[0] += sum("synchroniz" in str(w.message) for w in caught)
+
+    model.forward = counted
+    try:
+        return fn(), count[0]
+    finally:
+        del model.forward
+
+
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--d-mlp", type=int, default=512)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=2000)
+    p.add_argument("--shape", default="toy", choices=sorted(SHAPES))
     p.add_argument("--questions", type=int, default=10)
     p.add_argument("--n-tokens", type=int, default=30)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--no-loop", action="store_true", help="skip the loop engine (slow on big shapes)")
     args = p.parse_args()
 
-    tok = numbered_tokenizer(args.vocab)
-    vanilla = tiny_model("llama", args.vocab, n_layers=args.layers, d_model=args.d_model, d_mlp=args.d_mlp,
-                         n_heads=args.heads, n_kv_heads=args.kv_heads, max_positions=512)
-    unlearned = copy.deepcopy(vanilla)
-    with torch.no_grad():
-        for p_ in unlearned.parameters():
-            p_.add_(0.05 * p_.std() * torch.randn_like(p_))
-    pair = patchlab.load_pair(vanilla, unlearned, tokenizer=tok, **model_kwargs(args))
+    shape, dtype, device = SHAPES[args.shape], getattr(torch, args.dtype), args.device
+    tok = numbered_tokenizer(shape[-1])
+    pair = random_pair(shape, device, dtype, tok)
     rng = np.random.default_rng(0)
-    questions = [" ".join(f"w{i}" for i in rng.integers(4, args.vocab, size=12)) for _ in range(args.questions)]
+    questions = [" ".join(f"w{i}" for i in rng.integers(4, shape[-1], size=12)) for _ in range(args.questions)]
     kw = dict(window=args.window, n_tokens=args.n_tokens, batch_size=args.batch_size, progress=False)
 
-    patchlab.krs_sweep(pair, questions[:1], **kw)  # warm-up (kernels, nnsight tracing caches)
-    start = time.perf_counter()
-    _, answers = reference_answers(pair, questions, n_tokens=args.n_tokens)
-    generation = time.perf_counter() - start
-    times, results = {}, {}
-    for engine in ("loop", "batched"):
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        results[engine] = patchlab.krs_sweep(pair, questions, engine=engine, answers=answers, **kw)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times[engine] = time.perf_counter() - start
-    gap = max(float(np.abs(results["loop"].per_question[c] - results["batched"].per_question[c]).max())
-              for c in results["loop"].krs)
-    n_restorations = len(results["loop"].krs) * len(results["loop"].windows) * len(questions)
-    answer_len = np.mean([len(tok(a).input_ids) for a in results["loop"].answers])
-    print(f"model: {args.layers} layers, d_model {args.d_model}, d_mlp {args.d_mlp}, vocab {args.vocab}, "
-          f"{args.dtype} on {args.device}; {len(questions)} questions x ~{answer_len:.1f} answer tokens; "
-          f"{n_restorations} restorations")
-    print(f"reference answers (vanilla greedy generation, shared by both engines): {generation:8.2f} s")
-    print(f"loop engine sweep:    {times['loop']:8.2f} s")
-    print(f"batched engine sweep: {times['batched']:8.2f} s")
-    print(f"speed-up of the sweep (loop / batched): {times['loop'] / times['batched']:.1f}x; "
-          f"end to end with generation: {(times['loop'] + generation) / (times['batched'] + generation):.1f}x; "
-          f"max |KRS difference| {gap:.2e}")
+    patchlab.krs_sweep(pair, questions[:2], **kw)  # warm-up (kernels, allocator)
+    (prompts, answers), generation = timed(lambda: reference_answers(pair, questions, n_tokens=args.n_tokens), device)
+    result, sweep = timed(lambda: patchlab.krs_sweep(pair, questions, answers=answers, **kw), device)
+
+    # the same sweep's pieces, timed apart: caching both models, the patched passes, the plain passes
+    comps = [parse_component(c) for c in DEFAULT_COMPONENTS]
+    metric = get_metric("krs")
+    store, caching = timed(lambda: prepare(pair, prompts, answers, sites=_cached_sites(pair, comps), metric=metric,
+                                           labels=questions), device)
+    windows = patchlab.sliding_windows(pair.n_layers, args.window)
+    rows = [Row(q, c, w, position_mask("all", store.prompt_lens[q], len(store.ids[q])))
+            for q in range(len(questions)) for c in comps for w in windows]
+    lengths = [len(ids) for ids in store.ids]
+    plan = plan_batches(rows, lengths, pair.n_layers, args.batch_size)
+    executed, minimum = layer_work(rows, plan, lengths, pair.n_layers)
+    per_question = [[i for i, r in enumerate(rows) if r.question == q] for q in range(len(questions))]
+    old_executed, _ = layer_work(rows, per_question, lengths, pair.n_layers)
+    run = lambda restore: run_rows(pair.unlearned_hf, store, rows, metric, batch_size=args.batch_size,  # noqa: E731
+                                   restore=restore)
+    run(True)
+    _, patched = timed(lambda: run(True), device)
+    _, plain = timed(lambda: run(False), device)
+    syncs = count_syncs(pair.unlearned_hf, lambda: run(True))[1] if device.startswith("cuda") else None
+
+    print(f"model: {args.shape} ({shape[0]} layers, d_model {shape[1]}, d_mlp {shape[2]}, vocab {shape[5]}), "
+          f"{args.dtype} on {device}; {len(questions)} questions x ~{np.mean([len(a) for a in answers]):.1f} answer "
+          f"tokens (~{np.mean(lengths):.1f} tokens per sequence); {len(rows)} restorations in {len(plan)} passes")
+    print(f"reference answers (vanilla greedy generation):       {generation:8.3f} s")
+    print(f"batched sweep, end to end (answers given):           {sweep:8.3f} s")
+    print(f"  caching both models:                               {caching:8.3f} s")
+    print(f"  patched passes:                                    {patched:8.3f} s")
+    print(f"  the same passes, no restoration (plain forwards):  {plain:8.3f} s")
+    print(f"work ratio (executed / minimum layer-token work):    {executed / minimum:8.3f}  (one pass per question "
+          f"from layer 0, the previous plan: {old_executed / minimum:.3f})")
+    print(f"time ratio (patched / plain passes):                 {patched / plain:8.3f}")
+    if syncs is not None:
+        print(f"host syncs inside the patched forward passes:        {syncs:8d}")
+        print(f"peak GPU memory:                                     {torch.cuda.max_memory_allocated() / 2**30:8.2f} GiB")
+    if not args.no_loop:
+        loop, loop_time = timed(lambda: patchlab.krs_sweep(pair, questions, answers=answers, engine="loop", **kw),
+                                device)
+        gap = max(float(np.abs(loop.per_question[c] - result.per_question[c]).max()) for c in result.components)
+        print(f"loop engine sweep:                                   {loop_time:8.3f} s")
+        print(f"loop / batched:                                      {loop_time / sweep:8.2f}x   "
+              f"(max |KRS difference| {gap:.1e})")
 
 
 if __name__ == "__main__":

@@ -116,41 +116,62 @@ def head_gather(model: PreTrainedModel, index: Int[torch.Tensor, "flat"], shape:
         yield
 
 
+def right_padded(sequences: Sequence[torch.Tensor]) -> tuple[Int[torch.Tensor, "batch width"],
+                                                            Int[torch.Tensor, "tokens"]]:
+    """Sequences right-padded with 0 into ``[batch, width]``, and the flat ``row * width + position`` index of every
+    real token (so ``padded.view(-1)[index]`` concatenates the sequences). With causal attention, padding after a
+    sequence never reaches its real positions, so no attention mask is needed."""
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        ids[b, :len(seq)] = seq
+    index = torch.cat([b * width + torch.arange(len(seq)) for b, seq in enumerate(sequences)])
+    return ids, index
+
+
 @torch.no_grad()
-def capture(model: PreTrainedModel, spec: ArchSpec, ids: Int[torch.Tensor, "seq"], sites: Sequence[Site], *,
-            resid: bool = False, scored: Int[torch.Tensor, "answer"] | None = None
-            ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
-    """Run ``model`` on one sequence and read the cached point of every site in every layer (and the residual
-    stream after every layer when ``resid``), through :func:`patchlab.pair.sites.hook`.
+def capture(model: PreTrainedModel, spec: ArchSpec, sequences: Sequence[Int[torch.Tensor, "seq"]],
+            sites: Sequence[Site], scored: Sequence[Int[torch.Tensor, "answer"]], *, resid: bool = False,
+            group: int = 16) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], bool]:
+    """Run ``model`` on ``sequences`` (right-padded, ``group`` per forward pass) and read the cached point of every
+    site in every layer (and the residual stream after every layer when ``resid``) through
+    :func:`patchlab.pair.sites.hook`, and the logits at each sequence's ``scored`` positions.
 
     Returns:
-        ``"{site}@{layer}" -> [seq, d]`` on the site module's device (plus ``"resid@{layer}"``); the logits at the
-        ``scored`` positions ``[answer, vocab]`` (every position without ``scored``); and whether the decoder
+        ``"{site}@{layer}" -> [Σ_q seq_q, d]`` (the sequences' real positions, concatenated; on the site module's
+        device; plus ``"resid@{layer}"``), the logits ``[answer_q, vocab]`` per sequence, and whether the decoder
         layers return tuples.
     """
     layers = spec.layer_modules(model)
-    stored: dict[str, torch.Tensor] = {}
-    reads = []
-    for i, layer in enumerate(layers):
-        for site in sites:
-            reads.append((spec.site_module(model, site, i), site.cached, _store(stored, _key(site.name, i))))
-        if resid:
-            reads.append((layer, "output", _store(stored, _key("resid", i))))
+    parts: dict[str, list[torch.Tensor]] = {}
+    logits: list[torch.Tensor] = []
     tuple_out: list[bool] = []
     probe = layers[0].register_forward_hook(lambda _m, _a, output: tuple_out.append(isinstance(output, tuple)))
-    index = scored if scored is not None else torch.arange(len(ids))
     try:
-        with hooks(reads), head_gather(model, index, (1, len(index))):
-            device = input_device(model)
-            logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0]
+        for start in range(0, len(sequences), group):
+            chunk, kept = sequences[start:start + group], scored[start:start + group]
+            ids, real = right_padded(chunk)
+            width, answer = ids.shape[1], max(len(k) for k in kept)
+            index = torch.cat([b * width + k[torch.arange(answer).clamp(max=len(k) - 1)] for b, k in enumerate(kept)])
+            reads = []
+            for i, layer in enumerate(layers):
+                for site in sites:
+                    reads.append((spec.site_module(model, site, i), site.cached, _store(parts, _key(site.name, i), real)))
+                if resid:
+                    reads.append((layer, "output", _store(parts, _key("resid", i), real)))
+            with hooks(reads), head_gather(model, index, (len(chunk), answer)):
+                out = model(input_ids=ids.to(input_device(model)), use_cache=False).logits
+            logits += [out[b, :len(k)] for b, k in enumerate(kept)]
     finally:
         probe.remove()
-    return stored, logits, tuple_out[0]
+    return {key: torch.cat(values) for key, values in parts.items()}, logits, tuple_out[0]
 
 
-def _store(stored: dict[str, torch.Tensor], key: str):
+def _store(parts: dict[str, list[torch.Tensor]], key: str, real: torch.Tensor):
+    """Hook function keeping the real positions of a ``[batch, width, d]`` activation under ``key``."""
     def keep(value: torch.Tensor) -> None:
-        stored[key] = value[0].detach()
+        flat = value.detach().reshape(-1, value.shape[-1])
+        parts.setdefault(key, []).append(flat.index_select(0, real.to(flat.device)))
     return keep
 
 

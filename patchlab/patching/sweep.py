@@ -80,11 +80,6 @@ def _cached_sites(pair: ModelPair, components: Sequence[Component]) -> list[Site
 
 
 @torch.no_grad()
-def _packed(parts: Sequence[dict[Any, torch.Tensor]]) -> dict[Any, torch.Tensor]:
-    """Per-question ``{key: [seq_q, d]}`` caches concatenated into ``{key: [Σ_q seq_q, d]}``."""
-    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else {}
-
-
 def _checked(logits: torch.Tensor, label: str, which: str) -> torch.Tensor:
     if not torch.isfinite(logits).all():
         raise NonFiniteError(f"{label}: {which} logits contain NaN or infinite values")
@@ -103,13 +98,9 @@ def prepare_source(model: PreTrainedModel, spec: ArchSpec, prompt_ids: Sequence[
     """
     store = PatchStore(spec=spec, ids=[torch.cat([p, a]).long() for p, a in zip(prompt_ids, answers)],
                        prompt_lens=[len(p) for p in prompt_ids], answer_lens=[len(a) for a in answers])
-    caches, logits = [], []
-    for q in tqdm(range(len(store.ids)), desc="caching the vanilla model", disable=not progress, leave=False):
-        cache, l_v, _ = capture(model, spec, store.ids[q], sites, scored=store.scored_positions(q))
-        caches.append(cache)
-        logits.append(_checked(l_v, labels[q], "vanilla"))
-    store.source = _packed(caches)
-    return store, logits
+    store.source, logits, _ = capture(model, spec, store.ids, sites,
+                                      [store.scored_positions(q) for q in range(len(store.ids))])
+    return store, [_checked(l_v, label, "vanilla") for l_v, label in zip(logits, labels)]
 
 
 @torch.no_grad()
@@ -123,16 +114,14 @@ def prepare_target(model: PreTrainedModel, store: PatchStore, source_logits: Seq
         DegenerateMetricError: for some question the models agree, so the metric is undefined.
         NonFiniteError: NaN or infinite logits.
     """
-    caches = []
-    for q in tqdm(range(len(store.ids)), desc="caching the unlearned model", disable=not progress, leave=False):
-        cache, l_u, store.resid_tuple = capture(model, store.spec, store.ids[q], [], resid=True,
-                                                scored=store.scored_positions(q))
+    cache, logits, store.resid_tuple = capture(model, store.spec, store.ids, [],
+                                               [store.scored_positions(q) for q in range(len(store.ids))], resid=True)
+    for q, l_u in enumerate(logits):
         refs = References(source=source_logits[q].to(l_u.device), target=_checked(l_u, labels[q], "unlearned"),
                           answer_ids=answers[q].to(l_u.device))
         store.weights.append(metric.check(refs, labels[q]))
         store.refs.append(refs)
-        caches.append({int(k.split("@")[1]): v for k, v in cache.items()})
-    store.target_resid = _packed(caches)
+    store.target_resid = {int(key.split("@")[1]): value for key, value in cache.items()}
     return store
 
 
