@@ -113,6 +113,8 @@ def unlearn_and_report(args: argparse.Namespace) -> None:
     model, tok, forget, retain, defaults = _inputs(args)
     result = unlearn(model, forget, retain, tokenizer=tok, method=args.method, mask=mask, out_dir=out,
                      progress=not args.quiet, **unlearn_kwargs(args, defaults))
+    if not result.main_process:
+        return
     print(f"{args.method}: {result.settings['n_forget']} forget / {result.settings['n_retain']} retain examples, "
           f"{len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     print(f"wrote {result.out_dir}")

@@ -53,12 +53,14 @@ class UnlearnRun:
             global batch across processes).
         settings: the run's hyper-parameters, as saved in ``unlearn_run.json``.
         out_dir: where the checkpoint (or adapter) was saved, if anywhere.
+        main_process: false in the other processes of a multi-process run (only the main one writes and reports).
     """
 
     model: nn.Module
     losses: list[float] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
+    main_process: bool = True
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
@@ -218,6 +220,29 @@ def precompute_reference(model: nn.Module, epochs: Sequence[EpochData], *, progr
 
 
 # ----------------------------------------------------------------------------------------------- training
+
+
+def _checkpointing(model: PreTrainedModel, on: bool) -> None:
+    """Switch ``transformers``' (non-reentrant) activation checkpointing on or off (``activation_checkpointing_*``
+    since transformers 5, ``gradient_checkpointing_*`` before)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    """Whether training stays on the CPU: the model is there, and either this is one process or there is no GPU
+    for the processes of a distributed launch (Accelerate then runs them on the CPU with gloo; several processes
+    with a GPU take one GPU each)."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return next(model.parameters()).device.type == "cpu" and not (distributed and torch.cuda.is_available())
+
 
 
 def _train(wrapped: nn.Module, base: PreTrainedModel, method: Method, settings: Any, state: Any,
@@ -387,29 +412,30 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
     torch.manual_seed(seed)
 
     masked = mask is not None
+    if gradient_checkpointing and not model.supports_gradient_checkpointing:
+        raise PatchlabValueError(f"{type(model).__name__} does not support gradient checkpointing")
+
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
-    state = entry.setup(model, method_settings, seed) if entry.setup else None
-    if entry.trainable is not None and lora is None:
-        mask = _restrict(model, mask, entry.trainable(model, method_settings), method)
-    peft_model = lora_model(model, lora) if lora is not None else None
-    trained = peft_model if peft_model is not None else model
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu" and not distributed)
-    ref, precompute_with, ref_context = _reference(needs, reference, model, peft_model, reference_model,
-                                                   reference_device, accelerator.device)
-    if peft_model is not None:
-        trainable, hooks = [p for p in peft_model.parameters() if p.requires_grad], []
-    else:
-        trainable, hooks = apply_mask(model, mask)
-    if gradient_checkpointing:
-        if not model.supports_gradient_checkpointing:
-            raise PatchlabValueError(f"{type(model).__name__} does not support gradient checkpointing")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    wrapped, optimizer = accelerator.prepare(trained, optimizer)
-    epoch_data = [(_forget_batches(forget_ex, pairs, batch_size, pad, seed + e, accelerator),
-                   _retain_stream(retain_ex, batch_size, pad, seed + 10_000 + e, accelerator)) for e in range(epochs)]
+    hooks: list[Any] = []
     try:
+        state = entry.setup(model, method_settings, seed) if entry.setup else None
+        if entry.trainable is not None and lora is None:
+            mask = _restrict(model, mask, entry.trainable(model, method_settings), method)
+        peft_model = lora_model(model, lora) if lora is not None else None
+        accelerator = Accelerator(cpu=_on_cpu(model))
+        ref, precompute_with, ref_context = _reference(needs, reference, model, peft_model, reference_model,
+                                                       reference_device, accelerator.device)
+        if peft_model is not None:
+            trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        else:
+            trainable, hooks = apply_mask(model, mask)
+        if gradient_checkpointing:
+            _checkpointing(model, True)
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        wrapped, optimizer = accelerator.prepare(peft_model if peft_model is not None else model, optimizer)
+        epoch_data = [(_forget_batches(forget_ex, pairs, batch_size, pad, seed + e, accelerator),
+                       _retain_stream(retain_ex, batch_size, pad, seed + 10_000 + e, accelerator))
+                      for e in range(epochs)]
         if precompute_with is not None:
             precompute_reference(precompute_with, epoch_data, progress=progress,
                                  context=ref_context() if ref_context else None)
@@ -421,11 +447,11 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
         for p in model.parameters():
             p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
         if gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, False)
     result = accelerator.unwrap_model(wrapped).eval()
     record = {"method": method, "lr": lr, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
-              **dataclasses.asdict(method_settings), "masked": masked,
-              "lora": lora, "reference": reference if needs.reference != "none" else None,
+              **dataclasses.asdict(method_settings), "masked": masked, "lora": lora,
+              "reference": reference if needs.reference != "none" else None,
               "gradient_checkpointing": gradient_checkpointing, "max_length": max_length, "template": template,
               "seed": seed, "n_forget": len(forget_ex), "n_retain": len(retain_ex),
               "n_processes": accelerator.num_processes}
@@ -434,7 +460,8 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
         if accelerator.is_main_process:
             _save(result, tok, record, losses, out, state_dict)
         accelerator.wait_for_everyone()
-    return UnlearnRun(model=result, losses=losses, settings=record, out_dir=out.path if out is not None else None)
+    return UnlearnRun(model=result, losses=losses, settings=record, out_dir=out.path if out is not None else None,
+                      main_process=accelerator.is_main_process)
 
 
 #: The keyword arguments :func:`unlearn` takes besides a method's own settings.
