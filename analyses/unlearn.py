@@ -75,28 +75,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
-    """(model, tokenizer, forget, retain, default settings): from --model / --forget / --retain, or the toy world."""
+def _inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(model, tokenizer, forget, retain): from --model / --forget / --retain, or the toy world."""
     if args.model is not None:
         if args.forget is None:
             raise PatchlabValueError("--model needs --forget (a JSON/JSONL file of the forget set)")
         if args.concept is not None:
             raise PatchlabValueError("--concept selects a toy-world concept; it does not apply with --model")
-        return load_model(args.model, **model_kwargs(args)), args.tokenizer or args.model, args.forget, \
-            args.retain, {}
+        return load_model(args.model, **model_kwargs(args)), args.tokenizer or args.model, args.forget, args.retain
     if args.forget or args.retain or args.tokenizer:
         raise PatchlabValueError("--forget / --retain / --tokenizer need --model (the toy world brings its own)")
     from patchlab import toy
-    from patchlab.toy.cache import method_settings, unlearn_data
+    from patchlab.toy.cache import unlearn_data
 
-    concept = args.concept or toy.DEFAULT_CONCEPT
-    forget, retain = unlearn_data(toy.world(), concept)
+    forget, retain = unlearn_data(toy.world(), args.concept or toy.DEFAULT_CONCEPT)
     model, tok = toy.vanilla()
-    return load_model(model, **model_kwargs(args)), tok, forget, retain, method_settings(args.method)
+    return load_model(model, **model_kwargs(args)), tok, forget, retain
 
 
-def unlearn_kwargs(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of :func:`patchlab.unlearning.unlearn` from the flags, over ``defaults``."""
+def unlearn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`patchlab.unlearning.unlearn` from the flags, over the method's toy settings on
+    the toy world (no --model).
+
+    Raises:
+        PatchlabValueError: a method-settings flag the method does not take.
+    """
+    from patchlab.toy.cache import method_settings
+
+    defaults = method_settings(args.method) if args.model is None else {}
     given = {name: getattr(args, name) for name in TRAINING_FLAGS if getattr(args, name) is not None}
     lora = {key: getattr(args, flag) for flag, key in LORA_FLAGS.items() if getattr(args, flag) is not None}
     return {**defaults, **given, **settings_from_args(args, args.method), "lora": lora or None,
@@ -107,12 +113,12 @@ def unlearn_kwargs(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[s
 
 def unlearn_and_report(args: argparse.Namespace) -> None:
     """Run the unlearning the arguments describe, save it to --out and print the loss change."""
+    kwargs = unlearn_kwargs(args)
     out = output_dir(args.out or f"results/unlearn/{args.method}", "checkpoint", overwrite=args.overwrite)
-    settings_from_args(args, args.method)
     mask = load_mask(args.mask) if args.mask else None
-    model, tok, forget, retain, defaults = _inputs(args)
+    model, tok, forget, retain = _inputs(args)
     result = unlearn(model, forget, retain, tokenizer=tok, method=args.method, mask=mask, out_dir=out,
-                     progress=not args.quiet, **unlearn_kwargs(args, defaults))
+                     progress=not args.quiet, **kwargs)
     if not result.main_process:
         return
     print(f"{args.method}: {result.settings['n_forget']} forget / {result.settings['n_retain']} retain examples, "

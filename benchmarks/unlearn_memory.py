@@ -5,8 +5,9 @@ Every run (method x reference mode) is a fresh subprocess that builds the random
 of :func:`patchlab.unlearning.unlearn` on random word sequences and reports its peak: on CUDA
 ``torch.cuda.max_memory_allocated`` (weights, gradients, AdamW states, activations, the reference), on the CPU the
 peak resident set size of the process (``ru_maxrss``, which also counts the Python, torch and transformers
-libraries: the ``weights only`` row measures that baseline plus the weights, and the last column subtracts it). Methods without a reference get one
-row; NPO, DPO, NPO+KL and RMU get ``held`` and ``precompute`` rows (NPO+KL and RMU keep the model in both).
+libraries: the ``weights only`` row measures that baseline plus the weights, and the last column subtracts it).
+Methods without a reference get one row; NPO, DPO, NPO+KL and RMU get ``held`` and ``precompute`` rows (NPO+KL
+and RMU keep the model in both).
 
     python benchmarks/unlearn_memory.py                                    # toy shape, CPU, float32
     python benchmarks/unlearn_memory.py --shape 1b --layers 2 --seq-len 64  # 0.25B parameters, CPU

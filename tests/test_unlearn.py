@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -12,8 +13,8 @@ import torch
 
 import patchlab
 from patchlab.tiny import tiny_model, word_tokenizer
-from patchlab.unlearning import (Reference, batches, get_method, load_mask, method_names, nll, save_mask, sequence_logprob,
-                                 to_examples, unlearn)
+from patchlab.unlearning import (Reference, batches, get_method, load_mask, method_names, nll, save_mask,
+                                 sequence_logprob, to_examples, unlearn)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "unlearn.py"
 
@@ -206,6 +207,7 @@ def test_padding_does_not_change_losses(learned, tok):
     (dict(method="npo", lora={"rank": 4}), "unknown LoRA setting 'rank'; valid: r, alpha, target_modules, dropout"),
     (dict(method="npo", lora={"r": 0}), "LoRA r must be a positive integer"),
     (dict(method="npo", lora={"r": 4}, mask={"x": torch.ones(1, dtype=torch.bool)}), "either a weight mask or lora"),
+    (dict(method="npo_kl", lora={"r": 4}, reference_device="cpu"), "reference_device does not apply"),
 ])
 def test_bad_inputs(learned, tok, kwargs, match):
     args = dict(forget=FORGET, retain=RETAIN, tokenizer=tok, progress=False) | kwargs
@@ -401,8 +403,11 @@ def test_a_registered_method_runs_through_unlearn(learned, tok, monkeypatch):
 
     entry = patchlab.unlearning.Method(name="scaled_ga", kind="finetune", settings=Settings, summary="-scale NLL(f)",
                                        loss=lambda step, s: -s.scale * step.nll(step.forget))
-    monkeypatch.setitem(methods._REGISTRY, "scaled_ga", entry)
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # undone after the test
+    patchlab.unlearning.register_method(entry)
     assert "scaled_ga" in method_names("finetune")
+    with pytest.raises(patchlab.PatchlabValueError, match="already registered"):
+        patchlab.unlearning.register_method(dataclasses.replace(entry))
     run = unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="scaled_ga", scale=2.0, **KW)
     ga = unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="ga", **KW)
     torch.testing.assert_close(run.losses[0], 2 * ga.losses[0])
@@ -466,7 +471,7 @@ def test_cli_flags_come_from_the_registry(capsys):
     cli = load_cli()
     args = cli.parse_args(["--model", "m", "--forget", "f.json", "--method", "rmu", "--steering-coeff", "5",
                            "--update-layers", "0", "1", "--lora-r", "4", "--lora-targets", "q_proj", "v_proj"])
-    kwargs = cli.unlearn_kwargs(args, {})
+    kwargs = cli.unlearn_kwargs(args)
     assert kwargs["steering_coeff"] == 5.0 and kwargs["update_layers"] == [0, 1]
     assert kwargs["lora"] == {"r": 4, "target_modules": ["q_proj", "v_proj"]} and "beta" not in kwargs
     assert cli.main(["--model", "m", "--forget", "f.json", "--method", "ga", "--beta", "0.5", "--quiet",
@@ -491,3 +496,16 @@ def test_cli_without_arguments_unlearns_the_toy_world(tmp_path, monkeypatch):
     assert saved["settings"]["n_forget"] == len(record.forget_paragraphs) and saved["settings"]["n_retain"] > 0
     model, tok = patchlab.load_model(out), toy.vanilla()[1]
     assert toy.qa_accuracy(model, tok, record.qa) <= 0.2
+
+
+def test_layer_output_and_reference_refuse_what_they_cannot_give(learned, tok):
+    fb, _ = forget_retain_batches(tok)
+    with torch.no_grad():
+        h = patchlab.unlearning.layer_output(learned, learned, 1, fb)
+        direct = learned(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"], output_hidden_states=True)
+    assert h.shape == (*fb["input_ids"].shape, learned.config.hidden_size)
+    torch.testing.assert_close(learned.model.norm(h), direct.hidden_states[-1])  # the last layer, before the norm
+    with pytest.raises(patchlab.PatchlabValueError, match=r"layer must lie in 0\.\.1, got 2"):
+        patchlab.unlearning.layer_output(learned, learned, 2, fb)
+    with pytest.raises(patchlab.PatchlabValueError, match="must declare Needs"):
+        Reference(None, out_device="cpu").next_token_logprobs(fb)

@@ -437,7 +437,8 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
     ``out_dir/runs/<method>-s<strength>-<hash>.json`` as soon as it finishes, and a run whose record exists is
     skipped, so an interrupted sweep resumes where it stopped (:func:`run_key`: the hash covers the task, the
     settings, a content hash of the starting weights, ``max_new_tokens`` and ``template``, so a checkpoint
-    overwritten in place is never taken for the one a stored run started from). The report (:meth:`SweepResult.write_report`) is rewritten after every
+    overwritten in place is never taken for the one a stored run started from). The report
+    (:meth:`SweepResult.write_report`) is rewritten after every
     new run, so an interrupted sweep leaves an up-to-date one, and once at the end if resumed runs came last.
     ``out_dir`` is claimed before any run (:class:`patchlab.io.OutputDir`, kind ``"method_sweep"``): an earlier
     sweep there is resumed, or started afresh with ``overwrite=True``; a directory holding files patchlab did not

@@ -23,6 +23,7 @@ from jaxtyping import Bool, Float
 from torch import nn
 from transformers import PreTrainedModel
 
+from patchlab.errors import PatchlabValueError
 from patchlab.pair.arch import arch_spec
 from patchlab.unlearning.data import IGNORE
 
@@ -98,7 +99,10 @@ def layer_output(model: nn.Module, base: PreTrainedModel, layer: int, batch: Bat
     reference); ``base`` is the underlying ``transformers`` model that locates the layer. Gradients flow unless
     the caller disables them.
     """
-    module = arch_spec(base).layer_modules(base)[layer]
+    layers = arch_spec(base).layer_modules(base)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
+        raise PatchlabValueError(f"layer must lie in 0..{len(layers) - 1}, got {layer!r}")
+    module = layers[layer]
     captured: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
@@ -139,8 +143,8 @@ class Reference:
 
     def _held(self, what: str) -> nn.Module:
         if self.model is None:
-            raise RuntimeError(f"the reference {what} is needed, but the reference model was not kept; "
-                               "the method's data needs must declare reference='model'")
+            raise PatchlabValueError(f"the objective asks for the reference {what}, but no reference model was "
+                                     "kept: the method must declare Needs(reference='model')")
         return self.model
 
     @contextlib.contextmanager

@@ -314,9 +314,6 @@ def _reference(needs: Needs, mode: str, model: PreTrainedModel, peft_model: nn.M
     if reference_model is not None:
         source = reference_model.eval().requires_grad_(False).to(reference_device or device)
     elif peft_model is not None:
-        if reference_device is not None:
-            raise PatchlabValueError("the reference of a LoRA run is its own base model (adapter off); "
-                                     "reference_device does not apply (pass reference_model= to use another)")
         source, context = peft_model, lambda: _adapter_free(peft_model)
     elif held:
         source = copy.deepcopy(model).eval().requires_grad_(False).to(reference_device or device)
@@ -399,6 +396,9 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
         _peft()
         if mask is not None:
             raise PatchlabValueError("pass either a weight mask or lora=, not both")
+        if reference_device is not None and reference_model is None:
+            raise PatchlabValueError("the reference of a LoRA run is its own base model (adapter off); "
+                                     "reference_device does not apply (pass reference_model= to use another)")
     out = output_dir(out_dir, "checkpoint", overwrite=overwrite) if out_dir is not None else None
     tok = load_tokenizer(tokenizer if tokenizer is not None else model)
     model = load_model(model)
@@ -437,6 +437,8 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
                        _retain_stream(retain_ex, batch_size, pad, seed + 10_000 + e, accelerator))
                       for e in range(epochs)]
         if precompute_with is not None:
+            if precompute_with is model or precompute_with is peft_model:
+                precompute_with = wrapped  # the starting model as prepared (DDP / FSDP shards its weights)
             precompute_reference(precompute_with, epoch_data, progress=progress,
                                  context=ref_context() if ref_context else None)
         losses = _train(wrapped, model, entry, method_settings, state, ref, optimizer, accelerator, epoch_data,

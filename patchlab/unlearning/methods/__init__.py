@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import inspect
 import pkgutil
 import re
 import types
@@ -346,7 +345,7 @@ def add_settings_args(parser: argparse.ArgumentParser, kind: str = "finetune") -
         hints = typing.get_type_hints(method.settings)
         for f in dataclasses.fields(method.settings):
             fields.setdefault(f.name, []).append((method, f, hints[f.name]))
-    group = parser.add_argument_group(f"method settings (default: each method's own)")
+    group = parser.add_argument_group("method settings (default: each method's own)")
     for name, uses in sorted(fields.items()):
         hints = {str(hint) for _, _, hint in uses}
         if len(hints) > 1:
@@ -382,5 +381,5 @@ def settings_from_args(args: argparse.Namespace, method: str) -> dict[str, Any]:
 
 
 __all__ = ["KINDS", "METHODS", "REFERENCE_NEEDS", "Method", "Needs", "add_settings_args", "field_docs",
-           "freeze_sequence", "get_method", "lr_sweep", "method_names", "methods", "register_method", "require_non_negative",
-           "require_positive", "settings_from_args"]
+           "freeze_sequence", "get_method", "lr_sweep", "method_names", "methods", "register_method",
+           "require_non_negative", "require_positive", "settings_from_args"]

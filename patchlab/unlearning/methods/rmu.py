@@ -28,8 +28,7 @@ from transformers import PreTrainedModel
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.arch import arch_spec
 from patchlab.unlearning.losses import Batch, Step, layer_output
-from patchlab.unlearning.methods import (Method, Needs, freeze_sequence, lr_sweep, require_non_negative,
-                                         require_positive)
+from patchlab.unlearning.methods import Method, Needs, freeze_sequence, require_non_negative, require_positive
 
 
 @dataclass(frozen=True)
