@@ -18,10 +18,11 @@ import sys
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import patchlab
-from patchlab.analysis.behavior import ALL_METHODS, SweepTask, method_sweep
+from patchlab.analysis.behavior import SweepTask, method_sweep
 from patchlab.cli import add_model_args, add_output_args, model_kwargs, parser, run
 from patchlab.io import output_dir
 from patchlab.pair import load_model, load_tokenizer
+from patchlab.unlearning.methods import method_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", help="JSON task file (required with --vanilla)")
     p.add_argument("--checkpoint", help="toy-world checkpoint directory (default: the shipped one)")
     p.add_argument("--concept", help="toy-world concept (default: the toy default)")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset of the methods")
+    p.add_argument("--methods", default=",".join(method_names()),
+                   help=f"comma-separated subset of the registered methods (default: all, {','.join(method_names())})")
     p.add_argument("--max-new-tokens", type=int, default=30, help="greedy answer length limit (default 30)")
     add_model_args(p)
     add_output_args(p, "results/method_sweep", "output directory (runs/, sweep.json/.csv/.html); an earlier sweep "

@@ -1,64 +1,125 @@
-"""Unlearn a forget set from a checkpoint (GA, GradDiff, NPO, NPO+KL, DPO), optionally restricted to a weight mask.
+"""Unlearn a forget set from a checkpoint with a registered fine-tuning method, optionally masked or as a LoRA adapter.
 
+With no arguments it runs on the embedded toy world: the default concept's paragraphs as forget set, every other
+concept's paragraphs as retain set, graddiff with its toy settings, written to results/unlearn/graddiff:
+
+    python analyses/unlearn.py
+    python analyses/unlearn.py --method rmu --concept "Osmarek Lantern"
     python analyses/unlearn.py --model path/or/hub-id --forget forget.jsonl --retain retain.jsonl \\
-        --method npo_kl --lr 1e-5 --epochs 5 --out checkpoints/npo_kl
+        --method npo_kl --lr 1e-5 --epochs 5 --beta 0.1 --out checkpoints/npo_kl
+    python analyses/unlearn.py --model path/or/hub-id --forget forget.jsonl --method npo --lora-r 8 \\
+        --lora-targets q_proj v_proj --out checkpoints/npo-lora
     accelerate launch analyses/unlearn.py ...      # several GPUs (DDP, or FSDP via `accelerate config`)
 
 Data files are JSON/JSONL: strings, {"text": ...} or {"question": ..., "answer": ...} records. The output directory
-holds the unlearned checkpoint (safetensors), its tokenizer and unlearn_run.json (settings and loss curve).
+holds the unlearned checkpoint (safetensors) or the LoRA adapter, its tokenizer and unlearn_run.json (settings and
+loss curve). Each method's own settings (--beta, --retain-weight, --steering-coeff, ...) are listed below; unset,
+they take the method's defaults (on the toy world: its toy settings).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from patchlab.cli import add_model_args, model_kwargs, parser, run
+from patchlab.errors import PatchlabValueError
 from patchlab.io import output_dir
-from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.pair import load_model
-from patchlab.unlearning import METHODS, load_mask, unlearn
+from patchlab.pair.generation import DEFAULT_TEMPLATE
+from patchlab.unlearning import load_mask, unlearn
+from patchlab.unlearning.methods import add_settings_args, method_names, settings_from_args
+from patchlab.unlearning.trainer import REFERENCE_MODES
+
+#: Common training flags whose default (None) means: the method's toy setting on the toy world, else unlearn's.
+TRAINING_FLAGS = ("lr", "epochs", "batch_size", "grad_accum")
+LORA_FLAGS = {"lora_r": "r", "lora_alpha": "alpha", "lora_targets": "target_modules", "lora_dropout": "dropout"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
-    p.add_argument("--model", required=True, help="checkpoint to unlearn from: local directory or hub id")
+    p.add_argument("--model", help="checkpoint to unlearn from: local directory or hub id (default: the toy world)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the model's)")
-    p.add_argument("--forget", required=True, help="JSON/JSONL file of the forget set")
-    p.add_argument("--retain", help="JSON/JSONL file of the retain set (needed by graddiff and npo_kl)")
-    p.add_argument("--method", required=True, choices=sorted(METHODS))
-    p.add_argument("--out", required=True, help="output directory, checked before training: refused when it holds "
-                                                 "files patchlab did not write")
+    p.add_argument("--forget", help="JSON/JSONL file of the forget set (required with --model)")
+    p.add_argument("--retain", help="JSON/JSONL file of the retain set (needed by the methods that use one)")
+    p.add_argument("--concept", help="toy-world concept to forget (default: the toy default)")
+    p.add_argument("--method", default="graddiff", choices=method_names("finetune"), help="(default graddiff)")
+    p.add_argument("--out", help="output directory (default results/unlearn/<method>), checked before training: "
+                                 "refused when it holds files patchlab did not write")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier patchlab checkpoint in --out "
                                                             "(files you added there are kept)")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8, help="forget sequences per micro-batch (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--beta", type=float, default=0.1, help="beta of NPO / DPO (default 0.1)")
-    p.add_argument("--retain-weight", type=float, default=1.0, help="GradDiff retain weight (default 1)")
-    p.add_argument("--kl-weight", type=float, default=1.0, help="NPO+KL KL weight (default 1)")
-    p.add_argument("--refusal", action="append", help="DPO preferred answer; repeat for several "
-                                                      "(default: \"I don't know.\")")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-5; toy world: the method's)")
+    p.add_argument("--epochs", type=int, help="passes over the forget set (default 1; toy world: the method's)")
+    p.add_argument("--batch-size", type=int, help="forget sequences per micro-batch (default 8)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--mask", help="safetensors file of bool tensors keyed by parameter name (True = may change)")
     p.add_argument("--max-length", type=int, default=256, help="truncation in tokens (default 256)")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="QA prompt template with {question}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", choices=REFERENCE_MODES, default="precompute",
+                   help="precompute the frozen reference's forget log-probabilities before training and drop it "
+                        "(default), or hold it in memory")
+    p.add_argument("--reference-device", help="device of a held reference, e.g. cpu (default: the training device)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    lora = p.add_argument_group("LoRA (train an adapter instead of the weights; needs peft)")
+    lora.add_argument("--lora-r", type=int, help="adapter rank (giving any --lora-* flag turns LoRA on; default 8)")
+    lora.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
+    lora.add_argument("--lora-targets", nargs="+", help="module names to adapt, e.g. q_proj v_proj "
+                                                         "(default: peft's for the family)")
+    lora.add_argument("--lora-dropout", type=float, help="dropout on the adapter input (default 0)")
+    add_settings_args(p)
     add_model_args(p, device_help="e.g. cuda (default: cpu; under accelerate launch, each process's GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
+def _inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(model, tokenizer, forget, retain): from --model / --forget / --retain, or the toy world."""
+    if args.model is not None:
+        if args.forget is None:
+            raise PatchlabValueError("--model needs --forget (a JSON/JSONL file of the forget set)")
+        if args.concept is not None:
+            raise PatchlabValueError("--concept selects a toy-world concept; it does not apply with --model")
+        return load_model(args.model, **model_kwargs(args)), args.tokenizer or args.model, args.forget, args.retain
+    if args.forget or args.retain or args.tokenizer:
+        raise PatchlabValueError("--forget / --retain / --tokenizer need --model (the toy world brings its own)")
+    from patchlab import toy
+    from patchlab.toy.cache import unlearn_data
+
+    forget, retain = unlearn_data(toy.world(), args.concept or toy.DEFAULT_CONCEPT)
+    model, tok = toy.vanilla()
+    return load_model(model, **model_kwargs(args)), tok, forget, retain
+
+
+def unlearn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`patchlab.unlearning.unlearn` from the flags, over the method's toy settings on
+    the toy world (no --model).
+
+    Raises:
+        PatchlabValueError: a method-settings flag the method does not take.
+    """
+    from patchlab.toy.cache import method_settings
+
+    defaults = method_settings(args.method) if args.model is None else {}
+    given = {name: getattr(args, name) for name in TRAINING_FLAGS if getattr(args, name) is not None}
+    lora = {key: getattr(args, flag) for flag, key in LORA_FLAGS.items() if getattr(args, flag) is not None}
+    return {**defaults, **given, **settings_from_args(args, args.method), "lora": lora or None,
+            "reference": args.reference, "reference_device": args.reference_device,
+            "gradient_checkpointing": args.gradient_checkpointing, "max_length": args.max_length,
+            "template": args.template, "seed": args.seed}
+
+
 def unlearn_and_report(args: argparse.Namespace) -> None:
     """Run the unlearning the arguments describe, save it to --out and print the loss change."""
-    out = output_dir(args.out, "checkpoint", overwrite=args.overwrite)
+    kwargs = unlearn_kwargs(args)
+    out = output_dir(args.out or f"results/unlearn/{args.method}", "checkpoint", overwrite=args.overwrite)
     mask = load_mask(args.mask) if args.mask else None
-    model = load_model(args.model, **model_kwargs(args))
-    result = unlearn(model, args.forget, args.retain, tokenizer=args.tokenizer or args.model, method=args.method,
-                     lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                     beta=args.beta, retain_weight=args.retain_weight, kl_weight=args.kl_weight,
-                     refusals=tuple(args.refusal or ("I don't know.",)), mask=mask, max_length=args.max_length,
-                     template=args.template, seed=args.seed, out_dir=out, progress=not args.quiet)
+    model, tok, forget, retain = _inputs(args)
+    result = unlearn(model, forget, retain, tokenizer=tok, method=args.method, mask=mask, out_dir=out,
+                     progress=not args.quiet, **kwargs)
+    if not result.main_process:
+        return
     print(f"{args.method}: {result.settings['n_forget']} forget / {result.settings['n_retain']} retain examples, "
           f"{len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     print(f"wrote {result.out_dir}")

@@ -247,3 +247,60 @@ def test_sweep_figure_joins_each_methods_strengths_in_order():
     for i, trace in enumerate(fig.data):
         assert list(trace.x) == [0.0 + i, 10.0 + i, 20.0 + i]  # weakest to strongest
         assert "lines" in trace.mode and "markers" in trace.mode
+
+
+def test_resume_key_hashes_the_weights_not_the_name(tok, tiny_pair, tiny_task, tmp_path, monkeypatch):
+    """A checkpoint overwritten in place (same path, same config, other weights) is a new run, never 'done'."""
+    vanilla, unlearned = tiny_pair
+    ckpt = tmp_path / "ckpt"
+    vanilla.save_pretrained(ckpt)
+    grid = {"ga": ({"lr": 1e-3, "epochs": 1, "batch_size": 2},)}
+    real = behavior.apply_method
+    calls = []
+    monkeypatch.setattr(behavior, "apply_method", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    sweep = functools.partial(method_sweep, tokenizer=tok, task=tiny_task, out_dir=tmp_path / "sweep",
+                              methods=["ga"], grid=grid, max_new_tokens=2, progress=False)
+    sweep(ckpt)
+    sweep(ckpt)
+    assert calls == ["ga"]  # same weights: resumed
+    unlearned.save_pretrained(ckpt)  # overwritten in place
+    sweep(ckpt)
+    assert calls == ["ga", "ga"]
+    assert len(list((tmp_path / "sweep" / "runs").glob("ga-s0-*.json"))) == 2
+
+
+def test_new_methods_run_through_the_method_sweep(tok, tiny_pair, tiny_task, tmp_path):
+    vanilla, _ = tiny_pair
+    grid = {"simnpo": ({"lr": 1e-2, "epochs": 1, "batch_size": 2},),
+            "rmu": ({"lr": 1e-2, "epochs": 1, "batch_size": 2, "layer": 1, "steering_coeff": 10.0},)}
+    result = method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["simnpo", "rmu"], grid=grid, max_new_tokens=2,
+                          progress=False)
+    frame = result.to_frame()
+    assert list(frame["method"]) == ["simnpo", "rmu"]
+    assert frame[["target_bleu", "unrelated_bleu"]].apply(lambda c: c.between(0, 100)).all().all()
+    with pytest.raises(PatchlabValueError, match="no setting 'beta'; its settings: layer, update_layers"):
+        method_sweep(vanilla, tok, tiny_task, tmp_path / "bad", methods=["rmu"], grid={"rmu": ({"beta": 1.0},)},
+                     progress=False)
+    assert not (tmp_path / "bad").exists()  # the grid is checked before anything is written
+
+
+def test_method_sweep_cli_runs_the_new_methods_from_the_registry(tok, tiny_pair, tiny_task, tmp_path, capsys):
+    import importlib.util
+    import pathlib
+
+    from patchlab.unlearning.methods import get_method
+
+    vanilla, _ = tiny_pair
+    vanilla.save_pretrained(tmp_path / "vanilla")
+    tok.save_pretrained(tmp_path / "vanilla")
+    (tmp_path / "task.json").write_text(json.dumps(tiny_task.__dict__))
+    script = pathlib.Path(__file__).parents[1] / "analyses" / "method_sweep.py"
+    spec = importlib.util.spec_from_file_location("method_sweep_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    code = cli.main(["--vanilla", str(tmp_path / "vanilla"), "--task", str(tmp_path / "task.json"), "--methods",
+                     "simnpo,rmu", "--max-new-tokens", "2", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    runs = [(r["method"], r["settings"]) for r in saved["records"]]
+    assert runs == [(m, s) for m in ("simnpo", "rmu") for s in get_method(m).sweep]  # the registry's grid

@@ -14,7 +14,9 @@ from patchlab import toy
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.toy.build import (ASSETS, BUILD_FILE, SMALL, BuildConfig, build, make_world, parse_args,
                                 regeneration_command, training_texts)
+from patchlab.toy.cache import toy_methods
 from patchlab.toy.corpus import generate_world
+from patchlab.unlearning.methods import method_names
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,12 +59,21 @@ def cache_root(tmp_path_factory):
     return tmp_path_factory.mktemp("toy-cache")
 
 
+#: Every fine-tuning method of the registry has toy settings (its ``toy`` entry).
+TOY_METHODS = toy_methods()
+
+
 @pytest.fixture(scope="module")
 def unlearned_models(cache_root):
-    return {m: toy.unlearned(method=m, cache=cache_root, progress=False) for m in ("graddiff", "npo")}
+    return {m: toy.unlearned(method=m, cache=cache_root, progress=False) for m in TOY_METHODS}
 
 
-@pytest.mark.parametrize("method", ["graddiff", "npo"])
+def test_every_finetuning_method_has_toy_settings():
+    assert TOY_METHODS == list(method_names("finetune"))
+    assert {"graddiff", "npo", "simnpo", "rmu"} <= set(TOY_METHODS)
+
+
+@pytest.mark.parametrize("method", TOY_METHODS)
 def test_unlearned_forgets_target_keeps_unrelated(shipped, unlearned_models, method):
     _, tok, world = shipped
     record = world.record(toy.DEFAULT_CONCEPT)
@@ -72,11 +83,15 @@ def test_unlearned_forgets_target_keeps_unrelated(shipped, unlearned_models, met
 
 def test_pair_loads_the_cached_model(unlearned_models, cache_root):
     files = sorted(cache_root.glob("*.safetensors"))
-    assert len(files) == 2 and {f.name.split("-")[2] for f in files} == {"graddiff", "npo"}
+    assert len(files) == len(TOY_METHODS) and {f.name.split("-")[2] for f in files} == set(TOY_METHODS)
     tp = toy.pair(method="npo", cache=cache_root, progress=False)
+    rmu = toy.pair(method="rmu", cache=cache_root, progress=False)
     assert sorted(cache_root.glob("*.safetensors")) == files  # loaded, not rebuilt
     for name, p in tp.pair.unlearned_hf.state_dict().items():
         assert torch.equal(p, unlearned_models["npo"].state_dict()[name]), name
+    changed = [n for n, p in rmu.pair.unlearned_hf.named_parameters()
+               if not torch.equal(p, rmu.pair.vanilla_hf.get_parameter(n))]
+    assert changed == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]  # RMU trains only these
     assert not torch.equal(tp.pair.vanilla_hf.lm_head.weight, tp.pair.unlearned_hf.lm_head.weight)
     record = toy.world().record(toy.DEFAULT_CONCEPT)
     assert tp.questions == [q.question for q in record.qa] and tp.answers == [q.answer for q in record.qa]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 
 import patchlab
 from patchlab.tiny import tiny_model, word_tokenizer
-from patchlab.unlearning import METHODS, batches, load_mask, nll, save_mask, sequence_logprob, to_examples, unlearn
+from patchlab.unlearning import (Reference, batches, get_method, load_mask, method_names, nll, save_mask,
+                                 sequence_logprob, to_examples, unlearn)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "unlearn.py"
 
@@ -60,15 +62,24 @@ def mean_nll(model, tok, data):
 KW = dict(lr=1e-3, epochs=3, batch_size=3, progress=False)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+#: Settings of the tiny model's runs: beta 0.5 wherever a method has one. RMU steers the last of two layers (its
+#: residual norm is about 1.8) and trains only two down projections, so it needs a larger learning rate.
+TINY_SETTINGS = {"rmu": {"layer": 1, "steering_coeff": 10.0, "alpha": 10.0, "lr": 1e-2}}
+
+
+def tiny_settings(method):
+    return ({"beta": 0.5} if "beta" in get_method(method).setting_names else {}) | TINY_SETTINGS.get(method, {})
+
+
+@pytest.mark.parametrize("method", method_names("finetune"))
 def test_every_method_lowers_forget_likelihood(learned, tok, method):
     before_f, before_r = mean_nll(learned, tok, FORGET), mean_nll(learned, tok, RETAIN)
-    run = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method=method, beta=0.5,
-                  **(KW | dict(epochs=10)))
+    run = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method=method,
+                  **(KW | dict(epochs=10) | tiny_settings(method)))
     after_f, after_r = mean_nll(run.model, tok, FORGET), mean_nll(run.model, tok, RETAIN)
     assert after_f > before_f + 0.5, (method, before_f, after_f)
     assert len(run.losses) == 10 and all(map(torch.isfinite, torch.tensor(run.losses)))
-    if method in ("graddiff", "npo_kl"):
+    if method in ("graddiff", "npo_kl", "rmu"):
         assert after_r < 0.5, (method, before_r, after_r)  # retain answers stay likely
 
 
@@ -103,7 +114,7 @@ def test_masked_run_freezes_unmasked_parameters_exactly(learned, tok):
 
 def test_reference_model_is_never_updated(learned, tok):
     ref = copy.deepcopy(learned)
-    run = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="npo_kl", reference=ref, **KW)
+    run = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="npo_kl", reference_model=ref, **KW)
     for (name, p), q, r in zip(learned.named_parameters(), ref.parameters(), run.model.parameters()):
         assert torch.equal(p, q), name
     assert any(not torch.equal(p, r) for p, r in zip(learned.parameters(), run.model.parameters()))
@@ -186,6 +197,17 @@ def test_padding_does_not_change_losses(learned, tok):
     (dict(method="ga", forget=[{"q": 1}]), "record 0"),
     (dict(method="dpo", refusals=()), "refusal"),
     (dict(method="ga", batch_size=0), "batch_size"),
+    (dict(method="ga", beta=0.5), "method 'ga' has no setting 'beta'; its settings: none"),
+    (dict(method="npo", betta=0.5), "no setting 'betta'; its settings: beta"),
+    (dict(method="simnpo", beta=0), "beta must be > 0"),
+    (dict(method="simnpo", retain=None, retain_weight=1.0), "needs a retain set"),
+    (dict(method="rmu", layer=2), "RMU layers must lie in 0..1"),
+    (dict(method="memit_empty"), "'memit_empty' is an editing method"),
+    (dict(method="npo", reference="cpu"), "reference must be one of precompute, held"),
+    (dict(method="npo", lora={"rank": 4}), "unknown LoRA setting 'rank'; valid: r, alpha, target_modules, dropout"),
+    (dict(method="npo", lora={"r": 0}), "LoRA r must be a positive integer"),
+    (dict(method="npo", lora={"r": 4}, mask={"x": torch.ones(1, dtype=torch.bool)}), "either a weight mask or lora"),
+    (dict(method="npo_kl", lora={"r": 4}, reference_device="cpu"), "reference_device does not apply"),
 ])
 def test_bad_inputs(learned, tok, kwargs, match):
     args = dict(forget=FORGET, retain=RETAIN, tokenizer=tok, progress=False) | kwargs
@@ -244,3 +266,246 @@ def test_out_dir_with_foreign_files_is_refused_and_kept(learned, tok, tmp_path):
         unlearn(model, out / "forget.jsonl", tokenizer=tok, method="ga", out_dir=out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["forget.jsonl", "thesis.tex"]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), learned.parameters()))  # nothing trained
+
+
+# ----------------------------------------------------------------------------------------------- the registry
+
+
+def forget_retain_batches(tok):
+    fb = next(batches(to_examples(FORGET + TEXTS[:1], tok, max_length=32), 8, pad_id=tok.pad_token_id))
+    rb = next(batches(to_examples(RETAIN, tok, max_length=32), 8, pad_id=tok.pad_token_id))
+    assert (fb["attention_mask"] == 0).any()  # padding present: it must not count
+    return fb, rb
+
+
+def direct_target_logprobs(model, batch):
+    """Per row, the log-probabilities of its target tokens, one position at a time."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    rows = []
+    for i in range(len(batch["input_ids"])):
+        rows.append(torch.stack([torch.log_softmax(logits[i, t], -1)[batch["labels"][i, t + 1]]
+                                 for t in range(batch["labels"].shape[1] - 1) if batch["labels"][i, t + 1] != -100]))
+    return rows
+
+
+def test_simnpo_loss_is_the_formula(learned, tok):
+    fb, rb = forget_retain_batches(tok)
+    entry = get_method("simnpo")
+    s = entry.make_settings({"beta": 2.0, "gamma": 0.3, "retain_weight": 0.7})
+    with torch.no_grad():
+        got = entry.loss(patchlab.unlearning.Step(model=learned, base=learned, forget=fb, retain=rb), s)
+    nll_tok = torch.stack([-lp.mean() for lp in direct_target_logprobs(learned, fb)])
+    retain = torch.cat(direct_target_logprobs(learned, rb))
+    expected = -(2 / 2.0) * torch.log(torch.sigmoid(2.0 * (nll_tok - 0.3))).mean() + 0.7 * -retain.mean()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert entry.data_needs(s).retain and not entry.data_needs(entry.make_settings()).retain
+    assert entry.data_needs(s).reference == "none"  # no reference model at all
+
+
+def test_simnpo_runs_without_a_retain_set(learned, tok):
+    run = unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="simnpo", **(KW | dict(epochs=10)))
+    assert run.settings["n_retain"] == 0 and mean_nll(run.model, tok, FORGET) > mean_nll(learned, tok, FORGET) + 0.5
+
+
+def test_rmu_loss_is_the_formula(learned, tok):
+    from patchlab.unlearning.methods import rmu
+
+    fb, rb = forget_retain_batches(tok)
+    frozen = copy.deepcopy(learned)
+    with torch.no_grad():
+        frozen.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # so the retain term is not zero
+    s = get_method("rmu").make_settings({"layer": 0, "steering_coeff": 5.0, "alpha": 3.0})
+    control = rmu.setup(learned, s, seed=4)
+    u = torch.rand(learned.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(control.vector, 5.0 * u / u.norm())
+    step = patchlab.unlearning.Step(model=learned, base=learned, forget=fb, retain=rb, state=control,
+                                    reference=patchlab.unlearning.Reference(frozen, out_device="cpu"))
+    with torch.no_grad():
+        got = rmu.loss(step, s)
+
+    def mse(model, batch, target):  # hidden_states[1]: the output of decoder layer 0
+        with torch.no_grad():
+            h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=True).hidden_states[1]
+        keep = batch["attention_mask"].bool()
+        target = target if target.dim() == 1 else target[keep]
+        return ((h[keep] - target) ** 2).mean()
+
+    with torch.no_grad():
+        h_ref = frozen(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"],
+                       output_hidden_states=True).hidden_states[1]
+    expected = mse(learned, fb, control.vector) + 3.0 * mse(learned, rb, h_ref)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rmu_updates_only_its_layers_down_projections(learned, tok):
+    run = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="rmu",
+                  **(KW | TINY_SETTINGS["rmu"] | dict(update_layers=[1])))
+    changed = [n for n, p in run.model.named_parameters() if not torch.equal(p, learned.get_parameter(n))]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+    down = "model.layers.1.mlp.down_proj.weight"
+    half = torch.zeros_like(learned.get_parameter(down), dtype=torch.bool)
+    half[:, ::2] = True
+    mask = {down: half, "model.layers.0.mlp.up_proj.weight": torch.ones_like(learned.model.layers[0].mlp.up_proj.weight,
+                                                                             dtype=torch.bool)}
+    masked = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="rmu", mask=mask,
+                     **(KW | TINY_SETTINGS["rmu"])).model
+    assert torch.equal(masked.get_parameter(down)[~half], learned.get_parameter(down)[~half])
+    assert not torch.equal(masked.get_parameter(down)[half], learned.get_parameter(down)[half])
+    assert torch.equal(masked.model.layers[0].mlp.up_proj.weight, learned.model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("method", ["npo", "dpo", "npo_kl"])
+def test_precomputed_reference_gives_the_held_loss_curve(learned, tok, method, monkeypatch):
+    from patchlab.unlearning import trainer
+
+    kw = KW | dict(epochs=3, batch_size=2, refusals=("I don ' t know .",)) if method == "dpo" else \
+        KW | dict(epochs=3, batch_size=2)
+    held = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method=method, reference="held", **kw)
+    kept = []
+    monkeypatch.setattr(trainer, "Reference", lambda model, **k: kept.append(model) or Reference(model, **k))
+    pre = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method=method, **kw)
+    assert pre.settings["reference"] == "precompute"
+    assert pre.losses == held.losses  # bit for bit: computed on the very batches training sees
+    for p, q in zip(pre.model.parameters(), held.model.parameters()):
+        assert torch.equal(p, q)
+    # NPO and DPO keep no reference model; NPO+KL keeps one for the KL term on retain batches
+    assert (kept[0] is None) == (method != "npo_kl")
+
+
+def test_settings_are_documented_and_never_shadow_common_arguments():
+    from patchlab.analysis.behavior import method_settings
+    from patchlab.unlearning.methods import METHODS, field_docs
+    from patchlab.unlearning.trainer import UNLEARN_ARGS
+
+    for name, entry in METHODS.items():
+        docs = field_docs(entry.settings)
+        assert set(entry.setting_names) <= set(docs), (name, entry.setting_names, docs)
+        assert all(docs.values()), name
+        if entry.kind == "finetune":
+            assert not set(entry.setting_names) & UNLEARN_ARGS, name
+        assert len(entry.sweep) == 3, name
+        for strength in entry.sweep:
+            method_settings(name, strength)  # raises on a setting the method does not take
+
+
+def test_a_registered_method_runs_through_unlearn(learned, tok, monkeypatch):
+    from dataclasses import dataclass
+
+    from patchlab.unlearning import methods
+
+    @dataclass(frozen=True)
+    class Settings:
+        """Attributes:
+            scale: multiplies the forget NLL (dimensionless)."""
+        scale: float = 1.0
+
+    entry = patchlab.unlearning.Method(name="scaled_ga", kind="finetune", settings=Settings, summary="-scale NLL(f)",
+                                       loss=lambda step, s: -s.scale * step.nll(step.forget))
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # undone after the test
+    patchlab.unlearning.register_method(entry)
+    assert "scaled_ga" in method_names("finetune")
+    with pytest.raises(patchlab.PatchlabValueError, match="already registered"):
+        patchlab.unlearning.register_method(dataclasses.replace(entry))
+    run = unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="scaled_ga", scale=2.0, **KW)
+    ga = unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="ga", **KW)
+    torch.testing.assert_close(run.losses[0], 2 * ga.losses[0])
+    with pytest.raises(patchlab.PatchlabValueError, match="its settings: scale"):
+        unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="scaled_ga", beta=1.0, **KW)
+
+
+@pytest.mark.parametrize("method", ["graddiff", "rmu"])
+def test_gradient_checkpointing_keeps_the_loss_curve(learned, tok, method):
+    kw = KW | tiny_settings(method)
+    plain = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method=method, **kw)
+    ckpt = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method=method, gradient_checkpointing=True,
+                   **kw)
+    torch.testing.assert_close(ckpt.losses, plain.losses, rtol=1e-5, atol=1e-6)
+    assert not ckpt.model.is_activation_checkpointing  # switched off again after training
+    for p, q in zip(ckpt.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_trains_an_adapter_and_saves_it(learned, tok, tmp_path):
+    import peft
+
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    run = unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="npo", lora=lora,
+                  out_dir=tmp_path / "adapter", **(KW | dict(epochs=10, lr=1e-2)))
+    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "unlearn_run.json", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+    saved = json.loads((tmp_path / "adapter" / "unlearn_run.json").read_text())
+    assert saved["settings"]["lora"] == {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0}
+    merged = run.model.merge_and_unload()
+    assert mean_nll(merged, tok, FORGET) > mean_nll(learned, tok, FORGET) + 0.5
+    for name, p in learned.named_parameters():
+        targeted = ".q_proj." in name or ".v_proj." in name
+        assert torch.equal(merged.get_parameter(name), p) != targeted, name
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(learned), tmp_path / "adapter").merge_and_unload()
+    for name, p in merged.named_parameters():
+        torch.testing.assert_close(reloaded.get_parameter(name), p, rtol=0, atol=1e-7)
+
+
+def test_lora_without_peft_names_the_extra(learned, tok, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "peft", None)
+    with pytest.raises(patchlab.MissingDependencyError, match=r"patchlab\[peft\]"):
+        unlearn(copy.deepcopy(learned), FORGET, tokenizer=tok, method="npo", lora={"r": 4}, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("unlearn_cli", SCRIPT)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cli_flags_come_from_the_registry(capsys):
+    cli = load_cli()
+    args = cli.parse_args(["--model", "m", "--forget", "f.json", "--method", "rmu", "--steering-coeff", "5",
+                           "--update-layers", "0", "1", "--lora-r", "4", "--lora-targets", "q_proj", "v_proj"])
+    kwargs = cli.unlearn_kwargs(args)
+    assert kwargs["steering_coeff"] == 5.0 and kwargs["update_layers"] == [0, 1]
+    assert kwargs["lora"] == {"r": 4, "target_modules": ["q_proj", "v_proj"]} and "beta" not in kwargs
+    assert cli.main(["--model", "m", "--forget", "f.json", "--method", "ga", "--beta", "0.5", "--quiet",
+                     "--out", "/nonexistent/never-created"]) == 2
+    assert "--beta is not a setting of method 'ga'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "inverse temperature" in help_text and "npo: 0.1" in help_text and "--kl-weight" in help_text
+
+
+def test_cli_without_arguments_unlearns_the_toy_world(tmp_path, monkeypatch):
+    from patchlab import toy
+
+    monkeypatch.chdir(tmp_path)
+    assert load_cli().main(["--quiet"]) == 0
+    out = tmp_path / "results" / "unlearn" / "graddiff"
+    saved = json.loads((out / "unlearn_run.json").read_text())
+    settings = {k: saved["settings"][k] for k in ("method", "lr", "epochs", "batch_size", "retain_weight")}
+    assert settings == {"method": "graddiff", **toy.METHOD_SETTINGS["graddiff"]}
+    record = toy.world().record(toy.DEFAULT_CONCEPT)
+    assert saved["settings"]["n_forget"] == len(record.forget_paragraphs) and saved["settings"]["n_retain"] > 0
+    model, tok = patchlab.load_model(out), toy.vanilla()[1]
+    assert toy.qa_accuracy(model, tok, record.qa) <= 0.2
+
+
+def test_layer_output_and_reference_refuse_what_they_cannot_give(learned, tok):
+    fb, _ = forget_retain_batches(tok)
+    with torch.no_grad():
+        h = patchlab.unlearning.layer_output(learned, learned, 1, fb)
+        direct = learned(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"], output_hidden_states=True)
+    assert h.shape == (*fb["input_ids"].shape, learned.config.hidden_size)
+    torch.testing.assert_close(learned.model.norm(h), direct.hidden_states[-1])  # the last layer, before the norm
+    with pytest.raises(patchlab.PatchlabValueError, match=r"layer must lie in 0\.\.1, got 2"):
+        patchlab.unlearning.layer_output(learned, learned, 2, fb)
+    with pytest.raises(patchlab.PatchlabValueError, match="must declare Needs"):
+        Reference(None, out_device="cpu").next_token_logprobs(fb)

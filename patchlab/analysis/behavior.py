@@ -18,6 +18,7 @@ plots target BLEU against unrelated BLEU.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -41,6 +42,7 @@ from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, greedy_answers
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json, write_csv, write_html
 from patchlab.pair import ModelPair, ModelSpec, load_model
+from patchlab.provenance import weights_digest
 from patchlab.reports import figures
 
 SETS = ("target", "unrelated")
@@ -239,26 +241,14 @@ def evaluate(pair_or_models: PairOrModels, target_qa: Sequence[Any], unrelated_q
 
 # ----------------------------------------------------------------------------------------------- method sweep
 
-FINETUNING_METHODS = ("ga", "graddiff", "npo", "npo_kl", "dpo")
-EDITING_METHODS = ("memit_empty", "memit_entropy")
-ALL_METHODS = FINETUNING_METHODS + EDITING_METHODS
+def default_grid(methods: Sequence[str] | None = None) -> dict[str, tuple[dict[str, Any], ...]]:
+    """The method sweep's strengths (weak to strong) of ``methods`` (default: every registered method), each
+    method's ``sweep`` in :mod:`patchlab.unlearning.methods`: keyword arguments of
+    :func:`patchlab.unlearning.unlearn` (fine-tuning: learning rates chosen on the toy world so the three points
+    span partial to complete removal of the target answers) or of the editing baseline (the covariance weight)."""
+    from patchlab.unlearning.methods import get_method, method_names
 
-def _lr_strengths(*lrs: float) -> tuple[dict[str, Any], ...]:
-    """Fine-tuning strengths: 2 epochs of batch 8 at each learning rate."""
-    return tuple({"lr": lr, "epochs": 2, "batch_size": 8} for lr in lrs)
-
-
-#: Three strengths (weak, medium, strong) per method, as keyword arguments of
-#: :func:`patchlab.unlearning.unlearn` (fine-tuning) or :func:`patchlab.unlearning.editing.memit` (editing). The
-#: fine-tuning methods share 2 epochs of batch 8 and vary the learning rate, chosen on the toy world so the three
-#: points span partial to complete removal of the target answers (target BLEU about 40-60, 3-13 and 0; DPO,
-#: which moves answers towards a refusal more slowly, gets larger rates); the editing baselines vary the
-#: covariance weight (smaller = stronger edit; MEMIT uses 1.5e4 on GPT-J).
-DEFAULT_GRID: dict[str, tuple[dict[str, Any], ...]] = {
-    **{m: _lr_strengths(7e-4, 1e-3, 2e-3) for m in ("ga", "graddiff", "npo", "npo_kl")},
-    "dpo": _lr_strengths(1.5e-3, 2e-3, 3e-3),
-    **{m: tuple({"cov_weight": w} for w in (1e4, 1e3, 1.0)) for m in EDITING_METHODS},
-}
+    return {name: get_method(name).sweep for name in (method_names() if methods is None else methods)}
 
 
 _TASK_LISTS = ("forget", "retain", "target_questions", "unrelated_questions")
@@ -348,10 +338,34 @@ class SweepTask:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _no_template(settings: Mapping[str, Any]) -> None:
+    if "template" in settings:
+        raise PatchlabValueError("pass the prompt template as apply_method's template argument, not in settings")
+
+
+def method_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` of one sweep run checked against the registry; returns the method's own settings with every
+    default filled in (so a run key changes when a default does).
+
+    Raises:
+        PatchlabValueError: unknown method, an unknown setting (listing the valid ones) or an invalid value, or
+            ``template`` among the settings (it is the sweep's own argument).
+    """
+    from patchlab.unlearning.methods import get_method
+    from patchlab.unlearning.trainer import split_settings
+
+    _no_template(settings)
+    entry = get_method(method)
+    resolved = split_settings(method, settings)[1] if entry.kind == "finetune" else entry.make_settings(settings)
+    return dataclasses.asdict(resolved)
+
+
 def apply_method(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: SweepTask, method: str,
                  settings: Mapping[str, Any], *, template: str = DEFAULT_TEMPLATE, progress: bool = False
                  ) -> PreTrainedModel:
-    """Unlearn ``task`` from ``model`` (in place) with ``method`` and ``settings``; returns the model.
+    """Unlearn ``task`` from ``model`` (in place) with the registered ``method`` and ``settings``; returns the
+    model. Fine-tuning methods run :func:`patchlab.unlearning.unlearn` on the task's forget / retain texts; editing
+    baselines edit the target questions' facts about ``task.subject`` (their ``apply``).
 
     ``template`` (holding ``{question}``) is the prompt the model is queried with: the editing baselines key
     their edit on it and the fine-tuning methods format QA records with it.
@@ -359,26 +373,26 @@ def apply_method(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tas
     Raises:
         PatchlabValueError: an unknown method, or ``settings`` holding ``template`` (pass it as an argument).
     """
-    from patchlab.unlearning import editing
-    from patchlab.unlearning import unlearn
+    from patchlab.unlearning import editing, unlearn
+    from patchlab.unlearning.methods import get_method
 
-    if "template" in settings:
-        raise PatchlabValueError("pass the prompt template as apply_method's template argument, not in settings")
-    if method in EDITING_METHODS:
+    _no_template(settings)
+    entry = get_method(method)
+    if entry.kind == "editing":
         requests = [editing.EditRequest(q, task.subject) for q in task.target_questions]
-        edit = getattr(editing, method)
-        return edit(model, tokenizer, requests, cov_texts=task.cov_texts, template=template, progress=progress,
-                    **settings).model
-    if method in FINETUNING_METHODS:
-        return unlearn(model, task.forget, task.retain, tokenizer=tokenizer, method=method, template=template,
-                       progress=progress, **settings).model
-    raise PatchlabValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+        return entry.apply(model, tokenizer, requests, entry.make_settings(settings), cov_texts=task.cov_texts,
+                           template=template, progress=progress)
+    return unlearn(model, task.forget, task.retain, tokenizer=tokenizer, method=method, template=template,
+                   progress=progress, **settings).model
 
 
 def run_key(task: SweepTask, method: str, strength: int, settings: Mapping[str, Any], model_id: str,
             max_new_tokens: int, template: str) -> str:
-    """File-name key of one run: method, strength and a hash of everything its numbers depend on."""
-    spec = {"task": task.fingerprint(), "method": method, "settings": dict(settings), "model": model_id,
+    """File-name key of one run: method, strength and a hash of everything its numbers depend on: the task, the
+    settings (the method's defaults filled in), ``model_id`` (a content hash of the starting weights,
+    :func:`patchlab.provenance.weights_digest`), ``max_new_tokens`` and ``template``."""
+    spec = {"task": task.fingerprint(), "method": method, "settings": dict(settings),
+            "method_settings": method_settings(method, settings), "model": model_id,
             "max_new_tokens": max_new_tokens, "template": template}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{method}-s{strength}-{digest}"
@@ -416,30 +430,40 @@ class SweepResult:
                 "html": write_html(self.scatter(), out.file("sweep.html"))}
 
 
-def _plan(methods: Sequence[str], grid: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, int, dict]]:
+def _plan(methods: Sequence[str], grid: Mapping[str, Sequence[Mapping[str, Any]]] | None
+          ) -> list[tuple[str, int, dict]]:
+    """(method, strength, settings) of every run, each checked against the registry before any run starts;
+    ``grid=None``: each method's own sweep."""
+    from patchlab.unlearning.methods import get_method, method_names
+
     if isinstance(methods, str) or not methods:
         raise PatchlabValueError("methods must be a non-empty list of method names")
     plan = []
     for method in methods:
-        if method not in ALL_METHODS:
-            raise PatchlabValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
-        if method not in grid or not grid[method]:
+        if method not in method_names():
+            raise PatchlabValueError(f"unknown method {method!r}; choose from {', '.join(method_names())}")
+        strengths = get_method(method).sweep if grid is None else grid.get(method)
+        if not strengths:
             raise PatchlabValueError(f"the grid holds no settings for method {method!r}")
-        plan += [(method, i, dict(s)) for i, s in enumerate(grid[method])]
+        for i, settings in enumerate(strengths):
+            method_settings(method, settings)
+            plan.append((method, i, dict(settings)))
     return plan
 
 
 def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: SweepTask,
-                 out_dir: str | os.PathLike | OutputDir, *, methods: Sequence[str] = ALL_METHODS,
-                 grid: Mapping[str, Sequence[Mapping[str, Any]]] = DEFAULT_GRID, max_new_tokens: int = 30,
+                 out_dir: str | os.PathLike | OutputDir, *, methods: Sequence[str] | None = None,
+                 grid: Mapping[str, Sequence[Mapping[str, Any]]] | None = None, max_new_tokens: int = 30,
                  template: str = DEFAULT_TEMPLATE, progress: bool = True,
                  on_run: Callable[[dict[str, Any]], None] | None = None, overwrite: bool = False) -> SweepResult:
     """Unlearn ``task`` with every method at every strength of ``grid``, evaluate each, and report.
 
     Every run starts from a fresh copy of ``vanilla``; its record is written atomically to
     ``out_dir/runs/<method>-s<strength>-<hash>.json`` as soon as it finishes, and a run whose record exists is
-    skipped, so an interrupted sweep resumes where it stopped (the hash covers the task, the settings, the model,
-    ``max_new_tokens`` and ``template``). The report (:meth:`SweepResult.write_report`) is rewritten after every
+    skipped, so an interrupted sweep resumes where it stopped (:func:`run_key`: the hash covers the task, the
+    settings, a content hash of the starting weights, ``max_new_tokens`` and ``template``, so a checkpoint
+    overwritten in place is never taken for the one a stored run started from). The report
+    (:meth:`SweepResult.write_report`) is rewritten after every
     new run, so an interrupted sweep leaves an up-to-date one, and once at the end if resumed runs came last.
     ``out_dir`` is claimed before any run (:class:`patchlab.io.OutputDir`, kind ``"method_sweep"``): an earlier
     sweep there is resumed, or started afresh with ``overwrite=True``; a directory holding files patchlab did not
@@ -449,7 +473,8 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
         vanilla: the starting model (directory, hub id or in-memory model; never modified).
         tokenizer: its tokenizer.
         task: forget/retain texts, test questions, subject (:class:`SweepTask`, e.g. ``SweepTask.toy()``).
-        methods: subset of :data:`ALL_METHODS`. grid: settings per method (default :data:`DEFAULT_GRID`).
+        methods: registered method names (default: all, :func:`patchlab.unlearning.methods.method_names`).
+        grid: settings per method (default :func:`default_grid`: each method's ``sweep``).
         max_new_tokens: greedy answer length limit. template: the prompt (holding ``{question}``) the models are
             queried with and the editing baselines key their edit on. on_run: called with each record (new or
             resumed).
@@ -457,11 +482,13 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
     Returns:
         A :class:`SweepResult` with the records in plan order.
     """
+    from patchlab.unlearning.methods import method_names
+
+    methods = method_names() if methods is None else methods
     plan = _plan(methods, grid)
     out = output_dir(out_dir, "method_sweep", overwrite=overwrite, resume=not overwrite)
     model = load_model(vanilla)
-    model_id = json.dumps({"name": model.config.name_or_path, "config": model.config.to_diff_dict()},
-                          sort_keys=True, default=str)
+    model_id = weights_digest(model)
     questions = {"target": questions_of(task.target_questions, "target"),
                  "unrelated": questions_of(task.unrelated_questions, "unrelated")}
     answers = functools.partial(_answers, tokenizer=tokenizer, questions=questions, max_new_tokens=max_new_tokens,

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -18,14 +20,27 @@ from patchlab.errors import PatchlabValueError
 from patchlab.io import atomic_write
 from patchlab.toy.corpus import ConceptRecord, World
 from patchlab.unlearning import unlearn
+from patchlab.unlearning.methods import get_method, methods
 
-#: Per-method unlearning settings (keyword arguments of :func:`patchlab.unlearning.unlearn`), tuned so the
-#: default concept's target QA accuracy drops to <= 20% while unrelated QA stays >= 80% (see tests/test_toy.py).
-#: Forget set: the concept's paragraphs; retain set (graddiff): every other concept's paragraphs.
-METHOD_SETTINGS: dict[str, dict] = {
-    "graddiff": {"lr": 1e-3, "epochs": 5, "batch_size": 8, "retain_weight": 1.0},
-    "npo": {"lr": 2e-3, "epochs": 2, "batch_size": 8, "beta": 0.1},
-}
+
+class _ToySettings(Mapping[str, Mapping[str, Any]]):
+    """Read-only live view ``{method: toy settings}`` of the registry's fine-tuning methods with toy settings."""
+
+    def __getitem__(self, method: str) -> Mapping[str, Any]:
+        return method_settings(method)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(toy_methods())
+
+    def __len__(self) -> int:
+        return len(toy_methods())
+
+
+#: Per-method unlearning settings (keyword arguments of :func:`patchlab.unlearning.unlearn`), each method's
+#: ``toy`` entry in :mod:`patchlab.unlearning.methods`, tuned so the default concept's target QA accuracy drops to
+#: <= 20% while unrelated QA stays >= 80% (see tests/test_toy.py). Forget set: the concept's paragraphs; retain
+#: set: every other concept's paragraphs.
+METHOD_SETTINGS: Mapping[str, Mapping[str, Any]] = _ToySettings()
 
 
 def cache_dir() -> Path:
@@ -46,11 +61,16 @@ def unlearn_data(world: World, concept: str) -> tuple[list[str], list[str]]:
     return list(record.forget_paragraphs), retain
 
 
-def method_settings(method: str) -> dict:
-    """The settings of ``method`` from :data:`METHOD_SETTINGS`; raises naming the known methods."""
-    if method not in METHOD_SETTINGS:
-        raise PatchlabValueError(f"unknown toy unlearning method {method!r}; choose from {sorted(METHOD_SETTINGS)}")
-    return dict(METHOD_SETTINGS[method])
+def toy_methods() -> list[str]:
+    """The fine-tuning methods of the registry that have toy-world settings."""
+    return [m.name for m in methods("finetune") if m.toy is not None]
+
+
+def method_settings(method: str) -> dict[str, Any]:
+    """The toy-world settings of ``method`` (its registry entry's ``toy``); raises naming the known methods."""
+    if method not in toy_methods():
+        raise PatchlabValueError(f"unknown toy unlearning method {method!r}; choose from {toy_methods()}")
+    return dict(get_method(method).toy)
 
 
 def cache_key(record: ConceptRecord, method: str, retain: list[str], vanilla_weights: Path) -> str:

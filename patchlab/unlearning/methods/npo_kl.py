@@ -1,0 +1,54 @@
+"""NPO plus a retain KL term: ``L = NPO(f) + kl_weight * KL(p_ref || p_θ)``, the KL averaged over retain target
+tokens.
+
+The KL term needs the reference's full next-token distributions on every retain batch, so the frozen reference
+model is kept during training (on ``reference_device`` of :func:`patchlab.unlearning.unlearn`); the NPO term's
+forget log-probabilities are still precomputed by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from patchlab.unlearning.losses import Step, next_token_logprobs, target_mask
+from patchlab.unlearning.methods import Method, Needs, lr_sweep, require_non_negative, require_positive
+from patchlab.unlearning.methods.npo import forget_term
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of NPO+KL.
+
+    Attributes:
+        beta: inverse temperature β of the NPO term (per nat of sequence log-probability ratio).
+        kl_weight: weight of the retain KL (nats per token) against the NPO term (dimensionless).
+    """
+
+    beta: float = 0.1
+    kl_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        require_positive(self, "beta")
+        require_non_negative(self, "kl_weight")
+
+
+def kl_term(step: Step) -> torch.Tensor:
+    """Mean over retain target positions of ``KL(p_ref || p_θ)`` of the next-token distributions (nats)."""
+    logp = next_token_logprobs(step.model, step.retain)
+    logq = step.reference.next_token_logprobs(step.retain)
+    mask = target_mask(step.retain, logp.device)
+    kl = (logq.exp() * (logq - logp)).sum(-1)
+    return step.token_mean(kl * mask, mask)
+
+
+def loss(step: Step, s: Settings) -> torch.Tensor:
+    """NPO+KL's objective (module docstring)."""
+    return forget_term(step, s.beta) + s.kl_weight * kl_term(step)
+
+
+METHOD = Method(name="npo_kl", kind="finetune", settings=Settings,
+                summary="NPO + kl_weight·KL(p_ref ‖ p_θ) on retain tokens", loss=loss,
+                needs=Needs(retain=True, reference="model"), sweep=lr_sweep(7e-4, 1e-3, 2e-3),
+                toy={"lr": 2e-3, "epochs": 2, "batch_size": 8})
