@@ -20,7 +20,7 @@ import torch
 import patchlab
 from patchlab.probes import PROBES, TOY_SETTINGS, AuditCase, audit_many, resolve_settings, toy_cases
 from patchlab.probes.registry import select
-from patchlab.cli import add_model_args, add_output_args, model_kwargs, run
+from patchlab.cli import add_model_args, add_output_args, model_kwargs, parser, run
 from patchlab.io import read_records
 from patchlab.pair import load_model, load_tokenizer
 
@@ -38,7 +38,7 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--vanilla", help="vanilla checkpoint: local directory or hub id (default: the toy world)")
     p.add_argument("--unlearned", nargs="+", help="one or more unlearned checkpoints, audited side by side")
     p.add_argument("--labels", help="comma-separated names of the --unlearned checkpoints (default: their paths)")

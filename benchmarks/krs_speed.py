@@ -4,7 +4,7 @@ same layer work, the plan's work ratio and (on CUDA) host synchronisations insid
 A random LLaMA pair (the unlearned copy is the vanilla one plus 5% Gaussian noise), 10 questions of 12 random words,
 30 greedy answer tokens, the four paper components over centred windows of 5 layers. Shapes:
 
-    python benchmarks/krs_speed.py                                # toy: 6 layers, d_model 128 (the CPU target)
+    python benchmarks/krs_speed.py                                # toy world's shape (the CPU target)
     python benchmarks/krs_speed.py --shape 1b --device cuda --dtype bfloat16
     python benchmarks/krs_speed.py --shape 7b --device cuda --dtype bfloat16 --no-loop
 
@@ -38,11 +38,7 @@ from patchlab.patching.engine import Row, layer_work, plan_batches, run_rows
 from patchlab.patching.metrics import get_metric
 from patchlab.patching.sweep import DEFAULT_COMPONENTS, _cached_sites, position_mask, prepare, reference_answers
 from patchlab.pair.sites import parse_component
-from patchlab.tiny import tiny_config
-
-#: layers, d_model, d_mlp, heads, kv heads, vocab
-SHAPES = {"toy": (6, 128, 512, 4, 2, 2000), "1b": (22, 2048, 5632, 32, 4, 32000), "7b": (32, 4096, 11008, 32, 32, 32000)}
-
+from patchlab.tiny import SHAPES, shape_config
 
 def numbered_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the words ``w4 .. w{vocab-1}`` (plus the 4 special tokens)."""
@@ -54,12 +50,10 @@ def numbered_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
                                    eos_token="<eos>")
 
 
-def random_pair(shape: tuple[int, ...], device: str, dtype: torch.dtype, tok: PreTrainedTokenizerFast
-                ) -> patchlab.ModelPair:
-    """A random LLaMA of ``shape`` built directly on ``device`` in ``dtype``, and a noisy copy of it."""
-    layers, d_model, d_mlp, heads, kv, vocab = shape
-    config = tiny_config("llama", vocab, n_layers=layers, d_model=d_model, d_mlp=d_mlp, n_heads=heads,
-                         n_kv_heads=kv, max_positions=512)
+def random_pair(shape: str, device: str, dtype: torch.dtype, tok: PreTrainedTokenizerFast) -> patchlab.ModelPair:
+    """A random LLaMA of ``shape`` (:data:`patchlab.tiny.SHAPES`) built directly on ``device`` in ``dtype``, and a
+    noisy copy of it."""
+    config = shape_config(shape)
     torch.manual_seed(0)
     with torch.device(device):
         vanilla = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -116,10 +110,10 @@ def main() -> None:
     args = p.parse_args()
 
     shape, dtype, device = SHAPES[args.shape], getattr(torch, args.dtype), args.device
-    tok = numbered_tokenizer(shape[-1])
-    pair = random_pair(shape, device, dtype, tok)
+    tok = numbered_tokenizer(shape["vocab"])
+    pair = random_pair(args.shape, device, dtype, tok)
     rng = np.random.default_rng(0)
-    questions = [" ".join(f"w{i}" for i in rng.integers(4, shape[-1], size=12)) for _ in range(args.questions)]
+    questions = [" ".join(f"w{i}" for i in rng.integers(4, shape["vocab"], size=12)) for _ in range(args.questions)]
     kw = dict(window=args.window, n_tokens=args.n_tokens, batch_size=args.batch_size, progress=False)
 
     patchlab.krs_sweep(pair, questions[:2], **kw)  # warm-up (kernels, allocator)
@@ -146,7 +140,8 @@ def main() -> None:
     _, plain = timed(lambda: run(False), device)
     syncs = count_syncs(pair.unlearned_hf, lambda: run(True))[1] if device.startswith("cuda") else None
 
-    print(f"model: {args.shape} ({shape[0]} layers, d_model {shape[1]}, d_mlp {shape[2]}, vocab {shape[5]}), "
+    print(f"model: {args.shape} ({shape['n_layers']} layers, d_model {shape['d_model']}, d_mlp {shape['d_mlp']}, "
+          f"vocab {shape['vocab']}), "
           f"{args.dtype} on {device}; {len(questions)} questions x ~{np.mean([len(a) for a in answers]):.1f} answer "
           f"tokens (~{np.mean(lengths):.1f} tokens per sequence); {len(rows)} restorations in {len(plan)} passes")
     print(f"reference answers (vanilla greedy generation):       {generation:8.3f} s")

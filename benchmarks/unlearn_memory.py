@@ -10,9 +10,9 @@ Methods without a reference get one row; NPO, DPO, NPO+KL and RMU get ``held`` a
 and RMU keep the model in both).
 
     python benchmarks/unlearn_memory.py                                    # toy shape, CPU, float32
-    python benchmarks/unlearn_memory.py --shape 1b --layers 2 --seq-len 64  # 0.25B parameters, CPU
+    python benchmarks/unlearn_memory.py --shape 1b --n-layers 2 --seq-len 64  # 0.25B parameters, CPU
     python benchmarks/unlearn_memory.py --device cuda --dtype bfloat16 --shape 7b --batch-size 4
-    python benchmarks/unlearn_memory.py --shape 1b --layers 8 --methods npo,simnpo --gradient-checkpointing
+    python benchmarks/unlearn_memory.py --shape 1b --n-layers 8 --methods npo,simnpo --gradient-checkpointing
 """
 
 from __future__ import annotations
@@ -31,26 +31,19 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from patchlab.cli import DTYPES, run
+from patchlab.cli import DTYPES, parser, run
 from patchlab.errors import PatchlabValueError
-from patchlab.tiny import tiny_config, word_tokenizer
+from patchlab.tiny import SHAPES, shape_config, word_tokenizer
 from patchlab.unlearning import unlearn
 from patchlab.unlearning.methods import get_method, method_names
 from patchlab.unlearning.trainer import REFERENCE_MODES
 
-#: Model shapes (LLaMA): the toy world's model, a LLaMA-3.2-1B-like and a LLaMA-2-7B-like shape (32k vocabulary).
-SHAPES: dict[str, dict[str, int]] = {
-    "toy": {"layers": 6, "d_model": 128, "d_mlp": 384, "heads": 4, "kv_heads": 2, "vocab": 319},
-    "1b": {"layers": 16, "d_model": 2048, "d_mlp": 8192, "heads": 32, "kv_heads": 8, "vocab": 32000},
-    "7b": {"layers": 32, "d_model": 4096, "d_mlp": 11008, "heads": 32, "kv_heads": 32, "vocab": 32000},
-}
 WEIGHTS_ONLY = "weights only"
 GIB = 2 ** 30
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--shape", choices=SHAPES, default="toy", help="model shape preset (default toy)")
     for name in SHAPES["toy"]:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"override the preset's {name}")
@@ -72,6 +65,11 @@ def shape(args: argparse.Namespace) -> dict[str, int]:
     return {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in SHAPES[args.shape].items()}
 
 
+def config(size: dict[str, int], seq_len: int):
+    """The LLaMA config of a shape (``size``: :data:`patchlab.tiny.SHAPES` keys) for sequences of ``seq_len``."""
+    return shape_config("toy", max_positions=seq_len + 8, **size)
+
+
 def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(method, reference mode) of every run, after the weights-only baseline; ``-`` where no reference is used."""
     runs = [(WEIGHTS_ONLY, "-")]
@@ -87,9 +85,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     cuda = spec["device"].startswith("cuda")
     size = spec["shape"]
     torch.manual_seed(0)
-    config = tiny_config("llama", size["vocab"], n_layers=size["layers"], d_model=size["d_model"],
-                         d_mlp=size["d_mlp"], n_heads=size["heads"], n_kv_heads=size["kv_heads"],
-                         max_positions=spec["seq_len"] + 8)
+    model_config = config(size, spec["seq_len"])
     words = [f"w{i}" for i in range(size["vocab"] - 4)]
     tok = word_tokenizer([" ".join(words)])
     rng = random.Random(0)
@@ -99,7 +95,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with torch.device(spec["device"]):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec["dtype"]))
+        model = AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, spec["dtype"]))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     steps = 0
     if spec["method"] != WEIGHTS_ONLY:
@@ -156,8 +152,8 @@ def report(args: argparse.Namespace) -> None:
         raise PatchlabValueError(f"the model does not fit: {base.get('error', 'out of memory')}")
     size = shape(args)
     measured = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS of the process"
-    print(f"unlearning peak memory ({measured}): random LLaMA, {size['layers']} layers, d_model {size['d_model']}, "
-          f"d_mlp {size['d_mlp']}, {size['heads']}/{size['kv_heads']} heads, vocab {size['vocab']} "
+    print(f"unlearning peak memory ({measured}): random LLaMA, {size['n_layers']} layers, d_model {size['d_model']}, "
+          f"d_mlp {size['d_mlp']}, {size['n_heads']}/{size['n_kv_heads']} heads, vocab {size['vocab']} "
           f"({base['params'] / 1e9:.3f}B parameters, {base['weights'] / GIB:.2f} GiB of {args.dtype} weights); "
           f"batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps, {args.device}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")

@@ -65,6 +65,32 @@ def tiny_config(family: str, vocab_size: int, *, n_layers: int = 4, d_model: int
     return AutoConfig.for_model(family, **kw)
 
 
+#: LLaMA shapes for benchmarks (``tiny_config`` keyword arguments plus ``vocab``): the toy world's model, a
+#: LLaMA-3.2-1B-like and a LLaMA-2-7B-like shape (32k vocabulary).
+SHAPES: dict[str, dict[str, int]] = {
+    "toy": {"n_layers": 6, "d_model": 128, "d_mlp": 384, "n_heads": 4, "n_kv_heads": 2, "vocab": 319},
+    "1b": {"n_layers": 16, "d_model": 2048, "d_mlp": 8192, "n_heads": 32, "n_kv_heads": 8, "vocab": 32000},
+    "7b": {"n_layers": 32, "d_model": 4096, "d_mlp": 11008, "n_heads": 32, "n_kv_heads": 32, "vocab": 32000},
+}
+
+
+def shape_config(shape: str, *, max_positions: int = 512, **overrides: int):
+    """The LLaMA config of benchmark shape ``shape`` (:data:`SHAPES`), with ``overrides`` of its sizes.
+
+    Raises:
+        PatchlabValueError: an unknown shape or size name.
+    """
+    if shape not in SHAPES:
+        raise PatchlabValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    sizes = dict(SHAPES[shape])
+    unknown = set(overrides) - set(sizes)
+    if unknown:
+        raise PatchlabValueError(f"unknown size {sorted(unknown)}; the shapes have {', '.join(sizes)}")
+    sizes.update({k: v for k, v in overrides.items() if v is not None})
+    vocab = sizes.pop("vocab")
+    return tiny_config("llama", vocab, max_positions=max_positions, **sizes)
+
+
 def tiny_model(family: str, vocab_size: int, *, seed: int = 0, **sizes) -> PreTrainedModel:
     """A randomly initialised causal LM of ``family`` (see :func:`tiny_config`), in eval mode, float32."""
     torch.manual_seed(seed)

@@ -108,11 +108,14 @@ def head_gather(model: PreTrainedModel, index: Int[torch.Tensor, "flat"], shape:
     """While active, the LM head sees only the hidden states at ``index`` (flat ``row * seq + position`` indices),
     reshaped to ``shape = (rows, kept)``: the model's logits come out ``[rows, kept, vocab]``, with whatever the
     family applies after its head (soft-capping, scaling) included."""
+    head = model.get_output_embeddings()
+    index = index.to(execution_device(model, head))  # moved before the pass: nothing in it waits on the host
+
     def gather(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        return flat.index_select(0, index.to(flat.device)).view(*shape, x.shape[-1])
+        return flat.index_select(0, index).view(*shape, x.shape[-1])
 
-    with hook(model.get_output_embeddings(), "input", gather):
+    with hook(head, "input", gather):
         yield
 
 
@@ -169,9 +172,12 @@ def capture(model: PreTrainedModel, spec: ArchSpec, sequences: Sequence[Int[torc
 
 def _store(parts: dict[str, list[torch.Tensor]], key: str, real: torch.Tensor):
     """Hook function keeping the real positions of a ``[batch, width, d]`` activation under ``key``."""
+    moved: dict[torch.device, torch.Tensor] = {}
+
     def keep(value: torch.Tensor) -> None:
         flat = value.detach().reshape(-1, value.shape[-1])
-        parts.setdefault(key, []).append(flat.index_select(0, real.to(flat.device)))
+        index = moved.setdefault(flat.device, real.to(flat.device))
+        parts.setdefault(key, []).append(flat.index_select(0, index))
     return keep
 
 
