@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,31 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return out, time.perf_counter() - start
+
+
+def first_sync(model: torch.nn.Module, fn: Callable[[], Any]) -> str:
+    """Where ``fn()`` first synchronises with the host inside ``model``'s forward pass: the innermost frames of the
+    error ``torch.cuda.set_sync_debug_mode("error")`` raises there ("" when it never does)."""
+    forward, found = model.forward, []
+
+    def guarded(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return forward(*args, **kwargs)
+        except RuntimeError:
+            found.append(traceback.format_exc())
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    model.forward = guarded
+    try:
+        fn()
+    except RuntimeError:
+        pass
+    finally:
+        del model.forward
+    return "".join(found[0].splitlines(keepends=True)[-14:]) if found else ""
 
 
 def count_syncs(model: torch.nn.Module, fn: Callable[[], Any]) -> tuple[Any, int]:
@@ -129,7 +155,7 @@ def main() -> None:
     rows = [Row(q, c, w, position_mask("all", store.prompt_lens[q], len(store.ids[q])))
             for q in range(len(questions)) for c in comps for w in windows]
     lengths = [len(ids) for ids in store.ids]
-    plan = plan_batches(rows, lengths, pair.n_layers, args.batch_size)
+    plan = plan_batches(rows, lengths, pair.n_layers, args.batch_size, mix_layers=not device.startswith("cpu"))
     executed, minimum = layer_work(rows, plan, lengths, pair.n_layers)
     per_question = [[i for i, r in enumerate(rows) if r.question == q] for q in range(len(questions))]
     old_executed, _ = layer_work(rows, per_question, lengths, pair.n_layers)
@@ -154,7 +180,9 @@ def main() -> None:
     print(f"time ratio (patched / plain passes):                 {patched / plain:8.3f}")
     if syncs is not None:
         print(f"host syncs inside the patched forward passes:        {syncs:8d}")
-        print(f"peak GPU memory:                                     {torch.cuda.max_memory_allocated() / 2**30:8.2f} GiB")
+        if syncs:
+            print("first synchronising call in a patched pass:\n" +
+                  first_sync(pair.unlearned_hf, lambda: run_rows(pair.unlearned_hf, store, rows[:1], metric)))
     if not args.no_loop:
         loop, loop_time = timed(lambda: patchlab.krs_sweep(pair, questions, answers=answers, engine="loop", **kw),
                                 device)

@@ -12,10 +12,10 @@ import torch
 
 import patchlab
 from patchlab.pair.sites import Site, parse_component
-from patchlab.patching.engine import Row, layer_work, plan_batches
+from patchlab.patching.engine import Row, layer_work, plan_batches, run_rows
 from patchlab.patching.loop import restore
 from patchlab.patching.metrics import get_metric
-from patchlab.patching.sweep import position_mask
+from patchlab.patching.sweep import position_mask, prepare, reference_answers
 from tests.conftest import ATTN_OR_UP, CORPUS, DOWN, QUESTIONS, perturbed
 
 FAMILIES = ["llama", "gpt2", "gpt_neox"]
@@ -185,7 +185,7 @@ def test_batches_group_rows_by_first_layer_across_questions():
     windows = patchlab.sliding_windows(8, 5)
     lengths = [12, 12, 12, 12]
     rows = _rows(lengths, windows)
-    batches = plan_batches(rows, lengths, 8, batch_size=64)
+    batches = plan_batches(rows, lengths, 8, batch_size=64, mix_layers=False)
     for batch in batches:  # a forward pass never starts below the first layer of any of its rows
         assert len({rows[r].first_layer for r in batch}) == 1
         assert len({rows[r].question for r in batch}) > 1 or len(batch) < 8
@@ -193,10 +193,32 @@ def test_batches_group_rows_by_first_layer_across_questions():
     executed, minimum = layer_work(rows, batches, lengths, 8)
     assert executed == minimum  # equal lengths: no padding, no layer below a row's window
     ragged = [9, 17, 12, 30]
-    padded, least = layer_work(_rows(ragged, windows), plan_batches(_rows(ragged, windows), ragged, 8, 64), ragged, 8)
-    assert least < padded <= 1.1 * least  # padding costs something, bounded by max_padding
+    padded, least = layer_work(_rows(ragged, windows), plan_batches(_rows(ragged, windows), ragged, 8, 64,
+                                                                    mix_layers=False), ragged, 8)
+    assert least < padded <= 1.1 * least  # padding costs something, bounded by max_extra
     one_question_per_pass = [list(range(q * 16, (q + 1) * 16)) for q in range(4)]
     assert layer_work(rows, one_question_per_pass, lengths, 8)[0] > 1.3 * minimum  # the old plan: from layer 0
+    mixed = plan_batches(rows, lengths, 8, batch_size=256)  # neighbouring first layers share passes, within 10%
+    assert len(mixed) < len(batches) and layer_work(rows, mixed, lengths, 8)[0] <= 1.1 * minimum
+    assert any(len({rows[r].first_layer for r in batch}) > 1 for batch in mixed)
+
+
+def test_rows_of_several_first_layers_share_a_pass_exactly(pairs):
+    """The plan GPUs use: a pass starts at its lowest first layer and the other rows run the layers below their
+    window unpatched; the scores equal one-first-layer passes and the loop engine."""
+    pair = pairs["gpt2"]
+    comps = [parse_component(c) for c in ("coef", "value+attn", "heads[1]")]
+    store = prepare(pair, *reference_answers(pair, QUESTIONS, n_tokens=4), sites=[pair.arch.site(s) for s in
+                    ("coef", "attn", "heads")], metric=get_metric("krs"), labels=QUESTIONS)
+    rows = [Row(q, c, w, position_mask("all", store.prompt_lens[q], len(store.ids[q])))
+            for q in range(len(QUESTIONS)) for c in comps for w in patchlab.sliding_windows(pair.n_layers, 2)]
+    mixed = run_rows(pair.unlearned_hf, store, rows, get_metric("krs"), batch_size=256, mix_layers=True)
+    apart = run_rows(pair.unlearned_hf, store, rows, get_metric("krs"), batch_size=256, mix_layers=False)
+    torch.testing.assert_close(mixed, apart, atol=1e-5, rtol=0)
+    for row, value in list(zip(rows, mixed))[::5]:
+        logits = restore(pair, store.ids[row.question], row.component, row.window, row.positions)
+        expected = get_metric("krs")(logits[0, store.scored_positions(row.question)], store.refs[row.question])
+        torch.testing.assert_close(value, expected[0], atol=1e-5, rtol=0)
 
 
 def test_position_rules():

@@ -200,34 +200,35 @@ class Row:
 
 
 def plan_batches(rows: Sequence[Row], lengths: Sequence[int], n_layers: int, batch_size: int, *,
-                 max_padding: float = 0.1) -> list[list[int]]:
-    """Row indices cut into batches, across questions, so each forward pass starts as high as its rows allow and
-    pads little.
+                 max_extra: float = 0.1, mix_layers: bool = True) -> list[list[int]]:
+    """Row indices cut into batches, across questions, so each forward pass starts as high as its rows allow, pads
+    little, and is as large as that allows.
 
-    Rows are sorted by first restored layer, then by length (longest first); a batch holds rows of one first layer
-    only, at most ``batch_size`` of them, and takes the next row only while its padding stays within
-    ``max_padding`` of its real tokens (``rows x longest <= (1 + max_padding) x Σ lengths``). So the executed
-    layer work is at most ``1 + max_padding`` times the minimum (:func:`layer_work`). Rows that restore nothing run
-    only the top layer.
+    Rows are sorted by first restored layer, then by length (longest first). A batch holds at most ``batch_size``
+    rows and takes the next row only while the work it runs (rows x longest x layers from its lowest first layer)
+    stays within ``1 + max_extra`` times the least its rows need (each row's own length x layers from its own first
+    restored layer). So the whole plan's work ratio (:func:`layer_work`) is at most ``1 + max_extra``; within that
+    budget, rows of neighbouring first layers share passes (larger matrix products, fewer passes: faster on a GPU);
+    with ``mix_layers=False`` a batch holds one first layer only (on a CPU, compute-bound, every extra layer costs
+    its time). Rows that restore nothing run only the top layer.
     """
     def first(r: int) -> int:
         f = rows[r].first_layer
         return n_layers - 1 if f < 0 else f
     order = sorted(range(len(rows)), key=lambda r: (first(r), -lengths[rows[r].question], rows[r].question, r))
     batches: list[list[int]] = []
-    tokens = 0
+    longest = least = 0
     for r in order:
-        n = lengths[rows[r].question]
-        if batches:
+        n, need = lengths[rows[r].question], lengths[rows[r].question] * (n_layers - first(r))
+        if batches and len(batches[-1]) < batch_size and (mix_layers or first(batches[-1][0]) == first(r)):
             batch = batches[-1]
-            longest = lengths[rows[batch[0]].question]
-            if (len(batch) < batch_size and first(batch[0]) == first(r)
-                    and (len(batch) + 1) * longest <= (1 + max_padding) * (tokens + n)):
+            runs = (len(batch) + 1) * max(longest, n) * (n_layers - first(batch[0]))
+            if runs <= (1 + max_extra) * (least + need):
                 batch.append(r)
-                tokens += n
+                longest, least = max(longest, n), least + need
                 continue
         batches.append([r])
-        tokens = n
+        longest, least = n, need
     return batches
 
 
@@ -452,10 +453,12 @@ def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], m
 
 
 def run_rows(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], metric: Metric, *,
-             batch_size: int = 64, progress: bool = False, desc: str = "patching", restore: bool = True
-             ) -> Float[torch.Tensor, "row"]:
-    """The metric of every row, ``batch_size`` rows per forward pass (:func:`plan_batches`), on the CPU; the
-    device results are copied to the host once, after the last batch (``restore``: see :func:`run_batch`).
+             batch_size: int = 64, progress: bool = False, desc: str = "patching", restore: bool = True,
+             mix_layers: bool | None = None) -> Float[torch.Tensor, "row"]:
+    """The metric of every row, at most ``batch_size`` rows per forward pass (:func:`plan_batches`; rows of
+    neighbouring first layers share passes on accelerators, not on the CPU), returned on the CPU; the
+    device results are copied to the host once, after the last batch (``restore``: see :func:`run_batch`;
+    ``mix_layers``: see :func:`plan_batches`, default: on accelerators only).
 
     Raises:
         NonFiniteError: a score is NaN or infinite (NaN activations).
@@ -463,7 +466,8 @@ def run_rows(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], me
     if batch_size < 1:
         raise PatchlabValueError(f"batch_size must be >= 1, got {batch_size}")
     lengths = [len(ids) for ids in store.ids]
-    batches = plan_batches(rows, lengths, len(store.spec.layer_modules(target)), batch_size)
+    mix = input_device(target).type != "cpu" if mix_layers is None else mix_layers
+    batches = plan_batches(rows, lengths, len(store.spec.layer_modules(target)), batch_size, mix_layers=mix)
     results = []
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         results.append((batch, run_batch(target, store, [rows[r] for r in batch], metric, restore=restore)))
