@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=5, help="layers per window (default 5)")
     p.add_argument("--window-mode", default="centered", choices=["centered", "fixed"])
     p.add_argument("--n-tokens", type=int, default=30, help="answer tokens N (default 30)")
-    p.add_argument("--positions", default="all", choices=["all", "answer", "last_prompt"])
+    p.add_argument("--positions", default="all", choices=["all", "answer", "last_prompt", "scored"])
     p.add_argument("--metric", default="krs", choices=list(patchlab.metrics()),
                    help="recovery metric (default krs; see patchlab.patching.metrics)")
     p.add_argument("--heads", action="store_true", help="one row per attention head for components with 'heads'")

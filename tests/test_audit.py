@@ -348,3 +348,55 @@ def test_cli_reports_bad_input_in_one_line(cli, argv, message, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_uds_is_1_for_the_retain_model_and_0_for_the_vanilla_model():
+    """UDS measures the unlearned model's layers against the retain model's: the retain model itself scores exactly
+    1, a copy of the vanilla model 0 (to float rounding of the patched passes)."""
+    from patchlab.patching.sweep import reference_answers
+    from patchlab.probes.uds import unlearning_depth
+
+    model_v, tok = toy.vanilla()
+    retain = toy.retain()
+    questions = [q.question for q in toy.world().record(toy.DEFAULT_CONCEPT).qa[:4]]
+    as_retain = patchlab.load_pair(model_v, toy.retain(), tokenizer=tok)
+    prompts, answers = reference_answers(as_retain, questions, n_tokens=8)
+    erased = unlearning_depth(as_retain, retain, prompts, answers)
+    assert np.isfinite(erased["uds"]).all() and (erased["d1"] > 0.05).any(axis=1).all()
+    assert np.array_equal(erased["uds"], np.ones(len(questions)))
+    intact = unlearning_depth(patchlab.load_pair(model_v, toy.vanilla()[0], tokenizer=tok), retain, prompts, answers)
+    np.testing.assert_allclose(intact["uds"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(intact["d2"], 0.0, atol=1e-4)
+    with pytest.raises(PatchlabValueError, match="threshold"):
+        unlearning_depth(as_retain, retain, prompts, answers, threshold=0)
+
+
+def test_logit_lens_at_the_last_layer_is_the_models_own_output(retain_pair):
+    from patchlab.patching.sweep import reference_answers
+    from patchlab.probes.logit_lens import logit_lens
+
+    pair, qa, _ = retain_pair
+    prompts, answers = reference_answers(pair, [q.question for q in qa], n_tokens=8)
+    lens = logit_lens(pair.vanilla_hf, pair.arch, prompts, answers)
+    for q, (p, a) in enumerate(zip(prompts, answers)):
+        ids = torch.cat([p, a])
+        with torch.no_grad():
+            logits = pair.vanilla_hf(input_ids=ids[None]).logits[0, len(p) - 1:-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, a[:, None])[:, 0]
+        assert lens["logprob"][q, -1] == pytest.approx(float(logp.mean()), abs=1e-5)
+        rank = (logits > logits.gather(-1, a[:, None])).sum(-1).float().add(1).mean()
+        assert lens["rank"][q, -1] == pytest.approx(float(rank))
+    assert lens["logprob"].shape == (len(qa), pair.n_layers) and (lens["rank"] >= 1).all()
+
+
+@pytest.mark.parametrize("name", ["logit_lens", "uds"])
+def test_depth_probes_on_the_toy_world(name):
+    tp = toy.pair(method="graddiff", retain=True, progress=False)
+    qa = toy.world().record(toy.DEFAULT_CONCEPT).qa[:4]
+    settings = settings_for(name)
+    result = PROBES[name].run(tp.pair, [Question(q.question, q.answer) for q in qa], unrelated=None,
+                              retain=tp.retain_model, settings=settings, progress=False)
+    assert result.verdict in ("erased", "hidden") and 0.0 <= result.score.value <= 1.0
+    assert result.score.low <= result.score.value <= result.score.high
+    figure = PROBES[name].figure([("graddiff", result)])
+    assert len(figure.data) > 0

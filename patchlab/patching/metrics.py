@@ -18,7 +18,8 @@ Built-ins (``t`` the answer positions, ``l_s``, ``l_t``, ``l_r`` source, target 
 * ``logprob`` - the recovered fraction of the answer's log-probability gap, ``(lp_r - lp_t) / (lp_s - lp_t)``
   with ``lp`` the mean over ``t`` of ``log p(a_t)`` (nats);
 * ``kl`` - the recovered fraction of the divergence, ``1 - KL(p_s || p_r) / KL(p_s || p_t)``, KL averaged over ``t``;
-* ``top1`` - the fraction of positions where the restored model's top token is the answer token (0..1).
+* ``top1`` - the fraction of positions where the restored model's top token is the answer token (0..1);
+* ``answer_logprob`` - the restored model's mean ``log p(a_t)`` itself (nats), no reference (UDS patches with it).
 
 The first three are 0 for the target's own logits and 1 for the source's; their per-question denominators weight
 the pooled aggregate (:func:`pool`).
@@ -262,3 +263,5 @@ register_metric("logprob", _logprob, description="recovered fraction of the answ
                 denominator=_logprob_denominator)
 register_metric("kl", _kl, description="recovered fraction of KL(vanilla || unlearned)", denominator=_kl_denominator)
 register_metric("top1", _top1, description="top-1 agreement with the vanilla answer tokens")
+register_metric("answer_logprob", lambda restored, refs: answer_logprob(restored, refs.answer_ids),
+                description="mean log-probability of the answer tokens (nats)")

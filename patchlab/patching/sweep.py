@@ -41,7 +41,7 @@ from patchlab.reports import results_record
 
 DEFAULT_COMPONENTS = ("coef", "value", "attn", "coef+attn")
 ENGINES = ("batched", "loop")
-POSITIONS = ("all", "answer", "last_prompt")
+POSITIONS = ("all", "answer", "last_prompt", "scored")
 
 
 def position_mask(positions: str, prompt_len: int, total_len: int) -> Bool[torch.Tensor, "seq"]:
@@ -49,6 +49,8 @@ def position_mask(positions: str, prompt_len: int, total_len: int) -> Bool[torch
 
     ``"all"``: every position (the paper). ``"answer"``: the answer tokens' positions ``prompt_len..total_len-1``.
     ``"last_prompt"``: only the last prompt position ``prompt_len-1`` (the one predicting the first answer token).
+    ``"scored"``: the positions whose logits predict the answer tokens, ``prompt_len-1..total_len-2`` (the span the
+    Unlearning Depth Score patches).
     """
     if positions not in POSITIONS:
         raise PatchlabValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
@@ -59,6 +61,8 @@ def position_mask(positions: str, prompt_len: int, total_len: int) -> Bool[torch
         mask[:] = True
     elif positions == "answer":
         mask[prompt_len:] = True
+    elif positions == "scored":
+        mask[prompt_len - 1:total_len - 1] = True
     else:
         mask[prompt_len - 1] = True
     return mask

@@ -7,12 +7,13 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from patchlab.probes import behavior, krs, quantization, relearning
+from patchlab.probes import behavior, krs, logit_lens, quantization, relearning, uds
 from patchlab.probes.base import COMMON_DEFAULTS, Probe
 from patchlab.errors import PatchlabValueError
 
 #: name -> probe, in the order the report shows them.
-PROBES: dict[str, Probe] = {p.name: p for p in (krs.PROBE, relearning.PROBE, quantization.PROBE, behavior.PROBE)}
+PROBES: dict[str, Probe] = {p.name: p for p in (krs.PROBE, logit_lens.PROBE, uds.PROBE, relearning.PROBE,
+                                                 quantization.PROBE, behavior.PROBE)}
 
 #: Settings key of the options every probe shares (:data:`patchlab.probes.base.COMMON_DEFAULTS`).
 COMMON = "common"

@@ -1,0 +1,141 @@
+"""Logit lens (nostalgebraist 2020; read for unlearning by Patil et al., 2023): is the answer readable inside the
+unlearned model even where its output no longer gives it?
+
+Each decoder layer's output (the residual stream, site ``resid``) at the positions that predict the answer tokens
+is decoded through the model's own final norm and unembedding (and its logit soft-capping, where the family has
+one); for the last layer that is exactly the model's output. Per layer and question the lens reports the vanilla
+answer tokens' mean log-probability (nats) and mean rank (1 = top token), for the vanilla model, the unlearned model
+and, when given, the retain model.
+
+Headline: per question, the largest share over intermediate layers of the vanilla model's lens log-probability the
+unlearned model's lens keeps at the same layer, ``clip((u_l - f_l) / (v_l - f_l), 0, 1)``, with the floor ``f_l``
+the retain model's lens at that layer (a model that never learned the answer), else the unlearned model's own
+output; averaged over questions. Verdict: ``intact`` if the unlearned model keeps >= 50% of the vanilla target
+accuracy, else ``hidden`` if the headline is >= 0.5 (readable inside, not at the output), else ``erased``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from plotly.subplots import make_subplots
+from transformers import PreTrainedModel
+
+from patchlab.pair import ModelPair
+from patchlab.pair.arch import ArchSpec
+from patchlab.patching.engine import capture
+from patchlab.probes.base import Interval, Probe, ProbeResult, Question, recovery_verdict
+from patchlab.probes.bootstrap import mean_interval
+from patchlab.probes.figures import curve
+from patchlab.probes.scoring import baseline, references, score
+
+DEFAULTS: dict[str, Any] = {}
+MEASURES = ("logprob", "rank")
+
+
+def decode(model: PreTrainedModel, spec: ArchSpec, hidden: Float[torch.Tensor, "position d_model"]
+           ) -> Float[torch.Tensor, "position vocab"]:
+    """Residual-stream states decoded as the model decodes its last one: final norm, unembedding, soft-capping."""
+    norm = spec.norm(model)
+    logits = model.get_output_embeddings()(norm(hidden) if norm is not None else hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def logit_lens(model: PreTrainedModel, spec: ArchSpec, prompt_ids: Sequence[Int[torch.Tensor, "prompt"]],
+               answer_ids: Sequence[Int[torch.Tensor, "answer"]]) -> dict[str, Float[np.ndarray, "question layer"]]:
+    """``{"logprob": [question, layer], "rank": [question, layer]}``: the answer tokens' mean log-probability
+    (nats) and mean rank (1 = top) under each layer's lens (module docstring), teacher-forced after the prompt."""
+    sequences = [torch.cat([p, a]).long() for p, a in zip(prompt_ids, answer_ids)]
+    scored = [torch.arange(len(p) - 1, len(p) - 1 + len(a)) for p, a in zip(prompt_ids, answer_ids)]
+    cache, _, _ = capture(model, spec, sequences, [], scored, resid=True)
+    starts = np.cumsum([0] + [len(s) for s in sequences[:-1]])
+    n_layers = len(spec.layer_modules(model))
+    out = {m: np.zeros((len(sequences), n_layers)) for m in MEASURES}
+    for layer in range(n_layers):
+        packed = cache[f"resid@{layer}"]
+        for q, (start, positions, answer) in enumerate(zip(starts, scored, answer_ids)):
+            logits = decode(model, spec, packed[int(start) + positions.to(packed.device)])
+            target = logits.gather(-1, answer.to(logits.device)[:, None])
+            out["logprob"][q, layer] = float((target[:, 0] - torch.logsumexp(logits, -1)).mean())
+            out["rank"][q, layer] = float((logits > target).sum(-1).float().add(1).mean())
+    return out
+
+
+def readable_shares(unlearned: Float[np.ndarray, "question layer"], vanilla: Float[np.ndarray, "question layer"],
+                    floor: Float[np.ndarray, "question layer"]) -> Float[np.ndarray, "question layer"]:
+    """Per question and layer, ``clip((u - f) / (v - f), 0, 1)``: the share of the vanilla lens log-probability
+    above the floor that the unlearned lens keeps (0 where the vanilla lens is not above the floor)."""
+    gap = vanilla - floor
+    return np.clip(np.divide(unlearned - floor, gap, out=np.zeros_like(gap), where=gap > 1e-9), 0.0, 1.0)
+
+
+def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
+        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
+    """The logit-lens probe (module docstring)."""
+    start = time.perf_counter()
+    tok = pair.tokenizer
+    refs = references(pair.vanilla_hf, tok, questions, settings, progress=progress)
+    vanilla, unlearned = (score(m, tok, refs, settings) for m in (pair.vanilla_hf, pair.unlearned_hf))
+    models = {"vanilla": pair.vanilla_hf, "unlearned": pair.unlearned_hf, **({"retain": retain} if retain else {})}
+    lens = {who: logit_lens(m, pair.arch, refs.prompt_ids, refs.answer_ids) for who, m in models.items()}
+    floor = lens["retain"]["logprob"] if retain is not None else \
+        np.repeat(lens["unlearned"]["logprob"][:, -1:], pair.n_layers, axis=1)
+    layer_shares = readable_shares(lens["unlearned"]["logprob"], lens["vanilla"]["logprob"], floor)
+    inside = layer_shares[:, :-1] if pair.n_layers > 1 else layer_shares
+    shares, best = inside.max(axis=1), int(inside.mean(axis=0).argmax())
+    headline = mean_interval(shares, settings)
+    verdict, rule = recovery_verdict(headline.value, vanilla.accuracy, unlearned.accuracy,
+                                     "the lens of an intermediate layer")
+    details = {**baseline(vanilla, unlearned), "floor": "retain" if retain is not None else "unlearned output",
+               "shares": shares.tolist(),
+               **{f"{who}_{m}": [mean_interval(v[m][:, layer], settings).to_list() for layer in range(pair.n_layers)]
+                  for who, v in lens.items() for m in MEASURES},
+               "per_question": {who: {m: v[m].tolist() for m in MEASURES} for who, v in lens.items()}}
+    return ProbeResult(
+        probe="logit_lens", score=headline, verdict=verdict, rule=rule, details=details,
+        meaning="share of the vanilla model's answer log-probability under the logit lens that the unlearned "
+                "model keeps at its most revealing intermediate layer (0 = none, 1 = all)",
+        note=f"most revealing layer on average: {best}", seconds=round(time.perf_counter() - start, 2))
+
+
+def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
+    """Per layer, the answer's mean lens log-probability (left) and rank (right, log scale): the unlearned model
+    solid, the vanilla model dotted, the retain model dashed, per pair, with bootstrap bands."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=("answer log-probability under the lens (nats/token)",
+                                        "answer rank under the lens (1 = top token)"))
+    for i, (label, result) in enumerate(results):
+        d = result.details
+        for col, measure in enumerate(MEASURES, start=1):
+            for who, dash in (("unlearned", "solid"), ("vanilla", "dot"), ("retain", "dash")):
+                key = f"{who}_{measure}"
+                if key not in d:
+                    continue
+                ivs = [Interval.from_list(v) for v in d[key]]
+                for trace in curve(range(len(ivs)), ivs, name=f"{label}: {who}", index=i, dash=dash,
+                                   showlegend=col == 1):
+                    fig.add_trace(trace, row=1, col=col)
+    fig.update_xaxes(title_text="decoder layer read", dtick=1)
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_layout(title="Logit lens: each layer's residual stream decoded by the model's own head",
+                      legend={"title": "pair: model"})
+    return fig
+
+
+PROBE = Probe(
+    name="logit_lens", title="Logit lens", run=run, figure=figure, defaults=DEFAULTS,
+    description="Each decoder layer's residual stream at the answer-predicting positions is decoded by the model's "
+                "own final norm and unembedding (for the last layer, exactly the model's output), and the vanilla "
+                "answer tokens' mean log-probability and rank are read off, for the vanilla (dotted), unlearned "
+                "(solid) and retain (dashed) models. An answer readable in the unlearned model's middle layers but "
+                "not at its output is hidden, not erased (Patil et al., 2023). The headline is the share of the "
+                "vanilla lens log-probability, above the retain model's, that the unlearned model keeps at its most "
+                "revealing intermediate layer. Bands are 95% bootstrap intervals over questions.")

@@ -1,0 +1,170 @@
+"""Unlearning Depth Score (Lee, Kim and Jo, 2026): how deep inside the model the knowledge was erased, measured
+against a retain model that never saw it.
+
+For each question the vanilla model's mean log-probability of the answer tokens is taken teacher-forced, ``p``.
+Then, one decoder layer ``l`` at a time, the vanilla model's layer output (the residual stream, site ``resid``) at
+the positions that predict the answer tokens is replaced by the retain model's (stage 1) or the unlearned model's
+(stage 2), and the drops are ``d1_l = p - p_retain,l`` and ``d2_l = p - p_unlearned,l``. Layers with
+``d1_l > threshold`` (0.05 nats) encode the knowledge; over them
+
+    UDS = Σ_l d1_l · clip(d2_l / d1_l, 0, 1) / Σ_l d1_l
+
+1 = the unlearned model's layers lack the knowledge as the retain model's do (erased as deeply); 0 = they carry it
+as the vanilla model's do (intact inside, whatever the output says). A question without such a layer has no UDS and
+is left out of the mean (the count is reported).
+
+Following the reference code (``compute_uds.py`` of gnueaj/unlearning-depth-score): the same two stages, the same
+drop threshold, clipping and per-example weighting; the patched span is the evaluated span (their
+``patch_scope="span"``), the patch replaces the decoder layer's output, and the score is the mean over examples with
+a defined UDS. Differences: the prompt is patchlab's template (``"Question: {question}\\n Answer:"``) and the
+reference answer is the vanilla model's greedy answer, ids kept (theirs: TOFU's answer continuation after a given
+prefix, entity span only); every layer is patched, with the batched engine (:mod:`patchlab.patching.engine`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from plotly.subplots import make_subplots
+from transformers import PreTrainedModel
+
+from patchlab.errors import PatchlabValueError
+from patchlab.pair import ModelPair
+from patchlab.pair.arch import ArchSpec
+from patchlab.pair.sites import parse_component
+from patchlab.patching.engine import Row, run_rows
+from patchlab.patching.metrics import answer_logprob, get_metric
+from patchlab.patching.sweep import position_mask, prepare_source, prepare_target
+from patchlab.probes.base import INTACT_SHARE, Interval, Probe, ProbeResult, Question, accuracy_share
+from patchlab.probes.bootstrap import mean_interval
+from patchlab.probes.figures import curve
+from patchlab.probes.scoring import baseline, references, score
+
+DEFAULTS: dict[str, Any] = {"threshold": 0.05, "batch_size": 64}
+RULE = (f"intact if the unlearned model keeps >= {INTACT_SHARE:.0%} of the vanilla target accuracy; else erased if "
+        "UDS >= 0.5 (its layers lack the knowledge about as the retain model's do), else hidden")
+
+
+@torch.no_grad()
+def patched_logprobs(target: PreTrainedModel, source: PreTrainedModel, spec: ArchSpec,
+                     prompt_ids: Sequence[Int[torch.Tensor, "prompt"]], answer_ids: Sequence[Int[torch.Tensor, "answer"]],
+                     *, batch_size: int = 64) -> tuple[Float[np.ndarray, "question"], Float[np.ndarray, "question layer"]]:
+    """The target model's mean answer log-probability (nats) per question, and the same with one decoder layer's
+    output at the answer-predicting positions taken from ``source``, for every layer (``[question, layer]``)."""
+    labels = [f"question {q}" for q in range(len(prompt_ids))]
+    metric = get_metric("answer_logprob")
+    store, source_logits = prepare_source(source, spec, prompt_ids, answer_ids, sites=[spec.site("resid")],
+                                          labels=labels)
+    prepare_target(target, store, source_logits, answer_ids, metric=metric, labels=labels)
+    resid = parse_component("resid", spec.sites)
+    n_layers = len(spec.layer_modules(target))
+    rows = [Row(q, resid, (layer, layer + 1), position_mask("scored", store.prompt_lens[q], len(store.ids[q])))
+            for q in range(len(store.ids)) for layer in range(n_layers)]
+    patched = run_rows(target, store, rows, metric, batch_size=batch_size).reshape(len(store.ids), n_layers)
+    own = np.array([float(answer_logprob(r.target, r.answer_ids)) for r in store.refs])
+    return own, patched.double().numpy()
+
+
+def depth_scores(d1: Float[np.ndarray, "question layer"], d2: Float[np.ndarray, "question layer"], threshold: float
+                 ) -> Float[np.ndarray, "question"]:
+    """Per question ``Σ d1·clip(d2/d1, 0, 1) / Σ d1`` over the layers with ``d1 > threshold`` (NaN without one)."""
+    knows = d1 > threshold
+    ratio = np.clip(np.divide(d2, d1, out=np.zeros_like(d1), where=knows), 0.0, 1.0)
+    weight = np.where(knows, d1, 0.0).sum(axis=1)
+    return np.divide((np.where(knows, d1, 0.0) * ratio).sum(axis=1), weight, out=np.full(len(d1), np.nan),
+                     where=weight > 0)
+
+
+def unlearning_depth(pair: ModelPair, retain: PreTrainedModel, prompt_ids: Sequence[torch.Tensor],
+                     answer_ids: Sequence[torch.Tensor], *, threshold: float = 0.05, batch_size: int = 64
+                     ) -> dict[str, Any]:
+    """The Unlearning Depth Score of ``pair`` (module docstring) on the given prompts and vanilla answers.
+
+    Returns:
+        ``{"uds": [question] (NaN where no layer encodes the answer), "d1", "d2": [question, layer] drops (nats),
+        "full": [question] vanilla answer log-probability}`` as numpy arrays.
+
+    Raises:
+        PatchlabValueError: ``threshold`` is not positive, or the retain model is not of the pair's family and size.
+    """
+    if not threshold > 0:
+        raise PatchlabValueError(f"the UDS threshold must be > 0 nats, got {threshold!r}")
+    from patchlab.pair.loading import check_compatible
+
+    check_compatible(pair.vanilla_hf, retain)
+    full, via_retain = patched_logprobs(pair.vanilla_hf, retain, pair.arch, prompt_ids, answer_ids,
+                                        batch_size=batch_size)
+    _, via_unlearned = patched_logprobs(pair.vanilla_hf, pair.unlearned_hf, pair.arch, prompt_ids, answer_ids,
+                                        batch_size=batch_size)
+    d1, d2 = full[:, None] - via_retain, full[:, None] - via_unlearned
+    return {"uds": depth_scores(d1, d2, threshold), "d1": d1, "d2": d2, "full": full}
+
+
+def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
+        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
+    """The UDS probe (module docstring)."""
+    start = time.perf_counter()
+    if retain is None:
+        raise PatchlabValueError("the UDS probe needs a retain model (retain=...)")
+    tok = pair.tokenizer
+    refs = references(pair.vanilla_hf, tok, questions, settings, progress=progress)
+    vanilla, unlearned = (score(m, tok, refs, settings) for m in (pair.vanilla_hf, pair.unlearned_hf))
+    depth = unlearning_depth(pair, retain, refs.prompt_ids, refs.answer_ids, threshold=settings["threshold"],
+                             batch_size=settings["batch_size"])
+    defined = ~np.isnan(depth["uds"])
+    headline = mean_interval(depth["uds"][defined], settings) if defined.any() else Interval(math.nan, math.nan,
+                                                                                              math.nan)
+    share = accuracy_share(vanilla.accuracy, unlearned.accuracy)
+    verdict = "intact" if share >= INTACT_SHARE or not defined.any() else \
+        "erased" if headline.value >= 0.5 else "hidden"
+    layers = range(depth["d1"].shape[1])
+    details = {**baseline(vanilla, unlearned), "threshold": settings["threshold"],
+               "uds": [None if math.isnan(u) else float(u) for u in depth["uds"]],
+               "full": depth["full"].tolist(), "d1": depth["d1"].tolist(), "d2": depth["d2"].tolist(),
+               "d1_mean": [mean_interval(depth["d1"][:, layer], settings).to_list() for layer in layers],
+               "d2_mean": [mean_interval(depth["d2"][:, layer], settings).to_list() for layer in layers]}
+    return ProbeResult(
+        probe="uds", score=headline, verdict=verdict, rule=RULE, details=details,
+        meaning="Unlearning Depth Score: how much of what the retain model's layers lack the unlearned model's "
+                "layers lack too (1 = erased as deeply as never learned, 0 = still inside)",
+        note=f"{int(defined.sum())} of {len(defined)} questions have a layer that encodes the answer",
+        seconds=round(time.perf_counter() - start, 2))
+
+
+def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
+    """Per layer, the drop of the vanilla answer log-probability when that layer's output comes from the retain
+    model (dotted, d1) or from the unlearned model (solid, d2), per pair, with bootstrap bands."""
+    fig = make_subplots(rows=1, cols=1)
+    for i, (label, result) in enumerate(results):
+        d = result.details
+        if "d1_mean" not in d:
+            continue
+        layers = list(range(len(d["d1_mean"])))
+        for key, who, dash in (("d2_mean", "unlearned -> vanilla (d2)", "solid"),
+                               ("d1_mean", "retain -> vanilla (d1)", "dot")):
+            for trace in curve(layers, [Interval.from_list(v) for v in d[key]], name=f"{label}: {who}", index=i,
+                               dash=dash):
+                fig.add_trace(trace)
+    fig.add_hline(y=results[0][1].details.get("threshold", 0.05) if results else 0.05, line_dash="dash",
+                  line_color="grey", annotation_text="knowledge threshold", annotation_position="top left")
+    fig.update_xaxes(title_text="patched decoder layer", dtick=1)
+    fig.update_yaxes(title_text="drop of the answer log-probability (nats/token)")
+    fig.update_layout(title="Unlearning Depth Score: one layer's output patched into the vanilla model",
+                      legend={"title": "pair: patched from"})
+    return fig
+
+
+PROBE = Probe(
+    name="uds", title="Unlearning Depth Score", run=run, figure=figure, defaults=DEFAULTS, needs=("retain",),
+    description="One decoder layer at a time, the vanilla model's layer output over the answer-predicting positions "
+                "is replaced by the retain model's (dotted: how much that layer carries the knowledge, d1) or by the "
+                "unlearned model's (solid, d2). Over the layers where d1 > 0.05 nats, UDS = Σ d1·clip(d2/d1, 0, 1) "
+                "/ Σ d1 (Lee, Kim and Jo, 2026): 1 = the unlearned layers lack the knowledge as the retain model's "
+                "do, 0 = they still carry it. Bands are 95% bootstrap intervals over questions.")
