@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import patchlab
@@ -41,17 +40,7 @@ from patchlab.patching.engine import Row, layer_work, plan_batches, run_rows
 from patchlab.patching.metrics import get_metric
 from patchlab.patching.sweep import DEFAULT_COMPONENTS, _cached_sites, position_mask, prepare, reference_answers
 from patchlab.pair.sites import parse_component
-from patchlab.tiny import SHAPES, shape_config
-
-def numbered_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the words ``w4 .. w{vocab-1}`` (plus the 4 special tokens)."""
-    words = {t: i for i, t in enumerate(["<pad>", "<unk>", "<bos>", "<eos>"])}
-    words.update({f"w{i}": i for i in range(4, vocab)})
-    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
-                                   eos_token="<eos>")
-
+from patchlab.tiny import SHAPES, numbered_tokenizer, shape_config
 
 def random_pair(shape: str, device: str, dtype: torch.dtype, tok: PreTrainedTokenizerFast) -> patchlab.ModelPair:
     """A random LLaMA of ``shape`` (:data:`patchlab.tiny.SHAPES`) built directly on ``device`` in ``dtype``, and a

@@ -45,6 +45,19 @@ def word_tokenizer(texts: Iterable[str], *, lowercase: bool = False) -> PreTrain
                                    bos_token="<bos>", eos_token="<eos>")
 
 
+def numbered_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the words ``w4 .. w{vocab_size-1}`` (ids 4..) after the 4 special tokens: random
+    "text" for benchmarks on random models of any vocabulary size."""
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise PatchlabValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>")
+
+
 def tiny_config(family: str, vocab_size: int, *, n_layers: int = 4, d_model: int = 32, d_mlp: int = 64,
                 n_heads: int = 4, n_kv_heads: int | None = None, max_positions: int = 128,
                 tie_embeddings: bool = False, **extra):

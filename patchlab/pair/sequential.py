@@ -62,7 +62,8 @@ class SequentialPair:
     @contextlib.contextmanager
     def using(self, which: str) -> Iterator[PreTrainedModel]:
         """Load the model ``which`` (``"vanilla"`` / ``"unlearned"``), yield it, and release it on exit (the other
-        one is never loaded meanwhile)."""
+        one is never loaded meanwhile). Its memory is freed once nothing else refers to it: ``del`` the name a
+        ``with ... as model`` bound before using the other one."""
         from patchlab.pair.loading import load_model
 
         if which not in self.specs:

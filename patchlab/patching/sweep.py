@@ -136,6 +136,7 @@ def prepare(pair: ModelPair | SequentialPair, prompt_ids: Sequence[torch.Tensor]
     with pair.using("vanilla") as model:
         store, source_logits = prepare_source(model, pair.arch, prompt_ids, answers, sites=sites, labels=labels,
                                               progress=progress)
+    del model  # released before the unlearned model is loaded (one-model-at-a-time pairs)
     store.source_weights = pair.source_weights()
     with pair.using("unlearned") as model:
         return prepare_target(model, store, source_logits, answers, metric=metric, labels=labels, progress=progress)
@@ -278,6 +279,7 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
                 check_fits(model_v, prompt_ids[q], len(a), question_label(q, questions[q]))
             store, source_logits = prepare_source(model_v, pair.arch, [prompt_ids[q] for q in part], part_answers,
                                                   sites=_cached_sites(pair, comps), labels=labels, progress=progress)
+        del model_v  # a one-model-at-a-time pair releases it only once nothing refers to it
         store.source_weights = pair.source_weights()
         rows = [Row(k, c, w, position_mask(positions, store.prompt_lens[k], len(store.ids[k])))
                 for k in range(len(part)) for c in comps for w in wins]
@@ -290,6 +292,7 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
             else:
                 scores = _scores_loop(pair, store, tqdm(rows, desc=f"{chosen_metric.name} sweep (loop)",
                                                         disable=not progress), chosen_metric)
+        del model_u
         for k, q in enumerate(part):
             progress_file.add(q, scores.reshape(len(part), len(comps), len(wins))[k].numpy(),
                               pair.tokenizer.decode(part_answers[k], skip_special_tokens=True), store.weights[k])
