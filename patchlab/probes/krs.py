@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 from transformers import PreTrainedModel
 
 import patchlab
@@ -34,6 +33,7 @@ from patchlab.errors import DegenerateKRSError, PatchlabValueError
 from patchlab.pair import ModelPair
 from patchlab.pair.sites import parse_component
 from patchlab.patching.result import KRSResult
+from patchlab.reports import figures
 from patchlab.patching.sweep import DEFAULT_COMPONENTS
 
 DEFAULTS: dict[str, Any] = {"components": list(DEFAULT_COMPONENTS), "window": 5, "window_mode": "centered",
@@ -92,30 +92,20 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
 
 
 def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
-    """One heatmap per pair (component x layer window, colour = mean KRS on one shared scale from min(0, lowest) to
-    1); hover shows the layers, the mean KRS and its bootstrap interval."""
+    """One heatmap per pair (component x layer window, mean KRS on one diverging scale centred on 0: a negative KRS
+    means the restoration took the answer further away); hover adds the bootstrap interval."""
     shown = [(label, r) for label, r in results if "sweep" in r.details]
-    lowest = 0.0
-    fig = make_subplots(rows=1, cols=max(1, len(shown)), subplot_titles=[label for label, _ in shown] or None,
-                        shared_yaxes=True, horizontal_spacing=0.04)
-    for col, (label, result) in enumerate(shown, start=1):
-        d = result.details
-        components = list(d["sweep"]["scores"])
-        windows = d["sweep"]["windows"]
-        cells = [[Interval.from_list(v) for v in d["intervals"][c]] for c in components]
-        hover = [[f"{label}<br>{c}, layers {s}-{e - 1}<br>KRS {iv.format(3)}" for (s, e), iv in zip(windows, row)]
-                 for c, row in zip(components, cells)]
-        z = np.array([[iv.value for iv in row] for row in cells])
-        lowest = min(lowest, float(z.min()))
-        fig.add_trace(go.Heatmap(z=z, x=d["window_labels"],
-                                 y=components, text=hover, hoverinfo="text", coloraxis="coloraxis"), row=1, col=col)
-        fig.update_xaxes(title_text="centre layer of the window" if d["sweep"]["settings"].get("window_mode") ==
-                         "centered" else "first layer of the window", dtick=1, row=1, col=col)
-    fig.update_yaxes(autorange="reversed", title_text="restored component", col=1)
-    fig.update_layout(title="Knowledge Recovery Score: vanilla activations restored inside the unlearned model",
-                      coloraxis={"colorscale": "Viridis", "cmin": lowest, "cmax": 1.0,
-                                 "colorbar": {"title": "mean KRS"}})
-    return fig
+    if not shown:
+        return go.Figure(layout={"title": "Knowledge Recovery Score: no pair had a defined KRS"})
+    sweep = shown[0][1].details["sweep"]
+    components, windows = list(sweep["scores"]), [tuple(w) for w in sweep["windows"]]
+    cells = [[[Interval.from_list(v) for v in r.details["intervals"][c]] for c in components] for _, r in shown]
+    hover = [[[f"{label}<br>{c}, layers {figures.window_label(w)}<br>KRS {iv.format(3)}" for w, iv in zip(windows, row)]
+              for c, row in zip(components, pair_cells)] for (label, _), pair_cells in zip(shown, cells)]
+    values = np.array([[[iv.value for iv in row] for row in pair_cells] for pair_cells in cells])
+    return figures.window_heatmaps(values, components, windows, [label for label, _ in shown], numbered=False,
+                                   columns=len(shown), hover=hover, title="Knowledge Recovery Score: vanilla "
+                                   "activations restored inside the unlearned model (mean over questions)")
 
 
 PROBE = Probe(

@@ -62,11 +62,11 @@ def _colour_bound(values: np.ndarray) -> float:
 
 
 def _window_trace(z: np.ndarray, rows: Sequence[str], labels: list[str], value_name: str, *, show_values: bool,
-                  panel: str | None = None) -> go.Heatmap:
+                  panel: str | None = None, hover: Sequence[Sequence[str]] | None = None) -> go.Heatmap:
     """One component x window heatmap trace on x positions 0..n-1 (ticks labelled by the caller), coloured by the
-    figure's shared ``coloraxis``."""
-    hover = [[f"{row}<br>layers {label}<br>{value_name} {v:.{HOVER_DIGITS}f}" for label, v in zip(labels, line)]
-             for row, line in zip(rows, z)]
+    figure's shared ``coloraxis``; ``hover`` replaces each cell's default hover text."""
+    hover = hover or [[f"{row}<br>layers {label}<br>{value_name} {v:.{HOVER_DIGITS}f}" for label, v in zip(labels, line)]
+                      for row, line in zip(rows, z)]
     return go.Heatmap(z=z, x=list(range(len(labels))), y=list(rows), text=hover, coloraxis="coloraxis",
                       hovertemplate="%{text}<extra>" + (panel or "") + "</extra>",
                       texttemplate=f"%{{z:.{CELL_DIGITS}f}}" if show_values else None)
@@ -110,13 +110,15 @@ def window_heatmap(values: Float[np.ndarray, "row window"], rows: Sequence[str],
 def window_heatmaps(values: Float[np.ndarray, "panel row window"], rows: Sequence[str],
                     windows: Sequence[tuple[int, int]], panels: Sequence[str], *, title: str | None = None,
                     value_name: str = "KRS", columns: int = 2, show_values: bool = True,
-                    x_title: str = "layers restored (window)", numbered: bool = True) -> go.Figure:
+                    x_title: str = "layers restored (window)", numbered: bool = True,
+                    hover: Sequence[Sequence[Sequence[str]]] | None = None) -> go.Figure:
     """One small :func:`window_heatmap` panel per question (``panels``: their titles, e.g. the questions), in a grid
     of ``columns`` columns, on one shared diverging colour scale centred on 0.
 
     Args:
         values: ``[n_panels, n_rows, n_windows]`` scores, e.g. a sweep's per-question KRS.
         numbered: prefix panel titles with ``Q1:``, ``Q2:``, ... (questions); ``False`` for other panels.
+        hover: per panel, row and window, the cell's hover text (default: row, layers and value).
 
     Raises:
         PatchlabValueError: ``values`` is not ``[len(panels), len(rows), len(windows)]``, or ``columns < 1``.
@@ -138,7 +140,8 @@ def window_heatmaps(values: Float[np.ndarray, "panel row window"], rows: Sequenc
     labels = [window_label(w) for w in windows]
     for i, name in enumerate(names):
         fig.add_trace(_window_trace(z[i], rows, labels, value_name, show_values=show_values,
-                                    panel=f"Q{i + 1}" if numbered else _short(panels[i], 30)),
+                                    panel=f"Q{i + 1}" if numbered else _short(panels[i], 30),
+                                    hover=hover[i] if hover is not None else None),
                       row=i // columns + 1, col=i % columns + 1)
     fig.update_layout(title=title, coloraxis=_coloraxis(_colour_bound(z), value_name), height=height)
     fig.update_annotations(font_size=11)
