@@ -14,8 +14,9 @@ scores and keep the unrelated ones. Nothing is trained (the method sweep, ``anal
 
 Question files are JSON/JSONL: strings or records with a ``question`` field. Writes ``behavior.csv`` (one row per
 question: set, question, before, after, bleu, rouge_l, same), ``behavior.json`` (the averages per set, the
-settings, both checkpoints with a hash of their weights, the rows, ``"partial": false``) and ``behavior.html``
-(the per-question scores; it loads plotly.js from a file written beside it) into --out.
+settings, the provenance: both checkpoints with a hash of their weights and the question files; the rows,
+``"partial": false``; ``patchlab.load_result`` reads it back) and ``behavior.html`` (the per-question scores; it
+loads plotly.js from a file written beside it) into --out.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from typing import Any
 import patchlab
 from patchlab.analysis.behavior import evaluate
 from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, run_script
-from patchlab.io import atomic_write_json, output_dir, read_questions, write_csv, write_html
+from patchlab.io import output_dir, read_questions
 from patchlab.pair.generation import DEFAULT_TEMPLATE
-from patchlab.provenance import checkpoint_record, environment
-from patchlab.reports import figures, results_record
+from patchlab.reports import figures
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,22 +77,14 @@ def report(args: argparse.Namespace) -> None:
     pair, target, unrelated, sources, title = load_inputs(args)
     result = evaluate(pair, target, unrelated, max_new_tokens=args.max_new_tokens, template=args.template,
                       progress=not args.quiet)
-    record = results_record({
-        "title": title, "averages": result.averages, "questions": sources,
-        "settings": {"max_new_tokens": args.max_new_tokens, "template": args.template},
-        "checkpoints": {"vanilla": checkpoint_record(args.vanilla or pair.vanilla_hf, pair.vanilla_hf),
-                        "unlearned": checkpoint_record(args.unlearned or pair.unlearned_hf, pair.unlearned_hf)},
-        "environment": environment(), "rows": result.table.to_dict("records")}, partial=False)
-    paths = [write_csv(result.table, out.file("behavior.csv")),
-             atomic_write_json(out.file("behavior.json"), record),
-             write_html(figures.behavior_scores(result.table, f"Behavioural test: {title}"),
-                        out.file("behavior.html"))]
+    result.provenance["questions"] = sources
+    paths = result.write_report(out, title=f"Behavioural test: {title}")
     print(f"behavioural test on {title}: {figures.plural(len(target), 'target question')}, "
           f"{figures.plural(len(unrelated), 'unrelated question')}")
     for name, averages in result.averages.items():
         print(f"{name:>9}: BLEU {averages['bleu']:6.2f}  ROUGE-L {averages['rouge_l']:.3f}  "
               f"unchanged {averages['same']:.0%}")
-    for path in paths:
+    for path in paths.values():
         print(f"wrote {path}")
 
 

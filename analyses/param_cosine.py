@@ -9,8 +9,9 @@ With no arguments it compares the embedded toy world's vanilla model with its un
 Checkpoint directories are streamed tensor by tensor from their safetensors files (two 7B checkpoints never sit in
 memory together). Fine-tuning unlearning changes weights so little that the cosine reads 1.0 everywhere, so the
 summary prints 1 - cos (computed without cancellation), the angle in degrees and the relative L2 change |b-a|/|a|
-in scientific notation. Writes ``paramdiff.csv`` (per tensor), ``paramdiff_modules.csv`` (per module type),
-``paramdiff_layers_<metric>.csv`` (layer x module) and ``paramdiff_<metric>.html`` (heatmap; log colour scale
+in scientific notation. Writes ``paramdiff.json`` (every number and both checkpoints with a hash of their weights;
+``patchlab.load_result`` reads it back), ``paramdiff.csv`` (per tensor), ``paramdiff_modules.csv`` (per module
+type), ``paramdiff_layers_<metric>.csv`` (layer x module) and ``paramdiff_<metric>.html`` (heatmap; log colour scale
 except for the cosine) for cosine, one_minus_cos, angle_deg and rel_l2, plus ``value_vectors.csv`` with
 ``--value-vectors N``, into --out; the pages share one plotly.js file written beside them.
 """
@@ -62,17 +63,16 @@ def report(args: argparse.Namespace) -> None:
     out = output_dir(args.out, "paramdiff", overwrite=args.overwrite)
     vanilla, unlearned, title = load_models(args)
     diff = paramdiff(vanilla, unlearned, progress=not args.quiet)  # checks both directories before loading
-    values = None
     if args.value_vectors > 0:
         pair = vanilla if unlearned is None else patchlab.load_pair(vanilla, unlearned)
-        values = value_vector_changes(pair, top=args.value_vectors, top_tokens=args.top_tokens)
-    paths = diff.write_report(out, value_vectors=values)
+        diff.value_vectors = value_vector_changes(pair, top=args.value_vectors, top_tokens=args.top_tokens)
+    paths = diff.write_report(out)
     modules = diff.by_module()
-    print(f"parameter diff on {title}: {len(diff.table)} tensors")
+    print(f"parameter diff on {title}: {len(diff.to_frame())} tensors")
     print(modules[SUMMARY].to_string(index=False, float_format=lambda x: f"{x:.3e}"))
-    if values is not None:
-        print(values.drop(columns="cosine").to_string(index=False, float_format=lambda x: f"{x:.3e}"))
-    for path in paths:
+    if diff.value_vectors is not None:
+        print(diff.value_vectors.drop(columns="cosine").to_string(index=False, float_format=lambda x: f"{x:.3e}"))
+    for path in paths.values():
         print(f"wrote {path}")
 
 

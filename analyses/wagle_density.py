@@ -6,9 +6,10 @@ concepts' paragraphs), offline:
     python analyses/wagle_density.py
     python analyses/wagle_density.py --vanilla path/or/hub-id --forget forget.jsonl --retain retain.jsonl --out results/w
 
-Writes ``density.csv`` (per method, module type and layer), ``density_modules.csv`` (per method and module type),
-``density_modules.html`` (bars per module type) and ``density_layers.html`` (layer x module heatmaps) into --out;
-the pages share one plotly.js file written beside them.
+Writes ``density.json`` (every density, the model with a hash of its weights and the settings;
+``patchlab.load_result`` reads it back), ``density.csv`` (per method, module type and layer), ``density_modules.csv``
+(per method and module type), ``density_modules.html`` (bars per module type) and ``density_layers.html`` (layer x
+module heatmaps) into --out; the pages share one plotly.js file written beside them.
 
 From attribution to masked unlearning on the command line: ``--save-mask FILE`` saves the first method's mask (or
 the ``--mask-method`` one) as safetensors as soon as it is computed, for ``analyses/unlearn.py --mask FILE``:
@@ -32,6 +33,11 @@ from patchlab.errors import PatchlabValueError
 from patchlab.io import output_dir, read_records
 from patchlab.pair import load_model, load_tokenizer
 from patchlab.unlearning import attribution, save_mask
+
+
+#: The arguments recorded in density.json's provenance: how the masks were drawn.
+SETTINGS = ("concept", "methods", "ratio", "per_layer", "gamma", "forget_loss", "batch_size", "max_length", "seed",
+            "forget", "retain")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,13 +119,14 @@ def report(args: argparse.Namespace, saved: dict[str, Path]) -> None:
         frames[method] = attribution.density(masks[method], model)
         if method == mask_method:
             saved[method] = save_mask(masks[method], mask_path)
-    densities = attribution.density_report(frames)
-    paths = densities.write(out)
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    densities = attribution.density_report(frames, model=model, source=args.vanilla, settings=settings)
+    paths = densities.write_report(out)
     print(f"weight attribution on {title}: ratio {args.ratio}{' per layer' if args.per_layer else ''}")
     print(densities.by_method().round(3).to_string())
     for other in methods[1:]:
         print(f"mask overlap (Jaccard) {methods[0]} vs {other}: {attribution.overlap(masks[methods[0]], masks[other]):.3f}")
-    for path in [*saved.values(), *paths]:
+    for path in [*saved.values(), *paths.values()]:
         print(f"wrote {path}")
 
 

@@ -127,14 +127,25 @@ def checkpoint_digest(source: str, model: PreTrainedModel | None) -> str:
 
 
 def pair_provenance(pair: Any) -> dict[str, Any]:
-    """``{"vanilla": {"source", "weights"}, "unlearned": {...}, "environment": ...}`` of a pair (held in memory or
-    one model at a time): how each checkpoint was given, a content hash of its weights (:func:`checkpoint_digest`)
-    and the library versions."""
-    out: dict[str, Any] = {}
-    for which, source in zip(("vanilla", "unlearned"), getattr(pair, "sources", ("", ""))):
-        model = pair.model(which) if hasattr(pair, "model") else None
-        source = source or describe_source(model)
-        out[which] = {"source": source, "weights": checkpoint_digest(source, model)}
+    """``{"vanilla": {"source", "weights"}, "unlearned": {...}, "environment": ...}`` of a pair: how each checkpoint
+    was given, a content hash of its weights (:func:`checkpoint_digest`) and the library versions.
+
+    ``pair``: a :class:`~patchlab.pair.ModelPair` (held in memory or one model at a time), or a ``(vanilla,
+    unlearned)`` tuple, each an in-memory model or a local checkpoint directory.
+
+    Raises:
+        PatchlabValueError: a tuple side that is neither a model nor a directory holding safetensors files.
+    """
+    if isinstance(pair, tuple):
+        if len(pair) != 2:
+            raise PatchlabValueError(f"a pair of checkpoints is (vanilla, unlearned), got {len(pair)} items")
+        sides = [(describe_source(spec), spec if isinstance(spec, PreTrainedModel) else None) for spec in pair]
+    else:
+        models = [pair.model(which) if hasattr(pair, "model") else None for which in ("vanilla", "unlearned")]
+        sides = [(source or describe_source(model), model)
+                 for source, model in zip(getattr(pair, "sources", ("", "")), models)]
+    out = {which: {"source": source, "weights": checkpoint_digest(source, model)}
+           for which, (source, model) in zip(("vanilla", "unlearned"), sides)}
     return {**out, "environment": environment()}
 
 

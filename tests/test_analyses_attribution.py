@@ -190,8 +190,8 @@ def test_behavior_cli_scores_an_existing_pair(ckpt, tmp_path, capsys):
     assert record["averages"].keys() == direct.averages.keys()
     for name, averages in direct.averages.items():
         assert record["averages"][name] == pytest.approx(averages)
-    assert record["checkpoints"]["unlearned"]["weights"] != record["checkpoints"]["vanilla"]["weights"]
-    assert record["checkpoints"]["vanilla"]["source"] == str(ckpt["vanilla"].resolve())
+    assert record["provenance"]["unlearned"]["weights"] != record["provenance"]["vanilla"]["weights"]
+    assert record["provenance"]["vanilla"]["source"] == str(ckpt["vanilla"].resolve())
     assert 'src="plotly-' in (out / "behavior.html").read_text()
 
 

@@ -332,16 +332,17 @@ def test_density_report_holds_the_tables_behind_the_figures(models, tmp_path):
     pd.testing.assert_frame_equal(report.table, stack_densities(frames))
     assert list(report.table["method"].unique()) == report.methods == ["random", "magnitude"]
     pd.testing.assert_frame_equal(report.per_module, module_density(report.table))
-    assert [t.name for t in report.bars.data] == report.methods and len(report.heat.data) == 2
+    assert [t.name for t in report.figure("modules").data] == report.methods
+    assert len(report.figure("layers").data) == 2
     table = report.by_method()
     assert list(table.columns) == report.methods
     assert list(table.index) == list(module_density(frames["random"])["module"])
     assert table.loc["mlp_down", "magnitude"] == pytest.approx(
         report.per_module.set_index(["method", "module"]).loc[("magnitude", "mlp_down"), "density"])
-    paths = report.write(tmp_path / "out")
-    assert [p.name for p in paths] == ["density.csv", "density_modules.csv", "density_modules.html",
-                                       "density_layers.html"]
-    assert len(pd.read_csv(paths[0])) == len(report.table)
+    paths = report.write_report(tmp_path / "out")
+    assert list(paths) == ["density.json", "density.csv", "density_modules.csv", "density_modules.html",
+                           "density_layers.html"]
+    assert len(pd.read_csv(paths["density.csv"])) == len(report.table)
     with pytest.raises(PatchlabValueError, match="no density frame"):
         stack_densities({})
 

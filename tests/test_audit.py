@@ -279,7 +279,8 @@ def test_report_html_is_self_contained_with_the_verdict_table_first(case, tmp_pa
     assert page.index('class="verdicts"') < page.index('id="quantization"') < page.index('id="behavior"')
     assert page.count('class="verdict" style') == 4  # 2 probes x 2 pairs
     paths = both.write_report(tmp_path / "r")
-    assert set(paths) == {"json", "csv", "html"} and all(p.is_file() for p in paths.values())
+    assert set(paths) == {"audit.json", "audit.csv", "audit.html"} and all(p.is_file() for p in paths.values())
+    assert not list((tmp_path / "r").glob("*.js"))  # the page is self-contained: no shared plotly.js beside it
     with pytest.raises(PatchlabFileError, match="already holds"):
         both.write_report(tmp_path / "r")
     overview = both.figure().data[0]
@@ -295,7 +296,7 @@ def test_load_rejects_other_files(tmp_path):
     with pytest.raises(PatchlabFileError):
         AuditReport.load(tmp_path / "missing.json")
     (tmp_path / "x.json").write_text('{"format": "other"}')
-    with pytest.raises(PatchlabValueError, match="not a patchlab audit report"):
+    with pytest.raises(PatchlabValueError, match="not a patchlab AuditReport file"):
         AuditReport.load(tmp_path / "x.json")
 
 

@@ -19,6 +19,7 @@ from patchlab.analysis.behavior import (BehaviorResult, SweepResult, SweepTask, 
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.pair import load_pair
+from patchlab.provenance import weights_digest
 from patchlab.tiny import tiny_model
 
 
@@ -122,6 +123,7 @@ def test_method_sweep_resumes_after_interruption(tok, tiny_pair, tiny_task, tmp_
                      progress=False)
     assert calls == ["ga", "memit_empty"]
     assert reports == [["ga"]], "the interrupted sweep must leave a report of its finished run"
+    assert json.loads((tmp_path / "sweep.json").read_text())["partial"] is True  # it says that runs are missing
     assert len(list((tmp_path / "runs").glob("ga-s0-*.json"))) == 1
     assert not list((tmp_path / "runs").glob("memit*")) and not list(tmp_path.rglob("*.tmp"))
 
@@ -138,7 +140,8 @@ def test_method_sweep_resumes_after_interruption(tok, tiny_pair, tiny_task, tmp_
     assert list(frame["method"]) == ["ga", "memit_empty"]
     assert frame[["target_bleu", "unrelated_bleu"]].apply(lambda c: c.between(0, 100)).all().all()
     saved = json.loads((tmp_path / "sweep.json").read_text())
-    assert [r["method"] for r in saved["records"]] == ["ga", "memit_empty"]
+    assert [r["method"] for r in saved["records"]] == ["ga", "memit_empty"] and saved["partial"] is False
+    assert saved["provenance"]["vanilla"]["weights"] == weights_digest(vanilla)
     assert len(saved["records"][0]["rows"]) == len(QUESTIONS)
     assert "plotly" in (tmp_path / "sweep.html").read_text()[:100_000].lower()
 
@@ -150,6 +153,7 @@ def test_method_sweep_resumes_after_interruption(tok, tiny_pair, tiny_task, tmp_
                  progress=False)
     assert calls == []
     assert reports == [["ga", "memit_empty"]], "a fully resumed sweep writes its report once, at the end"
+    assert json.loads((tmp_path / "sweep.json").read_text())["partial"] is False
     grid = {"ga": ({"lr": 2e-3, "epochs": 1, "batch_size": 2},)}
     method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["ga"], grid=grid, max_new_tokens=2, progress=False)
     assert calls == ["ga"]
@@ -242,7 +246,7 @@ def test_sweep_figure_joins_each_methods_strengths_in_order():
     records = [{"method": m, "strength": s, "settings": {"lr": s}, "target_bleu": float(10 * s + i),
                 "unrelated_bleu": float(90 - s), "target_rouge_l": 0.0, "unrelated_rouge_l": 0.0, "seconds": 0.0}
                for s in (2, 0, 1) for i, m in enumerate(("npo", "ga"))]
-    fig = SweepResult(task="t", records=records).scatter()
+    fig = SweepResult(task="t", records=records).figure()
     assert [t.name for t in fig.data] == ["npo", "ga"]  # first-seen order kept
     for i, trace in enumerate(fig.data):
         assert list(trace.x) == [0.0 + i, 10.0 + i, 20.0 + i]  # weakest to strongest

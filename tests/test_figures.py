@@ -178,6 +178,6 @@ def test_report_writers_share_one_bundle(vanilla_models, tmp_path):
 
     llama = vanilla_models["llama"]
     paths = paramdiff(llama, perturbed(llama, ATTN_OR_UP), progress=False).write_report(tmp_path / "out")
-    pages = [p for p in paths if p.suffix == ".html"]
+    pages = [p for p in paths.values() if p.suffix == ".html"]
     assert len(pages) == 4 and [p.name for p in (tmp_path / "out").glob("*.js")] == [plotlyjs_name()]
     assert sum(p.stat().st_size for p in pages) < 200_000

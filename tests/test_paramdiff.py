@@ -104,8 +104,8 @@ def test_write_report_holds_every_table_and_figure(llama, tmp_path):
         other.get_parameter("model.layers.1.self_attn.q_proj.weight").mul_(-1)
     diff = paramdiff(llama, other, progress=False)
     paths = diff.write_report(tmp_path / "out")
-    assert sorted(p.name for p in paths) == sorted(
-        ["paramdiff.csv", "paramdiff_modules.csv"] + [f"paramdiff_layers_{m}.csv" for m in METRICS]
+    assert sorted(paths) == sorted(
+        ["paramdiff.json", "paramdiff.csv", "paramdiff_modules.csv"] + [f"paramdiff_layers_{m}.csv" for m in METRICS]
         + [f"paramdiff_{m}.html" for m in METRICS])
     layers = pd.read_csv(tmp_path / "out" / "paramdiff_layers_cosine.csv").set_index("layer")
     assert layers.loc[1, "attn_q"] == pytest.approx(-1.0)  # the negated tensor, read back from disk

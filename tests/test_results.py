@@ -1,19 +1,26 @@
-"""The result protocol on sweeps: resumable progress, provenance, per-question tables, comparison, any result file
-read back by its format, legacy KRS files, heatmaps a reader can trust."""
+"""The result protocol: every registered result type saves, loads, tabulates, draws and reports the same way; on
+sweeps: resumable progress, provenance, per-question tables, comparison, any result file read back by its format,
+legacy KRS files, heatmaps a reader can trust."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
 import pytest
 import torch
 
 import patchlab
 import patchlab.patching.sweep as sweep_module
+from patchlab.analysis.behavior import SweepTask, evaluate, method_sweep
+from patchlab.analysis.paramdiff import paramdiff
 from patchlab.io import OutputDir
 from patchlab.provenance import weights_digest
-from tests.conftest import ATTN_OR_UP, QUESTIONS, perturbed
+from patchlab.reports.results import result_types
+from patchlab.unlearning.attribution import density, density_report, mask, scores
+from tests.conftest import ATTN_OR_UP, CORPUS, QUESTIONS, perturbed
 
 KW = dict(components=["coef", "attn"], window=2, n_tokens=4, progress=False)
 
@@ -128,3 +135,65 @@ def test_overwritten_checkpoint_changes_the_digest(vanilla_models, tmp_path):
     assert weights_digest(tmp_path / "ckpt") != before
     with torch.no_grad():
         assert weights_digest(changed) != weights_digest(model)
+
+
+# ------------------------------------------------------------------------------------------ every result type
+
+
+@pytest.fixture(scope="module")
+def instances(pair, tmp_path_factory):
+    """One result of every registered type, each made by its producing function on the tiny pair."""
+    vanilla, unlearned = pair.vanilla_hf, pair.unlearned_hf
+    sweep = patchlab.krs_sweep(pair, QUESTIONS, **KW)
+    masks = {method: mask(scores(vanilla, method=method), 0.5) for method in ("random", "magnitude")}
+    task = SweepTask(name="tiny", forget=CORPUS[:2], retain=CORPUS[2:], target_questions=QUESTIONS[:1],
+                     unrelated_questions=QUESTIONS[1:], subject="Veltrani Codex", cov_texts=CORPUS)
+    made = [sweep, patchlab.compare(sweep, sweep), paramdiff(vanilla, unlearned, progress=False),
+            density_report({name: density(m, vanilla) for name, m in masks.items()}, model=vanilla,
+                           settings={"ratio": 0.5}),
+            evaluate(pair, QUESTIONS[:2], QUESTIONS[2:], max_new_tokens=2),
+            method_sweep(vanilla, pair.tokenizer, task, tmp_path_factory.mktemp("sweep"), methods=["ga"],
+                         grid={"ga": ({"lr": 1e-3, "epochs": 1, "batch_size": 2},)}, max_new_tokens=2,
+                         progress=False),
+            patchlab.audit(pair, QUESTIONS, probes=["quantization"], progress=False,
+                           settings={"common": {"n_boot": 20}, "quantization": {"bits": [8]}})]
+    return {type(r): r for r in made}
+
+
+def test_every_result_type_saves_loads_tabulates_draws_and_reports_alike(instances, tmp_path):
+    assert set(instances) == set(result_types().values()), "every registered result type needs an instance here"
+    for cls, res in instances.items():
+        path = res.save(tmp_path / f"{cls.kind}.json")
+        back = cls.load(path)
+        assert type(back) is cls and type(patchlab.load_result(path)) is cls
+        assert back.save(tmp_path / f"{cls.kind}-again.json").read_text() == path.read_text(), cls.__name__
+        frame = res.to_frame()
+        assert isinstance(frame, pd.DataFrame) and not frame.empty, cls.__name__
+        pd.testing.assert_frame_equal(back.to_frame(), frame, obj=cls.__name__)
+        assert isinstance(res.figure(), go.Figure) and isinstance(back.figure(), go.Figure)
+        out = tmp_path / "reports" / cls.kind
+        paths = res.write_report(out)
+        assert f"{cls.stem or cls.kind}.json" in paths, cls.__name__
+        assert all(p == out / name and p.is_file() for name, p in paths.items()), cls.__name__
+        with pytest.raises(patchlab.PatchlabFileError, match="already holds"):
+            res.write_report(out)
+        assert res.write_report(out, overwrite=True) == paths
+        manifest = json.loads((out / ".patchlab.json").read_text())
+        assert set(paths) <= set(manifest["files"]) and manifest["kind"] == cls.kind
+
+
+def test_results_record_the_checkpoints_they_come_from(instances, pair):
+    digests = {who: weights_digest(pair.model(who)) for who in ("vanilla", "unlearned")}
+    by_name = {cls.__name__: res for cls, res in instances.items()}
+    for name in ("PatchResult", "ParamDiff", "BehaviorResult"):
+        prov = by_name[name].provenance
+        assert {who: prov[who]["weights"] for who in digests} == digests, name
+        assert prov["environment"]["patchlab"] == patchlab.__version__
+    assert by_name["DensityReport"].provenance["model"]["weights"] == digests["vanilla"]
+    assert by_name["DensityReport"].provenance["settings"] == {"ratio": 0.5}
+    sweep = by_name["SweepResult"]
+    assert sweep.provenance["vanilla"]["weights"] == digests["vanilla"] and sweep.partial is False
+    assert sweep.provenance["settings"]["plan"][0]["method"] == "ga"
+    audit = by_name["AuditReport"].runs[0].provenance
+    assert audit["checkpoints"]["unlearned"]["weights"] == digests["unlearned"]
+    assert by_name["BehaviorResult"].settings["max_new_tokens"] == 2

@@ -40,10 +40,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from patchlab.analysis.likelihood import aggregate, encode_qa, likelihood_values
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, greedy_answers
-from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json, write_csv, write_html
+from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
 from patchlab.pair import ModelPair, ModelSpec, load_model
-from patchlab.provenance import weights_digest
-from patchlab.reports import figures
+from patchlab.provenance import describe_source, environment, pair_provenance, short_name, weights_digest
+from patchlab.reports import figures, is_partial, results_record
+from patchlab.reports.results import Result, register_result
 
 SETS = ("target", "unrelated")
 METRICS = ("bleu", "rouge_l")
@@ -114,20 +115,31 @@ def _content_ids(ids: Int[torch.Tensor, "answer"], special: set[int]) -> list[in
     return [t for t in ids.tolist() if t not in special]
 
 
+@register_result
 @dataclass
-class BehaviorResult:
+class BehaviorResult(Result):
     """Per-question before/after answers and scores.
 
     Attributes:
         table: one row per question: ``set`` (target / unrelated), ``question``, ``before`` and ``after`` (decoded
             answers), ``bleu`` (0-100), ``rouge_l`` (0-1), ``same`` (the answer ids are identical); with likelihood
             metrics, ``{metric}_before`` / ``{metric}_after`` per metric (the vanilla / unlearned model's value,
-            e.g. ``prob_after``, ``truth_ratio_before``: the raw ratio ``R``).
+            e.g. ``prob_after``, ``truth_ratio_before``: the raw ratio ``R``). Also :meth:`to_frame`.
         likelihood: the likelihood metrics scored (:data:`patchlab.analysis.likelihood.LIKELIHOOD_METRICS` keys).
+        settings: ``max_new_tokens``, ``template``, ``likelihood`` (:func:`evaluate`).
+        provenance: the two checkpoints (source and weights digest) and the library versions
+            (:func:`patchlab.provenance.pair_provenance`).
+
+    Its JSON file (:meth:`save`) holds the :attr:`averages`, the rows and ``"partial": false`` (a finished test).
     """
+
+    kind = "behavior"
+    format = "patchlab.BehaviorResult/1"
 
     table: pd.DataFrame
     likelihood: tuple[str, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def averages(self) -> dict[str, dict[str, float]]:
@@ -155,6 +167,29 @@ class BehaviorResult:
     def summary(self) -> dict[str, float]:
         """Flat averages: ``target_bleu``, ``target_rouge_l``, ``target_same``, ``unrelated_bleu``, ..."""
         return {f"{s}_{k}": v for s, metrics in self.averages.items() for k, v in metrics.items()}
+
+    def to_frame(self) -> pd.DataFrame:
+        """:attr:`table`: one row per question."""
+        return self.table
+
+    def figure(self, title: str | None = None) -> go.Figure:
+        """Per-question BLEU and ROUGE-L, target and unrelated sets side by side
+        (:func:`patchlab.reports.figures.behavior_scores`); the default title names the models."""
+        if title is None:
+            names = [short_name(self.provenance[who]["source"]) for who in ("unlearned", "vanilla")
+                     if who in self.provenance]
+            title = "Behavioural test" + (f": {' vs '.join(names)}" if names else "")
+        return figures.behavior_scores(self.table, title)
+
+    def to_dict(self) -> dict[str, Any]:
+        return results_record({"settings": self.settings, "provenance": self.provenance,
+                               "likelihood": list(self.likelihood), "averages": self.averages,
+                               "rows": self.table.to_dict("records")}, partial=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BehaviorResult:
+        return cls(pd.DataFrame(data["rows"]), likelihood=tuple(data["likelihood"]), settings=data["settings"],
+                   provenance=data["provenance"])
 
 
 def score_answers(tokenizer: PreTrainedTokenizerBase, questions: Mapping[str, Sequence[str]],
@@ -216,7 +251,7 @@ def evaluate(pair_or_models: PairOrModels, target_qa: Sequence[Any], unrelated_q
             ``perturbed_answer`` list), each under both models; the items must then carry those fields.
 
     Returns:
-        A :class:`BehaviorResult` (per-question table, ``averages`` per set).
+        A :class:`BehaviorResult` (per-question table, ``averages`` per set, the settings, both checkpoints).
 
     Raises:
         PatchlabValueError: an empty set, an item without a question (or without a field a likelihood metric
@@ -236,6 +271,9 @@ def evaluate(pair_or_models: PairOrModels, target_qa: Sequence[Any], unrelated_q
         for metric in encoded["target"]:
             result.table[f"{metric}_{who}"] = [v for name in qa for v in values[name][metric]]
     result.likelihood = tuple(encoded["target"])
+    result.settings = {"max_new_tokens": max_new_tokens, "template": template, "likelihood": list(result.likelihood)}
+    result.provenance = pair_provenance(pair_or_models if isinstance(pair_or_models, ModelPair)
+                                        else (vanilla, unlearned))
     return result
 
 
@@ -398,17 +436,32 @@ def run_key(task: SweepTask, method: str, strength: int, settings: Mapping[str, 
     return f"{method}-s{strength}-{digest}"
 
 
+@register_result
 @dataclass
-class SweepResult:
+class SweepResult(Result):
     """The records of a method sweep, one per (method, strength).
 
     Each record holds ``method``, ``strength`` (0 weakest), ``settings``, the averages of
     :meth:`BehaviorResult.summary` (``target_bleu``, ``unrelated_bleu``, ...), ``seconds`` (unlearning +
     evaluation wall time) and ``rows`` (the per-question table).
+
+    Attributes:
+        task: the task's name.
+        records: the runs' records, in plan order.
+        provenance: the vanilla checkpoint (source and weights digest), the settings (task fingerprint, the plan,
+            ``max_new_tokens``, ``template``) and the library versions.
+        partial: the sweep has runs left (an interrupted or running sweep's report); saved as the ``"partial"``
+            flag (:func:`patchlab.reports.results_record`).
     """
+
+    kind = "method_sweep"
+    stem = "sweep"
+    format = "patchlab.SweepResult/1"
 
     task: str
     records: list[dict[str, Any]] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    partial: bool = False
 
     def to_frame(self) -> pd.DataFrame:
         """One row per run (settings as a JSON string, per-question rows left out)."""
@@ -416,18 +469,19 @@ class SweepResult:
                  "settings": json.dumps(r["settings"], sort_keys=True)} for r in self.records]
         return pd.DataFrame(rows)
 
-    def scatter(self, title: str | None = None) -> go.Figure:
+    def figure(self, title: str | None = None) -> go.Figure:
         """Target BLEU (x) against unrelated BLEU (y) per run, coloured by method, each method's strengths joined
         weakest to strongest (Hong et al., Fig. 2)."""
         return figures.sweep_scatter(self.to_frame(), title or f"Behavioural test: {self.task}")
 
-    def write_report(self, out_dir: str | os.PathLike | OutputDir, *, overwrite: bool = False) -> dict[str, Path]:
-        """Write ``sweep.json`` (all records), ``sweep.csv`` and the interactive ``sweep.html``, atomically, into
-        ``out_dir`` (claimed as a ``"method_sweep"`` output, :class:`patchlab.io.OutputDir`)."""
-        out = output_dir(out_dir, "method_sweep", overwrite=overwrite, resume=True)
-        return {"json": atomic_write_json(out.file("sweep.json"), {"task": self.task, "records": self.records}),
-                "csv": write_csv(self.to_frame(), out.file("sweep.csv")),
-                "html": write_html(self.scatter(), out.file("sweep.html"))}
+    def to_dict(self) -> dict[str, Any]:
+        return results_record({"task": self.task, "provenance": self.provenance, "records": self.records},
+                              partial=self.partial)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepResult:
+        return cls(task=data["task"], records=data["records"], provenance=data["provenance"],
+                   partial=is_partial(data))
 
 
 def _plan(methods: Sequence[str], grid: Mapping[str, Sequence[Mapping[str, Any]]] | None
@@ -463,8 +517,9 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
     skipped, so an interrupted sweep resumes where it stopped (:func:`run_key`: the hash covers the task, the
     settings, a content hash of the starting weights, ``max_new_tokens`` and ``template``, so a checkpoint
     overwritten in place is never taken for the one a stored run started from). The report
-    (:meth:`SweepResult.write_report`) is rewritten after every
-    new run, so an interrupted sweep leaves an up-to-date one, and once at the end if resumed runs came last.
+    (:meth:`SweepResult.write_report`: ``sweep.json``, ``sweep.csv``, ``sweep.html``) is rewritten after every
+    new run, so an interrupted sweep leaves an up-to-date one marked ``"partial": true``, and once at the end,
+    marked ``"partial": false``, if resumed runs came last.
     ``out_dir`` is claimed before any run (:class:`patchlab.io.OutputDir`, kind ``"method_sweep"``): an earlier
     sweep there is resumed, or started afresh with ``overwrite=True``; a directory holding files patchlab did not
     write is refused.
@@ -494,8 +549,13 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
     answers = functools.partial(_answers, tokenizer=tokenizer, questions=questions, max_new_tokens=max_new_tokens,
                                 template=template)
     before: dict[str, list[torch.Tensor]] = {}
-    result = SweepResult(task=task.name)
-    for method, strength, settings in tqdm(plan, desc="method sweep", disable=not progress):
+    provenance = {"vanilla": {"source": describe_source(vanilla), "weights": model_id},
+                  "settings": {"task": task.name, "task_fingerprint": task.fingerprint(),
+                               "plan": [{"method": m, "strength": i, "settings": st} for m, i, st in plan],
+                               "max_new_tokens": max_new_tokens, "template": template},
+                  "environment": environment()}
+    result = SweepResult(task=task.name, provenance=provenance, partial=True)
+    for i, (method, strength, settings) in enumerate(tqdm(plan, desc="method sweep", disable=not progress)):
         name = f"runs/{run_key(task, method, strength, settings, model_id, max_new_tokens, template)}.json"
         path = out.path / name
         new = not (out.resumed and path.is_file())
@@ -511,10 +571,9 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
         else:
             record = read_json(path)
         result.records.append(record)
-        if new:
+        result.partial = i < len(plan) - 1
+        if new or not result.partial:  # after each new run, and once at the end
             result.write_report(out)
         if on_run is not None:
             on_run(record)
-    if not new:  # the last records were resumed: the report does not hold them yet
-        result.write_report(out)
     return result

@@ -10,8 +10,7 @@ tables show it, the angle and the relative L2 change on log / scientific scales.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,11 +23,12 @@ from transformers import PreTrainedModel
 
 from patchlab.pair.arch import spec_for_type
 from patchlab.errors import NonFiniteError, PairMismatchError, PatchlabValueError
-from patchlab.io import OutputDir, output_dir, write_csv, write_html
 from patchlab.pair.weights import CheckpointTensors
 from patchlab.pair.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.pair import ModelPair
+from patchlab.provenance import pair_provenance
 from patchlab.reports import figures
+from patchlab.reports.results import Result, register_result
 
 CHUNK = 1 << 24  # elements per float64 chunk
 #: Per tensor / module / layer: cosine similarity, 1 - cosine, angle (degrees), relative L2 change |b-a|/|a|.
@@ -110,16 +110,34 @@ def _metrics(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+@register_result
 @dataclass
-class ParamDiff:
-    """Per-tensor statistics (``table``: name, module, layer (-1 outside layers), numel, the pooled sums of
-    :func:`tensor_stats` and the :data:`METRICS`) with pooled views per module type and per layer x module."""
+class ParamDiff(Result):
+    """Per-tensor statistics with pooled views per module type and per layer x module.
+
+    Attributes:
+        table: one row per tensor: ``name``, ``module``, ``layer`` (-1 outside layers), ``numel``, the pooled sums
+            of :func:`tensor_stats` and the :data:`METRICS` (also :meth:`to_frame`).
+        provenance: the two checkpoints (source and weights digest) and the library versions
+            (:func:`patchlab.provenance.pair_provenance`).
+        value_vectors: the most changed MLP value vectors (:func:`value_vector_changes`), if computed; the report
+            then writes them as ``value_vectors.csv``.
+    """
+
+    kind = "paramdiff"
+    format = "patchlab.ParamDiff/1"
 
     table: pd.DataFrame
+    provenance: dict[str, Any] = field(default_factory=dict)
+    value_vectors: pd.DataFrame | None = None
 
     def _pooled(self, keys: list[str]) -> pd.DataFrame:
         sums = self.table.groupby(keys, as_index=False)[_SUMS].sum()
         return _metrics(sums)
+
+    def to_frame(self) -> pd.DataFrame:
+        """:attr:`table`: one row per tensor."""
+        return self.table
 
     def by_module(self) -> pd.DataFrame:
         """The :data:`METRICS` per module type, all layers pooled (as one concatenated vector)."""
@@ -135,23 +153,20 @@ class ParamDiff:
         table = pooled[pooled["layer"] >= 0].pivot(index="layer", columns="module", values=metric)
         return table[[m for m in MODULE_ORDER if m in table.columns]]
 
-    def write_report(self, out_dir: str | os.PathLike | OutputDir, *, value_vectors: pd.DataFrame | None = None,
-                     overwrite: bool = False) -> list[Path]:
-        """Write ``paramdiff.csv`` (:attr:`table`), ``paramdiff_modules.csv`` (:meth:`by_module`), and per metric
-        ``paramdiff_layers_<metric>.csv`` (:meth:`by_layer`) and ``paramdiff_<metric>.html`` (:meth:`heatmap`),
-        plus ``value_vectors.csv`` when given (:func:`value_vector_changes`), each atomically; returns the paths.
-        ``out_dir`` is claimed as a ``"paramdiff"`` output (:class:`patchlab.io.OutputDir`)."""
-        out = output_dir(out_dir, "paramdiff", overwrite=overwrite)
-        paths = [write_csv(self.table, out.file("paramdiff.csv")),
-                 write_csv(self.by_module(), out.file("paramdiff_modules.csv"))]
-        for metric in METRICS:
-            paths.append(write_csv(self.by_layer(metric).reset_index(), out.file(f"paramdiff_layers_{metric}.csv")))
-            paths.append(write_html(self.heatmap(metric), out.file(f"paramdiff_{metric}.html")))
-        if value_vectors is not None:
-            paths.append(write_csv(value_vectors, out.file("value_vectors.csv")))
-        return paths
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``paramdiff`` (:attr:`table`), ``paramdiff_modules`` (:meth:`by_module`), per metric
+        ``paramdiff_layers_<metric>`` (:meth:`by_layer`), and ``value_vectors`` when computed."""
+        tables = {self.kind: self.table, f"{self.kind}_modules": self.by_module()}
+        tables.update({f"{self.kind}_layers_{m}": self.by_layer(m).reset_index() for m in METRICS})
+        if self.value_vectors is not None:
+            tables["value_vectors"] = self.value_vectors
+        return tables
 
-    def heatmap(self, metric: str = "one_minus_cos") -> go.Figure:
+    def figures(self) -> dict[str, go.Figure]:
+        """``paramdiff_<metric>``: the heatmap (:meth:`figure`) of every metric of :data:`METRICS`."""
+        return {f"{self.kind}_{m}": self.figure(m) for m in METRICS}
+
+    def figure(self, metric: str = "one_minus_cos") -> go.Figure:
         """Interactive layer x module heatmap of ``metric``; :data:`LOG_METRICS` on a log colour scale
         (:func:`patchlab.reports.figures.layer_module_heatmap`)."""
         table = self.by_layer(metric)
@@ -159,6 +174,18 @@ class ParamDiff:
         return figures.layer_module_heatmap(
             table, value_name=label, log=metric in LOG_METRICS, decimals=6,
             title=f"Parameter {label} between vanilla and unlearned, per layer and module")
+
+    heatmap = figure
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"provenance": self.provenance, "tensors": self.table.to_dict("records"),
+                "value_vectors": None if self.value_vectors is None else self.value_vectors.to_dict("records")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ParamDiff:
+        values = data["value_vectors"]
+        return cls(pd.DataFrame(data["tensors"]), provenance=data["provenance"],
+                   value_vectors=None if values is None else pd.DataFrame(values))
 
 
 def paramdiff(vanilla: Any, unlearned: Any = None, *, progress: bool = True) -> ParamDiff:
@@ -169,6 +196,10 @@ def paramdiff(vanilla: Any, unlearned: Any = None, *, progress: bool = True) -> 
             checkpoint directory (safetensors, sharded or not; streamed one tensor at a time).
         unlearned: the other model or directory.
 
+    Returns:
+        A :class:`ParamDiff` recording both checkpoints (:func:`patchlab.provenance.pair_provenance`: a directory
+        is identified by a hash of its safetensors files, a model by a hash of its weights).
+
     Raises:
         PairMismatchError: different tensor names or shapes.
         NonFiniteError: a tensor holds NaN or infinite values.
@@ -177,9 +208,12 @@ def paramdiff(vanilla: Any, unlearned: Any = None, *, progress: bool = True) -> 
     if isinstance(vanilla, ModelPair):
         if unlearned is not None:
             raise PatchlabValueError("pass either a ModelPair or two models, not both")
-        vanilla, unlearned = vanilla.vanilla_hf, vanilla.unlearned_hf
-    if unlearned is None:
+        pair = vanilla
+        vanilla, unlearned = pair.vanilla_hf, pair.unlearned_hf
+    elif unlearned is None:
         raise PatchlabValueError("paramdiff needs two models (or a ModelPair)")
+    else:
+        pair = (vanilla, unlearned)
     a, b = _Source(vanilla, "vanilla"), _Source(unlearned, "unlearned")
     if a.shapes.keys() != b.shapes.keys():
         diff = sorted(a.shapes.keys() ^ b.shapes.keys())[:5]
@@ -195,7 +229,7 @@ def paramdiff(vanilla: Any, unlearned: Any = None, *, progress: bool = True) -> 
             raise NonFiniteError(f"tensor {name} holds NaN or infinite values in the vanilla or unlearned model")
         rows.append({"name": name, "module": module_type(name), "layer": -1 if layer is None else layer,
                      "numel": int(np.prod(a.shapes[name])), **stats})
-    return ParamDiff(_metrics(pd.DataFrame(rows)))
+    return ParamDiff(_metrics(pd.DataFrame(rows)), provenance=pair_provenance(pair))
 
 
 @torch.no_grad()

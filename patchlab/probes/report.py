@@ -1,15 +1,14 @@
 """The audit report: every probe's result for one or several audited pairs, side by side, as a table, a JSON file
-holding every number, figures and one self-contained HTML page (plotly's JavaScript inlined: it opens offline)."""
+holding every number, figures and one self-contained HTML page (plotly's JavaScript inlined: it opens offline), on
+the result protocol (:class:`patchlab.reports.results.Result`)."""
 
 from __future__ import annotations
 
 import html
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -18,8 +17,9 @@ import plotly.offline
 
 from patchlab.probes.base import VERDICTS, ProbeResult
 from patchlab.probes.registry import PROBES
-from patchlab.errors import PatchlabFileError, PatchlabValueError
-from patchlab.io import OutputDir, atomic_write_json, atomic_write_text, output_dir, write_csv
+from patchlab.errors import PatchlabValueError
+from patchlab.reports import figures
+from patchlab.reports.results import Result, register_result
 
 FORMAT = "patchlab.AuditReport/1"
 #: Verdict colours: erased (what unlearning promises) green, hidden orange, intact red.
@@ -52,13 +52,20 @@ class AuditRun:
                    skipped=dict(data["skipped"]), provenance=dict(data["provenance"]))
 
 
+@register_result
 @dataclass
-class AuditReport:
+class AuditReport(Result):
     """Audits of one or several pairs (concepts, unlearning methods...), shown side by side.
+
+    Its report (:meth:`write_report`) is ``audit.json`` (every number, the provenance), ``audit.csv``
+    (:meth:`to_frame`) and one self-contained page, ``audit.html`` (:meth:`html`).
 
     Attributes:
         runs: one :class:`AuditRun` per audited pair, in column order.
     """
+
+    kind = "audit"
+    format = FORMAT
 
     runs: list[AuditRun]
 
@@ -115,29 +122,12 @@ class AuditReport:
     # ------------------------------------------------------------------------------------------------ JSON
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "runs": [r.to_dict() for r in self.runs]}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the report (every number, the provenance) as JSON, atomically."""
-        return atomic_write_json(path, _json_safe(self.to_dict()))
+        """Every number and the provenance, strict JSON (NaN and infinite values as ``None``)."""
+        return _json_safe({"format": FORMAT, "runs": [r.to_dict() for r in self.runs]})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> AuditReport:
-        """Read a report written by :meth:`save`.
-
-        Raises:
-            PatchlabFileError: no such file. PatchlabValueError: not an audit report.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise PatchlabFileError(f"no such audit report file: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("format") != FORMAT:
-                raise KeyError("format")
-            return cls([AuditRun.from_dict(r) for r in data["runs"]])
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise PatchlabValueError(f"{path} is not a patchlab audit report ({err!r})") from err
+    def from_dict(cls, data: dict[str, Any]) -> AuditReport:
+        return cls([AuditRun.from_dict(r) for r in data["runs"]])
 
     # ------------------------------------------------------------------------------------------------ figures
 
@@ -159,22 +149,11 @@ class AuditReport:
         return PROBES[probe].figure(results)
 
     def _verdict_figure(self) -> go.Figure:
-        probes = self.probes
-        code = {v: i for i, v in enumerate(VERDICTS)}
-        z, text = [], []
-        for name in probes:
-            results = [run.results.get(name) for run in self.runs]
-            z.append([code[r.verdict] if r else None for r in results])
-            text.append([f"{r.verdict}<br>{r.score.format()}" if r else "not run" for r in results])
-        n = len(VERDICTS)
-        scale = [[stop, VERDICT_COLOURS[v]] for i, v in enumerate(VERDICTS) for stop in (i / n, (i + 1) / n)]
-        fig = go.Figure(go.Heatmap(z=z, x=self.labels, y=[_title(p) for p in probes], text=text,
-                                   texttemplate="%{text}", hovertemplate="%{y} on %{x}:<br>%{text}<extra></extra>",
-                                   colorscale=scale, zmin=-0.5, zmax=n - 0.5, showscale=False, xgap=3, ygap=3))
-        fig.update_layout(title="Residual-knowledge audit: verdict per probe (score [95% CI])",
-                          yaxis={"autorange": "reversed"}, xaxis={"side": "top"},
-                          height=120 + 70 * len(probes))
-        return fig
+        cells = [[(r.verdict, f"{r.verdict}<br>{r.score.format()}") if r else None
+                  for r in (run.results.get(name) for run in self.runs)] for name in self.probes]
+        return figures.verdict_grid(cells, [_title(p) for p in self.probes], self.labels,
+                                    {v: VERDICT_COLOURS[v] for v in VERDICTS},
+                                    "Residual-knowledge audit: verdict per probe (score [95% CI])")
 
     # ------------------------------------------------------------------------------------------------ files
 
@@ -197,17 +176,9 @@ class AuditReport:
                             table=self._table_html(), sections="\n".join(sections),
                             provenance=self._provenance_html())
 
-    def write_report(self, out_dir: str | os.PathLike | OutputDir, overwrite: bool = False) -> dict[str, Path]:
-        """Write ``audit.json`` (:meth:`save`), ``audit.csv`` (:meth:`to_frame`) and the self-contained
-        ``audit.html`` (:meth:`html`) into ``out_dir``, each atomically; returns the paths by kind.
-
-        ``out_dir`` is claimed as an ``"audit"`` output (:class:`patchlab.io.OutputDir`): an earlier one is replaced
-        only with ``overwrite=True`` (an already claimed ``OutputDir`` is used as is), and a directory holding files
-        patchlab did not write is refused."""
-        page = self.html()
-        out = output_dir(out_dir, "audit", overwrite=overwrite)
-        return {"json": self.save(out.file("audit.json")), "csv": write_csv(self.to_frame(), out.file("audit.csv")),
-                "html": atomic_write_text(out.file("audit.html"), page)}
+    def figures(self) -> dict[str, str]:
+        """The report's one page, ``audit``: :meth:`html` (self-contained, so it needs no plotly.js beside it)."""
+        return {self.kind: self.html()}
 
     # ------------------------------------------------------------------------------------------------ HTML parts
 

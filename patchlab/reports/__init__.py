@@ -1,4 +1,5 @@
-"""Reports of results: every figure (:mod:`patchlab.reports.figures`) and the conventions result files share.
+"""Reports of results: the result protocol and its registry (:mod:`patchlab.reports.results`), every figure
+(:mod:`patchlab.reports.figures`) and the conventions result files share.
 
 **Partial results.** A JSON results file that a run rewrites as it goes (after each finished unit of work, so an
 interrupted run keeps what it finished) carries ``"partial": true`` until the run has written everything, then

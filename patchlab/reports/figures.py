@@ -4,7 +4,8 @@
   layer window, one heatmap or one small panel per question, on a diverging colour scale centred on 0;
 * :func:`layer_module_heatmap`: a layer x module-type table (parameter diffs), linear or log colour scale;
 * :func:`density_bars` / :func:`density_heatmaps`: WAGLE's mask-density figures, methods side by side;
-* :func:`sweep_scatter`: the method sweep's target vs unrelated BLEU (Hong et al., Fig. 2).
+* :func:`sweep_scatter`: the method sweep's target vs unrelated BLEU (Hong et al., Fig. 2);
+* :func:`verdict_grid`: the audit's overview, a verdict per probe and audited pair.
 
 Hover values are rounded (:data:`HOVER_DIGITS` decimals, or 3 significant digits on log scales); titles count
 with :func:`plural`.
@@ -317,3 +318,34 @@ def sweep_scatter(frame: pd.DataFrame, title: str) -> go.Figure:
     fig.update_yaxes(range=[-3, 103])
     return fig
 
+
+# --------------------------------------------------------------------------------------------------- audit
+
+
+def verdict_grid(cells: Sequence[Sequence[tuple[str, str] | None]], probes: Sequence[str], pairs: Sequence[str],
+                 colours: dict[str, str], title: str) -> go.Figure:
+    """A probe (rows, top to bottom) x audited pair (columns) grid, each cell coloured by its verdict and showing
+    its text (e.g. the verdict and the score with its interval); ``None`` cells read "not run".
+
+    Args:
+        cells: per probe, per pair, ``(verdict, text)`` or ``None``.
+        colours: verdict -> colour, in the verdicts' order (one band of the discrete colour scale each).
+
+    Raises:
+        PatchlabValueError: a cell's verdict has no colour.
+    """
+    code = {v: i for i, v in enumerate(colours)}
+    for row in cells:
+        for cell in row:
+            if cell is not None and cell[0] not in code:
+                raise PatchlabValueError(f"verdict {cell[0]!r} has no colour; known: {', '.join(colours)}")
+    z = [[code[c[0]] if c else None for c in row] for row in cells]
+    text = [[c[1] if c else "not run" for c in row] for row in cells]
+    n = len(colours)
+    scale = [[stop, colour] for i, colour in enumerate(colours.values()) for stop in (i / n, (i + 1) / n)]
+    fig = go.Figure(go.Heatmap(z=z, x=list(pairs), y=list(probes), text=text, texttemplate="%{text}",
+                               hovertemplate="%{y} on %{x}:<br>%{text}<extra></extra>", colorscale=scale,
+                               zmin=-0.5, zmax=n - 0.5, showscale=False, xgap=3, ygap=3))
+    fig.update_layout(title=title, yaxis={"autorange": "reversed"}, xaxis={"side": "top"},
+                      height=120 + 70 * len(probes))
+    return fig

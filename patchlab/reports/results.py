@@ -5,6 +5,11 @@ audit) is a :class:`Result`: ``to_frame()`` gives its long table, ``save(path)``
 (written atomically), ``figure(...)`` its main interactive figure and ``write_report(dir)`` all of them into an
 output directory (claimed first: :class:`patchlab.io.OutputDir`). A result type is one class registered with
 :func:`register_result`; :func:`load_result` reads any result file back by its format tag.
+
+The result types: :class:`patchlab.patching.result.PatchResult` and ``PatchComparison`` (patching sweeps),
+:class:`patchlab.analysis.paramdiff.ParamDiff` (parameter diffs), :class:`patchlab.unlearning.attribution.DensityReport`
+(mask densities), :class:`patchlab.analysis.behavior.BehaviorResult` and ``SweepResult`` (behavioural tests, the
+method sweep) and :class:`patchlab.probes.report.AuditReport` (the residual-knowledge audit).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Any, ClassVar, TypeVar
 import pandas as pd
 
 from patchlab.errors import PatchlabValueError
-from patchlab.io import OutputDir, atomic_write_json, output_dir, plotlyjs_name, read_json, write_csv, write_html
+from patchlab.io import (OutputDir, atomic_write_json, atomic_write_text, output_dir, plotlyjs_name, read_json,
+                         write_csv, write_html)
 
 R = TypeVar("R", bound="Result")
 
@@ -32,6 +38,8 @@ class Result:
     """
 
     kind: ClassVar[str] = "result"
+    #: The report's default file stem (``{stem}.json``...) when it is not :attr:`kind`.
+    stem: ClassVar[str | None] = None
     format: ClassVar[str] = "patchlab.Result/1"
     #: Older format tags :meth:`load` still reads.
     legacy_formats: ClassVar[tuple[str, ...]] = ()
@@ -58,8 +66,9 @@ class Result:
         return {self.kind: self.to_frame()}
 
     def figures(self, **kwargs: Any) -> dict[str, Any]:
-        """The HTML figures of the report, by file stem (default: :meth:`figure` under :attr:`kind`); ``kwargs`` go
-        to the figure functions."""
+        """The HTML pages of the report, by file stem (default: :meth:`figure` under :attr:`kind`); ``kwargs`` go
+        to the figure functions. A page is a plotly figure (written to load the plotly.js bundle shared by the
+        report's pages, :func:`patchlab.io.write_html`) or a complete self-contained HTML page (a ``str``)."""
         return {self.kind: self.figure(**kwargs)}
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -84,14 +93,17 @@ class Result:
 
     def write_report(self, out_dir: str | os.PathLike | OutputDir, *, name: str | None = None,
                      overwrite: bool = False, **figure_kwargs: Any) -> dict[str, Path]:
-        """Write ``{name}.json`` (:meth:`save`), a CSV per table and an HTML page per figure into ``out_dir``,
-        each atomically; returns the paths by file name. ``out_dir`` is claimed as a :attr:`kind` output
-        (:class:`patchlab.io.OutputDir`): an earlier one is replaced only with ``overwrite=True``.
+        """Write ``{name}.json`` (:meth:`save`), a CSV per table (:meth:`tables`) and an HTML page per figure
+        (:meth:`figures`) into ``out_dir``, each atomically; returns the paths by file name (the plotly.js bundle the
+        pages share is written beside them and recorded in the directory's manifest, not returned). ``name``
+        defaults to :attr:`stem` or :attr:`kind`. ``out_dir`` is claimed as a :attr:`kind` output
+        (:class:`patchlab.io.OutputDir`): an earlier one is replaced only with ``overwrite=True``; an already
+        claimed ``OutputDir`` (a resumable run's) is used as it is.
 
         ``figure_kwargs`` go to :meth:`figures` (the figures are built before anything is written, so a bad
         argument writes nothing).
         """
-        stem = name or self.kind
+        stem = name or self.stem or self.kind
         figures = self.figures(**figure_kwargs)
         tables = self.tables()
         out = output_dir(out_dir, self.kind, overwrite=overwrite)
@@ -99,11 +111,12 @@ class Result:
         for table, frame in tables.items():
             file = f"{table if table != self.kind else stem}.csv"
             paths[file] = write_csv(frame, out.file(file))
-        if figures:
+        if any(not isinstance(page, str) for page in figures.values()):
             out.file(plotlyjs_name())  # the shared bundle write_html puts beside the pages is part of the output
-        for fig, figure in figures.items():
+        for fig, page in figures.items():
             file = f"{fig if fig != self.kind else stem}.html"
-            paths[file] = write_html(figure, out.file(file))
+            path = out.file(file)
+            paths[file] = atomic_write_text(path, page) if isinstance(page, str) else write_html(page, path)
         return paths
 
 

@@ -6,7 +6,7 @@ Pipeline::
     m = attribution.mask(s, 0.8)                       # top-80% weights, global
     unlearn(model, forget, retain, tokenizer=tok, method="graddiff", mask=m)
     attribution.density(m, model)                      # selected fraction per module type and layer
-    attribution.density_report({"wagle": ..., "random": ...}).write(out)   # tables + figures, side by side
+    attribution.density_report({"wagle": ..., "random": ...}, model=model).write_report(out)   # side by side
 
 Scores and masks are ``dict[str, Tensor]`` keyed by ``model.named_parameters()`` names, each tensor the shape
 of its parameter. A mask holds only the parameters that were scored; the unlearning layer freezes the others.
@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -36,10 +34,11 @@ from transformers.pytorch_utils import Conv1D
 
 from patchlab.pair.arch import arch_spec
 from patchlab.errors import NonFiniteError, PatchlabValueError
-from patchlab.io import OutputDir, output_dir, write_csv, write_html
 from patchlab.pair.sites import hooks
 from patchlab.pair.modules import MODULE_ORDER, layer_index, module_type
+from patchlab.provenance import checkpoint_record, environment
 from patchlab.reports import figures
+from patchlab.reports.results import Result, register_result
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
 
@@ -475,54 +474,100 @@ def stack_densities(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([f.assign(method=name) for name, f in frames.items()], ignore_index=True)
 
 
+#: The views of :meth:`DensityReport.figure`: WAGLE's bars per module type, and layer x module heatmaps.
+DENSITY_VIEWS = ("modules", "layers")
+
+
+@register_result
 @dataclass(frozen=True)
-class DensityReport:
+class DensityReport(Result):
     """Densities of several methods' masks, side by side (:func:`density_report`).
 
     Attributes:
         table: per method, module type and layer (:func:`stack_densities`): ``module``, ``layer``, ``selected``,
-            ``total``, ``density`` (0..1), ``method``.
-        per_module: per method and module type (:func:`module_density` of ``table``).
-        bars, heat: WAGLE's figures (:func:`density_figures`).
+            ``total``, ``density`` (0..1), ``method`` (also :meth:`to_frame`).
+        provenance: the scored model (source and weights digest), the settings, the library versions.
     """
 
+    kind = "density"
+    format = "patchlab.DensityReport/1"
+
     table: pd.DataFrame
-    per_module: pd.DataFrame
-    bars: go.Figure
-    heat: go.Figure
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:
         """The methods, in the order they were given."""
         return list(dict.fromkeys(self.table["method"]))
 
+    @property
+    def per_module(self) -> pd.DataFrame:
+        """Per method and module type (:func:`module_density` of :attr:`table`)."""
+        return module_density(self.table)
+
     def by_method(self) -> pd.DataFrame:
         """Density (0..1) per module type (rows, display order) and method (columns, given order)."""
-        return (self.per_module.pivot(index="module", columns="method", values="density")
-                .reindex(index=list(dict.fromkeys(self.per_module["module"])), columns=self.methods))
+        per_module = self.per_module
+        return (per_module.pivot(index="module", columns="method", values="density")
+                .reindex(index=list(dict.fromkeys(per_module["module"])), columns=self.methods))
 
-    def write(self, out_dir: str | os.PathLike | OutputDir, *, overwrite: bool = False) -> list[Path]:
-        """Write ``density.csv`` (``table``), ``density_modules.csv`` (``per_module``), ``density_modules.html``
-        (bars) and ``density_layers.html`` (heatmaps) into ``out_dir``, each atomically; returns their paths.
-        ``out_dir`` is claimed as a ``"density"`` output (:class:`patchlab.io.OutputDir`)."""
-        out = output_dir(out_dir, "density", overwrite=overwrite)
-        return [write_csv(self.table, out.file("density.csv")), write_csv(self.per_module, out.file("density_modules.csv")),
-                write_html(self.bars, out.file("density_modules.html")),
-                write_html(self.heat, out.file("density_layers.html"))]
+    def to_frame(self) -> pd.DataFrame:
+        """:attr:`table`: one row per method, module type and layer."""
+        return self.table
+
+    def figure(self, view: str = "modules") -> go.Figure:
+        """One of WAGLE's figures, methods side by side: ``view="modules"``, grouped bars of the density per module
+        type over all layers (:func:`patchlab.reports.figures.density_bars`); ``"layers"``, one layer x module
+        heatmap per method, decoder layers only, on a shared 0..1 colour scale
+        (:func:`patchlab.reports.figures.density_heatmaps`).
+
+        Raises:
+            PatchlabValueError: an unknown view; ``"layers"`` with no decoder-layer parameter in the table.
+        """
+        if view not in DENSITY_VIEWS:
+            raise PatchlabValueError(f"view must be one of {DENSITY_VIEWS}, got {view!r}")
+        if view == "modules":
+            return figures.density_bars(self.per_module, self.methods)
+        return figures.density_heatmaps(self.table, self.methods)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``density`` (:attr:`table`) and ``density_modules`` (:attr:`per_module`)."""
+        return {self.kind: self.table, f"{self.kind}_modules": self.per_module}
+
+    def figures(self) -> dict[str, go.Figure]:
+        """``density_modules`` and ``density_layers``: the two views of :meth:`figure`."""
+        return {f"{self.kind}_{view}": self.figure(view) for view in DENSITY_VIEWS}
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = self.table.astype({"layer": object}).to_dict("records")
+        return {"provenance": self.provenance,
+                "densities": [{**r, "layer": None if pd.isna(r["layer"]) else int(r["layer"])} for r in rows]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DensityReport:
+        return cls(pd.DataFrame(data["densities"]).astype({"layer": "Int64"}), provenance=data["provenance"])
 
 
-def density_report(frames: Mapping[str, pd.DataFrame]) -> DensityReport:
-    """Tables and figures of ``{method: density frame}``: the frames stacked, their per-module densities and
-    WAGLE's two figures (see :func:`density_figures`), each computed once.
+def density_report(frames: Mapping[str, pd.DataFrame], *, model: PreTrainedModel | None = None,
+                   source: Any = None, settings: Mapping[str, Any] | None = None) -> DensityReport:
+    """The densities of ``{method: density frame}`` (:func:`density`) side by side, with their per-module densities
+    and WAGLE's two figures (:meth:`DensityReport.figure`).
+
+    Args:
+        model: the model the masks were drawn for; recorded in the provenance (its weights digest, and ``source``:
+            how it was given, a checkpoint directory or hub id; default: the model itself) with ``settings`` (how
+            the masks were drawn: method settings, ratio...) and the library versions.
 
     Raises:
         PatchlabValueError: no frame given, or no decoder-layer parameter in the frames.
     """
     table = stack_densities(frames)
-    per_module = module_density(table)
-    methods = list(frames)
-    return DensityReport(table, per_module, figures.density_bars(per_module, methods),
-                         figures.density_heatmaps(table, methods))
+    if table["layer"].isna().all():
+        raise PatchlabValueError("the density frames have no decoder-layer parameter")
+    provenance: dict[str, Any] = {"settings": dict(settings or {}), "environment": environment()}
+    if model is not None:
+        provenance["model"] = checkpoint_record(model if source is None else source, model)
+    return DensityReport(table, provenance)
 
 
 def density_figures(frames: Mapping[str, pd.DataFrame]) -> tuple[go.Figure, go.Figure]:
@@ -530,11 +575,11 @@ def density_figures(frames: Mapping[str, pd.DataFrame]) -> tuple[go.Figure, go.F
 
     Returns:
         (bars, heatmaps): grouped bars of the density per module type (over all layers), one bar per method;
-        and one layer x module-type heatmap per method (decoder layers only) on a shared 0..1 colour scale.
+        and one layer x module-type heatmap per method (decoder layers only) on a shared 0..1 colour scale
+        (:meth:`DensityReport.figure`, views ``"modules"`` and ``"layers"``).
 
     Raises:
         PatchlabValueError: no frame given, or no decoder-layer parameter in the frames.
     """
     report = density_report(frames)
-    return report.bars, report.heat
-
+    return report.figure("modules"), report.figure("layers")
