@@ -126,7 +126,8 @@ def compare(args: argparse.Namespace) -> None:
         runs.set_postfix_str(name)
         start = time.perf_counter()
         unlearned = unlearn(copy.deepcopy(vanilla), forget, retain, tokenizer=tok, method=args.method, mask=m,
-                            seed=args.seed, progress=not args.quiet, **settings).model
+                            mask_after_clipping=args.preset == "authors", seed=args.seed, progress=not args.quiet,
+                            **settings).model
         results[name] = evaluate(unlearned, tok, record, forget_ex, retain_ex)
         results[name]["seconds"] = round(time.perf_counter() - start, 1)
         runs.write(f"{name:>13}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()))

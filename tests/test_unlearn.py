@@ -509,3 +509,23 @@ def test_layer_output_and_reference_refuse_what_they_cannot_give(learned, tok):
         patchlab.unlearning.layer_output(learned, learned, 2, fb)
     with pytest.raises(patchlab.PatchlabValueError, match="must declare Needs"):
         Reference(None, out_device="cpu").next_token_logprobs(fb)
+
+
+def test_masking_after_clipping_changes_only_selected_weights_and_clipping_sees_every_gradient(learned, tok):
+    """The WAGLE authors' order: clip the whole gradient, then mask. Without clipping it equals freezing; with
+    clipping the step differs (the unselected gradients enter the norm) but unselected weights never move."""
+    mask = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(2)) < 0.5
+            for n, p in learned.named_parameters() if "mlp" in n}
+    kw = dict(tokenizer=tok, method="ga", lr=1e-3, epochs=2, batch_size=3, mask=mask, progress=False)
+    frozen = unlearn(copy.deepcopy(learned), FORGET, **kw)
+    after = unlearn(copy.deepcopy(learned), FORGET, mask_after_clipping=True, **kw)
+    for p, q in zip(frozen.model.parameters(), after.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    clipped = unlearn(copy.deepcopy(learned), FORGET, mask_after_clipping=True, max_grad_norm=0.01, **kw)
+    clipped_frozen = unlearn(copy.deepcopy(learned), FORGET, max_grad_norm=0.01, **kw)
+    moved = dict(clipped.model.named_parameters())
+    for name, p in learned.named_parameters():
+        keep = ~mask[name] if name in mask else torch.ones_like(p, dtype=torch.bool)
+        assert torch.equal(moved[name][keep], p[keep]), name
+    assert any(not torch.allclose(a, b) for a, b in zip(clipped.model.parameters(), clipped_frozen.model.parameters()))
+    assert clipped.settings["mask_after_clipping"] and clipped.settings["max_grad_norm"] == 0.01

@@ -27,7 +27,7 @@ from patchlab.pair import ModelSpec, TokenizerSpec, load_model, load_tokenizer
 from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.unlearning.data import Example, collate, padding_id, refusal_pairs, to_examples
 from patchlab.unlearning.losses import REF_LOGPROB, Batch, Reference, Step, sequence_logprob
-from patchlab.unlearning.masks import Mask, apply_mask, check_mask
+from patchlab.unlearning.masks import Mask, apply_mask, check_mask, mask_before_step
 from patchlab.unlearning.methods import Method, Needs, get_method
 
 #: One epoch's data: its (forget batch, preferred batch or None) pairs, and its endless retain batch stream.
@@ -247,7 +247,8 @@ def _on_cpu(model: nn.Module) -> bool:
 
 def _train(wrapped: nn.Module, base: PreTrainedModel, method: Method, settings: Any, state: Any,
            reference: Reference | None, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
-           epochs: Sequence[EpochData], *, grad_accum: int, desc: str, progress: bool) -> list[float]:
+           epochs: Sequence[EpochData], *, grad_accum: int, desc: str, progress: bool,
+           max_grad_norm: float | None = None) -> list[float]:
     """Run the optimisation; returns the objective at each optimizer step (mean over its micro-batches, of the
     global batch)."""
     losses: list[float] = []
@@ -274,6 +275,8 @@ def _train(wrapped: nn.Module, base: PreTrainedModel, method: Method, settings: 
                 step_loss = 0.0
             step_loss += accelerator.reduce(loss.detach(), reduction="mean").item() / group
             if last:
+                if max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(wrapped.parameters(), max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(step_loss)
@@ -329,6 +332,7 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
             lora: Mapping[str, Any] | None = None, max_length: int = 256, template: str = DEFAULT_TEMPLATE,
             seed: int = 0, reference: str = "precompute", reference_model: PreTrainedModel | None = None,
             reference_device: str | torch.device | None = None, gradient_checkpointing: bool = False,
+            max_grad_norm: float | None = None, mask_after_clipping: bool = False,
             out_dir: str | os.PathLike | OutputDir | None = None, overwrite: bool = False, progress: bool = True,
             **settings: Any) -> UnlearnRun:
     """Unlearn ``forget`` from ``model`` by fine-tuning with ``method``; returns an :class:`UnlearnRun`
@@ -369,6 +373,11 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
             and every step waits for a CPU forward pass of the retain batch (minutes per step at 7B).
         gradient_checkpointing: recompute activations in the backward pass (``transformers``' gradient
             checkpointing, non-reentrant): less activation memory for about one more forward pass per step.
+        max_grad_norm: clip the global gradient norm to this before each optimizer step (``None``: no clipping).
+        mask_after_clipping: with ``mask``, keep every parameter trainable so its whole gradient enters the clipping
+            norm, and multiply the gradients by the mask after clipping, right before the step, as the WAGLE
+            authors' trainer does (``mask_gradient`` after ``clip_grad_norm_``); default: unselected weights are
+            frozen and their gradient zeroed as it is computed. Without clipping the two agree exactly.
         out_dir: if given, the checkpoint (safetensors), tokenizer and ``unlearn_run.json`` (settings, loss curve)
             are written there (by the main process; see :class:`patchlab.io.OutputDir`). It is checked before
             training: a directory holding anything patchlab did not write is refused, an earlier checkpoint is
@@ -428,10 +437,12 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
         if peft_model is not None:
             trainable = [p for p in peft_model.parameters() if p.requires_grad]
         else:
-            trainable, hooks = apply_mask(model, mask)
+            trainable, hooks = apply_mask(model, mask, after_clipping=mask_after_clipping and mask is not None)
         if gradient_checkpointing:
             _checkpointing(model, True)
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        if mask_after_clipping and mask is not None and peft_model is None:
+            hooks.append(mask_before_step(optimizer, model, mask))
         wrapped, optimizer = accelerator.prepare(peft_model if peft_model is not None else model, optimizer)
         epoch_data = [(_forget_batches(forget_ex, pairs, batch_size, pad, seed + e, accelerator),
                        _retain_stream(retain_ex, batch_size, pad, seed + 10_000 + e, accelerator))
@@ -442,7 +453,8 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
             precompute_reference(precompute_with, epoch_data, progress=progress,
                                  context=ref_context() if ref_context else None)
         losses = _train(wrapped, model, entry, method_settings, state, ref, optimizer, accelerator, epoch_data,
-                        grad_accum=grad_accum, desc=f"unlearn ({method})", progress=progress)
+                        grad_accum=grad_accum, desc=f"unlearn ({method})", progress=progress,
+                        max_grad_norm=max_grad_norm)
     finally:
         for hook in hooks:
             hook.remove()
@@ -454,7 +466,8 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
     record = {"method": method, "lr": lr, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
               **dataclasses.asdict(method_settings), "masked": masked, "lora": lora,
               "reference": reference if needs.reference != "none" else None,
-              "gradient_checkpointing": gradient_checkpointing, "max_length": max_length, "template": template,
+              "gradient_checkpointing": gradient_checkpointing, "max_grad_norm": max_grad_norm,
+              "mask_after_clipping": mask_after_clipping, "max_length": max_length, "template": template,
               "seed": seed, "n_forget": len(forget_ex), "n_retain": len(retain_ex),
               "n_processes": accelerator.num_processes}
     if out is not None:
