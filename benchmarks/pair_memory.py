@@ -10,6 +10,13 @@ difference).
 
     python benchmarks/pair_memory.py                                              # toy + 1b shape with 4 layers, CPU
     python benchmarks/pair_memory.py --shape 1b --n-layers 16 --device cuda --dtype bfloat16
+    python benchmarks/pair_memory.py --estimate 70b --dtype bfloat16        # sizes only, nothing loaded
+
+``--estimate SHAPE`` measures the shape's parameter bytes per decoder layer on the meta device (no memory used)
+and prints what a whole pair and a one-model-at-a-time pair need, and how many GPUs of ``--gpu-gib`` that takes.
+The activation overhead of a 10-question sweep is scaled from the one measured on an H100 with the 7B shape
+(26.20 GiB peak for 25.10 GiB of weights: 1.10 GiB) by layers x (d_mlp + 2 d_model), the size of what the sweep
+caches per token.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-layers", type=int, default=4, help="its decoder layers (default 4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--estimate", choices=sorted(SHAPES), help="print the memory a pair of this shape needs and stop")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU for --estimate (default 80)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -128,8 +137,33 @@ def report(args: argparse.Namespace) -> None:
               f"{name:<26} too small to measure")
 
 
+#: Measured on one H100 (benchmarks/krs_speed.py --shape 7b, bfloat16): sweep peak minus the pair's weights, GiB.
+MEASURED_OVERHEAD_7B_GIB = 26.20 - 2 * 12.55
+
+
+def estimate(shape: str, dtype: torch.dtype, gpu_gib: float) -> None:
+    """Print the memory of a pair of ``shape`` (module docstring) from its meta-device parameter sizes."""
+    from accelerate import init_empty_weights
+
+    config = shape_config(shape)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    size = torch.finfo(dtype).bits // 8
+    layer = sum(p.numel() for p in model.model.layers[0].parameters()) * size / GIB
+    total = sum(p.numel() for p in model.parameters()) * size / GIB
+    scale = lambda c: c.num_hidden_layers * (c.intermediate_size + 2 * c.hidden_size)  # noqa: E731
+    overhead = MEASURED_OVERHEAD_7B_GIB * scale(config) / scale(shape_config("7b"))
+    print(f"{shape}: {config.num_hidden_layers} layers x {layer:.2f} GiB + {total - layer * config.num_hidden_layers:.2f} "
+          f"GiB embeddings and head = {total:.1f} GiB per model in {dtype}; sweep overhead about {overhead:.1f} GiB")
+    for mode, need in (("whole pair", 2 * total + overhead), ("one model at a time", total + overhead)):
+        gpus = int(np.ceil(need / (0.9 * gpu_gib)))
+        print(f"  {mode:<20} {need:7.1f} GiB -> {gpus} x {gpu_gib:.0f} GiB GPUs (90% of each usable)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.estimate:
+        return run(lambda: estimate(args.estimate, getattr(torch, args.dtype), args.gpu_gib))
     if args.child:
         print(json.dumps(measure(json.loads(args.child))))
         return 0

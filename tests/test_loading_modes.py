@@ -54,6 +54,9 @@ def test_whole_adapter_offloaded_and_sequential_pairs_give_the_same_table(toy_ad
         "disk offload": patchlab.load_pair(ASSETS, toy_adapter / "merged", device_map=offload_map(whole.n_layers),
                                            offload_folder=tmp_path / "offload"),
         "sequential": patchlab.load_pair(ASSETS, toy_adapter / "merged", sequential=True),
+        "sequential, disk offload": patchlab.load_pair(ASSETS, toy_adapter / "merged", sequential=True,
+                                                       device_map=offload_map(whole.n_layers),
+                                                       offload_folder=tmp_path / "offload-sequential"),
     }
     assert isinstance(pairs["sequential"], SequentialPair)
     assert pairs["disk offload"].unlearned_hf.get_parameter("model.layers.1.mlp.down_proj.weight").device.type == "meta"

@@ -323,11 +323,11 @@ def trace_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> T
 
 
 def _pair_placement(vanilla: ModelSpec, device_map: DeviceMap | None, max_memory: Mapping[Any, Any] | None,
-                    offload_folder: str | os.PathLike | None, dtype: torch.dtype | None
+                    offload_folder: str | os.PathLike | None, dtype: torch.dtype | None, share: int = 2
                     ) -> tuple[dict[str, Any] | None, list[Path | None]]:
     """The device map both models of a pair share (checked on the vanilla architecture, built on the meta device
-    from its config; ``"auto"`` resolved there with each device's budget halved) and each model's own offload
-    folder (``offload_folder/vanilla``, ``/unlearned``)."""
+    from its config; ``"auto"`` resolved there with each device's budget divided by ``share``, the models in memory
+    at once) and each model's own offload folder (``offload_folder/vanilla``, ``/unlearned``)."""
     if device_map is None:
         return None, [None, None]
     if isinstance(vanilla, PreTrainedModel):
@@ -338,7 +338,7 @@ def _pair_placement(vanilla: ModelSpec, device_map: DeviceMap | None, max_memory
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
         skeleton.tie_weights()
-    device_map = resolve_device_map(skeleton, device_map, max_memory=max_memory, dtype=dtype, share=2)
+    device_map = resolve_device_map(skeleton, device_map, max_memory=max_memory, dtype=dtype, share=share)
     check_offload_folder(device_map, offload_folder)
     root = None if offload_folder is None else Path(offload_folder).expanduser()
     return dict(device_map), [None if root is None else root / side for side in ("vanilla", "unlearned")]
@@ -379,6 +379,8 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
             :class:`~patchlab.pair.sequential.SequentialPair` whose sweeps load the vanilla model, then the
             unlearned one (the vanilla weights that ``value`` / ``heads`` restorations need are read from its
             safetensors files). Needs checkpoint directories or hub ids; the same numbers, about half the memory.
+            A ``device_map`` then places each model in turn with the whole ``max_memory`` budget (a 70B model on
+            two 80 GB GPUs instead of four).
 
     Raises:
         PatchlabFileError: a path does not exist / holds no checkpoint, or a hub id cannot be reached (within
@@ -392,11 +394,11 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
     """
     _check_placement(device, device_map, max_memory, offload_folder)
     if sequential:
-        if device_map is not None:
-            raise PatchlabValueError("sequential=True holds one model at a time: use device=, not device_map")
         tok = load_tokenizer(tokenizer if tokenizer is not None else vanilla)
-        return sequential_pair(vanilla, unlearned, tokenizer=tok, load={"dtype": dtype, "device": device},
-                               adapter_base=adapter_base)
+        shared_map, folders = _pair_placement(vanilla, device_map, max_memory, offload_folder, dtype, share=1)
+        loads = [{"dtype": dtype, "device": device, **({"device_map": shared_map, "offload_folder": folder}
+                                                       if shared_map is not None else {})} for folder in folders]
+        return sequential_pair(vanilla, unlearned, tokenizer=tok, load=loads, adapter_base=adapter_base)
     if adapter_base is None and is_adapter(unlearned) and same_checkpoint(adapter_base_name(unlearned), vanilla):
         adapter_base = vanilla
     shared_map, folders = _pair_placement(vanilla, device_map, max_memory, offload_folder, dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +102,9 @@ def _checkpoint_dir(spec: Any, what: str) -> Path:
 
 
 def sequential_pair(vanilla: Any, unlearned: Any, *, tokenizer: PreTrainedTokenizerBase,
-                    load: Mapping[str, Any], adapter_base: Any = None) -> SequentialPair:
-    """Check a pair from its configs and file headers and return it unloaded (:class:`SequentialPair`).
+                    load: Sequence[Mapping[str, Any]], adapter_base: Any = None) -> SequentialPair:
+    """Check a pair from its configs and file headers and return it unloaded (:class:`SequentialPair`); ``load``
+    holds the vanilla and the unlearned model's :func:`~patchlab.pair.loading.load_model` keyword arguments.
 
     Raises:
         PatchlabValueError: an in-memory model (it is in memory already: use ``sequential=False``).
@@ -134,10 +135,11 @@ def sequential_pair(vanilla: Any, unlearned: Any, *, tokenizer: PreTrainedTokeni
     if len(tokenizer) > config.vocab_size:
         raise PairMismatchError(f"tokenizer has {len(tokenizer)} tokens but the models' vocabulary has "
                                 f"{config.vocab_size} rows")
-    load_u = {**load, **({"adapter_base": adapter_base or v_dir} if is_adapter(unlearned) else {})}
-    return SequentialPair(specs={"vanilla": v_dir, "unlearned": u_dir}, load={"vanilla": dict(load), "unlearned": load_u},
+    load_u = {**load[1], **({"adapter_base": adapter_base or v_dir} if is_adapter(unlearned) else {})}
+    return SequentialPair(specs={"vanilla": v_dir, "unlearned": u_dir}, load={"vanilla": dict(load[0]),
+                                                                             "unlearned": load_u},
                           tokenizer=tokenizer, arch=spec, sources=(describe_source(v_dir), describe_source(unlearned)),
-                          skeleton=skeleton, dtype=load.get("dtype"))
+                          skeleton=skeleton, dtype=load[0].get("dtype"))
 
 
 __all__ = ["SequentialPair", "sequential_pair"]
