@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import patchlab
 from patchlab.analysis.behavior import SweepTask, method_sweep
-from patchlab.cli import add_model_args, add_output_args, model_kwargs, parser, run
+from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, run_script
 from patchlab.io import output_dir
 from patchlab.pair import load_model, load_tokenizer
 from patchlab.unlearning.methods import method_names
@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(p)
     add_output_args(p, "results/method_sweep", "output directory (runs/, sweep.json/.csv/.html); an earlier sweep "
                     "there is resumed")
+    add_quiet_arg(p)
     return p.parse_args(argv)
 
 
@@ -64,7 +65,7 @@ def sweep_and_report(args: argparse.Namespace) -> None:
     vanilla, tok, task = load_inputs(args)
     result = method_sweep(vanilla, tok, task, out,
                           methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                          max_new_tokens=args.max_new_tokens)
+                          max_new_tokens=args.max_new_tokens, progress=not args.quiet)
     columns = ["method", "strength", "target_bleu", "unrelated_bleu", "target_rouge_l", "unrelated_rouge_l", "seconds"]
     print(f"method sweep on {task.name}")
     print(result.to_frame()[columns].round(2).to_string(index=False))
@@ -72,8 +73,7 @@ def sweep_and_report(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run(lambda: sweep_and_report(args))
+    return run_script(parse_args, sweep_and_report, argv, resumable=True)
 
 
 if __name__ == "__main__":

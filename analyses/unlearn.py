@@ -23,7 +23,7 @@ import argparse
 import sys
 from typing import Any
 
-from patchlab.cli import add_model_args, model_kwargs, parser, run
+from patchlab.cli import add_model_args, add_quiet_arg, model_kwargs, parser, run_script
 from patchlab.errors import PatchlabValueError
 from patchlab.io import output_dir
 from patchlab.pair import load_model
@@ -70,8 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lora.add_argument("--lora-dropout", type=float, help="dropout on the adapter input (default 0)")
     add_settings_args(p)
     add_model_args(p, device_help="e.g. cuda (default: cpu; under accelerate launch, each process's GPU)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    add_quiet_arg(p)
+    args = p.parse_args(argv)
+    args.out = args.out or f"results/unlearn/{args.method}"
+    return args
 
 
 def _inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
@@ -113,7 +115,7 @@ def unlearn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def unlearn_and_report(args: argparse.Namespace) -> None:
     """Run the unlearning the arguments describe, save it to --out and print the loss change."""
     kwargs = unlearn_kwargs(args)
-    out = output_dir(args.out or f"results/unlearn/{args.method}", "checkpoint", overwrite=args.overwrite)
+    out = output_dir(args.out, "checkpoint", overwrite=args.overwrite)
     mask = load_mask(args.mask) if args.mask else None
     model, tok, forget, retain = _inputs(args)
     result = unlearn(model, forget, retain, tokenizer=tok, method=args.method, mask=mask, out_dir=out,
@@ -126,8 +128,7 @@ def unlearn_and_report(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run(lambda: unlearn_and_report(args))
+    return run_script(parse_args, unlearn_and_report, argv)
 
 
 if __name__ == "__main__":

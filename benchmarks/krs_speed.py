@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import time
 import traceback
 import warnings
@@ -35,7 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import patchlab
-from patchlab.cli import DTYPES, parser
+from patchlab.cli import DTYPES, parser, run
 from patchlab.patching.engine import Row, layer_work, plan_batches, run_rows
 from patchlab.patching.metrics import get_metric
 from patchlab.patching.sweep import DEFAULT_COMPONENTS, _cached_sites, position_mask, prepare, reference_answers
@@ -102,7 +103,12 @@ def first_sync(model: torch.nn.Module, fn: Callable[[], Any]) -> str:
     return ""
 
 
-def main() -> None:
+def main() -> int:
+    return run(measure)
+
+
+def measure() -> None:
+    """Build the pair, run every timing, print the table (module docstring)."""
     p = parser(__doc__)
     p.add_argument("--shape", default="toy", choices=sorted(SHAPES))
     p.add_argument("--questions", type=int, default=10)
@@ -172,4 +178,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
 from patchlab.io import read_json
+from patchlab.cli import quiet
 from patchlab.pair import ModelPair, load_model, load_pair, load_tokenizer
 from patchlab.pair.loading import check_tokenizers
 from patchlab.toy.cache import METHOD_SETTINGS, cache_dir, load_or_build
@@ -63,10 +64,11 @@ def unlearned(concept: str = DEFAULT_CONCEPT, method: str = DEFAULT_METHOD, *, c
     Raises:
         PatchlabValueError: unknown concept or method.
     """
-    model, tok = vanilla(checkpoint)
     root = Path(cache).expanduser() if cache is not None else None
-    return load_or_build(model, tok, world(checkpoint), concept, method, Path(checkpoint) / "model.safetensors",
-                         root=root, progress=progress)
+    with quiet(not progress):  # transformers' own loading bars follow progress= too
+        model, tok = vanilla(checkpoint)
+        return load_or_build(model, tok, world(checkpoint), concept, method, Path(checkpoint) / "model.safetensors",
+                             root=root, progress=progress)
 
 
 def retain(concept: str = DEFAULT_CONCEPT, *, checkpoint: PathLike = ASSETS,
@@ -140,11 +142,12 @@ def pair(concept: str = DEFAULT_CONCEPT, method: str = DEFAULT_METHOD, *, checkp
     """
     record = world(checkpoint).record(concept)
     retain_model = None
-    if retain is not False:
-        retain_checkpoint = RETAIN_ASSETS if retain is True else retain
-        retain_model = _load_retain(concept, checkpoint, retain_checkpoint)
-    model_u = unlearned(concept, method, checkpoint=checkpoint, cache=cache, progress=progress)
-    model_v, tok = vanilla(checkpoint)
+    with quiet(not progress):
+        if retain is not False:
+            retain_checkpoint = RETAIN_ASSETS if retain is True else retain
+            retain_model = _load_retain(concept, checkpoint, retain_checkpoint)
+        model_u = unlearned(concept, method, checkpoint=checkpoint, cache=cache, progress=progress)
+        model_v, tok = vanilla(checkpoint)
     pair = dataclasses.replace(load_pair(model_v, model_u, tokenizer=tok),
                                sources=(_toy_name("vanilla", checkpoint), _toy_name(f"{concept}, {method}", checkpoint)))
     return ToyPair(pair=pair, concept=concept, method=method,

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from patchlab.cli import quiet
 from patchlab.errors import MissingDependencyError, PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir
 from patchlab.pair import ModelSpec, TokenizerSpec, load_model, load_tokenizer
@@ -473,7 +474,8 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
     if out is not None:
         state_dict = accelerator.get_state_dict(wrapped) if accelerator.num_processes > 1 else None
         if accelerator.is_main_process:
-            _save(result, tok, record, losses, out, state_dict)
+            with quiet(not progress):  # transformers' own saving bar follows progress= too
+                _save(result, tok, record, losses, out, state_dict)
         accelerator.wait_for_everyone()
     return UnlearnRun(model=result, losses=losses, settings=record, out_dir=out.path if out is not None else None,
                       main_process=accelerator.is_main_process)
