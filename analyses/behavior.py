@@ -27,7 +27,7 @@ from typing import Any
 
 import patchlab
 from patchlab.analysis.behavior import evaluate
-from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, run_script
+from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, print_written, run_script
 from patchlab.io import output_dir, read_questions
 from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.reports import figures
@@ -84,8 +84,7 @@ def report(args: argparse.Namespace) -> None:
     for name, averages in result.averages.items():
         print(f"{name:>9}: BLEU {averages['bleu']:6.2f}  ROUGE-L {averages['rouge_l']:.3f}  "
               f"unchanged {averages['same']:.0%}")
-    for path in paths.values():
-        print(f"wrote {path}")
+    print_written(paths)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, run_script
+from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, print_written, run_script
 from patchlab.io import output_dir, read_questions
 from patchlab.patching.sweep import DEFAULT_COMPONENTS
 
@@ -88,8 +88,7 @@ def report(args: argparse.Namespace) -> None:
         print(f"difference ({comparison.labels[1]} - {comparison.labels[0]}):")
         print(comparison.to_frame().pivot(index="component", columns="layers", values="difference")
               .round(3).to_string())
-    for kind, path in paths.items():
-        print(f"wrote {kind}: {path}")
+    print_written(paths)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import sys
 
 import patchlab
 from patchlab.analysis.paramdiff import paramdiff, value_vector_changes
-from patchlab.cli import add_output_args, add_quiet_arg, parser, run_script
+from patchlab.cli import add_output_args, add_quiet_arg, parser, print_written, run_script
 from patchlab.io import output_dir
 
 #: The per-module summary printed: how much each module type moved.
@@ -72,8 +72,7 @@ def report(args: argparse.Namespace) -> None:
     print(modules[SUMMARY].to_string(index=False, float_format=lambda x: f"{x:.3e}"))
     if diff.value_vectors is not None:
         print(diff.value_vectors.drop(columns="cosine").to_string(index=False, float_format=lambda x: f"{x:.3e}"))
-    for path in paths.values():
-        print(f"wrote {path}")
+    print_written(paths)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,7 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from patchlab.errors import PatchlabError, PatchlabFileError, PatchlabValueError
-from patchlab.io import MANIFEST, OutputDir, read_manifest
+from patchlab.io import MANIFEST, OutputDir, check_writable, read_manifest
 
 #: Names accepted by ``--dtype``, each a ``torch`` attribute.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -223,17 +222,14 @@ def output_file(path: str | os.PathLike, *, overwrite: bool = False, what: str =
         raise PatchlabFileError(f"{what} {str(path)!r} is a directory")
     if path.exists() and not overwrite:
         raise PatchlabFileError(f"{what} {str(path)!r} already exists; pass --overwrite to replace it")
-    base = path.parent
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir():
-        raise PatchlabFileError(f"cannot create {what} {str(path)!r}: {str(base)!r} is a file")
-    try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as err:
-        raise PatchlabFileError(f"cannot write {what} {str(path)!r}: {err.strerror or err}") from err
+    check_writable(path, what)
     return path
+
+
+def print_written(paths: Mapping[str, Any] | Sequence[Any]) -> None:
+    """One ``wrote <path>`` line per file a script wrote (a report's ``{name: path}`` or a list of paths)."""
+    for path in (paths.values() if isinstance(paths, Mapping) else paths):
+        print(f"wrote {path}")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:

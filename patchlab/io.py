@@ -209,6 +209,28 @@ def write_csv(frame: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Raise unless ``path`` (a file or directory to be written, existing or not) can be created there: a probe file
+    is created and removed in the nearest existing folder at or above it.
+
+    Raises:
+        PatchlabFileError: that nearest existing path is a file, or the folder is not writable (read-only, under
+            ``/proc``...).
+    """
+    target = Path(path)
+    base = target if target.is_dir() else target.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise PatchlabFileError(f"cannot create {what} {str(target)!r}: {str(base)!r} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".patchlab-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PatchlabFileError(f"cannot write {what} {str(target)!r}: {err.strerror or err}") from err
+
+
 #: The manifest patchlab writes into every output directory it owns: kind, files written, settings key.
 MANIFEST = ".patchlab.json"
 _MANIFEST_FORMAT = "patchlab.output/1"
@@ -291,20 +313,9 @@ class OutputDir:
         return manifest
 
     def _ensure_writable(self) -> None:
-        """Create and remove a probe file in the directory, or in its nearest existing ancestor (the directory
-        itself is created on the first write, so a run that fails early leaves nothing behind)."""
-        base = self.path
-        while not base.exists():
-            base = base.parent
-        if not base.is_dir():
-            raise PatchlabFileError(f"cannot create output directory {str(self.path)!r}: {str(base)!r} is a file")
-        try:
-            fd, probe = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=base)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as err:
-            raise PatchlabFileError(f"cannot write into output directory {str(self.path)!r}: "
-                                    f"{err.strerror or err}") from err
+        """The directory, or its nearest existing ancestor, is writable (:func:`check_writable`); the directory
+        itself is created on the first write, so a run that fails early leaves nothing behind."""
+        check_writable(self.path, "output directory")
 
     def _create(self) -> None:
         try:

@@ -50,6 +50,18 @@ def perturbed(model: torch.nn.Module, pattern: re.Pattern, scale: float = 0.5, s
     return other
 
 
+def with_biases(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A deep copy of ``model`` with every bias set to 0.1-scaled Gaussian noise (GPT-2 initialises biases to 0:
+    this makes them matter, e.g. for the per-head share of the output projection's bias)."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return out
+
+
 FAMILY_SIZES = {
     "llama": dict(n_layers=4, n_heads=4, n_kv_heads=2, tie_embeddings=True),
     "gpt2": dict(n_layers=4, n_heads=4),

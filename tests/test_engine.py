@@ -3,7 +3,6 @@ metrics as data, resid / mlp_out / per-head exactness, and the batch plan."""
 
 from __future__ import annotations
 
-import copy
 import re
 
 import numpy as np
@@ -16,7 +15,7 @@ from patchlab.patching.engine import Row, layer_work, plan_batches, run_rows
 from patchlab.patching.loop import restore
 from patchlab.patching.metrics import get_metric
 from patchlab.patching.sweep import position_mask, prepare, reference_answers
-from tests.conftest import ATTN_OR_UP, CORPUS, DOWN, QUESTIONS, perturbed
+from tests.conftest import ATTN_OR_UP, CORPUS, DOWN, QUESTIONS, perturbed, with_biases
 
 FAMILIES = ["llama", "gpt2", "gpt_neox"]
 EVERYTHING = re.compile(f"{ATTN_OR_UP.pattern}|{DOWN.pattern}")
@@ -28,12 +27,7 @@ def pairs(vanilla_models, tok):
     first, so the per-head bias share matters)."""
     out = {}
     for fam in FAMILIES:
-        vanilla = copy.deepcopy(vanilla_models[fam])
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(0)
-            for name, p in vanilla.named_parameters():
-                if name.endswith("bias"):
-                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        vanilla = with_biases(vanilla_models[fam])
         out[fam] = patchlab.load_pair(vanilla, perturbed(vanilla, EVERYTHING), tokenizer=tok)
     return out
 

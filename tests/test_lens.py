@@ -3,7 +3,6 @@ patchlab's mean, TL restoration hooks give the same logits as patchlab's own res
 
 from __future__ import annotations
 
-import copy
 import re
 import sys
 
@@ -16,7 +15,7 @@ import patchlab
 from patchlab.patching import lens
 from patchlab.patching.loop import restore
 from patchlab.tiny import tiny_model
-from tests.conftest import ATTN_OR_UP, CORPUS, DOWN, perturbed
+from tests.conftest import ATTN_OR_UP, CORPUS, DOWN, perturbed, with_biases
 
 SITES = "coef+value+attn"
 FAMILIES = ["llama", "gpt2"]  # llama: grouped-query attention (4 heads, 2 KV heads), tied embeddings; gpt2: Conv1D
@@ -36,12 +35,7 @@ def pairs(vanilla_models, tok):
     everything = re.compile(f"{ATTN_OR_UP.pattern}|{DOWN.pattern}")
     out = {}
     for fam in FAMILIES:
-        vanilla = copy.deepcopy(vanilla_models[fam])
-        with torch.no_grad():  # GPT-2 initializes biases to 0: make them matter (and perturbable)
-            gen = torch.Generator().manual_seed(0)
-            for name, p in vanilla.named_parameters():
-                if name.endswith("bias"):
-                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        vanilla = with_biases(vanilla_models[fam])
         out[fam] = patchlab.load_pair(vanilla, perturbed(vanilla, everything), tokenizer=tok)
     return out
 
