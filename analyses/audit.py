@@ -1,4 +1,5 @@
-"""Residual-knowledge audit from the shell: KRS, relearning, quantization and behaviour probes side by side.
+"""Residual-knowledge audit from the shell: KRS, logit lens, UDS, relearning, quantization and behaviour probes side
+by side.
 
 With no checkpoint it audits the embedded toy world offline (default concept, graddiff-unlearned, with the shipped
 retain model); the output directory is resumable (a finished probe is not recomputed):
@@ -20,7 +21,7 @@ import torch
 import patchlab
 from patchlab.probes import PROBES, TOY_SETTINGS, AuditCase, audit_many, resolve_settings, toy_cases
 from patchlab.probes.registry import select
-from patchlab.cli import add_model_args, add_output_args, model_kwargs, parser, run
+from patchlab.cli import add_model_args, add_output_args, add_pair_args, model_kwargs, parser, run
 from patchlab.io import read_records
 from patchlab.pair import load_model, load_tokenizer
 
@@ -39,11 +40,9 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
-    p.add_argument("--vanilla", help="vanilla checkpoint: local directory or hub id (default: the toy world)")
-    p.add_argument("--unlearned", nargs="+", help="one or more unlearned checkpoints, audited side by side")
+    add_pair_args(p, placement=False, several=True)
     p.add_argument("--labels", help="comma-separated names of the --unlearned checkpoints (default: their paths)")
     p.add_argument("--retain", help="a checkpoint that never saw the concept (optional)")
-    p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the vanilla checkpoint's)")
     p.add_argument("--questions", help="JSON/JSONL target questions: strings or {question, answer?} records "
                                        "(without answers the vanilla greedy answers are the reference)")
     p.add_argument("--unrelated", help="JSON/JSONL unrelated questions, same forms (behaviour, benign relearning)")
@@ -96,7 +95,8 @@ def cases_from_args(args: argparse.Namespace) -> list[AuditCase]:
     retain = load_model(args.retain, **kwargs) if args.retain else None
     questions = read_records(args.questions)
     unrelated = read_records(args.unrelated) if args.unrelated else None
-    return [AuditCase(label, patchlab.load_pair(vanilla, path, tokenizer=tok, **kwargs), questions, unrelated, retain,
+    return [AuditCase(label, patchlab.load_pair(vanilla, path, tokenizer=tok, adapter_base=args.adapter_base, **kwargs),
+                      questions, unrelated, retain,
                       {"vanilla": args.vanilla, "unlearned": path, "retain": args.retain})
             for label, path in zip(labels, args.unlearned)]
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import patchlab
 from patchlab.analysis.behavior import evaluate
-from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, print_written, run_script
+from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, pair_kwargs, parser,
+                          print_written, run_script)
 from patchlab.io import output_dir, read_questions
 from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.reports import figures
@@ -35,9 +36,7 @@ from patchlab.reports import figures
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
-    p.add_argument("--vanilla", help="vanilla checkpoint: local directory or hub id (default: the toy world)")
-    p.add_argument("--unlearned", help="unlearned checkpoint: local directory or hub id")
-    p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the vanilla checkpoint's)")
+    add_pair_args(p)
     p.add_argument("--target", help="JSON/JSONL file of target questions (what was unlearned)")
     p.add_argument("--unrelated", help="JSON/JSONL file of unrelated questions (what must be kept)")
     p.add_argument("--concept", help="toy-world concept (toy world only)")
@@ -66,7 +65,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str]
         raise patchlab.PatchlabValueError("--vanilla, --unlearned, --target and --unrelated go together "
                                           "(or give none of them)")
     target, unrelated = read_questions(args.target), read_questions(args.unrelated)
-    pair = patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, **model_kwargs(args))
+    pair = patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, **pair_kwargs(args))
     return pair, target, unrelated, {"target": args.target, "unrelated": args.unrelated}, \
         f"{args.unlearned} vs {args.vanilla}"
 

@@ -18,16 +18,15 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, print_written, run_script
+from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, pair_kwargs, parser,
+                          print_written, run_script)
 from patchlab.io import output_dir, read_questions
 from patchlab.patching.sweep import DEFAULT_COMPONENTS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
-    p.add_argument("--vanilla", help="vanilla checkpoint: local directory or hub id (default: the toy world)")
-    p.add_argument("--unlearned", help="unlearned checkpoint: local directory or hub id")
-    p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the vanilla checkpoint's)")
+    add_pair_args(p)
     p.add_argument("--questions", help="JSON/JSONL file of questions (strings or records with 'question')")
     p.add_argument("--concept", help="toy-world concept (toy world only)")
     p.add_argument("--method", default="graddiff", help="toy-world unlearning method (toy world only)")
@@ -62,7 +61,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str]
         return world.pair, questions, f"toy world: {world.concept} ({world.method})"
     if not (args.vanilla and args.unlearned and args.questions):
         raise patchlab.PatchlabValueError("--vanilla, --unlearned and --questions go together (or give none of them)")
-    pair = patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, **model_kwargs(args))
+    pair = patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, **pair_kwargs(args))
     return pair, read_questions(args.questions), f"{args.unlearned} vs {args.vanilla}"
 
 

@@ -125,7 +125,8 @@ def report(args: argparse.Namespace, saved: dict[str, Path]) -> None:
     print(f"weight attribution on {title}: ratio {args.ratio}{' per layer' if args.per_layer else ''}")
     print(densities.by_method().round(3).to_string())
     for other in methods[1:]:
-        print(f"mask overlap (Jaccard) {methods[0]} vs {other}: {attribution.overlap(masks[methods[0]], masks[other]):.3f}")
+        jaccard = attribution.overlap(masks[methods[0]], masks[other])
+        print(f"mask overlap (Jaccard) {methods[0]} vs {other}: {jaccard:.3f}")
     for path in [*saved.values(), *paths.values()]:
         print(f"wrote {path}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -244,3 +245,58 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.dtype is not None and args.dtype not in DTYPES:
         raise PatchlabValueError(f"dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     return {"dtype": getattr(torch, args.dtype) if args.dtype else None, "device": args.device}
+
+
+def add_pair_args(parser: argparse.ArgumentParser, *, placement: bool = True, several: bool = False
+                  ) -> argparse.ArgumentParser:
+    """Add the pair flags of :func:`patchlab.load_pair` to ``parser`` and return it: ``--vanilla``, ``--unlearned``
+    (one or, with ``several``, more checkpoints), ``--tokenizer``, ``--adapter-base`` and, with ``placement``,
+    ``--device-map`` (``auto`` or a JSON ``{module: device}``), ``--max-memory`` (``0=70GiB,1=70GiB,cpu=100GiB``),
+    ``--offload-folder`` and ``--sequential``. No ``--vanilla`` means the toy world.
+
+    Raises:
+        PatchlabValueError: ``parser`` is not an ``argparse.ArgumentParser``.
+    """
+    _check_parser(parser)
+    parser.add_argument("--vanilla", help="vanilla checkpoint: local directory or hub id (default: the toy world)")
+    parser.add_argument("--unlearned", nargs="+" if several else None,
+                        help="unlearned checkpoint" + ("s, audited side by side" if several else "")
+                        + ": local directory, hub id or adapter directory")
+    parser.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the vanilla checkpoint's)")
+    parser.add_argument("--adapter-base", help="base checkpoint of an adapter --unlearned (default: the vanilla one "
+                                               "when the adapter names it)")
+    if placement:
+        parser.add_argument("--device-map", help="place both models over devices: 'auto' or a JSON {module: device}")
+        parser.add_argument("--max-memory",
+                            help="memory per device for --device-map auto, e.g. 0=70GiB,1=70GiB,cpu=100GiB")
+        parser.add_argument("--offload-folder", help="where --device-map puts modules mapped to 'disk'")
+        parser.add_argument("--sequential", action="store_true",
+                            help="hold one model in memory at a time (checkpoint directories or hub ids)")
+    return parser
+
+
+def pair_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`model_kwargs` plus the :func:`add_pair_args` flags, as :func:`patchlab.load_pair` keyword arguments.
+
+    Raises:
+        PatchlabValueError: a ``--device-map`` that is neither ``auto`` nor a JSON object, or a malformed
+            ``--max-memory``.
+    """
+    kwargs = model_kwargs(args)
+    device_map = getattr(args, "device_map", None)
+    if device_map is not None and device_map != "auto":
+        try:
+            device_map = json.loads(device_map)
+        except json.JSONDecodeError as err:
+            raise PatchlabValueError(f"--device-map must be 'auto' or a JSON object, got {args.device_map!r}") from err
+    memory = None
+    if getattr(args, "max_memory", None):
+        try:
+            memory = {(int(k) if k.strip().isdigit() else k.strip()): v.strip()
+                      for k, v in (item.split("=", 1) for item in args.max_memory.split(","))}
+        except ValueError as err:
+            raise PatchlabValueError(
+                f"--max-memory must look like 0=70GiB,cpu=100GiB, got {args.max_memory!r}") from err
+    return {**kwargs, "device_map": device_map, "max_memory": memory,
+            "offload_folder": getattr(args, "offload_folder", None), "sequential": getattr(args, "sequential", False),
+            "adapter_base": getattr(args, "adapter_base", None)}

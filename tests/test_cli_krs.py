@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import patchlab
-from patchlab.cli import add_model_args, model_kwargs, run
+from patchlab.cli import add_model_args, add_pair_args, model_kwargs, pair_kwargs, run
 from tests.conftest import ATTN_OR_UP, QUESTIONS, perturbed
 
 SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "krs_sweep.py"
@@ -121,5 +121,33 @@ def test_cli_passes_dtype_and_device_to_the_loader(cli, checkpoints, monkeypatch
     assert cli.main(["--vanilla", str(checkpoints / "vanilla"), "--unlearned", str(checkpoints / "unlearned"),
                      "--questions", str(checkpoints / "questions.jsonl"), "--dtype", "bfloat16",
                      "--device", "cpu"]) == 2
-    assert seen == {"tokenizer": None, "dtype": torch.bfloat16, "device": "cpu"}
+    assert seen == {"tokenizer": None, "dtype": torch.bfloat16, "device": "cpu", "device_map": None,
+                    "max_memory": None, "offload_folder": None, "sequential": False, "adapter_base": None}
     assert "stop here" in capsys.readouterr().err
+
+
+def test_pair_args_parse_device_maps_and_memory_budgets():
+    parser = add_pair_args(add_model_args(argparse.ArgumentParser()))
+    kwargs = pair_kwargs(parser.parse_args(["--device-map", '{"": "cpu"}', "--max-memory", "0=70GiB, cpu=100GiB",
+                                            "--offload-folder", "off", "--sequential", "--adapter-base", "base"]))
+    assert kwargs == {"dtype": None, "device": None, "device_map": {"": "cpu"}, "max_memory": {0: "70GiB",
+                      "cpu": "100GiB"}, "offload_folder": "off", "sequential": True, "adapter_base": "base"}
+    assert pair_kwargs(parser.parse_args(["--device-map", "auto"]))["device_map"] == "auto"
+    with pytest.raises(patchlab.PatchlabValueError, match="--device-map must be 'auto' or a JSON"):
+        pair_kwargs(parser.parse_args(["--device-map", "balanced{"]))
+    with pytest.raises(patchlab.PatchlabValueError, match="--max-memory must look like"):
+        pair_kwargs(parser.parse_args(["--max-memory", "70GiB"]))
+    only_adapter = add_pair_args(argparse.ArgumentParser(), placement=False)
+    with pytest.raises(SystemExit):
+        only_adapter.parse_args(["--sequential"])
+
+
+def test_cli_sequential_pair_gives_the_whole_pair_numbers(cli, checkpoints, tmp_path):
+    common = ["--vanilla", str(checkpoints / "vanilla"), "--unlearned", str(checkpoints / "unlearned"),
+              "--questions", str(checkpoints / "questions.jsonl"), "--components", "coef,value,attn",
+              "--window", "3", "--n-tokens", "4", "--quiet"]
+    assert cli.main([*common, "--out", str(tmp_path / "whole")]) == 0
+    assert cli.main([*common, "--sequential", "--device-map", '{"": "cpu"}', "--out", str(tmp_path / "seq")]) == 0
+    whole, seq = (patchlab.KRSResult.load(tmp_path / name / "krs.json") for name in ("whole", "seq"))
+    for component in ("coef", "value", "attn"):
+        np.testing.assert_allclose(seq.krs[component], whole.krs[component], atol=1e-5)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import repeat
 from jaxtyping import Bool, Float, Int
 from torch import nn
 from tqdm.auto import tqdm
@@ -330,8 +331,7 @@ def head_delta(module: nn.Module, source_params: dict[str, torch.Tensor], target
     to each head's slice of the projection's input ``z`` (``[n, n_heads * head_dim]``), ``module`` the projection
     (its type), ``*_params`` the source and target parameters. The bias change is shared evenly among the heads, so
     restoring every head restores the whole projection output (the ``attn`` site)."""
-    head_dim = z_target.shape[-1] // heads.shape[-1]
-    mask = heads.repeat_interleave(head_dim, dim=-1).to(z_target.dtype)
+    mask = repeat(heads, "n head -> n (head d_head)", d_head=z_target.shape[-1] // heads.shape[-1]).to(z_target.dtype)
     restored = apply_module(module, source_params, z_source.to(z_target.dtype) * mask)
     removed = apply_module(module, target_params, z_target * mask)
     if "bias" in source_params and source_params["bias"] is not None:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -230,8 +231,14 @@ def _cached(cache: Any, key: str) -> Float[torch.Tensor, "batch seq d"]:
     value = cache[key]
     if not isinstance(value, torch.Tensor) or value.ndim not in (2, 3, 4):
         raise PatchlabValueError(f"vanilla cache entry {key!r} must be a [batch, seq, d] tensor")
-    value = value.flatten(2) if value.ndim == 4 else value
+    value = _joined_heads(value)
     return (value[None] if value.ndim == 2 else value).detach()
+
+
+def _joined_heads(x: torch.Tensor) -> torch.Tensor:
+    """TransformerLens's per-head ``[batch, seq, head, d_head]`` tensors (the output projection's input) as
+    ``[batch, seq, head * d_head]``, head-major like HF's concatenated heads; other tensors as they are."""
+    return rearrange(x, "batch seq head d_head -> batch seq (head d_head)") if x.ndim == 4 else x
 
 
 def _check_positions(positions: Bool[torch.Tensor, "seq"] | None, seq: int) -> Bool[torch.Tensor, "seq"]:
@@ -246,7 +253,7 @@ def _check_positions(positions: Bool[torch.Tensor, "seq"] | None, seq: int) -> B
 def _restore(act: torch.Tensor, new: torch.Tensor, mask: Bool[torch.Tensor, "seq"], name: str) -> torch.Tensor:
     """``act`` with ``new`` written at the ``mask`` positions; ``new`` has batch 1 or ``act``'s batch. A per-head
     ``[batch, seq, head, d_head]`` activation is compared and written as ``[batch, seq, head * d_head]``."""
-    flat = act.flatten(2) if act.ndim == 4 else act
+    flat = _joined_heads(act)
     if flat.shape[-2:] != new.shape[-2:] or new.shape[0] not in (1, flat.shape[0]):
         raise PatchlabValueError(
             f"{name}: activation {tuple(flat.shape)} does not match the vanilla one {tuple(new.shape)}: run the "
@@ -272,7 +279,7 @@ def _recompute_hook(site: Site, module: torch.nn.Module, params: dict[str, torch
     """Hook on a site module's ``hook_out``: its output recomputed with the vanilla parameters on the stashed input
     (``recompute``), or changed by :func:`patchlab.patching.engine.head_delta` (``per_head``)."""
     def hook(act: Float[torch.Tensor, "batch seq d"], hook: Any) -> Float[torch.Tensor, "batch seq d"]:
-        x = stash.pop("x").flatten(2)  # TransformerLens hands the output projection [batch, seq, head, d_head]
+        x = _joined_heads(stash.pop("x"))
         device_params = {k: v.to(act.device) for k, v in params.items()}
         if site.restore == "recompute":
             return _restore(act, apply_module(module, device_params, x), mask, hook.name)
