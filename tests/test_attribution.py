@@ -255,6 +255,23 @@ def test_mask_breaks_ties_in_order_and_handles_signs_and_zeros():
     assert all(t.all() for t in everything.values())
 
 
+@pytest.mark.parametrize("by", ["abs", "value"])
+def test_radix_select_equals_a_stable_sort_across_tensors(by):
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(12):  # ragged tensors; every third has many ties; scales from 1e-30 to 1e3
+        parts = [torch.randn(int(torch.randint(1, 300, (1,), generator=gen)), generator=gen) * 10.0 ** (3 * trial - 30)
+                 for _ in range(4)]
+        parts = [(t * 4).round() / 4 + 0.0 if trial % 3 == 0 else t for t in parts]  # + 0.0: no -0.0 ties
+        scores = {str(i): t for i, t in enumerate(parts)}
+        flat = torch.cat(parts)
+        key = flat.abs() if by == "abs" else flat
+        for k in (1, flat.numel() // 3, flat.numel() - 1):
+            chosen = torch.cat([t.flatten() for t in mask(scores, k / flat.numel(), by=by).values()])
+            expected = torch.zeros_like(chosen)
+            expected[torch.sort(key, descending=True, stable=True).indices[:k]] = True  # ties: earliest first
+            assert torch.equal(chosen, expected), (trial, k)
+
+
 def test_overlap_is_jaccard(signed_scores):
     small, large = mask(signed_scores, 0.2), mask(signed_scores, 0.5)
     count = lambda m: sum(int(t.sum()) for t in m.values())  # noqa: E731

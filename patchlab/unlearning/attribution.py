@@ -329,8 +329,8 @@ def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "ab
     (``per_layer=True``; layer from :func:`patchlab.pair.modules.layer_index`). ``by="abs"`` ranks by ``|score|``
     (WAGLE's ``|S|``, as in the authors' code; identical for the non-negative baselines), ``by="value"`` by the
     signed score. Ties at the cut go to the earliest weights (in the order of ``scores``, then flattened order),
-    so a mask is deterministic. Scores are read one tensor at a time and never concatenated (an exact radix
-    select), so a global mask over a 7B model needs only a few temporaries the size of its largest tensor.
+    so a mask is deterministic. Scores are read in chunks and never concatenated (an exact radix select in four
+    passes), so a global mask over a 7B model needs only a few small temporaries besides the masks.
 
     Raises:
         PatchlabValueError: empty scores, ``ratio`` outside ``(0, 1]``, unknown ``by`` or preset, ``per_layer`` or
@@ -363,45 +363,72 @@ def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "ab
 
 
 def _order_keys(scores: torch.Tensor, absolute: bool) -> Int[torch.Tensor, "n"]:
-    """Integers in ``[0, 2**32)`` ordered like the (absolute) float32 scores: the IEEE bit pattern, with negative
-    numbers' magnitude bits flipped so that larger floats get larger keys (flattened, int64, a temporary)."""
-    values = scores.float().flatten()
-    bits = (values.abs() if absolute else values).view(torch.int32).long()
-    # non-negative floats order like their bits: [2**31, 2**32); negative ones reversed below them: [0, 2**31)
-    return torch.where(bits >= 0, bits + 2**31, -bits - 1)
+    """int32 keys ordered like the (absolute) float32 scores (flattened, a temporary): the IEEE bit pattern, with
+    negative numbers' magnitude bits flipped so that larger floats get larger keys. ``key + 2**31`` is the unsigned
+    order key in ``[0, 2**32)`` that the radix select of :func:`_select_top` reads digit by digit."""
+    bits = (scores.float().abs() if absolute else scores.float()).flatten().view(torch.int32)
+    return bits if absolute else torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, width) of the radix digits of a 32-bit unsigned key, top first
+
+
+def _digit(keys: torch.Tensor, shift: int, width: int) -> torch.Tensor:
+    """The unsigned key's digit at ``shift`` (``width`` bits) from signed int32 ``keys`` (``unsigned = key + 2**31``:
+    only bit 31 differs, so the top digit has that bit flipped)."""
+    digit = (keys >> shift) & ((1 << width) - 1)
+    return digit ^ (1 << (31 - shift)) if shift + width == 32 else digit
 
 
 def _select_top(tensors: Sequence[torch.Tensor], k: int, *, absolute: bool) -> list[torch.Tensor]:
     """Bool masks (shaped like ``tensors``) selecting exactly the ``k`` largest scores among all of them; ties at
     the cut go to the earliest entries (tensor order, then flattened order), so the selection is deterministic.
 
-    A radix select over the 32-bit order keys of :func:`_order_keys`: four passes of 256-bucket histograms find
-    the ``k``-th largest key, one tensor at a time, so memory stays at a few temporaries of the largest tensor
-    (a global mask over a 7B model never concatenates its scores).
+    A radix select over the 32-bit order keys of :func:`_order_keys`: three passes of histograms over 11-, 11- and
+    10-bit digits find the ``k``-th largest key, reading the scores in chunks of :data:`_CHUNK` entries, so memory
+    stays at a few 16 MiB temporaries besides the masks (a global mask over a 7B model never concatenates its
+    scores).
     """
-    prefix, remaining = 0, k  # remaining: how many of the top still lie in keys that share ``prefix``
+    prefix, remaining = 0, k  # prefix: the unsigned key's digits found so far; remaining: top entries sharing them
     if k > 0:
-        for shift in (24, 16, 8, 0):
-            hist = torch.zeros(256, dtype=torch.long)
-            for t in tensors:
-                keys = _order_keys(t, absolute)
-                if shift < 24:
-                    keys = keys[(keys >> (shift + 8)) == (prefix >> (shift + 8))]
-                hist += torch.bincount((keys >> shift) & 255, minlength=256).cpu()
+        for shift, width in _DIGITS:
+            hist = torch.zeros(1 << width, dtype=torch.long)
+            above_bits = shift + width  # keep keys whose bits from here up are the prefix's (u >> m = s >> m + 2**(31-m))
+            for chunk in _chunks(tensors):
+                keys = _order_keys(chunk, absolute)
+                if above_bits < 32:
+                    keys = keys[(keys >> above_bits) == (prefix >> above_bits) - (1 << (31 - above_bits))]
+                hist += torch.bincount(_digit(keys, shift, width), minlength=1 << width).cpu()
             above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0]) - hist  # counts in higher buckets
             bucket = int(((above < remaining) & (above + hist >= remaining)).nonzero()[-1])
             remaining -= int(above[bucket])
             prefix |= bucket << shift
+    cut = prefix - 2**31  # the k-th largest key, signed
     out = []
     for t in tensors:
-        keys = _order_keys(t, absolute)
-        chosen = keys > prefix if k > 0 else torch.zeros_like(keys, dtype=torch.bool)
-        if remaining > 0:
-            ties = (keys == prefix).nonzero().flatten()[:remaining]
-            chosen[ties] = True
-            remaining -= len(ties)
+        chosen = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+        if k > 0:
+            start = 0
+            for chunk in _chunks([t]):
+                keys, part = _order_keys(chunk, absolute), chosen[start:start + chunk.numel()]
+                torch.gt(keys, cut, out=part)
+                if remaining > 0:
+                    ties = (keys == cut).nonzero().flatten()[:remaining]
+                    part[ties] = True
+                    remaining -= len(ties)
+                start += chunk.numel()
         out.append(chosen.view(t.shape))
     return out
+
+
+_CHUNK = 1 << 22  # scores read per step of the radix select: 16 MiB temporaries, reused instead of re-mapped
+
+
+def _chunks(tensors: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The flattened ``tensors`` in order, in views of at most :data:`_CHUNK` entries."""
+    for t in tensors:
+        flat = t.detach().flatten()
+        yield from flat.split(_CHUNK)
 
 
 def overlap(mask_a: Mask, mask_b: Mask) -> float:
