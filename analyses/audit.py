@@ -21,7 +21,8 @@ import torch
 import patchlab
 from patchlab.probes import PROBES, TOY_SETTINGS, AuditCase, audit_many, resolve_settings, toy_cases
 from patchlab.probes.registry import select
-from patchlab.cli import add_model_args, add_output_args, add_pair_args, model_kwargs, parser, run
+from patchlab.cli import (add_model_args, add_output_args, add_pair_args, check_toy_world_flags, model_kwargs, parser,
+                          run)
 from patchlab.io import read_records
 from patchlab.pair import load_model, load_tokenizer
 
@@ -82,6 +83,7 @@ def settings_from_args(args: argparse.Namespace, toy: bool) -> dict[str, dict[st
 def cases_from_args(args: argparse.Namespace) -> list[AuditCase]:
     """The audited pairs: the toy world's, or the given checkpoints (the vanilla model loaded once)."""
     if args.vanilla is None and args.unlearned is None:
+        check_toy_world_flags(args)
         return toy_cases(_names(args.method), _names(args.concept), sanity=args.sanity, progress=not args.quiet)
     if not (args.vanilla and args.unlearned and args.questions):
         raise patchlab.PatchlabValueError("--vanilla, --unlearned and --questions go together (or give none of them)")

@@ -27,8 +27,8 @@ from typing import Any
 
 import patchlab
 from patchlab.analysis.behavior import evaluate
-from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, pair_kwargs, parser,
-                          print_written, run_script)
+from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, check_toy_world_flags,
+                          pair_kwargs, parser, print_written, run_script)
 from patchlab.io import output_dir, read_questions
 from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.reports import figures
@@ -54,6 +54,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str]
     and question files or the toy world."""
     explicit = (args.vanilla, args.unlearned, args.target, args.unrelated)
     if not any(explicit):
+        check_toy_world_flags(args)
         from patchlab import toy
 
         world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method,

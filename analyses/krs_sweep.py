@@ -18,8 +18,8 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, pair_kwargs, parser,
-                          print_written, run_script)
+from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, check_toy_world_flags,
+                          pair_kwargs, parser, print_written, run_script)
 from patchlab.io import output_dir, read_questions
 from patchlab.patching.sweep import DEFAULT_COMPONENTS
 
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str], str]:
     """The pair, the questions and a title, from explicit checkpoints or the toy world."""
     if args.vanilla is None and args.unlearned is None:
+        check_toy_world_flags(args)
         from patchlab import toy
 
         world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method)

@@ -300,3 +300,20 @@ def pair_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {**kwargs, "device_map": device_map, "max_memory": memory,
             "offload_folder": getattr(args, "offload_folder", None), "sequential": getattr(args, "sequential", False),
             "adapter_base": getattr(args, "adapter_base", None)}
+
+
+#: The :func:`add_pair_args` flags that only apply to checkpoints given with ``--vanilla`` / ``--unlearned``.
+CHECKPOINT_FLAGS = ("tokenizer", "adapter_base", "device_map", "max_memory", "offload_folder", "sequential")
+
+
+def check_toy_world_flags(args: argparse.Namespace) -> None:
+    """Refuse checkpoint-only flags (:data:`CHECKPOINT_FLAGS`) on a toy-world run (no ``--vanilla``), instead of
+    silently ignoring them.
+
+    Raises:
+        PatchlabValueError: naming the flags that were given.
+    """
+    given = [f"--{name.replace('_', '-')}" for name in CHECKPOINT_FLAGS if getattr(args, name, None)]
+    if given:
+        raise PatchlabValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to checkpoints "
+                                 "given with --vanilla/--unlearned (the toy world is built in memory)")

@@ -20,6 +20,7 @@ import patchlab
 from patchlab import toy
 from patchlab.probes import (PROBES, AuditCase, AuditReport, Interval, ProbeResult, Question, audit_many,
                             bootstrap, resolve_settings)
+from patchlab.probes import run as run_module
 from patchlab.probes.bootstrap import mean_interval, ratio_of_gains
 from patchlab.probes.quantization import quantize_, quantize_weight
 from patchlab.probes.registry import probe_settings
@@ -229,6 +230,23 @@ def test_settings_and_probe_selection_are_validated(case):
         AuditCase("x", case.pair, [{"answer": "no question"}])
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"relearning": {"steps": [5, -1]}}, "relearning steps"), ({"quantization": {"bits": [0]}}, "bits"),
+    ({"common": {"n_boot": 0}}, "n_boot"), ({"common": {"level": 1.5}}, "level"),
+    ({"common": {"template": "no slot"}}, "template"), ({"krs": {"window": 99}}, "window"),
+    ({"krs": {"components": ["value"]}}, "without 'value'"), ({"krs": {"components": ["coef+nope"]}}, "nope"),
+    ({"krs": {"positions": "middle"}}, "positions"), ({"uds": {"threshold": 0}}, "threshold")])
+def test_bad_setting_values_fail_before_any_probe_runs_or_the_directory_is_claimed(case, bad, message, tmp_path,
+                                                                                  monkeypatch):
+    def no_compute(*args, **kwargs):
+        raise AssertionError("a probe ran")
+
+    monkeypatch.setattr(run_module, "_run_probe", no_compute)
+    with pytest.raises(PatchlabValueError, match=message):
+        audit_many([replace(case, retain=case.pair.vanilla_hf)], settings=bad, out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_probes_lacking_an_input_are_skipped_and_noted(case, monkeypatch):
     ran = []
 
@@ -343,7 +361,10 @@ def test_cli_audits_checkpoints_side_by_side(cli, tmp_path, capsys):
                                            (["--unlearned", "a", "b", "--vanilla", "v", "--questions", "q.json",
                                              "--labels", "one"], "--labels"),
                                            (["--probes", "nope"], "unknown probe"),
-                                           (["--threads", "0"], "--threads")])
+                                           (["--threads", "0"], "--threads"),
+                                           (["--relearn-steps", "5,-1"], "relearning steps"),
+                                           (["--bits", "0"], "bits"), (["--n-boot", "0"], "n_boot"),
+                                           (["--window", "99"], "window")])
 def test_cli_reports_bad_input_in_one_line(cli, argv, message, tmp_path, capsys):
     assert cli.main([*argv, "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err

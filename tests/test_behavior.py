@@ -77,9 +77,22 @@ def test_evaluate_changed_model_and_pair_input(tok, tiny_pair):
     assert set(result.summary()) == {f"{s}_{m}" for s in ("target", "unrelated") for m in ("bleu", "rouge_l", "same")}
 
 
+def test_evaluate_sequential_pair_equals_the_pair_in_memory(tok, tiny_pair, tmp_path):
+    for name, model in zip(("vanilla", "unlearned"), tiny_pair):
+        model.save_pretrained(tmp_path / name)
+    records = [{"question": q, "answer": "the"} for q in QUESTIONS]
+    paths = (tmp_path / "vanilla", tmp_path / "unlearned")
+    whole = evaluate(load_pair(*paths, tokenizer=tok), records, records, max_new_tokens=3, likelihood=["prob"])
+    seq_pair = load_pair(*paths, tokenizer=tok, sequential=True)
+    seq = evaluate(seq_pair, records, records, max_new_tokens=3, likelihood=["prob"])
+    assert seq.table.equals(whole.table) and not seq.table["same"].all()
+    assert seq.provenance["unlearned"]["weights"] == whole.provenance["unlearned"]["weights"]
+    assert not seq_pair._resident  # both models released
+
+
 def test_evaluate_rejects_bad_inputs(tok, tiny_pair):
     vanilla, unlearned = tiny_pair
-    with pytest.raises(PatchlabValueError, match="ModelPair or a tuple"):
+    with pytest.raises(PatchlabValueError, match="ModelPair .in memory or sequential. or a tuple"):
         evaluate((vanilla, unlearned), QUESTIONS, QUESTIONS)
     with pytest.raises(PatchlabValueError, match="target QA set"):
         evaluate((vanilla, unlearned, tok), [], QUESTIONS)

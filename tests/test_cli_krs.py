@@ -142,6 +142,13 @@ def test_pair_args_parse_device_maps_and_memory_budgets():
         only_adapter.parse_args(["--sequential"])
 
 
+@pytest.mark.parametrize("flags, named", [(["--sequential"], "--sequential applies only"),
+                                          (["--tokenizer", "t", "--device-map", "auto"], "--tokenizer, --device-map")])
+def test_checkpoint_flags_on_the_toy_world_are_refused_not_ignored(cli, flags, named, tmp_path, capsys):
+    assert cli.main([*flags, "--out", str(tmp_path / "o")]) == 2
+    assert named in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_cli_sequential_pair_gives_the_whole_pair_numbers(cli, checkpoints, tmp_path):
     common = ["--vanilla", str(checkpoints / "vanilla"), "--unlearned", str(checkpoints / "unlearned"),
               "--questions", str(checkpoints / "questions.jsonl"), "--components", "coef,value,attn",

@@ -17,6 +17,7 @@ plots target BLEU against unrelated BLEU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -42,6 +43,7 @@ from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, greedy_answers
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
 from patchlab.pair import ModelPair, ModelSpec, load_model
+from patchlab.pair.sequential import SequentialPair
 from patchlab.provenance import describe_source, environment, pair_provenance, short_name, weights_digest
 from patchlab.reports import figures, is_partial, results_record
 from patchlab.reports.results import Result, register_result
@@ -220,18 +222,27 @@ def _answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questio
                                  progress=progress)[1] for name, qs in questions.items()}
 
 
-PairOrModels = ModelPair | tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]
+PairOrModels = ModelPair | SequentialPair | tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]
 
 
-def _unpack(pair_or_models: PairOrModels) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
+def _unpack(pair_or_models: PairOrModels) -> tuple[Callable[[str], contextlib.AbstractContextManager[PreTrainedModel]],
+                                                   PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(use, config_model, tokenizer)``: ``use("vanilla" | "unlearned")`` is a context manager yielding that model
+    (a :class:`~patchlab.pair.sequential.SequentialPair` loads it for the block only), ``config_model`` carries the
+    pair's config (context length) without running."""
+    if isinstance(pair_or_models, SequentialPair):
+        return pair_or_models.using, pair_or_models.skeleton, pair_or_models.tokenizer
     if isinstance(pair_or_models, ModelPair):
-        return pair_or_models.vanilla_hf, pair_or_models.unlearned_hf, pair_or_models.tokenizer
-    if isinstance(pair_or_models, tuple) and len(pair_or_models) == 3:
-        vanilla, unlearned, tok = pair_or_models
-        if isinstance(vanilla, PreTrainedModel) and isinstance(unlearned, PreTrainedModel) and \
-                isinstance(tok, PreTrainedTokenizerBase):
-            return vanilla, unlearned, tok
-    raise PatchlabValueError("evaluate expects a patchlab ModelPair or a tuple (vanilla_hf, unlearned_hf, tokenizer)")
+        models, tok = {"vanilla": pair_or_models.vanilla_hf, "unlearned": pair_or_models.unlearned_hf}, \
+            pair_or_models.tokenizer
+    elif isinstance(pair_or_models, tuple) and len(pair_or_models) == 3 and \
+            all(isinstance(m, PreTrainedModel) for m in pair_or_models[:2]) and \
+            isinstance(pair_or_models[2], PreTrainedTokenizerBase):
+        models, tok = {"vanilla": pair_or_models[0], "unlearned": pair_or_models[1]}, pair_or_models[2]
+    else:
+        raise PatchlabValueError("evaluate expects a patchlab ModelPair (in memory or sequential) or a tuple "
+                                 "(vanilla_hf, unlearned_hf, tokenizer)")
+    return lambda which: contextlib.nullcontext(models[which]), models["vanilla"], tok
 
 
 def evaluate(pair_or_models: PairOrModels, target_qa: Sequence[Any], unrelated_qa: Sequence[Any], *,
@@ -240,7 +251,8 @@ def evaluate(pair_or_models: PairOrModels, target_qa: Sequence[Any], unrelated_q
     """Greedy answers of the vanilla and the unlearned model on target and unrelated questions, scored.
 
     Args:
-        pair_or_models: a :class:`patchlab.pair.ModelPair` or ``(vanilla_hf, unlearned_hf, tokenizer)``.
+        pair_or_models: a :class:`patchlab.pair.ModelPair` (in memory or sequential: each model is loaded in turn)
+            or ``(vanilla_hf, unlearned_hf, tokenizer)``.
         target_qa, unrelated_qa: questions (strings, ``{"question": ...}`` records or objects with ``.question``,
             e.g. ``patchlab.toy.QA``). For TOFU, the forget split is the target set and the retain (or real
             authors, world facts) split the unrelated one.
@@ -257,23 +269,25 @@ def evaluate(pair_or_models: PairOrModels, target_qa: Sequence[Any], unrelated_q
         PatchlabValueError: an empty set, an item without a question (or without a field a likelihood metric
             needs), an unknown metric, a question too long for the model's context (before any model work).
     """
-    vanilla, unlearned, tok = _unpack(pair_or_models)
+    use, config_model, tok = _unpack(pair_or_models)
     qa = {"target": target_qa, "unrelated": unrelated_qa}
     questions = {name: questions_of(items, name) for name, items in qa.items()}
-    encoded = {name: encode_qa(vanilla, tok, items, likelihood, template=template, what=name)
+    encoded = {name: encode_qa(config_model, tok, items, likelihood, template=template, what=name)
                for name, items in qa.items()}  # validated before any model work
-    answers = {who: _answers(model, tok, questions, max_new_tokens=max_new_tokens, template=template,
-                             progress=progress)
-               for who, model in (("before", vanilla), ("after", unlearned))}
+    answers, values = {}, {}
+    for who, which in (("before", "vanilla"), ("after", "unlearned")):  # one model at a time
+        with use(which) as model:
+            answers[who] = _answers(model, tok, questions, max_new_tokens=max_new_tokens, template=template,
+                                    progress=progress)
+            values[who] = {name: likelihood_values(model, encoded[name], progress=progress) for name in qa}
+            del model  # a sequential pair frees it before loading the other one
     result = score_answers(tok, questions, answers["before"], answers["after"])
-    for who, model in (("before", vanilla), ("after", unlearned)):
-        values = {name: likelihood_values(model, encoded[name], progress=progress) for name in qa}
+    for who in values:
         for metric in encoded["target"]:
-            result.table[f"{metric}_{who}"] = [v for name in qa for v in values[name][metric]]
+            result.table[f"{metric}_{who}"] = [v for name in qa for v in values[who][name][metric]]
     result.likelihood = tuple(encoded["target"])
     result.settings = {"max_new_tokens": max_new_tokens, "template": template, "likelihood": list(result.likelihood)}
-    result.provenance = pair_provenance(pair_or_models if isinstance(pair_or_models, ModelPair)
-                                        else (vanilla, unlearned))
+    result.provenance = pair_provenance(pair_or_models[:2] if isinstance(pair_or_models, tuple) else pair_or_models)
     return result
 
 

@@ -161,7 +161,12 @@ def expand_heads(components: Sequence[Component], heads: Any, spec_sites: Sequen
     return out
 
 
-def _components(pair: ModelPair, components: Sequence[str], heads: Any) -> list[Component]:
+def resolve_components(pair: ModelPair, components: Sequence[str], heads: Any = None) -> list[Component]:
+    """The parsed ``components`` of a sweep on ``pair`` (each head of ``heads`` a component of its own).
+
+    Raises:
+        PatchlabValueError: an empty or repeated list, an unknown site, heads out of range.
+    """
     if isinstance(components, str) or len(components) == 0:
         raise PatchlabValueError("components must be a non-empty list such as ['coef', 'attn', 'coef+attn']")
     if len(set(components)) != len(components):
@@ -175,7 +180,13 @@ def _components(pair: ModelPair, components: Sequence[str], heads: Any) -> list[
     return expand_heads(parsed, heads, pair.arch.sites, n_heads(pair.skeleton))
 
 
-def _windows(pair: ModelPair, window: int | None, windows: Sequence[Window] | None, window_mode: str) -> list[Window]:
+def resolve_windows(pair: ModelPair, window: int | None, windows: Sequence[Window] | None = None,
+                    window_mode: str = "centered") -> list[Window]:
+    """The layer windows of a sweep on ``pair``: sliding windows of ``window`` layers or explicit ``windows``.
+
+    Raises:
+        PatchlabValueError: a width outside ``1..n_layers``, both or malformed ``windows``, an unknown mode.
+    """
     if windows is None:
         return sliding_windows(pair.n_layers, 5 if window is None else window, mode=window_mode)
     if window is not None:
@@ -244,7 +255,7 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
     if engine not in ENGINES:
         raise PatchlabValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     chosen_metric = get_metric(metric)
-    comps = _components(pair, components, heads)
+    comps = resolve_components(pair, components, heads)
     if not isinstance(n_tokens, int) or n_tokens < 1:
         raise PatchlabValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -254,7 +265,7 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
     if engine == "loop" and not isinstance(pair, ModelPair):
         raise PatchlabValueError("the loop engine traces both models with nnsight: it needs a pair held in memory "
                                  "(load_pair without sequential=True)")
-    wins = _windows(pair, window, windows, window_mode)
+    wins = resolve_windows(pair, window, windows, window_mode)
     position_mask(positions, 1, 1)  # validates the name before any model work
     prompt_ids = encode_prompts(pair.tokenizer, format_prompts(questions, prompt_template))
     if answers is not None and (len(answers) != len(prompt_ids) or any(

@@ -147,6 +147,28 @@ class ProbeFn(Protocol):
 #: Draws one probe's results for several audited pairs side by side: ``[(label, result), ...] -> figure``.
 FigureFn = Callable[[Sequence[tuple[str, ProbeResult]]], go.Figure]
 
+#: Checks a probe's resolved settings (common + its own) against one audited pair before any compute, raising
+#: :class:`~patchlab.errors.PatchlabValueError` on a bad value.
+CheckFn = Callable[[Mapping[str, Any], ModelPair], None]
+
+
+def check_common(settings: Mapping[str, Any]) -> None:
+    """Validate the shared options (:data:`COMMON_DEFAULTS`) before any compute.
+
+    Raises:
+        PatchlabValueError: ``n_tokens`` or ``n_boot`` not a positive integer, ``level`` outside ``(0, 1)``, a
+            ``seed`` that is not an integer, a ``template`` without ``{question}``.
+    """
+    for name in ("n_tokens", "n_boot"):
+        if not isinstance(settings[name], int) or isinstance(settings[name], bool) or settings[name] < 1:
+            raise PatchlabValueError(f"{name} must be a positive integer, got {settings[name]!r}")
+    if not isinstance(settings["level"], (int, float)) or not 0 < settings["level"] < 1:
+        raise PatchlabValueError(f"level must be in (0, 1), got {settings['level']!r}")
+    if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool):
+        raise PatchlabValueError(f"seed must be an integer, got {settings['seed']!r}")
+    if not isinstance(settings["template"], str) or "{question}" not in settings["template"]:
+        raise PatchlabValueError(f"template must be a string holding {{question}}, got {settings['template']!r}")
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -158,6 +180,7 @@ class Probe:
         defaults: the probe's own settings and their defaults (overridable per audit).
         needs: inputs the probe cannot run without: ``"unrelated"`` (questions) and/or ``"retain"`` (model).
         description: how the probe works and how to read its figure, in plain text, for the report.
+        check: validates the probe's settings against each audited pair before any compute (:data:`CheckFn`).
     """
 
     name: str
@@ -167,6 +190,7 @@ class Probe:
     defaults: Mapping[str, Any]
     needs: tuple[str, ...] = ()
     description: str = ""
+    check: CheckFn | None = None
 
 
 def accuracy_share(vanilla_accuracy: float, unlearned_accuracy: float) -> float:

@@ -34,7 +34,7 @@ from patchlab.pair import ModelPair
 from patchlab.pair.sites import parse_component
 from patchlab.patching.result import KRSResult
 from patchlab.reports import figures
-from patchlab.patching.sweep import DEFAULT_COMPONENTS
+from patchlab.patching.sweep import DEFAULT_COMPONENTS, POSITIONS, resolve_components, resolve_windows
 
 DEFAULTS: dict[str, Any] = {"components": list(DEFAULT_COMPONENTS), "window": 5, "window_mode": "centered",
                             "positions": "all"}
@@ -47,6 +47,17 @@ def retrieval_components(components: Sequence[str]) -> list[str]:
     return [c for c in components if "value" not in parse_component(c).sites]
 
 
+def check(settings: Mapping[str, Any], pair: ModelPair) -> None:
+    """The KRS probe's settings against ``pair``, before any compute (:data:`patchlab.probes.base.CheckFn`)."""
+    resolve_components(pair, settings["components"])
+    resolve_windows(pair, settings["window"], window_mode=settings["window_mode"])
+    if settings["positions"] not in POSITIONS:
+        raise PatchlabValueError(f"KRS positions must be one of {POSITIONS}, got {settings['positions']!r}")
+    if not retrieval_components(settings["components"]):
+        raise PatchlabValueError(f"the KRS probe needs a component without 'value' for its headline, got "
+                                 f"{settings['components']!r}")
+
+
 def cell_intervals(result: KRSResult, settings: Mapping[str, Any]) -> dict[str, list[list[float | None]]]:
     """Component -> per window ``[mean KRS, low, high]`` with the bootstrap interval over questions."""
     return {c: [mean_interval(values[:, w], settings).to_list() for w in range(values.shape[1])]
@@ -57,10 +68,8 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
         retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
     """The KRS probe (module docstring)."""
     start = time.perf_counter()
+    check(settings, pair)
     retrieval = retrieval_components(settings["components"])
-    if not retrieval:
-        raise PatchlabValueError(f"the KRS probe needs a component without 'value' for its headline, got "
-                                 f"{settings['components']!r}")
     tok = pair.tokenizer
     refs = references(pair.vanilla_hf, tok, questions, settings, progress=progress)
     vanilla, unlearned = (score(m, tok, refs, settings) for m in (pair.vanilla_hf, pair.unlearned_hf))
@@ -109,7 +118,7 @@ def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
 
 
 PROBE = Probe(
-    name="krs", title="Knowledge Recovery Score", run=run, figure=figure, defaults=DEFAULTS,
+    name="krs", title="Knowledge Recovery Score", run=run, figure=figure, defaults=DEFAULTS, check=check,
     description="The vanilla model's activations of one component (MLP coefficients, value vectors, attention "
                 "outputs, or coefficients and attention together) are restored inside the unlearned model over a "
                 "window of layers, and KRS = 1 - MSE(restored, vanilla) / MSE(unlearned, vanilla) of the answer "

@@ -135,6 +135,7 @@ def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
 
 PROBE = Probe(
     name="quantization", title="Quantization attack", run=run, figure=figure, defaults=DEFAULTS,
+    check=lambda settings, pair: check_bits(settings),
     description="Every linear weight of the unlearned model is rounded per output channel (symmetric, "
                 "round-to-nearest) to a few bits, and the target answers are re-scored. Unlearning updates smaller "
                 "than one rounding step vanish, so the rounded unlearned model can land on the rounded vanilla one "

@@ -193,6 +193,7 @@ def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
 
 PROBE = Probe(
     name="relearning", title="Relearning attack", run=run, figure=figure, defaults=DEFAULTS,
+    check=lambda settings, pair: check_settings(settings),
     description="A copy of the unlearned model is fine-tuned for a few steps and re-scored. Held-out (solid): "
                 "fine-tuned on half of the target questions, scored on the other half (and the other way round); "
                 "the facts differ, so what comes back was still in the weights (Deeb and Roger, 2024, report 88% "

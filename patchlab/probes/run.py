@@ -12,8 +12,8 @@ import xxhash
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from patchlab.probes.base import Probe, ProbeResult, as_questions
-from patchlab.probes.registry import PROBES, probe_settings, resolve_settings, select
+from patchlab.probes.base import Probe, ProbeResult, as_questions, check_common
+from patchlab.probes.registry import COMMON, PROBES, probe_settings, resolve_settings, select
 from patchlab.probes.report import AuditReport, AuditRun
 from patchlab.errors import PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
@@ -136,7 +136,8 @@ def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = Non
         progress: progress bars (the audit, and each probe's own).
 
     Raises:
-        PatchlabValueError: no case, repeated labels, an unknown probe or setting, a named probe lacking an input.
+        PatchlabValueError: no case, repeated labels, an unknown probe or setting, a named probe lacking an input, a
+            bad setting value (each probe's ``check`` against every pair, before anything is claimed or computed).
         PatchlabFileError: ``out_dir`` is unusable (see :class:`patchlab.io.OutputDir`).
     """
     cases = list(cases)
@@ -148,6 +149,11 @@ def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = Non
                                  f"{[c.label for c in cases]}")
     resolved = resolve_settings(list(PROBES.values()), settings)
     plan = _plan(cases, select(probes), explicit=probes is not None)
+    check_common(resolved[COMMON])
+    for case, (todo, _) in zip(cases, plan):  # every setting checked against every pair before any compute
+        for probe in todo:
+            if probe.check is not None:
+                probe.check(probe_settings(resolved, probe.name), case.pair)
     provenance = [case.provenance(resolved) for case in cases]
     out = None
     if out_dir is not None:

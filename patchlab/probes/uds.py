@@ -161,8 +161,17 @@ def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     return fig
 
 
+def check(settings: Mapping[str, Any], pair: ModelPair) -> None:
+    """The UDS probe's settings, before any compute (:data:`patchlab.probes.base.CheckFn`)."""
+    if not isinstance(settings["threshold"], (int, float)) or not settings["threshold"] > 0:
+        raise PatchlabValueError(f"the UDS threshold must be > 0 nats, got {settings['threshold']!r}")
+    if not isinstance(settings["batch_size"], int) or settings["batch_size"] < 1:
+        raise PatchlabValueError(f"UDS batch_size must be a positive integer, got {settings['batch_size']!r}")
+
+
 PROBE = Probe(
     name="uds", title="Unlearning Depth Score", run=run, figure=figure, defaults=DEFAULTS, needs=("retain",),
+    check=check,
     description="One decoder layer at a time, the vanilla model's layer output over the answer-predicting positions "
                 "is replaced by the retain model's (dotted: how much that layer carries the knowledge, d1) or by the "
                 "unlearned model's (solid, d2). Over the layers where d1 > 0.05 nats, UDS = Σ d1·clip(d2/d1, 0, 1) "
