@@ -20,9 +20,9 @@ from plotly.subplots import make_subplots
 from transformers import PreTrainedModel
 
 from patchlab.analysis.behavior import METRICS, SETS, evaluate
+from patchlab.reports.figures import colour
 from patchlab.probes.base import Interval, Probe, ProbeResult, Question
 from patchlab.probes.bootstrap import mean_interval
-from patchlab.probes.figures import colour
 from patchlab.pair import ModelPair
 
 DEFAULTS: dict[str, Any] = {}

@@ -30,9 +30,9 @@ from transformers import PreTrainedModel
 from patchlab.pair import ModelPair
 from patchlab.pair.arch import ArchSpec
 from patchlab.patching.engine import capture
+from patchlab.reports.figures import curve
 from patchlab.probes.base import Interval, Probe, ProbeResult, Question, recovery_verdict
 from patchlab.probes.bootstrap import mean_interval
-from patchlab.probes.figures import curve
 from patchlab.probes.scoring import baseline, references, score
 
 DEFAULTS: dict[str, Any] = {}

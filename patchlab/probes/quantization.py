@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from patchlab.reports.figures import curve
 from patchlab.probes.base import Interval, Probe, ProbeResult, Question, recovery_verdict
 from patchlab.probes.bootstrap import mean_interval
-from patchlab.probes.figures import curve
 from patchlab.probes.scoring import SCORES, Scores, baseline, recovery, references, score
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair

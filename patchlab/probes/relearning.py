@@ -37,8 +37,8 @@ from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from patchlab.reports.figures import curve
 from patchlab.probes.base import Interval, Probe, ProbeResult, Question, recovery_verdict
-from patchlab.probes.figures import curve
 from patchlab.probes.scoring import SCORES, References, Scores, baseline, recovery, references, score, subset
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair

@@ -42,9 +42,9 @@ from patchlab.pair.sites import parse_component
 from patchlab.patching.engine import Row, run_rows
 from patchlab.patching.metrics import answer_logprob, get_metric
 from patchlab.patching.sweep import position_mask, prepare_source, prepare_target
+from patchlab.reports.figures import curve
 from patchlab.probes.base import INTACT_SHARE, Interval, Probe, ProbeResult, Question, accuracy_share
 from patchlab.probes.bootstrap import mean_interval
-from patchlab.probes.figures import curve
 from patchlab.probes.scoring import baseline, references, score
 
 DEFAULTS: dict[str, Any] = {"threshold": 0.05, "batch_size": 64}

@@ -5,7 +5,8 @@
 * :func:`layer_module_heatmap`: a layer x module-type table (parameter diffs), linear or log colour scale;
 * :func:`density_bars` / :func:`density_heatmaps`: WAGLE's mask-density figures, methods side by side;
 * :func:`sweep_scatter`: the method sweep's target vs unrelated BLEU (Hong et al., Fig. 2);
-* :func:`verdict_grid`: the audit's overview, a verdict per probe and audited pair.
+* :func:`verdict_grid`: the audit's overview, a verdict per probe and audited pair;
+* :func:`curve` / :func:`colour`: the audit probes' curves with bootstrap bands, one colour per audited pair.
 
 Hover values are rounded (:data:`HOVER_DIGITS` decimals, or 3 significant digits on log scales); titles count
 with :func:`plural`.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,6 +28,9 @@ from plotly.subplots import make_subplots
 
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.modules import MODULE_ORDER
+
+if TYPE_CHECKING:
+    from patchlab.probes.base import Interval
 
 #: Red (negative: the restoration made things worse) - white (0) - blue (positive), ColorBrewer RdBu.
 DIVERGING = plotly.colors.diverging.RdBu
@@ -349,3 +354,33 @@ def verdict_grid(cells: Sequence[Sequence[tuple[str, str] | None]], probes: Sequ
     fig.update_layout(title=title, yaxis={"autorange": "reversed"}, xaxis={"side": "top"},
                       height=120 + 70 * len(probes))
     return fig
+
+
+# ------------------------------------------------------------------------- curves of several audited pairs --
+
+#: One colour per audited pair in the audit's figures.
+PAIR_PALETTE = plotly.colors.qualitative.D3
+
+
+def colour(i: int, alpha: float = 1.0) -> str:
+    """The ``i``-th pair's colour as ``rgba(...)``."""
+    r, g, b = plotly.colors.hex_to_rgb(PAIR_PALETTE[i % len(PAIR_PALETTE)])
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def curve(x: Sequence, intervals: Sequence[Interval], *, name: str, index: int, dash: str = "solid",
+          hover: Sequence[str] | None = None, group: str | None = None, showlegend: bool = True
+          ) -> list[go.Scatter]:
+    """A line through the interval values with a shaded band between their bounds (the band is skipped where a
+    bound is NaN). ``hover``: one extra line of hover text per point."""
+    x = list(x)
+    values = [iv.value for iv in intervals]
+    text = [f"{name}<br>{iv.format(3)}" + (f"<br>{h}" if hover else "")
+            for iv, h in zip(intervals, hover or [""] * len(x))]
+    band = go.Scatter(x=x + x[::-1], y=[iv.high for iv in intervals] + [iv.low for iv in intervals][::-1],
+                      mode="lines", fill="toself", fillcolor=colour(index, 0.15), line={"width": 0}, hoverinfo="skip",
+                      showlegend=False, legendgroup=group or name)
+    line = go.Scatter(x=x, y=values, mode="lines+markers", name=name, legendgroup=group or name,
+                      line={"color": colour(index), "dash": dash}, marker={"size": 8}, text=text,
+                      hovertemplate="%{text}<extra></extra>", showlegend=showlegend)
+    return [band, line]
