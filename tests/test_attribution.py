@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from patchlab.unlearning.attribution import (METHODS, density, density_figures, density_report, mask, module_density, overlap,
                                   scores, stack_densities)
 from patchlab.errors import NonFiniteError, PatchlabValueError
-from patchlab.pair.modules import MODULE_ORDER, module_type
+from patchlab.pair.arch import MODULE_ORDER, arch_spec
 from patchlab.tiny import tiny_model, word_tokenizer
 from patchlab.unlearning.data import collate, to_examples
 from patchlab.unlearning.losses import nll, token_logprobs
@@ -207,7 +207,7 @@ def test_wanda_scores_linear_weights_only(models, tokenizer, family):
     out = scores(model, FORGET, calibration=RETAIN, tokenizer=tokenizer, method="wanda", progress=False)
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
     assert set(out) == linear
-    assert not {module_type(n) for n in out} & {"embedding", "norm"}
+    assert not {arch_spec(model).module_type(n) for n in out} & {"embedding", "norm"}
     # calibration defaults to retain
     _assert_scores_close(scores(model, retain=RETAIN, tokenizer=tokenizer, method="wanda", progress=False), out)
 

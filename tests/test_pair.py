@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import patchlab
 from patchlab.pair import loading
-from patchlab.pair.arch import _REGISTRY
+from patchlab.pair.arch import _REGISTRY, supported_architectures
 from patchlab.pair.loading import is_hub_id
 from patchlab.tiny import tiny_model, word_tokenizer
 from tests.conftest import ATTN_OR_UP, CORPUS, QUESTIONS, perturbed
@@ -108,6 +109,44 @@ def test_registry_names_the_sites_of_every_family(tok):
         assert spec.site_names == ("coef", "value", "attn", "heads", "mlp_out", "resid"), family
         assert spec.site_module(model, "resid", 1) is layer and spec.site_module(model, "coef", 1) is down
         assert spec.norm(model) is not None and spec.norm(model) in list(model.modules())
+
+
+def _any_family(model_type: str) -> torch.nn.Module:
+    """A 2-layer random model of any registered ``model_type`` (sizes in each config's own key names)."""
+    sizes = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64) if model_type == "gpt2" else dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, max_position_embeddings=64)
+    config = AutoConfig.for_model(model_type, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", supported_architectures())
+def test_every_parameter_of_every_family_has_a_module_type(model_type):
+    model = _any_family(model_type)
+    spec = patchlab.arch_spec(model)
+    kinds = {name: spec.module_type(name) for name, _ in model.named_parameters()}
+    assert "other" not in kinds.values(), [n for n, k in kinds.items() if k == "other"]
+    assert {"embedding", "attn_o", "mlp_down"} <= set(kinds.values())
+    for name, kind in kinds.items():
+        layer = spec.split_name(name)[0]
+        assert (layer is None) == (not name.startswith(spec.layers + ".")), name
+        if layer is not None:
+            assert spec.layer_modules(model)[layer] in [m for n, m in model.named_modules() if name.startswith(n + ".")]
+
+
+def test_module_types_read_checkpoint_spellings():
+    gpt2, llama = _REGISTRY["gpt2"], _REGISTRY["llama"]
+    # GPT-2's original files drop the "transformer." prefix; PEFT wraps every name
+    assert gpt2.split_name("h.3.attn.c_attn.weight") == (3, "attn.c_attn")
+    assert [gpt2.module_type(n) for n in ("h.3.attn.c_attn.weight", "h.3.mlp.c_proj.bias", "wte.weight")] == \
+        ["attn_qkv", "mlp_down", "embedding"]
+    assert llama.module_type("base_model.model.model.layers.1.self_attn.q_proj.weight") == "attn_q"
+    assert llama.module_type("base_model.model.lm_head.weight") == "lm_head"
+    assert llama.module_type("model.layers.1.mlp.experts.0.w1.weight") == "other"
+    assert patchlab.ArchSpec(layers="blocks", attn_out="attn.out", mlp_down="ffn.w2").module_type(
+        "blocks.0.ffn.w2.weight") == "mlp_down"
+    with pytest.raises(patchlab.PatchlabValueError, match="unknown module types.*'mlp_downn'"):
+        patchlab.ArchSpec(layers="blocks", attn_out="attn.out", mlp_down="ffn.w2", module_types={"ffn.w1": "mlp_downn"})
 
 
 def test_unknown_architecture_error_explains_registration(vanilla_models):

@@ -21,10 +21,9 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from patchlab.pair.arch import spec_for_type
+from patchlab.pair.arch import MODULE_ORDER, layer_index, spec_for_type
 from patchlab.errors import NonFiniteError, PairMismatchError, PatchlabValueError
 from patchlab.pair.weights import CheckpointTensors
-from patchlab.pair.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.pair import ModelPair
 from patchlab.provenance import pair_provenance
 from patchlab.reports import figures
@@ -196,6 +195,9 @@ def paramdiff(vanilla: Any, unlearned: Any = None, *, progress: bool = True) -> 
             checkpoint directory (safetensors, sharded or not; streamed one tensor at a time).
         unlearned: the other model or directory.
 
+    Each tensor's module type comes from its family's :attr:`~patchlab.pair.arch.ArchSpec.module_types`
+    (``other`` for a family that is not registered: :func:`patchlab.register_architecture` names them).
+
     Returns:
         A :class:`ParamDiff` recording both checkpoints (:func:`patchlab.provenance.pair_provenance`: a directory
         is identified by a hash of its safetensors files, a model by a hash of its weights).
@@ -227,7 +229,8 @@ def paramdiff(vanilla: Any, unlearned: Any = None, *, progress: bool = True) -> 
         stats = tensor_stats(a.get(name), b.get(name))
         if not all(np.isfinite(v) for v in stats.values()):
             raise NonFiniteError(f"tensor {name} holds NaN or infinite values in the vanilla or unlearned model")
-        rows.append({"name": name, "module": module_type(name), "layer": -1 if layer is None else layer,
+        module = arch.module_type(name) if arch else "other"
+        rows.append({"name": name, "module": module, "layer": -1 if layer is None else layer,
                      "numel": int(np.prod(a.shapes[name])), **stats})
     return ParamDiff(_metrics(pd.DataFrame(rows)), provenance=pair_provenance(pair))
 

@@ -17,7 +17,8 @@ output). Nothing else in patchlab special-cases a family: register a new family 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,12 @@ from torch import nn
 
 from patchlab.errors import PatchlabValueError, UnsupportedArchitectureError
 from patchlab.pair.sites import Site, default_sites, submodule
+
+
+#: Module types of parameters (densities, parameter diffs), in display order; ``other`` is anything a family's
+#: :attr:`ArchSpec.module_types` does not name.
+MODULE_ORDER = ["embedding", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_o", "mlp_gate", "mlp_up", "mlp_gate_up",
+                "mlp_down", "norm", "lm_head", "other"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,10 @@ class ArchSpec:
         conv1d: True when ``mlp_down`` is a GPT-2 ``Conv1D`` whose weight is stored ``[d_in, d_out]``
             (transposed with respect to ``nn.Linear``'s ``[d_out, d_in]``).
         sites: the site table; default :func:`~patchlab.pair.sites.default_sites` of the paths above.
+        module_types: module path -> module type (one of :data:`MODULE_ORDER`) for the modules that own
+            parameters: paths inside a decoder layer (``"self_attn.q_proj"``) for layer modules, from the root
+            (``"model.embed_tokens"``) for the others. ``attn_out``, ``mlp_down`` and ``final_norm`` are added
+            as ``attn_o``, ``mlp_down`` and ``norm``; an unnamed module is ``other``.
     """
 
     layers: str
@@ -50,10 +61,17 @@ class ArchSpec:
     final_norm: str | None = "model.norm"
     conv1d: bool = False
     sites: tuple[Site, ...] = field(default=())
+    module_types: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not self.sites:
             object.__setattr__(self, "sites", default_sites(self.attn_out, self.mlp_down, self.mlp))
+        known = {self.attn_out: "attn_o", self.mlp_down: "mlp_down", **({self.final_norm: "norm"} if self.final_norm
+                                                                          else {}), **self.module_types}
+        unknown = sorted(set(known.values()) - set(MODULE_ORDER))
+        if unknown:
+            raise PatchlabValueError(f"unknown module types {unknown}; choose from {', '.join(MODULE_ORDER)}")
+        object.__setattr__(self, "module_types", known)
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise PatchlabValueError(f"site names must be unique, got {names}")
@@ -94,21 +112,58 @@ class ArchSpec:
         weight = self.down_proj(model, layer).weight
         return weight.T if self.conv1d else weight
 
+    def split_name(self, name: str) -> tuple[int | None, str]:
+        """``(layer, module path inside the layer)`` of a parameter name in a decoder layer, else ``(None, module
+        path from the root)``. Leading path components may be missing or extra, as in GPT-2's original files
+        (``h.0.attn.c_attn.weight``, ``wte.weight``) or a PEFT wrapper (``base_model.model.model.layers...``)."""
+        module = name.rsplit(".", 1)[0]
+        match = re.search(rf"(?:^|\.){re.escape(self.layers.rsplit('.', 1)[-1])}\.(\d+)\.(.+)$", module)
+        return (int(match[1]), match[2]) if match else (None, module)
+
+    def module_type(self, name: str) -> str:
+        """The module type (:data:`MODULE_ORDER`) of parameter ``name``, a ``named_parameters()`` or state-dict
+        key: its module path (:meth:`split_name`) looked up in :attr:`module_types`, ``other`` when absent."""
+        layer, module = self.split_name(name)
+        if module in self.module_types:
+            return self.module_types[module]
+        if layer is None:  # root paths written with fewer or more leading components
+            for path, kind in self.module_types.items():
+                if ("." + path).endswith("." + module) or ("." + module).endswith("." + path):
+                    return kind
+        return "other"
+
     def norm(self, model: nn.Module) -> nn.Module | None:
         """The final norm module (``None`` when the family has none)."""
         return model.get_submodule(self.final_norm) if self.final_norm else None
 
 
-_LLAMA_LIKE = ArchSpec(layers="model.layers", attn_out="self_attn.o_proj", mlp_down="mlp.down_proj")
+#: Module types of the LLaMA-like families: the union of their norms (OLMo-2's and Gemma-2's post-norms,
+#: Qwen-3's and Gemma-3's q/k norms); a family simply lacks the modules it does not have.
+_LLAMA_MODULES = {
+    "model.embed_tokens": "embedding", "lm_head": "lm_head",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "mlp.gate_proj": "mlp_gate", "mlp.up_proj": "mlp_up",
+    **dict.fromkeys(("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"), "norm"),
+}
+_LLAMA_LIKE = ArchSpec(layers="model.layers", attn_out="self_attn.o_proj", mlp_down="mlp.down_proj",
+                       module_types=_LLAMA_MODULES)
 
 _REGISTRY: dict[str, ArchSpec] = {
     **{name: _LLAMA_LIKE for name in (
         "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-        "olmo", "olmo2", "olmo3", "phi3", "granite", "cohere")},
+        "olmo", "olmo2", "olmo3", "granite", "cohere")},
+    "phi3": dataclasses.replace(_LLAMA_LIKE, module_types={**_LLAMA_MODULES, "self_attn.qkv_proj": "attn_qkv",
+                                                           "mlp.gate_up_proj": "mlp_gate_up"}),
     "gpt2": ArchSpec(layers="transformer.h", attn_out="attn.c_proj", mlp_down="mlp.c_proj", final_norm="transformer.ln_f",
-                     conv1d=True),
+                     conv1d=True, module_types={
+                         "transformer.wte": "embedding", "transformer.wpe": "embedding", "lm_head": "lm_head",
+                         "attn.c_attn": "attn_qkv", "mlp.c_fc": "mlp_up", "ln_1": "norm", "ln_2": "norm"}),
     "gpt_neox": ArchSpec(layers="gpt_neox.layers", attn_out="attention.dense", mlp_down="mlp.dense_4h_to_h",
-                         final_norm="gpt_neox.final_layer_norm"),
+                         final_norm="gpt_neox.final_layer_norm", module_types={
+                             "gpt_neox.embed_in": "embedding", "lm_head": "lm_head", "embed_out": "lm_head",
+                             "attention.query_key_value": "attn_qkv", "mlp.dense_h_to_4h": "mlp_up",
+                             "input_layernorm": "norm", "post_attention_layernorm": "norm"}),
 }
 
 
@@ -192,3 +247,12 @@ def n_heads(model: nn.Module) -> int:
     if not isinstance(count, int) or count < 1:
         raise UnsupportedArchitectureError(f"cannot read the head count of {type(model).__name__} from its config")
     return count
+
+
+def layer_index(name: str, spec: ArchSpec | None = None) -> int | None:
+    """The decoder layer of parameter ``name`` (``None`` for embeddings, final norm, head): by ``spec``'s layer
+    path (:meth:`ArchSpec.split_name`), or without a spec the first ``.<int>.`` component of the name."""
+    if spec is not None:
+        return spec.split_name(name)[0]
+    match = re.search(r"\.(\d+)\.", name)
+    return int(match[1]) if match else None

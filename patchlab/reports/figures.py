@@ -27,7 +27,7 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 
 from patchlab.errors import PatchlabValueError
-from patchlab.pair.modules import MODULE_ORDER
+from patchlab.pair.arch import MODULE_ORDER
 
 if TYPE_CHECKING:
     from patchlab.probes.base import Interval

@@ -32,10 +32,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from patchlab.pair.arch import arch_spec
+from patchlab.pair.arch import MODULE_ORDER, arch_spec, layer_index
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.sites import hooks
-from patchlab.pair.modules import MODULE_ORDER, layer_index, module_type
 from patchlab.provenance import checkpoint_record, environment
 from patchlab.reports import figures
 from patchlab.reports.results import Result, register_result
@@ -326,7 +325,7 @@ def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "ab
     Exactly ``round(ratio · n)`` weights (``preset="authors"``: ``int(n · ratio)``, as the WAGLE authors' code,
     global and by ``|S|`` only) are selected among the ``n`` weights ranked together: all scored
     weights (``per_layer=False``), or separately within each decoder layer and within the non-layer parameters
-    (``per_layer=True``; layer from :func:`patchlab.pair.modules.layer_index`). ``by="abs"`` ranks by ``|score|``
+    (``per_layer=True``; layer from :func:`patchlab.pair.arch.layer_index`). ``by="abs"`` ranks by ``|score|``
     (WAGLE's ``|S|``, as in the authors' code; identical for the non-negative baselines), ``by="value"`` by the
     signed score. Ties at the cut go to the earliest weights (in the order of ``scores``, then flattened order),
     so a mask is deterministic. Scores are read in chunks and never concatenated (an exact radix select in four
@@ -456,8 +455,8 @@ def density(mask: Mask, model: PreTrainedModel) -> pd.DataFrame:
     """Selected weights per (module type, layer): columns ``module``, ``layer`` (``<NA>`` outside the decoder
     layers), ``selected``, ``total`` (weight counts) and ``density = selected / total`` (0..1).
 
-    Module types as in :func:`patchlab.pair.modules.module_type` (a tied LM head is the embedding); parameters of
-    ``model`` absent from the mask count as not selected.
+    Module types from the family's :attr:`~patchlab.pair.arch.ArchSpec.module_types` (a tied LM head is the
+    embedding); parameters of ``model`` absent from the mask count as not selected.
 
     Raises:
         PatchlabValueError: a mask tensor does not have its parameter's shape.
@@ -468,7 +467,7 @@ def density(mask: Mask, model: PreTrainedModel) -> pd.DataFrame:
         m = mask.get(name)
         if m is not None and tuple(m.shape) != tuple(p.shape):
             raise PatchlabValueError(f"mask for {name} has shape {tuple(m.shape)}, the parameter {tuple(p.shape)}")
-        cell = rows.setdefault((module_type(name), layer_index(name, spec)), [0, 0])
+        cell = rows.setdefault((spec.module_type(name), spec.split_name(name)[0]), [0, 0])
         cell[0] += int(m.sum()) if m is not None else 0
         cell[1] += p.numel()
     frame = pd.DataFrame([(k, layer, s, t) for (k, layer), (s, t) in rows.items()],
