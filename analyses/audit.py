@@ -21,8 +21,8 @@ import torch
 import patchlab
 from patchlab.probes import PROBES, TOY_SETTINGS, AuditCase, audit_many, resolve_settings, toy_cases
 from patchlab.probes.registry import select
-from patchlab.cli import (add_model_args, add_output_args, add_pair_args, check_toy_world_flags, model_kwargs, parser,
-                          run)
+from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, check_toy_world_flags,
+                          model_kwargs, parser, run_script)
 from patchlab.io import read_records
 from patchlab.pair import load_model, load_tokenizer
 
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_output_args(p, "results/audit", "output directory for audit.json/.csv/.html and the per-probe results")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: on the toy world 2 threads on a busy 2-core machine ran 13x slower)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_arg(p)
     return p.parse_args(argv)
 
 
@@ -122,8 +122,7 @@ def report(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run(lambda: report(args))
+    return run_script(parse_args, report, argv, resumable=True)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,8 @@ class ProbeResult:
         details: every number behind the score and the probe's figure (JSON-serialisable: curves with their
             intervals as ``[value, low, high]``, per-question values).
         note: a short remark on this pair's score (e.g. where the best KRS window lies), shown beside it.
-        seconds: wall time of the probe.
+        seconds: wall time of the probe (s), set by the audit runner (:func:`patchlab.probes.audit_many`; 0 from a
+            direct ``probe.run`` call).
     """
 
     probe: str

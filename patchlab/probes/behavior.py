@@ -11,7 +11,6 @@ from the output, which says nothing about the weights).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,7 +33,6 @@ RULE = f"intact if the target BLEU is >= {INTACT_BLEU:.0f}; else erased (behavio
 def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
         retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
     """The behaviour probe (module docstring)."""
-    start = time.perf_counter()
     table = evaluate(pair, [q.question for q in questions], [q.question for q in unrelated or []],
                      max_new_tokens=settings["n_tokens"], template=settings["template"], progress=progress).table
     stats = {s: {m: mean_interval(table.loc[table["set"] == s, m].to_numpy(dtype=float), settings).to_list()
@@ -43,7 +41,7 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
     return ProbeResult(
         probe="behavior", score=headline, verdict="intact" if headline.value >= INTACT_BLEU else "erased", rule=RULE,
         meaning="target BLEU of the unlearned answers against the vanilla ones (0-100; 100 = unchanged)",
-        details={"scores": stats, "rows": table.to_dict("records")}, seconds=round(time.perf_counter() - start, 2))
+        details={"scores": stats, "rows": table.to_dict("records")})
 
 
 def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:

@@ -17,7 +17,6 @@ is >= 0.5, else ``erased``.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,9 +25,9 @@ import plotly.graph_objects as go
 from transformers import PreTrainedModel
 
 import patchlab
-from patchlab.probes.base import HIDDEN_SHARE, INTACT_SHARE, Interval, Probe, ProbeResult, Question, accuracy_share
+from patchlab.probes.base import HIDDEN_SHARE, INTACT_SHARE, Interval, Probe, ProbeResult, Question, recovery_verdict
 from patchlab.probes.bootstrap import mean_interval
-from patchlab.probes.scoring import baseline, references, score
+from patchlab.probes.scoring import baseline, baseline_scores
 from patchlab.errors import DegenerateKRSError, PatchlabValueError
 from patchlab.pair import ModelPair
 from patchlab.pair.sites import parse_component
@@ -67,12 +66,9 @@ def cell_intervals(result: KRSResult, settings: Mapping[str, Any]) -> dict[str, 
 def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
         retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
     """The KRS probe (module docstring)."""
-    start = time.perf_counter()
     check(settings, pair)
     retrieval = retrieval_components(settings["components"])
-    tok = pair.tokenizer
-    refs = references(pair.vanilla_hf, tok, questions, settings, progress=progress)
-    vanilla, unlearned = (score(m, tok, refs, settings) for m in (pair.vanilla_hf, pair.unlearned_hf))
+    refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
     details: dict[str, Any] = baseline(vanilla, unlearned)
     meaning = ("best mean KRS over layer windows when restoring a retrieval component (1 = the vanilla answer "
                "logits come back, 0 = none of them)")
@@ -84,20 +80,19 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
     except DegenerateKRSError as err:
         details["degenerate"] = str(err)
         return ProbeResult(probe="krs", score=Interval(math.nan, math.nan, math.nan), meaning=meaning,
-                           verdict="intact", rule=RULE, details=details, note="unlearned logits = vanilla logits",
-                           seconds=round(time.perf_counter() - start, 2))
+                           verdict="intact", rule=RULE, details=details, note="unlearned logits = vanilla logits")
     best_c, best_w = max(((c, w) for c in retrieval for w in range(len(result.windows))),
                          key=lambda cw: result.krs[cw[0]][cw[1]])
     headline = mean_interval(result.per_question[best_c][:, best_w], settings)
-    share = accuracy_share(vanilla.accuracy, unlearned.accuracy)
-    verdict = "intact" if share >= INTACT_SHARE else "hidden" if headline.value >= HIDDEN_SHARE else "erased"
+    # the shared decision rule; the report keeps KRS's own wording of it (RULE: a KRS threshold, not a share)
+    verdict, _ = recovery_verdict(headline.value, vanilla.accuracy, unlearned.accuracy,
+                                  "restoring a retrieval component")
     start_layer, stop_layer = result.windows[best_w]
     details.update(sweep=result.to_dict(), intervals=cell_intervals(result, settings),
                    window_labels=result.window_labels(),
                    best={"component": best_c, "window": best_w, "layers": [start_layer, stop_layer - 1]})
     return ProbeResult(probe="krs", score=headline, verdict=verdict, rule=RULE, details=details, meaning=meaning,
-                       note=f"{best_c}, layers {start_layer}-{stop_layer - 1}",
-                       seconds=round(time.perf_counter() - start, 2))
+                       note=f"{best_c}, layers {start_layer}-{stop_layer - 1}")
 
 
 def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:

@@ -16,7 +16,6 @@ accuracy, else ``hidden`` if the headline is >= 0.5 (readable inside, not at the
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ from patchlab.patching.engine import capture
 from patchlab.reports.figures import curve
 from patchlab.probes.base import Interval, Probe, ProbeResult, Question, recovery_verdict
 from patchlab.probes.bootstrap import mean_interval
-from patchlab.probes.scoring import baseline, references, score
+from patchlab.probes.scoring import baseline, baseline_scores
 
 DEFAULTS: dict[str, Any] = {}
 MEASURES = ("logprob", "rank")
@@ -80,10 +79,7 @@ def readable_shares(unlearned: Float[np.ndarray, "question layer"], vanilla: Flo
 def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
         retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
     """The logit-lens probe (module docstring)."""
-    start = time.perf_counter()
-    tok = pair.tokenizer
-    refs = references(pair.vanilla_hf, tok, questions, settings, progress=progress)
-    vanilla, unlearned = (score(m, tok, refs, settings) for m in (pair.vanilla_hf, pair.unlearned_hf))
+    refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
     models = {"vanilla": pair.vanilla_hf, "unlearned": pair.unlearned_hf, **({"retain": retain} if retain else {})}
     lens = {who: logit_lens(m, pair.arch, refs.prompt_ids, refs.answer_ids) for who, m in models.items()}
     floor = lens["retain"]["logprob"] if retain is not None else \
@@ -103,7 +99,7 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
         probe="logit_lens", score=headline, verdict=verdict, rule=rule, details=details,
         meaning="share of the vanilla model's answer log-probability under the logit lens that the unlearned "
                 "model keeps at its most revealing intermediate layer (0 = none, 1 = all)",
-        note=f"most revealing layer on average: {best}", seconds=round(time.perf_counter() - start, 2))
+        note=f"most revealing layer on average: {best}")
 
 
 def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:

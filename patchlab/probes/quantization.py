@@ -20,7 +20,6 @@ Headline: the accuracy recovery at the smallest width. Verdict (:func:`patchlab.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,7 +34,7 @@ from transformers.pytorch_utils import Conv1D
 from patchlab.reports.figures import curve
 from patchlab.probes.base import Interval, Probe, ProbeResult, Question, recovery_verdict
 from patchlab.probes.bootstrap import mean_interval
-from patchlab.probes.scoring import SCORES, Scores, baseline, recovery, references, score
+from patchlab.probes.scoring import SCORES, Scores, baseline, baseline_scores, recovery, score
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
 
@@ -84,11 +83,9 @@ def levels(scores: Sequence[Scores], settings: Mapping[str, Any]) -> dict[str, l
 def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
         retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
     """The quantization probe (module docstring)."""
-    start = time.perf_counter()
     widths = check_bits(settings)
     tok = pair.tokenizer
-    refs = references(pair.vanilla_hf, tok, questions, settings, progress=progress)
-    vanilla, unlearned = (score(m, tok, refs, settings) for m in (pair.vanilla_hf, pair.unlearned_hf))
+    refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
     rounded: dict[str, list[Scores]] = {"unlearned": [], "vanilla": []}
     for bits in tqdm(widths, desc="quantization", disable=not progress, leave=False):
         for role, model in (("unlearned", pair.unlearned_hf), ("vanilla", pair.vanilla_hf)):
@@ -106,8 +103,7 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
         probe="quantization", score=headline, verdict=verdict, rule=rule, details=details,
         meaning=f"share of the lost target accuracy back after rounding the unlearned weights to {widths[-1]} bits "
                 "(0 = none, 1 = all)",
-        note=f"rounded vanilla accuracy {rounded['vanilla'][-1].accuracy:.2f}",
-        seconds=round(time.perf_counter() - start, 2))
+        note=f"rounded vanilla accuracy {rounded['vanilla'][-1].accuracy:.2f}")
 
 
 def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +38,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.reports.figures import curve
 from patchlab.probes.base import Interval, Probe, ProbeResult, Question, recovery_verdict
-from patchlab.probes.scoring import SCORES, References, Scores, baseline, recovery, references, score, subset
+from patchlab.probes.scoring import (SCORES, References, Scores, baseline, baseline_scores, recovery, references, score,
+                                     subset)
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
 from patchlab.unlearning import batches, nll, padding_id, to_examples
@@ -131,11 +131,9 @@ def curve_details(curve_scores: list[Scores], unlearned: Scores, vanilla: Scores
 def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
         retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
     """The relearning probe (module docstring)."""
-    start = time.perf_counter()
     steps = check_settings(settings)
     tok = pair.tokenizer
-    refs = references(pair.vanilla_hf, tok, questions, settings, progress=progress)
-    vanilla, unlearned = (score(m, tok, refs, settings) for m in (pair.vanilla_hf, pair.unlearned_hf))
+    refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
     details: dict[str, Any] = {"steps": steps, **baseline(vanilla, unlearned)}
     details["held_out"] = curve_details(held_out_curve(pair.unlearned_hf, tok, refs, settings, steps, progress),
                                         unlearned, vanilla, settings)
@@ -158,8 +156,7 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
     return ProbeResult(
         probe="relearning", score=headline, verdict=verdict, rule=rule, details=details, note=note,
         meaning=f"share of the lost target accuracy back after {steps[-1]} fine-tuning steps on the other half of "
-                "the questions (0 = none, 1 = all)",
-        seconds=round(time.perf_counter() - start, 2))
+                "the questions (0 = none, 1 = all)")
 
 
 def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from patchlab.probes.base import Probe, ProbeResult, as_questions, check_common
 from patchlab.probes.registry import COMMON, PROBES, probe_settings, resolve_settings, select
 from patchlab.probes.report import AuditReport, AuditRun
+from patchlab.probes.scoring import shared_baselines
 from patchlab.errors import PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
 from patchlab.pair import ModelPair
@@ -104,7 +105,8 @@ def _plan(cases: Sequence[AuditCase], probes: list[Probe], explicit: bool
 
 def _run_probe(probe: Probe, case: AuditCase, settings: Mapping[str, Any], out: OutputDir | None,
                progress: bool) -> ProbeResult:
-    """The stored result of ``probe`` on ``case`` in a resumed ``out``, else a fresh one (stored there)."""
+    """The stored result of ``probe`` on ``case`` in a resumed ``out``, else a fresh one (stored there), its
+    ``seconds`` the wall time of ``probe.run``."""
     name = f"probes/{slug(case.label)}/{probe.name}.json"
     if out is not None and out.resumed and (out.path / name).is_file():
         return ProbeResult.from_dict(read_json(out.path / name))
@@ -162,10 +164,11 @@ def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = Non
     with tqdm(total=sum(len(todo) for todo, _ in plan), desc="audit", disable=not progress) as bar:
         for case, prov, (todo, skipped) in zip(cases, provenance, plan):
             results = {}
-            for probe in todo:
-                bar.set_postfix_str(f"{case.label}: {probe.name}")
-                results[probe.name] = _run_probe(probe, case, resolved, out, progress)
-                bar.update(1)
+            with shared_baselines():  # the probes of one case share its reference answers and baseline scores
+                for probe in todo:
+                    bar.set_postfix_str(f"{case.label}: {probe.name}")
+                    results[probe.name] = _run_probe(probe, case, resolved, out, progress)
+                    bar.update(1)
             runs.append(AuditRun(case.label, results, skipped, {**prov, "environment": environment()}))
     report = AuditReport(runs)
     if out is not None:

@@ -9,11 +9,15 @@ the expected answer (the given one, else the vanilla greedy answer decoded). For
 
 An attack's recovery of a score is ``(after - unlearned) / (vanilla - unlearned)`` of its question means: 0 = the
 attack brought nothing back, 1 = back to the vanilla model.
+
+Every probe starts from the same references and vanilla / unlearned scores (:func:`baseline_scores`); inside
+:func:`shared_baselines` (the audit runner enters it once per audited case) they are computed once and shared.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from patchlab.probes.base import Interval, Question
 from patchlab.probes.bootstrap import ratio_of_gains
 from patchlab.errors import PatchlabValueError
+from patchlab.pair import ModelPair
 from patchlab.pair.generation import greedy_answers
 from patchlab.toy.corpus import QA
 from patchlab.toy.qa import answers_correct
@@ -143,3 +148,38 @@ def baseline(vanilla: Scores, unlearned: Scores) -> dict[str, Any]:
     """The vanilla and unlearned models' per-question scores and accuracies, as stored in every probe's details."""
     return {"vanilla": {**vanilla.to_dict(), "accuracy": vanilla.accuracy},
             "unlearned": {**unlearned.to_dict(), "accuracy": unlearned.accuracy}}
+
+
+#: The key of one memoized baseline: the pair's identity, the questions, ``n_tokens`` and ``template``.
+BaselineKey = tuple[int, tuple[Question, ...], int, str]
+#: The baselines memoized inside :func:`shared_baselines` (``None`` outside it: every call computes).
+_shared: dict[BaselineKey, tuple[References, Scores, Scores]] | None = None
+
+
+@contextlib.contextmanager
+def shared_baselines() -> Iterator[None]:
+    """Inside the block, :func:`baseline_scores` computes each (pair, questions, ``n_tokens``, ``template``) once
+    and hands the same result to every later call; the memo is dropped on exit (the audit runner enters the block
+    once per audited case, so nothing outlives a case)."""
+    global _shared
+    outer, _shared = _shared, {}
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
+def baseline_scores(pair: ModelPair, questions: Sequence[Question], settings: Mapping[str, Any],
+                    progress: bool = False) -> tuple[References, Scores, Scores]:
+    """(references, vanilla scores, unlearned scores) of ``questions`` on ``pair`` (:func:`references`, then
+    :func:`score` of both models), memoized inside :func:`shared_baselines`. The results are shared: read them,
+    never modify them."""
+    key = (id(pair), tuple(questions), settings["n_tokens"], settings["template"])
+    if _shared is not None and key in _shared:
+        return _shared[key]
+    refs = references(pair.vanilla_hf, pair.tokenizer, questions, settings, progress=progress)
+    vanilla, unlearned = (score(m, pair.tokenizer, refs, settings) for m in (pair.vanilla_hf, pair.unlearned_hf))
+    result = (refs, vanilla, unlearned)
+    if _shared is not None:
+        _shared[key] = result
+    return result

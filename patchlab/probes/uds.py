@@ -23,8 +23,8 @@ prefix, entity span only); every layer is patched, with the batched engine (:mod
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,37 +39,64 @@ from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
 from patchlab.pair.arch import ArchSpec
 from patchlab.pair.sites import parse_component
-from patchlab.patching.engine import Row, run_rows
-from patchlab.patching.metrics import answer_logprob, get_metric
+from patchlab.patching.engine import PatchStore, Row, run_rows
+from patchlab.patching.metrics import Metric, References, answer_logprob, get_metric
 from patchlab.patching.sweep import position_mask, prepare_source, prepare_target
 from patchlab.reports.figures import curve
 from patchlab.probes.base import INTACT_SHARE, Interval, Probe, ProbeResult, Question, accuracy_share
 from patchlab.probes.bootstrap import mean_interval
-from patchlab.probes.scoring import baseline, references, score
+from patchlab.probes.scoring import baseline, baseline_scores
 
 DEFAULTS: dict[str, Any] = {"threshold": 0.05, "batch_size": 64}
 RULE = (f"intact if the unlearned model keeps >= {INTACT_SHARE:.0%} of the vanilla target accuracy; else erased if "
         "UDS >= 0.5 (its layers lack the knowledge about as the retain model's do), else hidden")
 
 
-@torch.no_grad()
-def patched_logprobs(target: PreTrainedModel, source: PreTrainedModel, spec: ArchSpec,
-                     prompt_ids: Sequence[Int[torch.Tensor, "prompt"]], answer_ids: Sequence[Int[torch.Tensor, "answer"]],
-                     *, batch_size: int = 64) -> tuple[Float[np.ndarray, "question"], Float[np.ndarray, "question layer"]]:
-    """The target model's mean answer log-probability (nats) per question, and the same with one decoder layer's
-    output at the answer-predicting positions taken from ``source``, for every layer (``[question, layer]``)."""
-    labels = [f"question {q}" for q in range(len(prompt_ids))]
-    metric = get_metric("answer_logprob")
-    store, source_logits = prepare_source(source, spec, prompt_ids, answer_ids, sites=[spec.site("resid")],
-                                          labels=labels)
-    prepare_target(target, store, source_logits, answer_ids, metric=metric, labels=labels)
-    resid = parse_component("resid", spec.sites)
-    n_layers = len(spec.layer_modules(target))
+def with_source(store: PatchStore, source: PatchStore, source_logits: Sequence[Float[torch.Tensor, "answer vocab"]],
+                metric: Metric, labels: Sequence[str]) -> PatchStore:
+    """``store``, whose target pass :func:`prepare_target` ran, with the source activations of ``source`` (a
+    :func:`prepare_source` store of the same prompts and answers) and that source's answer-predicting logits
+    (float32, per question): the target's cached residual stream and logits are reused, the metric's references
+    rebuilt and checked again (:meth:`Metric.check`)."""
+    refs = [References(source=logits.to(r.target.device), target=r.target, answer_ids=r.answer_ids)
+            for logits, r in zip(source_logits, store.refs)]
+    return dataclasses.replace(store, source=source.source, refs=refs,
+                               weights=[metric.check(r, label) for r, label in zip(refs, labels)])
+
+
+def each_layer_patched(target: PreTrainedModel, store: PatchStore, metric: Metric, batch_size: int
+                       ) -> Float[np.ndarray, "question layer"]:
+    """The ``metric`` of ``target`` with one decoder layer's output at the answer-predicting positions taken from
+    the store's source, per question and layer (float64)."""
+    resid = parse_component("resid", store.spec.sites)
+    n_layers = len(store.spec.layer_modules(target))
     rows = [Row(q, resid, (layer, layer + 1), position_mask("scored", store.prompt_lens[q], len(store.ids[q])))
             for q in range(len(store.ids)) for layer in range(n_layers)]
-    patched = run_rows(target, store, rows, metric, batch_size=batch_size).reshape(len(store.ids), n_layers)
+    return run_rows(target, store, rows, metric, batch_size=batch_size).reshape(len(store.ids), n_layers) \
+        .double().numpy()
+
+
+@torch.no_grad()
+def patched_logprobs(target: PreTrainedModel, sources: Sequence[PreTrainedModel], spec: ArchSpec,
+                     prompt_ids: Sequence[Int[torch.Tensor, "prompt"]], answer_ids: Sequence[Int[torch.Tensor, "answer"]],
+                     *, batch_size: int = 64
+                     ) -> tuple[Float[np.ndarray, "question"], list[Float[np.ndarray, "question layer"]]]:
+    """The target model's mean answer log-probability (nats) per question, and, per model of ``sources``, the same
+    with one decoder layer's output at the answer-predicting positions taken from that model, for every layer
+    (``[question, layer]`` each). The target's own forward pass runs once, for all sources."""
+    labels = [f"question {q}" for q in range(len(prompt_ids))]
+    metric = get_metric("answer_logprob")
+    first, *others = sources
+    store, source_logits = prepare_source(first, spec, prompt_ids, answer_ids, sites=[spec.site("resid")],
+                                          labels=labels)
+    prepare_target(target, store, source_logits, answer_ids, metric=metric, labels=labels)
+    patched = [each_layer_patched(target, store, metric, batch_size)]
+    for source in others:
+        store = with_source(store, *prepare_source(source, spec, prompt_ids, answer_ids, sites=[spec.site("resid")],
+                                                   labels=labels), metric, labels)
+        patched.append(each_layer_patched(target, store, metric, batch_size))
     own = np.array([float(answer_logprob(r.target, r.answer_ids)) for r in store.refs])
-    return own, patched.double().numpy()
+    return own, patched
 
 
 def depth_scores(d1: Float[np.ndarray, "question layer"], d2: Float[np.ndarray, "question layer"], threshold: float
@@ -99,10 +126,8 @@ def unlearning_depth(pair: ModelPair, retain: PreTrainedModel, prompt_ids: Seque
     from patchlab.pair.loading import check_compatible
 
     check_compatible(pair.vanilla_hf, retain)
-    full, via_retain = patched_logprobs(pair.vanilla_hf, retain, pair.arch, prompt_ids, answer_ids,
-                                        batch_size=batch_size)
-    _, via_unlearned = patched_logprobs(pair.vanilla_hf, pair.unlearned_hf, pair.arch, prompt_ids, answer_ids,
-                                        batch_size=batch_size)
+    full, (via_retain, via_unlearned) = patched_logprobs(pair.vanilla_hf, [retain, pair.unlearned_hf], pair.arch,
+                                                         prompt_ids, answer_ids, batch_size=batch_size)
     d1, d2 = full[:, None] - via_retain, full[:, None] - via_unlearned
     return {"uds": depth_scores(d1, d2, threshold), "d1": d1, "d2": d2, "full": full}
 
@@ -110,12 +135,9 @@ def unlearning_depth(pair: ModelPair, retain: PreTrainedModel, prompt_ids: Seque
 def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
         retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
     """The UDS probe (module docstring)."""
-    start = time.perf_counter()
     if retain is None:
         raise PatchlabValueError("the UDS probe needs a retain model (retain=...)")
-    tok = pair.tokenizer
-    refs = references(pair.vanilla_hf, tok, questions, settings, progress=progress)
-    vanilla, unlearned = (score(m, tok, refs, settings) for m in (pair.vanilla_hf, pair.unlearned_hf))
+    refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
     depth = unlearning_depth(pair, retain, refs.prompt_ids, refs.answer_ids, threshold=settings["threshold"],
                              batch_size=settings["batch_size"])
     defined = ~np.isnan(depth["uds"])
@@ -134,8 +156,7 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
         probe="uds", score=headline, verdict=verdict, rule=RULE, details=details,
         meaning="Unlearning Depth Score: how much of what the retain model's layers lack the unlearned model's "
                 "layers lack too (1 = erased as deeply as never learned, 0 = still inside)",
-        note=f"{int(defined.sum())} of {len(defined)} questions have a layer that encodes the answer",
-        seconds=round(time.perf_counter() - start, 2))
+        note=f"{int(defined.sum())} of {len(defined)} questions have a layer that encodes the answer")
 
 
 def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
