@@ -216,11 +216,12 @@ def hook(module: nn.Module, point: str, fn: HookFn, *, with_input: bool = False)
 
 
 @contextlib.contextmanager
-def hooks(specs: Iterable[tuple[nn.Module, str, HookFn]]) -> Iterator[None]:
-    """Several :func:`hook` s at once: ``(module, point, fn)`` triples, all removed on exit."""
+def hooks(specs: Iterable[tuple[nn.Module, str, HookFn] | tuple[nn.Module, str, HookFn, bool]]) -> Iterator[None]:
+    """Several :func:`hook` s at once: ``(module, point, fn)`` triples, or ``(module, point, fn, with_input)``
+    (``with_input`` as :func:`hook`'s, default ``False``), all removed on exit."""
     with contextlib.ExitStack() as stack:
-        for module, point, fn in specs:
-            stack.enter_context(hook(module, point, fn))
+        for module, point, fn, *with_input in specs:
+            stack.enter_context(hook(module, point, fn, with_input=bool(with_input) and with_input[0]))
         yield
 
 

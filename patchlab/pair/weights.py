@@ -75,7 +75,8 @@ class CheckpointWeights:
     that recompute with the vanilla weights (``value``, ``heads``) in a one-model-at-a-time pair.
 
     The last ``keep`` modules read stay in memory (a sweep visits the layers window by window, so each is read about
-    once); they are cast to ``dtype`` (the dtype the loaded models compute in) and moved to the requested device.
+    once), cast to ``dtype`` (the dtype the loaded models compute in), on the device they were requested on (keyed
+    by it: a module asked for on another device is read again), so repeated requests copy nothing.
     """
 
     def __init__(self, root: str | os.PathLike, spec: ArchSpec, skeleton: torch.nn.Module, *,
@@ -96,16 +97,20 @@ class CheckpointWeights:
 
     def params(self, site: Site, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
         """``{"weight": ..., "bias": ...}`` of ``site``'s module in ``layer``, on ``device``."""
-        key = (site.name, layer)
+        key = (site.name, layer, torch.device(device))
         if key not in self._cache:
-            prefix = ".".join(p for p in (self.spec.layers, str(layer), site.module) if p)
-            module = self.spec.site_module(self.skeleton, site, layer)
-            stored = {n: self.tensors.get(self._name(f"{prefix}.{n}")) for n, _ in module.named_parameters(recurse=False)}
-            self._cache[key] = {n: v.to(self.dtype) if self.dtype is not None else v for n, v in stored.items()}
+            self._cache[key] = self._read(site, layer, key[2])
             while len(self._cache) > self.keep:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
-        return {n: t.to(device) for n, t in self._cache[key].items()}
+        return dict(self._cache[key])
+
+    def _read(self, site: Site, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """``site``'s module parameters in ``layer`` read from the checkpoint, cast to ``dtype``, on ``device``."""
+        prefix = ".".join(p for p in (self.spec.layers, str(layer), site.module) if p)
+        module = self.spec.site_module(self.skeleton, site, layer)
+        stored = {n: self.tensors.get(self._name(f"{prefix}.{n}")) for n, _ in module.named_parameters(recurse=False)}
+        return {n: (v.to(self.dtype) if self.dtype is not None else v).to(device) for n, v in stored.items()}
 
 
 def site_params(model: PreTrainedModel, spec: ArchSpec, site: Site, layer: int) -> dict[str, torch.Tensor]:

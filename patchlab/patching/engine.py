@@ -18,7 +18,8 @@ positions that predict the answer tokens.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,15 @@ def apply_module(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Te
 
 #: Where recompute / per-head restorations read the source parameters: ``params(site, layer, device) -> dict``.
 WeightSource = ModelWeights | CheckpointWeights
+
+
+#: The execution device of a target module (:func:`patchlab.pair.placement.execution_device`).
+Placement = Callable[[nn.Module], torch.device]
+
+
+def placement(model: PreTrainedModel) -> Placement:
+    """``execution_device(model, module)`` looked up once per module (the lookup walks ``model.named_modules()``)."""
+    return functools.cache(functools.partial(execution_device, model))
 
 
 # ------------------------------------------------------------------------------------------------ the store
@@ -105,12 +115,15 @@ class PatchStore:
 
 
 @contextlib.contextmanager
-def head_gather(model: PreTrainedModel, index: Int[torch.Tensor, "flat"], shape: tuple[int, int]) -> Iterator[None]:
+def head_gather(model: PreTrainedModel, index: Int[torch.Tensor, "flat"], shape: tuple[int, int],
+                device: torch.device | None = None) -> Iterator[None]:
     """While active, the LM head sees only the hidden states at ``index`` (flat ``row * seq + position`` indices),
     reshaped to ``shape = (rows, kept)``: the model's logits come out ``[rows, kept, vocab]``, with whatever the
-    family applies after its head (soft-capping, scaling) included."""
+    family applies after its head (soft-capping, scaling) included. ``device``: the head's execution device
+    (looked up when not given)."""
     head = model.get_output_embeddings()
-    index = index.to(execution_device(model, head))  # moved before the pass: nothing in it waits on the host
+    # moved before the pass: nothing in it waits on the host
+    index = index.to(execution_device(model, head) if device is None else device)
 
     def gather(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -131,6 +144,14 @@ def right_padded(sequences: Sequence[torch.Tensor]) -> tuple[Int[torch.Tensor, "
         ids[b, :len(seq)] = seq
     index = torch.cat([b * width + torch.arange(len(seq)) for b, seq in enumerate(sequences)])
     return ids, index
+
+
+def scored_index(scored: Sequence[Int[torch.Tensor, "answer"]], width: int) -> tuple[Int[torch.Tensor, "flat"], int]:
+    """The flat ``row * width + position`` index of each row's ``scored`` positions, every row made as long as the
+    longest (``answer``) by repeating its last position, and ``answer``: :func:`head_gather`'s index of a
+    right-padded batch (``[rows * answer]``, logits ``[rows, answer, vocab]``)."""
+    answer = max(len(k) for k in scored)
+    return torch.cat([b * width + k[torch.arange(answer).clamp(max=len(k) - 1)] for b, k in enumerate(scored)]), answer
 
 
 @torch.no_grad()
@@ -155,8 +176,7 @@ def capture(model: PreTrainedModel, spec: ArchSpec, sequences: Sequence[Int[torc
         for start in range(0, len(sequences), group):
             chunk, kept = sequences[start:start + group], scored[start:start + group]
             ids, real = right_padded(chunk)
-            width, answer = ids.shape[1], max(len(k) for k in kept)
-            index = torch.cat([b * width + k[torch.arange(answer).clamp(max=len(k) - 1)] for b, k in enumerate(kept)])
+            index, answer = scored_index(kept, ids.shape[1])
             reads = []
             for i, layer in enumerate(layers):
                 for site in sites:
@@ -196,8 +216,14 @@ class Row:
 
     @property
     def first_layer(self) -> int:
-        """The lowest restored layer (the number of layers when nothing is restored)."""
+        """The lowest restored layer (-1 when nothing is restored)."""
         return self.window[0] if self.window[1] > self.window[0] and bool(self.positions.any()) else -1
+
+    def start_layer(self, n_layers: int) -> int:
+        """The lowest layer a forward pass of this row runs: its first restored layer, or the top layer
+        ``n_layers - 1`` when nothing is restored."""
+        first = self.first_layer
+        return n_layers - 1 if first < 0 else first
 
 
 def plan_batches(rows: Sequence[Row], lengths: Sequence[int], n_layers: int, batch_size: int, *,
@@ -213,17 +239,15 @@ def plan_batches(rows: Sequence[Row], lengths: Sequence[int], n_layers: int, bat
     with ``mix_layers=False`` a batch holds one first layer only (on a CPU, compute-bound, every extra layer costs
     its time). Rows that restore nothing run only the top layer.
     """
-    def first(r: int) -> int:
-        f = rows[r].first_layer
-        return n_layers - 1 if f < 0 else f
-    order = sorted(range(len(rows)), key=lambda r: (first(r), -lengths[rows[r].question], rows[r].question, r))
+    first = [row.start_layer(n_layers) for row in rows]
+    order = sorted(range(len(rows)), key=lambda r: (first[r], -lengths[rows[r].question], rows[r].question, r))
     batches: list[list[int]] = []
     longest = least = 0
     for r in order:
-        n, need = lengths[rows[r].question], lengths[rows[r].question] * (n_layers - first(r))
-        if batches and len(batches[-1]) < batch_size and (mix_layers or first(batches[-1][0]) == first(r)):
+        n, need = lengths[rows[r].question], lengths[rows[r].question] * (n_layers - first[r])
+        if batches and len(batches[-1]) < batch_size and (mix_layers or first[batches[-1][0]] == first[r]):
             batch = batches[-1]
-            runs = (len(batch) + 1) * max(longest, n) * (n_layers - first(batch[0]))
+            runs = (len(batch) + 1) * max(longest, n) * (n_layers - first[batch[0]])
             if runs <= (1 + max_extra) * (least + need):
                 batch.append(r)
                 longest, least = max(longest, n), least + need
@@ -238,12 +262,10 @@ def layer_work(rows: Sequence[Row], batches: Sequence[Sequence[int]], lengths: S
     """``(executed, minimum)`` layer-token counts of a plan: the decoder-layer token positions the batches run
     (rows x padded length x layers from the batch's start), and the least any plan could run (each row's own
     length x layers from its own first restored layer). Their ratio is the plan's hardware-independent overhead."""
-    def start(r: int) -> int:
-        f = rows[r].first_layer
-        return n_layers - 1 if f < 0 else f
-    executed = sum(len(b) * max(lengths[rows[r].question] for r in b) * (n_layers - min(start(r) for r in b))
+    start = [row.start_layer(n_layers) for row in rows]
+    executed = sum(len(b) * max(lengths[rows[r].question] for r in b) * (n_layers - min(start[r] for r in b))
                    for b in batches)
-    minimum = sum(lengths[row.question] * (n_layers - start(i)) for i, row in enumerate(rows))
+    minimum = sum(lengths[row.question] * (n_layers - start[i]) for i, row in enumerate(rows))
     return executed, minimum
 
 
@@ -252,17 +274,16 @@ def layer_work(rows: Sequence[Row], batches: Sequence[Sequence[int]], lengths: S
 @dataclass
 class _SiteIndex:
     """Where one site is restored in one layer of a batch: flat destination ``row * seq + pos`` indices into the
-    batch, flat source indices into the packed store, and for per-head sites the kept fraction of the bias and the
-    head mask of each (row, position) pair."""
+    batch, flat source indices into the packed store, and for per-head sites the head mask of each (row, position)
+    pair."""
 
     dst: torch.Tensor
     src: torch.Tensor
     heads: torch.Tensor | None = None
-    bias_rest: torch.Tensor | None = None
 
 
-def _batch_indices(store: PatchStore, rows: Sequence[Row], width: int, start: int, n_layers: int,
-                   n_head: int, device_of: Any) -> dict[tuple[int, str], _SiteIndex]:
+def _batch_indices(store: PatchStore, rows: Sequence[Row], width: int, start: int, n_head: int,
+                   device_of: Any) -> dict[tuple[int, str], _SiteIndex]:
     """The :class:`_SiteIndex` of every (layer, site) restored in a batch, built on the host and moved once."""
     offsets = store.offsets
     parts: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor, frozenset[int] | None]]] = {}
@@ -280,17 +301,20 @@ def _batch_indices(store: PatchStore, rows: Sequence[Row], width: int, start: in
         device = device_of(layer, site)
         dst = torch.cat([d for d, _, _ in items]).to(device, non_blocking=True)
         src = torch.cat([s for _, s, _ in items]).to(device, non_blocking=True)
-        heads = bias_rest = None
+        heads = None
         if site.restore == "per_head":
-            masks = [_head_mask(h, n_head).expand(len(d), n_head) for d, _, h in items]
-            mask = torch.cat(masks)
-            heads = mask.to(device, non_blocking=True)
-            bias_rest = (1.0 - mask.float().mean(-1, keepdim=True)).to(device, non_blocking=True)
-        out[(layer, site_name)] = _SiteIndex(dst, src, heads, bias_rest)
+            masks = [head_mask(h, n_head).expand(len(d), n_head) for d, _, h in items]
+            heads = torch.cat(masks).to(device, non_blocking=True)
+        out[(layer, site_name)] = _SiteIndex(dst, src, heads)
     return out
 
 
-def _head_mask(heads: frozenset[int] | None, n_head: int) -> Bool[torch.Tensor, "1 head"]:
+def head_mask(heads: frozenset[int] | None, n_head: int) -> Bool[torch.Tensor, "1 head"]:
+    """The mask of the restored ``heads`` (``None``: all) among ``n_head`` heads.
+
+    Raises:
+        PatchlabValueError: a head index outside ``0..n_head - 1``.
+    """
     mask = torch.zeros(1, n_head, dtype=torch.bool)
     if heads is None:
         mask[:] = True
@@ -324,8 +348,8 @@ def _recompute(module: nn.Module, params: dict[str, torch.Tensor], index: _SiteI
 
 
 def head_delta(module: nn.Module, source_params: dict[str, torch.Tensor], target_params: dict[str, torch.Tensor],
-               z_target: torch.Tensor, z_source: torch.Tensor, heads: Bool[torch.Tensor, "n head"],
-               bias_rest: Float[torch.Tensor, "n 1"]) -> Float[torch.Tensor, "n d_model"]:
+               z_target: torch.Tensor, z_source: torch.Tensor, heads: Bool[torch.Tensor, "n head"]
+               ) -> Float[torch.Tensor, "n d_model"]:
     """The change of an attention output projection's output when the ``heads`` of each of ``n`` positions are
     restored: ``W_s (z_s ⊙ m) - W_t (z_t ⊙ m) + (|H| / n_heads) (b_s - b_t)``, with ``m`` the head mask expanded
     to each head's slice of the projection's input ``z`` (``[n, n_heads * head_dim]``), ``module`` the projection
@@ -335,6 +359,7 @@ def head_delta(module: nn.Module, source_params: dict[str, torch.Tensor], target
     restored = apply_module(module, source_params, z_source.to(z_target.dtype) * mask)
     removed = apply_module(module, target_params, z_target * mask)
     if "bias" in source_params and source_params["bias"] is not None:
+        bias_rest = 1.0 - heads.float().mean(-1, keepdim=True)  # [n, 1]: the bias share of the heads not restored
         restored = restored - bias_rest.to(restored.dtype) * (source_params["bias"].to(restored.dtype)
                                                              - target_params["bias"].to(restored.dtype))
     return restored - removed
@@ -346,7 +371,7 @@ def _per_head(module: nn.Module, params: dict[str, torch.Tensor], own: dict[str,
     the source parameters, ``own`` the patched model's)."""
     def fn(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
         z = inp.reshape(-1, inp.shape[-1]).index_select(0, index.dst)
-        delta = head_delta(module, params, own, z, values.index_select(0, index.src), index.heads, index.bias_rest)
+        delta = head_delta(module, params, own, z, values.index_select(0, index.src), index.heads)
         out.reshape(-1, out.shape[-1]).index_add_(0, index.dst, delta.to(out.dtype))
         return out
     return fn
@@ -370,77 +395,66 @@ def skip_layers(layers: Sequence[nn.Module], output: Any) -> Iterator[None]:
 
 
 def _restoration_hooks(target: PreTrainedModel, store: PatchStore, index: dict[tuple[int, str], _SiteIndex]
-                       ) -> list[tuple[nn.Module, str, Any]]:
-    """``(module, point, fn)`` for every restored (layer, site) of a batch, in layer order."""
+                       ) -> list[tuple[nn.Module, str, Any, bool]]:
+    """``(module, point, fn, with_input)`` (:func:`patchlab.pair.sites.hooks`) for every restored (layer, site) of
+    a batch, in layer order."""
     out = []
     for (layer, name), idx in sorted(index.items(), key=lambda item: item[0][0]):
         site = store.spec.site(name)
         module = store.spec.site_module(target, site, layer)
         if site.restore == "overwrite":
-            out.append((module, site.point, _overwrite(store.source[_key(name, layer)], idx, site.point == "output")))
+            out.append((module, site.point, _overwrite(store.source[_key(name, layer)], idx, site.point == "output"),
+                        False))
         else:
             params = store.source_weights.params(site, layer, idx.dst.device)
             fn = _recompute(module, params, idx) if site.restore == "recompute" else \
                 _per_head(module, params, site_params(target, store.spec, site, layer), store.source[_key(name, layer)],
                           idx)
-            out.append((module, "output", (fn, True)))
+            out.append((module, "output", fn, True))
     return out
 
 
-@contextlib.contextmanager
-def _installed(specs: Sequence[tuple[nn.Module, str, Any]]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for module, point, fn in specs:
-            if isinstance(fn, tuple):
-                stack.enter_context(hook(module, point, fn[0], with_input=fn[1]))
-            else:
-                stack.enter_context(hook(module, point, fn))
-        yield
-
-
-def _skipped_input(store: PatchStore, rows: Sequence[Row], width: int, layer: int, device: torch.device) -> Any:
+def _skipped_input(store: PatchStore, rows: Sequence[Row], real: Int[torch.Tensor, "tokens"], width: int, layer: int,
+                   device: torch.device) -> Any:
     """The target's residual stream after ``layer`` for every row of a batch, ``[rows, width, d]`` (zero padding),
-    in the structure the decoder layers return."""
+    in the structure the decoder layers return; ``real`` is the flat index of the rows' real tokens
+    (:func:`right_padded`)."""
     packed = store.target_resid[layer]
     out = torch.zeros(len(rows), width, packed.shape[-1], dtype=packed.dtype, device=device)
     offsets = store.offsets
-    dst = torch.cat([b * width + torch.arange(len(store.ids[r.question])) for b, r in enumerate(rows)])
     src = torch.cat([offsets[r.question] + torch.arange(len(store.ids[r.question])) for r in rows])
-    out.view(-1, out.shape[-1]).index_copy_(0, dst.to(device), packed.index_select(0, src.to(packed.device)).to(device))
+    values = packed.index_select(0, src.to(packed.device)).to(device)
+    out.view(-1, out.shape[-1]).index_copy_(0, real.to(device), values)
     return (out,) if store.resid_tuple else out
 
 
 @torch.no_grad()
 def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], metric: Metric, *,
-              restore: bool = True) -> Float[torch.Tensor, "row"]:
+              restore: bool = True, where: Placement | None = None) -> Float[torch.Tensor, "row"]:
     """The metric of each row of one batch, on the device of the LM head (no host synchronisation).
 
     ``restore=False`` runs the same forward pass (same rows, first layer, padding and scored positions) without
-    writing any source value: the plain-forward baseline the speed benchmark compares with."""
+    writing any source value: the plain-forward baseline the speed benchmark compares with. ``where``: the
+    target's :func:`placement`, to share between batches (default: looked up for this batch)."""
+    where = where or placement(target)
     spec = store.spec
     layers = spec.layer_modules(target)
-    n_layers = len(layers)
-    width = max(len(store.ids[r.question]) for r in rows)
-    firsts = [r.first_layer for r in rows]
-    start = min(n_layers - 1 if f < 0 else f for f in firsts)
+    start = min(r.start_layer(len(layers)) for r in rows)
     heads = n_heads(target) if any(spec.site(s).restore == "per_head" for r in rows for s in r.component.sites) else 1
-    index = _batch_indices(store, rows, width, start, n_layers, heads,
-                           lambda layer, site: execution_device(target, spec.site_module(target, site, layer)))
-    embed_device = input_device(target)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, :len(store.ids[r.question])] = store.ids[r.question]
-    answer = max(store.answer_lens[r.question] for r in rows)
-    scored = torch.cat([b * width + store.scored_positions(r.question)[
-        torch.arange(answer).clamp(max=store.answer_lens[r.question] - 1)] for b, r in enumerate(rows)])
+    ids, real = right_padded([store.ids[r.question] for r in rows])
+    width = ids.shape[1]
+    index = _batch_indices(store, rows, width, start, heads,
+                           lambda layer, site: where(spec.site_module(target, site, layer)))
+    scored, answer = scored_index([store.scored_positions(r.question) for r in rows], width)
     with contextlib.ExitStack() as stack:
         if start > 0:
-            h = _skipped_input(store, rows, width, start - 1, execution_device(target, layers[start]))
+            h = _skipped_input(store, rows, real, width, start - 1, where(layers[start]))
             stack.enter_context(skip_layers(list(layers[:start]), h))
         if restore:
-            stack.enter_context(_installed(_restoration_hooks(target, store, index)))
-        stack.enter_context(head_gather(target, scored, (len(rows), answer)))
-        logits = target(input_ids=ids.to(embed_device, non_blocking=True), use_cache=False).logits
+            stack.enter_context(hooks(_restoration_hooks(target, store, index)))
+        stack.enter_context(head_gather(target, scored, (len(rows), answer), where(target.get_output_embeddings())))
+        logits = target(input_ids=ids.to(where(target.get_input_embeddings()), non_blocking=True),
+                        use_cache=False).logits
     scores = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
     by_question: dict[int, list[int]] = {}
     for b, r in enumerate(rows):
@@ -466,11 +480,13 @@ def run_rows(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], me
     if batch_size < 1:
         raise PatchlabValueError(f"batch_size must be >= 1, got {batch_size}")
     lengths = [len(ids) for ids in store.ids]
-    mix = input_device(target).type != "cpu" if mix_layers is None else mix_layers
+    where = placement(target)
+    mix = where(target.get_input_embeddings()).type != "cpu" if mix_layers is None else mix_layers
     batches = plan_batches(rows, lengths, len(store.spec.layer_modules(target)), batch_size, mix_layers=mix)
     results = []
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        results.append((batch, run_batch(target, store, [rows[r] for r in batch], metric, restore=restore)))
+        results.append((batch, run_batch(target, store, [rows[r] for r in batch], metric, restore=restore,
+                                         where=where)))
     scores = torch.empty(len(rows), dtype=torch.float32)
     for batch, values in results:
         scores[batch] = values.cpu()

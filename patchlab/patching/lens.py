@@ -44,7 +44,7 @@ from patchlab.errors import MissingDependencyError, PatchlabValueError, Unsuppor
 from patchlab.pair.arch import arch_spec, n_heads
 from patchlab.pair.sites import Site, parse_component
 from patchlab.pair.weights import site_params
-from patchlab.patching.engine import apply_module, head_delta
+from patchlab.patching.engine import apply_module, head_delta, head_mask
 from patchlab.patching.loop import ActivationCache, site_order
 from patchlab.pair import ModelPair
 from patchlab.patching.windows import Window
@@ -285,10 +285,9 @@ def _recompute_hook(site: Site, module: torch.nn.Module, params: dict[str, torch
             return _restore(act, apply_module(module, device_params, x), mask, hook.name)
         rows, seq = x.shape[:2]
         flat_heads = heads.to(act.device).expand(rows * seq, -1)
-        rest = 1.0 - flat_heads.float().mean(-1, keepdim=True)
         delta = head_delta(module, device_params, {k: v.to(act.device) for k, v in target_params.items()},
                            x.reshape(rows * seq, -1),
-                           z_vanilla.to(act.device).expand(rows, -1, -1).reshape(rows * seq, -1), flat_heads, rest)
+                           z_vanilla.to(act.device).expand(rows, -1, -1).reshape(rows * seq, -1), flat_heads)
         return _restore(act, act + delta.view(act.shape).to(act.dtype), mask, hook.name)
     return hook
 
@@ -359,10 +358,7 @@ def restore_hooks(vanilla_cache: Any, sites: str | Iterable[str], layers: Window
         seq = _cached(vanilla_cache, next(k for k in vanilla_cache.keys() if isinstance(k, str)
                                           and _LAYER_KEY.search(k))).shape[1]
     mask = _check_positions(positions, seq)
-    heads = None
-    if any(s.restore == "per_head" for s in chosen):
-        heads = torch.zeros(1, n_heads(vanilla_model), dtype=torch.bool)
-        heads[0, sorted(component.heads) if component.heads is not None else slice(None)] = True
+    heads = head_mask(component.heads, n_heads(vanilla_model)) if any(s.restore == "per_head" for s in chosen) else None
     order = {event: k for k, event in enumerate(site_order(vanilla_model, spec))}
     hooks: list[Hook] = []
     for i in range(start, stop):

@@ -20,10 +20,10 @@ from transformers import PreTrainedModel
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.arch import ArchSpec, n_heads
 from patchlab.pair.loading import ModelPair
-from patchlab.pair.sites import Component, Site, parse_component, submodule
+from patchlab.pair.sites import Component, Site, _replace_first, first, parse_component, submodule
 from patchlab.pair.placement import input_device
 from patchlab.pair.weights import ModelWeights, site_params
-from patchlab.patching.engine import WeightSource, apply_module, head_delta
+from patchlab.patching.engine import WeightSource, apply_module, head_delta, head_mask
 from patchlab.patching.windows import Window
 
 
@@ -134,7 +134,7 @@ def run_with_cache(pair: ModelPair, ids: Int[torch.Tensor, "batch seq"], *, whic
                 value = getattr(_envoy(layers[i], path), point)
                 for site in chosen:
                     if (site.module, site.cached) == (path, point):
-                        cache[f"{site.name}@{i}"] = value[0] if isinstance(value, tuple) else value
+                        cache[f"{site.name}@{i}"] = first(value)
         cache["logits"] = model.output.logits
     if not torch.isfinite(cache["logits"]).all():
         raise NonFiniteError(f"{which} logits contain NaN or infinite values")
@@ -160,10 +160,7 @@ def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], component: str | Ite
     order = site_order(pair.unlearned_hf, spec)
     events = _events(spec, order, sites)
     pos = positions.nonzero().flatten()
-    heads = None
-    if any(s.restore == "per_head" for s in sites):
-        heads = torch.zeros(n_heads(pair.unlearned_hf), dtype=torch.bool)
-        heads[sorted(comp.heads) if comp.heads is not None else slice(None)] = True
+    heads = head_mask(comp.heads, n_heads(pair.unlearned_hf)) if any(s.restore == "per_head" for s in sites) else None
     envoys = _layer_envoys(pair, "unlearned")
     device = input_device(pair.unlearned_hf)
     with pair.unlearned.trace(ids[None].to(device)):
@@ -182,8 +179,7 @@ def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], component: str | Ite
                     inputs[path] = x
                     continue
                 out = envoy.output
-                value = out[0] if isinstance(out, tuple) else out
-                value = value.clone()
+                value = first(out).clone()
                 for s in (s for s in here if s.point == "output"):
                     module = spec.site_module(pair.unlearned_hf, s, i)
                     if s.restore == "overwrite":
@@ -194,13 +190,10 @@ def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], component: str | Ite
                     else:
                         params = weights.params(s, i, value.device)
                         z_v = vanilla.site(s.name, i)[0, pos]
-                        n = len(pos)
-                        mask = heads[None].expand(n, -1).to(value.device)
-                        rest = (1.0 - mask.float().mean(-1, keepdim=True))
+                        mask = heads.expand(len(pos), -1).to(value.device)
                         own = {k: v.to(value.device) for k, v in site_params(pair.unlearned_hf, spec, s, i).items()}
                         value[0, pos] += head_delta(module, params, own,
-                                                    inputs[path][0, pos], z_v.to(value.device), mask,
-                                                    rest).to(value.dtype)
-                envoy.output = (value, *out[1:]) if isinstance(out, tuple) else value
+                                                    inputs[path][0, pos], z_v.to(value.device), mask).to(value.dtype)
+                envoy.output = _replace_first(out, value)
         logits = nnsight.save(pair.unlearned.output.logits)
     return logits

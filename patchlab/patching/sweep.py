@@ -279,6 +279,7 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
     progress_file = SweepProgress.open(resume, settings, provenance, questions, comps, wins)
     todo = [q for q in range(len(questions)) if q not in progress_file.done]
     size = chunk or (len(questions) if resume is None else 8)
+    source_weights = pair.source_weights()  # needs no model loaded: one for every chunk, its cache kept
     for start in tqdm(range(0, len(todo), size), desc="question chunks", disable=not progress or len(todo) <= size):
         part = todo[start:start + size]
         labels = [question_label(q, questions[q]) for q in part]
@@ -291,7 +292,7 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
             store, source_logits = prepare_source(model_v, pair.arch, [prompt_ids[q] for q in part], part_answers,
                                                   sites=_cached_sites(pair, comps), labels=labels, progress=progress)
         del model_v  # a one-model-at-a-time pair releases it only once nothing refers to it
-        store.source_weights = pair.source_weights()
+        store.source_weights = source_weights
         rows = [Row(k, c, w, position_mask(positions, store.prompt_lens[k], len(store.ids[k])))
                 for k in range(len(part)) for c in comps for w in wins]
         with pair.using("unlearned") as model_u:
