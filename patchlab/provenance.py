@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -79,8 +81,11 @@ def describe_source(spec: Any) -> str:
 
 def checkpoint_record(spec: Any, model: PreTrainedModel | None = None) -> dict[str, Any]:
     """``{"source": describe_source(spec), "weights": digest}`` for one checkpoint; the digest is taken from
-    ``model`` (the loaded weights) when given, else from ``spec`` itself."""
-    return {"source": describe_source(spec), "weights": weights_digest(model if model is not None else spec)}
+    ``model`` (the loaded weights) when given, else from ``spec`` itself; a model's digest is memoised
+    (:func:`model_digest`)."""
+    source = model if model is not None else spec
+    digest = model_digest(source) if isinstance(source, PreTrainedModel) else weights_digest(source)
+    return {"source": describe_source(spec), "weights": digest}
 
 
 def environment() -> dict[str, str]:
@@ -99,28 +104,59 @@ def settings_key(*parts: Any) -> str:
     return xxhash.xxh3_64_hexdigest(text.encode())
 
 
-_DIGESTS: dict[int, tuple[Any, str]] = {}
+#: ``model -> (stamp of its parameters, digest)``; an entry goes with its model, so a later model that reuses the
+#: freed one's id and memory is never taken for it.
+_DIGESTS: weakref.WeakKeyDictionary[PreTrainedModel, tuple[Any, str]] = weakref.WeakKeyDictionary()
 
 
 def model_digest(model: PreTrainedModel) -> str:
     """:func:`weights_digest` of an in-memory model, memoised per model object until its weights change (the
     memo is keyed by the object and checked against the data pointers and versions of its parameters)."""
     stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    cached = _DIGESTS.get(id(model))
+    cached = _DIGESTS.get(model)
     if cached is not None and cached[0] == stamp:
         return cached[1]
     digest = weights_digest(model)
-    _DIGESTS[id(model)] = (stamp, digest)
+    _DIGESTS[model] = (stamp, digest)
+    return digest
+
+
+#: A file written this recently (nanoseconds) may be rewritten with the same modification time (file-system
+#: timestamps can be as coarse as 2 s), so a directory holding one is hashed again on every call.
+_RACY_NS = 2_000_000_000
+
+_DIR_DIGESTS: dict[Path, tuple[tuple[tuple[str, int, int, int], ...], str]] = {}
+
+
+def _file_stamps(files: list[Path]) -> tuple[tuple[str, int, int, int], ...]:
+    """``(name, inode, size in bytes, modification time in ns)`` of each of ``files``."""
+    return tuple((f.name, (st := f.stat()).st_ino, st.st_size, st.st_mtime_ns) for f in files)
+
+
+def directory_digest(path: Path) -> str:
+    """:func:`weights_digest` of a checkpoint directory, memoised per resolved path until any of its
+    ``*.safetensors`` files is added, removed, replaced, resized or modified (its name, inode, size or
+    modification time changes); a directory with a file modified less than :data:`_RACY_NS` before hashing
+    began is not memoised."""
+    root = path.resolve()
+    started = time.time_ns()
+    stamps = _file_stamps(sorted(root.glob("*.safetensors")))
+    cached = _DIR_DIGESTS.get(root)
+    if cached is not None and cached[0] == stamps:
+        return cached[1]
+    digest = weights_digest(root)
+    if all(mtime < started - _RACY_NS for *_, mtime in stamps):
+        _DIR_DIGESTS[root] = (stamps, digest)
     return digest
 
 
 def checkpoint_digest(source: str, model: PreTrainedModel | None) -> str:
     """The weights digest of one side of a pair: of its safetensors files when it was given as a local checkpoint
-    or adapter directory (the checkpoint's identity, whatever dtype it was loaded in; nothing is loaded), else of
-    the in-memory model's weights (:func:`model_digest`)."""
+    or adapter directory (the checkpoint's identity, whatever dtype it was loaded in; nothing is loaded; memoised,
+    :func:`directory_digest`), else of the in-memory model's weights (:func:`model_digest`)."""
     path = Path(source)
     if path.is_dir() and any(path.glob("*.safetensors")):
-        return weights_digest(path)
+        return directory_digest(path)
     if model is None:
         raise PatchlabValueError(f"no weights to hash for {source!r}")
     return model_digest(model)

@@ -13,14 +13,15 @@ from typing import Any, Union
 
 import torch
 from nnsight import TransformersModel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from patchlab.errors import PairMismatchError, PatchlabFileError, PatchlabValueError
 from patchlab.pair.adapters import adapter_base_name, is_adapter, merge_adapter, same_checkpoint
 from patchlab.pair.arch import ArchSpec, arch_spec
 from patchlab.pair.placement import (DeviceMap, check_offload_folder, dispatch, input_device, is_dispatched,
                                      resolve_device_map)
-from patchlab.pair.sequential import SequentialPair, sequential_pair
+from patchlab.pair.sequential import SequentialPair, meta_skeleton, sequential_pair
 from patchlab.pair.weights import ModelWeights
 from patchlab.provenance import describe_source
 
@@ -224,8 +225,9 @@ def load_tokenizer(spec: TokenizerSpec | ModelSpec) -> PreTrainedTokenizerBase:
     return _from_pretrained(AutoTokenizer, spec, "tokenizer")
 
 
-def _config_signature(model: PreTrainedModel) -> dict[str, Any]:
-    cfg = model.config
+def _config_signature(cfg: PretrainedConfig) -> dict[str, Any]:
+    """``{what: value}`` of the config fields two models of a pair must share (sizes in units: layers, hidden
+    and intermediate widths, vocabulary rows)."""
     return {
         "architecture": cfg.model_type,
         "layer count": cfg.num_hidden_layers,
@@ -235,12 +237,26 @@ def _config_signature(model: PreTrainedModel) -> dict[str, Any]:
     }
 
 
-def check_compatible(vanilla: PreTrainedModel, unlearned: PreTrainedModel) -> None:
-    """Raise :class:`PairMismatchError` unless both models share architecture, sizes and parameter shapes."""
-    sig_v, sig_u = _config_signature(vanilla), _config_signature(unlearned)
+def check_configs(cfg_v: PretrainedConfig, cfg_u: PretrainedConfig) -> None:
+    """Raise :class:`PairMismatchError` unless the vanilla and unlearned configs share architecture, layer count,
+    hidden, intermediate and vocabulary sizes."""
+    sig_v, sig_u = _config_signature(cfg_v), _config_signature(cfg_u)
     for key in sig_v:
         if sig_v[key] != sig_u[key]:
             raise PairMismatchError(f"vanilla and unlearned models differ in {key}: {sig_v[key]!r} vs {sig_u[key]!r}")
+
+
+def check_vocab_size(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
+    """Raise :class:`PairMismatchError` when ``tokenizer`` has more tokens than the models' embedding rows
+    (``config.vocab_size``)."""
+    if len(tokenizer) > config.vocab_size:
+        raise PairMismatchError(
+            f"tokenizer has {len(tokenizer)} tokens but the models' vocabulary has {config.vocab_size} rows")
+
+
+def check_compatible(vanilla: PreTrainedModel, unlearned: PreTrainedModel) -> None:
+    """Raise :class:`PairMismatchError` unless both models share architecture, sizes and parameter shapes."""
+    check_configs(vanilla.config, unlearned.config)
     shapes_v = {n: tuple(p.shape) for n, p in vanilla.named_parameters()}
     shapes_u = {n: tuple(p.shape) for n, p in unlearned.named_parameters()}
     if shapes_v.keys() != shapes_u.keys():
@@ -333,10 +349,7 @@ def _pair_placement(vanilla: ModelSpec, device_map: DeviceMap | None, max_memory
     if isinstance(vanilla, PreTrainedModel):
         skeleton = vanilla
     else:
-        from accelerate import init_empty_weights
-        config = _from_pretrained(AutoConfig, vanilla, "model config")
-        with init_empty_weights():
-            skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        skeleton = meta_skeleton(_from_pretrained(AutoConfig, vanilla, "model config"), dtype=dtype)
         skeleton.tie_weights()
     device_map = resolve_device_map(skeleton, device_map, max_memory=max_memory, dtype=dtype, share=share)
     check_offload_folder(device_map, offload_folder)
@@ -416,9 +429,7 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
             check_tokenizers(tok, load_tokenizer(unlearned))
     else:
         tok = load_tokenizer(tokenizer)
-    if len(tok) > model_v.config.vocab_size:
-        raise PairMismatchError(
-            f"tokenizer has {len(tok)} tokens but the models' vocabulary has {model_v.config.vocab_size} rows")
+    check_vocab_size(tok, model_v.config)
     return ModelPair(vanilla=trace_model(model_v, tok), unlearned=trace_model(model_u, tok),
                      vanilla_hf=model_v, unlearned_hf=model_u, tokenizer=tok, arch=spec,
                      sources=(describe_source(vanilla), describe_source(unlearned)))

@@ -19,17 +19,18 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PairMismatchError, PatchlabValueError
 from patchlab.pair.arch import ArchSpec, arch_spec
 from patchlab.pair.weights import CheckpointTensors, CheckpointWeights
 
 
-def _skeleton(config: Any) -> PreTrainedModel:
-    """The model of ``config`` with its parameters on the meta device (no memory): module names and shapes only."""
+def meta_skeleton(config: PretrainedConfig, **from_config: Any) -> PreTrainedModel:
+    """The model of ``config`` with its parameters on the meta device (no memory): module names and shapes only.
+    ``from_config``: keyword arguments of ``AutoModelForCausalLM.from_config`` (e.g. ``dtype``)."""
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, **from_config)
 
 
 @dataclass
@@ -112,29 +113,22 @@ def sequential_pair(vanilla: Any, unlearned: Any, *, tokenizer: PreTrainedTokeni
         PatchlabFileError: a directory that does not exist or holds no safetensors checkpoint.
     """
     from patchlab.pair.adapters import is_adapter
-    from patchlab.pair.loading import _config_signature
+    from patchlab.pair.loading import check_configs, check_vocab_size
     from patchlab.provenance import describe_source
 
     v_dir = _checkpoint_dir(vanilla, "vanilla")
     u_dir = unlearned if is_adapter(unlearned) else _checkpoint_dir(unlearned, "unlearned")
     config = AutoConfig.from_pretrained(v_dir)
-    skeleton = _skeleton(config)
+    skeleton = meta_skeleton(config)
     spec = arch_spec(skeleton)
     tensors_v = CheckpointTensors(v_dir, "vanilla")
     if not is_adapter(unlearned):
-        other = _skeleton(AutoConfig.from_pretrained(u_dir))
-        sig_v, sig_u = _config_signature(skeleton), _config_signature(other)
-        for key in sig_v:
-            if sig_v[key] != sig_u[key]:
-                raise PairMismatchError(f"vanilla and unlearned models differ in {key}: {sig_v[key]!r} vs "
-                                        f"{sig_u[key]!r}")
+        check_configs(config, AutoConfig.from_pretrained(u_dir))
         shapes_u = CheckpointTensors(u_dir, "unlearned").shapes
         for name, shape in tensors_v.shapes.items():
             if name in shapes_u and shapes_u[name] != shape:
                 raise PairMismatchError(f"tensor {name} has shape {shape} in vanilla but {shapes_u[name]} in unlearned")
-    if len(tokenizer) > config.vocab_size:
-        raise PairMismatchError(f"tokenizer has {len(tokenizer)} tokens but the models' vocabulary has "
-                                f"{config.vocab_size} rows")
+    check_vocab_size(tokenizer, config)
     load_u = {**load[1], **({"adapter_base": adapter_base or v_dir} if is_adapter(unlearned) else {})}
     return SequentialPair(specs={"vanilla": v_dir, "unlearned": u_dir}, load={"vanilla": dict(load[0]),
                                                                              "unlearned": load_u},
