@@ -1,4 +1,5 @@
-"""The weight digests of provenance are memoised without ever going stale."""
+"""One-model-at-a-time pairs (``load_pair(..., sequential=True)``) check what a pair in memory checks, and the
+weight digests of their provenance are memoised without ever going stale."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import os
 
 import pytest
 
+import patchlab
 from patchlab import provenance
-from patchlab.tiny import tiny_model
-from tests.conftest import ATTN_OR_UP, perturbed
+from patchlab.tiny import tiny_model, word_tokenizer
+from tests.conftest import ATTN_OR_UP, CORPUS, perturbed
 
 #: Seconds by which saved checkpoints are dated back, past the window in which a fresh file is never memoised.
 AN_HOUR = 3600
@@ -29,6 +31,20 @@ def date_back(directory, seconds: int) -> None:
     for path in directory.glob("*.safetensors"):
         then = path.stat().st_mtime - seconds
         os.utime(path, (then, then))
+
+
+def test_sequential_pair_refuses_checkpoints_with_different_tokenizers(checkpoints, tok):
+    v_dir, u_dir, _, _ = checkpoints
+    tok.save_pretrained(v_dir)
+    word_tokenizer(CORPUS + ["zebra quokka"]).save_pretrained(u_dir)
+    with pytest.raises(patchlab.PairMismatchError) as in_memory:
+        patchlab.load_pair(v_dir, u_dir)
+    with pytest.raises(patchlab.PairMismatchError) as sequential:
+        patchlab.load_pair(v_dir, u_dir, sequential=True)
+    assert str(sequential.value) == str(in_memory.value)
+    assert "different tokenizers" in str(sequential.value)
+    tok.save_pretrained(u_dir)  # the same tokenizer: accepted
+    assert patchlab.load_pair(v_dir, u_dir, sequential=True).tokenizer.get_vocab() == tok.get_vocab()
 
 
 def test_directory_digest_is_memoised_until_the_checkpoint_is_overwritten(checkpoints, monkeypatch):

@@ -277,6 +277,17 @@ def check_tokenizers(tok_v: PreTrainedTokenizerBase, tok_u: PreTrainedTokenizerB
         raise PairMismatchError("the vanilla and unlearned checkpoints ship different tokenizers (vocabularies differ)")
 
 
+def _pair_tokenizer(vanilla: ModelSpec, unlearned: ModelSpec, tokenizer: TokenizerSpec) -> PreTrainedTokenizerBase:
+    """The pair's shared tokenizer: ``tokenizer`` when given, else the vanilla checkpoint's, checked against the
+    unlearned checkpoint's when that is a directory shipping one (:func:`check_tokenizers`)."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    tok = load_tokenizer(vanilla)
+    if isinstance(unlearned, (str, os.PathLike)) and (Path(unlearned) / "tokenizer_config.json").exists():
+        check_tokenizers(tok, load_tokenizer(unlearned))
+    return tok
+
+
 @dataclass(frozen=True)
 class ModelPair:
     """A vanilla model and its unlearned copy, traced with nnsight and sharing one tokenizer.
@@ -388,8 +399,8 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
             below it; checkpoints stored as safetensors are read in place).
         adapter_base: the base checkpoint of an adapter ``unlearned`` (path, hub id or in-memory model; an
             in-memory one is copied, never modified).
-        sequential: never hold both models in memory: check the pair from configs and file headers and return a
-            :class:`~patchlab.pair.sequential.SequentialPair` whose sweeps load the vanilla model, then the
+        sequential: never hold both models in memory: check the pair from configs, file headers and tokenizers and
+            return a :class:`~patchlab.pair.sequential.SequentialPair` whose sweeps load the vanilla model, then the
             unlearned one (the vanilla weights that ``value`` / ``heads`` restorations need are read from its
             safetensors files). Needs checkpoint directories or hub ids; the same numbers, about half the memory.
             A ``device_map`` then places each model in turn with the whole ``max_memory`` budget (a 70B model on
@@ -407,7 +418,7 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
     """
     _check_placement(device, device_map, max_memory, offload_folder)
     if sequential:
-        tok = load_tokenizer(tokenizer if tokenizer is not None else vanilla)
+        tok = _pair_tokenizer(vanilla, unlearned, tokenizer)
         shared_map, folders = _pair_placement(vanilla, device_map, max_memory, offload_folder, dtype, share=1)
         loads = [{"dtype": dtype, "device": device, **({"device_map": shared_map, "offload_folder": folder}
                                                        if shared_map is not None else {})} for folder in folders]
@@ -423,12 +434,7 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
         raise PairMismatchError("vanilla and unlearned are the same model object; pass two distinct models")
     check_compatible(model_v, model_u)
     spec = arch_spec(model_v)
-    if tokenizer is None:
-        tok = load_tokenizer(vanilla)
-        if isinstance(unlearned, (str, os.PathLike)) and (Path(unlearned) / "tokenizer_config.json").exists():
-            check_tokenizers(tok, load_tokenizer(unlearned))
-    else:
-        tok = load_tokenizer(tokenizer)
+    tok = _pair_tokenizer(vanilla, unlearned, tokenizer)
     check_vocab_size(tok, model_v.config)
     return ModelPair(vanilla=trace_model(model_v, tok), unlearned=trace_model(model_u, tok),
                      vanilla_hf=model_v, unlearned_hf=model_u, tokenizer=tok, arch=spec,
