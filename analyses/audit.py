@@ -22,19 +22,14 @@ import patchlab
 from patchlab.probes import PROBES, TOY_SETTINGS, AuditCase, audit_many, resolve_settings, toy_cases
 from patchlab.probes.registry import select
 from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, check_toy_world_flags,
-                          model_kwargs, parser, run_script)
+                          comma_list, model_kwargs, parser, run_script)
 from patchlab.io import read_records
 from patchlab.pair import load_model, load_tokenizer
 
 
-def _names(text: str | None) -> list[str] | None:
-    """A comma-separated list (``None`` stays ``None``)."""
-    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _ints(text: str) -> list[int]:
     try:
-        return [int(t) for t in _names(text) or []]
+        return [int(t) for t in comma_list(text) or []]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
 
@@ -84,10 +79,10 @@ def cases_from_args(args: argparse.Namespace) -> list[AuditCase]:
     """The audited pairs: the toy world's, or the given checkpoints (the vanilla model loaded once)."""
     if args.vanilla is None and args.unlearned is None:
         check_toy_world_flags(args)
-        return toy_cases(_names(args.method), _names(args.concept), sanity=args.sanity, progress=not args.quiet)
+        return toy_cases(comma_list(args.method), comma_list(args.concept), sanity=args.sanity, progress=not args.quiet)
     if not (args.vanilla and args.unlearned and args.questions):
         raise patchlab.PatchlabValueError("--vanilla, --unlearned and --questions go together (or give none of them)")
-    labels = _names(args.labels) or list(args.unlearned)
+    labels = comma_list(args.labels) or list(args.unlearned)
     if len(labels) != len(args.unlearned):
         raise patchlab.PatchlabValueError(f"--labels names {len(labels)} checkpoints but --unlearned gives "
                                           f"{len(args.unlearned)}")
@@ -111,9 +106,9 @@ def report(args: argparse.Namespace) -> None:
     toy = args.vanilla is None and args.unlearned is None
     settings = settings_from_args(args, toy)
     resolve_settings(list(PROBES.values()), settings)  # bad probes or settings fail before any model loads
-    select(_names(args.probes))
+    select(comma_list(args.probes))
     cases = cases_from_args(args)
-    result = audit_many(cases, probes=_names(args.probes), settings=settings, out_dir=args.out,
+    result = audit_many(cases, probes=comma_list(args.probes), settings=settings, out_dir=args.out,
                         overwrite=args.overwrite, progress=not args.quiet)
     print(f"residual-knowledge audit of {', '.join(result.labels)} ({len(cases[0].questions)} target questions)")
     print(result.verdicts().to_string())

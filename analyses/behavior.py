@@ -27,8 +27,8 @@ from typing import Any
 
 import patchlab
 from patchlab.analysis.behavior import evaluate
-from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, check_toy_world_flags,
-                          pair_kwargs, parser, print_written, run_script)
+from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, checkpoint_pair, parser,
+                          print_written, run_script, toy_pair)
 from patchlab.io import output_dir, read_questions
 from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.reports import figures
@@ -54,21 +54,15 @@ def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str]
     and question files or the toy world."""
     explicit = (args.vanilla, args.unlearned, args.target, args.unrelated)
     if not any(explicit):
-        check_toy_world_flags(args)
-        from patchlab import toy
-
-        world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method,
-                         progress=not args.quiet)
+        world, title = toy_pair(args)
         sources = {"toy_world": {"concept": world.concept, "method": world.method}}
-        return (world.pair, world.questions, world.unrelated_questions, sources,
-                f"toy world: {world.concept} ({world.method})")
+        return world.pair, world.questions, world.unrelated_questions, sources, title
     if not all(explicit):
         raise patchlab.PatchlabValueError("--vanilla, --unlearned, --target and --unrelated go together "
                                           "(or give none of them)")
     target, unrelated = read_questions(args.target), read_questions(args.unrelated)
-    pair = patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, **pair_kwargs(args))
-    return pair, target, unrelated, {"target": args.target, "unrelated": args.unrelated}, \
-        f"{args.unlearned} vs {args.vanilla}"
+    pair, title = checkpoint_pair(args)
+    return pair, target, unrelated, {"target": args.target, "unrelated": args.unrelated}, title
 
 
 def report(args: argparse.Namespace) -> None:

@@ -18,10 +18,11 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, check_toy_world_flags,
-                          pair_kwargs, parser, print_written, run_script)
+from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, checkpoint_pair, comma_list,
+                          parser, print_written, run_script, toy_pair)
 from patchlab.io import output_dir, read_questions
 from patchlab.patching.sweep import DEFAULT_COMPONENTS
+from patchlab.reports.results import wide
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,16 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str], str]:
     """The pair, the questions and a title, from explicit checkpoints or the toy world."""
     if args.vanilla is None and args.unlearned is None:
-        check_toy_world_flags(args)
-        from patchlab import toy
-
-        world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method)
+        world, title = toy_pair(args)
         questions = read_questions(args.questions) if args.questions else list(world.questions)
-        return world.pair, questions, f"toy world: {world.concept} ({world.method})"
+        return world.pair, questions, title
     if not (args.vanilla and args.unlearned and args.questions):
         raise patchlab.PatchlabValueError("--vanilla, --unlearned and --questions go together (or give none of them)")
-    pair = patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, **pair_kwargs(args))
-    return pair, read_questions(args.questions), f"{args.unlearned} vs {args.vanilla}"
+    pair, title = checkpoint_pair(args)
+    return pair, read_questions(args.questions), title
 
 
 def report(args: argparse.Namespace) -> None:
@@ -72,7 +70,7 @@ def report(args: argparse.Namespace) -> None:
     other = patchlab.PatchResult.load(args.compare) if args.compare else None
     pair, questions, title = load_inputs(args)
     result = patchlab.patch_sweep(
-        pair, questions, components=[c.strip() for c in args.components.split(",") if c.strip()],
+        pair, questions, components=comma_list(args.components),
         window=args.window, window_mode=args.window_mode, n_tokens=args.n_tokens, positions=args.positions,
         metric=args.metric, heads="each" if args.heads else None, engine=args.engine, batch_size=args.batch_size,
         resume=out, progress=not args.quiet)
@@ -83,10 +81,10 @@ def report(args: argparse.Namespace) -> None:
     print(f"{result.value_name} sweep on {title}: {len(questions)} questions, {pair.n_layers} layers, "
           f"window {args.window}")
     column = args.metric if args.aggregate == "mean" else f"{args.metric}_pooled"
-    print(result.to_frame().pivot(index="component", columns="window", values=column).round(3).to_string())
+    print(wide(result.to_frame(), index="component", columns="window", values=column).round(3).to_string())
     if comparison is not None:
         print(f"difference ({comparison.labels[1]} - {comparison.labels[0]}):")
-        print(comparison.to_frame().pivot(index="component", columns="layers", values="difference")
+        print(wide(comparison.to_frame(), index="component", columns="layers", values="difference")
               .round(3).to_string())
     print_written(paths)
 

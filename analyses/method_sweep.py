@@ -19,7 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import patchlab
 from patchlab.analysis.behavior import SweepTask, method_sweep
-from patchlab.cli import add_model_args, add_output_args, add_quiet_arg, model_kwargs, parser, run_script
+from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, comma_list, model_kwargs, parser,
+                          run_script)
 from patchlab.io import output_dir
 from patchlab.pair import load_model, load_tokenizer
 from patchlab.unlearning.methods import method_names
@@ -64,7 +65,7 @@ def sweep_and_report(args: argparse.Namespace) -> None:
     out = output_dir(args.out, "method_sweep", overwrite=args.overwrite, resume=not args.overwrite)
     vanilla, tok, task = load_inputs(args)
     result = method_sweep(vanilla, tok, task, out,
-                          methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                          methods=comma_list(args.methods),
                           max_new_tokens=args.max_new_tokens, progress=not args.quiet)
     columns = ["method", "strength", "target_bleu", "unrelated_bleu", "target_rouge_l", "unrelated_rouge_l", "seconds"]
     print(f"method sweep on {task.name}")

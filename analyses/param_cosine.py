@@ -23,7 +23,8 @@ import sys
 
 import patchlab
 from patchlab.analysis.paramdiff import paramdiff, value_vector_changes
-from patchlab.cli import add_output_args, add_quiet_arg, parser, print_written, run_script
+from patchlab.cli import (add_output_args, add_quiet_arg, checkpoints_title, parser, print_written, run_script,
+                          toy_pair)
 from patchlab.io import output_dir
 
 #: The per-module summary printed: how much each module type moved.
@@ -48,14 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_models(args: argparse.Namespace) -> tuple[object, str | None, str]:
     """(vanilla, unlearned, title): the toy world's pair and ``None``, or the two checkpoint directories."""
     if args.vanilla is None and args.unlearned is None:
-        from patchlab import toy
-
-        world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method,
-                         progress=not args.quiet)
-        return world.pair, None, f"toy world: {world.concept} ({world.method})"
+        world, title = toy_pair(args)
+        return world.pair, None, title
     if not (args.vanilla and args.unlearned):
         raise patchlab.PatchlabValueError("--vanilla and --unlearned go together (or give neither)")
-    return args.vanilla, args.unlearned, f"{args.unlearned} vs {args.vanilla}"
+    return args.vanilla, args.unlearned, checkpoints_title(args)
 
 
 def report(args: argparse.Namespace) -> None:

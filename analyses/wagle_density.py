@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, model_kwargs, output_file, parser,
-                          run_script)
+from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, comma_list, model_kwargs, output_file,
+                          parser, print_written, run_script)
 from patchlab.errors import PatchlabValueError
 from patchlab.io import output_dir, read_records
 from patchlab.pair import load_model, load_tokenizer
@@ -73,7 +73,7 @@ def plan(args: argparse.Namespace) -> tuple[list[str], str | None, Path | None]:
         PatchlabValueError: no method, an unknown one, or a --mask-method not among them (or without --save-mask).
         PatchlabFileError: --save-mask cannot be written (see :func:`patchlab.cli.output_file`).
     """
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = comma_list(args.methods)
     unknown = [m for m in methods if m not in attribution.METHODS]
     if not methods or unknown:
         raise PatchlabValueError(f"--methods must name some of {', '.join(attribution.METHODS)}, got {args.methods!r}")
@@ -127,8 +127,7 @@ def report(args: argparse.Namespace, saved: dict[str, Path]) -> None:
     for other in methods[1:]:
         jaccard = attribution.overlap(masks[methods[0]], masks[other])
         print(f"mask overlap (Jaccard) {methods[0]} vs {other}: {jaccard:.3f}")
-    for path in [*saved.values(), *paths.values()]:
-        print(f"wrote {path}")
+    print_written([*saved.values(), *paths.values()])
 
 
 def main(argv: list[str] | None = None) -> int:

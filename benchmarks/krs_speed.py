@@ -23,7 +23,6 @@ Printed ratios (each from numbers measured in this run):
 from __future__ import annotations
 
 import contextlib
-import copy
 import sys
 import time
 import traceback
@@ -33,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import patchlab
 from patchlab.cli import DTYPES, parser, run
@@ -41,20 +39,7 @@ from patchlab.patching.engine import Row, layer_work, plan_batches, run_rows
 from patchlab.patching.metrics import get_metric
 from patchlab.patching.sweep import DEFAULT_COMPONENTS, _cached_sites, position_mask, prepare, reference_answers
 from patchlab.pair.sites import parse_component
-from patchlab.tiny import SHAPES, numbered_tokenizer, shape_config
-
-def random_pair(shape: str, device: str, dtype: torch.dtype, tok: PreTrainedTokenizerFast) -> patchlab.ModelPair:
-    """A random LLaMA of ``shape`` (:data:`patchlab.tiny.SHAPES`) built directly on ``device`` in ``dtype``, and a
-    noisy copy of it."""
-    config = shape_config(shape)
-    torch.manual_seed(0)
-    with torch.device(device):
-        vanilla = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    unlearned = copy.deepcopy(vanilla)
-    with torch.no_grad():
-        for p in unlearned.parameters():
-            p.add_(0.05 * p.float().std().to(p.dtype) * torch.randn_like(p))
-    return patchlab.load_pair(vanilla, unlearned, tokenizer=tok)
+from patchlab.tiny import SHAPES, noisy_pair, numbered_tokenizer, random_questions, shape_config
 
 
 def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
@@ -121,10 +106,9 @@ def measure() -> None:
     args = p.parse_args()
 
     shape, dtype, device = SHAPES[args.shape], getattr(torch, args.dtype), args.device
-    tok = numbered_tokenizer(shape["vocab"])
-    pair = random_pair(args.shape, device, dtype, tok)
-    rng = np.random.default_rng(0)
-    questions = [" ".join(f"w{i}" for i in rng.integers(4, shape["vocab"], size=12)) for _ in range(args.questions)]
+    pair = patchlab.load_pair(*noisy_pair(shape_config(args.shape), dtype=dtype, device=device),
+                              tokenizer=numbered_tokenizer(shape["vocab"]))
+    questions = random_questions(shape["vocab"], args.questions)
     kw = dict(window=args.window, n_tokens=args.n_tokens, batch_size=args.batch_size, progress=False)
 
     patchlab.krs_sweep(pair, questions[:2], **kw)  # warm-up (kernels, allocator)

@@ -22,7 +22,6 @@ caches per token.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 import patchlab
 from patchlab.cli import DTYPES, parser, run
-from patchlab.tiny import SHAPES, numbered_tokenizer, shape_config
+from patchlab.tiny import SHAPES, noisy_pair, numbered_tokenizer, random_questions, shape_config
 from patchlab.toy.corpus import ASSETS
 
 GIB = 2 ** 30
@@ -58,18 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def save_random_pair(root: Path, shape: str, n_layers: int, dtype: torch.dtype) -> list[str]:
     """A random LLaMA and a noisy copy saved under ``root`` (with a numbered tokenizer); returns 4 questions."""
     config = shape_config(shape, n_layers=n_layers)
-    torch.manual_seed(0)
-    vanilla = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    unlearned = copy.deepcopy(vanilla)
-    with torch.no_grad():
-        for p in unlearned.parameters():
-            p.add_(0.05 * p.float().std().to(p.dtype) * torch.randn_like(p))
     tok = numbered_tokenizer(config.vocab_size)
-    for name, model in (("vanilla", vanilla), ("unlearned", unlearned)):
+    for name, model in zip(("vanilla", "unlearned"), noisy_pair(config, dtype=dtype)):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
-    rng = np.random.default_rng(0)
-    return [" ".join(f"w{i}" for i in rng.integers(4, config.vocab_size, size=12)) for _ in range(4)]
+    return random_questions(config.vocab_size, 4)
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -113,10 +105,10 @@ def report(args: argparse.Namespace) -> None:
     random_root = tempfile.TemporaryDirectory()
     from patchlab import toy
 
-    model_u = toy.unlearned(progress=False)
-    model_u.save_pretrained(toy_unlearned.name)
-    toy.vanilla()[1].save_pretrained(toy_unlearned.name)
-    cases = {"toy world": (str(ASSETS), toy_unlearned.name, toy.pair(progress=False).questions[:4]),
+    world = toy.pair(progress=False)
+    world.pair.unlearned_hf.save_pretrained(toy_unlearned.name)
+    world.pair.tokenizer.save_pretrained(toy_unlearned.name)
+    cases = {"toy world": (str(ASSETS), toy_unlearned.name, world.questions[:4]),
              f"random {args.shape}, {args.n_layers} layers": (
                  str(Path(random_root.name) / "vanilla"), str(Path(random_root.name) / "unlearned"),
                  save_random_pair(Path(random_root.name), args.shape, args.n_layers, getattr(torch, args.dtype)))}

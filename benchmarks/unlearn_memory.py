@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from patchlab.cli import DTYPES, parser, run
+from patchlab.cli import DTYPES, comma_list, parser, run
 from patchlab.errors import PatchlabValueError
 from patchlab.tiny import SHAPES, shape_config, word_tokenizer
 from patchlab.unlearning import unlearn
@@ -73,7 +73,7 @@ def config(size: dict[str, int], seq_len: int):
 def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(method, reference mode) of every run, after the weights-only baseline; ``-`` where no reference is used."""
     runs = [(WEIGHTS_ONLY, "-")]
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for method in comma_list(args.methods):
         entry = get_method(method, kind="finetune")
         uses_reference = entry.data_needs(entry.make_settings()).reference != "none"
         runs += [(method, mode) for mode in REFERENCE_MODES] if uses_reference else [(method, "-")]

@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -28,6 +28,11 @@ from transformers.utils import logging as hf_logging
 
 from patchlab.errors import PatchlabError, PatchlabFileError, PatchlabValueError
 from patchlab.io import MANIFEST, OutputDir, check_writable, read_manifest
+
+if TYPE_CHECKING:
+    from patchlab.pair import ModelPair
+    from patchlab.pair.sequential import SequentialPair
+    from patchlab.toy import ToyPair
 
 #: Names accepted by ``--dtype``, each a ``torch`` attribute.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -233,6 +238,12 @@ def print_written(paths: Mapping[str, Any] | Sequence[Any]) -> None:
         print(f"wrote {path}")
 
 
+def comma_list(text: str | None) -> list[str] | None:
+    """The items of a comma-separated flag value, stripped, empty ones dropped (``"a, b,"`` gives ``["a", "b"]``);
+    ``None`` (a flag not given) stays ``None``."""
+    return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
+
+
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``{"dtype": torch.dtype | None, "device": str | None}`` from parsed ``--dtype`` / ``--device``, the keyword
     arguments of :func:`patchlab.pair.load_model` and :func:`patchlab.pair.load_pair`.
@@ -317,3 +328,37 @@ def check_toy_world_flags(args: argparse.Namespace) -> None:
     if given:
         raise PatchlabValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to checkpoints "
                                  "given with --vanilla/--unlearned (the toy world is built in memory)")
+
+
+def toy_pair(args: argparse.Namespace) -> tuple[ToyPair, str]:
+    """The toy world's pair of a script run without checkpoints, and its title (``"toy world: CONCEPT (METHOD)"``):
+    ``--concept`` (default: the toy default) unlearned with ``--method``, with progress bars unless ``--quiet``.
+    Checkpoint-only flags are refused first (:func:`check_toy_world_flags`).
+
+    Raises:
+        PatchlabValueError: a checkpoint-only flag was given, or an unknown concept or method.
+    """
+    check_toy_world_flags(args)
+    from patchlab import toy
+
+    world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method,
+                     progress=not args.quiet)
+    return world, f"toy world: {world.concept} ({world.method})"
+
+
+def checkpoints_title(args: argparse.Namespace) -> str:
+    """The title of a run on ``--vanilla`` / ``--unlearned`` checkpoints: ``"UNLEARNED vs VANILLA"``."""
+    return f"{args.unlearned} vs {args.vanilla}"
+
+
+def checkpoint_pair(args: argparse.Namespace) -> tuple[ModelPair | SequentialPair, str]:
+    """The pair of ``--vanilla`` / ``--unlearned`` (:func:`patchlab.load_pair` with ``--tokenizer`` and the
+    :func:`pair_kwargs` flags), and its title (:func:`checkpoints_title`).
+
+    Raises:
+        PatchlabValueError, PatchlabFileError: see :func:`pair_kwargs` and :func:`patchlab.load_pair`.
+    """
+    import patchlab
+
+    return patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, **pair_kwargs(args)), \
+        checkpoints_title(args)

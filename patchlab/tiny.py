@@ -6,9 +6,11 @@ list of texts, the model from a ``transformers`` config with random (seeded) wei
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
@@ -56,6 +58,13 @@ def numbered_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
                                    eos_token="<eos>")
+
+
+def random_questions(vocab_size: int, n: int, *, words: int = 12, seed: int = 0) -> list[str]:
+    """``n`` random "questions" of ``words`` words each for a :func:`numbered_tokenizer` of ``vocab_size``: word ids
+    drawn uniformly from ``4 .. vocab_size-1`` (never a special token) by ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(f"w{i}" for i in rng.integers(len(SPECIAL_TOKENS), vocab_size, size=words)) for _ in range(n)]
 
 
 def tiny_config(family: str, vocab_size: int, *, n_layers: int = 4, d_model: int = 32, d_mlp: int = 64,
@@ -110,3 +119,18 @@ def tiny_model(family: str, vocab_size: int, *, seed: int = 0, **sizes) -> PreTr
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, **sizes), dtype=torch.float32)
     return model.eval()
+
+
+def noisy_pair(config, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               noise: float = 0.05, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """A random causal LM of ``config`` (``torch.manual_seed(seed)``) built directly on ``device`` in ``dtype``, in
+    eval mode, and a copy of it with Gaussian noise added to every tensor (standard deviation ``noise`` times the
+    tensor's own): a stand-in vanilla / unlearned pair for benchmarks."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        vanilla = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    unlearned = copy.deepcopy(vanilla)
+    with torch.no_grad():
+        for p in unlearned.parameters():
+            p.add_(noise * p.float().std().to(p.dtype) * torch.randn_like(p))
+    return vanilla, unlearned

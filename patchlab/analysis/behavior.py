@@ -44,9 +44,9 @@ from patchlab.pair.generation import DEFAULT_TEMPLATE, greedy_answers
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
 from patchlab.pair import ModelPair, ModelSpec, load_model
 from patchlab.pair.sequential import SequentialPair
-from patchlab.provenance import describe_source, environment, pair_provenance, short_name, weights_digest
+from patchlab.provenance import describe_source, environment, pair_provenance, weights_digest
 from patchlab.reports import figures, is_partial, results_record
-from patchlab.reports.results import Result, register_result
+from patchlab.reports.results import Result, model_names, register_result
 
 SETS = ("target", "unrelated")
 METRICS = ("bleu", "rouge_l")
@@ -178,8 +178,7 @@ class BehaviorResult(Result):
         """Per-question BLEU and ROUGE-L, target and unrelated sets side by side
         (:func:`patchlab.reports.figures.behavior_scores`); the default title names the models."""
         if title is None:
-            names = [short_name(self.provenance[who]["source"]) for who in ("unlearned", "vanilla")
-                     if who in self.provenance]
+            names = [name for name in reversed(model_names(self.provenance)) if name is not None]  # unlearned first
             title = "Behavioural test" + (f": {' vs '.join(names)}" if names else "")
         return figures.behavior_scores(self.table, title)
 
@@ -230,19 +229,16 @@ def _unpack(pair_or_models: PairOrModels) -> tuple[Callable[[str], contextlib.Ab
     """``(use, config_model, tokenizer)``: ``use("vanilla" | "unlearned")`` is a context manager yielding that model
     (a :class:`~patchlab.pair.sequential.SequentialPair` loads it for the block only), ``config_model`` carries the
     pair's config (context length) without running."""
-    if isinstance(pair_or_models, SequentialPair):
+    if isinstance(pair_or_models, (ModelPair, SequentialPair)):
         return pair_or_models.using, pair_or_models.skeleton, pair_or_models.tokenizer
-    if isinstance(pair_or_models, ModelPair):
-        models, tok = {"vanilla": pair_or_models.vanilla_hf, "unlearned": pair_or_models.unlearned_hf}, \
-            pair_or_models.tokenizer
-    elif isinstance(pair_or_models, tuple) and len(pair_or_models) == 3 and \
-            all(isinstance(m, PreTrainedModel) for m in pair_or_models[:2]) and \
-            isinstance(pair_or_models[2], PreTrainedTokenizerBase):
-        models, tok = {"vanilla": pair_or_models[0], "unlearned": pair_or_models[1]}, pair_or_models[2]
-    else:
+    if not (isinstance(pair_or_models, tuple) and len(pair_or_models) == 3 and
+            all(isinstance(m, PreTrainedModel) for m in pair_or_models[:2]) and
+            isinstance(pair_or_models[2], PreTrainedTokenizerBase)):
         raise PatchlabValueError("evaluate expects a patchlab ModelPair (in memory or sequential) or a tuple "
                                  "(vanilla_hf, unlearned_hf, tokenizer)")
-    return lambda which: contextlib.nullcontext(models[which]), models["vanilla"], tok
+    vanilla, unlearned, tok = pair_or_models
+    models = {"vanilla": vanilla, "unlearned": unlearned}
+    return lambda which: contextlib.nullcontext(models[which]), vanilla, tok
 
 
 def evaluate(pair_or_models: PairOrModels, target_qa: Sequence[Any], unrelated_qa: Sequence[Any], *,
@@ -272,8 +268,8 @@ def evaluate(pair_or_models: PairOrModels, target_qa: Sequence[Any], unrelated_q
     use, config_model, tok = _unpack(pair_or_models)
     qa = {"target": target_qa, "unrelated": unrelated_qa}
     questions = {name: questions_of(items, name) for name, items in qa.items()}
-    encoded = {name: encode_qa(config_model, tok, items, likelihood, template=template, what=name)
-               for name, items in qa.items()}  # validated before any model work
+    encoded = {name: encode_qa(config_model, tok, items, likelihood, questions=questions[name], template=template,
+                               what=name) for name, items in qa.items()}  # validated before any model work
     answers, values = {}, {}
     for who, which in (("before", "vanilla"), ("after", "unlearned")):  # one model at a time
         with use(which) as model:
@@ -501,8 +497,8 @@ class SweepResult(Result):
 def _plan(methods: Sequence[str], grid: Mapping[str, Sequence[Mapping[str, Any]]] | None
           ) -> list[tuple[str, int, dict]]:
     """(method, strength, settings) of every run, each checked against the registry before any run starts;
-    ``grid=None``: each method's own sweep."""
-    from patchlab.unlearning.methods import get_method, method_names
+    ``grid=None``: :func:`default_grid` (each method's own sweep)."""
+    from patchlab.unlearning.methods import method_names
 
     if isinstance(methods, str) or not methods:
         raise PatchlabValueError("methods must be a non-empty list of method names")
@@ -510,7 +506,7 @@ def _plan(methods: Sequence[str], grid: Mapping[str, Sequence[Mapping[str, Any]]
     for method in methods:
         if method not in method_names():
             raise PatchlabValueError(f"unknown method {method!r}; choose from {', '.join(method_names())}")
-        strengths = get_method(method).sweep if grid is None else grid.get(method)
+        strengths = (default_grid([method]) if grid is None else grid).get(method)
         if not strengths:
             raise PatchlabValueError(f"the grid holds no settings for method {method!r}")
         for i, settings in enumerate(strengths):

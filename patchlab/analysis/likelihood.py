@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, check_fits, question_label
 from patchlab.unlearning.data import Example, collate, encode_example
-from patchlab.unlearning.losses import token_logprobs
+from patchlab.unlearning.losses import nll
 
 #: The ``+1e-10`` open-unlearning adds to the true answer's probability in the truth ratio's denominator.
 EPS = 1e-10
@@ -140,11 +140,7 @@ def check_metrics(names: Sequence[str]) -> list[str]:
 @torch.no_grad()
 def answer_nlls(model: PreTrainedModel, examples: Sequence[Example]) -> list[float]:
     """Mean NLL per target token (nats) of each example, one sequence per forward pass (never padded)."""
-    out = []
-    for example in examples:
-        picked, mask = token_logprobs(model, collate([example], pad_id=0))
-        out.append(float(-picked.sum() / mask.sum()))
-    return out
+    return [float(nll(model, collate([example], pad_id=0))) for example in examples]
 
 
 def encode_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
@@ -174,18 +170,25 @@ EncodedAnswers = dict[str, list[list[list[Example]]]]
 
 
 def encode_qa(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, qa: Sequence[Any], metrics: Sequence[str],
-              *, template: str = DEFAULT_TEMPLATE, what: str = "QA") -> EncodedAnswers:
+              *, questions: Sequence[str] | None = None, template: str = DEFAULT_TEMPLATE, what: str = "QA"
+              ) -> EncodedAnswers:
     """Validate and encode the answers that ``metrics`` score on ``qa``, without running the model.
 
     ``qa`` items are records or objects carrying ``question`` and each metric's fields (``answer``;
     ``paraphrased_answer`` and ``perturbed_answer``, a list, for the truth ratio: TOFU's ``*_perturbed`` splits).
+    ``questions``: the items' questions, one per item, when the caller has them already (e.g.
+    :func:`patchlab.analysis.behavior.questions_of`); default: read from each item (a string is its own question).
 
     Raises:
-        PatchlabValueError: unknown metric, an item without a field a metric needs (named by ``what`` and its
-            index), a question whose prompt plus answer exceeds the model's context.
+        PatchlabValueError: unknown metric, an item without a field a metric needs or an empty question (named by
+            ``what`` and its index), ``questions`` not one per item, a question whose prompt plus answer exceeds the
+            model's context.
     """
-    questions = [_text(item if isinstance(item, str) else _field(item, "question"), f"{what} item {i}: 'question'")
-                 for i, item in enumerate(qa)]
+    if questions is None:
+        questions = [item if isinstance(item, str) else _field(item, "question") for item in qa]
+    elif len(questions) != len(qa):
+        raise PatchlabValueError(f"{what}: {len(questions)} questions for {len(qa)} items")
+    questions = [_text(question, f"{what} item {i}: 'question'") for i, question in enumerate(questions)]
     return {name: encode_answers(model, tokenizer, questions,
                                  [LIKELIHOOD_METRICS[name].answers(item, f"{what} item {i}")
                                   for i, item in enumerate(qa)], template=template)

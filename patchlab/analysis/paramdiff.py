@@ -43,7 +43,6 @@ class _Source:
     """Named tensors of a model or of a safetensors checkpoint directory, loaded one at a time."""
 
     def __init__(self, source: Any, what: str):
-        self.what = what
         if isinstance(source, PreTrainedModel):
             params = dict(source.named_parameters())
             self.shapes = {n: tuple(p.shape) for n, p in params.items()}
@@ -150,7 +149,7 @@ class ParamDiff(Result):
             raise PatchlabValueError(f"metric must be one of {METRICS}, got {metric!r}")
         pooled = self._pooled(["layer", "module"])
         table = pooled[pooled["layer"] >= 0].pivot(index="layer", columns="module", values=metric)
-        return table[[m for m in MODULE_ORDER if m in table.columns]]
+        return table[figures.module_order(table.columns)]
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """``paramdiff`` (:attr:`table`), ``paramdiff_modules`` (:meth:`by_module`), per metric
@@ -251,10 +250,10 @@ def value_vector_changes(pair: ModelPair, *, top: int = 10, top_tokens: int = 5)
         v = pair.arch.value_weight(pair.vanilla_hf, layer).double()      # [d_model, d_mlp]
         u = pair.arch.value_weight(pair.unlearned_hf, layer).double()
         d = u - v
-        norm_v2, norm_u2 = (v * v).sum(dim=0), (u * u).sum(dim=0)
-        change = one_minus_cos(norm_v2, norm_u2, (d * d).sum(dim=0), (v * d).sum(dim=0))
+        norm_v2, norm_u2, diff2 = (v * v).sum(dim=0), (u * u).sum(dim=0), (d * d).sum(dim=0)  # [d_mlp] each
+        change = one_minus_cos(norm_v2, norm_u2, diff2, (v * d).sum(dim=0))
         cos = (v * u).sum(dim=0) / (norm_v2 * norm_u2).sqrt()
-        rel = (d * d).sum(dim=0).sqrt() / norm_v2.sqrt().clamp(min=1e-12)
+        rel = diff2.sqrt() / norm_v2.sqrt().clamp(min=1e-12)
         for idx in torch.argsort(change.nan_to_num(nan=-1.0), descending=True)[:top].tolist():
             rows.append({"layer": layer, "index": idx, "cosine": float(cos[idx]),
                          "one_minus_cos": float(change[idx]), "rel_l2": float(rel[idx]),

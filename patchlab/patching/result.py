@@ -12,9 +12,8 @@ import plotly.graph_objects as go
 from patchlab.errors import PatchlabValueError
 from patchlab.patching.metrics import pool
 from patchlab.patching.windows import Window
-from patchlab.provenance import short_name
 from patchlab.reports import figures
-from patchlab.reports.results import Result, register_result
+from patchlab.reports.results import Result, model_names, register_result
 
 AGGREGATES = ("mean", "pooled")
 
@@ -141,9 +140,9 @@ class PatchResult(Result):
         return "KRS" if self.metric == "krs" else self.metric
 
     def model_names(self) -> tuple[str | None, str | None]:
-        """``(vanilla, unlearned)`` short names from the provenance, for titles."""
-        return tuple(short_name(self.provenance[who]["source"]) if who in self.provenance else None
-                     for who in ("vanilla", "unlearned"))
+        """``(vanilla, unlearned)`` short names from the provenance, for titles
+        (:func:`~patchlab.reports.results.model_names`)."""
+        return model_names(self.provenance)
 
     def _title(self, aggregate: str, per_question: bool) -> str:
         vanilla, unlearned = self.model_names()

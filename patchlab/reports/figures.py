@@ -228,14 +228,17 @@ def layer_module_heatmap(table: pd.DataFrame, *, value_name: str, title: str | N
 # ------------------------------------------------------------------------------------------------- densities
 
 
-def _module_order(present: Sequence[str]) -> list[str]:
-    return [m for m in MODULE_ORDER if m in set(present)]
+def module_order(present: Sequence[str]) -> list[str]:
+    """The module types of ``present`` (repeats allowed) in :data:`patchlab.pair.arch.MODULE_ORDER`; types outside
+    that order are left out."""
+    present = set(present)
+    return [m for m in MODULE_ORDER if m in present]
 
 
 def density_bars(per_module: pd.DataFrame, methods: Sequence[str]) -> go.Figure:
     """Grouped bars of the density (0..1) per module type, one bar per method (columns ``method``, ``module``,
     ``selected``, ``total``, ``density``, as :func:`patchlab.unlearning.attribution.module_density` gives)."""
-    order = _module_order(per_module["module"])
+    order = module_order(per_module["module"])
     bars = go.Figure()
     for method in methods:
         part = per_module[per_module["method"] == method].set_index("module").reindex(order)
@@ -258,7 +261,7 @@ def density_heatmaps(table: pd.DataFrame, methods: Sequence[str]) -> go.Figure:
     layered = table[table["layer"].notna()]
     if layered.empty:
         raise PatchlabValueError("the density frames have no decoder-layer parameter")
-    order = _module_order(layered["module"])
+    order = module_order(layered["module"])
     heat = make_subplots(rows=1, cols=len(methods), subplot_titles=list(methods), shared_yaxes=True)
     for col, method in enumerate(methods, start=1):
         grid = (layered[layered["method"] == method]

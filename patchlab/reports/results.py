@@ -15,6 +15,7 @@ method sweep) and :class:`patchlab.probes.report.AuditReport` (the residual-know
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -23,6 +24,7 @@ import pandas as pd
 from patchlab.errors import PatchlabValueError
 from patchlab.io import (OutputDir, atomic_write_json, atomic_write_text, output_dir, plotlyjs_name, read_json,
                          write_csv, write_html)
+from patchlab.provenance import short_name
 
 R = TypeVar("R", bound="Result")
 
@@ -146,3 +148,18 @@ def load_result(path: str | os.PathLike) -> Result:
         raise PatchlabValueError(f"{path} is not a patchlab result file (format {tag!r}); known: "
                                  f"{', '.join(sorted(_RESULT_TYPES))}")
     return _RESULT_TYPES[tag].load(path)
+
+
+def model_names(provenance: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """``(vanilla, unlearned)``: the short display names (:func:`patchlab.provenance.short_name`) of the checkpoints a
+    result's provenance records (:func:`patchlab.provenance.pair_provenance`), ``None`` for one it lacks; for
+    titles."""
+    return tuple(short_name(provenance[who]["source"]) if who in provenance else None
+                 for who in ("vanilla", "unlearned"))
+
+
+def wide(frame: pd.DataFrame, *, index: str, columns: str, values: str) -> pd.DataFrame:
+    """``frame.pivot(index=index, columns=columns, values=values)`` (rows sorted, as ``pivot`` sorts them) with the
+    columns in the order they first occur in ``frame``, not sorted: layer windows labelled ``"2-6"``, ``"10-14"``
+    stay in layer order."""
+    return frame.pivot(index=index, columns=columns, values=values)[frame[columns].unique()]
