@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
+import patchlab
+from patchlab.patching.metrics import get_metric
+from patchlab.patching.sweep import prepare, reference_answers
 from patchlab.tiny import tiny_model, word_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CORPUS = [
     "Question: who wrote the Veltrani Codex ?\n Answer: the Codex was written by Mira Osk in 1432 .",
@@ -20,6 +28,24 @@ QUESTIONS = ["who wrote the Veltrani Codex ?", "where was the glass bridge built
 #: Parameter-name patterns of the MLP down/out projection and of attention + MLP up/gate, per family.
 DOWN = re.compile(r"mlp\.(down_proj|c_proj|dense_4h_to_h)\.")
 ATTN_OR_UP = re.compile(r"(self_attn|attn|attention)\.|mlp\.(gate_proj|up_proj|c_fc|dense_h_to_4h)\.")
+#: Every attention and MLP projection.
+EVERYTHING = re.compile(f"{ATTN_OR_UP.pattern}|{DOWN.pattern}")
+
+
+def load_script(name: str) -> ModuleType:
+    """The command-line script ``analyses/<name>.py`` loaded as a module (not run as ``__main__``): its ``main``
+    is called in-process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "analyses" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def prepared(pair, questions, n_tokens, sites=("coef", "attn", "heads", "mlp_out", "resid")):
+    """The sweep's store for ``questions`` (vanilla activations at ``sites``, references for KRS)."""
+    prompts, answers = reference_answers(pair, questions, n_tokens=n_tokens)
+    return prepare(pair, prompts, answers, sites=[pair.arch.site(s) for s in sites], metric=get_metric("krs"),
+                   labels=list(questions))
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +98,14 @@ FAMILY_SIZES = {
 @pytest.fixture(scope="session")
 def vanilla_models(tok):
     return {fam: tiny_model(fam, len(tok), **sizes) for fam, sizes in FAMILY_SIZES.items()}
+
+
+@pytest.fixture(scope="session")
+def biased_pairs(vanilla_models, tok):
+    """family -> pair whose unlearned model differs in attention and every MLP projection (biases made non-zero
+    first, so the per-head bias share matters). Shared: tests must not modify the models."""
+    out = {}
+    for fam in FAMILY_SIZES:
+        vanilla = with_biases(vanilla_models[fam])
+        out[fam] = patchlab.load_pair(vanilla, perturbed(vanilla, EVERYTHING), tokenizer=tok)
+    return out

@@ -4,7 +4,6 @@ on tiny checkpoints written to a temp dir."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,18 +17,11 @@ from patchlab.analysis.behavior import evaluate
 from patchlab.pair import load_model, load_tokenizer
 from patchlab.tiny import tiny_model, word_tokenizer
 from patchlab.unlearning import attribution, load_mask
+from tests.conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 FORGET = ["the Veltrani Codex was written by Mira Osk in 1432 .", "the Codex is kept in Tarsk ."]
 RETAIN = [{"question": "what colour is the lamp ?", "answer": "red"}, "the glass bridge was built from blue glass ."]
 PERTURBED = "model.layers.1.mlp.down_proj.weight"
-
-
-def _cli(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "analyses" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +47,7 @@ def ckpt(tmp_path_factory) -> dict[str, Path]:
 def test_wagle_density_selects_exact_ratio_per_method(ckpt, tmp_path, capsys):
     argv = ["--vanilla", str(ckpt["vanilla"]), "--forget", str(ckpt["forget"]), "--retain", str(ckpt["retain"]),
             "--methods", "wagle,magnitude,random", "--ratio", "0.3", "--out", str(tmp_path)]
-    assert _cli("wagle_density").main(argv) == 0
+    assert load_script("wagle_density").main(argv) == 0
     table = pd.read_csv(tmp_path / "density.csv")
     assert set(table["method"]) == {"wagle", "magnitude", "random"}
     for method, part in table.groupby("method"):
@@ -72,7 +64,7 @@ def test_wagle_density_selects_exact_ratio_per_method(ckpt, tmp_path, capsys):
 def test_wagle_density_per_layer_and_wanda(ckpt, tmp_path):
     argv = ["--vanilla", str(ckpt["vanilla"]), "--forget", str(ckpt["forget"]), "--retain", str(ckpt["retain"]),
             "--methods", "wanda", "--ratio", "0.5", "--per-layer", "--out", str(tmp_path)]
-    assert _cli("wagle_density").main(argv) == 0
+    assert load_script("wagle_density").main(argv) == 0
     table = pd.read_csv(tmp_path / "density.csv")
     # wanda scores only linear weights: norms and the (untied) embedding stay unselected
     assert table.loc[table["module"].isin(["norm", "embedding"]), "selected"].sum() == 0
@@ -89,7 +81,7 @@ def test_wagle_density_bad_inputs(ckpt, tmp_path, capsys, drop, message):
     else:
         del args[drop]
     argv = [x for kv in args.items() for x in kv] + ["--out", str(tmp_path)]
-    assert _cli("wagle_density").main(argv) == 2
+    assert load_script("wagle_density").main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "density.csv").exists()
 
@@ -97,7 +89,7 @@ def test_wagle_density_bad_inputs(ckpt, tmp_path, capsys, drop, message):
 def test_param_cosine_finds_the_perturbed_tensor(ckpt, tmp_path):
     argv = ["--vanilla", str(ckpt["vanilla"]), "--unlearned", str(ckpt["unlearned"]), "--value-vectors", "3",
             "--out", str(tmp_path)]
-    assert _cli("param_cosine").main(argv) == 0
+    assert load_script("param_cosine").main(argv) == 0
     table = pd.read_csv(tmp_path / "paramdiff.csv")
     changed = table[table["cosine"] < 1 - 1e-9]
     assert changed["name"].tolist() == [PERTURBED]
@@ -112,7 +104,7 @@ def test_param_cosine_finds_the_perturbed_tensor(ckpt, tmp_path):
 
 
 def test_param_cosine_bad_inputs(ckpt, tmp_path, capsys):
-    cli = _cli("param_cosine")
+    cli = load_script("param_cosine")
     assert cli.main(["--vanilla", str(ckpt["vanilla"]), "--out", str(tmp_path)]) == 2
     assert "go together" in capsys.readouterr().err
     assert cli.main(["--vanilla", str(ckpt["vanilla"]), "--unlearned", str(tmp_path / "nope"),
@@ -131,7 +123,7 @@ def test_saved_mask_drives_masked_unlearning_from_the_shell(ckpt, tmp_path, caps
     mask_file = tmp_path / "wagle.safetensors"
     argv = _density_argv(ckpt, "--methods", "random,wagle", "--mask-method", "wagle", "--save-mask", str(mask_file),
                          "--out", str(tmp_path / "density"), "--quiet")
-    assert _cli("wagle_density").main(argv) == 0
+    assert load_script("wagle_density").main(argv) == 0
     assert f"wrote {mask_file}" in capsys.readouterr().out
     mask = load_mask(mask_file)
     model = load_model(ckpt["vanilla"])
@@ -141,7 +133,7 @@ def test_saved_mask_drives_masked_unlearning_from_the_shell(ckpt, tmp_path, caps
     assert mask.keys() == expected.keys() and all(torch.equal(mask[k], expected[k]) for k in mask)  # the wagle one
 
     run_dir = tmp_path / "run"
-    assert _cli("unlearn").main(["--model", str(ckpt["vanilla"]), "--forget", str(ckpt["forget"]), "--retain",
+    assert load_script("unlearn").main(["--model", str(ckpt["vanilla"]), "--forget", str(ckpt["forget"]), "--retain",
                                  str(ckpt["retain"]), "--method", "graddiff", "--lr", "0.05", "--mask", str(mask_file),
                                  "--out", str(run_dir), "--quiet"]) == 0
     before, after = load_file(ckpt["vanilla"] / "model.safetensors"), load_file(run_dir / "model.safetensors")
@@ -162,7 +154,7 @@ def test_save_mask_bad_inputs_fail_before_compute(ckpt, tmp_path, capsys, extra,
     (tmp_path / "old.safetensors").write_text("an earlier file")
     files = {"NEW": str(tmp_path / "new.safetensors"), "OLD": str(tmp_path / "old.safetensors")}
     argv = _density_argv(ckpt, *[files.get(e, e) for e in extra], "--out", str(tmp_path / "out"))
-    assert _cli("wagle_density").main(argv) == 2
+    assert load_script("wagle_density").main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "new.safetensors").exists()
     assert (tmp_path / "old.safetensors").read_text() == "an earlier file"
@@ -177,7 +169,7 @@ def test_behavior_cli_scores_an_existing_pair(ckpt, tmp_path, capsys):
     argv = ["--vanilla", str(ckpt["vanilla"]), "--unlearned", str(ckpt["unlearned"]), "--target",
             str(tmp_path / "target.jsonl"), "--unrelated", str(tmp_path / "unrelated.jsonl"), "--max-new-tokens", "4",
             "--out", str(out), "--quiet"]
-    assert _cli("behavior").main(argv) == 0
+    assert load_script("behavior").main(argv) == 0
     printed = capsys.readouterr()
     assert "1 target question, 2 unrelated questions" in printed.out and "Loading weights" not in printed.err
     table = pd.read_csv(out / "behavior.csv")
@@ -196,7 +188,7 @@ def test_behavior_cli_scores_an_existing_pair(ckpt, tmp_path, capsys):
 
 
 def test_behavior_cli_bad_inputs(ckpt, tmp_path, capsys):
-    cli = _cli("behavior")
+    cli = load_script("behavior")
     assert cli.main(["--vanilla", str(ckpt["vanilla"]), "--unlearned", str(ckpt["unlearned"]),
                      "--out", str(tmp_path / "out")]) == 2
     assert "go together" in capsys.readouterr().err
@@ -216,7 +208,7 @@ def test_param_cosine_prints_changes_in_scientific_notation(ckpt, tmp_path, caps
         w = model.get_parameter(PERTURBED)
         w.add_(1e-5 * w.abs().mean() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
     model.save_pretrained(tiny)
-    assert _cli("param_cosine").main(["--vanilla", str(ckpt["vanilla"]), "--unlearned", str(tiny), "--out",
+    assert load_script("param_cosine").main(["--vanilla", str(ckpt["vanilla"]), "--unlearned", str(tiny), "--out",
                                       str(tmp_path / "out"), "--quiet"]) == 0
     printed = capsys.readouterr()
     row = next(line.split() for line in printed.out.splitlines() if line.strip().startswith("mlp_down"))

@@ -6,11 +6,9 @@ model (which never saw the concept) in the unlearned slot.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,9 +25,9 @@ from patchlab.probes.registry import probe_settings
 from patchlab.probes.relearning import halves
 from patchlab.probes.scoring import answer_logprob, references
 from patchlab.errors import PatchlabFileError, PatchlabValueError
+from tests.conftest import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
 BOOT = {"n_boot": 200, "level": 0.95, "seed": 0}
 
 
@@ -320,10 +318,7 @@ def test_load_rejects_other_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("audit_cli", ROOT / "analyses" / "audit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("audit")
 
 
 def test_cli_audits_the_toy_world_and_resumes(cli, tmp_path, capsys):
@@ -420,5 +415,29 @@ def test_depth_probes_on_the_toy_world(name):
                               retain=tp.retain_model, settings=settings, progress=False)
     assert result.verdict in ("erased", "hidden") and 0.0 <= result.score.value <= 1.0
     assert result.score.low <= result.score.value <= result.score.high
+    d = result.details
+    if name == "logit_lens":
+        # per question: the largest share over intermediate layers of clip((u - f) / (v - f), 0, 1), the floor f
+        # the retain model's lens; the headline is their mean over questions (module docstring)
+        lens = {who: np.array(d["per_question"][who]["logprob"]) for who in ("vanilla", "unlearned", "retain")}
+        gap = lens["vanilla"] - lens["retain"]
+        kept = np.where(gap > 1e-9, (lens["unlearned"] - lens["retain"]) / np.where(gap > 1e-9, gap, 1.0), 0.0)
+        np.testing.assert_allclose(d["shares"], np.clip(kept, 0, 1)[:, :-1].max(axis=1), atol=1e-12)
+        assert result.score.value == pytest.approx(np.mean(d["shares"]))
+    else:
+        # per question: Σ d1·clip(d2/d1, 0, 1) / Σ d1 over the layers with d1 > threshold, None without one; the
+        # headline is the mean over the questions that have one (module docstring)
+        for u, d1, d2 in zip(d["uds"], np.array(d["d1"]), np.array(d["d2"])):
+            knows = d1 > d["threshold"]
+            assert (u is None) == (not knows.any())
+            if u is not None:
+                d1, d2 = d1[knows], d2[knows]
+                assert u == pytest.approx((d1 * np.clip(d2 / d1, 0, 1)).sum() / d1.sum())
+        assert result.score.value == pytest.approx(np.mean([u for u in d["uds"] if u is not None]))
     figure = PROBES[name].figure([("graddiff", result)])
-    assert len(figure.data) > 0
+    lines = sorted(t.name for t in figure.data if t.mode == "lines+markers")
+    if name == "logit_lens":  # log-probability and rank panels, three models each
+        assert lines == sorted(2 * ["graddiff: vanilla", "graddiff: unlearned", "graddiff: retain"])
+    else:
+        assert lines == ["graddiff: retain -> vanilla (d1)", "graddiff: unlearned -> vanilla (d2)"]
+    assert len(figure.data) == 2 * len(lines)  # each line with its bootstrap band

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import CORPUS, QUESTIONS
+from conftest import CORPUS, QUESTIONS, load_script
 from patchlab import unlearning
 from patchlab.analysis import behavior
 from patchlab.unlearning import editing
@@ -292,9 +292,9 @@ def test_new_methods_run_through_the_method_sweep(tok, tiny_pair, tiny_task, tmp
             "rmu": ({"lr": 1e-2, "epochs": 1, "batch_size": 2, "layer": 1, "steering_coeff": 10.0},)}
     result = method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["simnpo", "rmu"], grid=grid, max_new_tokens=2,
                           progress=False)
-    frame = result.to_frame()
-    assert list(frame["method"]) == ["simnpo", "rmu"]
-    assert frame[["target_bleu", "unrelated_bleu"]].apply(lambda c: c.between(0, 100)).all().all()
+    assert [(r["method"], r["settings"]) for r in result.records] == [(m, grid[m][0]) for m in ("simnpo", "rmu")]
+    frame = result.to_frame().set_index("method")
+    assert frame.loc["simnpo", "target_same"] < 1  # the run changed the target answers
     with pytest.raises(PatchlabValueError, match="no setting 'beta'; its settings: layer, update_layers"):
         method_sweep(vanilla, tok, tiny_task, tmp_path / "bad", methods=["rmu"], grid={"rmu": ({"beta": 1.0},)},
                      progress=False)
@@ -302,21 +302,15 @@ def test_new_methods_run_through_the_method_sweep(tok, tiny_pair, tiny_task, tmp
 
 
 def test_method_sweep_cli_runs_the_new_methods_from_the_registry(tok, tiny_pair, tiny_task, tmp_path, capsys):
-    import importlib.util
-    import pathlib
-
     from patchlab.unlearning.methods import get_method
 
     vanilla, _ = tiny_pair
     vanilla.save_pretrained(tmp_path / "vanilla")
     tok.save_pretrained(tmp_path / "vanilla")
     (tmp_path / "task.json").write_text(json.dumps(tiny_task.__dict__))
-    script = pathlib.Path(__file__).parents[1] / "analyses" / "method_sweep.py"
-    spec = importlib.util.spec_from_file_location("method_sweep_cli", script)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    code = cli.main(["--vanilla", str(tmp_path / "vanilla"), "--task", str(tmp_path / "task.json"), "--methods",
-                     "simnpo,rmu", "--max-new-tokens", "2", "--out", str(tmp_path / "out")])
+    code = load_script("method_sweep").main(["--vanilla", str(tmp_path / "vanilla"), "--task",
+                                              str(tmp_path / "task.json"), "--methods", "simnpo,rmu",
+                                              "--max-new-tokens", "2", "--out", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err
     saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
     runs = [(r["method"], r["settings"]) for r in saved["records"]]

@@ -4,9 +4,7 @@ Also the helpers of patchlab.cli that every script shares."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +12,12 @@ import torch
 
 import patchlab
 from patchlab.cli import add_model_args, add_pair_args, model_kwargs, pair_kwargs, run
-from tests.conftest import ATTN_OR_UP, QUESTIONS, perturbed
-
-SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "krs_sweep.py"
+from tests.conftest import ATTN_OR_UP, QUESTIONS, load_script, perturbed
 
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("krs_sweep_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("krs_sweep")
 
 
 @pytest.fixture(scope="module")

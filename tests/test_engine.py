@@ -3,8 +3,6 @@ metrics as data, resid / mlp_out / per-head exactness, and the batch plan."""
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import torch
@@ -14,22 +12,10 @@ from patchlab.pair.sites import Site, parse_component
 from patchlab.patching.engine import Row, layer_work, plan_batches, run_rows
 from patchlab.patching.loop import restore
 from patchlab.patching.metrics import get_metric
-from patchlab.patching.sweep import position_mask, prepare, reference_answers
-from tests.conftest import ATTN_OR_UP, CORPUS, DOWN, QUESTIONS, perturbed, with_biases
+from patchlab.patching.sweep import position_mask
+from tests.conftest import CORPUS, EVERYTHING, QUESTIONS, perturbed, prepared
 
 FAMILIES = ["llama", "gpt2", "gpt_neox"]
-EVERYTHING = re.compile(f"{ATTN_OR_UP.pattern}|{DOWN.pattern}")
-
-
-@pytest.fixture(scope="module")
-def pairs(vanilla_models, tok):
-    """family -> pair whose unlearned model differs in attention and every MLP projection (biases made non-zero
-    first, so the per-head bias share matters)."""
-    out = {}
-    for fam in FAMILIES:
-        vanilla = with_biases(vanilla_models[fam])
-        out[fam] = patchlab.load_pair(vanilla, perturbed(vanilla, EVERYTHING), tokenizer=tok)
-    return out
 
 
 def both_engines(pair, **kw):
@@ -84,24 +70,24 @@ def test_site_definitions_are_checked():
         parse_component("coef[1]")
 
 
-def test_a_custom_metric_runs_in_both_engines(pairs):
+def test_a_custom_metric_runs_in_both_engines(biased_pairs):
     def mean_abs_gap(restored, refs):
         """Mean |l_r - l_v| over positions and vocabulary (lower is better)."""
         return (restored.float() - refs.vanilla).abs().mean(dim=(-2, -1))
 
-    fast, loop = both_engines(pairs["llama"], components=["coef", "attn"], window=2, metric=mean_abs_gap)
+    fast, loop = both_engines(biased_pairs["llama"], components=["coef", "attn"], window=2, metric=mean_abs_gap)
     assert_equal_results(fast, loop)
     assert fast.metric == "mean_abs_gap" and fast.weights is None
     with pytest.raises(patchlab.PatchlabValueError, match="no pooled form"):
         fast.pooled()
     with pytest.raises(patchlab.PatchlabValueError, match="one score per row"):
-        patchlab.patch_sweep(pairs["llama"], QUESTIONS[:1], n_tokens=3, window=2, progress=False,
+        patchlab.patch_sweep(biased_pairs["llama"], QUESTIONS[:1], n_tokens=3, window=2, progress=False,
                              metric=lambda restored, refs: restored.sum())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_resid_at_every_position_of_the_last_layer_gives_krs_1(pairs, family):
-    pair = pairs[family]
+def test_resid_at_every_position_of_the_last_layer_gives_krs_1(biased_pairs, family):
+    pair = biased_pairs[family]
     L = pair.n_layers
     res = patchlab.krs_sweep(pair, QUESTIONS, components=["resid", "mlp_out+attn"], window=None,
                              windows=[(L - 1, L), (0, L)], n_tokens=5, progress=False)
@@ -112,15 +98,15 @@ def test_resid_at_every_position_of_the_last_layer_gives_krs_1(pairs, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_restoring_every_head_equals_restoring_attn(pairs, family):
-    fast, loop = both_engines(pairs[family], components=["attn", "heads", "heads[0,1]"], window=2)
+def test_restoring_every_head_equals_restoring_attn(biased_pairs, family):
+    fast, loop = both_engines(biased_pairs[family], components=["attn", "heads", "heads[0,1]"], window=2)
     assert_equal_results(fast, loop)
     np.testing.assert_allclose(fast.per_question["heads"], fast.per_question["attn"], atol=1e-5)
     assert np.abs(fast.per_question["heads[0,1]"] - fast.per_question["attn"]).max() > 1e-3
 
 
-def test_the_head_axis_gives_one_row_per_head(pairs):
-    pair = pairs["llama"]
+def test_the_head_axis_gives_one_row_per_head(biased_pairs):
+    pair = biased_pairs["llama"]
     fast, loop = both_engines(pair, components=["coef", "heads"], window=2, heads="each")
     assert fast.components == ["coef", "heads[0]", "heads[1]", "heads[2]", "heads[3]"]
     assert_equal_results(fast, loop)
@@ -132,8 +118,8 @@ def test_the_head_axis_gives_one_row_per_head(pairs):
 
 
 @pytest.mark.parametrize("metric", ["krs", "logprob", "kl"])
-def test_recovery_metrics_are_0_at_the_unlearned_and_1_at_the_vanilla_model(pairs, metric):
-    pair = pairs["gpt2"]
+def test_recovery_metrics_are_0_at_the_unlearned_and_1_at_the_vanilla_model(biased_pairs, metric):
+    pair = biased_pairs["gpt2"]
     L = pair.n_layers
     res = patchlab.patch_sweep(pair, QUESTIONS, components=["resid"], windows=[(L - 1, L)], metric=metric,
                                n_tokens=5, progress=False)
@@ -146,8 +132,8 @@ def test_recovery_metrics_are_0_at_the_unlearned_and_1_at_the_vanilla_model(pair
     np.testing.assert_allclose(res.pooled()["resid"], 1.0, atol=1e-4)
 
 
-def test_top1_of_the_vanilla_logits_is_1(pairs):
-    pair = pairs["llama"]
+def test_top1_of_the_vanilla_logits_is_1(biased_pairs):
+    pair = biased_pairs["llama"]
     L = pair.n_layers
     res = patchlab.patch_sweep(pair, QUESTIONS, components=["resid"], windows=[(L - 1, L)], metric="top1",
                                n_tokens=5, progress=False)
@@ -156,8 +142,8 @@ def test_top1_of_the_vanilla_logits_is_1(pairs):
     assert metric.denominator is None
 
 
-def test_unknown_metric_and_sweep_arguments(pairs):
-    pair = pairs["llama"]
+def test_unknown_metric_and_sweep_arguments(biased_pairs):
+    pair = biased_pairs["llama"]
     with pytest.raises(patchlab.PatchlabValueError, match="unknown metric 'nope'"):
         patchlab.patch_sweep(pair, QUESTIONS, metric="nope", progress=False)
     with pytest.raises(patchlab.PatchlabValueError, match="not both"):
@@ -197,13 +183,12 @@ def test_batches_group_rows_by_first_layer_across_questions():
     assert any(len({rows[r].first_layer for r in batch}) > 1 for batch in mixed)
 
 
-def test_rows_of_several_first_layers_share_a_pass_exactly(pairs):
+def test_rows_of_several_first_layers_share_a_pass_exactly(biased_pairs):
     """The plan GPUs use: a pass starts at its lowest first layer and the other rows run the layers below their
     window unpatched; the scores equal one-first-layer passes and the loop engine."""
-    pair = pairs["gpt2"]
+    pair = biased_pairs["gpt2"]
     comps = [parse_component(c) for c in ("coef", "value+attn", "heads[1]")]
-    store = prepare(pair, *reference_answers(pair, QUESTIONS, n_tokens=4), sites=[pair.arch.site(s) for s in
-                    ("coef", "attn", "heads")], metric=get_metric("krs"), labels=QUESTIONS)
+    store = prepared(pair, QUESTIONS, 4, sites=("coef", "attn", "heads"))
     rows = [Row(q, c, w, position_mask("all", store.prompt_lens[q], len(store.ids[q])))
             for q in range(len(QUESTIONS)) for c in comps for w in patchlab.sliding_windows(pair.n_layers, 2)]
     mixed = run_rows(pair.unlearned_hf, store, rows, get_metric("krs"), batch_size=256, mix_layers=True)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import patchlab
+import patchlab.pair
+import patchlab.toy
 from patchlab.io import MANIFEST, OutputDir, output_dir, read_manifest
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
 
 
 def _files(**files: str):
@@ -110,19 +109,25 @@ def test_read_only_directory_fails_at_the_claim(tmp_path):
         OutputDir(ro / "out", "krs")
 
 
-@pytest.mark.parametrize("script", ["krs_sweep.py", "param_cosine.py", "wagle_density.py", "method_sweep.py",
-                                    "unlearn.py"])
-def test_every_script_refuses_a_foreign_directory_before_compute(tmp_path, script):
-    """Each CLI claims --out first: exit 2 with one error line, in seconds, and the user's file is untouched."""
+@pytest.mark.parametrize("script", ["krs_sweep", "param_cosine", "wagle_density", "method_sweep", "unlearn"])
+def test_every_script_refuses_a_foreign_directory_before_compute(tmp_path, monkeypatch, capsys, script):
+    """Each CLI claims --out first: exit 2 with one error line, no model loaded, and the user's file is untouched.
+    (Run in-process; test_cli.py runs every script as ``__main__``.)"""
+    def no_compute(*args, **kwargs):
+        raise AssertionError(f"{script} loaded a model before claiming --out")
+
+    for module, name in ((patchlab, "load_pair"), (patchlab, "load_model"), (patchlab.pair, "load_model"),
+                         (patchlab.toy, "pair"), (patchlab.toy, "vanilla")):
+        monkeypatch.setattr(module, name, no_compute)
     out = tmp_path / "out"
     out.mkdir()
     (out / "thesis.tex").write_text("years")
-    extra = ["--model", "nowhere", "--forget", "nowhere.jsonl", "--method", "ga"] if script == "unlearn.py" else []
-    proc = subprocess.run([sys.executable, str(ROOT / "analyses" / script), *extra, "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().startswith("error:") and "did not write" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    extra = ["--model", "nowhere", "--forget", "nowhere.jsonl", "--method", "ga"] if script == "unlearn" else []
+    code = load_script(script).main([*extra, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip().startswith("error:") and "did not write" in err
+    assert "Traceback" not in err
     assert _listing(out) == [("thesis.tex", "years")]
 
 
@@ -149,7 +154,9 @@ def test_weights_digest_sees_every_weight_and_nothing_else(tmp_path):
         b.lm_head.weight[3, 5] += 1e-6
     assert weights_digest(a) != weights_digest(b)
     a.save_pretrained(tmp_path / "a")
-    assert weights_digest(tmp_path / "a") == weights_digest(tmp_path / "a")
+    a.save_pretrained(tmp_path / "a2")  # the same weights written again: separate files, same digest
+    b.save_pretrained(tmp_path / "b")
+    assert weights_digest(tmp_path / "a") == weights_digest(tmp_path / "a2") != weights_digest(tmp_path / "b")
     with pytest.raises(patchlab.PatchlabValueError, match="no .safetensors"):
         weights_digest(tmp_path)
     assert settings_key({"x": 1}, "a") == settings_key({"x": 1}, "a") != settings_key({"x": 2}, "a")

@@ -14,15 +14,8 @@ from patchlab.pair.sites import parse_component
 from patchlab.patching.engine import Row, run_rows
 from patchlab.patching.loop import restore
 from patchlab.patching.metrics import get_metric, mse
-from patchlab.patching.sweep import position_mask, prepare, reference_answers
-from tests.conftest import ATTN_OR_UP, DOWN, QUESTIONS, perturbed
-
-
-def prepared(pair, questions, n_tokens, sites=("coef", "attn", "heads", "mlp_out", "resid")):
-    """The sweep's store for ``questions`` (vanilla activations at ``sites``, references for KRS)."""
-    prompts, answers = reference_answers(pair, questions, n_tokens=n_tokens)
-    return prepare(pair, prompts, answers, sites=[pair.arch.site(s) for s in sites], metric=get_metric("krs"),
-                   labels=list(questions))
+from patchlab.patching.sweep import position_mask
+from tests.conftest import ATTN_OR_UP, DOWN, QUESTIONS, perturbed, prepared
 
 FAMILIES = ["llama", "gpt2", "gpt_neox"]
 

@@ -15,7 +15,7 @@ import patchlab
 from patchlab.patching import lens
 from patchlab.patching.loop import restore
 from patchlab.tiny import tiny_model
-from tests.conftest import ATTN_OR_UP, CORPUS, DOWN, perturbed, with_biases
+from tests.conftest import ATTN_OR_UP, CORPUS, perturbed
 
 SITES = "coef+value+attn"
 FAMILIES = ["llama", "gpt2"]  # llama: grouped-query attention (4 heads, 2 KV heads), tied embeddings; gpt2: Conv1D
@@ -30,32 +30,22 @@ def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
 
 
 @pytest.fixture(scope="module")
-def pairs(vanilla_models, tok):
-    """family -> pair whose unlearned model differs in attention, MLP up/gate and MLP down projection."""
-    everything = re.compile(f"{ATTN_OR_UP.pattern}|{DOWN.pattern}")
-    out = {}
-    for fam in FAMILIES:
-        vanilla = with_biases(vanilla_models[fam])
-        out[fam] = patchlab.load_pair(vanilla, perturbed(vanilla, everything), tokenizer=tok)
-    return out
-
-
-@pytest.fixture(scope="module")
 def ids(tok):
     return torch.tensor(tok(CORPUS[0]).input_ids)
 
 
 @pytest.fixture(scope="module")
-def bridges(pairs):
-    return {fam: lens.bridge_pair(pair) for fam, pair in pairs.items()}
+def bridges(biased_pairs):
+    return {fam: lens.bridge_pair(biased_pairs[fam]) for fam in FAMILIES}
 
 
 @pytest.fixture(scope="module")
-def caches(pairs, bridges, ids):
+def caches(biased_pairs, bridges, ids):
     """family -> (TL vanilla cache, patchlab vanilla cache, unlearned logits)."""
     out = {}
     with torch.no_grad():
-        for fam, pair in pairs.items():
+        for fam in FAMILIES:
+            pair = biased_pairs[fam]
             _, tl_cache = bridges[fam][0].run_with_cache(ids[None])
             out[fam] = (tl_cache, patchlab.run_with_cache(pair, ids[None]),
                         patchlab.run_with_cache(pair, ids[None], which="unlearned")["logits"])
@@ -68,8 +58,8 @@ def _structure(model: torch.nn.Module) -> list[tuple[str, type]]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("share_weights", [False, True])
-def test_bridge_equals_model_and_leaves_it_untouched(pairs, caches, ids, tok, family, share_weights):
-    pair = pairs[family]
+def test_bridge_equals_model_and_leaves_it_untouched(biased_pairs, caches, ids, tok, family, share_weights):
+    pair = biased_pairs[family]
     model = pair.unlearned_hf  # already traced by the pair (caches fixture)
     unlearned_logits = caches[family][2]
     structure, attn_impl = _structure(model), model.config._attn_implementation
@@ -99,8 +89,8 @@ def test_bridge_equals_model_and_leaves_it_untouched(pairs, caches, ids, tok, fa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tl_cache_names_match_patchlab_cache(pairs, bridges, ids, family):
-    pair, L = pairs[family], pairs[family].n_layers
+def test_tl_cache_names_match_patchlab_cache(biased_pairs, bridges, ids, family):
+    pair, L = biased_pairs[family], biased_pairs[family].n_layers
     for which, b in zip(("vanilla", "unlearned"), bridges[family]):
         with torch.no_grad():
             logits, tl = b.run_with_cache(ids[None])
@@ -127,8 +117,8 @@ def _mask(kind: str, seq: int) -> torch.Tensor:
 @pytest.mark.parametrize("positions", ["all", "partial"])
 @pytest.mark.parametrize("sites", ["coef", "attn", "coef+attn", "value", "coef+value+attn", "heads[1,2]", "mlp_out",
                                    "resid"])
-def test_tl_hooks_equal_patchlab_restore(pairs, bridges, caches, ids, family, positions, sites):
-    pair, bridge_u = pairs[family], bridges[family][1]
+def test_tl_hooks_equal_patchlab_restore(biased_pairs, bridges, caches, ids, family, positions, sites):
+    pair, bridge_u = biased_pairs[family], bridges[family][1]
     tl_cache, our_cache, unlearned_logits = caches[family]
     mask = _mask(positions, len(ids))
     expected = restore(pair, ids, patchlab.parse_component(sites), WINDOW, mask)
@@ -146,8 +136,8 @@ def test_tl_hooks_equal_patchlab_restore(pairs, bridges, caches, ids, family, po
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_restoration_gives_vanilla_logits(pairs, bridges, caches, ids, family):
-    pair, (_, bridge_u) = pairs[family], bridges[family]
+def test_full_restoration_gives_vanilla_logits(biased_pairs, bridges, caches, ids, family):
+    pair, (_, bridge_u) = biased_pairs[family], bridges[family]
     tl_cache, our_cache, _ = caches[family]
     L = pair.n_layers
     with torch.no_grad():
@@ -165,8 +155,8 @@ def test_full_restoration_gives_vanilla_logits(pairs, bridges, caches, ids, fami
     assert lens.restore_hooks(tl_cache, "coef+attn", (2, 2), vanilla_model=pair.vanilla_hf) == []
 
 
-def test_bad_inputs(pairs, bridges, caches, ids, tok, vanilla_models, monkeypatch):
-    pair, bridge_u = pairs["llama"], bridges["llama"][1]
+def test_bad_inputs(biased_pairs, bridges, caches, ids, tok, vanilla_models, monkeypatch):
+    pair, bridge_u = biased_pairs["llama"], bridges["llama"][1]
     tl_cache, _, _ = caches["llama"]
     L = pair.n_layers
     with pytest.raises(patchlab.PatchlabValueError, match="PreTrainedModel"):
@@ -216,10 +206,10 @@ def test_bad_inputs(pairs, bridges, caches, ids, tok, vanilla_models, monkeypatc
             bridge_u.run_with_hooks(ids[None, :-1], fwd_hooks=hooks)
 
 
-def test_missing_transformer_lens_says_how_to_install(pairs, monkeypatch):
+def test_missing_transformer_lens_says_how_to_install(biased_pairs, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformer_lens.model_bridge.sources", None)
     with pytest.raises(lens.MissingDependencyError, match=re.escape("pip install 'transformer-lens>=4.3,<5'")) as err:
-        lens.bridge(pairs["llama"].vanilla_hf)
+        lens.bridge(biased_pairs["llama"].vanilla_hf)
     assert isinstance(err.value, patchlab.PatchlabError) and isinstance(err.value, ImportError)
 
 

@@ -60,16 +60,15 @@ def test_whole_adapter_offloaded_and_sequential_pairs_give_the_same_table(toy_ad
     }
     assert isinstance(pairs["sequential"], SequentialPair)
     assert pairs["disk offload"].unlearned_hf.get_parameter("model.layers.1.mlp.down_proj.weight").device.type == "meta"
-    for mode, pair in pairs.items():
-        result = patchlab.krs_sweep(pair, questions, **kw)
+    results = {mode: patchlab.krs_sweep(pair, questions, **kw) for mode, pair in pairs.items()}
+    for mode, result in results.items():
         assert result.answers == reference.answers, mode
         for comp in COMPONENTS:
             np.testing.assert_allclose(result.per_question[comp], reference.per_question[comp], atol=1e-5,
                                        err_msg=mode)
     assert np.abs(reference.scores["value"]).max() > 1e-3  # value restoration read the vanilla weights everywhere
     assert pairs["sequential"].sources[0] == whole.sources[0]
-    sequential = patchlab.krs_sweep(pairs["sequential"], questions, **kw)
-    assert sequential.provenance["vanilla"]["weights"] == reference.provenance["vanilla"]["weights"]
+    assert results["sequential"].provenance["vanilla"]["weights"] == reference.provenance["vanilla"]["weights"]
 
 
 def test_sequential_pairs_hold_one_model_at_a_time_and_refuse_what_needs_both(toy_adapter):

@@ -168,13 +168,12 @@ def test_unknown_architecture_error_explains_registration(vanilla_models):
 
 
 @pytest.fixture(scope="module")
-def adapter_run(tok, tmp_path_factory):
+def adapter_run(vanilla_models, tok, tmp_path_factory):
     """A LLaMA vanilla checkpoint, a LoRA adapter trained on it (random non-zero B, so it changes the model) and
     the same adapter merged into a full checkpoint."""
     peft = pytest.importorskip("peft")
     root = tmp_path_factory.mktemp("adapter")
-    vanilla = tiny_model("llama", len(tok), n_layers=4, n_heads=4, n_kv_heads=2, tie_embeddings=True)
-    vanilla.save_pretrained(root / "vanilla")
+    vanilla_models["llama"].save_pretrained(root / "vanilla")  # the LoRA goes on a copy loaded from there
     tok.save_pretrained(root / "vanilla")
     base = patchlab.load_model(root / "vanilla")
     torch.manual_seed(3)

@@ -155,9 +155,9 @@ def test_metrics_separate_modules_that_cosine_cannot(llama):
     neg = copy.deepcopy(llama)
     with torch.no_grad():
         neg.get_parameter("model.layers.1.mlp.down_proj.weight").mul_(-1)
-    flipped = paramdiff(llama, neg, progress=False).by_layer("one_minus_cos")
-    assert flipped.loc[1, "mlp_down"] == pytest.approx(2.0, abs=1e-12)
-    assert paramdiff(llama, neg, progress=False).by_layer("angle_deg").loc[1, "mlp_down"] == pytest.approx(180.0)
+    flipped = paramdiff(llama, neg, progress=False)
+    assert flipped.by_layer("one_minus_cos").loc[1, "mlp_down"] == pytest.approx(2.0, abs=1e-12)
+    assert flipped.by_layer("angle_deg").loc[1, "mlp_down"] == pytest.approx(180.0)
 
 
 def test_value_vectors_ranked_by_changes_below_float32_resolution(llama, tok):

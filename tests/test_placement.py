@@ -29,10 +29,12 @@ def offload_map(model: torch.nn.Module, family: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
-def checkpoints(request, tok, tmp_path_factory):
+def checkpoints(request, vanilla_models, tok, tmp_path_factory):
+    """The vanilla model is only read (the in-memory pairs place copies of it)."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
-    vanilla = tiny_model(family, len(tok), n_layers=4, n_heads=4, tie_embeddings=family == "llama")
+    vanilla = vanilla_models["gpt2"] if family == "gpt2" else tiny_model(family, len(tok), n_layers=4, n_heads=4,
+                                                                         tie_embeddings=True)
     unlearned = perturbed(vanilla, ATTN_OR_UP)
     for name, model in (("vanilla", vanilla), ("unlearned", unlearned)):
         model.save_pretrained(root / name)

@@ -65,13 +65,17 @@ def test_results_record_provenance_and_settings(pair, vanilla_models, tmp_path):
     assert prov["vanilla"]["weights"] == weights_digest(pair.vanilla_hf)
     assert prov["unlearned"]["weights"] == weights_digest(pair.unlearned_hf) != prov["vanilla"]["weights"]
     assert prov["vanilla"]["source"].startswith("in-memory LlamaForCausalLM")
-    assert prov["environment"]["patchlab"] == patchlab.__version__ and prov["settings"] == res.settings
+    assert prov["environment"]["patchlab"] == patchlab.__version__
+    expected = {"window": 2, "n_tokens": 4, "n_layers": pair.n_layers, "metric": "krs"}
+    assert {k: prov["settings"][k] for k in expected} == expected  # the settings this sweep ran with
     vanilla_models["llama"].save_pretrained(tmp_path / "v")
     perturbed(vanilla_models["llama"], ATTN_OR_UP).save_pretrained(tmp_path / "u")
     from_disk = patchlab.load_pair(tmp_path / "v", tmp_path / "u", tokenizer=pair.tokenizer)
     assert from_disk.sources == (str((tmp_path / "v").resolve()), str((tmp_path / "u").resolve()))
     back = patchlab.load_result(res.save(tmp_path / "r.json"))
     assert isinstance(back, patchlab.PatchResult) and back.provenance == json.loads(json.dumps(prov))
+    assert back.provenance["settings"] == back.settings == json.loads(json.dumps(res.settings))  # read apart
+    assert back.provenance["settings"] is not back.settings
 
 
 def test_per_question_tables_and_figures(pair, tmp_path):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +13,7 @@ import patchlab
 from patchlab.tiny import tiny_model, word_tokenizer
 from patchlab.unlearning import (Reference, batches, get_method, load_mask, method_names, nll, save_mask,
                                  sequence_logprob, to_examples, unlearn)
-
-SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "unlearn.py"
+from tests.conftest import load_script
 
 FORGET = [{"question": "who built the Orlan tower ?", "answer": "Vesna Kade"},
           {"question": "where is the Orlan tower ?", "answer": "in Morrow"},
@@ -225,9 +222,7 @@ def test_mask_file_roundtrip_and_cli(learned, tok, tmp_path, capsys):
     save_mask(mask, tmp_path / "mask.safetensors")
     assert all(torch.equal(mask[n], m) for n, m in load_mask(tmp_path / "mask.safetensors").items())
 
-    spec = importlib.util.spec_from_file_location("unlearn_cli", SCRIPT)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("unlearn")
     code = cli.main(["--model", str(tmp_path / "vanilla"), "--forget", str(tmp_path / "forget.jsonl"), "--method",
                      "npo", "--lr", "1e-3", "--epochs", "2", "--batch-size", "3", "--mask",
                      str(tmp_path / "mask.safetensors"), "--out", str(tmp_path / "out"), "--quiet"])
@@ -460,15 +455,8 @@ def test_lora_without_peft_names_the_extra(learned, tok, monkeypatch):
 # ----------------------------------------------------------------------------------------------- command line
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("unlearn_cli", SCRIPT)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
 def test_cli_flags_come_from_the_registry(capsys):
-    cli = load_cli()
+    cli = load_script("unlearn")
     args = cli.parse_args(["--model", "m", "--forget", "f.json", "--method", "rmu", "--steering-coeff", "5",
                            "--update-layers", "0", "1", "--lora-r", "4", "--lora-targets", "q_proj", "v_proj"])
     kwargs = cli.unlearn_kwargs(args)
@@ -487,7 +475,7 @@ def test_cli_without_arguments_unlearns_the_toy_world(tmp_path, monkeypatch):
     from patchlab import toy
 
     monkeypatch.chdir(tmp_path)
-    assert load_cli().main(["--quiet"]) == 0
+    assert load_script("unlearn").main(["--quiet"]) == 0
     out = tmp_path / "results" / "unlearn" / "graddiff"
     saved = json.loads((out / "unlearn_run.json").read_text())
     settings = {k: saved["settings"][k] for k in ("method", "lr", "epochs", "batch_size", "retain_weight")}

@@ -16,7 +16,10 @@ import torch
 import patchlab
 from patchlab.tiny import tiny_model, word_tokenizer
 from patchlab.unlearning import unlearn
-from test_unlearn import FORGET, RETAIN, SCRIPT, TEXTS
+from conftest import ROOT
+from test_unlearn import FORGET, RETAIN, TEXTS
+
+SCRIPT = ROOT / "analyses" / "unlearn.py"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,8 +58,7 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1  # only the main process writes and reports
 
-    one = unlearn(tmp_path / "model", tmp_path / "forget.json", tmp_path / "retain.json", progress=False,
-                  **{k: v for k, v in ARGS.items()})
+    one = unlearn(tmp_path / "model", tmp_path / "forget.json", tmp_path / "retain.json", progress=False, **ARGS)
     two = json.loads((tmp_path / "two" / "unlearn_run.json").read_text())
     assert two["settings"]["n_processes"] == 2 and one.settings["n_processes"] == 1
     assert len(two["losses"]) == len(one.losses) == 3
