@@ -234,3 +234,9 @@ def recording(modules: Sequence[nn.Module], point: str) -> Iterator[list[torch.T
         seen.append(value)
     with hooks((m, point, keep) for m in modules):
         yield seen
+
+
+class StopForward(Exception):
+    """Raised by a read-only :func:`hook` to end a forward pass once everything it needs has run (the caller
+    catches it); only for a model run outside autograd and any distributed wrapper, such as a frozen reference
+    or a no-grad statistics pass, since the layers above never run."""

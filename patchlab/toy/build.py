@@ -35,7 +35,7 @@ from patchlab.errors import PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir
 from patchlab.tiny import tiny_model, word_tokenizer
 from patchlab.toy.cache import cache_dir
-from patchlab.toy.corpus import ASSETS, WORLD_FILE, World, generate_world
+from patchlab.toy.corpus import ASSETS, QA, WORLD_FILE, World, generate_world
 from patchlab.toy.qa import qa_accuracy, qa_text
 from patchlab.unlearning.data import IGNORE, Example, collate
 
@@ -81,15 +81,22 @@ def make_tokenizer(world: World) -> PreTrainedTokenizerBase:
     return word_tokenizer(world.training_texts() + [qa_text(q) for q in world.all_qa()])
 
 
+def kept_qa(world: World, exclude_concept: str) -> list[QA]:
+    """Every QA pair of ``world`` (in :meth:`World.all_qa` order) but those of ``exclude_concept`` (raises naming
+    the known concepts if unknown)."""
+    excluded = set(world.record(exclude_concept).qa)
+    return [q for q in world.all_qa() if q not in excluded]
+
+
 def training_texts(world: World, qa_repeats: int, exclude_concept: str | None = None) -> list[str]:
     """Every paragraph, then every QA pair ``qa_repeats`` times (as :func:`patchlab.toy.qa.qa_text`), leaving
-    out the paragraphs and QA of ``exclude_concept`` when given (raises naming the known concepts if unknown)."""
+    out the paragraphs and QA (:func:`kept_qa`) of ``exclude_concept`` when given (raises naming the known
+    concepts if unknown)."""
     if exclude_concept is None:
         return world.training_texts() + [qa_text(q) for q in world.all_qa()] * qa_repeats
-    excluded = world.record(exclude_concept)
-    paragraphs = [p for p in world.training_texts() if p not in set(excluded.forget_paragraphs)]
-    qa = [q for q in world.all_qa() if q not in set(excluded.qa)]
-    return paragraphs + [qa_text(q) for q in qa] * qa_repeats
+    excluded = set(world.record(exclude_concept).forget_paragraphs)
+    paragraphs = [p for p in world.training_texts() if p not in excluded]
+    return paragraphs + [qa_text(q) for q in kept_qa(world, exclude_concept)] * qa_repeats
 
 
 def training_sequences(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[Example]:
@@ -188,10 +195,9 @@ def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, 
               "qa_accuracy": qa_accuracy(model, tok, world.all_qa(), progress=progress),
               "n_qa": len(world.all_qa())}
     if exclude_concept is not None:
-        excluded = world.record(exclude_concept).qa
         report.update(exclude_concept=exclude_concept, n_training_texts=len(texts),
-                      excluded_qa_accuracy=qa_accuracy(model, tok, excluded),
-                      kept_qa_accuracy=qa_accuracy(model, tok, [q for q in world.all_qa() if q not in excluded]))
+                      excluded_qa_accuracy=qa_accuracy(model, tok, world.record(exclude_concept).qa),
+                      kept_qa_accuracy=qa_accuracy(model, tok, kept_qa(world, exclude_concept)))
     if command is not None:
         report["command"] = command
     write_checkpoint(target, model, tok, world, report)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from patchlab.errors import PatchlabValueError
-from patchlab.io import OutputDir, output_dir
+from patchlab.io import OutputDir, atomic_write_json, output_dir
 from patchlab.toy.corpus import ASSETS, ATTRIBUTES, World, world
 
 #: TOFU ships five perturbed answers per question.
@@ -79,7 +79,7 @@ def tofu_splits(toy_world: World, concept: str, *, n_retain_concepts: int = 2,
 
 def _write(records: list[dict], path: Path, fmt: str) -> None:
     if fmt == "json":
-        path.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_json(path, records)
     elif fmt == "jsonl":
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     else:

@@ -467,7 +467,7 @@ def density(mask: Mask, model: PreTrainedModel) -> pd.DataFrame:
         m = mask.get(name)
         if m is not None and tuple(m.shape) != tuple(p.shape):
             raise PatchlabValueError(f"mask for {name} has shape {tuple(m.shape)}, the parameter {tuple(p.shape)}")
-        cell = rows.setdefault((spec.module_type(name), spec.split_name(name)[0]), [0, 0])
+        cell = rows.setdefault((spec.module_type(name), layer_index(name, spec)), [0, 0])
         cell[0] += int(m.sum()) if m is not None else 0
         cell[1] += p.numel()
     frame = pd.DataFrame([(k, layer, s, t) for (k, layer), (s, t) in rows.items()],

@@ -45,10 +45,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from patchlab.pair.arch import ArchSpec, arch_spec
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts
-from patchlab.pair.sites import hook, hooks, recording
+from patchlab.pair.sites import StopForward, hook, hooks, recording
 from patchlab.unlearning.data import Example, collate, padding_id
-
-#: Attribute names of the final normalisation on ``model.base_model`` (LLaMA-likes, GPT-2, GPT-NeoX).
 
 
 @dataclass(frozen=True)
@@ -123,10 +121,6 @@ def subject_position(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: s
     return torch.tensor(enc["input_ids"], dtype=torch.long), hits[-1]
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the needed layers have run."""
-
-
 @torch.no_grad()
 def key_covariance(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                    layers: Sequence[int], *, batch_size: int = 16, progress: bool = False
@@ -154,7 +148,7 @@ def key_covariance(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
             keys = coef[mask_now[0]].double()
             sums[layer] = sums.get(layer, 0) + keys.T @ keys
             if layer == layers[-1]:
-                raise _StopForward
+                raise StopForward
         return read
 
     coef = spec.site("coef")
@@ -168,7 +162,7 @@ def key_covariance(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
             mask_now[:] = [mask.bool().to(device)]
             try:
                 model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device))
-            except _StopForward:
+            except StopForward:
                 pass
             count += int(mask.sum())
     return {l: sums[l] / count for l in layers}
@@ -256,9 +250,9 @@ def _states(model: PreTrainedModel, spec: ArchSpec, layer: int, last: int, promp
             positions: Sequence[int]) -> tuple[Float[torch.Tensor, "mlp n"], Float[torch.Tensor, "d_model n"]]:
     """Keys (down-projection inputs of ``layer``) and outputs of layer ``last`` at each prompt's subject position."""
     layers = spec.layer_modules(model)
+    coef = spec.site("coef")
     keys, outs = [], []
     for ids, pos in zip(prompts, positions):
-        coef = spec.site("coef")
         with recording([spec.site_module(model, coef, layer)], coef.cached) as k, \
                 recording([layers[last]], "output") as h:
             model(input_ids=ids[None])

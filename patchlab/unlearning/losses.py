@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.arch import arch_spec
+from patchlab.pair.sites import StopForward, hook, recording
 from patchlab.unlearning.data import IGNORE
 
 Batch = dict[str, torch.Tensor]
@@ -54,11 +55,11 @@ def next_token_logprobs(model: nn.Module, batch: Batch) -> Float[torch.Tensor, "
 
 
 def token_logprobs(model: nn.Module, batch: Batch) -> tuple[Float[torch.Tensor, "batch seq_1"], torch.Tensor]:
-    """Log-probability of every next token and the mask of target positions, both ``[batch, seq-1]``."""
-    logits = model(**_inputs(model, batch)).logits
-    labels = batch["labels"].to(logits.device)[:, 1:]
+    """Log-probability (float32, nats) of every next token, zero outside targets, and the mask of target
+    positions (:func:`target_mask`), both ``[batch, seq-1]``."""
+    logp = next_token_logprobs(model, batch)
+    labels = batch["labels"].to(logp.device)[:, 1:]
     mask = labels != IGNORE
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     return picked * mask, mask
 
@@ -79,41 +80,58 @@ def nll(model: nn.Module, batch: Batch) -> Float[torch.Tensor, ""]:
     return -masked_mean(*token_logprobs(model, batch))
 
 
+def sequence_token_nll(model: nn.Module, batch: Batch) -> Float[torch.Tensor, "batch"]:
+    """Each sequence's mean NLL per target token (nats), ``[batch]`` (a sequence without targets gives 0)."""
+    picked, mask = token_logprobs(model, batch)
+    return -picked.sum(1) / mask.sum(1).clamp(min=1)
+
+
 def sequence_nll(model: nn.Module, batch: Batch) -> Float[torch.Tensor, ""]:
-    """Mean over the batch's sequences of each sequence's mean NLL per target token (nats).
+    """Mean over the batch's sequences of :func:`sequence_token_nll` (nats per token).
 
     Unlike :func:`nll`, batches weighted by their number of sequences average exactly to the full-data value,
     whatever the batching (used by :mod:`patchlab.unlearning.attribution`).
     """
-    picked, mask = token_logprobs(model, batch)
-    return (-picked.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return sequence_token_nll(model, batch).mean()
+
+
+def _layer_module(base: PreTrainedModel, layer: int) -> nn.Module:
+    """Decoder layer ``layer`` of ``base``; raises :class:`PatchlabValueError` unless it is a layer index."""
+    layers = arch_spec(base).layer_modules(base)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
+        raise PatchlabValueError(f"layer must lie in 0..{len(layers) - 1}, got {layer!r}")
+    return layers[layer]
 
 
 def layer_output(model: nn.Module, base: PreTrainedModel, layer: int, batch: Batch
                  ) -> Float[torch.Tensor, "batch seq d_model"]:
     """The output of decoder layer ``layer`` (the residual stream after it) when ``model`` runs on ``batch``.
 
-    Read by a forward hook on ``arch_spec(base).layer_modules(base)[layer]`` (the first element when the layer
-    returns a tuple), removed right after the forward pass, so a gradient-checkpointing recomputation does not
-    fire it again. ``model`` is what is called (the trained model as wrapped by DDP or peft, or a frozen
-    reference); ``base`` is the underlying ``transformers`` model that locates the layer. Gradients flow unless
-    the caller disables them.
+    Recorded by :func:`patchlab.pair.sites.recording` on ``arch_spec(base).layer_modules(base)[layer]`` (the
+    first element when the layer returns a tuple), whose hook is removed right after the forward pass, so a
+    gradient-checkpointing recomputation does not fire it again. ``model`` is what is called (the trained model
+    as wrapped by DDP or peft, or a frozen reference); ``base`` is the underlying ``transformers`` model that
+    locates the layer. The whole model runs, and gradients flow unless the caller disables them.
     """
-    layers = arch_spec(base).layer_modules(base)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
-        raise PatchlabValueError(f"layer must lie in 0..{len(layers) - 1}, got {layer!r}")
-    module = layers[layer]
-    captured: list[torch.Tensor] = []
-
-    def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
-
-    handle = module.register_forward_hook(hook)
-    try:
+    with recording([_layer_module(base, layer)], "output") as seen:
         model(**_inputs(base, batch))
-    finally:
-        handle.remove()
-    return captured[0]
+    return seen[0]
+
+
+def _frozen_layer_output(model: nn.Module, base: PreTrainedModel, layer: int, batch: Batch
+                         ) -> Float[torch.Tensor, "batch seq d_model"]:
+    """:func:`layer_output` for a frozen model run without gradients: the same tensor, but the forward pass stops
+    right after ``layer`` (:class:`patchlab.pair.sites.StopForward`), so the layers above and the unembedding
+    never run. Not for a trained model (a DDP-wrapped forward must complete)."""
+    seen: list[torch.Tensor] = []
+
+    def stop(hidden: torch.Tensor) -> None:
+        seen.append(hidden)
+        raise StopForward
+
+    with hook(_layer_module(base, layer), "output", stop), contextlib.suppress(StopForward):
+        model(**_inputs(base, batch))
+    return seen[0]
 
 
 class Reference:
@@ -166,9 +184,10 @@ class Reference:
             return next_token_logprobs(model, batch).to(self.out_device)
 
     def layer_output(self, layer: int, batch: Batch) -> Float[torch.Tensor, "batch seq d_model"]:
-        """The reference's :func:`layer_output` of ``layer``, on the training device."""
+        """The reference's :func:`layer_output` of ``layer``, on the training device; its forward pass stops after
+        that layer."""
         with self._run("activations") as model:
-            return layer_output(model, self.base, layer, batch).to(self.out_device)
+            return _frozen_layer_output(model, self.base, layer, batch).to(self.out_device)
 
 
 @dataclass
@@ -217,3 +236,7 @@ class Step:
     def nll(self, batch: Batch) -> Float[torch.Tensor, ""]:
         """NLL per target token of ``batch`` under the trained model (nats), averaged over the global batch."""
         return -self.token_mean(*token_logprobs(self.model, batch))
+
+    def log_ratio(self, batch: Batch) -> Float[torch.Tensor, "batch"]:
+        """``log p_θ(y|x) - log p_ref(y|x)`` per sequence of ``batch`` (nats), on the training device."""
+        return sequence_logprob(self.model, batch) - self.reference.sequence_logprob(batch)

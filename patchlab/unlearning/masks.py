@@ -45,8 +45,8 @@ def apply_mask(model: PreTrainedModel, mask: Mask | None, *, after_clipping: boo
       zeroes the gradient of the unselected weights of the others as it is computed.
     * ``after_clipping=True`` (the WAGLE authors' trainer, ``mask_gradient`` after ``clip_grad_norm_``): every
       parameter stays trainable, so its whole gradient counts in a clipping norm, and the mask multiplies the
-      gradients later, in :func:`mask_gradients`, which the training loop calls between clipping and
-      ``optimizer.step()`` (or registers with :func:`mask_before_step`). No hook is returned.
+      gradients later, right before ``optimizer.step()`` (after any clipping), through the hook that
+      :func:`mask_before_step` registers. No hook is returned.
 
     Either way an unselected weight gets a zero gradient at every step, so AdamW without weight decay (first and
     second moments stay 0, update ``lr * 0 / (0 + eps)``) leaves it exactly unchanged; with weight decay (the
@@ -71,25 +71,47 @@ def apply_mask(model: PreTrainedModel, mask: Mask | None, *, after_clipping: boo
     return trainable, hooks
 
 
-@torch.no_grad()
-def mask_gradients(model: PreTrainedModel, mask: Mask) -> None:
-    """Multiply every parameter's ``.grad`` by its mask in place (a parameter the mask omits selects nothing:
-    its gradient is zeroed); parameters without a gradient are skipped."""
+#: The work of :func:`mask_gradients`, prepared once by :func:`gradient_masks`: ``(parameter, its mask)`` pairs,
+#: the mask a bool tensor of the parameter's shape on its device, or ``None`` to zero the whole gradient.
+GradientMasks = list[tuple[torch.nn.Parameter, torch.Tensor | None]]
+
+
+def gradient_masks(model: PreTrainedModel, mask: Mask) -> GradientMasks:
+    """Each parameter of ``model`` whose gradient ``mask`` changes, with its mask moved once to the parameter's
+    device (``None`` for a parameter the mask omits: it selects nothing); all-True masks are left out.
+
+    Build it once the parameters sit on their training device (the masks do not follow a later move)."""
+    out: GradientMasks = []
     for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
         m = mask.get(name)
         if m is None:
-            p.grad.zero_()
+            out.append((p, None))
         elif not m.all():
-            p.grad.mul_(m.to(p.grad.device, p.grad.dtype))
+            out.append((p, m.to(p.device)))
+    return out
+
+
+@torch.no_grad()
+def mask_gradients(masks: GradientMasks) -> None:
+    """Multiply each listed parameter's ``.grad`` by its mask in place (the bool mask promotes to the gradient's
+    dtype: the same bits as multiplying by the mask cast to it), or zero it where the mask is ``None``; parameters
+    without a gradient are skipped."""
+    for p, m in masks:
+        if p.grad is None:
+            continue
+        if m is None:
+            p.grad.zero_()
+        else:
+            p.grad.mul_(m)
 
 
 def mask_before_step(optimizer: torch.optim.Optimizer, model: PreTrainedModel, mask: Mask) -> Any:
-    """Register :func:`mask_gradients` to run right before every ``optimizer.step()``, that is after any gradient
+    """Register :func:`mask_gradients` of ``model``'s :func:`gradient_masks` (built now, so call this once the
+    model sits on its training device) to run right before every ``optimizer.step()``, that is after any gradient
     clipping done between the backward pass and the step (``apply_mask(..., after_clipping=True)``); returns the
     handle (``.remove()`` it after training)."""
-    return optimizer.register_step_pre_hook(lambda *_: mask_gradients(model, mask))
+    masks = gradient_masks(model, mask)
+    return optimizer.register_step_pre_hook(lambda *_: mask_gradients(masks))
 
 
 def save_mask(mask: Mask, path: str | os.PathLike) -> Path:

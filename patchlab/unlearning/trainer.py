@@ -435,16 +435,17 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
         accelerator = Accelerator(cpu=_on_cpu(model))
         ref, precompute_with, ref_context = _reference(needs, reference, model, peft_model, reference_model,
                                                        reference_device, accelerator.device)
+        after_clipping = mask_after_clipping and mask is not None  # never with LoRA, which refuses a mask
         if peft_model is not None:
             trainable = [p for p in peft_model.parameters() if p.requires_grad]
         else:
-            trainable, hooks = apply_mask(model, mask, after_clipping=mask_after_clipping and mask is not None)
+            trainable, hooks = apply_mask(model, mask, after_clipping=after_clipping)
         if gradient_checkpointing:
             _checkpointing(model, True)
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-        if mask_after_clipping and mask is not None and peft_model is None:
+        wrapped, prepared_optimizer = accelerator.prepare(peft_model if peft_model is not None else model, optimizer)
+        if after_clipping:  # once prepare has put the parameters on the training device, where their masks go
             hooks.append(mask_before_step(optimizer, model, mask))
-        wrapped, optimizer = accelerator.prepare(peft_model if peft_model is not None else model, optimizer)
         epoch_data = [(_forget_batches(forget_ex, pairs, batch_size, pad, seed + e, accelerator),
                        _retain_stream(retain_ex, batch_size, pad, seed + 10_000 + e, accelerator))
                       for e in range(epochs)]
@@ -453,8 +454,8 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
                 precompute_with = wrapped  # the starting model as prepared (DDP / FSDP shards its weights)
             precompute_reference(precompute_with, epoch_data, progress=progress,
                                  context=ref_context() if ref_context else None)
-        losses = _train(wrapped, model, entry, method_settings, state, ref, optimizer, accelerator, epoch_data,
-                        grad_accum=grad_accum, desc=f"unlearn ({method})", progress=progress,
+        losses = _train(wrapped, model, entry, method_settings, state, ref, prepared_optimizer, accelerator,
+                        epoch_data, grad_accum=grad_accum, desc=f"unlearn ({method})", progress=progress,
                         max_grad_norm=max_grad_norm)
     finally:
         for hook in hooks:

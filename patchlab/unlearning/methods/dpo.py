@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from patchlab.errors import PatchlabValueError
-from patchlab.unlearning.losses import Step, sequence_logprob
+from patchlab.unlearning.losses import Step
 from patchlab.unlearning.methods import Method, Needs, freeze_sequence, lr_sweep, require_positive
 
 
@@ -39,8 +39,7 @@ class Settings:
 
 def loss(step: Step, s: Settings) -> torch.Tensor:
     """DPO's objective (module docstring); ``step.chosen`` holds the refusals."""
-    margin = (sequence_logprob(step.model, step.chosen) - step.reference.sequence_logprob(step.chosen)) \
-        - (sequence_logprob(step.model, step.forget) - step.reference.sequence_logprob(step.forget))
+    margin = step.log_ratio(step.chosen) - step.log_ratio(step.forget)
     return -step.seq_mean(F.logsigmoid(s.beta * margin))
 
 

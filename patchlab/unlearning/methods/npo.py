@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from patchlab.unlearning.losses import Step, sequence_logprob
+from patchlab.unlearning.losses import Step
 from patchlab.unlearning.methods import Method, Needs, lr_sweep, require_positive
 
 
@@ -33,8 +33,7 @@ class Settings:
 
 def forget_term(step: Step, beta: float) -> torch.Tensor:
     """``-(2/β) mean log σ(-β (log p_θ(f) - log p_ref(f)))`` over the forget batch."""
-    ratio = sequence_logprob(step.model, step.forget) - step.reference.sequence_logprob(step.forget)
-    return -(2.0 / beta) * step.seq_mean(F.logsigmoid(-beta * ratio))
+    return -(2.0 / beta) * step.seq_mean(F.logsigmoid(-beta * step.log_ratio(step.forget)))
 
 
 def loss(step: Step, s: Settings) -> torch.Tensor:

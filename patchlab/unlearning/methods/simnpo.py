@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from patchlab.unlearning.losses import Step, token_logprobs
+from patchlab.unlearning.losses import Step, sequence_token_nll
 from patchlab.unlearning.methods import Method, Needs, lr_sweep, require_non_negative, require_positive
 
 
@@ -47,8 +47,7 @@ class Settings:
 
 def forget_term(step: Step, s: Settings) -> torch.Tensor:
     """``-(2/β) mean log σ(β (NLL_tok(f) - γ))`` over the forget batch."""
-    picked, mask = token_logprobs(step.model, step.forget)
-    nll_tok = -picked.sum(1) / mask.sum(1).clamp(min=1)
+    nll_tok = sequence_token_nll(step.model, step.forget)
     return -(2.0 / s.beta) * step.seq_mean(F.logsigmoid(s.beta * (nll_tok - s.gamma)))
 
 
