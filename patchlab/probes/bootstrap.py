@@ -54,6 +54,12 @@ def mean_interval(values: Float[np.ndarray, "n"], settings: Mapping[str, Any]) -
     return bootstrap(lambda idx: values[idx].mean(), len(values), **boot_args(settings))
 
 
+def column_intervals(values: Float[np.ndarray, "n column"], settings: Mapping[str, Any]) -> list[list[float | None]]:
+    """:func:`mean_interval` of each column (a layer, a window) of per-question ``values``, as
+    ``[mean, low, high]`` lists."""
+    return [mean_interval(values[:, k], settings).to_list() for k in range(values.shape[1])]
+
+
 def ratio_of_gains(after: Float[np.ndarray, "n"], before: Float[np.ndarray, "n"], full: Float[np.ndarray, "n"],
                    settings: Mapping[str, Any], *, eps: float = 1e-9) -> Interval:
     """``(mean(after) - mean(before)) / (mean(full) - mean(before))`` over questions, with its bootstrap interval:

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 import patchlab
 from patchlab.probes.base import HIDDEN_SHARE, INTACT_SHARE, Interval, Probe, ProbeResult, Question, recovery_verdict
-from patchlab.probes.bootstrap import mean_interval
+from patchlab.probes.bootstrap import column_intervals, mean_interval
 from patchlab.probes.scoring import baseline, baseline_scores
 from patchlab.errors import DegenerateKRSError, PatchlabValueError
 from patchlab.pair import ModelPair
@@ -59,8 +59,7 @@ def check(settings: Mapping[str, Any], pair: ModelPair) -> None:
 
 def cell_intervals(result: KRSResult, settings: Mapping[str, Any]) -> dict[str, list[list[float | None]]]:
     """Component -> per window ``[mean KRS, low, high]`` with the bootstrap interval over questions."""
-    return {c: [mean_interval(values[:, w], settings).to_list() for w in range(values.shape[1])]
-            for c, values in result.per_question.items()}
+    return {c: column_intervals(values, settings) for c, values in result.per_question.items()}
 
 
 def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,

@@ -31,7 +31,7 @@ from patchlab.pair.arch import ArchSpec
 from patchlab.patching.engine import capture
 from patchlab.reports.figures import curve
 from patchlab.probes.base import Interval, Probe, ProbeResult, Question, recovery_verdict
-from patchlab.probes.bootstrap import mean_interval
+from patchlab.probes.bootstrap import column_intervals, mean_interval
 from patchlab.probes.scoring import baseline, baseline_scores
 
 DEFAULTS: dict[str, Any] = {}
@@ -92,8 +92,7 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
                                      "the lens of an intermediate layer")
     details = {**baseline(vanilla, unlearned), "floor": "retain" if retain is not None else "unlearned output",
                "shares": shares.tolist(),
-               **{f"{who}_{m}": [mean_interval(v[m][:, layer], settings).to_list() for layer in range(pair.n_layers)]
-                  for who, v in lens.items() for m in MEASURES},
+               **{f"{who}_{m}": column_intervals(v[m], settings) for who, v in lens.items() for m in MEASURES},
                "per_question": {who: {m: v[m].tolist() for m in MEASURES} for who, v in lens.items()}}
     return ProbeResult(
         probe="logit_lens", score=headline, verdict=verdict, rule=rule, details=details,

@@ -44,7 +44,7 @@ from patchlab.patching.metrics import Metric, References, answer_logprob, get_me
 from patchlab.patching.sweep import position_mask, prepare_source, prepare_target
 from patchlab.reports.figures import curve
 from patchlab.probes.base import INTACT_SHARE, Interval, Probe, ProbeResult, Question, accuracy_share
-from patchlab.probes.bootstrap import mean_interval
+from patchlab.probes.bootstrap import column_intervals, mean_interval
 from patchlab.probes.scoring import baseline, baseline_scores
 
 DEFAULTS: dict[str, Any] = {"threshold": 0.05, "batch_size": 64}
@@ -146,12 +146,10 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
     share = accuracy_share(vanilla.accuracy, unlearned.accuracy)
     verdict = "intact" if share >= INTACT_SHARE or not defined.any() else \
         "erased" if headline.value >= 0.5 else "hidden"
-    layers = range(depth["d1"].shape[1])
     details = {**baseline(vanilla, unlearned), "threshold": settings["threshold"],
                "uds": [None if math.isnan(u) else float(u) for u in depth["uds"]],
                "full": depth["full"].tolist(), "d1": depth["d1"].tolist(), "d2": depth["d2"].tolist(),
-               "d1_mean": [mean_interval(depth["d1"][:, layer], settings).to_list() for layer in layers],
-               "d2_mean": [mean_interval(depth["d2"][:, layer], settings).to_list() for layer in layers]}
+               "d1_mean": column_intervals(depth["d1"], settings), "d2_mean": column_intervals(depth["d2"], settings)}
     return ProbeResult(
         probe="uds", score=headline, verdict=verdict, rule=RULE, details=details,
         meaning="Unlearning Depth Score: how much of what the retain model's layers lack the unlearned model's "
