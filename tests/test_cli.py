@@ -63,17 +63,17 @@ def test_interrupt_note_says_what_was_saved_and_how_to_go_on(tmp_path):
     note = interrupt_note(out, extra=lambda: None)
     assert note() == f"nothing was written to {out.path}; run the same command again to start over"
     for name in ("a.csv", "b.csv", "c.csv", "d.csv"):
-        atomic_write_text(out.file(name), "1")
+        out.write(name, lambda path: atomic_write_text(path, "1"))
     assert note() == (f"{out.path} holds an unfinished output (a.csv, b.csv, c.csv and 1 more); run the same command "
                       "with --overwrite to start over")
     resumable = interrupt_note(tmp_path / "out", resumable=True, extra=lambda: "the mask was saved to m")
-    atomic_write_text(OutputDir(tmp_path / "out", "krs", resume=True).file("e.csv"), "1")
+    OutputDir(tmp_path / "out", "krs", resume=True).write("e.csv", lambda path: atomic_write_text(path, "1"))
     assert resumable().endswith("keeps a.csv, b.csv, c.csv and 2 more (whole files); run the same command again to "
                                 "resume; the mask was saved to m")
 
 
 def test_interrupt_note_before_the_first_file_leaves_an_earlier_output_as_it_was(tmp_path):
-    atomic_write_text(OutputDir(tmp_path / "out", "krs").file("krs.json"), "{}")
+    OutputDir(tmp_path / "out", "krs").write("krs.json", lambda path: atomic_write_text(path, "{}"))
     note = interrupt_note(OutputDir(tmp_path / "out", "krs", overwrite=True))  # a rerun, stopped before writing
     assert note() == (f"nothing was written to {tmp_path / 'out'} (the earlier output there is as it was); run the "
                       "same command again to start over")

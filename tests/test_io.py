@@ -12,7 +12,7 @@ import pytest
 import patchlab
 import patchlab.pair
 import patchlab.toy
-from patchlab.io import MANIFEST, OutputDir, output_dir, read_manifest
+from patchlab.io import LOCK, MANIFEST, OutputDir, output_dir, read_manifest
 from tests.conftest import load_script
 
 
@@ -25,13 +25,13 @@ def _files(**files: str):
 
 
 def _listing(path: Path) -> list[tuple[str, str]]:
-    return sorted((p.name, p.read_text()) for p in path.iterdir() if p.name != MANIFEST)
+    return sorted((p.name, p.read_text()) for p in path.iterdir() if p.name not in (MANIFEST, LOCK))
 
 
 def test_new_directory_is_written_with_a_manifest_and_no_leftovers(tmp_path):
     out = OutputDir(tmp_path / "parent" / "ckpt", "checkpoint")
-    assert not out.path.exists()  # created on the first write, not by the claim
     out.write_tree(_files(a="1", b="2"))
+    out.close()  # releases the lock: its file goes
     assert _listing(out.path) == [("a", "1"), ("b", "2")]
     manifest = read_manifest(out.path)
     assert manifest["kind"] == "checkpoint" and manifest["files"] == ["a", "b"] and manifest["complete"]
@@ -77,7 +77,7 @@ def test_a_failed_write_changes_nothing(tmp_path):
 
 def test_resume_reuses_only_a_run_with_the_same_key(tmp_path):
     first = OutputDir(tmp_path / "sweep", "krs", resume=True, key="k1")
-    first.file("partial.json").write_text("{}")
+    first.write("partial.json", lambda path: path.write_text("{}"))
     again = OutputDir(tmp_path / "sweep", "krs", resume=True, key="k1")
     assert again.resumed and not first.resumed
     with pytest.raises(patchlab.PatchlabFileError, match="other settings"):
@@ -169,3 +169,206 @@ def test_written_files_are_readable_like_plain_files(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------------------------------ untrusted manifests
+
+def _forge(out: Path, files, pending=None) -> None:
+    """Make ``out`` a patchlab 'krs' output whose manifest lists ``files``."""
+    out.mkdir(exist_ok=True)
+    (out / "krs.json").write_text("{}")
+    manifest = {"format": "patchlab.output/1", "kind": "krs", "key": None, "complete": True, "files": files}
+    if pending is not None:
+        manifest["pending"] = pending
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _escape(tmp_path: Path, form: str):
+    """A manifest entry of escape ``form``; everything outside ``tmp_path / 'out'`` must survive."""
+    out, thesis = tmp_path / "out", tmp_path / "thesis.tex"
+    out.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "notes.txt").write_text("notes")
+    if form == "link_to_outside":
+        (out / "link").symlink_to(thesis)
+    if form == "dir_link":
+        (out / "sub").symlink_to(tmp_path / "elsewhere")
+    if form == "directory":
+        (out / "subdir").mkdir()
+        (out / "subdir" / "keep.txt").write_text("k")
+    if form == "fifo":
+        os.mkfifo(out / "pipe")
+    return {"parent": "../thesis.tex", "absolute": str(thesis), "nested_parent": "sub/../../thesis.tex",
+            "dot": "./krs.json", "link_to_outside": "link", "dir_link": "sub/notes.txt", "directory": "subdir",
+            "fifo": "pipe", "manifest": MANIFEST, "empty": "", "number": 7, "nul": "a\x00b"}[form]
+
+
+ESCAPES = ["parent", "absolute", "nested_parent", "dot", "link_to_outside", "dir_link", "directory", "fifo",
+           "manifest", "empty", "number", "nul"]
+
+
+@pytest.mark.parametrize("field", ["files", "pending"])
+@pytest.mark.parametrize("form", ESCAPES)
+def test_a_manifest_entry_escaping_the_directory_is_refused_and_nothing_is_removed(tmp_path, form, field):
+    (tmp_path / "thesis.tex").write_text("years")
+    entry = _escape(tmp_path, form)
+    out = tmp_path / "out"
+    if field == "files":
+        _forge(out, ["krs.json", entry])
+    else:
+        _forge(out, ["krs.json"], pending=[entry])
+    before = sorted((p.relative_to(tmp_path).as_posix(), p.is_file() and p.read_text()) for p in tmp_path.rglob("*")
+                    if not p.is_fifo())
+    for kwargs in ({"overwrite": True}, {"resume": True}, {}):
+        with pytest.raises(patchlab.PatchlabFileError, match="cannot be trusted"):
+            OutputDir(out, "krs", **kwargs)
+    after = sorted((p.relative_to(tmp_path).as_posix(), p.is_file() and p.read_text()) for p in tmp_path.rglob("*")
+                   if not p.is_fifo())
+    assert after == before  # not even the directory's own krs.json was removed
+
+
+@pytest.mark.parametrize("files", ["thesis.tex", {"a": 1}, None])
+def test_a_manifest_whose_file_list_is_not_a_list_is_refused(tmp_path, files):
+    _forge(tmp_path / "out", files)
+    with pytest.raises(patchlab.PatchlabFileError, match="not a list"):
+        OutputDir(tmp_path / "out", "krs", overwrite=True)
+    assert (tmp_path / "out" / "krs.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("script", ["param_cosine", "krs_sweep"])
+def test_scripts_given_a_forged_manifest_refuse_it_and_touch_nothing(tmp_path, capsys, script):
+    (tmp_path / "thesis.tex").write_text("years")
+    _forge(tmp_path / "out", ["krs.json", "../thesis.tex", str(tmp_path / "thesis.tex")])
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    manifest["kind"] = {"param_cosine": "paramdiff", "krs_sweep": "krs"}[script]
+    (tmp_path / "out" / MANIFEST).write_text(json.dumps(manifest))
+    code = load_script(script).main(["--out", str(tmp_path / "out"), "--overwrite", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and "cannot be trusted" in err, err
+    assert (tmp_path / "thesis.tex").read_text() == "years" and (tmp_path / "out" / "krs.json").is_file()
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text()) == manifest  # not rewritten
+
+
+def test_an_entry_swapped_for_a_symlink_after_the_claim_is_not_followed(tmp_path):
+    (tmp_path / "thesis.tex").write_text("years")
+    out = tmp_path / "out"
+    OutputDir(out, "krs").write("old.json", lambda path: path.write_text("{}"))
+    claim = OutputDir(out, "krs", overwrite=True)
+    (out / "old.json").unlink()
+    (out / "old.json").symlink_to(tmp_path / "thesis.tex")  # swapped in between the claim and the first write
+    claim.write("new.json", lambda path: path.write_text("{}"))
+    assert (tmp_path / "thesis.tex").read_text() == "years"
+    assert read_manifest(out)["files"] == ["new.json"]
+
+
+@pytest.mark.parametrize("name", ["../x.json", "/tmp/x.json", "a/../../x.json", ""])
+def test_result_file_names_must_stay_inside(tmp_path, name):
+    with pytest.raises(patchlab.PatchlabValueError, match="inside the directory"):
+        OutputDir(tmp_path / "out", "krs").write(name, lambda path: path.write_text("{}"))
+    assert not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------- claims: symlinks, locks, disk full
+
+def test_a_dangling_symlink_out_fails_at_the_claim(tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "missing")
+    with pytest.raises(patchlab.PatchlabFileError, match="dangling symlink"):
+        OutputDir(tmp_path / "out", "density")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_claim_that_writes_nothing_leaves_nothing(tmp_path):
+    out = OutputDir(tmp_path / "a" / "b" / "out", "krs")
+    assert (out.path / LOCK).read_text() == str(os.getpid())
+    out.close()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(patchlab.PatchlabValueError, match="closed"):
+        out.write("x.json", lambda path: path.write_text("{}"))
+
+
+HOLD = """
+import sys, time
+from patchlab.io import OutputDir
+out = OutputDir(sys.argv[1], "krs")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_run_on_a_locked_directory_is_refused_naming_the_first(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD)
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parents[1])
+    try:
+        assert first.stdout.readline().strip() == "held"
+        for kwargs in ({}, {"overwrite": True}, {"resume": True}):
+            with pytest.raises(patchlab.PatchlabFileError, match=f"in use by another patchlab run \\(process "
+                                                                 f"{first.pid}\\)"):
+                OutputDir(out, "krs", **kwargs)
+    finally:
+        first.send_signal(signal.SIGKILL)  # kill -9: the kernel drops the lock, the stale file stays
+        first.wait()
+    assert (out / LOCK).is_file()
+    OutputDir(out, "krs").write("krs.json", lambda path: path.write_text("{}"))  # no longer held: claimed
+
+
+def test_claims_in_one_process_share_the_lock(tmp_path):
+    first = OutputDir(tmp_path / "out", "krs", resume=True, key="k")
+    second = OutputDir(tmp_path / "out", "krs", resume=True, key="k")
+    first.close()
+    second.write("a.json", lambda path: path.write_text("{}"))
+    assert (tmp_path / "out" / LOCK).is_file()  # still held by the second claim
+    del second
+    assert not (tmp_path / "out" / LOCK).exists()
+
+
+def test_disk_full_gives_a_clear_error_and_an_exact_manifest(tmp_path):
+    import errno
+
+    out = OutputDir(tmp_path / "out", "audit")
+    out.write("a.json", lambda path: patchlab.io.atomic_write_json(path, {"a": 1}))
+
+    def full(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(patchlab.PatchlabFileError, match="b.json.*the disk is full"):
+        out.write("b.json", lambda path: patchlab.io.atomic_write(path, full))
+    manifest = read_manifest(out.path)
+    assert manifest["files"] == ["a.json"] and manifest["pending"] == [] and manifest["complete"]
+    assert sorted(p.name for p in out.path.iterdir()) == [MANIFEST, LOCK, "a.json"]
+    with pytest.raises(patchlab.PatchlabFileError, match="c.json.*the disk is full"):
+        out.write("c.json", full)  # a writer that is not atomic leaves its half file: listed, as it is there
+    assert read_manifest(out.path)["files"] == ["a.json", "c.json"]
+    with pytest.raises(patchlab.PatchlabFileError, match="the disk is full"):
+        out.write_tree(lambda tmp: full(tmp / "model.safetensors"))
+    assert read_manifest(out.path)["files"] == ["a.json", "c.json"]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def test_jsonl_errors_name_the_file_line_and_a_bom_is_accepted(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "a?"}\n{"question": "b?", oops}\n')
+    with pytest.raises(patchlab.PatchlabValueError, match=r"q.jsonl, line 2 is not valid JSONL: .*\(column \d+\)"):
+        patchlab.io.read_questions(path)
+    path.write_bytes(b'\xef\xbb\xbf{"question": "a?"}\n\n{"question": "b?"}\n')
+    assert patchlab.io.read_questions(path) == ["a?", "b?"]
+    (tmp_path / "q.json").write_bytes(b'\xef\xbb\xbf["a?"]')
+    assert patchlab.io.read_questions(tmp_path / "q.json") == ["a?"]
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe[1]")
+    with pytest.raises(patchlab.PatchlabValueError, match="not UTF-8"):
+        patchlab.io.read_json(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("text, why", [("[" + "9" * 5000 + "]", "Exceeds the limit"), ("[" * 100_000, "too deep")])
+def test_json_too_large_to_read_is_a_patchlab_error(tmp_path, text, why):
+    (tmp_path / "r.json").write_text(text)
+    with pytest.raises(patchlab.PatchlabValueError, match=why):
+        patchlab.io.read_json(tmp_path / "r.json")

@@ -577,7 +577,7 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
             scored = score_answers(tokenizer, questions, before, answers(edited))
             record = {"method": method, "strength": strength, "settings": settings, **scored.summary(),
                       "seconds": round(time.perf_counter() - start, 2), "rows": scored.table.to_dict("records")}
-            atomic_write_json(out.file(name), record)
+            out.write(name, lambda path: atomic_write_json(path, record))
         else:
             record = read_json(path)
         result.records.append(record)

@@ -371,7 +371,8 @@ class SweepProgress:
         if self.out is None:
             return
         done = {str(q): {**v, "scores": np.asarray(v["scores"]).tolist()} for q, v in sorted(self.done.items())}
-        atomic_write_json(self.out.file(self.FILE), results_record({"key": self.key, "done": done}, partial=partial))
+        record = results_record({"key": self.key, "done": done}, partial=partial)
+        self.out.write(self.FILE, lambda path: atomic_write_json(path, record))
 
 
 def krs_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequence[str] = DEFAULT_COMPONENTS,

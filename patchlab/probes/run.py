@@ -115,7 +115,7 @@ def _run_probe(probe: Probe, case: AuditCase, settings: Mapping[str, Any], out: 
                        settings=probe_settings(settings, probe.name), progress=progress)
     result.seconds = round(time.perf_counter() - start, 2)
     if out is not None:
-        atomic_write_json(out.file(name), result.to_dict())
+        out.write(name, lambda path: atomic_write_json(path, result.to_dict()))
     return result
 
 

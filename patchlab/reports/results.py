@@ -23,7 +23,7 @@ import pandas as pd
 
 from patchlab.errors import PatchlabValueError
 from patchlab.io import (OutputDir, atomic_write_json, atomic_write_text, output_dir, plotlyjs_name, read_json,
-                         write_csv, write_html)
+                         write_csv, write_html, write_plotlyjs)
 from patchlab.provenance import short_name
 
 R = TypeVar("R", bound="Result")
@@ -109,16 +109,16 @@ class Result:
         figures = self.figures(**figure_kwargs)
         tables = self.tables()
         out = output_dir(out_dir, self.kind, overwrite=overwrite)
-        paths = {f"{stem}.json": self.save(out.file(f"{stem}.json"))}
+        paths = {f"{stem}.json": out.write(f"{stem}.json", self.save)}
         for table, frame in tables.items():
             file = f"{table if table != self.kind else stem}.csv"
-            paths[file] = write_csv(frame, out.file(file))
+            paths[file] = out.write(file, lambda path, frame=frame: write_csv(frame, path))
         if any(not isinstance(page, str) for page in figures.values()):
-            out.file(plotlyjs_name())  # the shared bundle write_html puts beside the pages is part of the output
+            out.write(plotlyjs_name(), lambda path: write_plotlyjs(path.parent))  # shared by the pages, ours too
         for fig, page in figures.items():
             file = f"{fig if fig != self.kind else stem}.html"
-            path = out.file(file)
-            paths[file] = atomic_write_text(path, page) if isinstance(page, str) else write_html(page, path)
+            paths[file] = out.write(file, lambda path, page=page: atomic_write_text(path, page)
+                                    if isinstance(page, str) else write_html(page, path))
         return paths
 
 
