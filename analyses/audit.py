@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 import patchlab
-from patchlab.probes import PROBES, TOY_SETTINGS, AuditCase, audit_many, resolve_settings, toy_cases
+from patchlab.probes import PROBES, AuditCase, audit_many, resolve_settings
+from patchlab.toy.audit import TOY_SETTINGS, toy_cases
 from patchlab.probes.registry import select
 from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, check_toy_world_flags,
                           comma_list, model_kwargs, parser, run_script)
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings_from_args(args: argparse.Namespace, toy: bool) -> dict[str, dict[str, Any]]:
-    """The audit's settings overrides: the toy world's (:data:`patchlab.probes.TOY_SETTINGS`) on the toy world, then
+    """The audit's settings overrides: the toy world's (:data:`patchlab.toy.audit.TOY_SETTINGS`) on the toy world, then
     the options given on the command line."""
     settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in TOY_SETTINGS.items()} if toy else {}
     given = {("common", "n_tokens"): args.n_tokens, ("common", "n_boot"): args.n_boot, ("common", "seed"): args.seed,

@@ -22,7 +22,7 @@ from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_qu
                           parser, print_written, run_script, toy_pair)
 from patchlab.io import output_dir, read_questions
 from patchlab.patching.sweep import DEFAULT_COMPONENTS
-from patchlab.reports.results import wide
+from patchlab.results import wide
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

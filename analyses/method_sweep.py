@@ -52,7 +52,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTo
         from patchlab import toy
 
         model, tok = toy.vanilla(args.checkpoint) if args.checkpoint else toy.vanilla()
-        return load_model(model, **model_kwargs(args)), tok, SweepTask.toy(args.concept, args.checkpoint)
+        return load_model(model, **model_kwargs(args)), tok, toy.sweep_task(args.concept, args.checkpoint)
     if not args.task:
         raise patchlab.PatchlabValueError("--vanilla needs --task (a JSON task file)")
     task = SweepTask.from_json(args.task)

@@ -14,7 +14,7 @@ from patchlab.patching.loop import ActivationCache, run_with_cache
 from patchlab.patching.metrics import References, metrics, register_metric
 from patchlab.patching.result import KRSResult, PatchComparison, PatchResult, compare
 from patchlab.patching.sweep import krs_sweep, patch_sweep
-from patchlab.reports.results import load_result
+from patchlab.results import load_result
 from patchlab.unlearning import UnlearnRun, load_mask, save_mask, unlearn
 from patchlab.pair import ModelPair, load_model, load_pair
 from patchlab.patching.windows import sliding_windows
@@ -22,8 +22,9 @@ from patchlab.analysis import behavior, paramdiff
 from patchlab.patching import lens
 from patchlab.unlearning import attribution, editing
 from patchlab.probes import AuditReport, audit
+from patchlab import reports  # noqa: F401  (the presentation layer: registers how results and probes are drawn)
 
-__version__ = "0.1.0"
+from patchlab.version import __version__
 
 __all__ = [
     "ActivationCache", "ArchSpec", "AuditReport", "DegenerateKRSError", "DegenerateMetricError", "KRSResult",

@@ -14,20 +14,19 @@ the help text (the whole module docstring), the exit statuses (errors, Ctrl-C), 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
-from transformers.utils import logging as hf_logging
 
 from patchlab.errors import PatchlabError, PatchlabFileError, PatchlabValueError
 from patchlab.io import MANIFEST, OutputDir, check_writable, read_manifest
+from patchlab.progress import quiet  # re-exported: scripts use patchlab.cli.quiet
 
 if TYPE_CHECKING:
     from patchlab.pair import ModelPair
@@ -154,21 +153,6 @@ def run_script(parse_args: Callable[[list[str] | None], argparse.Namespace],
     args = parse_args(argv)
     with quiet(args.quiet):
         return run(lambda: body(args), on_interrupt=interrupt_note(args.out, resumable=resumable, extra=extra))
-
-
-@contextlib.contextmanager
-def quiet(enabled: bool = True) -> Iterator[None]:
-    """Inside the block (when ``enabled``), transformers' and huggingface_hub's own progress bars (loading and
-    writing weights, downloads) are off; they are restored on exit. patchlab's own bars follow each function's
-    ``progress=`` argument."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled and was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def add_quiet_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

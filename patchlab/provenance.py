@@ -18,6 +18,7 @@ import xxhash
 from transformers import PreTrainedModel
 
 from patchlab.errors import PatchlabValueError
+from patchlab.version import __version__
 
 #: Bytes read per step when hashing tensors or files.
 _BLOCK = 1 << 24
@@ -92,7 +93,6 @@ def environment() -> dict[str, str]:
     """Versions of patchlab, Python, torch and transformers."""
     import transformers
 
-    from patchlab import __version__
     return {"patchlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}
 

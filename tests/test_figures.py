@@ -1,5 +1,5 @@
 """patchlab.reports.figures: heatmaps a reader can trust at a glance, rounded hovers, plurals; the partial-results
-flag of patchlab.reports; HTML pages that share one offline plotly.js."""
+flag of patchlab.results; HTML pages that share one offline plotly.js."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from plotly.offline import get_plotlyjs
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.io import plotlyjs_name, write_html
 from patchlab.patching.windows import sliding_windows
-from patchlab.reports import figures, is_partial, results_record
+from patchlab.reports import figures
+from patchlab.results import is_partial, results_record
 
 ROWS = ["coef", "value", "attn"]
 

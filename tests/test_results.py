@@ -18,7 +18,7 @@ from patchlab.analysis.behavior import SweepTask, evaluate, method_sweep
 from patchlab.analysis.paramdiff import paramdiff
 from patchlab.io import OutputDir
 from patchlab.provenance import weights_digest
-from patchlab.reports.results import result_types
+from patchlab.results import result_types
 from patchlab.unlearning.attribution import density, density_report, mask, scores
 from tests.conftest import ATTN_OR_UP, CORPUS, QUESTIONS, perturbed
 
@@ -201,3 +201,33 @@ def test_results_record_the_checkpoints_they_come_from(instances, pair):
     audit = by_name["AuditReport"].runs[0].provenance
     assert audit["checkpoints"]["unlearned"]["weights"] == digests["unlearned"]
     assert by_name["BehaviorResult"].settings["max_new_tokens"] == 2
+
+
+def test_figures_come_from_the_presentation_layer_registry(monkeypatch):
+    import dataclasses
+
+    from patchlab import results
+    from patchlab.probes import PROBES, Probe
+    from patchlab.reports import views
+
+    # every registered result type, and every built-in probe, is drawn by patchlab.reports.views
+    for cls in set(result_types().values()):
+        assert results.figure_function(cls).__module__ == views.__name__, cls
+    for name, probe in PROBES.items():
+        assert probe.draw is None and results.figure_function(name).__module__ == views.__name__, name
+
+    @dataclasses.dataclass
+    class Custom(results.Result):
+        value: float = 1.0
+
+    with pytest.raises(patchlab.PatchlabValueError, match="no figure is registered for Custom"):
+        Custom().figure()
+    monkeypatch.setattr(results, "_FIGURES", dict(results._FIGURES))
+    results.register_figure(results.Result)(lambda r, scale=1: go.Figure(layout={"title": f"{r.value * scale}"}))
+    assert Custom(2.0).figure(scale=3).layout.title.text == "6.0"  # looked up along the bases
+    with pytest.raises(patchlab.PatchlabValueError, match="a result class or a probe name"):
+        results.register_figure("")
+    own = Probe(name="own", title="Own", run=lambda *a, **k: None, defaults={}, draw=lambda rs: go.Figure())
+    assert isinstance(own.figure([]), go.Figure)
+    with pytest.raises(patchlab.PatchlabValueError, match="no figure is registered for 'own'"):
+        dataclasses.replace(own, draw=None).figure([])

@@ -45,8 +45,7 @@ from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
 from patchlab.pair import ModelPair, ModelSpec, load_model
 from patchlab.pair.sequential import SequentialPair
 from patchlab.provenance import describe_source, environment, pair_provenance, weights_digest
-from patchlab.reports import figures, is_partial, results_record
-from patchlab.reports.results import Result, model_names, register_result
+from patchlab.results import Result, is_partial, register_result, results_record
 
 SETS = ("target", "unrelated")
 METRICS = ("bleu", "rouge_l")
@@ -177,10 +176,7 @@ class BehaviorResult(Result):
     def figure(self, title: str | None = None) -> go.Figure:
         """Per-question BLEU and ROUGE-L, target and unrelated sets side by side
         (:func:`patchlab.reports.figures.behavior_scores`); the default title names the models."""
-        if title is None:
-            names = [name for name in reversed(model_names(self.provenance)) if name is not None]  # unlearned first
-            title = "Behavioural test" + (f": {' vs '.join(names)}" if names else "")
-        return figures.behavior_scores(self.table, title)
+        return super().figure(title=title)
 
     def to_dict(self) -> dict[str, Any]:
         return results_record({"settings": self.settings, "provenance": self.provenance,
@@ -346,21 +342,6 @@ class SweepTask:
     cov_texts: list[str]
 
     @classmethod
-    def toy(cls, concept: str | None = None, checkpoint: str | os.PathLike | None = None) -> SweepTask:
-        """The toy world's task for ``concept`` (default: the toy default): its paragraphs as forget set, the
-        other concepts' paragraphs as retain set and covariance sample, its 10 QA and 50 unrelated QA."""
-        from patchlab import toy
-        from patchlab.toy.cache import unlearn_data
-
-        world = toy.world() if checkpoint is None else toy.world(checkpoint)
-        record = world.record(concept or toy.DEFAULT_CONCEPT)
-        forget, retain = unlearn_data(world, record.concept)
-        return cls(name=f"toy world: {record.concept}", forget=forget, retain=retain,
-                   target_questions=[q.question for q in record.qa],
-                   unrelated_questions=[q.question for q in record.unrelated_qa], subject=record.concept,
-                   cov_texts=world.training_texts())
-
-    @classmethod
     def from_json(cls, path: str | os.PathLike) -> SweepTask:
         """A task from a JSON object with the fields of this class (``name`` optional, ``cov_texts`` defaulting to
         ``forget + retain``).
@@ -461,7 +442,7 @@ class SweepResult(Result):
         provenance: the vanilla checkpoint (source and weights digest), the settings (task fingerprint, the plan,
             ``max_new_tokens``, ``template``) and the library versions.
         partial: the sweep has runs left (an interrupted or running sweep's report); saved as the ``"partial"``
-            flag (:func:`patchlab.reports.results_record`).
+            flag (:func:`patchlab.results.results_record`).
     """
 
     kind = "method_sweep"
@@ -482,7 +463,7 @@ class SweepResult(Result):
     def figure(self, title: str | None = None) -> go.Figure:
         """Target BLEU (x) against unrelated BLEU (y) per run, coloured by method, each method's strengths joined
         weakest to strongest (Hong et al., Fig. 2)."""
-        return figures.sweep_scatter(self.to_frame(), title or f"Behavioural test: {self.task}")
+        return super().figure(title=title)
 
     def to_dict(self) -> dict[str, Any]:
         return results_record({"task": self.task, "provenance": self.provenance, "records": self.records},
@@ -537,7 +518,7 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
     Args:
         vanilla: the starting model (directory, hub id or in-memory model; never modified).
         tokenizer: its tokenizer.
-        task: forget/retain texts, test questions, subject (:class:`SweepTask`, e.g. ``SweepTask.toy()``).
+        task: forget/retain texts, test questions, subject (:class:`SweepTask`, e.g. :func:`patchlab.toy.sweep_task`).
         methods: registered method names (default: all, :func:`patchlab.unlearning.methods.method_names`).
         grid: settings per method (default :func:`default_grid`: each method's ``sweep``).
         max_new_tokens: greedy answer length limit. template: the prompt (holding ``{question}``) the models are

@@ -21,13 +21,12 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from patchlab.pair.arch import MODULE_ORDER, layer_index, spec_for_type
+from patchlab.pair.arch import MODULE_ORDER, layer_index, module_order, spec_for_type
 from patchlab.errors import NonFiniteError, PairMismatchError, PatchlabValueError
 from patchlab.pair.weights import CheckpointTensors
 from patchlab.pair import ModelPair
 from patchlab.provenance import pair_provenance
-from patchlab.reports import figures
-from patchlab.reports.results import Result, register_result
+from patchlab.results import Result, register_result
 
 CHUNK = 1 << 24  # elements per float64 chunk
 #: Per tensor / module / layer: cosine similarity, 1 - cosine, angle (degrees), relative L2 change |b-a|/|a|.
@@ -149,7 +148,7 @@ class ParamDiff(Result):
             raise PatchlabValueError(f"metric must be one of {METRICS}, got {metric!r}")
         pooled = self._pooled(["layer", "module"])
         table = pooled[pooled["layer"] >= 0].pivot(index="layer", columns="module", values=metric)
-        return table[figures.module_order(table.columns)]
+        return table[module_order(table.columns)]
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """``paramdiff`` (:attr:`table`), ``paramdiff_modules`` (:meth:`by_module`), per metric
@@ -167,11 +166,7 @@ class ParamDiff(Result):
     def figure(self, metric: str = "one_minus_cos") -> go.Figure:
         """Interactive layer x module heatmap of ``metric``; :data:`LOG_METRICS` on a log colour scale
         (:func:`patchlab.reports.figures.layer_module_heatmap`)."""
-        table = self.by_layer(metric)
-        label = METRIC_LABELS[metric]
-        return figures.layer_module_heatmap(
-            table, value_name=label, log=metric in LOG_METRICS, decimals=6,
-            title=f"Parameter {label} between vanilla and unlearned, per layer and module")
+        return super().figure(metric=metric)
 
     heatmap = figure
 

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -21,8 +21,8 @@ from patchlab.pair.adapters import adapter_base_name, is_adapter, merge_adapter,
 from patchlab.pair.arch import ArchSpec, arch_spec
 from patchlab.pair.placement import (DeviceMap, check_offload_folder, dispatch, input_device, is_dispatched,
                                      resolve_device_map)
-from patchlab.pair.sequential import SequentialPair, meta_skeleton, sequential_pair
-from patchlab.pair.weights import ModelWeights
+from patchlab.pair.sequential import SequentialPair, meta_skeleton
+from patchlab.pair.weights import CheckpointTensors, ModelWeights
 from patchlab.provenance import describe_source
 
 ModelSpec = Union[str, os.PathLike, PreTrainedModel]
@@ -439,3 +439,47 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
     return ModelPair(vanilla=trace_model(model_v, tok), unlearned=trace_model(model_u, tok),
                      vanilla_hf=model_v, unlearned_hf=model_u, tokenizer=tok, arch=spec,
                      sources=(describe_source(vanilla), describe_source(unlearned)))
+
+
+def _checkpoint_dir(spec: Any, what: str) -> Path:
+    """A local checkpoint directory for ``spec``: the directory itself, or a hub id's local snapshot."""
+    if isinstance(spec, PreTrainedModel):
+        raise PatchlabValueError(f"sequential=True reads the {what} checkpoint from its files: pass a directory or "
+                                 "a hub id, not an in-memory model")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    _source(spec, what)  # a missing local path fails here with a clear error
+    return Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+
+
+def sequential_pair(vanilla: Any, unlearned: Any, *, tokenizer: PreTrainedTokenizerBase,
+                    load: Sequence[Mapping[str, Any]], adapter_base: Any = None) -> SequentialPair:
+    """Check a pair from its configs and file headers and return it unloaded (:class:`SequentialPair`); ``load``
+    holds the vanilla and the unlearned model's :func:`~patchlab.pair.loading.load_model` keyword arguments.
+
+    Raises:
+        PatchlabValueError: an in-memory model (it is in memory already: use ``sequential=False``).
+        PairMismatchError: different architectures, sizes or tensor shapes.
+        PatchlabFileError: a directory that does not exist or holds no safetensors checkpoint.
+    """
+    v_dir = _checkpoint_dir(vanilla, "vanilla")
+    u_dir = unlearned if is_adapter(unlearned) else _checkpoint_dir(unlearned, "unlearned")
+    config = AutoConfig.from_pretrained(v_dir)
+    skeleton = meta_skeleton(config)
+    spec = arch_spec(skeleton)
+    tensors_v = CheckpointTensors(v_dir, "vanilla")
+    if not is_adapter(unlearned):
+        check_configs(config, AutoConfig.from_pretrained(u_dir))
+        shapes_u = CheckpointTensors(u_dir, "unlearned").shapes
+        for name, shape in tensors_v.shapes.items():
+            if name in shapes_u and shapes_u[name] != shape:
+                raise PairMismatchError(f"tensor {name} has shape {shape} in vanilla but {shapes_u[name]} in unlearned")
+    check_vocab_size(tokenizer, config)
+    load_u = {**load[1], **({"adapter_base": adapter_base or v_dir} if is_adapter(unlearned) else {})}
+    return SequentialPair(specs={"vanilla": v_dir, "unlearned": u_dir}, load={"vanilla": dict(load[0]),
+                                                                             "unlearned": load_u},
+                          tokenizer=tokenizer, arch=spec, sources=(describe_source(v_dir), describe_source(unlearned)),
+                          skeleton=skeleton, loader=load_model, dtype=load[0].get("dtype"))

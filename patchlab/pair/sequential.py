@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.errors import PairMismatchError, PatchlabValueError
-from patchlab.pair.arch import ArchSpec, arch_spec
-from patchlab.pair.weights import CheckpointTensors, CheckpointWeights
+from patchlab.errors import PatchlabValueError
+from patchlab.pair.arch import ArchSpec
+from patchlab.pair.weights import CheckpointWeights
 
 
 def meta_skeleton(config: PretrainedConfig, **from_config: Any) -> PreTrainedModel:
@@ -41,7 +40,9 @@ class SequentialPair:
 
     Attributes:
         specs: ``{"vanilla": checkpoint directory, "unlearned": checkpoint or adapter directory}``.
-        load: the keyword arguments each model is loaded with (:func:`~patchlab.pair.loading.load_model`).
+        load: the keyword arguments each model is loaded with (by ``loader``).
+        loader: the function loading one model from its spec and keyword arguments
+            (:func:`~patchlab.pair.loading.load_model`).
         tokenizer: the shared tokenizer. arch: the family's spec. sources: how the checkpoints were given.
         skeleton: the vanilla model on the meta device (names and shapes).
     """
@@ -52,6 +53,7 @@ class SequentialPair:
     arch: ArchSpec
     sources: tuple[str, str]
     skeleton: PreTrainedModel
+    loader: Callable[..., PreTrainedModel]
     dtype: torch.dtype | None = None
     _resident: dict[str, PreTrainedModel] = field(default_factory=dict, repr=False)
 
@@ -65,14 +67,12 @@ class SequentialPair:
         """Load the model ``which`` (``"vanilla"`` / ``"unlearned"``), yield it, and release it on exit (the other
         one is never loaded meanwhile). Its memory is freed once nothing else refers to it: ``del`` the name a
         ``with ... as model`` bound before using the other one."""
-        from patchlab.pair.loading import load_model
-
         if which not in self.specs:
             raise PatchlabValueError(f"which must be 'vanilla' or 'unlearned', got {which!r}")
         if self._resident:
             raise PatchlabValueError(f"a sequential pair holds one model at a time: {next(iter(self._resident))!r} "
                                      f"is in use, {which!r} cannot be loaded beside it")
-        self._resident[which] = load_model(self.specs[which], **self.load[which])
+        self._resident[which] = self.loader(self.specs[which], **self.load[which])
         try:
             yield self._resident[which]
         finally:
@@ -86,55 +86,4 @@ class SequentialPair:
         return CheckpointWeights(self.specs["vanilla"], self.arch, self.skeleton, dtype=self.dtype)
 
 
-def _checkpoint_dir(spec: Any, what: str) -> Path:
-    """A local checkpoint directory for ``spec``: the directory itself, or a hub id's local snapshot."""
-    if isinstance(spec, PreTrainedModel):
-        raise PatchlabValueError(f"sequential=True reads the {what} checkpoint from its files: pass a directory or "
-                                 "a hub id, not an in-memory model")
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    from patchlab.pair.loading import _source
-
-    _source(spec, what)  # a missing local path fails here with a clear error
-    return Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-
-
-def sequential_pair(vanilla: Any, unlearned: Any, *, tokenizer: PreTrainedTokenizerBase,
-                    load: Sequence[Mapping[str, Any]], adapter_base: Any = None) -> SequentialPair:
-    """Check a pair from its configs and file headers and return it unloaded (:class:`SequentialPair`); ``load``
-    holds the vanilla and the unlearned model's :func:`~patchlab.pair.loading.load_model` keyword arguments.
-
-    Raises:
-        PatchlabValueError: an in-memory model (it is in memory already: use ``sequential=False``).
-        PairMismatchError: different architectures, sizes or tensor shapes.
-        PatchlabFileError: a directory that does not exist or holds no safetensors checkpoint.
-    """
-    from patchlab.pair.adapters import is_adapter
-    from patchlab.pair.loading import check_configs, check_vocab_size
-    from patchlab.provenance import describe_source
-
-    v_dir = _checkpoint_dir(vanilla, "vanilla")
-    u_dir = unlearned if is_adapter(unlearned) else _checkpoint_dir(unlearned, "unlearned")
-    config = AutoConfig.from_pretrained(v_dir)
-    skeleton = meta_skeleton(config)
-    spec = arch_spec(skeleton)
-    tensors_v = CheckpointTensors(v_dir, "vanilla")
-    if not is_adapter(unlearned):
-        check_configs(config, AutoConfig.from_pretrained(u_dir))
-        shapes_u = CheckpointTensors(u_dir, "unlearned").shapes
-        for name, shape in tensors_v.shapes.items():
-            if name in shapes_u and shapes_u[name] != shape:
-                raise PairMismatchError(f"tensor {name} has shape {shape} in vanilla but {shapes_u[name]} in unlearned")
-    check_vocab_size(tokenizer, config)
-    load_u = {**load[1], **({"adapter_base": adapter_base or v_dir} if is_adapter(unlearned) else {})}
-    return SequentialPair(specs={"vanilla": v_dir, "unlearned": u_dir}, load={"vanilla": dict(load[0]),
-                                                                             "unlearned": load_u},
-                          tokenizer=tokenizer, arch=spec, sources=(describe_source(v_dir), describe_source(unlearned)),
-                          skeleton=skeleton, dtype=load[0].get("dtype"))
-
-
-__all__ = ["SequentialPair", "sequential_pair"]
-
+__all__ = ["SequentialPair", "meta_skeleton"]

@@ -11,9 +11,8 @@ import plotly.graph_objects as go
 
 from patchlab.errors import PatchlabValueError
 from patchlab.patching.metrics import pool
-from patchlab.patching.windows import Window
-from patchlab.reports import figures
-from patchlab.reports.results import Result, model_names, register_result
+from patchlab.patching.windows import Window, window_label
+from patchlab.results import Result, model_names, register_result
 
 AGGREGATES = ("mean", "pooled")
 
@@ -103,7 +102,7 @@ class PatchResult(Result):
         rows = []
         for comp, values in self.per_question.items():
             for w, ((start, stop), label) in enumerate(zip(self.windows, self.window_labels())):
-                base = {"component": comp, "window": label, "layers": figures.window_label((start, stop)),
+                base = {"component": comp, "window": label, "layers": window_label((start, stop)),
                         "start": start, "stop": stop}
                 if per_question:
                     rows += [{**base, "question_index": k, "question": q, self.metric: float(values[k, w])}
@@ -141,15 +140,8 @@ class PatchResult(Result):
 
     def model_names(self) -> tuple[str | None, str | None]:
         """``(vanilla, unlearned)`` short names from the provenance, for titles
-        (:func:`~patchlab.reports.results.model_names`)."""
+        (:func:`~patchlab.results.model_names`)."""
         return model_names(self.provenance)
-
-    def _title(self, aggregate: str, per_question: bool) -> str:
-        vanilla, unlearned = self.model_names()
-        metric = "Knowledge Recovery Score" if self.metric == "krs" else f"{self.metric} recovery"
-        return figures.krs_title(len(self.questions), aggregate=aggregate, per_question=per_question,
-                                 window=self.settings.get("window"), n_tokens=self.settings.get("n_tokens"),
-                                 vanilla=vanilla, unlearned=unlearned, metric=metric)
 
     def figure(self, title: str | None = None, *, aggregate: str = "mean", per_question: bool = False) -> go.Figure:
         """Interactive heatmap, component x layer window, on a diverging colour scale centred on 0 (a negative score
@@ -159,14 +151,7 @@ class PatchResult(Result):
             aggregate: ``"mean"`` (mean of per-question scores) or ``"pooled"`` (:meth:`pooled`).
             per_question: one small panel per question instead of the aggregate.
         """
-        values = self.aggregated(aggregate)
-        title = title or self._title(aggregate, per_question)
-        if per_question:
-            stacked = np.stack([self.per_question[c] for c in self.components], axis=1)
-            return figures.window_heatmaps(stacked, self.components, self.windows, self.questions, title=title,
-                                           value_name=self.value_name)
-        return figures.window_heatmap(np.stack([values[c] for c in self.components]), self.components, self.windows,
-                                      title=title, value_name=self.value_name)
+        return super().figure(title=title, aggregate=aggregate, per_question=per_question)
 
     heatmap = figure
 
@@ -215,21 +200,14 @@ class PatchComparison(Result):
         rows = []
         for comp in self.a.components:
             for w, (start, stop) in enumerate(self.a.windows):
-                rows.append({"component": comp, "layers": figures.window_label((start, stop)), "start": start,
+                rows.append({"component": comp, "layers": window_label((start, stop)), "start": start,
                              "stop": stop, self.labels[0]: float(a[comp][w]), self.labels[1]: float(b[comp][w]),
                              "difference": float(b[comp][w] - a[comp][w])})
         return pd.DataFrame(rows)
 
     def figure(self, *, aggregate: str = "mean") -> go.Figure:
         """Three heatmaps on one diverging scale centred on 0: ``a``, ``b`` and ``b - a``."""
-        a, b = self.a.aggregated(aggregate), self.b.aggregated(aggregate)
-        diff = self.difference(aggregate)
-        stacked = np.stack([np.stack([v[c] for c in self.a.components]) for v in (a, b, diff)])
-        name = self.a.value_name
-        panels = [self.labels[0], self.labels[1], f"{self.labels[1]} - {self.labels[0]}"]
-        return figures.window_heatmaps(stacked, self.a.components, self.a.windows, panels, columns=1,
-                                       value_name=name, numbered=False, title=f"{name}: {panels[0]} vs {panels[1]} ({aggregate} over "
-                                       f"{figures.plural(len(self.a.questions), 'question')})")
+        return super().figure(aggregate=aggregate)
 
     def to_dict(self) -> dict[str, Any]:
         return {"labels": list(self.labels), "a": self.a.to_dict() | {"format": self.a.format},

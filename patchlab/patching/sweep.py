@@ -37,7 +37,7 @@ from patchlab.patching.result import PatchResult
 from patchlab.patching.windows import Window, sliding_windows
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
 from patchlab.provenance import pair_provenance, settings_key
-from patchlab.reports import results_record
+from patchlab.results import results_record
 
 DEFAULT_COMPONENTS = ("coef", "value", "attn", "coef+attn")
 ENGINES = ("batched", "loop")

@@ -1,4 +1,4 @@
-"""Every plotly figure patchlab draws, in one module: the result classes call these functions.
+"""Every plotly figure patchlab draws, in one module (:mod:`patchlab.reports.views` calls these functions).
 
 * :func:`window_heatmap` / :func:`window_heatmaps`: a score (KRS or any recovery metric) per restored component and
   layer window, one heatmap or one small panel per question, on a diverging colour scale centred on 0;
@@ -27,7 +27,8 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 
 from patchlab.errors import PatchlabValueError
-from patchlab.pair.arch import MODULE_ORDER
+from patchlab.pair.arch import module_order
+from patchlab.patching.windows import window_label
 
 if TYPE_CHECKING:
     from patchlab.probes.base import Interval
@@ -45,12 +46,6 @@ PANEL_TITLE_CHARS = 70
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:
     """``"1 question"``, ``"2 questions"``, ``"0 questions"`` (``plural_form`` for irregular nouns)."""
     return f"{n} {noun if n == 1 else (plural_form or noun + 's')}"
-
-
-def window_label(window: tuple[int, int]) -> str:
-    """The layers of a half-open window ``(start, stop)``, inclusive: ``"0-2"``, or ``"3"`` for one layer."""
-    start, stop = window
-    return str(start) if stop - start == 1 else f"{start}-{stop - 1}"
 
 
 def _check_windows(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -226,13 +221,6 @@ def layer_module_heatmap(table: pd.DataFrame, *, value_name: str, title: str | N
 
 
 # ------------------------------------------------------------------------------------------------- densities
-
-
-def module_order(present: Sequence[str]) -> list[str]:
-    """The module types of ``present`` (repeats allowed) in :data:`patchlab.pair.arch.MODULE_ORDER`; types outside
-    that order are left out."""
-    present = set(present)
-    return [m for m in MODULE_ORDER if m in present]
 
 
 def density_bars(per_module: pd.DataFrame, methods: Sequence[str]) -> go.Figure:

@@ -26,14 +26,15 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from patchlab.analysis.behavior import SweepTask
 from patchlab.errors import PatchlabValueError
 from patchlab.io import read_json
-from patchlab.cli import quiet
 from patchlab.pair import ModelPair, load_model, load_pair, load_tokenizer
 from patchlab.pair.loading import check_tokenizers
-from patchlab.toy.cache import METHOD_SETTINGS, cache_dir, load_or_build
-from patchlab.toy.corpus import ASSETS, QA, ConceptRecord, World, world
-from patchlab.toy.qa import answers_correct, qa_accuracy
+from patchlab.pair.qa import QA, answers_correct, qa_accuracy
+from patchlab.progress import quiet
+from patchlab.toy.cache import METHOD_SETTINGS, cache_dir, load_or_build, unlearn_data
+from patchlab.toy.corpus import ASSETS, ConceptRecord, World, world
 
 #: The concept :func:`pair` and :func:`unlearned` use by default (always the world's first).
 DEFAULT_CONCEPT = "Veltrani Codex"
@@ -157,6 +158,18 @@ def pair(concept: str = DEFAULT_CONCEPT, method: str = DEFAULT_METHOD, *, checkp
                    forget_texts=list(record.forget_paragraphs), retain_model=retain_model)
 
 
+def sweep_task(concept: str | None = None, checkpoint: PathLike | None = None) -> SweepTask:
+    """The toy world's method-sweep task for ``concept`` (default: the toy default): its paragraphs as forget set, the
+    other concepts' paragraphs as retain set and covariance sample, its 10 QA and 50 unrelated QA."""
+    world_ = world() if checkpoint is None else world(checkpoint)
+    record = world_.record(concept or DEFAULT_CONCEPT)
+    forget, retain_ = unlearn_data(world_, record.concept)
+    return SweepTask(name=f"toy world: {record.concept}", forget=forget, retain=retain_,
+                     target_questions=[q.question for q in record.qa],
+                     unrelated_questions=[q.question for q in record.unrelated_qa], subject=record.concept,
+                     cov_texts=world_.training_texts())
+
+
 __all__ = ["DEFAULT_CONCEPT", "DEFAULT_METHOD", "METHOD_SETTINGS", "QA", "RETAIN_ASSETS", "ConceptRecord", "ToyPair",
-           "World", "answers_correct", "cache_dir", "concepts", "pair", "qa_accuracy", "retain", "unlearned",
-           "vanilla", "world"]
+           "World", "answers_correct", "cache_dir", "concepts", "pair", "qa_accuracy", "retain", "sweep_task",
+           "unlearned", "vanilla", "world"]

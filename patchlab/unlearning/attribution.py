@@ -36,8 +36,7 @@ from patchlab.pair.arch import MODULE_ORDER, arch_spec, layer_index
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.sites import hooks
 from patchlab.provenance import checkpoint_record, environment
-from patchlab.reports import figures
-from patchlab.reports.results import Result, register_result
+from patchlab.results import Result, register_result
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
 
@@ -552,9 +551,7 @@ class DensityReport(Result):
         """
         if view not in DENSITY_VIEWS:
             raise PatchlabValueError(f"view must be one of {DENSITY_VIEWS}, got {view!r}")
-        if view == "modules":
-            return figures.density_bars(self.per_module, self.methods)
-        return figures.density_heatmaps(self.table, self.methods)
+        return super().figure(view=view)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """``density`` (:attr:`table`) and ``density_modules`` (:attr:`per_module`)."""

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.cli import quiet
+from patchlab.progress import quiet
 from patchlab.errors import MissingDependencyError, PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir
 from patchlab.pair import ModelSpec, TokenizerSpec, load_model, load_tokenizer

@@ -6,6 +6,17 @@ audit) is a :class:`Result`: ``to_frame()`` gives its long table, ``save(path)``
 output directory (claimed first: :class:`patchlab.io.OutputDir`). A result type is one class registered with
 :func:`register_result`; :func:`load_result` reads any result file back by its format tag.
 
+**Figures.** Drawing belongs to the presentation layer (:mod:`patchlab.reports`), above every result type: a result's
+:meth:`Result.figure` calls the figure function registered for its type with :func:`register_figure`, and
+``import patchlab`` (which any ``import patchlab.x`` runs first) loads that layer, so every built-in result draws. The
+audit's probes are drawn the same way, by probe name.
+
+**Partial results.** A JSON results file that a run rewrites as it goes (after each finished unit of work, so an
+interrupted run keeps what it finished) carries ``"partial": true`` until the run has written everything, then
+``"partial": false``: build it with :func:`results_record`, read the flag with :func:`is_partial`. Files are
+written atomically (:func:`patchlab.io.atomic_write_json`), so a reader sees either the previous or the next
+version, never a half-written one.
+
 The result types: :class:`patchlab.patching.result.PatchResult` and ``PatchComparison`` (patching sweeps),
 :class:`patchlab.analysis.paramdiff.ParamDiff` (parameter diffs), :class:`patchlab.unlearning.attribution.DensityReport`
 (mask densities), :class:`patchlab.analysis.behavior.BehaviorResult` and ``SweepResult`` (behavioural tests, the
@@ -15,7 +26,7 @@ method sweep) and :class:`patchlab.probes.report.AuditReport` (the residual-know
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -29,6 +40,10 @@ from patchlab.provenance import short_name
 R = TypeVar("R", bound="Result")
 
 _RESULT_TYPES: dict[str, type[Result]] = {}
+#: Figure functions by what they draw: a :class:`Result` subclass or a probe's name (see :func:`register_figure`).
+_FIGURES: dict[type | str, Callable[..., Any]] = {}
+#: The key of the partial-results flag in JSON results files.
+PARTIAL = "partial"
 
 
 class Result:
@@ -60,8 +75,9 @@ class Result:
         raise NotImplementedError
 
     def figure(self, **kwargs: Any) -> Any:
-        """The main interactive plotly figure."""
-        raise NotImplementedError
+        """The main interactive plotly figure: the figure function registered for this type
+        (:func:`register_figure`), called with the result and ``kwargs``."""
+        return figure_function(type(self))(self, **kwargs)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """The CSV tables of the report, by file stem (default: :meth:`to_frame` under :attr:`kind`)."""
@@ -148,6 +164,64 @@ def load_result(path: str | os.PathLike) -> Result:
         raise PatchlabValueError(f"{path} is not a patchlab result file (format {tag!r}); known: "
                                  f"{', '.join(sorted(_RESULT_TYPES))}")
     return _RESULT_TYPES[tag].load(path)
+
+
+def register_figure(key: type | str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register the function that draws ``key``, a :class:`Result` subclass (called as
+    ``fn(result, **figure_kwargs)`` by :meth:`Result.figure`, for the subclasses too) or a probe's name (called
+    with the audit's ``[(pair label, ProbeResult)]``). A later registration for the same key replaces the earlier
+    one (a custom style).
+
+    Raises:
+        PatchlabValueError: ``key`` is neither a class nor a non-empty string.
+    """
+    if not (isinstance(key, type) or (isinstance(key, str) and key)):
+        raise PatchlabValueError(f"a figure is registered for a result class or a probe name, got {key!r}")
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _FIGURES[key] = fn
+        return fn
+
+    return register
+
+
+def figure_function(key: type | str) -> Callable[..., Any]:
+    """The figure function registered for ``key`` (a result class, looked up along its bases, or a probe's name).
+
+    Raises:
+        PatchlabValueError: none is registered.
+    """
+    for candidate in key.__mro__ if isinstance(key, type) else (key,):
+        if candidate in _FIGURES:
+            return _FIGURES[candidate]
+    name = key.__name__ if isinstance(key, type) else repr(key)
+    raise PatchlabValueError(f"no figure is registered for {name}: define its figure() or register one with "
+                             "patchlab.results.register_figure")
+
+
+def results_record(data: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
+    """``data`` with ``"partial": partial`` first (a run's JSON results, finished or not).
+
+    Raises:
+        PatchlabValueError: ``data`` is not a mapping or already holds a ``"partial"`` key, or ``partial`` is not a
+            bool.
+    """
+    if not isinstance(data, Mapping) or PARTIAL in data:
+        raise PatchlabValueError(f"results must be a mapping without a {PARTIAL!r} key")
+    if not isinstance(partial, bool):
+        raise PatchlabValueError(f"partial must be True or False, got {partial!r}")
+    return {PARTIAL: partial, **data}
+
+
+def is_partial(data: Mapping[str, Any]) -> bool:
+    """Whether a results record (read back from JSON) says its run had not finished.
+
+    Raises:
+        PatchlabValueError: ``data`` carries no boolean ``"partial"`` flag.
+    """
+    if not isinstance(data, Mapping) or not isinstance(data.get(PARTIAL), bool):
+        raise PatchlabValueError(f"a results record carries a boolean {PARTIAL!r} flag")
+    return data[PARTIAL]
 
 
 def model_names(provenance: Mapping[str, Any]) -> tuple[str | None, str | None]:
