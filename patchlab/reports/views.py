@@ -59,7 +59,8 @@ def patch_comparison(result: PatchComparison, *, aggregate: str = "mean") -> go.
     name = result.a.value_name
     panels = [result.labels[0], result.labels[1], f"{result.labels[1]} - {result.labels[0]}"]
     return figures.window_heatmaps(stacked, result.a.components, result.a.windows, panels, columns=1,
-                                   value_name=name, numbered=False, title=f"{name}: {panels[0]} vs {panels[1]} ({aggregate} over "
+                                   value_name=name, numbered=False,
+                                   title=f"{name}: {panels[0]} vs {panels[1]} ({aggregate} over "
                                    f"{figures.plural(len(result.a.questions), 'question')})")
 
 
