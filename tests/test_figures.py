@@ -3,6 +3,7 @@ flag of patchlab.reports; HTML pages that share one offline plotly.js."""
 
 from __future__ import annotations
 
+import html
 import re
 
 import numpy as np
@@ -81,6 +82,80 @@ def test_per_question_panels_share_one_colour_scale():
     assert all(list(fig.layout[f"xaxis{i or ''}"].ticktext)[0] == "0-2" for i in ("", 2, 3))
     with pytest.raises(PatchlabValueError, match="panels, rows, windows"):
         figures.window_heatmaps(values[:2], ROWS, sliding_windows(6, 5), questions)
+
+
+def _sweep(n_questions: int) -> "PatchResult":
+    """A synthetic KRS sweep of ``n_questions`` questions on 3 components and 6 windows (no model run)."""
+    from patchlab.patching.result import PatchResult
+
+    rng = np.random.default_rng(n_questions)
+    windows = sliding_windows(6, 5)
+    per_question = {c: rng.normal(0.3, 0.6, (n_questions, len(windows))) for c in ROWS}
+    questions = [f"who kept <the> Veltrani Codex in year {i} of the long northern winter, and where?" if i % 2
+                 else f"who wrote text {i}?" for i in range(n_questions)]
+    return PatchResult(scores={c: v.mean(0) for c, v in per_question.items()}, per_question=per_question,
+                       windows=windows, questions=questions, answers=[""] * n_questions,
+                       weights=np.ones(n_questions), settings={"window": 5, "n_tokens": 30})
+
+
+@pytest.mark.parametrize("n_questions", [1, 10, 2000])
+def test_per_question_page_stays_bounded_whatever_the_question_count(n_questions):
+    """One heatmap per component (two, top and bottom k, past QUESTION_ROWS questions): 2,000 questions once
+    gave 2,001 traces on a 202,120 px page."""
+    res = _sweep(n_questions)
+    fig = res.figure(per_question=True)
+    panels = 1 if n_questions <= figures.QUESTION_ROWS else 2
+    assert len(fig.data) == panels * len(ROWS)
+    assert fig.layout.height <= 260 + figures.QUESTION_PX * figures.QUESTION_ROWS
+    assert sum(len(t.y) for t in fig.data) == min(n_questions, figures.QUESTION_ROWS) * len(ROWS)
+    axis = fig.layout.coloraxis  # one colour bar, diverging and centred on 0 for every panel
+    assert axis.cmid == 0 and axis.cmin == -axis.cmax and {t.coloraxis for t in fig.data} == {"coloraxis"}
+    assert len(fig.to_json()) < 400_000
+
+
+def test_per_question_rows_are_ranked_with_a_dropdown_per_component():
+    res = _sweep(2000)
+    fig = res.figure(per_question=True)
+    buttons = fig.layout.updatemenus[0].buttons
+    assert [b.label for b in buttons] == ROWS
+    assert [t.visible for t in fig.data] == [True, True] + [False] * 4  # the first component shown
+    for c, (comp, button) in enumerate(zip(ROWS, buttons)):
+        visible, layout = button.args
+        assert visible["visible"] == [i // 2 == c for i in range(6)]
+        means = res.per_question[comp].mean(1)
+        order = np.argsort(-means, kind="stable")
+        top, bottom = fig.data[2 * c], fig.data[2 * c + 1]
+        np.testing.assert_array_equal(np.asarray(top.z), res.per_question[comp][order[:20]])  # highest first
+        np.testing.assert_array_equal(np.asarray(bottom.z), res.per_question[comp][order[-20:]])
+        labels = layout["yaxis.ticktext"]
+        assert labels[0].startswith(f"Q{order[0] + 1}: ") and len(labels) == 20
+        assert all(len(html.unescape(label)) <= figures.QUESTION_LABEL_CHARS for label in labels)
+        assert layout["yaxis2.ticktext"][-1].startswith(f"Q{order[-1] + 1}: ")
+    # the first component's labels are the page's own; the long question is cut in the label, whole in the hover
+    assert list(fig.layout.yaxis.ticktext) == list(buttons[0].args[1]["yaxis.ticktext"])
+    q = int(order[0])  # of the last component
+    hover = fig.data[-2].text[0][1]
+    assert hover.startswith(f"Q{q + 1}: ") and f"rank 1 of 2,000 by mean KRS ({means[q]:.3f})" in hover
+    assert f"{ROWS[-1]}, layers 0-3<br>KRS {res.per_question[ROWS[-1]][q, 1]:.3f}" in hover
+    long = next(t for t in fig.data[0].text if "Veltrani" in t[0])[0]
+    assert "&lt;the&gt; Veltrani Codex" in long and "winter, and where?" in long.replace("<br>", " ")  # escaped, whole
+    assert not UNFORMATTED.search(fig.data[0].hovertemplate)
+
+
+def test_question_heatmap_rejects_bad_shapes():
+    windows = sliding_windows(6, 5)
+    with pytest.raises(PatchlabValueError, match="components, questions, windows"):
+        figures.question_heatmap(np.zeros((3, 2, 5)), ROWS, windows, ["a", "b"])
+    with pytest.raises(PatchlabValueError, match="at least one of each"):
+        figures.question_heatmap(np.zeros((3, 0, 6)), ROWS, windows, [])
+    with pytest.raises(PatchlabValueError, match="shown must be"):
+        figures.question_heatmap(np.zeros((3, 2, 6)), ROWS, windows, ["a", "b"], shown=1)
+
+
+def test_ranked_rows_put_all_nan_rows_last():
+    values = np.array([[0.1, 0.2], [np.nan, np.nan], [0.9, np.nan], [-1.0, 0.0]])
+    assert [list(b) for b in figures.ranked_rows(values, 4)] == [[2, 0, 3, 1]]
+    assert [list(b) for b in figures.ranked_rows(values, 3)] == [[2], [3, 1]]
 
 
 def test_titles_count_with_correct_plurals_and_name_the_models():

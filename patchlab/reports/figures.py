@@ -15,6 +15,8 @@ with :func:`plural`.
 from __future__ import annotations
 
 import math
+import textwrap
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,9 @@ HOVER_DIGITS, CELL_DIGITS = 3, 2
 ROW_PX, PANEL_PX = 28, 90
 #: Characters of a question kept in a panel title.
 PANEL_TITLE_CHARS = 70
+#: Questions drawn by :func:`question_heatmap` (beyond it: the highest and lowest half each), the height in
+#: pixels of one question's row, the characters of a question kept in its tick label, and the width of hover lines.
+QUESTION_ROWS, QUESTION_PX, QUESTION_LABEL_CHARS, HOVER_WRAP_CHARS = 40, 22, 48, 80
 
 
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:
@@ -159,6 +164,119 @@ def window_heatmaps(values: Float[np.ndarray, "panel row window"], rows: Sequenc
 
 def _short(text: str, limit: int = PANEL_TITLE_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _plain(text: str) -> str:
+    """``text`` safe inside plotly's pseudo-HTML labels: ``<`` and ``>`` escaped, so a question is never read as
+    markup."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _wrapped(text: str, width: int = HOVER_WRAP_CHARS) -> str:
+    """``text`` escaped (:func:`_plain`) and broken into hover lines of at most ``width`` characters."""
+    return "<br>".join(_plain(line) for line in textwrap.wrap(text, width) or [""])
+
+
+def ranked_rows(values: Float[np.ndarray, "row column"], shown: int) -> list[np.ndarray]:
+    """Row indices ordered by their mean over columns, highest first (rows that are all NaN last, ties in row
+    order): every row if there are at most ``shown``, else two blocks, the ``shown // 2`` highest and the
+    ``shown - shown // 2`` lowest (still highest first).
+
+    Raises:
+        PatchlabValueError: ``shown < 2``.
+    """
+    if not isinstance(shown, int) or shown < 2:
+        raise PatchlabValueError(f"shown must be an integer >= 2, got {shown!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row: its mean is NaN, ranked last
+        means = np.nanmean(values, axis=1)
+    order = np.lexsort((np.arange(len(means)), -np.nan_to_num(means, nan=-np.inf)))
+    if len(order) <= shown:
+        return [order]
+    return [order[:shown // 2], order[len(order) - (shown - shown // 2):]]
+
+
+def question_heatmap(values: Float[np.ndarray, "component question window"], components: Sequence[str],
+                     windows: Sequence[tuple[int, int]], questions: Sequence[str], *, title: str | None = None,
+                     value_name: str = "KRS", shown: int = QUESTION_ROWS, show_values: bool = True,
+                     x_title: str = "layers restored (window)") -> go.Figure:
+    """A per-question sweep as one question x window heatmap per restored component, a dropdown picking the
+    component; a page of bounded size whatever the number of questions.
+
+    Questions (rows) are ranked by their mean score over windows for the component shown, highest first, and
+    labelled ``Q<k>: <question>`` cut to :data:`QUESTION_LABEL_CHARS` characters; a cell's hover holds the whole
+    question, its rank and mean, the window's layers and the score (:data:`HOVER_DIGITS` decimals). With more than
+    ``shown`` questions only the ``shown // 2`` highest and the rest of ``shown`` lowest are drawn, in two panels
+    (every score stays in the result's per-question table). All panels share one diverging colour scale centred on
+    0, with one colour bar. Traces: one per component and panel (at most ``2 * len(components)``); height: at most
+    ``shown`` rows of :data:`QUESTION_PX` pixels plus margins.
+
+    Args:
+        values: ``[n_components, n_questions, n_windows]`` scores (NaN cells are left blank).
+        components: a label per component (the dropdown's entries). windows: half-open ``(start, stop)`` ranges.
+        questions: the questions, in the sweep's order (``Q1`` is the first).
+        shown: the most questions drawn (>= 2).
+
+    Raises:
+        PatchlabValueError: ``values`` is not ``[len(components), len(questions), len(windows)]``, there is no
+            component or question, a window is not a range, or ``shown < 2``.
+    """
+    windows = _check_windows(windows)
+    z = np.asarray(values, dtype=float)
+    if z.shape != (len(components), len(questions), len(windows)) or not len(components) or not len(questions):
+        raise PatchlabValueError(f"values must be [components, questions, windows] = [{len(components)}, "
+                                 f"{len(questions)}, {len(windows)}] with at least one of each, got {z.shape}")
+    labels = [window_label(w) for w in windows]
+    blocks = [ranked_rows(comp, shown) for comp in z]
+    n, n_panels = len(questions), len(blocks[0])
+    if n_panels == 1:
+        fig = go.Figure()
+        spans = [f"all {plural(n, 'question')}, highest mean {value_name} first"]
+    else:
+        top, bottom = len(blocks[0][0]), len(blocks[0][1])
+        spans = [f"the {top} highest mean {value_name} of {n:,} questions",
+                 f"the {bottom} lowest mean {value_name} (ranks {n - bottom + 1:,}-{n:,})"]
+        fig = make_subplots(rows=2, cols=1, subplot_titles=spans, row_heights=[top, bottom], vertical_spacing=0.1)
+    y_layout: list[dict] = []
+    for c, (name, comp, parts) in enumerate(zip(components, z, blocks)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.nanmean(comp, axis=1)
+        rank = {int(q): r + 1 for r, q in enumerate(np.concatenate(parts))} if n_panels == 1 else \
+            {int(q): r + 1 for r, q in enumerate(parts[0])} | {int(q): n - len(parts[1]) + r + 1
+                                                                for r, q in enumerate(parts[1])}
+        ticks = {}
+        for panel, rows in enumerate(parts):
+            head = [f"Q{q + 1}: {_wrapped(questions[q])}<br>rank {rank[int(q)]:,} of {n:,} by mean {value_name} "
+                    f"({means[q]:.{HOVER_DIGITS}f})" for q in rows]
+            hover = [[f"{h}<br>{name}, layers {label}<br>{value_name} {v:.{HOVER_DIGITS}f}"
+                      for label, v in zip(labels, comp[q])] for h, q in zip(head, rows)]
+            trace = go.Heatmap(z=comp[rows], x=list(range(len(labels))), y=list(range(len(rows))), text=hover,
+                               coloraxis="coloraxis", hovertemplate="%{text}<extra>" + _plain(name) + "</extra>",
+                               texttemplate=f"%{{z:.{CELL_DIGITS}f}}" if show_values else None, hoverongaps=False,
+                               visible=c == 0, name=name)
+            fig.add_trace(trace, **({"row": panel + 1, "col": 1} if n_panels > 1 else {}))
+            axis = "yaxis" if panel == 0 else f"yaxis{panel + 1}"
+            ticks[f"{axis}.ticktext"] = [_plain(_short(f"Q{q + 1}: {questions[q]}", QUESTION_LABEL_CHARS))
+                                         for q in rows]
+            ticks[f"{axis}.tickvals"] = list(range(len(rows)))
+        y_layout.append(ticks)
+    per_component = len(blocks[0])
+    buttons = [{"label": name, "method": "update",
+                "args": [{"visible": [i // per_component == c for i in range(len(fig.data))]}, y_layout[c]]}
+               for c, name in enumerate(components)]
+    rows_drawn = sum(len(b) for b in blocks[0])
+    fig.update_layout(
+        title=title, coloraxis=_coloraxis(_colour_bound(z), value_name), height=260 + QUESTION_PX * rows_drawn,
+        margin={"l": 20, "t": 130}, updatemenus=[{"buttons": buttons, "active": 0, "x": 0, "xanchor": "left",
+                                                 "y": 1.0, "yanchor": "bottom", "pad": {"b": 30 if n_panels > 1 else 8}}])
+    fig.add_annotation(text="restored component:", x=0, xref="paper", xanchor="right", y=1.0, yref="paper",
+                       yanchor="bottom", yshift=(34 if n_panels > 1 else 12), showarrow=False)
+    fig.update_layout(y_layout[0])
+    fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, title_text=x_title)
+    fig.update_yaxes(autorange="reversed", tickmode="array", automargin=True)
+    fig.update_yaxes(title_text=f"question ({spans[0]})" if n_panels == 1 else "question")
+    return fig
 
 
 def krs_title(n_questions: int, *, aggregate: str = "mean", per_question: bool = False, window: int | None = None,
