@@ -256,3 +256,91 @@ def test_report_writers_share_one_bundle(vanilla_models, tmp_path):
     pages = [p for p in paths.values() if p.suffix == ".html"]
     assert len(pages) == 4 and [p.name for p in (tmp_path / "out").glob("*.js")] == [plotlyjs_name()]
     assert sum(p.stat().st_size for p in pages) < 200_000
+
+
+# ---------------------------------------------------------------------------- titles, cells, labels (issue 17)
+
+
+def test_paramdiff_titles_name_both_models(vanilla_models):
+    from patchlab.analysis.paramdiff import METRICS, paramdiff
+    from patchlab.reports.results import model_names
+    from tests.conftest import ATTN_OR_UP, perturbed
+
+    llama = vanilla_models["llama"]
+    diff = paramdiff(llama, perturbed(llama, ATTN_OR_UP), progress=False)
+    vanilla, unlearned = model_names(diff.provenance)
+    assert vanilla and unlearned
+    for metric in METRICS:
+        title = diff.figure(metric).layout.title.text
+        assert f"<sup>unlearned: {unlearned} vs vanilla: {vanilla}</sup>" in title, title
+
+
+def _density_report(unscored: set[str]):
+    """A two-method density report of a tiny LLaMA whose ``wanda`` mask leaves the ``unscored`` module types out
+    (as wanda leaves the norms), at ratio 0.3 per layer."""
+    from patchlab.pair.arch import arch_spec
+    from patchlab.tiny import tiny_model
+    from patchlab.unlearning.attribution import density, density_report, mask, scores
+
+    model = tiny_model("llama", 40, n_layers=2)
+    spec = arch_spec(model)
+    full = mask(scores(model, method="random", seed=0), 0.3, per_layer=True)
+    partial = {n: m for n, m in full.items() if spec.module_type(n) not in unscored}
+    return density_report({"random": density(full, model), "wanda": density(partial, model)}, model=model,
+                          source="org/tiny-llama", settings={"ratio": 0.3, "per_layer": True})
+
+
+def test_density_pages_say_not_scored_name_the_model_and_ratio_and_show_cell_values():
+    report = _density_report({"norm", "embedding"})
+    heat, bars = report.figure("layers"), report.figure("modules")
+    for fig in (heat, bars):
+        assert "<sup>model: org/tiny-llama; top 30% of weights selected by each method, within each layer</sup>" \
+            in fig.layout.title.text
+    random, wanda = heat.data
+    assert random.colorbar.title.text == "fraction<br>selected" and random.texttemplate == "%{text}"
+    norm = list(wanda.x).index("norm")
+    z = np.asarray(wanda.z, dtype=float)
+    assert np.isnan(z[:, norm]).all() and not np.isnan(np.delete(z, norm, axis=1)).any()  # blank, not 0
+    assert {row[norm] for row in wanda.text} == {"not<br>scored"} and {row[norm] for row in wanda.customdata} \
+        == {"not scored"}
+    cells = report.table.query("method == 'wanda' and module == 'attn_q'").set_index("layer")["density"]
+    assert [row[list(wanda.x).index("attn_q")] for row in wanda.text] == [f"{cells[int(y)]:.2f}" for y in wanda.y]
+    assert not any("not" in t for row in random.text for t in row)
+    texts = dict(zip(bars.data[1].x, bars.data[1].text))  # wanda's bars
+    assert texts["norm"] == texts["embedding"] == "not scored" and texts["attn_q"] == ""
+    assert "not scored" not in set(bars.data[0].text)
+    assert report.per_module.query("method == 'wanda' and module == 'norm'")["density"].item() == 0  # data kept
+
+
+def test_density_pages_of_results_saved_before_the_scored_column(tmp_path):
+    import patchlab
+
+    report = _density_report({"norm"})
+    data = report.to_dict()
+    for row in data["densities"]:
+        del row["scored"]
+    old = type(report).from_dict(data)
+    assert "scored" not in old.table and "scored" not in old.per_module
+    assert not any("not" in t for trace in old.figure("layers").data for row in trace.text for t in row)
+    assert isinstance(patchlab.load_result(report.save(tmp_path / "d.json")), type(report))
+
+
+def test_sweep_points_are_labelled_by_strength():
+    frame = pd.DataFrame([{"method": m, "strength": s, "settings": "{}", "target_bleu": 90 - 30 * s,
+                           "unrelated_bleu": 95 - 5 * s, "target_rouge_l": 0.5, "unrelated_rouge_l": 0.5}
+                          for m in ("ga", "npo") for s in (2, 0, 1)])
+    fig = figures.sweep_scatter(frame, "t")
+    for trace in fig.data:
+        assert "text" in trace.mode and list(trace.text) == ["0", "1", "2"]  # weakest to strongest
+        assert list(trace.x) == [90, 60, 30] and trace.textfont.color == trace.line.color
+    assert "strength" in fig.layout.legend.title.text
+
+
+def test_curves_of_one_pair_differ_by_colour():
+    from patchlab.probes.base import Interval
+
+    ivs = [Interval(0.5, 0.4, 0.6)] * 3
+    lines = [figures.curve(range(3), ivs, name=f"r{r}", index=p, role=r, roles=3)[1] for p in (0, 1) for r in range(3)]
+    assert len({line.line.color for line in lines}) == 6
+    with pytest.raises(PatchlabValueError, match="role must be"):
+        figures.curve(range(3), ivs, name="x", index=0, role=2, roles=2)

@@ -6,7 +6,8 @@
 * :func:`density_bars` / :func:`density_heatmaps`: WAGLE's mask-density figures, methods side by side;
 * :func:`sweep_scatter`: the method sweep's target vs unrelated BLEU (Hong et al., Fig. 2);
 * :func:`verdict_grid`: the audit's overview, a verdict per probe and audited pair;
-* :func:`curve` / :func:`colour`: the audit probes' curves with bootstrap bands, one colour per audited pair.
+* :func:`curve` / :func:`colour`: the audit probes' curves with bootstrap bands, one colour per audited pair and
+  curve role (unlearned, vanilla, retain...).
 
 Hover values are rounded (:data:`HOVER_DIGITS` decimals, or 3 significant digits on log scales); titles count
 with :func:`plural`.
@@ -40,6 +41,8 @@ DIVERGING = plotly.colors.diverging.RdBu
 HOVER_DIGITS, CELL_DIGITS = 3, 2
 #: Height in pixels of one heatmap row, and of a panel's title and axis margins.
 ROW_PX, PANEL_PX = 28, 90
+#: What a density figure shows for weights a method does not score (e.g. wanda's norms), instead of 0.
+NOT_SCORED = "not scored"
 #: Characters of a question kept in a panel title.
 PANEL_TITLE_CHARS = 70
 #: Questions drawn by :func:`question_heatmap` (beyond it: the highest and lowest half each), the height in
@@ -292,8 +295,17 @@ def krs_title(n_questions: int, *, aggregate: str = "mean", per_question: bool =
     else:
         head = f"{metric}, {aggregate} over {plural(n_questions, 'question')}"
     details_text = ", ".join(d for d in details if d)
-    models = " vs ".join(f"{who}: {name}" for who, name in (("unlearned", unlearned), ("vanilla", vanilla)) if name)
-    return head + (f" ({details_text})" if details_text else "") + (f"<br><sup>{models}</sup>" if models else "")
+    return with_subtitle(head + (f" ({details_text})" if details_text else ""), models_line(vanilla, unlearned))
+
+
+def models_line(vanilla: str | None, unlearned: str | None) -> str:
+    """``"unlearned: <name> vs vanilla: <name>"`` for the names given (``""`` for none)."""
+    return " vs ".join(f"{who}: {name}" for who, name in (("unlearned", unlearned), ("vanilla", vanilla)) if name)
+
+
+def with_subtitle(title: str, subtitle: str | None) -> str:
+    """``title`` with ``subtitle`` as a smaller second line (plotly's ``<br><sup>``), if there is one."""
+    return title + (f"<br><sup>{subtitle}</sup>" if subtitle else "")
 
 
 # ------------------------------------------------------------------------------------------ layer x module tables
@@ -353,25 +365,40 @@ def module_order(present: Sequence[str]) -> list[str]:
     return [m for m in MODULE_ORDER if m in present]
 
 
-def density_bars(per_module: pd.DataFrame, methods: Sequence[str]) -> go.Figure:
+def _unscored(frame: pd.DataFrame) -> pd.Series:
+    """Rows of a density frame where the method scored no weight (``scored == 0``; none in frames without a
+    ``scored`` column, saved before it existed)."""
+    return frame["scored"].eq(0) if "scored" in frame else pd.Series(False, index=frame.index)
+
+
+def density_bars(per_module: pd.DataFrame, methods: Sequence[str], *, subtitle: str | None = None) -> go.Figure:
     """Grouped bars of the density (0..1) per module type, one bar per method (columns ``method``, ``module``,
-    ``selected``, ``total``, ``density``, as :func:`patchlab.unlearning.attribution.module_density` gives)."""
+    ``selected``, ``total``, ``scored``, ``density``, as :func:`patchlab.unlearning.attribution.module_density`
+    gives); a module type the method did not score reads "not scored" (no bar), not 0. ``subtitle``: the title's
+    second line (the model and ratio)."""
     order = module_order(per_module["module"])
     bars = go.Figure()
     for method in methods:
         part = per_module[per_module["method"] == method].set_index("module").reindex(order)
-        bars.add_bar(name=method, x=order, y=part["density"], customdata=part[["selected", "total"]].to_numpy(),
+        unscored = _unscored(part).to_numpy()
+        bars.add_bar(name=method, x=order, y=part["density"].where(~unscored, 0.0),
+                     text=np.where(unscored, NOT_SCORED, ""), textposition="outside", cliponaxis=False,
+                     textangle=-90, constraintext="none", textfont={"size": 12}, customdata=np.stack([part["selected"], part["total"],
+                                                         np.where(unscored, f" ({NOT_SCORED})", "")], axis=1),
                      hovertemplate=f"%{{x}}: %{{y:.{HOVER_DIGITS}f}} (%{{customdata[0]:,}} of %{{customdata[1]:,}} "
-                                   "weights)")
-    bars.update_layout(barmode="group", title="Density of selected weights per module type",
-                       xaxis_title="module", yaxis_title="fraction selected", yaxis_range=[0, 1])
+                                   "weights)%{customdata[2]}")
+    bars.update_layout(barmode="group", title=with_subtitle("Density of selected weights per module type", subtitle),
+                       xaxis_title="module", yaxis_title="fraction selected", yaxis_range=[0, 1.05])
     return bars
 
 
-def density_heatmaps(table: pd.DataFrame, methods: Sequence[str]) -> go.Figure:
-    """One layer x module-type heatmap of the density per method (decoder layers only), colours 0..1 shared.
+def density_heatmaps(table: pd.DataFrame, methods: Sequence[str], *, subtitle: str | None = None) -> go.Figure:
+    """One layer x module-type heatmap of the density per method (decoder layers only), colours 0..1 shared, one
+    colour bar ("fraction selected"), each cell showing its value (:data:`CELL_DIGITS` decimals); a cell the method
+    did not score is blank and reads "not scored", not 0. ``subtitle``: the title's second line.
 
-    ``table``: columns ``method``, ``module``, ``layer`` (NA outside the decoder layers), ``density``.
+    ``table``: columns ``method``, ``module``, ``layer`` (NA outside the decoder layers), ``density`` and, when
+    known, ``scored`` (weights the method scored).
 
     Raises:
         PatchlabValueError: no decoder-layer row in ``table``.
@@ -381,16 +408,27 @@ def density_heatmaps(table: pd.DataFrame, methods: Sequence[str]) -> go.Figure:
         raise PatchlabValueError("the density frames have no decoder-layer parameter")
     order = module_order(layered["module"])
     heat = make_subplots(rows=1, cols=len(methods), subplot_titles=list(methods), shared_yaxes=True)
+    layered = layered.assign(unscored=_unscored(layered))
     for col, method in enumerate(methods, start=1):
-        grid = (layered[layered["method"] == method]
-                .pivot_table(index="layer", columns="module", values="density", aggfunc="first")
-                .reindex(columns=order))
-        heat.add_trace(go.Heatmap(z=grid.to_numpy(dtype=float), x=list(grid.columns),
-                                  y=[int(i) for i in grid.index], zmin=0, zmax=1, colorscale="Viridis",
-                                  showscale=col == len(methods),
-                                  hovertemplate=f"layer %{{y}}, %{{x}}: %{{z:.{HOVER_DIGITS}f}}<extra>{method}</extra>"),
+        part = layered[layered["method"] == method]
+        grid = part.pivot_table(index="layer", columns="module", values="density", aggfunc="first").reindex(
+            columns=order)
+        unscored = part.pivot_table(index="layer", columns="module", values="unscored", aggfunc="first").reindex(
+            index=grid.index, columns=order).fillna(False).to_numpy(dtype=bool)
+        z = np.where(unscored, np.nan, grid.to_numpy(dtype=float))
+        text = [[NOT_SCORED.replace(" ", "<br>") if off else _cell(v, False, CELL_DIGITS) for v, off in zip(row, offs)]
+                for row, offs in zip(z, unscored)]
+        hover = [[NOT_SCORED if off else _cell(v, False, HOVER_DIGITS) for v, off in zip(row, offs)]
+                 for row, offs in zip(z, unscored)]
+        heat.add_trace(go.Heatmap(z=z, x=list(grid.columns), y=[int(i) for i in grid.index], zmin=0, zmax=1,
+                                  colorscale="Viridis", showscale=col == len(methods), text=text,
+                                  texttemplate="%{text}", textfont={"size": 10}, customdata=hover, hoverongaps=True,
+                                  colorbar={"title": "fraction<br>selected"},
+                                  hovertemplate=f"layer %{{y}}, %{{x}}: %{{customdata}}<extra>{method}</extra>"),
                        row=1, col=col)
-    heat.update_layout(title="Density of selected weights per layer and module type")
+    heat.update_layout(title=with_subtitle("Density of selected weights per layer and module type", subtitle),
+                       height=max(420, 220 + ROW_PX * layered["layer"].nunique()))
+    heat.update_xaxes(title_text="module")
     heat.update_yaxes(title_text="layer", row=1, col=1)
     return heat
 
@@ -432,16 +470,21 @@ _SWEEP_HOVER = {"target_bleu": ":.1f", "unrelated_bleu": ":.1f", "strength": Tru
 
 def sweep_scatter(frame: pd.DataFrame, title: str) -> go.Figure:
     """Target BLEU (x) against unrelated BLEU (y) per run, coloured by method, each method's strengths joined
-    weakest to strongest (Hong et al., Fig. 2). ``frame``: one row per run with ``method``, ``strength``,
+    weakest to strongest and each point labelled by its strength (0, 1, ...; Hong et al., Fig. 2). ``frame``: one row per run with ``method``, ``strength``,
     ``settings``, ``target_bleu``, ``unrelated_bleu`` (0-100), ``target_rouge_l``, ``unrelated_rouge_l`` (0-1)."""
     frame = frame.sort_values("strength", kind="stable")  # methods keep their first-seen order
     fig = px.line(frame, x="target_bleu", y="unrelated_bleu", color="method", symbol="method", markers=True,
                   hover_data=_SWEEP_HOVER, title=title,
                   labels={"target_bleu": "target QA BLEU (after vs before, 0-100)",
                           "unrelated_bleu": "unrelated QA BLEU (after vs before, 0-100)"})
-    fig.update_traces(marker={"size": 11})
-    fig.update_xaxes(range=[-3, 103])
-    fig.update_yaxes(range=[-3, 103])
+    fig.update_traces(marker={"size": 11}, mode="lines+markers+text", textposition="top right",
+                      textfont={"size": 13}, cliponaxis=False)
+    for trace in fig.data:  # each point labelled by its strength (customdata[0], as _SWEEP_HOVER orders it)
+        trace.text = [f"{int(v)}" for v in trace.customdata[:, 0]]
+        trace.textfont.color = trace.line.color
+    fig.update_layout(legend_title_text="method<br><sup>point labels: strength (0 = weakest)</sup>")
+    fig.update_xaxes(range=[-3, 106])
+    fig.update_yaxes(range=[-3, 106])
     return fig
 
 
@@ -479,7 +522,7 @@ def verdict_grid(cells: Sequence[Sequence[tuple[str, str] | None]], probes: Sequ
 
 # ------------------------------------------------------------------------- curves of several audited pairs --
 
-#: One colour per audited pair in the audit's figures.
+#: One colour per audited pair and curve role in the audit's figures.
 PAIR_PALETTE = plotly.colors.qualitative.D3
 
 
@@ -490,10 +533,16 @@ def colour(i: int, alpha: float = 1.0) -> str:
 
 
 def curve(x: Sequence, intervals: Sequence[Interval], *, name: str, index: int, dash: str = "solid",
-          hover: Sequence[str] | None = None, group: str | None = None, showlegend: bool = True
-          ) -> list[go.Scatter]:
+          role: int = 0, roles: int = 1, hover: Sequence[str] | None = None, group: str | None = None,
+          showlegend: bool = True) -> list[go.Scatter]:
     """A line through the interval values with a shaded band between their bounds (the band is skipped where a
-    bound is NaN). ``hover``: one extra line of hover text per point."""
+    bound is NaN). ``hover``: one extra line of hover text per point.
+
+    Colour: one per audited pair (``index``) and curve ``role`` (e.g. unlearned / vanilla / retain) among the
+    pair's ``roles``, :func:`colour` ``index * roles + role``, so curves differ by colour, not only by ``dash``."""
+    if not 0 <= role < roles:
+        raise PatchlabValueError(f"role must be in 0..{roles - 1}, got {role!r}")
+    index = index * roles + role
     x = list(x)
     values = [iv.value for iv in intervals]
     text = [f"{name}<br>{iv.format(3)}" + (f"<br>{h}" if hover else "")
