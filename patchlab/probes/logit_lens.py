@@ -9,9 +9,9 @@ and, when given, the retain model.
 
 Headline: per question, the largest share over the decoder layers before the last (0 to n - 2: the last one is the
 model's output; layer 0 is the first block's output, not an intermediate layer) of the vanilla model's lens
-log-probability the unlearned model's lens keeps at the same layer, ``clip((u_l - f_l) / (v_l - f_l), 0, 1)``, with the floor ``f_l``
-the retain model's lens at that layer (a model that never learned the answer), else the unlearned model's own
-output; averaged over questions. Verdict: ``intact`` if the unlearned model keeps >= 50% of the vanilla target
+log-probability the unlearned model's lens keeps at the same layer, ``clip((u_l - f_l) / (v_l - f_l), 0, 1)``, with
+the floor ``f_l`` the retain model's lens at that layer (a model that never learned the answer), else the unlearned
+model's own output; averaged over questions. Verdict: ``intact`` if the unlearned model keeps >= 50% of the vanilla target
 accuracy, else ``hidden`` if the headline is >= 0.5 (readable inside, not at the output), else ``erased``.
 """
 

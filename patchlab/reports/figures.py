@@ -271,8 +271,9 @@ def question_heatmap(values: Float[np.ndarray, "component question window"], com
     rows_drawn = sum(len(b) for b in blocks[0])
     fig.update_layout(
         title=title, coloraxis=_coloraxis(_colour_bound(z), value_name), height=260 + QUESTION_PX * rows_drawn,
-        margin={"l": 20, "t": 130}, updatemenus=[{"buttons": buttons, "active": 0, "x": 0, "xanchor": "left",
-                                                 "y": 1.0, "yanchor": "bottom", "pad": {"b": 30 if n_panels > 1 else 8}}])
+        margin={"l": 20, "t": 130},
+        updatemenus=[{"buttons": buttons, "active": 0, "x": 0, "xanchor": "left", "y": 1.0, "yanchor": "bottom",
+                      "pad": {"b": 30 if n_panels > 1 else 8}}])
     fig.add_annotation(text="restored component:", x=0, xref="paper", xanchor="right", y=1.0, yref="paper",
                        yanchor="bottom", yshift=(34 if n_panels > 1 else 12), showarrow=False)
     fig.update_layout(y_layout[0])
@@ -383,8 +384,9 @@ def density_bars(per_module: pd.DataFrame, methods: Sequence[str], *, subtitle: 
         unscored = _unscored(part).to_numpy()
         bars.add_bar(name=method, x=order, y=part["density"].where(~unscored, 0.0),
                      text=np.where(unscored, NOT_SCORED, ""), textposition="outside", cliponaxis=False,
-                     textangle=-90, constraintext="none", textfont={"size": 12}, customdata=np.stack([part["selected"], part["total"],
-                                                         np.where(unscored, f" ({NOT_SCORED})", "")], axis=1),
+                     textangle=-90, constraintext="none", textfont={"size": 12},
+                     customdata=np.stack([part["selected"], part["total"],
+                                          np.where(unscored, f" ({NOT_SCORED})", "")], axis=1),
                      hovertemplate=f"%{{x}}: %{{y:.{HOVER_DIGITS}f}} (%{{customdata[0]:,}} of %{{customdata[1]:,}} "
                                    "weights)%{customdata[2]}")
     bars.update_layout(barmode="group", title=with_subtitle("Density of selected weights per module type", subtitle),
@@ -470,8 +472,9 @@ _SWEEP_HOVER = {"target_bleu": ":.1f", "unrelated_bleu": ":.1f", "strength": Tru
 
 def sweep_scatter(frame: pd.DataFrame, title: str) -> go.Figure:
     """Target BLEU (x) against unrelated BLEU (y) per run, coloured by method, each method's strengths joined
-    weakest to strongest and each point labelled by its strength (0, 1, ...; Hong et al., Fig. 2). ``frame``: one row per run with ``method``, ``strength``,
-    ``settings``, ``target_bleu``, ``unrelated_bleu`` (0-100), ``target_rouge_l``, ``unrelated_rouge_l`` (0-1)."""
+    weakest to strongest and each point labelled by its strength (0, 1, ...; Hong et al., Fig. 2). ``frame``: one
+    row per run with ``method``, ``strength``, ``settings``, ``target_bleu``, ``unrelated_bleu`` (0-100),
+    ``target_rouge_l``, ``unrelated_rouge_l`` (0-1)."""
     frame = frame.sort_values("strength", kind="stable")  # methods keep their first-seen order
     fig = px.line(frame, x="target_bleu", y="unrelated_bleu", color="method", symbol="method", markers=True,
                   hover_data=_SWEEP_HOVER, title=title,
