@@ -27,7 +27,7 @@ from patchlab.pair.weights import CheckpointTensors
 from patchlab.pair import ModelPair
 from patchlab.provenance import pair_provenance
 from patchlab.reports import figures
-from patchlab.reports.results import Result, register_result
+from patchlab.reports.results import Result, model_names, register_result
 
 CHUNK = 1 << 24  # elements per float64 chunk
 #: Per tensor / module / layer: cosine similarity, 1 - cosine, angle (degrees), relative L2 change |b-a|/|a|.
@@ -169,9 +169,10 @@ class ParamDiff(Result):
         (:func:`patchlab.reports.figures.layer_module_heatmap`)."""
         table = self.by_layer(metric)
         label = METRIC_LABELS[metric]
-        return figures.layer_module_heatmap(
-            table, value_name=label, log=metric in LOG_METRICS, decimals=6,
-            title=f"Parameter {label} between vanilla and unlearned, per layer and module")
+        title = figures.with_subtitle(f"Parameter {label} between vanilla and unlearned, per layer and module",
+                                      figures.models_line(*model_names(self.provenance)))
+        return figures.layer_module_heatmap(table, value_name=label, log=metric in LOG_METRICS, decimals=6,
+                                            title=title)
 
     heatmap = figure
 

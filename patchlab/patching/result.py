@@ -157,14 +157,17 @@ class PatchResult(Result):
 
         Args:
             aggregate: ``"mean"`` (mean of per-question scores) or ``"pooled"`` (:meth:`pooled`).
-            per_question: one small panel per question instead of the aggregate.
+            per_question: instead of the aggregate, the questions (rows, ranked by their mean score) x windows of
+                one component at a time, picked from a dropdown; the highest and lowest ranked only beyond
+                :data:`~patchlab.reports.figures.QUESTION_ROWS` questions
+                (:func:`~patchlab.reports.figures.question_heatmap`).
         """
         values = self.aggregated(aggregate)
         title = title or self._title(aggregate, per_question)
         if per_question:
-            stacked = np.stack([self.per_question[c] for c in self.components], axis=1)
-            return figures.window_heatmaps(stacked, self.components, self.windows, self.questions, title=title,
-                                           value_name=self.value_name)
+            stacked = np.stack([self.per_question[c] for c in self.components])
+            return figures.question_heatmap(stacked, self.components, self.windows, self.questions, title=title,
+                                            value_name=self.value_name)
         return figures.window_heatmap(np.stack([values[c] for c in self.components]), self.components, self.windows,
                                       title=title, value_name=self.value_name)
 

@@ -7,10 +7,11 @@ one); for the last layer that is exactly the model's output. Per layer and quest
 answer tokens' mean log-probability (nats) and mean rank (1 = top token), for the vanilla model, the unlearned model
 and, when given, the retain model.
 
-Headline: per question, the largest share over intermediate layers of the vanilla model's lens log-probability the
-unlearned model's lens keeps at the same layer, ``clip((u_l - f_l) / (v_l - f_l), 0, 1)``, with the floor ``f_l``
-the retain model's lens at that layer (a model that never learned the answer), else the unlearned model's own
-output; averaged over questions. Verdict: ``intact`` if the unlearned model keeps >= 50% of the vanilla target
+Headline: per question, the largest share over the decoder layers before the last (0 to n - 2: the last one is the
+model's output; layer 0 is the first block's output, not an intermediate layer) of the vanilla model's lens
+log-probability the unlearned model's lens keeps at the same layer, ``clip((u_l - f_l) / (v_l - f_l), 0, 1)``, with
+the floor ``f_l`` the retain model's lens at that layer (a model that never learned the answer), else the unlearned
+model's own output; averaged over questions. Verdict: ``intact`` if the unlearned model keeps >= 50% of the vanilla target
 accuracy, else ``hidden`` if the headline is >= 0.5 (readable inside, not at the output), else ``erased``.
 """
 
@@ -76,6 +77,14 @@ def readable_shares(unlearned: Float[np.ndarray, "question layer"], vanilla: Flo
     return np.clip(np.divide(unlearned - floor, gap, out=np.zeros_like(gap), where=gap > 1e-9), 0.0, 1.0)
 
 
+def layer_name(layer: int, n_layers: int) -> str:
+    """A decoder layer named by its place: ``"layer 0 (the first decoder layer)"``, ``"layer 3 (intermediate)"``,
+    ``"layer 5 (the last: the model's output)"``."""
+    place = ("the first decoder layer" if layer == 0 else "the last: the model's output" if layer == n_layers - 1
+             else "intermediate")
+    return f"layer {layer} ({place})"
+
+
 def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
         retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
     """The logit-lens probe (module docstring)."""
@@ -89,7 +98,7 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
     shares, best = inside.max(axis=1), int(inside.mean(axis=0).argmax())
     headline = mean_interval(shares, settings)
     verdict, rule = recovery_verdict(headline.value, vanilla.accuracy, unlearned.accuracy,
-                                     "the lens of an intermediate layer")
+                                     "the lens of a layer before the last")
     details = {**baseline(vanilla, unlearned), "floor": "retain" if retain is not None else "unlearned output",
                "shares": shares.tolist(),
                **{f"{who}_{m}": column_intervals(v[m], settings) for who, v in lens.items() for m in MEASURES},
@@ -97,8 +106,20 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
     return ProbeResult(
         probe="logit_lens", score=headline, verdict=verdict, rule=rule, details=details,
         meaning="share of the vanilla model's answer log-probability under the logit lens that the unlearned "
-                "model keeps at its most revealing intermediate layer (0 = none, 1 = all)",
-        note=f"most revealing layer on average: {best}")
+                "model keeps at its most revealing decoder layer before the last (0 = none, 1 = all)",
+        note=f"most revealing layer on average: {layer_name(best, pair.n_layers)}")
+
+
+#: The figure's curves per pair: model and dash (each also its own colour).
+ROLES = (("unlearned", "solid"), ("vanilla", "dot"), ("retain", "dash"))
+
+
+def rank_ticks(highest: float) -> list[int]:
+    """Ticks of a log rank axis from 1 to ``highest``: 1, 2, 5, 10, 20, 50, ... (one past ``highest``)."""
+    ticks = [1]
+    while ticks[-1] < highest:
+        ticks.append(ticks[-1] * 5 // 2 if str(ticks[-1]).startswith("2") else ticks[-1] * 2)
+    return ticks
 
 
 def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
@@ -110,16 +131,21 @@ def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     for i, (label, result) in enumerate(results):
         d = result.details
         for col, measure in enumerate(MEASURES, start=1):
-            for who, dash in (("unlearned", "solid"), ("vanilla", "dot"), ("retain", "dash")):
+            for role, (who, dash) in enumerate(ROLES):
                 key = f"{who}_{measure}"
                 if key not in d:
                     continue
                 ivs = [Interval.from_list(v) for v in d[key]]
                 for trace in curve(range(len(ivs)), ivs, name=f"{label}: {who}", index=i, dash=dash,
+                                   role=role, roles=len(ROLES),
                                    showlegend=col == 1):
                     fig.add_trace(trace, row=1, col=col)
     fig.update_xaxes(title_text="decoder layer read", dtick=1)
-    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_yaxes(title_text="mean log-probability of the answer tokens (nats)", row=1, col=1)
+    ranks = [y for trace in fig.data if trace.xaxis == "x2" for y in trace.y if y is not None and np.isfinite(y)]
+    fig.update_yaxes(type="log", title_text="mean rank of the answer tokens (1 = top token, log scale)",
+                     tickvals=(ticks := rank_ticks(max(ranks, default=1.0))), ticktext=[f"{t:,}" for t in ticks],
+                     row=1, col=2)
     fig.update_layout(title="Logit lens: each layer's residual stream decoded by the model's own head",
                       legend={"title": "pair: model"})
     return fig
@@ -133,4 +159,4 @@ PROBE = Probe(
                 "(solid) and retain (dashed) models. An answer readable in the unlearned model's middle layers but "
                 "not at its output is hidden, not erased (Patil et al., 2023). The headline is the share of the "
                 "vanilla lens log-probability, above the retain model's, that the unlearned model keeps at its most "
-                "revealing intermediate layer. Bands are 95% bootstrap intervals over questions.")
+                "revealing decoder layer before the last. Bands are 95% bootstrap intervals over questions.")

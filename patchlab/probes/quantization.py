@@ -106,6 +106,10 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
         note=f"rounded vanilla accuracy {rounded['vanilla'][-1].accuracy:.2f}")
 
 
+#: The figure's curves per pair: model and dash (each also its own colour).
+ROLES = (("unlearned", "solid"), ("vanilla", "dot"))
+
+
 def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     """Target accuracy (left) and answer log-probability (right) at full precision and at each bit width: the
     unlearned model solid, the vanilla model dotted, per pair, with bootstrap bands; hover adds the recovery."""
@@ -117,10 +121,10 @@ def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
         for col, name in enumerate(SCORES, start=1):
             recovered = ["recovery: -"] + [f"recovery: {Interval.from_list(v).format(2)}"
                                            for v in d[f"recovery_{name}"]]
-            for role, dash in (("unlearned", "solid"), ("vanilla", "dot")):
+            for r, (role, dash) in enumerate(ROLES):
                 ivs = [Interval.from_list(v) for v in d["levels"][role][name]]
-                for trace in curve(x, ivs, name=f"{label}: {role}", index=i, dash=dash, showlegend=col == 1,
-                                   hover=recovered if role == "unlearned" else None):
+                for trace in curve(x, ivs, name=f"{label}: {role}", index=i, dash=dash, role=r, roles=len(ROLES),
+                                   showlegend=col == 1, hover=recovered if role == "unlearned" else None):
                     fig.add_trace(trace, row=1, col=col)
     fig.update_yaxes(range=[-0.05, 1.05], title_text="share answered correctly", row=1, col=1)
     fig.update_xaxes(title_text="weights")

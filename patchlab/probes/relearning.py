@@ -159,6 +159,10 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
                 "the questions (0 = none, 1 = all)")
 
 
+#: The figure's curves per pair: attack and dash (each also its own colour).
+ROLES = (("held_out", "solid"), ("benign", "dash"), ("control", "dot"))
+
+
 def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     """Recovery of accuracy (left) and answer log-probability (right) against fine-tuning steps, per pair: the
     held-out attack solid, the benign one dashed, the retain-model control dotted, with bootstrap bands."""
@@ -166,14 +170,15 @@ def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
                         horizontal_spacing=0.1)
     for i, (label, result) in enumerate(results):
         d = result.details
-        for attack, dash in (("held_out", "solid"), ("benign", "dash"), ("control", "dot")):
+        for role, (attack, dash) in enumerate(ROLES):
             if attack not in d:
                 continue
             for col, name in enumerate(SCORES, start=1):
                 hover = [f"step {k}: accuracy {a:.2f}, log-prob {lp:.2f} nats/token"
                          for k, a, lp in zip(d["steps"], d[attack]["accuracy"], d[attack]["logprob"])]
                 traces = curve(d["steps"], [Interval.from_list(v) for v in d[attack][f"recovery_{name}"]],
-                               name=f"{label}: {attack.replace('_', '-')}", index=i, dash=dash, hover=hover,
+                               name=f"{label}: {attack.replace('_', '-')}", index=i, dash=dash, role=role,
+                               roles=len(ROLES), hover=hover,
                                showlegend=col == 1)
                 for trace in traces:
                     fig.add_trace(trace, row=1, col=col)

@@ -157,6 +157,10 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
         note=f"{int(defined.sum())} of {len(defined)} questions have a layer that encodes the answer")
 
 
+#: The figure's curves per pair: detail key, legend name and dash (each also its own colour).
+ROLES = (("d2_mean", "unlearned -> vanilla (d2)", "solid"), ("d1_mean", "retain -> vanilla (d1)", "dot"))
+
+
 def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     """Per layer, the drop of the vanilla answer log-probability when that layer's output comes from the retain
     model (dotted, d1) or from the unlearned model (solid, d2), per pair, with bootstrap bands."""
@@ -166,10 +170,9 @@ def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
         if "d1_mean" not in d:
             continue
         layers = list(range(len(d["d1_mean"])))
-        for key, who, dash in (("d2_mean", "unlearned -> vanilla (d2)", "solid"),
-                               ("d1_mean", "retain -> vanilla (d1)", "dot")):
+        for role, (key, who, dash) in enumerate(ROLES):
             for trace in curve(layers, [Interval.from_list(v) for v in d[key]], name=f"{label}: {who}", index=i,
-                               dash=dash):
+                               dash=dash, role=role, roles=len(ROLES)):
                 fig.add_trace(trace)
     fig.add_hline(y=results[0][1].details.get("threshold", 0.05) if results else 0.05, line_dash="dash",
                   line_color="grey", annotation_text="knowledge threshold", annotation_position="top left")

@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 from patchlab.pair.arch import MODULE_ORDER, arch_spec, layer_index
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.sites import hooks
-from patchlab.provenance import checkpoint_record, environment
+from patchlab.provenance import checkpoint_record, environment, short_name
 from patchlab.reports import figures
 from patchlab.reports.results import Result, register_result
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
@@ -453,7 +453,9 @@ def overlap(mask_a: Mask, mask_b: Mask) -> float:
 
 def density(mask: Mask, model: PreTrainedModel) -> pd.DataFrame:
     """Selected weights per (module type, layer): columns ``module``, ``layer`` (``<NA>`` outside the decoder
-    layers), ``selected``, ``total`` (weight counts) and ``density = selected / total`` (0..1).
+    layers), ``selected``, ``total``, ``scored`` (weight counts; ``scored``: those the mask holds, i.e. that the
+    method scored) and ``density = selected / total`` (0..1; 0 also where nothing was scored, which the figures
+    show as "not scored").
 
     Module types from the family's :attr:`~patchlab.pair.arch.ArchSpec.module_types` (a tied LM head is the
     embedding); parameters of ``model`` absent from the mask count as not selected.
@@ -462,16 +464,17 @@ def density(mask: Mask, model: PreTrainedModel) -> pd.DataFrame:
         PatchlabValueError: a mask tensor does not have its parameter's shape.
     """
     spec = arch_spec(model)
-    rows: dict[tuple[str, int | None], list[int]] = {}
+    rows: dict[tuple[str, int | None], list[int]] = {}  # (module, layer) -> [selected, total, scored]
     for name, p in model.named_parameters():
         m = mask.get(name)
         if m is not None and tuple(m.shape) != tuple(p.shape):
             raise PatchlabValueError(f"mask for {name} has shape {tuple(m.shape)}, the parameter {tuple(p.shape)}")
-        cell = rows.setdefault((spec.module_type(name), layer_index(name, spec)), [0, 0])
+        cell = rows.setdefault((spec.module_type(name), layer_index(name, spec)), [0, 0, 0])
         cell[0] += int(m.sum()) if m is not None else 0
         cell[1] += p.numel()
-    frame = pd.DataFrame([(k, layer, s, t) for (k, layer), (s, t) in rows.items()],
-                         columns=["module", "layer", "selected", "total"])
+        cell[2] += p.numel() if m is not None else 0
+    frame = pd.DataFrame([(k, layer, s, t, n) for (k, layer), (s, t, n) in rows.items()],
+                         columns=["module", "layer", "selected", "total", "scored"])
     frame["layer"] = frame["layer"].astype("Int64")
     frame["density"] = frame["selected"] / frame["total"]
     return frame
@@ -481,7 +484,8 @@ def module_density(frame: pd.DataFrame) -> pd.DataFrame:
     """A :func:`density` frame summed over layers: one row per module type (display order), same columns
     but ``layer``; keeps a ``method`` column if there is one."""
     keys = ["method", "module"] if "method" in frame else ["module"]
-    agg = frame.groupby(keys, as_index=False, sort=False)[["selected", "total"]].sum()
+    counts = [c for c in ("selected", "total", "scored") if c in frame]  # results saved before "scored" lack it
+    agg = frame.groupby(keys, as_index=False, sort=False)[counts].sum()
     agg["density"] = agg["selected"] / agg["total"]
     rank = {m: i for i, m in enumerate(MODULE_ORDER)}
     return agg.sort_values(keys, key=lambda c: c.map(rank) if c.name == "module" else c, kind="stable",
@@ -553,8 +557,20 @@ class DensityReport(Result):
         if view not in DENSITY_VIEWS:
             raise PatchlabValueError(f"view must be one of {DENSITY_VIEWS}, got {view!r}")
         if view == "modules":
-            return figures.density_bars(self.per_module, self.methods)
-        return figures.density_heatmaps(self.table, self.methods)
+            return figures.density_bars(self.per_module, self.methods, subtitle=self.subtitle())
+        return figures.density_heatmaps(self.table, self.methods, subtitle=self.subtitle())
+
+    def subtitle(self) -> str:
+        """The figures' second title line: the scored model and the share of weights selected, e.g.
+        ``"model: toy world: vanilla; top 80% of weights selected by each method, over the whole model"``."""
+        settings = self.provenance.get("settings", {})
+        model = self.provenance.get("model", {}).get("source")
+        ratio = settings.get("ratio")
+        parts = [f"model: {short_name(model)}" if model else "",
+                 f"top {ratio:.0%} of weights selected by each method, "
+                 f"{'within each layer' if settings.get('per_layer') else 'over the whole model'}"
+                 if ratio is not None else ""]
+        return "; ".join(p for p in parts if p)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """``density`` (:attr:`table`) and ``density_modules`` (:attr:`per_module`)."""
