@@ -479,7 +479,7 @@ def test_truncated_safetensors_and_unknown_model_type_give_patchlab_errors(llama
         (truncated / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
     for sequential in (False, True):
         for args in ((root / "vanilla", truncated), (truncated, root / "unlearned")):
-            with pytest.raises(patchlab.PatchlabFileError, match=r"truncated/model.safetensors is truncated or corrupt"):
+            with pytest.raises(patchlab.PatchlabFileError, match="truncated/model.safetensors is truncated or corrupt"):
                 patchlab.load_pair(*args, tokenizer=root / "vanilla", sequential=sequential)
     custom = tmp_path / "custom"
     custom.mkdir()
@@ -490,3 +490,15 @@ def test_truncated_safetensors_and_unknown_model_type_give_patchlab_errors(llama
     for sequential in (False, True):
         with pytest.raises(patchlab.PatchlabFileError, match="could not load .*custom.*model type `mystery_lm`"):
             patchlab.load_pair(root / "vanilla", custom, sequential=sequential)
+
+
+def test_truncated_adapter_weights_are_named(adapter_run, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (adapter_run / "adapter").iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[:100] if f.suffix == ".safetensors" else data)
+    for sequential in (False, True):
+        with pytest.raises(patchlab.PatchlabFileError, match=r"could not load the adapter .*broken/"
+                                                             r"adapter_model.safetensors is truncated or corrupt"):
+            patchlab.load_pair(adapter_run / "vanilla", broken, sequential=sequential)

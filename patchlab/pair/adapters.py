@@ -14,9 +14,11 @@ from typing import Any
 
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
 from patchlab.errors import MissingDependencyError, PatchlabFileError, PatchlabValueError
+from patchlab.pair.weights import check_safetensors
 
 #: The file that marks a directory as a PEFT adapter.
 ADAPTER_CONFIG = "adapter_config.json"
@@ -110,6 +112,7 @@ def merge_adapter(base: PreTrainedModel, adapter_dir: str | os.PathLike) -> PreT
 
     Raises:
         MissingDependencyError: ``peft`` is not installed.
+        PatchlabFileError: the adapter's weights file is truncated or corrupt (named).
         PatchlabValueError: ``base`` is already placed with a device map (merge before dispatching), or the
             adapter does not fit it (other module names or shapes).
     """
@@ -123,6 +126,9 @@ def merge_adapter(base: PreTrainedModel, adapter_dir: str | os.PathLike) -> PreT
         with warnings.catch_warnings():  # peft's own deprecation notices about transformers internals
             warnings.simplefilter("ignore", FutureWarning)
             merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    except SafetensorError as err:
+        check_safetensors(Path(adapter_dir).expanduser(), f"the adapter {str(adapter_dir)!r}")
+        raise PatchlabFileError(f"could not load the adapter {str(adapter_dir)!r}: {err}") from err
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise PatchlabValueError(f"could not apply the adapter {str(adapter_dir)!r} to its base model "
                                  f"({type(base).__name__}): {err}") from err

@@ -20,12 +20,13 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretr
                           PreTrainedTokenizerBase)
 
 from patchlab.errors import PairMismatchError, PatchlabFileError, PatchlabValueError
-from patchlab.pair.adapters import AdapterBaseWarning, adapter_base_name, is_adapter, local_adapter, merge_adapter, same_checkpoint
+from patchlab.pair.adapters import (AdapterBaseWarning, adapter_base_name, is_adapter, local_adapter, merge_adapter,
+                                    same_checkpoint)
 from patchlab.pair.arch import ArchSpec, arch_spec
 from patchlab.pair.placement import (DeviceMap, check_offload_folder, dispatch, input_device, is_dispatched,
                                      resolve_device_map)
 from patchlab.pair.sequential import SequentialPair, meta_skeleton, sequential_pair
-from patchlab.pair.weights import ModelWeights, unreadable_safetensors
+from patchlab.pair.weights import ModelWeights, check_safetensors
 from patchlab.provenance import adapter_digest, describe_source, directory_digest, model_digest
 
 ModelSpec = Union[str, os.PathLike, PreTrainedModel]
@@ -131,11 +132,10 @@ def _from_pretrained(loader: Any, spec: str | os.PathLike, what: str, **kwargs: 
         with _hub_offline() if offline else contextlib.nullcontext():
             return loader.from_pretrained(source, **kwargs)
     except SafetensorError as err:
-        folder = Path(source) if Path(source).is_dir() else None
-        bad = None if folder is None else unreadable_safetensors(folder)
-        where = f"{bad} is truncated or corrupt" if bad is not None else f"a safetensors file of {str(spec)!r} is unreadable"
-        raise PatchlabFileError(f"could not load {what} from {str(spec)!r}: {where} ({err}); re-save or re-download "
-                                "the checkpoint") from err
+        if Path(source).is_dir():
+            check_safetensors(Path(source), f"{what} from {str(spec)!r}")
+        raise PatchlabFileError(f"could not load {what} from {str(spec)!r}: a safetensors file is unreadable ({err})"
+                                ) from err
     except (OSError, ValueError) as err:
         raise PatchlabFileError(
             f"could not load {what} from {str(spec)!r} (a local checkpoint directory, or a hub id when online): {err}"
@@ -193,8 +193,9 @@ def check_dtypes(dtypes_v: list[str], dtypes_u: list[str]) -> None:
 def adapter_base_for(adapter_dir: Path, adapter_base: ModelSpec | None, vanilla: ModelSpec | None = None
                      ) -> ModelSpec:
     """The base model an adapter is merged onto: ``adapter_base`` when given (with an :class:`AdapterBaseWarning`
-    when it is not the checkpoint the adapter config's ``base_model_name_or_path`` names), else ``vanilla`` when that name is the
-    vanilla checkpoint (:func:`~patchlab.pair.adapters.same_checkpoint`), else the named checkpoint itself.
+    when it is not the checkpoint the adapter config's ``base_model_name_or_path`` names), else ``vanilla`` when
+    that name is the vanilla checkpoint (:func:`~patchlab.pair.adapters.same_checkpoint`), else the named
+    checkpoint itself.
 
     Raises:
         PatchlabValueError: the adapter names no base and none is given, or the base is itself an adapter.
@@ -218,9 +219,10 @@ def adapter_base_for(adapter_dir: Path, adapter_base: ModelSpec | None, vanilla:
         try:
             _source(name, "adapter base model")
         except PatchlabFileError as err:
-            raise PatchlabFileError(f"the adapter {str(adapter_dir)!r} names its base model {name!r} "
-                                    f"(base_model_name_or_path in {config}), which cannot be loaded: {err}. Pass "
-                                    "adapter_base=... (--adapter-base) naming the checkpoint it was trained on") from err
+            raise PatchlabFileError(
+                f"the adapter {str(adapter_dir)!r} names its base model {name!r} (base_model_name_or_path in "
+                f"{config}), which cannot be loaded: {err}. Pass adapter_base=... (--adapter-base) naming the checkpoint it was "
+                "trained on") from err
         base = name
     if is_adapter(base):
         raise PatchlabValueError(f"the base of adapter {str(adapter_dir)!r} is itself an adapter ({str(base)!r})")
@@ -297,9 +299,10 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype | None = None, device: str
         PatchlabFileError: the directory does not exist or holds no loadable checkpoint (a truncated or corrupt
             safetensors file is named), the hub id cannot be reached (after at most :data:`HUB_TIMEOUT_S`
             seconds), or an adapter's named base cannot be loaded (pass ``adapter_base``).
-        PatchlabValueError: ``spec`` is of another type, ``dtype``/``device`` for a model already dispatched, ``device`` together with ``device_map``, ``max_memory``
-            or ``offload_folder`` without ``device_map``, a map that offloads to disk without ``offload_folder``,
-            an adapter that names no base model (pass ``adapter_base``) or does not fit it.
+        PatchlabValueError: ``spec`` is of another type, ``dtype``/``device`` for a model already dispatched,
+            ``device`` together with ``device_map``, ``max_memory`` or ``offload_folder`` without ``device_map``, a
+            map that offloads to disk without ``offload_folder``, an adapter that names no base model (pass
+            ``adapter_base``) or does not fit it.
         MissingDependencyError: an adapter directory without ``peft`` installed.
     """
     _check_placement(device, device_map, max_memory, offload_folder)

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from patchlab.errors import PairMismatchError, PatchlabValueError
 from patchlab.pair.adapters import AdapterBaseWarning
 from patchlab.pair.arch import ArchSpec, arch_spec
-from patchlab.pair.weights import CheckpointTensors, CheckpointWeights
+from patchlab.pair.weights import CheckpointTensors, CheckpointWeights, check_safetensors
 
 
 def meta_skeleton(config: PretrainedConfig, **from_config: Any) -> PreTrainedModel:
@@ -154,6 +154,8 @@ def sequential_pair(vanilla: Any, unlearned: Any, *, tokenizer: PreTrainedTokeni
                                         "unlearned")
         if load[0].get("dtype") is None:
             check_dtypes(stored_dtypes(tensors_v), stored_dtypes(tensors_u))
+    else:
+        check_safetensors(u_dir, f"the adapter {str(u_dir)!r}")  # now, not when a sweep first loads it
     check_vocab_size(tokenizer, config)
     load_u = {**load[1], **({"adapter_base": adapter_base or v_dir} if is_adapter(unlearned) else {})}
     return SequentialPair(specs={"vanilla": v_dir, "unlearned": u_dir}, load={"vanilla": dict(load[0]),

@@ -40,16 +40,17 @@ def open_safetensors(path: Path) -> Iterator[Any]:
                                 ) from err
 
 
-def unreadable_safetensors(root: Path) -> Path | None:
-    """The first ``*.safetensors`` file of ``root`` (sorted by name) whose header cannot be read or does not cover
-    the file (truncated, corrupt), or ``None`` when all are readable."""
+def check_safetensors(root: Path, what: str) -> None:
+    """Raise :class:`PatchlabFileError` ``could not load {what}: {file} is truncated or corrupt`` for the first
+    ``*.safetensors`` file of ``root`` (sorted by name) whose header cannot be read or does not cover the file; only
+    the headers are read."""
     for path in sorted(root.glob("*.safetensors")):
         try:
             with safe_open(path, "pt"):
                 pass
-        except (SafetensorError, OSError):
-            return path
-    return None
+        except (SafetensorError, OSError) as err:
+            raise PatchlabFileError(f"could not load {what}: {path} is truncated or corrupt ({err}); re-save or "
+                                    "re-download it") from err
 
 
 class CheckpointTensors:
