@@ -336,19 +336,22 @@ def test_adapter_on_another_base_has_another_digest_and_resume_key(adapter_run, 
     assert patchlab.provenance.pair_provenance(sequential)["unlearned"] == a.provenance["unlearned"]
 
 
-def test_missing_adapter_base_names_where_it_came_from(adapter_run, tmp_path):
+def test_missing_adapter_base_names_where_it_came_from(adapter_run, tmp_path, monkeypatch):
+    from huggingface_hub import constants
     moved = tmp_path / "moved"
     moved.mkdir()
     for f in (adapter_run / "adapter").iterdir():
         (moved / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((moved / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = "/nonexistent/training/machine/vanilla"
-    (moved / "adapter_config.json").write_text(json.dumps(cfg))
-    for sequential in (False, True):
-        with pytest.raises(patchlab.PatchlabFileError, match=r"names its base model '/nonexistent/training/machine/"
-                           r"vanilla' \(base_model_name_or_path in .*adapter_config.json\).*adapter_base=\.\.\. "
-                           r"\(--adapter-base\)"):
-            patchlab.load_pair(adapter_run / "vanilla", moved, sequential=sequential)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for base, why in (("/nonexistent/training/machine/vanilla", "does not exist"), ("someorg/base", "offline mode")):
+        (moved / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base}))
+        for sequential in (False, True):
+            with pytest.raises(patchlab.PatchlabFileError, match=f"names its base model '{base}' "
+                               r"\(base_model_name_or_path in .*adapter_config.json\), which cannot be loaded: .*"
+                               f"{why}.*" r"adapter_base=\.\.\. \(--adapter-base\)"):
+                patchlab.load_pair(adapter_run / "vanilla", moved, sequential=sequential)
 
 
 def test_hub_adapter_is_detected_and_merged_like_a_local_one(adapter_run, tok, monkeypatch):

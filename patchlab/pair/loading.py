@@ -221,8 +221,8 @@ def adapter_base_for(adapter_dir: Path, adapter_base: ModelSpec | None, vanilla:
         except PatchlabFileError as err:
             raise PatchlabFileError(
                 f"the adapter {str(adapter_dir)!r} names its base model {name!r} (base_model_name_or_path in "
-                f"{config}), which cannot be loaded: {err}. Pass adapter_base=... (--adapter-base) naming the checkpoint it was "
-                "trained on") from err
+                f"{config}), which cannot be loaded: {err}. Pass adapter_base=... (--adapter-base) naming the "
+                "checkpoint it was trained on") from err
         base = name
     if is_adapter(base):
         raise PatchlabValueError(f"the base of adapter {str(adapter_dir)!r} is itself an adapter ({str(base)!r})")
@@ -502,16 +502,20 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
 
     Args:
         vanilla: local checkpoint directory, hub id, or in-memory ``PreTrainedModel``.
-        unlearned: same, or a PEFT adapter directory (one holding ``adapter_config.json``, e.g. a LoRA run). An
-            adapter is applied to its base model and **merged** (``peft``'s ``merge_and_unload``): the unlearned
-            model is then an ordinary model with weights ``W + ΔW``, so every site (coefficients, value vectors,
-            attention outputs) is patched exactly as in a full checkpoint. Its base is ``adapter_base`` when given,
-            else the vanilla model when the adapter config's ``base_model_name_or_path`` names the vanilla
-            checkpoint (same string, same directory, or the path an in-memory vanilla was loaded from), else that
-            checkpoint itself (loaded from its path or the hub). Needs ``pip install 'patchlab[peft]'``.
+        unlearned: same, or a PEFT adapter (a directory or hub repository holding ``adapter_config.json``, e.g. a
+            LoRA run). An adapter is applied to its base model and **merged** (``peft``'s ``merge_and_unload``): the
+            unlearned model is then an ordinary model with weights ``W + ΔW``, so every site (coefficients, value
+            vectors, attention outputs) is patched exactly as in a full checkpoint. Its base is ``adapter_base``
+            when given, else the vanilla model when the adapter config's ``base_model_name_or_path`` names the
+            vanilla checkpoint (same string, same directory, or the path an in-memory vanilla was loaded from), else
+            that checkpoint itself (loaded from its path or the hub; when it cannot be, the error says so and names
+            ``adapter_base=``). Needs ``pip install 'patchlab[peft]'``.
         tokenizer: shared tokenizer (object, directory or hub id). Defaults to the vanilla checkpoint's; when
             both checkpoints ship a tokenizer they must agree.
-        dtype: load/cast both models to this dtype (e.g. ``torch.bfloat16``); default: as stored.
+        dtype: load both models in this dtype (e.g. ``torch.bfloat16``) with ``from_pretrained(dtype=...)``, so
+            buffers that transformers keeps in float32 (RoPE's ``inv_freq``) stay float32; in-memory models are cast
+            the same way (:func:`cast_model`). Default: as stored, and then both models' weights must share one
+            dtype (a float32 vanilla and a bfloat16 unlearned checkpoint are refused, naming both).
         device: move both models to this one device (e.g. ``"cuda"``).
         device_map: spread both models over several devices with Accelerate's big-model dispatch: ``"auto"``
             (the vanilla architecture placed within ``max_memory``, each device's budget split equally between
@@ -523,7 +527,9 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
         offload_folder: where modules mapped to ``"disk"`` keep their weights (``vanilla/`` and ``unlearned/``
             below it; checkpoints stored as safetensors are read in place).
         adapter_base: the base checkpoint of an adapter ``unlearned`` (path, hub id or in-memory model; an
-            in-memory one is copied, never modified).
+            in-memory one is copied, never modified); an :class:`~patchlab.pair.adapters.AdapterBaseWarning` when
+            it is not the checkpoint the adapter config names. The provenance digest of the unlearned side then
+            covers the adapter and this base (:func:`adapter_record`).
         sequential: never hold both models in memory: check the pair from configs, file headers and tokenizers and
             return a :class:`~patchlab.pair.sequential.SequentialPair` whose sweeps load the vanilla model, then the
             unlearned one (the vanilla weights that ``value`` / ``heads`` restorations need are read from its
@@ -537,7 +543,7 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
         PatchlabValueError: ``device`` together with ``device_map``, ``max_memory`` / ``offload_folder`` without
             ``device_map``, a map that offloads to disk without ``offload_folder``, an adapter without a base.
         PairMismatchError: different architecture, layer count, hidden/intermediate/vocab size, parameter
-            shapes, input device or tokenizer.
+            shapes, weight dtype (without ``dtype``), input device or tokenizer.
         UnsupportedArchitectureError: the family is not in the registry (see ``register_architecture``).
         MissingDependencyError: an adapter directory without ``peft`` installed.
     """
