@@ -67,6 +67,12 @@ def weights_digest(source: PreTrainedModel | Mapping[str, torch.Tensor] | str | 
     return digest.hexdigest()
 
 
+def adapter_digest(adapter_weights: str, base_weights: str) -> str:
+    """The weights digest of a PEFT adapter merged onto a base model (32 hex digits, xxh3-128): a hash of the
+    adapter files' digest and the base weights' digest, so the same adapter on two bases gives two digests."""
+    return xxhash.xxh3_128_hexdigest(f"adapter|{adapter_weights}|base|{base_weights}".encode())
+
+
 def describe_source(spec: Any) -> str:
     """How a checkpoint was given: an absolute path for a local directory, the hub id as typed, or
     ``"in-memory <Class> (<name_or_path>)"`` for a model object."""
@@ -163,8 +169,13 @@ def checkpoint_digest(source: str, model: PreTrainedModel | None) -> str:
 
 
 def pair_provenance(pair: Any) -> dict[str, Any]:
-    """``{"vanilla": {"source", "weights"}, "unlearned": {...}, "environment": ...}`` of a pair: how each checkpoint
-    was given, a content hash of its weights (:func:`checkpoint_digest`) and the library versions.
+    """``{"vanilla": {"source", "weights"}, "unlearned": {...}, "generation": ..., "environment": ...}`` of a pair:
+    how each checkpoint was given, a content hash of its weights (:func:`checkpoint_digest`), how its greedy answers
+    are generated (:func:`patchlab.pair.generation.generation_record`) and the library versions.
+
+    An unlearned side given as a PEFT adapter also records its ``"adapter_base"`` (how the base was given), and its
+    ``"weights"`` hash the adapter files together with the base's weights (:func:`adapter_digest`): the same adapter
+    merged onto two bases has two digests, so a resumed run never takes one for the other.
 
     ``pair``: a :class:`~patchlab.pair.ModelPair` (held in memory or one model at a time), or a ``(vanilla,
     unlearned)`` tuple, each an in-memory model or a local checkpoint directory.
@@ -172,17 +183,24 @@ def pair_provenance(pair: Any) -> dict[str, Any]:
     Raises:
         PatchlabValueError: a tuple side that is neither a model nor a directory holding safetensors files.
     """
+    from patchlab.pair.generation import generation_record
+
     if isinstance(pair, tuple):
         if len(pair) != 2:
             raise PatchlabValueError(f"a pair of checkpoints is (vanilla, unlearned), got {len(pair)} items")
         sides = [(describe_source(spec), spec if isinstance(spec, PreTrainedModel) else None) for spec in pair]
+        generation = generation_record(pair[0])
     else:
         models = [pair.model(which) if hasattr(pair, "model") else None for which in ("vanilla", "unlearned")]
         sides = [(source or describe_source(model), model)
                  for source, model in zip(getattr(pair, "sources", ("", "")), models)]
-    out = {which: {"source": source, "weights": checkpoint_digest(source, model)}
+        generation = generation_record(models[0] if models[0] is not None else pair.specs["vanilla"])
+    adapter = getattr(pair, "adapter", None)
+    out = {which: {"source": source, "adapter_base": adapter["base"], "weights": adapter["weights"]}
+           if which == "unlearned" and adapter is not None else {"source": source,
+                                                                 "weights": checkpoint_digest(source, model)}
            for which, (source, model) in zip(("vanilla", "unlearned"), sides)}
-    return {**out, "environment": environment()}
+    return {**out, "generation": generation, "environment": environment()}
 
 
 def short_name(source: str) -> str:
