@@ -120,7 +120,8 @@ def report(args: argparse.Namespace, saved: dict[str, Path]) -> None:
         if method == mask_method:
             saved[method] = save_mask(masks[method], mask_path)
     settings = {name: getattr(args, name) for name in SETTINGS}
-    densities = attribution.density_report(frames, model=model, source=args.vanilla, settings=settings)
+    densities = attribution.density_report(frames, model=model, source=args.vanilla or "toy world: vanilla",
+                                           settings=settings)
     paths = densities.write_report(out)
     print(f"weight attribution on {title}: ratio {args.ratio}{' per layer' if args.per_layer else ''}")
     print(densities.by_method().round(3).to_string())

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import xxhash
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from patchlab.errors import PatchlabValueError
 from patchlab.version import __version__
@@ -66,6 +66,12 @@ def weights_digest(source: PreTrainedModel | Mapping[str, torch.Tensor] | str | 
     for name in sorted(source):
         _hash_tensor(digest, name, source[name])
     return digest.hexdigest()
+
+
+def adapter_digest(adapter_weights: str, base_weights: str) -> str:
+    """The weights digest of a PEFT adapter merged onto a base model (32 hex digits, xxh3-128): a hash of the
+    adapter files' digest and the base weights' digest, so the same adapter on two bases gives two digests."""
+    return xxhash.xxh3_128_hexdigest(f"adapter|{adapter_weights}|base|{base_weights}".encode())
 
 
 def describe_source(spec: Any) -> str:
@@ -162,9 +168,39 @@ def checkpoint_digest(source: str, model: PreTrainedModel | None) -> str:
     return model_digest(model)
 
 
+#: How reference answers are decoded (:func:`patchlab.pair.generation.greedy_continuations`), whatever a
+#: checkpoint's ``generation_config.json`` asks for.
+GREEDY = {"decoding": "greedy: the argmax token at each step, no sampling, beams, penalties or logits processors",
+          "do_sample": False, "num_beams": 1}
+
+#: Generation-config entries of transformers' defaults that do not change which tokens are chosen.
+_OUTPUT_KEYS = ("use_cache", "output_scores", "return_dict_in_generate")
+
+
+def generation_record(model: PreTrainedModel | str | os.PathLike) -> dict[str, Any]:
+    """``{**GREEDY, "ignored": {...}}``: how reference answers are generated
+    (:func:`patchlab.pair.generation.greedy_continuations`), and the decoding entries of the model's generation
+    config (an in-memory model's, or a checkpoint directory's ``generation_config.json``) that differ from
+    transformers' defaults and are ignored (sampling, temperature, penalties...; ``{}`` when none), for provenance."""
+    if isinstance(model, PreTrainedModel):
+        config = model.generation_config
+    else:
+        folder = Path(model)
+        config = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
+    defaults = GenerationConfig()._get_default_generation_params()
+    ignored = {} if config is None else {k: v for k, v in config.to_dict().items()
+                                         if k in defaults and k not in _OUTPUT_KEYS and v not in (None, defaults[k])}
+    return {**GREEDY, "ignored": ignored}
+
+
 def pair_provenance(pair: Any) -> dict[str, Any]:
-    """``{"vanilla": {"source", "weights"}, "unlearned": {...}, "environment": ...}`` of a pair: how each checkpoint
-    was given, a content hash of its weights (:func:`checkpoint_digest`) and the library versions.
+    """``{"vanilla": {"source", "weights"}, "unlearned": {...}, "generation": ..., "environment": ...}`` of a pair:
+    how each checkpoint was given, a content hash of its weights (:func:`checkpoint_digest`), how its greedy answers
+    are generated (:func:`generation_record`) and the library versions.
+
+    An unlearned side given as a PEFT adapter also records its ``"adapter_base"`` (how the base was given), and its
+    ``"weights"`` hash the adapter files together with the base's weights (:func:`adapter_digest`): the same adapter
+    merged onto two bases has two digests, so a resumed run never takes one for the other.
 
     ``pair``: a :class:`~patchlab.pair.ModelPair` (held in memory or one model at a time), or a ``(vanilla,
     unlearned)`` tuple, each an in-memory model or a local checkpoint directory.
@@ -176,13 +212,18 @@ def pair_provenance(pair: Any) -> dict[str, Any]:
         if len(pair) != 2:
             raise PatchlabValueError(f"a pair of checkpoints is (vanilla, unlearned), got {len(pair)} items")
         sides = [(describe_source(spec), spec if isinstance(spec, PreTrainedModel) else None) for spec in pair]
+        generation = generation_record(pair[0])
     else:
         models = [pair.model(which) if hasattr(pair, "model") else None for which in ("vanilla", "unlearned")]
         sides = [(source or describe_source(model), model)
                  for source, model in zip(getattr(pair, "sources", ("", "")), models)]
-    out = {which: {"source": source, "weights": checkpoint_digest(source, model)}
+        generation = generation_record(models[0] if models[0] is not None else pair.specs["vanilla"])
+    adapter = getattr(pair, "adapter", None)
+    out = {which: {"source": source, "adapter_base": adapter["base"], "weights": adapter["weights"]}
+           if which == "unlearned" and adapter is not None else {"source": source,
+                                                                 "weights": checkpoint_digest(source, model)}
            for which, (source, model) in zip(("vanilla", "unlearned"), sides)}
-    return {**out, "environment": environment()}
+    return {**out, "generation": generation, "environment": environment()}
 
 
 def short_name(source: str) -> str:

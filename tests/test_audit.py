@@ -19,11 +19,13 @@ from patchlab import toy
 from patchlab.probes import (PROBES, AuditCase, AuditReport, Interval, ProbeResult, Question, audit_many,
                             bootstrap, resolve_settings)
 from patchlab.probes import run as run_module
+from patchlab.probes import logit_lens as lens_probe
 from patchlab.probes.bootstrap import mean_interval, ratio_of_gains
 from patchlab.probes.quantization import quantize_, quantize_weight
 from patchlab.probes.registry import probe_settings
 from patchlab.probes.relearning import halves
 from patchlab.probes.scoring import answer_logprob, references
+from patchlab.reports import views
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from tests.conftest import load_script
 
@@ -441,3 +443,21 @@ def test_depth_probes_on_the_toy_world(name):
     else:
         assert lines == ["graddiff: retain -> vanilla (d1)", "graddiff: unlearned -> vanilla (d2)"]
     assert len(figure.data) == 2 * len(lines)  # each line with its bootstrap band
+    colours = {(t.name, t.line.color) for t in figure.data if t.mode == "lines+markers"}
+    assert len({c for _, c in colours}) == len({n for n, _ in colours})  # curves differ by colour, not only dash
+    if name == "logit_lens":
+        assert "intermediate" not in result.meaning  # the choice includes layer 0, the first decoder layer
+        best = int(np.clip(kept, 0, 1)[:, :-1].mean(axis=0).argmax())
+        assert result.note == f"most revealing layer on average: {lens_probe.layer_name(best, tp.pair.n_layers)}"
+        rank_axis = figure.layout.yaxis2
+        assert rank_axis.type == "log" and "rank" in rank_axis.title.text and "log scale" in rank_axis.title.text
+        assert list(rank_axis.tickvals[:4]) == [1, 2, 5, 10] and list(rank_axis.ticktext[:3]) == ["1", "2", "5"]
+        highest = max(y for t in figure.data if t.xaxis == "x2" for y in t.y if np.isfinite(y))
+        assert rank_axis.tickvals[-2] < highest <= rank_axis.tickvals[-1]
+
+
+def test_logit_lens_names_layers_by_their_place():
+    assert lens_probe.layer_name(0, 6) == "layer 0 (the first decoder layer)"
+    assert lens_probe.layer_name(3, 6) == "layer 3 (intermediate)"
+    assert lens_probe.layer_name(5, 6) == "layer 5 (the last: the model's output)"
+    assert views.rank_ticks(1) == [1] and views.rank_ticks(700)[-3:] == [200, 500, 1000]

@@ -3,6 +3,7 @@ flag of patchlab.results; HTML pages that share one offline plotly.js."""
 
 from __future__ import annotations
 
+import html
 import re
 
 import numpy as np
@@ -82,6 +83,80 @@ def test_per_question_panels_share_one_colour_scale():
     assert all(list(fig.layout[f"xaxis{i or ''}"].ticktext)[0] == "0-2" for i in ("", 2, 3))
     with pytest.raises(PatchlabValueError, match="panels, rows, windows"):
         figures.window_heatmaps(values[:2], ROWS, sliding_windows(6, 5), questions)
+
+
+def _sweep(n_questions: int) -> "PatchResult":
+    """A synthetic KRS sweep of ``n_questions`` questions on 3 components and 6 windows (no model run)."""
+    from patchlab.patching.result import PatchResult
+
+    rng = np.random.default_rng(n_questions)
+    windows = sliding_windows(6, 5)
+    per_question = {c: rng.normal(0.3, 0.6, (n_questions, len(windows))) for c in ROWS}
+    questions = [f"who kept <the> Veltrani Codex in year {i} of the long northern winter, and where?" if i % 2
+                 else f"who wrote text {i}?" for i in range(n_questions)]
+    return PatchResult(scores={c: v.mean(0) for c, v in per_question.items()}, per_question=per_question,
+                       windows=windows, questions=questions, answers=[""] * n_questions,
+                       weights=np.ones(n_questions), settings={"window": 5, "n_tokens": 30})
+
+
+@pytest.mark.parametrize("n_questions", [1, 10, 2000])
+def test_per_question_page_stays_bounded_whatever_the_question_count(n_questions):
+    """One heatmap per component (two, top and bottom k, past QUESTION_ROWS questions): 2,000 questions once
+    gave 2,001 traces on a 202,120 px page."""
+    res = _sweep(n_questions)
+    fig = res.figure(per_question=True)
+    panels = 1 if n_questions <= figures.QUESTION_ROWS else 2
+    assert len(fig.data) == panels * len(ROWS)
+    assert fig.layout.height <= 260 + figures.QUESTION_PX * figures.QUESTION_ROWS
+    assert sum(len(t.y) for t in fig.data) == min(n_questions, figures.QUESTION_ROWS) * len(ROWS)
+    axis = fig.layout.coloraxis  # one colour bar, diverging and centred on 0 for every panel
+    assert axis.cmid == 0 and axis.cmin == -axis.cmax and {t.coloraxis for t in fig.data} == {"coloraxis"}
+    assert len(fig.to_json()) < 400_000
+
+
+def test_per_question_rows_are_ranked_with_a_dropdown_per_component():
+    res = _sweep(2000)
+    fig = res.figure(per_question=True)
+    buttons = fig.layout.updatemenus[0].buttons
+    assert [b.label for b in buttons] == ROWS
+    assert [t.visible for t in fig.data] == [True, True] + [False] * 4  # the first component shown
+    for c, (comp, button) in enumerate(zip(ROWS, buttons)):
+        visible, layout = button.args
+        assert visible["visible"] == [i // 2 == c for i in range(6)]
+        means = res.per_question[comp].mean(1)
+        order = np.argsort(-means, kind="stable")
+        top, bottom = fig.data[2 * c], fig.data[2 * c + 1]
+        np.testing.assert_array_equal(np.asarray(top.z), res.per_question[comp][order[:20]])  # highest first
+        np.testing.assert_array_equal(np.asarray(bottom.z), res.per_question[comp][order[-20:]])
+        labels = layout["yaxis.ticktext"]
+        assert labels[0].startswith(f"Q{order[0] + 1}: ") and len(labels) == 20
+        assert all(len(html.unescape(label)) <= figures.QUESTION_LABEL_CHARS for label in labels)
+        assert layout["yaxis2.ticktext"][-1].startswith(f"Q{order[-1] + 1}: ")
+    # the first component's labels are the page's own; the long question is cut in the label, whole in the hover
+    assert list(fig.layout.yaxis.ticktext) == list(buttons[0].args[1]["yaxis.ticktext"])
+    q = int(order[0])  # of the last component
+    hover = fig.data[-2].text[0][1]
+    assert hover.startswith(f"Q{q + 1}: ") and f"rank 1 of 2,000 by mean KRS ({means[q]:.3f})" in hover
+    assert f"{ROWS[-1]}, layers 0-3<br>KRS {res.per_question[ROWS[-1]][q, 1]:.3f}" in hover
+    long = next(t for t in fig.data[0].text if "Veltrani" in t[0])[0]
+    assert "&lt;the&gt; Veltrani Codex" in long and "winter, and where?" in long.replace("<br>", " ")  # escaped, whole
+    assert not UNFORMATTED.search(fig.data[0].hovertemplate)
+
+
+def test_question_heatmap_rejects_bad_shapes():
+    windows = sliding_windows(6, 5)
+    with pytest.raises(PatchlabValueError, match="components, questions, windows"):
+        figures.question_heatmap(np.zeros((3, 2, 5)), ROWS, windows, ["a", "b"])
+    with pytest.raises(PatchlabValueError, match="at least one of each"):
+        figures.question_heatmap(np.zeros((3, 0, 6)), ROWS, windows, [])
+    with pytest.raises(PatchlabValueError, match="shown must be"):
+        figures.question_heatmap(np.zeros((3, 2, 6)), ROWS, windows, ["a", "b"], shown=1)
+
+
+def test_ranked_rows_put_all_nan_rows_last():
+    values = np.array([[0.1, 0.2], [np.nan, np.nan], [0.9, np.nan], [-1.0, 0.0]])
+    assert [list(b) for b in figures.ranked_rows(values, 4)] == [[2, 0, 3, 1]]
+    assert [list(b) for b in figures.ranked_rows(values, 3)] == [[2], [3, 1]]
 
 
 def test_titles_count_with_correct_plurals_and_name_the_models():
@@ -182,3 +257,91 @@ def test_report_writers_share_one_bundle(vanilla_models, tmp_path):
     pages = [p for p in paths.values() if p.suffix == ".html"]
     assert len(pages) == 4 and [p.name for p in (tmp_path / "out").glob("*.js")] == [plotlyjs_name()]
     assert sum(p.stat().st_size for p in pages) < 200_000
+
+
+# ---------------------------------------------------------------------------- titles, cells, labels (issue 17)
+
+
+def test_paramdiff_titles_name_both_models(vanilla_models):
+    from patchlab.analysis.paramdiff import METRICS, paramdiff
+    from patchlab.results import model_names
+    from tests.conftest import ATTN_OR_UP, perturbed
+
+    llama = vanilla_models["llama"]
+    diff = paramdiff(llama, perturbed(llama, ATTN_OR_UP), progress=False)
+    vanilla, unlearned = model_names(diff.provenance)
+    assert vanilla and unlearned
+    for metric in METRICS:
+        title = diff.figure(metric).layout.title.text
+        assert f"<sup>unlearned: {unlearned} vs vanilla: {vanilla}</sup>" in title, title
+
+
+def _density_report(unscored: set[str]):
+    """A two-method density report of a tiny LLaMA whose ``wanda`` mask leaves the ``unscored`` module types out
+    (as wanda leaves the norms), at ratio 0.3 per layer."""
+    from patchlab.pair.arch import arch_spec
+    from patchlab.tiny import tiny_model
+    from patchlab.unlearning.attribution import density, density_report, mask, scores
+
+    model = tiny_model("llama", 40, n_layers=2)
+    spec = arch_spec(model)
+    full = mask(scores(model, method="random", seed=0), 0.3, per_layer=True)
+    partial = {n: m for n, m in full.items() if spec.module_type(n) not in unscored}
+    return density_report({"random": density(full, model), "wanda": density(partial, model)}, model=model,
+                          source="org/tiny-llama", settings={"ratio": 0.3, "per_layer": True})
+
+
+def test_density_pages_say_not_scored_name_the_model_and_ratio_and_show_cell_values():
+    report = _density_report({"norm", "embedding"})
+    heat, bars = report.figure("layers"), report.figure("modules")
+    for fig in (heat, bars):
+        assert "<sup>model: org/tiny-llama; top 30% of weights selected by each method, within each layer</sup>" \
+            in fig.layout.title.text
+    random, wanda = heat.data
+    assert random.colorbar.title.text == "fraction<br>selected" and random.texttemplate == "%{text}"
+    norm = list(wanda.x).index("norm")
+    z = np.asarray(wanda.z, dtype=float)
+    assert np.isnan(z[:, norm]).all() and not np.isnan(np.delete(z, norm, axis=1)).any()  # blank, not 0
+    assert {row[norm] for row in wanda.text} == {"not<br>scored"} and {row[norm] for row in wanda.customdata} \
+        == {"not scored"}
+    cells = report.table.query("method == 'wanda' and module == 'attn_q'").set_index("layer")["density"]
+    assert [row[list(wanda.x).index("attn_q")] for row in wanda.text] == [f"{cells[int(y)]:.2f}" for y in wanda.y]
+    assert not any("not" in t for row in random.text for t in row)
+    texts = dict(zip(bars.data[1].x, bars.data[1].text))  # wanda's bars
+    assert texts["norm"] == texts["embedding"] == "not scored" and texts["attn_q"] == ""
+    assert "not scored" not in set(bars.data[0].text)
+    assert report.per_module.query("method == 'wanda' and module == 'norm'")["density"].item() == 0  # data kept
+
+
+def test_density_pages_of_results_saved_before_the_scored_column(tmp_path):
+    import patchlab
+
+    report = _density_report({"norm"})
+    data = report.to_dict()
+    for row in data["densities"]:
+        del row["scored"]
+    old = type(report).from_dict(data)
+    assert "scored" not in old.table and "scored" not in old.per_module
+    assert not any("not" in t for trace in old.figure("layers").data for row in trace.text for t in row)
+    assert isinstance(patchlab.load_result(report.save(tmp_path / "d.json")), type(report))
+
+
+def test_sweep_points_are_labelled_by_strength():
+    frame = pd.DataFrame([{"method": m, "strength": s, "settings": "{}", "target_bleu": 90 - 30 * s,
+                           "unrelated_bleu": 95 - 5 * s, "target_rouge_l": 0.5, "unrelated_rouge_l": 0.5}
+                          for m in ("ga", "npo") for s in (2, 0, 1)])
+    fig = figures.sweep_scatter(frame, "t")
+    for trace in fig.data:
+        assert "text" in trace.mode and list(trace.text) == ["0", "1", "2"]  # weakest to strongest
+        assert list(trace.x) == [90, 60, 30] and trace.textfont.color == trace.line.color
+    assert "strength" in fig.layout.legend.title.text
+
+
+def test_curves_of_one_pair_differ_by_colour():
+    from patchlab.probes.base import Interval
+
+    ivs = [Interval(0.5, 0.4, 0.6)] * 3
+    lines = [figures.curve(range(3), ivs, name=f"r{r}", index=p, role=r, roles=3)[1] for p in (0, 1) for r in range(3)]
+    assert len({line.line.color for line in lines}) == 6
+    with pytest.raises(PatchlabValueError, match="role must be"):
+        figures.curve(range(3), ivs, name="x", index=0, role=2, roles=2)

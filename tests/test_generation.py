@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -58,3 +59,33 @@ def test_models_without_a_declared_context_are_not_checked():
     model = SimpleNamespace(config=SimpleNamespace(hidden_size=8, max_position_embeddings=None))  # e.g. ALiBi models
     assert context_length(model) is None
     check_fits(model, torch.zeros(10_000, dtype=torch.long), 100, "anything")
+
+
+def test_reference_answers_ignore_the_checkpoints_generation_config(tok, vanilla_models, tmp_path):
+    from transformers import GenerationConfig
+
+    from patchlab.provenance import pair_provenance
+    vanilla = vanilla_models["llama"]
+    plain = copy.deepcopy(vanilla)
+    vanilla.save_pretrained(tmp_path / "vanilla")
+    tok.save_pretrained(tmp_path / "vanilla")
+    perturbed(vanilla, ATTN_OR_UP).save_pretrained(tmp_path / "unlearned")
+    asks = GenerationConfig(do_sample=True, temperature=0.7, top_k=5, repetition_penalty=1.8, no_repeat_ngram_size=1,
+                            eos_token_id=tok.eos_token_id)
+    asks.save_pretrained(tmp_path / "vanilla")
+    expected = greedy_answers(plain, tok, QUESTIONS, max_new_tokens=8)[1]
+    model = patchlab.load_model(tmp_path / "vanilla")
+    assert model.generation_config.repetition_penalty == 1.8
+    ids = torch.tensor([tok(f"Question: {QUESTIONS[0]}\n Answer:").input_ids])
+    torch.manual_seed(0)
+    honoured = model.generate(ids, max_new_tokens=8, min_new_tokens=8)[0, ids.shape[1]:]
+    assert not torch.equal(honoured, expected[0][:len(honoured)])  # the config does change what generate() gives
+    answers = greedy_answers(model, tok, QUESTIONS, max_new_tokens=8)[1]
+    assert all(torch.equal(a, b) for a, b in zip(answers, expected))
+    assert model.generation_config.repetition_penalty == 1.8  # restored
+    for sequential in (False, True):
+        record = pair_provenance(patchlab.load_pair(tmp_path / "vanilla", tmp_path / "unlearned",
+                                                    sequential=sequential))["generation"]
+        assert record["do_sample"] is False and record["num_beams"] == 1
+        assert record["ignored"] == {"do_sample": True, "temperature": 0.7, "top_k": 5, "repetition_penalty": 1.8,
+                                     "no_repeat_ngram_size": 1}

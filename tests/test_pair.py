@@ -13,7 +13,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import patchlab
-from patchlab.pair import loading
+from patchlab.pair import hub, loading
+from patchlab.pair.adapters import AdapterBaseWarning
 from patchlab.pair.arch import _REGISTRY, supported_architectures
 from patchlab.pair.loading import is_hub_id
 from patchlab.tiny import tiny_model, word_tokenizer
@@ -221,7 +222,8 @@ def test_adapter_base_is_the_vanilla_or_adapter_base(adapter_run, tok, tmp_path,
     vanilla = patchlab.load_model(root / "vanilla")
     before = {n: p.clone() for n, p in vanilla.named_parameters()}
     for base in (root / "vanilla", vanilla):
-        pair = patchlab.load_pair(vanilla, moved, tokenizer=tok, adapter_base=base)
+        with pytest.warns(AdapterBaseWarning, match="trained on '/nonexistent/training/machine/vanilla'"):
+            pair = patchlab.load_pair(vanilla, moved, tokenizer=tok, adapter_base=base)
         torch.testing.assert_close(pair.unlearned_hf(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
     # the in-memory vanilla model named as the base is copied, never merged into
     assert all(torch.equal(p, before[n]) for n, p in vanilla.named_parameters())
@@ -239,7 +241,8 @@ def test_adapter_base_is_the_vanilla_or_adapter_base(adapter_run, tok, tmp_path,
 
 def test_adapter_that_does_not_fit_its_base_is_rejected(adapter_run, tok):
     other = tiny_model("llama", len(tok), n_layers=4, d_model=48, n_heads=4, tie_embeddings=True)
-    with pytest.raises(patchlab.PatchlabValueError, match="could not apply the adapter"):
+    with pytest.raises(patchlab.PatchlabValueError, match="could not apply the adapter"), \
+            pytest.warns(AdapterBaseWarning, match="merged onto adapter_base='in-memory LlamaForCausalLM"):
         patchlab.load_model(adapter_run / "adapter", adapter_base=other)
 
 
@@ -264,9 +267,9 @@ def no_hub(monkeypatch):
     """The hub endpoint points at a closed local port (connection refused at once): a machine without network."""
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    loading._endpoint_reachable.cache_clear()
+    hub._endpoint_reachable.cache_clear()
     yield
-    loading._endpoint_reachable.cache_clear()
+    hub._endpoint_reachable.cache_clear()
 
 
 def test_mistyped_relative_path_fails_at_once_without_the_hub(saved_pair, tmp_path, monkeypatch):
@@ -311,3 +314,195 @@ def test_cached_hub_id_loads_without_network(saved_pair, tok, tmp_path, monkeypa
     assert not constants.HF_HUB_OFFLINE  # offline only while loading
     ids = torch.tensor([tok(CORPUS[0]).input_ids])
     torch.testing.assert_close(pair.unlearned_hf(ids).logits, patchlab.load_model(u_dir)(ids).logits)
+
+
+def test_adapter_on_another_base_has_another_digest_and_resume_key(adapter_run, tok, tmp_path):
+    root = adapter_run
+    other = perturbed(patchlab.load_model(root / "vanilla"), ATTN_OR_UP)
+    other.save_pretrained(tmp_path / "other")
+    own = patchlab.load_pair(root / "vanilla", root / "adapter")
+    with pytest.warns(AdapterBaseWarning, match="was trained on .*vanilla.* but is merged onto adapter_base=.*other"):
+        moved = patchlab.load_pair(root / "vanilla", root / "adapter", adapter_base=tmp_path / "other")
+    kw = dict(KRS_KW, components=["coef"])
+    a = patchlab.krs_sweep(own, QUESTIONS, resume=tmp_path / "out", **kw)
+    assert a.provenance["unlearned"]["adapter_base"] == str((root / "vanilla").resolve())
+    with pytest.raises(patchlab.PatchlabFileError, match="other settings, questions or checkpoints"):
+        patchlab.krs_sweep(moved, QUESTIONS, resume=tmp_path / "out", **kw)  # not the other base's stored numbers
+    b = patchlab.krs_sweep(moved, QUESTIONS, resume=tmp_path / "out-other", **kw)
+    assert b.provenance["unlearned"]["weights"] != a.provenance["unlearned"]["weights"]
+    assert b.provenance["unlearned"]["source"] == a.provenance["unlearned"]["source"]
+    assert not np.allclose(a.per_question["coef"], b.per_question["coef"])
+    sequential = patchlab.load_pair(root / "vanilla", root / "adapter", sequential=True)
+    assert patchlab.provenance.pair_provenance(sequential)["unlearned"] == a.provenance["unlearned"]
+
+
+def test_missing_adapter_base_names_where_it_came_from(adapter_run, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in (adapter_run / "adapter").iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for base, why in (("/nonexistent/training/machine/vanilla", "does not exist"), ("someorg/base", "offline mode")):
+        (moved / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base}))
+        for sequential in (False, True):
+            with pytest.raises(patchlab.PatchlabFileError, match=f"names its base model '{base}' "
+                               r"\(base_model_name_or_path in .*adapter_config.json\), which cannot be loaded: .*"
+                               f"{why}.*" r"adapter_base=\.\.\. \(--adapter-base\)"):
+                patchlab.load_pair(adapter_run / "vanilla", moved, sequential=sequential)
+
+
+def test_hub_adapter_is_detected_and_merged_like_a_local_one(adapter_run, tok, monkeypatch):
+    """A hub id whose repository holds adapter_config.json is an adapter (files fetched with hf_hub_download,
+    here served from a local directory); adapter_base= applies to it."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from patchlab.pair import adapters
+    root = adapter_run
+    fetched = []
+
+    def fake_download(repo_id, filename, local_files_only=False):
+        fetched.append((repo_id, filename, local_files_only))
+        path = root / "adapter" / filename
+        if repo_id != "someorg/lora" or not path.exists():
+            raise LocalEntryNotFoundError(f"{repo_id}/{filename}")
+        return str(path)
+
+    monkeypatch.setattr(adapters, "hf_hub_download", fake_download)
+    for module in (loading, adapters):  # offline: from the local hub cache only
+        monkeypatch.setattr(module, "hub_reachable", lambda *a: False)
+    assert adapters.local_adapter("someorg/lora") == root / "adapter"
+    assert adapters.local_adapter("someorg/full-model") is None
+    assert all(offline for *_, offline in fetched)
+    pair = patchlab.load_pair(root / "vanilla", "someorg/lora", adapter_base=root / "vanilla")
+    ids = torch.tensor([tok(CORPUS[0]).input_ids])
+    torch.testing.assert_close(pair.unlearned_hf(ids).logits, patchlab.load_model(root / "merged")(ids).logits,
+                               atol=1e-5, rtol=0)
+    assert pair.sources[1] == "someorg/lora"
+    local = patchlab.load_pair(root / "vanilla", root / "adapter")
+    assert patchlab.provenance.pair_provenance(pair)["unlearned"]["weights"] == \
+        patchlab.provenance.pair_provenance(local)["unlearned"]["weights"]
+
+
+# ------------------------------------------------------------------------------------------- dtypes
+
+
+@pytest.fixture(scope="module")
+def llama_dirs(tok, tmp_path_factory):
+    """A tiny float32 LLaMA pair saved to ``vanilla/`` and ``unlearned/``, and the unlearned one in bfloat16."""
+    root = tmp_path_factory.mktemp("llama_dtype")
+    torch.manual_seed(0)
+    vanilla = tiny_model("llama", len(tok), n_layers=2)
+    unlearned = perturbed(vanilla, ATTN_OR_UP)
+    vanilla.save_pretrained(root / "vanilla")
+    tok.save_pretrained(root / "vanilla")
+    unlearned.save_pretrained(root / "unlearned")
+    unlearned.to(torch.bfloat16).save_pretrained(root / "unlearned-bf16")
+    return root
+
+
+#: 120 positions: far enough along for a bfloat16 RoPE inv_freq to move the logits.
+LONG_IDS = (torch.arange(120) % 20 + 4)[None]
+
+
+def test_bf16_pairs_compute_what_from_pretrained_bf16_computes(llama_dirs, tok):
+    from transformers import AutoModelForCausalLM
+
+    from patchlab import cli
+    root = llama_dirs
+    reference = {side: AutoModelForCausalLM.from_pretrained(root / side, dtype=torch.bfloat16)(LONG_IDS).logits
+                 for side in ("vanilla", "unlearned")}
+    cast_all = AutoModelForCausalLM.from_pretrained(root / "vanilla").to(torch.bfloat16)(LONG_IDS).logits
+    assert not torch.equal(cast_all, reference["vanilla"])  # model.to(bf16) rounds inv_freq: other numbers
+    parser = cli.add_pair_args(cli.add_model_args(cli.argparse.ArgumentParser()))
+    flags = cli.pair_kwargs(parser.parse_args(["--dtype", "bfloat16"]))
+    pairs = {"whole": patchlab.load_pair(root / "vanilla", root / "unlearned", dtype=torch.bfloat16),
+             "--dtype": patchlab.load_pair(root / "vanilla", root / "unlearned", **flags),
+             "in memory": patchlab.load_pair(*(patchlab.load_model(root / side) for side in ("vanilla", "unlearned")),
+                                             tokenizer=tok, dtype=torch.bfloat16),
+             "sequential": patchlab.load_pair(root / "vanilla", root / "unlearned", dtype=torch.bfloat16,
+                                              sequential=True)}
+    for mode, pair in pairs.items():
+        for side in ("vanilla", "unlearned"):
+            with pair.using(side) as model:
+                assert model.model.rotary_emb.inv_freq.dtype == torch.float32, (mode, side)
+                assert torch.equal(model(LONG_IDS).logits, reference[side]), (mode, side)
+            del model
+
+
+def test_cast_model_keeps_the_buffers_transformers_keeps(tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+    for family in ("gemma", "gpt_neox"):  # Gemma's embed_scale follows the dtype, inv_freq stays float32
+        tiny_model(family, len(tok), n_layers=2).save_pretrained(tmp_path / family)
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path / family, dtype=torch.bfloat16)
+        cast = loading.cast_model(AutoModelForCausalLM.from_pretrained(tmp_path / family), torch.bfloat16)
+        dtypes = {n: t.dtype for n, t in (*cast.named_parameters(), *cast.named_buffers())}
+        assert dtypes == {n: t.dtype for n, t in (*reference.named_parameters(), *reference.named_buffers())}
+        assert torch.equal(cast(LONG_IDS).logits, reference(LONG_IDS).logits), family
+
+
+def test_bf16_adapter_is_merged_onto_the_bf16_base(adapter_run, tok):
+    from transformers import AutoModelForCausalLM
+
+    from patchlab.pair.adapters import merge_adapter
+    root = adapter_run
+    expected = merge_adapter(AutoModelForCausalLM.from_pretrained(root / "vanilla", dtype=torch.bfloat16),
+                             root / "adapter")(LONG_IDS).logits
+    for sequential in (False, True):
+        pair = patchlab.load_pair(root / "vanilla", root / "adapter", dtype=torch.bfloat16, sequential=sequential)
+        with pair.using("unlearned") as model:
+            assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+            assert torch.equal(model(LONG_IDS).logits, expected), sequential
+        del model
+    in_memory = patchlab.load_pair(patchlab.load_model(root / "vanilla"), root / "adapter", tokenizer=tok,
+                                   dtype=torch.bfloat16)
+    assert torch.equal(in_memory.unlearned_hf(LONG_IDS).logits, expected)
+
+
+def test_pairs_of_two_dtypes_are_refused(llama_dirs):
+    root = llama_dirs
+    for sequential in (False, True):
+        with pytest.raises(patchlab.PairMismatchError,
+                           match="vanilla weights are float32 but unlearned weights are bfloat16: pass dtype="):
+            patchlab.load_pair(root / "vanilla", root / "unlearned-bf16", sequential=sequential)
+    pair = patchlab.load_pair(root / "vanilla", root / "unlearned-bf16", dtype=torch.float32)
+    assert pair.unlearned_hf.dtype == pair.vanilla_hf.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- broken checkpoint files
+
+
+def test_truncated_safetensors_and_unknown_model_type_give_patchlab_errors(llama_dirs, tmp_path):
+    root = llama_dirs
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in (root / "unlearned").iterdir():
+        data = f.read_bytes()
+        (truncated / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    for sequential in (False, True):
+        for args in ((root / "vanilla", truncated), (truncated, root / "unlearned")):
+            with pytest.raises(patchlab.PatchlabFileError, match="truncated/model.safetensors is truncated or corrupt"):
+                patchlab.load_pair(*args, tokenizer=root / "vanilla", sequential=sequential)
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    for f in (root / "unlearned").iterdir():
+        (custom / f.name).write_bytes(f.read_bytes())
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "model_type": "mystery_lm"}))
+    for sequential in (False, True):
+        with pytest.raises(patchlab.PatchlabFileError, match="could not load .*custom.*model type `mystery_lm`"):
+            patchlab.load_pair(root / "vanilla", custom, sequential=sequential)
+
+
+def test_truncated_adapter_weights_are_named(adapter_run, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (adapter_run / "adapter").iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[:100] if f.suffix == ".safetensors" else data)
+    for sequential in (False, True):
+        with pytest.raises(patchlab.PatchlabFileError, match=r"could not load the adapter .*broken/"
+                                                             r"adapter_model.safetensors is truncated or corrupt"):
+            patchlab.load_pair(adapter_run / "vanilla", broken, sequential=sequential)

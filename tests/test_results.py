@@ -93,7 +93,7 @@ def test_per_question_tables_and_figures(pair, tmp_path):
     single = patchlab.krs_sweep(pair, QUESTIONS[:1], **KW)
     assert "1 question " in single.figure().layout.title.text + " "
     panels = res.figure(per_question=True)
-    assert len(panels.data) == len(QUESTIONS)
+    assert len(panels.data) == len(res.components)  # one question x window heatmap per component
     manifest = json.loads((tmp_path / "rep" / ".patchlab.json").read_text())
     assert set(manifest["files"]) >= {"krs.json", patchlab.io.plotlyjs_name()}  # the shared bundle is ours too
 

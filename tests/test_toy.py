@@ -152,6 +152,26 @@ def test_small_retain_build_shares_world_and_tokenizer_and_leaves_the_concept_ou
     assert not (tmp_path / "x").exists()
 
 
+def test_zoo_member_build_keeps_the_world_and_leaves_several_concepts_out(tmp_path):
+    """--init-seed changes the weights and not the world; several --exclude-concept leave each one out."""
+    world = make_world(SMALL)
+    left_out = world.concepts[:2]
+    base = build(SMALL, tmp_path / "v", progress=False)
+    member = build(dataclasses.replace(SMALL, init_seed=5), tmp_path / "m", exclude_concept=left_out, progress=False)
+    assert toy.world(tmp_path / "m") == toy.world(tmp_path / "v") == world
+    assert member["exclude_concept"] == left_out and member["config"]["init_seed"] == 5
+    assert member["n_params"] == base["n_params"]
+    texts = training_texts(world, SMALL.qa_repeats, left_out)
+    assert member["n_training_texts"] == len(texts)
+    assert not any(name in t for t in texts for name in left_out)
+    assert all(other in " ".join(texts) for other in world.concepts[2:])
+    a, b = _weights(tmp_path / "v"), _weights(tmp_path / "m")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    args = parse_args(["--init-seed", "3", "--exclude-concept", "A b", "--exclude-concept", "C", "--out", "/x/y"])
+    assert regeneration_command(args) == ("python -m patchlab.toy.build --init-seed 3 --exclude-concept 'A b' "
+                                          "--exclude-concept C --out /x/y")
+
+
 def test_regeneration_command_is_recorded_relative_to_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = parse_args(["--exclude-concept", "Veltrani Codex", "--out", "patchlab/toy/assets/retain"])

@@ -12,12 +12,24 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
 from patchlab.errors import MissingDependencyError, PatchlabFileError, PatchlabValueError
+from patchlab.pair.hub import hub_reachable, is_hub_id
+from patchlab.pair.weights import check_safetensors
 
 #: The file that marks a directory as a PEFT adapter.
 ADAPTER_CONFIG = "adapter_config.json"
+
+class AdapterBaseWarning(UserWarning):
+    """An adapter is merged onto another base model than the one its ``adapter_config.json`` names."""
+
+
+#: The files an adapter's weights may be stored in, in the order they are looked for on the hub.
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def is_adapter(spec: Any) -> bool:
@@ -26,6 +38,33 @@ def is_adapter(spec: Any) -> bool:
         return False
     path = Path(spec).expanduser()
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+def _hub_file(repo_id: str, filename: str, offline: bool) -> str | None:
+    """The local path of ``filename`` of hub repository ``repo_id`` (downloaded, or from the local hub cache only
+    when ``offline``), or ``None`` when the repository does not have it or cannot be reached."""
+    try:
+        return hf_hub_download(repo_id, filename, local_files_only=offline)
+    except (EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled, OSError):
+        return None
+
+
+def local_adapter(spec: Any) -> Path | None:
+    """The local directory of a PEFT adapter: ``spec`` itself when it is a directory holding ``adapter_config.json``
+    (:func:`is_adapter`), the local hub snapshot of a hub id whose repository holds one (its config and weights
+    downloaded, or read from the local hub cache when the hub does not answer or in offline mode), else ``None``."""
+    if is_adapter(spec):
+        return Path(spec).expanduser()
+    if not isinstance(spec, str) or Path(spec).expanduser().exists() or not is_hub_id(spec):
+        return None
+    offline = not hub_reachable()
+    config = _hub_file(spec, ADAPTER_CONFIG, offline)
+    if config is None:
+        return None
+    if not any(_hub_file(spec, name, offline) for name in ADAPTER_WEIGHTS):
+        raise PatchlabFileError(f"the hub adapter {spec!r} has an {ADAPTER_CONFIG} but no weights "
+                                f"({' or '.join(ADAPTER_WEIGHTS)}) could be fetched")
+    return Path(config).parent
 
 
 def adapter_base_name(adapter_dir: str | os.PathLike) -> str | None:
@@ -72,6 +111,7 @@ def merge_adapter(base: PreTrainedModel, adapter_dir: str | os.PathLike) -> PreT
 
     Raises:
         MissingDependencyError: ``peft`` is not installed.
+        PatchlabFileError: the adapter's weights file is truncated or corrupt (named).
         PatchlabValueError: ``base`` is already placed with a device map (merge before dispatching), or the
             adapter does not fit it (other module names or shapes).
     """
@@ -85,6 +125,9 @@ def merge_adapter(base: PreTrainedModel, adapter_dir: str | os.PathLike) -> PreT
         with warnings.catch_warnings():  # peft's own deprecation notices about transformers internals
             warnings.simplefilter("ignore", FutureWarning)
             merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    except SafetensorError as err:
+        check_safetensors(Path(adapter_dir).expanduser(), f"the adapter {str(adapter_dir)!r}")
+        raise PatchlabFileError(f"could not load the adapter {str(adapter_dir)!r}: {err}") from err
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise PatchlabValueError(f"could not apply the adapter {str(adapter_dir)!r} to its base model "
                                  f"({type(base).__name__}): {err}") from err

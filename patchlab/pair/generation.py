@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.placement import input_device
@@ -84,11 +85,26 @@ def question_label(index: int, question: str, width: int = 60) -> str:
     return f"question {index} ({short!r})"
 
 
+@contextlib.contextmanager
+def plain_generation(model: PreTrainedModel) -> Iterator[None]:
+    """Within the block, ``model.generate`` ignores the model's own generation config (sampling, temperature,
+    ``repetition_penalty``, ``no_repeat_ngram_size``, suppressed tokens...): it is swapped for a default
+    ``GenerationConfig()``, which transformers fills with neutral defaults, and restored on exit."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def greedy_continuations(model: PreTrainedModel, prompt_ids: Sequence[torch.Tensor], max_new_tokens: int,
                          *, eos_token_id: int | None = None, labels: Sequence[str] | None = None,
                          progress: bool = False) -> list[torch.Tensor]:
-    """Greedy continuation of each prompt, one prompt at a time (no padding, so exact).
+    """Greedy continuation of each prompt, one prompt at a time (no padding, so exact): the model's plain argmax
+    continuation, whatever its generation config asks for (:func:`plain_generation`,
+    :data:`patchlab.provenance.GREEDY`).
 
     Args:
         model: a Hugging Face causal LM (placed on one device or with a device map: ids go to its input device).
@@ -117,9 +133,11 @@ def greedy_continuations(model: PreTrainedModel, prompt_ids: Sequence[torch.Tens
     device = input_device(model)
     answers = []
     for ids in tqdm(prompt_ids, desc="greedy answers", disable=not progress, leave=False):
-        out = model.generate(ids[None].to(device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                             max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False,
-                             eos_token_id=sorted(eos) or None, pad_token_id=sorted(eos)[0] if eos else None)
+        with plain_generation(model):
+            out = model.generate(ids[None].to(device),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                                 max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False, num_beams=1,
+                                 eos_token_id=sorted(eos) or None, pad_token_id=sorted(eos)[0] if eos else None)
         new = out[0, len(ids):].cpu()
         stops = [i for i, t in enumerate(new.tolist()) if t in eos]
         answers.append(new[: stops[0] + 1] if stops else new)

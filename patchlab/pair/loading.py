@@ -4,72 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import torch
+from accelerate import init_empty_weights
 from nnsight import TransformersModel
+from safetensors import SafetensorError
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
 from patchlab.errors import PairMismatchError, PatchlabFileError, PatchlabValueError
-from patchlab.pair.adapters import adapter_base_name, is_adapter, merge_adapter, same_checkpoint
+from patchlab.pair.adapters import (AdapterBaseWarning, adapter_base_name, is_adapter, local_adapter, merge_adapter,
+                                    same_checkpoint)
 from patchlab.pair.arch import ArchSpec, arch_spec
+from patchlab.pair.hub import HUB_TIMEOUT_S, hub_reachable, is_hub_id
 from patchlab.pair.placement import (DeviceMap, check_offload_folder, dispatch, input_device, is_dispatched,
                                      resolve_device_map)
 from patchlab.pair.sequential import SequentialPair, meta_skeleton
-from patchlab.pair.weights import CheckpointTensors, ModelWeights
-from patchlab.provenance import describe_source
+from patchlab.pair.weights import CheckpointTensors, ModelWeights, check_safetensors
+from patchlab.provenance import adapter_digest, describe_source, directory_digest, model_digest
 
 ModelSpec = Union[str, os.PathLike, PreTrainedModel]
 TokenizerSpec = Union[str, os.PathLike, PreTrainedTokenizerBase, None]
-
-
-#: Seconds to wait for the Hugging Face hub to answer before a hub id is declared unreachable.
-HUB_TIMEOUT_S = 3.0
-
-
-def is_hub_id(spec: str | os.PathLike) -> bool:
-    """True when ``spec`` has the shape of a hub id and not of a local path.
-
-    A hub id is a string ``name`` or ``org/name`` (letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``, as
-    ``huggingface_hub`` validates it). A path object, a string starting with ``.``, ``/`` or ``~``, with a
-    backslash or with more than one ``/``, and an ``org/name`` whose ``org`` is an existing local directory
-    (``runs/graddiff`` next to a ``runs/`` folder) are local paths.
-    """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not isinstance(spec, str) or spec.startswith((".", "/", "~")) or "\\" in spec:
-        return False
-    try:
-        validate_repo_id(spec)
-    except HFValidationError:
-        return False
-    return "/" not in spec or not Path(spec.split("/")[0]).is_dir()
-
-
-@functools.lru_cache(maxsize=8)
-def _endpoint_reachable(endpoint: str, timeout: float) -> bool:
-    from huggingface_hub import get_session
-
-    try:
-        get_session().head(endpoint, timeout=timeout)
-    except Exception:  # noqa: BLE001 - any transport failure (DNS, refused, timeout, proxy) means unreachable
-        return False
-    return True
-
-
-def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers one HEAD request within ``timeout`` seconds (through
-    the hub client's own session, so proxies apply); the answer is remembered for the process. False in offline
-    mode (``HF_HUB_OFFLINE=1``) without any request."""
-    from huggingface_hub import constants
-
-    return not constants.HF_HUB_OFFLINE and _endpoint_reachable(constants.ENDPOINT, timeout)
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -121,11 +82,17 @@ def _source(spec: str | os.PathLike, what: str) -> tuple[str, bool]:
 
 
 def _from_pretrained(loader: Any, spec: str | os.PathLike, what: str, **kwargs: Any) -> Any:
-    """``loader.from_pretrained(spec)`` with a patchlab error for a missing directory or unreachable hub id."""
+    """``loader.from_pretrained(spec)`` with a patchlab error for a missing directory, an unreachable hub id, a
+    config transformers cannot read (an unknown ``model_type``) or a truncated / corrupt safetensors file (named)."""
     source, offline = _source(spec, what)
     try:
         with _hub_offline() if offline else contextlib.nullcontext():
             return loader.from_pretrained(source, **kwargs)
+    except SafetensorError as err:
+        if Path(source).is_dir():
+            check_safetensors(Path(source), f"{what} from {str(spec)!r}")
+        raise PatchlabFileError(f"could not load {what} from {str(spec)!r}: a safetensors file is unreadable ({err})"
+                                ) from err
     except (OSError, ValueError) as err:
         raise PatchlabFileError(
             f"could not load {what} from {str(spec)!r} (a local checkpoint directory, or a hub id when online): {err}"
@@ -141,19 +108,121 @@ def _check_placement(device: Any, device_map: Any, max_memory: Any, offload_fold
         raise PatchlabValueError(f"{given}= only applies with device_map= (e.g. device_map='auto')")
 
 
-def _adapter_model(adapter_dir: str | os.PathLike, base: ModelSpec | None, dtype: torch.dtype | None
-                   ) -> PreTrainedModel:
-    """The base model of a PEFT adapter directory with the adapter merged
-    (:func:`patchlab.pair.adapters.merge_adapter`), loaded whole on the CPU (an in-memory base is copied)."""
+def cast_model(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """Cast an in-memory model to ``dtype`` in place the way ``from_pretrained(dtype=dtype)`` builds it: every
+    parameter and buffer gets the dtype it has in the same class built from the same config under ``dtype``
+    (on the meta device, no memory), so tensors that transformers keeps in float32 (RoPE's ``inv_freq`` and
+    ``original_inv_freq``, ``_keep_in_fp32_modules``) stay float32 while the weights and the buffers created in
+    the default dtype (Gemma's ``embed_scale``) become ``dtype``. ``model.to(dtype)`` would cast them all and
+    change the logits. Integer and boolean tensors are never cast. Returns ``model``."""
+    with init_empty_weights():
+        skeleton = type(model)._from_config(copy.deepcopy(model.config), dtype=dtype)
+    built = {name: t.dtype for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers())}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is None or not tensor.is_floating_point():
+                    continue
+                target = built.get(prefix + name, dtype)
+                if tensor.dtype != target:
+                    if isinstance(tensor, torch.nn.Parameter):
+                        tensor.data = tensor.data.to(target)
+                    else:
+                        store[name] = tensor.to(target)
+    model.config.dtype = dtype
+    return model
+
+
+def weight_dtypes(model: PreTrainedModel) -> list[str]:
+    """The dtypes of ``model``'s floating-point parameters (``["bfloat16"]``, sorted names without ``torch.``)."""
+    return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+
+
+def check_dtypes(dtypes_v: list[str], dtypes_u: list[str]) -> None:
+    """Raise :class:`PairMismatchError` naming both when the two models' weight dtypes differ (a float32 vanilla
+    and a bfloat16 unlearned checkpoint): their logits would differ by the rounding alone."""
+    if dtypes_v != dtypes_u:
+        raise PairMismatchError(f"vanilla weights are {'/'.join(dtypes_v)} but unlearned weights are "
+                                f"{'/'.join(dtypes_u)}: pass dtype=... (--dtype) to load both in one dtype")
+
+
+def adapter_base_for(adapter_dir: Path, adapter_base: ModelSpec | None, vanilla: ModelSpec | None = None
+                     ) -> ModelSpec:
+    """The base model an adapter is merged onto: ``adapter_base`` when given (with an :class:`AdapterBaseWarning`
+    when it is not the checkpoint the adapter config's ``base_model_name_or_path`` names), else ``vanilla`` when
+    that name is the vanilla checkpoint (:func:`~patchlab.pair.adapters.same_checkpoint`), else the named
+    checkpoint itself.
+
+    Raises:
+        PatchlabValueError: the adapter names no base and none is given, or the base is itself an adapter.
+        PatchlabFileError: the named base does not exist / cannot be reached; the message says it comes from the
+            adapter config and names ``adapter_base=`` (``--adapter-base``).
+    """
     name = adapter_base_name(adapter_dir)
-    if base is None and name is None:
+    config = adapter_dir / "adapter_config.json"
+    if adapter_base is not None:
+        if name is not None and not same_checkpoint(name, adapter_base):
+            warnings.warn(f"the adapter {str(adapter_dir)!r} was trained on {name!r} (base_model_name_or_path in "
+                          f"{config}) but is merged onto adapter_base={describe_source(adapter_base)!r}",
+                          AdapterBaseWarning, stacklevel=3)
+        base = adapter_base
+    elif name is None:
         raise PatchlabValueError(f"the adapter {str(adapter_dir)!r} names no base model (base_model_name_or_path): "
-                                 "pass adapter_base=... (the checkpoint it was trained on)")
-    base = name if base is None else base
+                                 "pass adapter_base=... (--adapter-base; the checkpoint it was trained on)")
+    elif vanilla is not None and same_checkpoint(name, vanilla):
+        base = vanilla
+    else:
+        try:
+            _source(name, "adapter base model")
+        except PatchlabFileError as err:
+            raise PatchlabFileError(
+                f"the adapter {str(adapter_dir)!r} names its base model {name!r} (base_model_name_or_path in "
+                f"{config}), which cannot be loaded: {err}. Pass adapter_base=... (--adapter-base) naming the "
+                "checkpoint it was trained on") from err
+        base = name
+    if is_adapter(base):
+        raise PatchlabValueError(f"the base of adapter {str(adapter_dir)!r} is itself an adapter ({str(base)!r})")
+    return base
+
+
+def adapter_record(adapter_dir: Path, base: ModelSpec) -> dict[str, str]:
+    """``{"adapter": source, "base": source, "weights": digest}`` of an adapter merged onto ``base``: the digest
+    covers the adapter files and the base's weights (:func:`patchlab.provenance.adapter_digest`), so one adapter on
+    two bases gives two digests. A hub-id base is hashed from its local hub snapshot."""
+    if isinstance(base, PreTrainedModel):
+        base_weights = model_digest(base)
+    else:
+        source, _ = _source(base, "adapter base model")
+        folder = Path(source) if Path(source).is_dir() else hub_snapshot(str(base))
+        base_weights = directory_digest(folder)
+    return {"adapter": describe_source(adapter_dir), "base": describe_source(base),
+            "weights": adapter_digest(directory_digest(adapter_dir), base_weights)}
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local hub-cache snapshot directory of ``repo_id`` (the one holding its ``config.json``).
+
+    Raises:
+        PatchlabFileError: the hub id is not in the local hub cache.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(config, str):
+        raise PatchlabFileError(f"{repo_id!r} is not in the local hub cache: load it once first")
+    return Path(config).parent
+
+
+def _adapter_model(adapter_dir: Path, base: ModelSpec | None, dtype: torch.dtype | None) -> PreTrainedModel:
+    """The base model of a PEFT adapter directory (:func:`adapter_base_for`) with the adapter merged
+    (:func:`patchlab.pair.adapters.merge_adapter`), loaded whole on the CPU in ``dtype`` (an in-memory base is
+    copied, then cast with :func:`cast_model`)."""
+    base = adapter_base_for(adapter_dir, base)
     if isinstance(base, PreTrainedModel):
         model = copy.deepcopy(base)
-    elif is_adapter(base):
-        raise PatchlabValueError(f"the base of adapter {str(adapter_dir)!r} is itself an adapter ({str(base)!r})")
+        if dtype is not None:
+            cast_model(model, dtype)
     else:
         model = load_model(base, dtype=dtype)
     return merge_adapter(model, adapter_dir)
@@ -166,30 +235,42 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype | None = None, device: str
     """A Hugging Face causal LM in eval mode, from a local directory, a hub id, a PEFT adapter directory, or an
     in-memory model.
 
-    * A directory holding ``adapter_config.json`` is a PEFT adapter (LoRA...): its base model (``adapter_base``,
-      default the adapter config's ``base_model_name_or_path``) is loaded and the adapter merged into it with
-      ``peft``'s ``merge_and_unload`` (:func:`patchlab.pair.adapters.merge_adapter`), so the result has the base
-      model's ordinary modules and weights ``W + ΔW``: patching a merged adapter is patching a full checkpoint.
-      Needs ``pip install 'patchlab[peft]'``.
+    * A directory (or hub repository) holding ``adapter_config.json`` is a PEFT adapter (LoRA...): its base model
+      (``adapter_base``, default the adapter config's ``base_model_name_or_path``; a warning when the two differ)
+      is loaded and the adapter merged into it with ``peft``'s ``merge_and_unload``
+      (:func:`patchlab.pair.adapters.merge_adapter`), so the result has the base model's ordinary modules and
+      weights ``W + ΔW``: patching a merged adapter is patching a full checkpoint. Needs
+      ``pip install 'patchlab[peft]'``.
+    * ``dtype``: a path or hub id is loaded with ``from_pretrained(dtype=dtype)``, so the numbers are the ones the
+      model's users get (RoPE's ``inv_freq`` stays float32); an in-memory model is cast in place the same way
+      (:func:`cast_model`), never with ``model.to(dtype)``.
     * ``device_map`` (``"auto"`` or ``{module name: device}``) places the model with Accelerate's big-model
       dispatch (``from_pretrained(device_map=...)``; ``dispatch_model`` for in-memory models, placed in place,
       and merged adapters, which pass through the CPU whole), within ``max_memory`` (``{0: "20GiB", "cpu":
       "60GiB"}``), modules mapped to ``"disk"`` keeping their weights in ``offload_folder``.
     * Otherwise an in-memory model is returned as is, converted in place when ``dtype``/``device`` are given.
 
+    The returned model is in eval mode.
+
     Raises:
-        PatchlabFileError: the directory does not exist or holds no loadable checkpoint, or the hub id cannot be
-            reached (after at most :data:`HUB_TIMEOUT_S` seconds).
-        PatchlabValueError: ``spec`` is of another type, ``device`` together with ``device_map``, ``max_memory``
-            or ``offload_folder`` without ``device_map``, a map that offloads to disk without ``offload_folder``,
-            an adapter that names no base model (pass ``adapter_base``) or does not fit it.
+        PatchlabFileError: the directory does not exist or holds no loadable checkpoint (a truncated or corrupt
+            safetensors file is named), the hub id cannot be reached (after at most :data:`HUB_TIMEOUT_S`
+            seconds), or an adapter's named base cannot be loaded (pass ``adapter_base``).
+        PatchlabValueError: ``spec`` is of another type, ``dtype``/``device`` for a model already dispatched,
+            ``device`` together with ``device_map``, ``max_memory`` or ``offload_folder`` without ``device_map``, a
+            map that offloads to disk without ``offload_folder``, an adapter that names no base model (pass
+            ``adapter_base``) or does not fit it.
         MissingDependencyError: an adapter directory without ``peft`` installed.
     """
     _check_placement(device, device_map, max_memory, offload_folder)
+    adapter_dir = local_adapter(spec)
     if isinstance(spec, PreTrainedModel):
-        model = spec
-    elif is_adapter(spec):
-        model = _adapter_model(spec, adapter_base, dtype)
+        if is_dispatched(spec) and (dtype is not None or (device is not None and device_map is None)):
+            raise PatchlabValueError("the model is placed with a device map: it cannot be moved or cast with "
+                                     "dtype=/device=")
+        model = cast_model(spec, dtype) if dtype is not None else spec
+    elif adapter_dir is not None:
+        model = _adapter_model(adapter_dir, adapter_base, dtype)
     elif isinstance(spec, (str, os.PathLike)):
         placement = {}
         if device_map is not None:
@@ -203,14 +284,10 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype | None = None, device: str
     else:
         raise PatchlabValueError(f"a model must be a path, a hub id or a PreTrainedModel, got {type(spec).__name__}")
     if device_map is not None and not is_dispatched(model):
-        if dtype is not None:
-            model = model.to(dtype=dtype)
         model = dispatch(model, resolve_device_map(model, device_map, max_memory=max_memory, dtype=dtype),
                          offload_folder=offload_folder)
-    elif device_map is None and (dtype is not None or device is not None):
-        if is_dispatched(model):
-            raise PatchlabValueError("the model is placed with a device map: it cannot be moved with dtype=/device=")
-        model = model.to(device=device, dtype=dtype)
+    elif device is not None:
+        model = model.to(device=device)
     return model.eval()
 
 
@@ -255,8 +332,10 @@ def check_vocab_size(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfi
 
 
 def check_compatible(vanilla: PreTrainedModel, unlearned: PreTrainedModel) -> None:
-    """Raise :class:`PairMismatchError` unless both models share architecture, sizes and parameter shapes."""
+    """Raise :class:`PairMismatchError` unless both models share architecture, sizes, parameter shapes, weight dtype
+    (:func:`check_dtypes`) and input device."""
     check_configs(vanilla.config, unlearned.config)
+    check_dtypes(weight_dtypes(vanilla), weight_dtypes(unlearned))
     shapes_v = {n: tuple(p.shape) for n, p in vanilla.named_parameters()}
     shapes_u = {n: tuple(p.shape) for n, p in unlearned.named_parameters()}
     if shapes_v.keys() != shapes_u.keys():
@@ -301,6 +380,8 @@ class ModelPair:
         arch: module paths and the site table of this family.
         sources: how the two checkpoints were given (a resolved path, a hub id, or ``"in-memory ..."``), for
             provenance (:func:`patchlab.provenance.pair_provenance`).
+        adapter: for an unlearned side given as a PEFT adapter, the adapter, its base and their joint weights
+            digest (:func:`adapter_record`); ``None`` otherwise.
     """
 
     vanilla: TransformersModel
@@ -310,6 +391,7 @@ class ModelPair:
     tokenizer: PreTrainedTokenizerBase
     arch: ArchSpec
     sources: tuple[str, str] = ("", "")
+    adapter: dict[str, str] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -377,16 +459,20 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
 
     Args:
         vanilla: local checkpoint directory, hub id, or in-memory ``PreTrainedModel``.
-        unlearned: same, or a PEFT adapter directory (one holding ``adapter_config.json``, e.g. a LoRA run). An
-            adapter is applied to its base model and **merged** (``peft``'s ``merge_and_unload``): the unlearned
-            model is then an ordinary model with weights ``W + ΔW``, so every site (coefficients, value vectors,
-            attention outputs) is patched exactly as in a full checkpoint. Its base is ``adapter_base`` when given,
-            else the vanilla model when the adapter config's ``base_model_name_or_path`` names the vanilla
-            checkpoint (same string, same directory, or the path an in-memory vanilla was loaded from), else that
-            checkpoint itself (loaded from its path or the hub). Needs ``pip install 'patchlab[peft]'``.
+        unlearned: same, or a PEFT adapter (a directory or hub repository holding ``adapter_config.json``, e.g. a
+            LoRA run). An adapter is applied to its base model and **merged** (``peft``'s ``merge_and_unload``): the
+            unlearned model is then an ordinary model with weights ``W + ΔW``, so every site (coefficients, value
+            vectors, attention outputs) is patched exactly as in a full checkpoint. Its base is ``adapter_base``
+            when given, else the vanilla model when the adapter config's ``base_model_name_or_path`` names the
+            vanilla checkpoint (same string, same directory, or the path an in-memory vanilla was loaded from), else
+            that checkpoint itself (loaded from its path or the hub; when it cannot be, the error says so and names
+            ``adapter_base=``). Needs ``pip install 'patchlab[peft]'``.
         tokenizer: shared tokenizer (object, directory or hub id). Defaults to the vanilla checkpoint's; when
             both checkpoints ship a tokenizer they must agree.
-        dtype: load/cast both models to this dtype (e.g. ``torch.bfloat16``); default: as stored.
+        dtype: load both models in this dtype (e.g. ``torch.bfloat16``) with ``from_pretrained(dtype=...)``, so
+            buffers that transformers keeps in float32 (RoPE's ``inv_freq``) stay float32; in-memory models are cast
+            the same way (:func:`cast_model`). Default: as stored, and then both models' weights must share one
+            dtype (a float32 vanilla and a bfloat16 unlearned checkpoint are refused, naming both).
         device: move both models to this one device (e.g. ``"cuda"``).
         device_map: spread both models over several devices with Accelerate's big-model dispatch: ``"auto"``
             (the vanilla architecture placed within ``max_memory``, each device's budget split equally between
@@ -398,7 +484,9 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
         offload_folder: where modules mapped to ``"disk"`` keep their weights (``vanilla/`` and ``unlearned/``
             below it; checkpoints stored as safetensors are read in place).
         adapter_base: the base checkpoint of an adapter ``unlearned`` (path, hub id or in-memory model; an
-            in-memory one is copied, never modified).
+            in-memory one is copied, never modified); an :class:`~patchlab.pair.adapters.AdapterBaseWarning` when
+            it is not the checkpoint the adapter config names. The provenance digest of the unlearned side then
+            covers the adapter and this base (:func:`adapter_record`).
         sequential: never hold both models in memory: check the pair from configs, file headers and tokenizers and
             return a :class:`~patchlab.pair.sequential.SequentialPair` whose sweeps load the vanilla model, then the
             unlearned one (the vanilla weights that ``value`` / ``heads`` restorations need are read from its
@@ -412,23 +500,28 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
         PatchlabValueError: ``device`` together with ``device_map``, ``max_memory`` / ``offload_folder`` without
             ``device_map``, a map that offloads to disk without ``offload_folder``, an adapter without a base.
         PairMismatchError: different architecture, layer count, hidden/intermediate/vocab size, parameter
-            shapes, input device or tokenizer.
+            shapes, weight dtype (without ``dtype``), input device or tokenizer.
         UnsupportedArchitectureError: the family is not in the registry (see ``register_architecture``).
         MissingDependencyError: an adapter directory without ``peft`` installed.
     """
     _check_placement(device, device_map, max_memory, offload_folder)
+    adapter_dir = local_adapter(unlearned)
+    if adapter_dir is not None:
+        adapter_base = adapter_base_for(adapter_dir, adapter_base, vanilla)
     if sequential:
         tok = _pair_tokenizer(vanilla, unlearned, tokenizer)
         shared_map, folders = _pair_placement(vanilla, device_map, max_memory, offload_folder, dtype, share=1)
         loads = [{"dtype": dtype, "device": device, **({"device_map": shared_map, "offload_folder": folder}
                                                        if shared_map is not None else {})} for folder in folders]
-        return sequential_pair(vanilla, unlearned, tokenizer=tok, load=loads, adapter_base=adapter_base)
-    if adapter_base is None and is_adapter(unlearned) and same_checkpoint(adapter_base_name(unlearned), vanilla):
-        adapter_base = vanilla
+        return sequential_pair(vanilla, unlearned if adapter_dir is None else adapter_dir, tokenizer=tok,
+                               load=loads, adapter_base=adapter_base,
+                               adapter=None if adapter_dir is None else adapter_record(adapter_dir, adapter_base))
     shared_map, folders = _pair_placement(vanilla, device_map, max_memory, offload_folder, dtype)
     # the unlearned side first: an adapter may copy the in-memory vanilla model before it is dispatched
-    model_u = load_model(unlearned, dtype=dtype, device=device, device_map=shared_map, offload_folder=folders[1],
-                         adapter_base=adapter_base)
+    with warnings.catch_warnings():  # a foreign adapter base was announced above, once
+        warnings.simplefilter("ignore", AdapterBaseWarning)
+        model_u = load_model(unlearned if adapter_dir is None else adapter_dir, dtype=dtype, device=device,
+                             device_map=shared_map, offload_folder=folders[1], adapter_base=adapter_base)
     model_v = load_model(vanilla, dtype=dtype, device=device, device_map=shared_map, offload_folder=folders[0])
     if model_v is model_u:
         raise PairMismatchError("vanilla and unlearned are the same model object; pass two distinct models")
@@ -438,7 +531,8 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
     check_vocab_size(tok, model_v.config)
     return ModelPair(vanilla=trace_model(model_v, tok), unlearned=trace_model(model_u, tok),
                      vanilla_hf=model_v, unlearned_hf=model_u, tokenizer=tok, arch=spec,
-                     sources=(describe_source(vanilla), describe_source(unlearned)))
+                     sources=(describe_source(vanilla), describe_source(unlearned)),
+                     adapter=None if adapter_dir is None else adapter_record(adapter_dir, adapter_base))
 
 
 def _checkpoint_dir(spec: Any, what: str) -> Path:
@@ -455,31 +549,51 @@ def _checkpoint_dir(spec: Any, what: str) -> Path:
     return Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
 
 
+#: safetensors dtype names of floating-point tensors -> torch dtype names.
+_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                 "F8_E5M2": "float8_e5m2"}
+
+
+def stored_dtypes(tensors: CheckpointTensors) -> list[str]:
+    """The dtypes of a checkpoint's floating-point tensors as stored (``["bfloat16"]``, sorted torch names)."""
+    return sorted({_FLOAT_DTYPES[d] for d in tensors.dtypes.values() if d in _FLOAT_DTYPES})
+
+
 def sequential_pair(vanilla: Any, unlearned: Any, *, tokenizer: PreTrainedTokenizerBase,
-                    load: Sequence[Mapping[str, Any]], adapter_base: Any = None) -> SequentialPair:
+                    load: Sequence[Mapping[str, Any]], adapter_base: Any = None,
+                    adapter: dict[str, str] | None = None) -> SequentialPair:
     """Check a pair from its configs and file headers and return it unloaded (:class:`SequentialPair`); ``load``
-    holds the vanilla and the unlearned model's :func:`~patchlab.pair.loading.load_model` keyword arguments.
+    holds the vanilla and the unlearned model's :func:`load_model` keyword arguments. ``unlearned`` may be a local
+    PEFT adapter directory, merged onto ``adapter_base`` (default the vanilla checkpoint) when loaded; ``adapter``:
+    its record for provenance.
 
     Raises:
         PatchlabValueError: an in-memory model (it is in memory already: use ``sequential=False``).
-        PairMismatchError: different architectures, sizes or tensor shapes.
-        PatchlabFileError: a directory that does not exist or holds no safetensors checkpoint.
+        PairMismatchError: different architectures, sizes, tensor shapes, or stored weight dtypes when the pair is
+            loaded as stored (no ``dtype``).
+        PatchlabFileError: a directory that does not exist, holds no safetensors checkpoint or a truncated / corrupt
+            one (named), or a config transformers cannot read (an unknown ``model_type``).
     """
     v_dir = _checkpoint_dir(vanilla, "vanilla")
-    u_dir = unlearned if is_adapter(unlearned) else _checkpoint_dir(unlearned, "unlearned")
-    config = AutoConfig.from_pretrained(v_dir)
+    u_dir = Path(unlearned) if is_adapter(unlearned) else _checkpoint_dir(unlearned, "unlearned")
+    config = _from_pretrained(AutoConfig, v_dir, "vanilla model config")
     skeleton = meta_skeleton(config)
     spec = arch_spec(skeleton)
     tensors_v = CheckpointTensors(v_dir, "vanilla")
     if not is_adapter(unlearned):
-        check_configs(config, AutoConfig.from_pretrained(u_dir))
-        shapes_u = CheckpointTensors(u_dir, "unlearned").shapes
+        check_configs(config, _from_pretrained(AutoConfig, u_dir, "unlearned model config"))
+        tensors_u = CheckpointTensors(u_dir, "unlearned")
         for name, shape in tensors_v.shapes.items():
-            if name in shapes_u and shapes_u[name] != shape:
-                raise PairMismatchError(f"tensor {name} has shape {shape} in vanilla but {shapes_u[name]} in unlearned")
+            if name in tensors_u.shapes and tensors_u.shapes[name] != shape:
+                raise PairMismatchError(f"tensor {name} has shape {shape} in vanilla but {tensors_u.shapes[name]} in "
+                                        "unlearned")
+        if load[0].get("dtype") is None:
+            check_dtypes(stored_dtypes(tensors_v), stored_dtypes(tensors_u))
+    else:
+        check_safetensors(u_dir, f"the adapter {str(u_dir)!r}")  # now, not when a sweep first loads it
     check_vocab_size(tokenizer, config)
     load_u = {**load[1], **({"adapter_base": adapter_base or v_dir} if is_adapter(unlearned) else {})}
     return SequentialPair(specs={"vanilla": v_dir, "unlearned": u_dir}, load={"vanilla": dict(load[0]),
                                                                              "unlearned": load_u},
                           tokenizer=tokenizer, arch=spec, sources=(describe_source(v_dir), describe_source(unlearned)),
-                          skeleton=skeleton, loader=load_model, dtype=load[0].get("dtype"))
+                          skeleton=skeleton, loader=load_model, dtype=load[0].get("dtype"), adapter=adapter)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
+from patchlab.pair.adapters import AdapterBaseWarning
 from patchlab.pair.arch import ArchSpec
 from patchlab.pair.weights import CheckpointWeights
 
@@ -45,6 +47,9 @@ class SequentialPair:
             (:func:`~patchlab.pair.loading.load_model`).
         tokenizer: the shared tokenizer. arch: the family's spec. sources: how the checkpoints were given.
         skeleton: the vanilla model on the meta device (names and shapes).
+        dtype: the dtype both models are loaded in (``None``: as stored).
+        adapter: for an unlearned PEFT adapter, the adapter, its base and their joint weights digest
+            (:func:`~patchlab.pair.loading.adapter_record`); ``None`` otherwise.
     """
 
     specs: dict[str, Any]
@@ -55,6 +60,7 @@ class SequentialPair:
     skeleton: PreTrainedModel
     loader: Callable[..., PreTrainedModel]
     dtype: torch.dtype | None = None
+    adapter: dict[str, str] | None = None
     _resident: dict[str, PreTrainedModel] = field(default_factory=dict, repr=False)
 
     @property
@@ -72,7 +78,9 @@ class SequentialPair:
         if self._resident:
             raise PatchlabValueError(f"a sequential pair holds one model at a time: {next(iter(self._resident))!r} "
                                      f"is in use, {which!r} cannot be loaded beside it")
-        self._resident[which] = self.loader(self.specs[which], **self.load[which])
+        with warnings.catch_warnings():  # load_pair announced a foreign adapter base once
+            warnings.simplefilter("ignore", AdapterBaseWarning)
+            self._resident[which] = self.loader(self.specs[which], **self.load[which])
         try:
             yield self._resident[which]
         finally:

@@ -9,15 +9,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedModel
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.pair.arch import ArchSpec
@@ -25,11 +28,37 @@ from patchlab.pair.placement import parameter_value
 from patchlab.pair.sites import Site
 
 
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)`` (PyTorch tensors), with a :class:`PatchlabFileError` naming ``path`` when the file is
+    missing, truncated or otherwise not a valid safetensors file."""
+    try:
+        with safe_open(path, "pt") as f:
+            yield f
+    except (SafetensorError, OSError) as err:
+        raise PatchlabFileError(f"{path} is truncated or corrupt ({err}); re-save or re-download the checkpoint"
+                                ) from err
+
+
+def check_safetensors(root: Path, what: str) -> None:
+    """Raise :class:`PatchlabFileError` ``could not load {what}: {file} is truncated or corrupt`` for the first
+    ``*.safetensors`` file of ``root`` (sorted by name) whose header cannot be read or does not cover the file; only
+    the headers are read."""
+    for path in sorted(root.glob("*.safetensors")):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise PatchlabFileError(f"could not load {what}: {path} is truncated or corrupt ({err}); re-save or "
+                                    "re-download it") from err
+
+
 class CheckpointTensors:
     """The named tensors of a checkpoint directory (``model.safetensors`` or a sharded index), by parameter name.
 
     Attributes:
         root: the directory. shapes: ``{name: shape}`` of every tensor (read from the file headers only).
+        dtypes: ``{name: stored dtype}`` of every tensor (safetensors names: ``"F32"``, ``"BF16"``...).
         model_type: ``config.json``'s ``model_type`` (``None`` without a config).
 
     Raises:
@@ -44,17 +73,19 @@ class CheckpointTensors:
         if index.exists():
             self.weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.root / "model.safetensors").exists():
-            with safe_open(self.root / "model.safetensors", "pt") as f:
+            with open_safetensors(self.root / "model.safetensors") as f:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise PatchlabFileError(f"{self.root} holds no safetensors checkpoint (model.safetensors or its index); "
                                     "re-save it with save_pretrained(..., safe_serialization=True)")
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
         for file in sorted(set(self.weight_map.values())):
-            with safe_open(self.root / file, "pt") as f:
+            with open_safetensors(self.root / file) as f:
                 for name in f.keys():
                     if self.weight_map.get(name) == file:
-                        self.shapes[name] = tuple(f.get_slice(name).get_shape())
+                        tensor = f.get_slice(name)
+                        self.shapes[name], self.dtypes[name] = tuple(tensor.get_shape()), tensor.get_dtype()
         config = self.root / "config.json"
         self.model_type = json.loads(config.read_text()).get("model_type") if config.exists() else None
 
@@ -66,7 +97,7 @@ class CheckpointTensors:
         """
         if name not in self.weight_map:
             raise PatchlabValueError(f"{self.root} holds no tensor {name!r}")
-        with safe_open(self.root / self.weight_map[name], "pt") as f:
+        with open_safetensors(self.root / self.weight_map[name]) as f:
             return f.get_tensor(name)
 
 

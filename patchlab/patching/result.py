@@ -149,7 +149,10 @@ class PatchResult(Result):
 
         Args:
             aggregate: ``"mean"`` (mean of per-question scores) or ``"pooled"`` (:meth:`pooled`).
-            per_question: one small panel per question instead of the aggregate.
+            per_question: instead of the aggregate, the questions (rows, ranked by their mean score) x windows of
+                one component at a time, picked from a dropdown; the highest and lowest ranked only beyond
+                :data:`~patchlab.reports.figures.QUESTION_ROWS` questions
+                (:func:`~patchlab.reports.figures.question_heatmap`).
         """
         return super().figure(title=title, aggregate=aggregate, per_question=per_question)
 

@@ -7,10 +7,11 @@ one); for the last layer that is exactly the model's output. Per layer and quest
 answer tokens' mean log-probability (nats) and mean rank (1 = top token), for the vanilla model, the unlearned model
 and, when given, the retain model.
 
-Headline: per question, the largest share over intermediate layers of the vanilla model's lens log-probability the
-unlearned model's lens keeps at the same layer, ``clip((u_l - f_l) / (v_l - f_l), 0, 1)``, with the floor ``f_l``
-the retain model's lens at that layer (a model that never learned the answer), else the unlearned model's own
-output; averaged over questions. Verdict: ``intact`` if the unlearned model keeps >= 50% of the vanilla target
+Headline: per question, the largest share over the decoder layers before the last (0 to n - 2: the last one is the
+model's output; layer 0 is the first block's output, not an intermediate layer) of the vanilla model's lens
+log-probability the unlearned model's lens keeps at the same layer, ``clip((u_l - f_l) / (v_l - f_l), 0, 1)``, with
+the floor ``f_l`` the retain model's lens at that layer (a model that never learned the answer), else the unlearned
+model's own output; averaged over questions. Verdict: ``intact`` if the unlearned model keeps >= 50% of the vanilla target
 accuracy, else ``hidden`` if the headline is >= 0.5 (readable inside, not at the output), else ``erased``.
 """
 
@@ -73,6 +74,14 @@ def readable_shares(unlearned: Float[np.ndarray, "question layer"], vanilla: Flo
     return np.clip(np.divide(unlearned - floor, gap, out=np.zeros_like(gap), where=gap > 1e-9), 0.0, 1.0)
 
 
+def layer_name(layer: int, n_layers: int) -> str:
+    """A decoder layer named by its place: ``"layer 0 (the first decoder layer)"``, ``"layer 3 (intermediate)"``,
+    ``"layer 5 (the last: the model's output)"``."""
+    place = ("the first decoder layer" if layer == 0 else "the last: the model's output" if layer == n_layers - 1
+             else "intermediate")
+    return f"layer {layer} ({place})"
+
+
 def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
         retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
     """The logit-lens probe (module docstring)."""
@@ -86,7 +95,7 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
     shares, best = inside.max(axis=1), int(inside.mean(axis=0).argmax())
     headline = mean_interval(shares, settings)
     verdict, rule = recovery_verdict(headline.value, vanilla.accuracy, unlearned.accuracy,
-                                     "the lens of an intermediate layer")
+                                     "the lens of a layer before the last")
     details = {**baseline(vanilla, unlearned), "floor": "retain" if retain is not None else "unlearned output",
                "shares": shares.tolist(),
                **{f"{who}_{m}": column_intervals(v[m], settings) for who, v in lens.items() for m in MEASURES},
@@ -94,8 +103,8 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
     return ProbeResult(
         probe="logit_lens", score=headline, verdict=verdict, rule=rule, details=details,
         meaning="share of the vanilla model's answer log-probability under the logit lens that the unlearned "
-                "model keeps at its most revealing intermediate layer (0 = none, 1 = all)",
-        note=f"most revealing layer on average: {best}")
+                "model keeps at its most revealing decoder layer before the last (0 = none, 1 = all)",
+        note=f"most revealing layer on average: {layer_name(best, pair.n_layers)}")
 
 
 PROBE = Probe(
@@ -106,4 +115,4 @@ PROBE = Probe(
                 "(solid) and retain (dashed) models. An answer readable in the unlearned model's middle layers but "
                 "not at its output is hidden, not erased (Patil et al., 2023). The headline is the share of the "
                 "vanilla lens log-probability, above the retain model's, that the unlearned model keeps at its most "
-                "revealing intermediate layer. Bands are 95% bootstrap intervals over questions.")
+                "revealing decoder layer before the last. Bands are 95% bootstrap intervals over questions.")

@@ -6,7 +6,8 @@
 * :func:`density_bars` / :func:`density_heatmaps`: WAGLE's mask-density figures, methods side by side;
 * :func:`sweep_scatter`: the method sweep's target vs unrelated BLEU (Hong et al., Fig. 2);
 * :func:`verdict_grid`: the audit's overview, a verdict per probe and audited pair;
-* :func:`curve` / :func:`colour`: the audit probes' curves with bootstrap bands, one colour per audited pair.
+* :func:`curve` / :func:`colour`: the audit probes' curves with bootstrap bands, one colour per audited pair and
+  curve role (unlearned, vanilla, retain...).
 
 Hover values are rounded (:data:`HOVER_DIGITS` decimals, or 3 significant digits on log scales); titles count
 with :func:`plural`.
@@ -15,6 +16,8 @@ with :func:`plural`.
 from __future__ import annotations
 
 import math
+import textwrap
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -39,8 +42,13 @@ DIVERGING = plotly.colors.diverging.RdBu
 HOVER_DIGITS, CELL_DIGITS = 3, 2
 #: Height in pixels of one heatmap row, and of a panel's title and axis margins.
 ROW_PX, PANEL_PX = 28, 90
+#: What a density figure shows for weights a method does not score (e.g. wanda's norms), instead of 0.
+NOT_SCORED = "not scored"
 #: Characters of a question kept in a panel title.
 PANEL_TITLE_CHARS = 70
+#: Questions drawn by :func:`question_heatmap` (beyond it: the highest and lowest half each), the height in
+#: pixels of one question's row, the characters of a question kept in its tick label, and the width of hover lines.
+QUESTION_ROWS, QUESTION_PX, QUESTION_LABEL_CHARS, HOVER_WRAP_CHARS = 40, 22, 48, 80
 
 
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:
@@ -156,6 +164,120 @@ def _short(text: str, limit: int = PANEL_TITLE_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _plain(text: str) -> str:
+    """``text`` safe inside plotly's pseudo-HTML labels: ``<`` and ``>`` escaped, so a question is never read as
+    markup."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _wrapped(text: str, width: int = HOVER_WRAP_CHARS) -> str:
+    """``text`` escaped (:func:`_plain`) and broken into hover lines of at most ``width`` characters."""
+    return "<br>".join(_plain(line) for line in textwrap.wrap(text, width) or [""])
+
+
+def ranked_rows(values: Float[np.ndarray, "row column"], shown: int) -> list[np.ndarray]:
+    """Row indices ordered by their mean over columns, highest first (rows that are all NaN last, ties in row
+    order): every row if there are at most ``shown``, else two blocks, the ``shown // 2`` highest and the
+    ``shown - shown // 2`` lowest (still highest first).
+
+    Raises:
+        PatchlabValueError: ``shown < 2``.
+    """
+    if not isinstance(shown, int) or shown < 2:
+        raise PatchlabValueError(f"shown must be an integer >= 2, got {shown!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row: its mean is NaN, ranked last
+        means = np.nanmean(values, axis=1)
+    order = np.lexsort((np.arange(len(means)), -np.nan_to_num(means, nan=-np.inf)))
+    if len(order) <= shown:
+        return [order]
+    return [order[:shown // 2], order[len(order) - (shown - shown // 2):]]
+
+
+def question_heatmap(values: Float[np.ndarray, "component question window"], components: Sequence[str],
+                     windows: Sequence[tuple[int, int]], questions: Sequence[str], *, title: str | None = None,
+                     value_name: str = "KRS", shown: int = QUESTION_ROWS, show_values: bool = True,
+                     x_title: str = "layers restored (window)") -> go.Figure:
+    """A per-question sweep as one question x window heatmap per restored component, a dropdown picking the
+    component; a page of bounded size whatever the number of questions.
+
+    Questions (rows) are ranked by their mean score over windows for the component shown, highest first, and
+    labelled ``Q<k>: <question>`` cut to :data:`QUESTION_LABEL_CHARS` characters; a cell's hover holds the whole
+    question, its rank and mean, the window's layers and the score (:data:`HOVER_DIGITS` decimals). With more than
+    ``shown`` questions only the ``shown // 2`` highest and the rest of ``shown`` lowest are drawn, in two panels
+    (every score stays in the result's per-question table). All panels share one diverging colour scale centred on
+    0, with one colour bar. Traces: one per component and panel (at most ``2 * len(components)``); height: at most
+    ``shown`` rows of :data:`QUESTION_PX` pixels plus margins.
+
+    Args:
+        values: ``[n_components, n_questions, n_windows]`` scores (NaN cells are left blank).
+        components: a label per component (the dropdown's entries). windows: half-open ``(start, stop)`` ranges.
+        questions: the questions, in the sweep's order (``Q1`` is the first).
+        shown: the most questions drawn (>= 2).
+
+    Raises:
+        PatchlabValueError: ``values`` is not ``[len(components), len(questions), len(windows)]``, there is no
+            component or question, a window is not a range, or ``shown < 2``.
+    """
+    windows = _check_windows(windows)
+    z = np.asarray(values, dtype=float)
+    if z.shape != (len(components), len(questions), len(windows)) or not len(components) or not len(questions):
+        raise PatchlabValueError(f"values must be [components, questions, windows] = [{len(components)}, "
+                                 f"{len(questions)}, {len(windows)}] with at least one of each, got {z.shape}")
+    labels = [window_label(w) for w in windows]
+    blocks = [ranked_rows(comp, shown) for comp in z]
+    n, n_panels = len(questions), len(blocks[0])
+    if n_panels == 1:
+        fig = go.Figure()
+        spans = [f"all {plural(n, 'question')}, highest mean {value_name} first"]
+    else:
+        top, bottom = len(blocks[0][0]), len(blocks[0][1])
+        spans = [f"the {top} highest mean {value_name} of {n:,} questions",
+                 f"the {bottom} lowest mean {value_name} (ranks {n - bottom + 1:,}-{n:,})"]
+        fig = make_subplots(rows=2, cols=1, subplot_titles=spans, row_heights=[top, bottom], vertical_spacing=0.1)
+    y_layout: list[dict] = []
+    for c, (name, comp, parts) in enumerate(zip(components, z, blocks)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.nanmean(comp, axis=1)
+        rank = {int(q): r + 1 for r, q in enumerate(np.concatenate(parts))} if n_panels == 1 else \
+            {int(q): r + 1 for r, q in enumerate(parts[0])} | {int(q): n - len(parts[1]) + r + 1
+                                                                for r, q in enumerate(parts[1])}
+        ticks = {}
+        for panel, rows in enumerate(parts):
+            head = [f"Q{q + 1}: {_wrapped(questions[q])}<br>rank {rank[int(q)]:,} of {n:,} by mean {value_name} "
+                    f"({means[q]:.{HOVER_DIGITS}f})" for q in rows]
+            hover = [[f"{h}<br>{name}, layers {label}<br>{value_name} {v:.{HOVER_DIGITS}f}"
+                      for label, v in zip(labels, comp[q])] for h, q in zip(head, rows)]
+            trace = go.Heatmap(z=comp[rows], x=list(range(len(labels))), y=list(range(len(rows))), text=hover,
+                               coloraxis="coloraxis", hovertemplate="%{text}<extra>" + _plain(name) + "</extra>",
+                               texttemplate=f"%{{z:.{CELL_DIGITS}f}}" if show_values else None, hoverongaps=False,
+                               visible=c == 0, name=name)
+            fig.add_trace(trace, **({"row": panel + 1, "col": 1} if n_panels > 1 else {}))
+            axis = "yaxis" if panel == 0 else f"yaxis{panel + 1}"
+            ticks[f"{axis}.ticktext"] = [_plain(_short(f"Q{q + 1}: {questions[q]}", QUESTION_LABEL_CHARS))
+                                         for q in rows]
+            ticks[f"{axis}.tickvals"] = list(range(len(rows)))
+        y_layout.append(ticks)
+    per_component = len(blocks[0])
+    buttons = [{"label": name, "method": "update",
+                "args": [{"visible": [i // per_component == c for i in range(len(fig.data))]}, y_layout[c]]}
+               for c, name in enumerate(components)]
+    rows_drawn = sum(len(b) for b in blocks[0])
+    fig.update_layout(
+        title=title, coloraxis=_coloraxis(_colour_bound(z), value_name), height=260 + QUESTION_PX * rows_drawn,
+        margin={"l": 20, "t": 130},
+        updatemenus=[{"buttons": buttons, "active": 0, "x": 0, "xanchor": "left", "y": 1.0, "yanchor": "bottom",
+                      "pad": {"b": 30 if n_panels > 1 else 8}}])
+    fig.add_annotation(text="restored component:", x=0, xref="paper", xanchor="right", y=1.0, yref="paper",
+                       yanchor="bottom", yshift=(34 if n_panels > 1 else 12), showarrow=False)
+    fig.update_layout(y_layout[0])
+    fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, title_text=x_title)
+    fig.update_yaxes(autorange="reversed", tickmode="array", automargin=True)
+    fig.update_yaxes(title_text=f"question ({spans[0]})" if n_panels == 1 else "question")
+    return fig
+
+
 def krs_title(n_questions: int, *, aggregate: str = "mean", per_question: bool = False, window: int | None = None,
               n_tokens: int | None = None, vanilla: str | None = None, unlearned: str | None = None,
               metric: str = "Knowledge Recovery Score") -> str:
@@ -169,8 +291,17 @@ def krs_title(n_questions: int, *, aggregate: str = "mean", per_question: bool =
     else:
         head = f"{metric}, {aggregate} over {plural(n_questions, 'question')}"
     details_text = ", ".join(d for d in details if d)
-    models = " vs ".join(f"{who}: {name}" for who, name in (("unlearned", unlearned), ("vanilla", vanilla)) if name)
-    return head + (f" ({details_text})" if details_text else "") + (f"<br><sup>{models}</sup>" if models else "")
+    return with_subtitle(head + (f" ({details_text})" if details_text else ""), models_line(vanilla, unlearned))
+
+
+def models_line(vanilla: str | None, unlearned: str | None) -> str:
+    """``"unlearned: <name> vs vanilla: <name>"`` for the names given (``""`` for none)."""
+    return " vs ".join(f"{who}: {name}" for who, name in (("unlearned", unlearned), ("vanilla", vanilla)) if name)
+
+
+def with_subtitle(title: str, subtitle: str | None) -> str:
+    """``title`` with ``subtitle`` as a smaller second line (plotly's ``<br><sup>``), if there is one."""
+    return title + (f"<br><sup>{subtitle}</sup>" if subtitle else "")
 
 
 # ------------------------------------------------------------------------------------------ layer x module tables
@@ -223,25 +354,41 @@ def layer_module_heatmap(table: pd.DataFrame, *, value_name: str, title: str | N
 # ------------------------------------------------------------------------------------------------- densities
 
 
-def density_bars(per_module: pd.DataFrame, methods: Sequence[str]) -> go.Figure:
+def _unscored(frame: pd.DataFrame) -> pd.Series:
+    """Rows of a density frame where the method scored no weight (``scored == 0``; none in frames without a
+    ``scored`` column, saved before it existed)."""
+    return frame["scored"].eq(0) if "scored" in frame else pd.Series(False, index=frame.index)
+
+
+def density_bars(per_module: pd.DataFrame, methods: Sequence[str], *, subtitle: str | None = None) -> go.Figure:
     """Grouped bars of the density (0..1) per module type, one bar per method (columns ``method``, ``module``,
-    ``selected``, ``total``, ``density``, as :func:`patchlab.unlearning.attribution.module_density` gives)."""
+    ``selected``, ``total``, ``scored``, ``density``, as :func:`patchlab.unlearning.attribution.module_density`
+    gives); a module type the method did not score reads "not scored" (no bar), not 0. ``subtitle``: the title's
+    second line (the model and ratio)."""
     order = module_order(per_module["module"])
     bars = go.Figure()
     for method in methods:
         part = per_module[per_module["method"] == method].set_index("module").reindex(order)
-        bars.add_bar(name=method, x=order, y=part["density"], customdata=part[["selected", "total"]].to_numpy(),
+        unscored = _unscored(part).to_numpy()
+        bars.add_bar(name=method, x=order, y=part["density"].where(~unscored, 0.0),
+                     text=np.where(unscored, NOT_SCORED, ""), textposition="outside", cliponaxis=False,
+                     textangle=-90, constraintext="none", textfont={"size": 12},
+                     customdata=np.stack([part["selected"], part["total"],
+                                          np.where(unscored, f" ({NOT_SCORED})", "")], axis=1),
                      hovertemplate=f"%{{x}}: %{{y:.{HOVER_DIGITS}f}} (%{{customdata[0]:,}} of %{{customdata[1]:,}} "
-                                   "weights)")
-    bars.update_layout(barmode="group", title="Density of selected weights per module type",
-                       xaxis_title="module", yaxis_title="fraction selected", yaxis_range=[0, 1])
+                                   "weights)%{customdata[2]}")
+    bars.update_layout(barmode="group", title=with_subtitle("Density of selected weights per module type", subtitle),
+                       xaxis_title="module", yaxis_title="fraction selected", yaxis_range=[0, 1.05])
     return bars
 
 
-def density_heatmaps(table: pd.DataFrame, methods: Sequence[str]) -> go.Figure:
-    """One layer x module-type heatmap of the density per method (decoder layers only), colours 0..1 shared.
+def density_heatmaps(table: pd.DataFrame, methods: Sequence[str], *, subtitle: str | None = None) -> go.Figure:
+    """One layer x module-type heatmap of the density per method (decoder layers only), colours 0..1 shared, one
+    colour bar ("fraction selected"), each cell showing its value (:data:`CELL_DIGITS` decimals); a cell the method
+    did not score is blank and reads "not scored", not 0. ``subtitle``: the title's second line.
 
-    ``table``: columns ``method``, ``module``, ``layer`` (NA outside the decoder layers), ``density``.
+    ``table``: columns ``method``, ``module``, ``layer`` (NA outside the decoder layers), ``density`` and, when
+    known, ``scored`` (weights the method scored).
 
     Raises:
         PatchlabValueError: no decoder-layer row in ``table``.
@@ -251,16 +398,27 @@ def density_heatmaps(table: pd.DataFrame, methods: Sequence[str]) -> go.Figure:
         raise PatchlabValueError("the density frames have no decoder-layer parameter")
     order = module_order(layered["module"])
     heat = make_subplots(rows=1, cols=len(methods), subplot_titles=list(methods), shared_yaxes=True)
+    layered = layered.assign(unscored=_unscored(layered))
     for col, method in enumerate(methods, start=1):
-        grid = (layered[layered["method"] == method]
-                .pivot_table(index="layer", columns="module", values="density", aggfunc="first")
-                .reindex(columns=order))
-        heat.add_trace(go.Heatmap(z=grid.to_numpy(dtype=float), x=list(grid.columns),
-                                  y=[int(i) for i in grid.index], zmin=0, zmax=1, colorscale="Viridis",
-                                  showscale=col == len(methods),
-                                  hovertemplate=f"layer %{{y}}, %{{x}}: %{{z:.{HOVER_DIGITS}f}}<extra>{method}</extra>"),
+        part = layered[layered["method"] == method]
+        grid = part.pivot_table(index="layer", columns="module", values="density", aggfunc="first").reindex(
+            columns=order)
+        unscored = part.pivot_table(index="layer", columns="module", values="unscored", aggfunc="first").reindex(
+            index=grid.index, columns=order).fillna(False).to_numpy(dtype=bool)
+        z = np.where(unscored, np.nan, grid.to_numpy(dtype=float))
+        text = [[NOT_SCORED.replace(" ", "<br>") if off else _cell(v, False, CELL_DIGITS) for v, off in zip(row, offs)]
+                for row, offs in zip(z, unscored)]
+        hover = [[NOT_SCORED if off else _cell(v, False, HOVER_DIGITS) for v, off in zip(row, offs)]
+                 for row, offs in zip(z, unscored)]
+        heat.add_trace(go.Heatmap(z=z, x=list(grid.columns), y=[int(i) for i in grid.index], zmin=0, zmax=1,
+                                  colorscale="Viridis", showscale=col == len(methods), text=text,
+                                  texttemplate="%{text}", textfont={"size": 10}, customdata=hover, hoverongaps=True,
+                                  colorbar={"title": "fraction<br>selected"},
+                                  hovertemplate=f"layer %{{y}}, %{{x}}: %{{customdata}}<extra>{method}</extra>"),
                        row=1, col=col)
-    heat.update_layout(title="Density of selected weights per layer and module type")
+    heat.update_layout(title=with_subtitle("Density of selected weights per layer and module type", subtitle),
+                       height=max(420, 220 + ROW_PX * layered["layer"].nunique()))
+    heat.update_xaxes(title_text="module")
     heat.update_yaxes(title_text="layer", row=1, col=1)
     return heat
 
@@ -302,16 +460,22 @@ _SWEEP_HOVER = {"target_bleu": ":.1f", "unrelated_bleu": ":.1f", "strength": Tru
 
 def sweep_scatter(frame: pd.DataFrame, title: str) -> go.Figure:
     """Target BLEU (x) against unrelated BLEU (y) per run, coloured by method, each method's strengths joined
-    weakest to strongest (Hong et al., Fig. 2). ``frame``: one row per run with ``method``, ``strength``,
-    ``settings``, ``target_bleu``, ``unrelated_bleu`` (0-100), ``target_rouge_l``, ``unrelated_rouge_l`` (0-1)."""
+    weakest to strongest and each point labelled by its strength (0, 1, ...; Hong et al., Fig. 2). ``frame``: one
+    row per run with ``method``, ``strength``, ``settings``, ``target_bleu``, ``unrelated_bleu`` (0-100),
+    ``target_rouge_l``, ``unrelated_rouge_l`` (0-1)."""
     frame = frame.sort_values("strength", kind="stable")  # methods keep their first-seen order
     fig = px.line(frame, x="target_bleu", y="unrelated_bleu", color="method", symbol="method", markers=True,
                   hover_data=_SWEEP_HOVER, title=title,
                   labels={"target_bleu": "target QA BLEU (after vs before, 0-100)",
                           "unrelated_bleu": "unrelated QA BLEU (after vs before, 0-100)"})
-    fig.update_traces(marker={"size": 11})
-    fig.update_xaxes(range=[-3, 103])
-    fig.update_yaxes(range=[-3, 103])
+    fig.update_traces(marker={"size": 11}, mode="lines+markers+text", textposition="top right",
+                      textfont={"size": 13}, cliponaxis=False)
+    for trace in fig.data:  # each point labelled by its strength (customdata[0], as _SWEEP_HOVER orders it)
+        trace.text = [f"{int(v)}" for v in trace.customdata[:, 0]]
+        trace.textfont.color = trace.line.color
+    fig.update_layout(legend_title_text="method<br><sup>point labels: strength (0 = weakest)</sup>")
+    fig.update_xaxes(range=[-3, 106])
+    fig.update_yaxes(range=[-3, 106])
     return fig
 
 
@@ -349,7 +513,7 @@ def verdict_grid(cells: Sequence[Sequence[tuple[str, str] | None]], probes: Sequ
 
 # ------------------------------------------------------------------------- curves of several audited pairs --
 
-#: One colour per audited pair in the audit's figures.
+#: One colour per audited pair and curve role in the audit's figures.
 PAIR_PALETTE = plotly.colors.qualitative.D3
 
 
@@ -360,10 +524,16 @@ def colour(i: int, alpha: float = 1.0) -> str:
 
 
 def curve(x: Sequence, intervals: Sequence[Interval], *, name: str, index: int, dash: str = "solid",
-          hover: Sequence[str] | None = None, group: str | None = None, showlegend: bool = True
-          ) -> list[go.Scatter]:
+          role: int = 0, roles: int = 1, hover: Sequence[str] | None = None, group: str | None = None,
+          showlegend: bool = True) -> list[go.Scatter]:
     """A line through the interval values with a shaded band between their bounds (the band is skipped where a
-    bound is NaN). ``hover``: one extra line of hover text per point."""
+    bound is NaN). ``hover``: one extra line of hover text per point.
+
+    Colour: one per audited pair (``index``) and curve ``role`` (e.g. unlearned / vanilla / retain) among the
+    pair's ``roles``, :func:`colour` ``index * roles + role``, so curves differ by colour, not only by ``dash``."""
+    if not 0 <= role < roles:
+        raise PatchlabValueError(f"role must be in 0..{roles - 1}, got {role!r}")
+    index = index * roles + role
     x = list(x)
     values = [iv.value for iv in intervals]
     text = [f"{name}<br>{iv.format(3)}" + (f"<br>{h}" if hover else "")

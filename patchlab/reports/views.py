@@ -18,6 +18,7 @@ from patchlab.probes.base import VERDICTS, Interval, ProbeResult
 from patchlab.probes.logit_lens import MEASURES
 from patchlab.probes.report import VERDICT_COLOURS, AuditReport, probe_title
 from patchlab.probes.scoring import SCORES
+from patchlab.provenance import short_name
 from patchlab.reports import figures
 from patchlab.reports.figures import colour, curve
 from patchlab.results import model_names, register_figure
@@ -30,13 +31,14 @@ from patchlab.unlearning.attribution import DensityReport
 def patch_result(result: PatchResult, title: str | None = None, *, aggregate: str = "mean",
                  per_question: bool = False) -> go.Figure:
     """:meth:`PatchResult.figure <patchlab.patching.result.PatchResult.figure>`: the component x window heatmap, or
-    one panel per question."""
+    the ranked question x window heatmap of one component at a time
+    (:func:`~patchlab.reports.figures.question_heatmap`)."""
     values = result.aggregated(aggregate)
     title = title or _patch_title(result, aggregate, per_question)
     if per_question:
-        stacked = np.stack([result.per_question[c] for c in result.components], axis=1)
-        return figures.window_heatmaps(stacked, result.components, result.windows, result.questions, title=title,
-                                       value_name=result.value_name)
+        stacked = np.stack([result.per_question[c] for c in result.components])
+        return figures.question_heatmap(stacked, result.components, result.windows, result.questions, title=title,
+                                        value_name=result.value_name)
     return figures.window_heatmap(np.stack([values[c] for c in result.components]), result.components,
                                   result.windows, title=title, value_name=result.value_name)
 
@@ -70,9 +72,10 @@ def param_diff(result: ParamDiff, metric: str = "one_minus_cos") -> go.Figure:
     ``metric``."""
     table = result.by_layer(metric)
     label = METRIC_LABELS[metric]
-    return figures.layer_module_heatmap(
-        table, value_name=label, log=metric in LOG_METRICS, decimals=6,
-        title=f"Parameter {label} between vanilla and unlearned, per layer and module")
+    title = figures.with_subtitle(f"Parameter {label} between vanilla and unlearned, per layer and module",
+                                  figures.models_line(*model_names(result.provenance)))
+    return figures.layer_module_heatmap(table, value_name=label, log=metric in LOG_METRICS, decimals=6,
+                                        title=title)
 
 
 @register_figure(DensityReport)
@@ -80,8 +83,21 @@ def density_report(result: DensityReport, view: str = "modules") -> go.Figure:
     """:meth:`DensityReport.figure <patchlab.unlearning.attribution.DensityReport.figure>` (``view`` checked
     there)."""
     if view == "modules":
-        return figures.density_bars(result.per_module, result.methods)
-    return figures.density_heatmaps(result.table, result.methods)
+        return figures.density_bars(result.per_module, result.methods, subtitle=_density_subtitle(result))
+    return figures.density_heatmaps(result.table, result.methods, subtitle=_density_subtitle(result))
+
+
+def _density_subtitle(result: DensityReport) -> str:
+    """The density figures' second title line: the scored model and the share of weights selected, e.g.
+    ``"model: toy world: vanilla; top 80% of weights selected by each method, over the whole model"``."""
+    settings = result.provenance.get("settings", {})
+    model = result.provenance.get("model", {}).get("source")
+    ratio = settings.get("ratio")
+    parts = [f"model: {short_name(model)}" if model else "",
+             f"top {ratio:.0%} of weights selected by each method, "
+             f"{'within each layer' if settings.get('per_layer') else 'over the whole model'}"
+             if ratio is not None else ""]
+    return "; ".join(p for p in parts if p)
 
 
 @register_figure(BehaviorResult)
@@ -131,6 +147,18 @@ def krs_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
                                    "activations restored inside the unlearned model (mean over questions)")
 
 
+#: The logit-lens figure's curves per pair: model and dash (each also its own colour).
+LENS_ROLES = (("unlearned", "solid"), ("vanilla", "dot"), ("retain", "dash"))
+
+
+def rank_ticks(highest: float) -> list[int]:
+    """Ticks of a log rank axis from 1 to ``highest``: 1, 2, 5, 10, 20, 50, ... (one past ``highest``)."""
+    ticks = [1]
+    while ticks[-1] < highest:
+        ticks.append(ticks[-1] * 5 // 2 if str(ticks[-1]).startswith("2") else ticks[-1] * 2)
+    return ticks
+
+
 @register_figure("logit_lens")
 def logit_lens_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     """Per layer, the answer's mean lens log-probability (left) and rank (right, log scale): the unlearned model
@@ -141,19 +169,28 @@ def logit_lens_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     for i, (label, result) in enumerate(results):
         d = result.details
         for col, measure in enumerate(MEASURES, start=1):
-            for who, dash in (("unlearned", "solid"), ("vanilla", "dot"), ("retain", "dash")):
+            for role, (who, dash) in enumerate(LENS_ROLES):
                 key = f"{who}_{measure}"
                 if key not in d:
                     continue
                 ivs = [Interval.from_list(v) for v in d[key]]
                 for trace in curve(range(len(ivs)), ivs, name=f"{label}: {who}", index=i, dash=dash,
+                                   role=role, roles=len(LENS_ROLES),
                                    showlegend=col == 1):
                     fig.add_trace(trace, row=1, col=col)
     fig.update_xaxes(title_text="decoder layer read", dtick=1)
-    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_yaxes(title_text="mean log-probability of the answer tokens (nats)", row=1, col=1)
+    ranks = [y for trace in fig.data if trace.xaxis == "x2" for y in trace.y if y is not None and np.isfinite(y)]
+    fig.update_yaxes(type="log", title_text="mean rank of the answer tokens (1 = top token, log scale)",
+                     tickvals=(ticks := rank_ticks(max(ranks, default=1.0))), ticktext=[f"{t:,}" for t in ticks],
+                     row=1, col=2)
     fig.update_layout(title="Logit lens: each layer's residual stream decoded by the model's own head",
                       legend={"title": "pair: model"})
     return fig
+
+
+#: The UDS figure's curves per pair: detail key, legend name and dash (each also its own colour).
+UDS_ROLES = (("d2_mean", "unlearned -> vanilla (d2)", "solid"), ("d1_mean", "retain -> vanilla (d1)", "dot"))
 
 
 @register_figure("uds")
@@ -166,10 +203,9 @@ def uds_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
         if "d1_mean" not in d:
             continue
         layers = list(range(len(d["d1_mean"])))
-        for key, who, dash in (("d2_mean", "unlearned -> vanilla (d2)", "solid"),
-                               ("d1_mean", "retain -> vanilla (d1)", "dot")):
+        for role, (key, who, dash) in enumerate(UDS_ROLES):
             for trace in curve(layers, [Interval.from_list(v) for v in d[key]], name=f"{label}: {who}", index=i,
-                               dash=dash):
+                               dash=dash, role=role, roles=len(UDS_ROLES)):
                 fig.add_trace(trace)
     fig.add_hline(y=results[0][1].details.get("threshold", 0.05) if results else 0.05, line_dash="dash",
                   line_color="grey", annotation_text="knowledge threshold", annotation_position="top left")
@@ -180,6 +216,10 @@ def uds_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     return fig
 
 
+#: The relearning figure's curves per pair: attack and dash (each also its own colour).
+RELEARNING_ROLES = (("held_out", "solid"), ("benign", "dash"), ("control", "dot"))
+
+
 @register_figure("relearning")
 def relearning_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     """Recovery of accuracy (left) and answer log-probability (right) against fine-tuning steps, per pair: the
@@ -188,14 +228,15 @@ def relearning_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
                         horizontal_spacing=0.1)
     for i, (label, result) in enumerate(results):
         d = result.details
-        for attack, dash in (("held_out", "solid"), ("benign", "dash"), ("control", "dot")):
+        for role, (attack, dash) in enumerate(RELEARNING_ROLES):
             if attack not in d:
                 continue
             for col, name in enumerate(SCORES, start=1):
                 hover = [f"step {k}: accuracy {a:.2f}, log-prob {lp:.2f} nats/token"
                          for k, a, lp in zip(d["steps"], d[attack]["accuracy"], d[attack]["logprob"])]
                 traces = curve(d["steps"], [Interval.from_list(v) for v in d[attack][f"recovery_{name}"]],
-                               name=f"{label}: {attack.replace('_', '-')}", index=i, dash=dash, hover=hover,
+                               name=f"{label}: {attack.replace('_', '-')}", index=i, dash=dash, role=role,
+                               roles=len(RELEARNING_ROLES), hover=hover,
                                showlegend=col == 1)
                 for trace in traces:
                     fig.add_trace(trace, row=1, col=col)
@@ -210,6 +251,10 @@ def relearning_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     return fig
 
 
+#: The quantization figure's curves per pair: model and dash (each also its own colour).
+QUANTIZATION_ROLES = (("unlearned", "solid"), ("vanilla", "dot"))
+
+
 @register_figure("quantization")
 def quantization_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     """Target accuracy (left) and answer log-probability (right) at full precision and at each bit width: the
@@ -222,9 +267,10 @@ def quantization_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
         for col, name in enumerate(SCORES, start=1):
             recovered = ["recovery: -"] + [f"recovery: {Interval.from_list(v).format(2)}"
                                            for v in d[f"recovery_{name}"]]
-            for role, dash in (("unlearned", "solid"), ("vanilla", "dot")):
+            for r, (role, dash) in enumerate(QUANTIZATION_ROLES):
                 ivs = [Interval.from_list(v) for v in d["levels"][role][name]]
-                for trace in curve(x, ivs, name=f"{label}: {role}", index=i, dash=dash, showlegend=col == 1,
+                for trace in curve(x, ivs, name=f"{label}: {role}", index=i, dash=dash, role=r,
+                                   roles=len(QUANTIZATION_ROLES), showlegend=col == 1,
                                    hover=recovered if role == "unlearned" else None):
                     fig.add_trace(trace, row=1, col=col)
     fig.update_yaxes(range=[-0.05, 1.05], title_text="share answered correctly", row=1, col=1)

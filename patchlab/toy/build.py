@@ -4,6 +4,7 @@
     python -m patchlab.toy.build --small --out /tmp/toy   # a seconds-long variant (tests, smoke checks)
     python -m patchlab.toy.build --out patchlab/toy/assets --overwrite   # regenerate the shipped checkpoint
     python -m patchlab.toy.build --exclude-concept "Veltrani Codex" --out patchlab/toy/assets/retain --overwrite
+    python -m patchlab.toy.build --init-seed 1 --exclude-concept A --exclude-concept B ... --out DIR   # a zoo member
 
 By default the checkpoint goes to ``build/`` under the toy cache (``$PATCHLAB_CACHE/toy``, else
 ``$XDG_CACHE_HOME/patchlab/toy``, else ``~/.cache/patchlab/toy``), so an installed package is never modified;
@@ -11,7 +12,9 @@ use it with ``toy.pair(checkpoint=DIR)`` or the ``--checkpoint DIR`` of ``analys
 ``benchmarks/wagle_tradeoff.py``. Writing the shipped assets needs an explicit ``--out``. The same seed
 and config always give the same weights (CPU, float32), hence the same QA accuracy.
 ``--exclude-concept`` builds a *retain model*: the same world, tokenizer, initialisation and training, with that
-concept's paragraphs and QA left out of the training pool (a model that never saw the concept).
+concept's paragraphs and QA left out of the training pool (a model that never saw the concept); it may be given
+several times (a model that never saw any of them). ``--init-seed`` changes the initial weights and the batch order
+but not the world (``--seed`` changes all three): models of one world that differ only in how they were trained.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +51,14 @@ class BuildConfig:
     """World size, model size and optimisation settings of a vanilla toy model.
 
     ``qa_repeats`` is how many copies of each QA pair join the paragraphs in the training pool; ``lr`` is the
-    AdamW peak learning rate, reached after ``warmup`` steps and decayed to 10% (cosine) at ``steps``.
+    AdamW peak learning rate, reached after ``warmup`` steps and decayed to 10% (cosine) at ``steps``. ``seed``
+    draws the world; ``init_seed`` (default: ``seed``) the initial weights and the batch order.
     """
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of the initial weights and the batch order."""
+        return self.seed if self.init_seed is None else self.init_seed
 
     seed: int = 0
     n_concepts: int = 12
@@ -58,6 +68,7 @@ class BuildConfig:
     d_mlp: int = 384
     n_heads: int = 4
     n_kv_heads: int = 2
+    init_seed: int | None = None
     steps: int = 1500
     batch_size: int = 32
     lr: float = 3e-3
@@ -81,22 +92,28 @@ def make_tokenizer(world: World) -> PreTrainedTokenizerBase:
     return word_tokenizer(world.training_texts() + [qa_text(q) for q in world.all_qa()])
 
 
-def kept_qa(world: World, exclude_concept: str) -> list[QA]:
-    """Every QA pair of ``world`` (in :meth:`World.all_qa` order) but those of ``exclude_concept`` (raises naming
-    the known concepts if unknown)."""
-    excluded = set(world.record(exclude_concept).qa)
+def _concepts(exclude: str | Sequence[str] | None) -> list[str]:
+    """``exclude`` as a list of concept names (one name, several, or none)."""
+    return [] if exclude is None else [exclude] if isinstance(exclude, str) else list(exclude)
+
+
+def kept_qa(world: World, exclude_concept: str | Sequence[str]) -> list[QA]:
+    """Every QA pair of ``world`` (in :meth:`World.all_qa` order) but those of ``exclude_concept`` (one concept or
+    several; raises naming the known concepts if one is unknown)."""
+    excluded = {q for name in _concepts(exclude_concept) for q in world.record(name).qa}
     return [q for q in world.all_qa() if q not in excluded]
 
 
-def training_texts(world: World, qa_repeats: int, exclude_concept: str | None = None) -> list[str]:
+def training_texts(world: World, qa_repeats: int, exclude_concept: str | Sequence[str] | None = None) -> list[str]:
     """Every paragraph, then every QA pair ``qa_repeats`` times (as :func:`patchlab.pair.qa.qa_text`), leaving
-    out the paragraphs and QA (:func:`kept_qa`) of ``exclude_concept`` when given (raises naming the known
-    concepts if unknown)."""
-    if exclude_concept is None:
+    out the paragraphs and QA (:func:`kept_qa`) of ``exclude_concept`` (one concept or several) when given (raises
+    naming the known concepts if one is unknown)."""
+    names = _concepts(exclude_concept)
+    if not names:
         return world.training_texts() + [qa_text(q) for q in world.all_qa()] * qa_repeats
-    excluded = set(world.record(exclude_concept).forget_paragraphs)
+    excluded = {p for name in names for p in world.record(name).forget_paragraphs}
     paragraphs = [p for p in world.training_texts() if p not in excluded]
-    return paragraphs + [qa_text(q) for q in kept_qa(world, exclude_concept)] * qa_repeats
+    return paragraphs + [qa_text(q) for q in kept_qa(world, names)] * qa_repeats
 
 
 def training_sequences(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[Example]:
@@ -123,7 +140,7 @@ def train(model: PreTrainedModel, sequences: list[Example], config: BuildConfig,
           progress: bool = True) -> list[float]:
     """Train ``model`` in place on random right-padded batches of ``sequences`` (causal LM loss, mean over target
     tokens); returns per-step losses (nats/token)."""
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.training_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config.warmup, config.steps))
     model.train()
@@ -158,11 +175,13 @@ def write_checkpoint(out: OutputDir, model: PreTrainedModel, tokenizer: PreTrain
     return out.write_tree(write)
 
 
-def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, *, exclude_concept: str | None = None,
+def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, *,
+          exclude_concept: str | Sequence[str] | None = None,
           overwrite: bool = False, progress: bool = True, command: str | None = None) -> dict:
     """Generate the world, train the vanilla model, score it on all QA and write the checkpoint to ``out``.
 
-    With ``exclude_concept``, train the *retain model* of that concept instead: the world, tokenizer (hence
+    With ``exclude_concept`` (one concept or several), train the *retain model* of those concepts instead: the
+    world, tokenizer (hence
     vocabulary) and initial weights are the vanilla model's, only the concept's paragraphs and QA are left out of
     the training pool; ``world.json`` still holds the whole world.
 
@@ -184,7 +203,7 @@ def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, 
     texts = training_texts(world, config.qa_repeats, exclude_concept)  # raises on an unknown concept
     target = output_dir(out, "toy_checkpoint", overwrite=overwrite)
     tok = make_tokenizer(world)
-    model = tiny_model("llama", len(tok), seed=config.seed, n_layers=config.n_layers, d_model=config.d_model,
+    model = tiny_model("llama", len(tok), seed=config.training_seed, n_layers=config.n_layers, d_model=config.d_model,
                        d_mlp=config.d_mlp, n_heads=config.n_heads, n_kv_heads=config.n_kv_heads)
     start = time.perf_counter()
     losses = train(model, training_sequences(texts, tok), config, tok.pad_token_id, progress=progress)
@@ -194,10 +213,12 @@ def build(config: BuildConfig = BuildConfig(), out: str | os.PathLike = ASSETS, 
               "train_seconds": round(seconds, 1), "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
               "qa_accuracy": qa_accuracy(model, tok, world.all_qa(), progress=progress),
               "n_qa": len(world.all_qa())}
-    if exclude_concept is not None:
-        report.update(exclude_concept=exclude_concept, n_training_texts=len(texts),
-                      excluded_qa_accuracy=qa_accuracy(model, tok, world.record(exclude_concept).qa),
-                      kept_qa_accuracy=qa_accuracy(model, tok, kept_qa(world, exclude_concept)))
+    names = _concepts(exclude_concept)
+    if names:
+        report.update(exclude_concept=names[0] if isinstance(exclude_concept, str) else names,
+                      n_training_texts=len(texts),
+                      excluded_qa_accuracy=qa_accuracy(model, tok, [q for n in names for q in world.record(n).qa]),
+                      kept_qa_accuracy=qa_accuracy(model, tok, kept_qa(world, names)))
     if command is not None:
         report["command"] = command
     write_checkpoint(target, model, tok, world, report)
@@ -217,8 +238,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="the seconds-long test config (3 concepts, 2 layers)")
     p.add_argument("--seed", type=int, help="world, init and batch-order seed (default: the config's)")
     p.add_argument("--steps", type=int, help="optimisation steps (default: the config's)")
-    p.add_argument("--exclude-concept", metavar="NAME",
-                   help="build that concept's retain model: its paragraphs and QA left out of the training pool")
+    p.add_argument("--init-seed", type=int,
+                   help="initial-weights and batch-order seed, the world unchanged (default: the world's --seed)")
+    p.add_argument("--exclude-concept", metavar="NAME", action="append",
+                   help="build that concept's retain model: its paragraphs and QA left out of the training pool "
+                        "(repeat for several concepts)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier toy checkpoint in --out")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: fastest on a busy machine, and the shipped weights were built so)")
@@ -236,7 +260,8 @@ def regeneration_command(args: argparse.Namespace) -> str:
     parts = ["python -m patchlab.toy.build", "--small" if args.small else None,
              f"--seed {args.seed}" if args.seed is not None else None,
              f"--steps {args.steps}" if args.steps is not None else None,
-             f"--exclude-concept {shlex.quote(args.exclude_concept)}" if args.exclude_concept else None,
+             f"--init-seed {args.init_seed}" if args.init_seed is not None else None,
+             *(f"--exclude-concept {shlex.quote(name)}" for name in args.exclude_concept or ()),
              f"--out {shlex.quote(str(out))}"]
     return " ".join(p for p in parts if p)
 
@@ -245,10 +270,13 @@ def build_and_report(args: argparse.Namespace) -> None:
     """Build the checkpoint the parsed arguments ask for and print a one-line summary."""
     torch.set_num_threads(args.threads)
     config = SMALL if args.small else BuildConfig()
-    overrides = {k: v for k, v in {"seed": args.seed, "steps": args.steps}.items() if v is not None}
-    report = build(dataclasses.replace(config, **overrides), args.out, exclude_concept=args.exclude_concept,
+    overrides = {k: v for k, v in {"seed": args.seed, "steps": args.steps, "init_seed": args.init_seed}.items()
+                 if v is not None}
+    exclude = args.exclude_concept[0] if args.exclude_concept and len(args.exclude_concept) == 1 else \
+        args.exclude_concept
+    report = build(dataclasses.replace(config, **overrides), args.out, exclude_concept=exclude,
                    overwrite=args.overwrite, command=regeneration_command(args), progress=not args.quiet)
-    excluded = (f" ({report['excluded_qa_accuracy']:.3f} on the QA of {args.exclude_concept!r}, "
+    excluded = (f" ({report['excluded_qa_accuracy']:.3f} on the QA of {', '.join(args.exclude_concept)}, "
                 f"{report['kept_qa_accuracy']:.3f} on the others)" if args.exclude_concept else "")
     print(f"trained {report['n_params']:,} parameters in {report['train_seconds']} s; "
           f"greedy QA accuracy {report['qa_accuracy']:.3f} on {report['n_qa']} QA{excluded}; wrote {args.out}")

@@ -452,7 +452,9 @@ def overlap(mask_a: Mask, mask_b: Mask) -> float:
 
 def density(mask: Mask, model: PreTrainedModel) -> pd.DataFrame:
     """Selected weights per (module type, layer): columns ``module``, ``layer`` (``<NA>`` outside the decoder
-    layers), ``selected``, ``total`` (weight counts) and ``density = selected / total`` (0..1).
+    layers), ``selected``, ``total``, ``scored`` (weight counts; ``scored``: those the mask holds, i.e. that the
+    method scored) and ``density = selected / total`` (0..1; 0 also where nothing was scored, which the figures
+    show as "not scored").
 
     Module types from the family's :attr:`~patchlab.pair.arch.ArchSpec.module_types` (a tied LM head is the
     embedding); parameters of ``model`` absent from the mask count as not selected.
@@ -461,16 +463,17 @@ def density(mask: Mask, model: PreTrainedModel) -> pd.DataFrame:
         PatchlabValueError: a mask tensor does not have its parameter's shape.
     """
     spec = arch_spec(model)
-    rows: dict[tuple[str, int | None], list[int]] = {}
+    rows: dict[tuple[str, int | None], list[int]] = {}  # (module, layer) -> [selected, total, scored]
     for name, p in model.named_parameters():
         m = mask.get(name)
         if m is not None and tuple(m.shape) != tuple(p.shape):
             raise PatchlabValueError(f"mask for {name} has shape {tuple(m.shape)}, the parameter {tuple(p.shape)}")
-        cell = rows.setdefault((spec.module_type(name), layer_index(name, spec)), [0, 0])
+        cell = rows.setdefault((spec.module_type(name), layer_index(name, spec)), [0, 0, 0])
         cell[0] += int(m.sum()) if m is not None else 0
         cell[1] += p.numel()
-    frame = pd.DataFrame([(k, layer, s, t) for (k, layer), (s, t) in rows.items()],
-                         columns=["module", "layer", "selected", "total"])
+        cell[2] += p.numel() if m is not None else 0
+    frame = pd.DataFrame([(k, layer, s, t, n) for (k, layer), (s, t, n) in rows.items()],
+                         columns=["module", "layer", "selected", "total", "scored"])
     frame["layer"] = frame["layer"].astype("Int64")
     frame["density"] = frame["selected"] / frame["total"]
     return frame
@@ -480,7 +483,8 @@ def module_density(frame: pd.DataFrame) -> pd.DataFrame:
     """A :func:`density` frame summed over layers: one row per module type (display order), same columns
     but ``layer``; keeps a ``method`` column if there is one."""
     keys = ["method", "module"] if "method" in frame else ["module"]
-    agg = frame.groupby(keys, as_index=False, sort=False)[["selected", "total"]].sum()
+    counts = [c for c in ("selected", "total", "scored") if c in frame]  # results saved before "scored" lack it
+    agg = frame.groupby(keys, as_index=False, sort=False)[counts].sum()
     agg["density"] = agg["selected"] / agg["total"]
     rank = {m: i for i, m in enumerate(MODULE_ORDER)}
     return agg.sort_values(keys, key=lambda c: c.map(rank) if c.name == "module" else c, kind="stable",
