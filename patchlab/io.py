@@ -356,7 +356,9 @@ class OutputDir:
 
         Each file is renamed into place (atomic per file) under a manifest marked incomplete until the last one is
         in, so an interrupted move leaves a directory patchlab recognises as its own; only the replaced output's
-        own files are removed. If ``write`` fails, nothing in the directory changes.
+        own files are removed. If ``write`` fails, nothing in the directory changes. Every file gets the permissions
+        of a plain ``open(path, "w")`` (``0o666`` less the umask), whatever mode ``write`` created it with (safetensors
+        writes weights ``0o600``).
         """
         self._create()
         tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.path))
@@ -365,8 +367,10 @@ class OutputDir:
             files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
             self._files = files + [f for f in self._files if f not in files]
             self._write_manifest(complete=False)
+            mode = 0o666 & ~_umask()
             for rel in files:
                 (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(tmp / rel, mode)
                 os.replace(tmp / rel, self.path / rel)
             self._drop_old_files(set(files))
             self._write_manifest()

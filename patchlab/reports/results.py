@@ -100,7 +100,8 @@ class Result:
         pages share is written beside them and recorded in the directory's manifest, not returned). ``name``
         defaults to :attr:`stem` or :attr:`kind`. ``out_dir`` is claimed as a :attr:`kind` output
         (:class:`patchlab.io.OutputDir`): an earlier one is replaced only with ``overwrite=True``; an already
-        claimed ``OutputDir`` (a resumable run's) is used as it is.
+        claimed ``OutputDir`` (a resumable run's, or another result's: e.g. a sweep's comparison written beside it,
+        the pages sharing one plotly.js file) is used as it is.
 
         ``figure_kwargs`` go to :meth:`figures` (the figures are built before anything is written, so a bad
         argument writes nothing).
@@ -108,7 +109,7 @@ class Result:
         stem = name or self.stem or self.kind
         figures = self.figures(**figure_kwargs)
         tables = self.tables()
-        out = output_dir(out_dir, self.kind, overwrite=overwrite)
+        out = out_dir if isinstance(out_dir, OutputDir) else output_dir(out_dir, self.kind, overwrite=overwrite)
         paths = {f"{stem}.json": self.save(out.file(f"{stem}.json"))}
         for table, frame in tables.items():
             file = f"{table if table != self.kind else stem}.csv"
