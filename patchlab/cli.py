@@ -2,9 +2,10 @@
 the help text (the whole module docstring), the exit statuses (errors, Ctrl-C), quiet mode and the ``--dtype`` /
 ``--device`` / ``--out`` options.
 
-This module imports neither torch nor transformers: a script imports only it (and the other light modules,
-``patchlab.errors`` and ``patchlab.io``) at the top, and the rest of patchlab inside the function that runs after
-parsing, so ``--help`` and argument errors answer before the heavy libraries load.
+This module imports neither torch nor transformers: a script imports at the top only it and the other light
+modules (``patchlab`` itself, whose names load on first use, ``patchlab.defaults``, ``patchlab.errors``,
+``patchlab.io``), and the rest of patchlab inside the function that runs after parsing, so ``--help`` and argument
+errors answer before the heavy libraries load.
 
     def parse_args(argv=None):
         p = parser(__doc__)                # --help shows the whole module docstring
