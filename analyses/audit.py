@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
-
-import torch
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import patchlab
-from patchlab.probes import PROBES, AuditCase, audit_many, resolve_settings
-from patchlab.toy.audit import TOY_SETTINGS, toy_cases
-from patchlab.probes.registry import select
 from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, check_toy_world_flags,
-                          comma_list, model_kwargs, parser, run_script)
+                          comma_list, model_kwargs, parser, print_written, run_script)
 from patchlab.io import read_records
-from patchlab.pair import load_model, load_tokenizer
+
+if TYPE_CHECKING:
+    from patchlab.probes import AuditCase
 
 
 def _ints(text: str) -> list[int]:
@@ -47,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="graddiff", help="comma-separated toy unlearning methods (toy world only)")
     p.add_argument("--sanity", action="store_true",
                    help="toy world: also audit the retain model in the unlearned model's place (should be erased)")
-    p.add_argument("--probes", help=f"comma-separated probes (default all: {','.join(PROBES)})")
+    p.add_argument("--probes", help="comma-separated probes (default: all of patchlab.probes.PROBES)")
     p.add_argument("--n-tokens", type=int, help="vanilla reference answer length, tokens (default 30)")
     p.add_argument("--n-boot", type=int, help="bootstrap resamples over questions (default 1000)")
     p.add_argument("--seed", type=int, help="seed of the bootstrap, the question halves and fine-tuning (default 0)")
@@ -66,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings_from_args(args: argparse.Namespace, toy: bool) -> dict[str, dict[str, Any]]:
     """The audit's settings overrides: the toy world's (:data:`patchlab.toy.audit.TOY_SETTINGS`) on the toy world, then
     the options given on the command line."""
+    from patchlab.toy.audit import TOY_SETTINGS
+
     settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in TOY_SETTINGS.items()} if toy else {}
     given = {("common", "n_tokens"): args.n_tokens, ("common", "n_boot"): args.n_boot, ("common", "seed"): args.seed,
              ("krs", "window"): args.window, ("relearning", "steps"): args.relearn_steps,
@@ -78,6 +78,10 @@ def settings_from_args(args: argparse.Namespace, toy: bool) -> dict[str, dict[st
 
 def cases_from_args(args: argparse.Namespace) -> list[AuditCase]:
     """The audited pairs: the toy world's, or the given checkpoints (the vanilla model loaded once)."""
+    from patchlab.pair import load_model, load_tokenizer
+    from patchlab.probes import AuditCase
+    from patchlab.toy.audit import toy_cases
+
     if args.vanilla is None and args.unlearned is None:
         check_toy_world_flags(args)
         return toy_cases(comma_list(args.method), comma_list(args.concept), sanity=args.sanity, progress=not args.quiet)
@@ -101,6 +105,11 @@ def cases_from_args(args: argparse.Namespace) -> list[AuditCase]:
 
 def report(args: argparse.Namespace) -> None:
     """Run the audit (resumable in --out), write audit.json/.csv/.html and print the verdict table."""
+    import torch
+
+    from patchlab.probes import PROBES, audit_many, resolve_settings
+    from patchlab.probes.registry import select
+
     if args.threads < 1:
         raise patchlab.PatchlabValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
@@ -113,8 +122,7 @@ def report(args: argparse.Namespace) -> None:
                         overwrite=args.overwrite, progress=not args.quiet)
     print(f"residual-knowledge audit of {', '.join(result.labels)} ({len(cases[0].questions)} target questions)")
     print(result.verdicts().to_string())
-    for kind in ("json", "csv", "html"):
-        print(f"wrote {kind}: {args.out}/audit.{kind}")
+    print_written([Path(args.out) / f"audit.{kind}" for kind in ("json", "csv", "html")])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,12 +26,10 @@ import sys
 from typing import Any
 
 import patchlab
-from patchlab.analysis.behavior import evaluate
 from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, checkpoint_pair, parser,
                           print_written, run_script, toy_pair)
+from patchlab.defaults import DEFAULT_TEMPLATE
 from patchlab.io import output_dir, read_questions
-from patchlab.pair.generation import DEFAULT_TEMPLATE
-from patchlab.reports import figures
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +65,9 @@ def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str]
 
 def report(args: argparse.Namespace) -> None:
     """Answer, score, write behavior.csv/.json/.html and print the averages per set."""
+    from patchlab.analysis.behavior import evaluate
+    from patchlab.reports import figures
+
     out = output_dir(args.out, "behavior", overwrite=args.overwrite)
     pair, target, unrelated, sources, title = load_inputs(args)
     result = evaluate(pair, target, unrelated, max_new_tokens=args.max_new_tokens, template=args.template,

@@ -20,9 +20,8 @@ import sys
 import patchlab
 from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, checkpoint_pair, comma_list,
                           parser, print_written, run_script, toy_pair)
+from patchlab.defaults import DEFAULT_COMPONENTS
 from patchlab.io import output_dir, read_questions
-from patchlab.patching.sweep import DEFAULT_COMPONENTS
-from patchlab.results import wide
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window-mode", default="centered", choices=["centered", "fixed"])
     p.add_argument("--n-tokens", type=int, default=30, help="answer tokens N (default 30)")
     p.add_argument("--positions", default="all", choices=["all", "answer", "last_prompt", "scored"])
-    p.add_argument("--metric", default="krs", choices=list(patchlab.metrics()),
-                   help="recovery metric (default krs; see patchlab.patching.metrics)")
+    p.add_argument("--metric", default="krs",
+                   help="recovery metric, one of patchlab.metrics() (default krs; see patchlab.patching.metrics)")
     p.add_argument("--heads", action="store_true", help="one row per attention head for components with 'heads'")
     p.add_argument("--engine", default="batched", choices=["batched", "loop"])
     p.add_argument("--batch-size", type=int, default=64, help="restorations per forward pass")
@@ -66,6 +65,10 @@ def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str]
 
 def report(args: argparse.Namespace) -> None:
     """Run (or resume) the sweep, write the report and print the component x window table."""
+    from patchlab.patching.metrics import get_metric
+    from patchlab.results import wide
+
+    get_metric(args.metric)  # an unknown metric fails before any output or model
     out = output_dir(args.out, "krs", overwrite=args.overwrite, resume=True)
     other = patchlab.PatchResult.load(args.compare) if args.compare else None
     pair, questions, title = load_inputs(args)
@@ -77,11 +80,11 @@ def report(args: argparse.Namespace) -> None:
     comparison = patchlab.compare(other, result) if other is not None else None  # refuses other settings
     paths = result.write_report(out, aggregate=args.aggregate)
     if comparison is not None:
-        paths.update(comparison.write_report(out.path / "comparison", overwrite=True))
+        paths.update(comparison.write_report(out))  # krs_comparison.* beside krs.*, one plotly.js bundle
     print(f"{result.value_name} sweep on {title}: {len(questions)} questions, {pair.n_layers} layers, "
           f"window {args.window}")
     column = args.metric if args.aggregate == "mean" else f"{args.metric}_pooled"
-    print(wide(result.to_frame(), index="component", columns="window", values=column).round(3).to_string())
+    print(wide(result.to_frame(), index="component", columns="layers", values=column).round(3).to_string())
     if comparison is not None:
         print(f"difference ({comparison.labels[1]} - {comparison.labels[0]}):")
         print(wide(comparison.to_frame(), index="component", columns="layers", values="difference")

@@ -22,7 +22,6 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.analysis.paramdiff import paramdiff, value_vector_changes
 from patchlab.cli import (add_output_args, add_quiet_arg, checkpoints_title, parser, print_written, run_script,
                           toy_pair)
 from patchlab.io import output_dir
@@ -58,6 +57,8 @@ def load_models(args: argparse.Namespace) -> tuple[object, str | None, str]:
 
 def report(args: argparse.Namespace) -> None:
     """Compare the two models' parameters; write the tables and heatmaps, print a summary."""
+    from patchlab.analysis.paramdiff import paramdiff, value_vector_changes
+
     out = output_dir(args.out, "paramdiff", overwrite=args.overwrite)
     vanilla, unlearned, title = load_models(args)
     diff = paramdiff(vanilla, unlearned, progress=not args.quiet)  # checks both directories before loading

@@ -23,7 +23,7 @@ import argparse
 import sys
 from typing import Any
 
-from patchlab.cli import add_model_args, add_quiet_arg, model_kwargs, parser, run_script
+from patchlab.cli import add_model_args, add_quiet_arg, model_kwargs, parser, print_written, run_script
 from patchlab.errors import PatchlabValueError
 from patchlab.io import output_dir
 from patchlab.pair import load_model
@@ -124,7 +124,7 @@ def unlearn_and_report(args: argparse.Namespace) -> None:
         return
     print(f"{args.method}: {result.settings['n_forget']} forget / {result.settings['n_retain']} retain examples, "
           f"{len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
-    print(f"wrote {result.out_dir}")
+    print_written([result.out_dir])
 
 
 def main(argv: list[str] | None = None) -> int:

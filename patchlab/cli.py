@@ -2,6 +2,11 @@
 the help text (the whole module docstring), the exit statuses (errors, Ctrl-C), quiet mode and the ``--dtype`` /
 ``--device`` / ``--out`` options.
 
+This module imports neither torch nor transformers: a script imports at the top only it and the other light
+modules (``patchlab`` itself, whose names load on first use, ``patchlab.defaults``, ``patchlab.errors``,
+``patchlab.io``), and the rest of patchlab inside the function that runs after parsing, so ``--help`` and argument
+errors answer before the heavy libraries load.
+
     def parse_args(argv=None):
         p = parser(__doc__)                # --help shows the whole module docstring
         add_model_args(p); add_output_args(p, "results/x"); add_quiet_arg(p)
@@ -20,9 +25,6 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import torch
-from tqdm import tqdm
 
 from patchlab.errors import PatchlabError, PatchlabFileError, PatchlabValueError
 from patchlab.io import MANIFEST, OutputDir, check_writable, read_manifest
@@ -92,8 +94,9 @@ def run(body: Callable[[], None], *, on_interrupt: str | Callable[[], str] | Non
 def _close_progress_bars() -> None:
     """Close the progress bars an interrupt left open, so they end their lines now instead of redrawing
     themselves after the interrupt note when they are garbage-collected. A bar the interrupt caught half-built may
-    fail to close: it is skipped (its line is cosmetic)."""
-    for bar in list(getattr(tqdm, "_instances", ())):
+    fail to close: it is skipped (its line is cosmetic). Without tqdm loaded there is no bar."""
+    tqdm_module = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):
         try:
             bar.close()
         except Exception:  # noqa: BLE001 - a half-initialised bar; nothing to clean up
@@ -217,9 +220,10 @@ def output_file(path: str | os.PathLike, *, overwrite: bool = False, what: str =
 
 
 def print_written(paths: Mapping[str, Any] | Sequence[Any]) -> None:
-    """One ``wrote <path>`` line per file a script wrote (a report's ``{name: path}`` or a list of paths)."""
+    """One ``wrote <path>`` line per file a script wrote (a report's ``{name: path}`` or a list of paths): every
+    script says what it wrote in this one form, each path absolute (as :class:`patchlab.io.OutputDir` holds it)."""
     for path in (paths.values() if isinstance(paths, Mapping) else paths):
-        print(f"wrote {path}")
+        print(f"wrote {Path(path).expanduser().absolute()}")
 
 
 def comma_list(text: str | None) -> list[str] | None:
@@ -239,6 +243,8 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         raise PatchlabValueError("args must hold 'dtype' and 'device' (see add_model_args)")
     if args.dtype is not None and args.dtype not in DTYPES:
         raise PatchlabValueError(f"dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    import torch
+
     return {"dtype": getattr(torch, args.dtype) if args.dtype else None, "device": args.device}
 
 

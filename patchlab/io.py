@@ -596,7 +596,9 @@ class OutputDir:
 
         Each file is renamed into place (atomic per file) under a manifest listing those not yet moved as pending,
         so an interrupted move leaves a directory patchlab recognises as its own; only the replaced output's own
-        files are removed. If ``write`` fails, nothing in the directory changes.
+        files are removed. If ``write`` fails, nothing in the directory changes. Every file gets the permissions of a
+        plain ``open(path, "w")`` (``0o666`` less the umask), whatever mode ``write`` created it with (safetensors
+        writes weights ``0o600``).
 
         Raises:
             PatchlabFileError: the files could not be written (disk full, permissions).
@@ -611,8 +613,10 @@ class OutputDir:
             files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
             self._pending = list(files)
             self._write_manifest()
+            mode = 0o666 & ~_umask()
             for rel in files:
                 (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(tmp / rel, mode)
                 os.replace(tmp / rel, self.path / rel)
                 self._pending.remove(rel)
                 self._files.append(rel)

@@ -25,6 +25,7 @@ method sweep) and :class:`patchlab.probes.report.AuditReport` (the residual-know
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -42,6 +43,9 @@ R = TypeVar("R", bound="Result")
 _RESULT_TYPES: dict[str, type[Result]] = {}
 #: Figure functions by what they draw: a :class:`Result` subclass or a probe's name (see :func:`register_figure`).
 _FIGURES: dict[type | str, Callable[..., Any]] = {}
+#: The presentation package, loaded by name (as a plugin, not imported by this foundation module) the first time a
+#: figure is asked for that nothing registered yet: its modules register the built-in drawings.
+PRESENTATION = "patchlab.reports"
 #: The key of the partial-results flag in JSON results files.
 PARTIAL = "partial"
 
@@ -116,7 +120,8 @@ class Result:
         pages share is written beside them and recorded in the directory's manifest, not returned). ``name``
         defaults to :attr:`stem` or :attr:`kind`. ``out_dir`` is claimed as a :attr:`kind` output
         (:class:`patchlab.io.OutputDir`): an earlier one is replaced only with ``overwrite=True``; an already
-        claimed ``OutputDir`` (a resumable run's) is used as it is.
+        claimed ``OutputDir`` (a resumable run's, or another result's: e.g. a sweep's comparison written beside it,
+        the pages sharing one plotly.js file) is used as it is.
 
         ``figure_kwargs`` go to :meth:`figures` (the figures are built before anything is written, so a bad
         argument writes nothing).
@@ -124,7 +129,7 @@ class Result:
         stem = name or self.stem or self.kind
         figures = self.figures(**figure_kwargs)
         tables = self.tables()
-        out = output_dir(out_dir, self.kind, overwrite=overwrite)
+        out = out_dir if isinstance(out_dir, OutputDir) else output_dir(out_dir, self.kind, overwrite=overwrite)
         paths = {f"{stem}.json": out.write(f"{stem}.json", self.save)}
         for table, frame in tables.items():
             file = f"{table if table != self.kind else stem}.csv"
@@ -191,7 +196,10 @@ def figure_function(key: type | str) -> Callable[..., Any]:
     Raises:
         PatchlabValueError: none is registered.
     """
-    for candidate in key.__mro__ if isinstance(key, type) else (key,):
+    candidates = key.__mro__ if isinstance(key, type) else (key,)
+    if not any(candidate in _FIGURES for candidate in candidates):
+        importlib.import_module(PRESENTATION)  # the built-in drawings register themselves when it loads
+    for candidate in candidates:
         if candidate in _FIGURES:
             return _FIGURES[candidate]
     name = key.__name__ if isinstance(key, type) else repr(key)

@@ -10,10 +10,9 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from patchlab.defaults import DEFAULT_TEMPLATE
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.placement import input_device
-
-DEFAULT_TEMPLATE = "Question: {question}\n Answer:"
 
 
 def format_prompts(questions: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[str]:

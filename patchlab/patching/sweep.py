@@ -22,6 +22,7 @@ from jaxtyping import Bool
 from transformers import PreTrainedModel
 from tqdm.auto import tqdm
 
+from patchlab.defaults import DEFAULT_COMPONENTS
 from patchlab.errors import NonFiniteError, PatchlabFileError, PatchlabValueError
 from patchlab.pair.arch import ArchSpec
 from patchlab.pair.generation import (DEFAULT_TEMPLATE, check_fits, encode_prompts, format_prompts, greedy_answers,
@@ -39,7 +40,6 @@ from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
 from patchlab.provenance import pair_provenance, settings_key
 from patchlab.results import results_record
 
-DEFAULT_COMPONENTS = ("coef", "value", "attn", "coef+attn")
 ENGINES = ("batched", "loop")
 POSITIONS = ("all", "answer", "last_prompt", "scored")
 

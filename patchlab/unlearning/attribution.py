@@ -33,6 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from patchlab.pair.arch import MODULE_ORDER, arch_spec, layer_index
+from patchlab.defaults import ATTRIBUTION_METHODS
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.sites import hooks
 from patchlab.provenance import checkpoint_record, environment
@@ -44,7 +45,7 @@ Scores = dict[str, torch.Tensor]
 Mask = dict[str, torch.Tensor]
 LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor]], torch.Tensor]
 
-METHODS = ("wagle", "magnitude", "wanda", "random")
+METHODS = ATTRIBUTION_METHODS
 
 #: Sign of ``ℓ_f`` relative to ``loss`` on the forget set, per WAGLE convention (see :func:`scores`).
 _FORGET_SIGN = {"ascent": -1.0, "nll": 1.0}
