@@ -56,15 +56,27 @@ def _read_text(path: Path, what: str) -> str:
     """The UTF-8 text of ``path``; raises :class:`PatchlabFileError` naming ``what`` when it is not a file."""
     if not path.is_file():
         raise PatchlabFileError(f"no such {what}: {path}")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PatchlabValueError(f"{path} is not a UTF-8 text file (byte {err.start} is not UTF-8)") from None
 
 
 def _parse(path: Path, text: str, kind: str) -> Any:
-    """``json.loads(text)``; raises :class:`PatchlabValueError` naming ``path`` and ``kind`` (JSON / JSONL)."""
+    """``json.loads(text)``; raises :class:`PatchlabValueError` naming ``path`` and ``kind`` (JSON / JSONL) when the
+    text is not JSON, ends before the document does (a truncated file), nests too deeply for the parser or holds an
+    integer longer than Python converts (``sys.get_int_max_str_digits()``, 4300 digits by default)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise PatchlabValueError(f"{path} is not valid {kind}: {err}") from err
+        ended = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")  # strings hold no newline
+        truncated = " (the file ends before the JSON document does: truncated?)" if ended else ""
+        raise PatchlabValueError(f"{path} is not valid {kind}{truncated}: {err}") from err
+    except RecursionError:
+        raise PatchlabValueError(f"{path} cannot be read as {kind}: its lists and objects nest too deeply") from None
+    except ValueError as err:  # an integer beyond Python's int-string conversion limit
+        raise PatchlabValueError(f"{path} cannot be read as {kind}: it holds an integer too long to convert "
+                                 f"({str(err).split(';')[0]})") from None
 
 
 def read_json(path: str | os.PathLike, *, what: str = "file") -> Any:

@@ -21,12 +21,13 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,6 +39,7 @@ from patchlab.pair.sites import hooks
 from patchlab.provenance import checkpoint_record, environment
 from patchlab.reports import figures
 from patchlab.reports.results import Result, register_result
+from patchlab.reports.schema import Count, Provenance, Schema, Unit, bad
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
 
@@ -504,6 +506,46 @@ def stack_densities(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 DENSITY_VIEWS = ("modules", "layers")
 
 
+class DensityRow(Schema):
+    """One row of a :class:`DensityReport` file: a method's selected weights of a module type in a layer (``null``
+    outside the decoder layers)."""
+
+    module: Annotated[str, Field(min_length=1)]
+    layer: Count | None
+    selected: Count
+    total: Annotated[int, Field(ge=1, lt=2**63)]
+    density: Unit
+    method: Annotated[str, Field(min_length=1)]
+
+
+class DensityReportFile(Schema):
+    """A :class:`DensityReport` file: one row per (method, module type, layer), ``selected <= total`` and
+    ``density = selected / total``, some row in a decoder layer."""
+
+    format: Literal["patchlab.DensityReport/1"]
+    provenance: Provenance
+    densities: Annotated[list[DensityRow], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DensityReportFile:
+        seen: set[tuple[str, str, int | None]] = set()
+        for i, row in enumerate(self.densities):
+            if row.selected > row.total:
+                raise bad(f"densities[{i}].selected", "{selected} weights selected of {total}",
+                          selected=row.selected, total=row.total)
+            if row.density != row.selected / row.total:
+                raise bad(f"densities[{i}].density", "{density} is not selected / total = {selected} / {total}",
+                          density=row.density, selected=row.selected, total=row.total)
+            key = (row.method, row.module, row.layer)
+            if key in seen:
+                raise bad(f"densities[{i}]", "a second row for method {method!r}, module {module!r}, layer {layer}",
+                          method=row.method, module=row.module, layer=row.layer)
+            seen.add(key)
+        if all(row.layer is None for row in self.densities):
+            raise bad("densities", "no row of a decoder layer (every layer is null)")
+        return self
+
+
 @register_result
 @dataclass(frozen=True)
 class DensityReport(Result):
@@ -517,6 +559,7 @@ class DensityReport(Result):
 
     kind = "density"
     format = "patchlab.DensityReport/1"
+    schema = DensityReportFile
 
     table: pd.DataFrame
     provenance: dict[str, Any] = field(default_factory=dict)
