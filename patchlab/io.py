@@ -70,7 +70,7 @@ def _parse(path: Path, text: str, kind: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         ended = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")  # strings hold no newline
-        truncated = " (the file ends before the JSON document does: truncated?)" if ended else ""
+        truncated = " (it ends before the JSON value does: truncated?)" if ended else ""
         raise PatchlabValueError(f"{path} is not valid {kind}{truncated}: {err}") from err
     except RecursionError:
         raise PatchlabValueError(f"{path} cannot be read as {kind}: its lists and objects nest too deeply") from None

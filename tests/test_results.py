@@ -381,7 +381,7 @@ def test_load_refuses_deep_nesting(sweep_file):
 def test_load_names_truncated_and_non_result_files(sweep_file, tmp_path):
     path, data = sweep_file
     text = path.read_text()
-    _refused(path, text[:len(text) // 2], r"is not valid JSON \(the file ends before the JSON document does: truncated")
+    _refused(path, text[:len(text) // 2], r"is not valid JSON \(it ends before the JSON value does: truncated\?\)")
     _refused(path, text[:-3], r"truncated\?")
     _refused(path, "", r"truncated\?")
     _refused(path, "[1, 2]", r"not a patchlab (result|PatchResult) file: it holds a JSON array, not an object")
