@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
+from pydantic import BaseModel
 
 from patchlab.errors import PatchlabValueError
 from patchlab.io import (OutputDir, atomic_write_json, atomic_write_text, output_dir, plotlyjs_name, read_json,
                          write_csv, write_html, write_plotlyjs)
 from patchlab.provenance import short_name
+from patchlab.schema import validate
 
 R = TypeVar("R", bound="Result")
 
@@ -53,17 +55,21 @@ PARTIAL = "partial"
 class Result:
     """Base class of every result type.
 
-    Subclasses set :attr:`kind` (the output-directory kind and the default file stem) and :attr:`format` (the JSON
-    format tag), and implement :meth:`to_dict`, :meth:`from_dict`, :meth:`to_frame` and :meth:`figure`; they may
-    add tables (:meth:`tables`) and figures (:meth:`figures`) to the report.
+    Subclasses set :attr:`kind` (the output-directory kind and the default file stem), :attr:`format` (the JSON
+    format tag) and :attr:`schema` (the pydantic model of the JSON file, :mod:`patchlab.schema`), and
+    implement :meth:`to_dict`, :meth:`from_dict`, :meth:`to_frame` and :meth:`figure`; they may add tables
+    (:meth:`tables`) and figures (:meth:`figures`) to the report.
     """
 
     kind: ClassVar[str] = "result"
     #: The report's default file stem (``{stem}.json``...) when it is not :attr:`kind`.
     stem: ClassVar[str | None] = None
     format: ClassVar[str] = "patchlab.Result/1"
-    #: Older format tags :meth:`load` still reads.
-    legacy_formats: ClassVar[tuple[str, ...]] = ()
+    #: The pydantic model of the JSON file :meth:`save` writes (:meth:`to_dict` and the format tag), checked by
+    #: :meth:`load` before :meth:`from_dict` builds anything.
+    schema: ClassVar[type[BaseModel] | None] = None
+    #: Older format tags :meth:`load` still reads, each with the schema of its files.
+    legacy_formats: ClassVar[Mapping[str, type[BaseModel]]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         """Every number of the result, JSON-serialisable."""
@@ -99,19 +105,24 @@ class Result:
 
     @classmethod
     def load(cls: type[R], path: str | os.PathLike) -> R:
-        """Read a result written by :meth:`save`.
+        """Read a result written by :meth:`save`, checked against its :attr:`schema` first.
 
         Raises:
-            PatchlabFileError: no such file. PatchlabValueError: not JSON, or not a result of this type.
+            PatchlabFileError: no such file. PatchlabValueError: not JSON, not a result of this type, or not
+                following its schema (the message names the first bad field).
         """
         data = read_json(path, what=f"{cls.kind} result file")
-        if not isinstance(data, dict) or data.get("format") not in (cls.format, *cls.legacy_formats):
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise PatchlabValueError(f"{path} is not a patchlab {cls.__name__} file (format {found!r})")
-        try:
-            return cls.from_dict(data)
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise PatchlabValueError(f"{path} is not a valid patchlab {cls.__name__} file ({err!r})") from err
+        tag = _format_tag(data, path)
+        if tag not in (cls.format, *cls.legacy_formats):
+            raise PatchlabValueError(f"{path} is not a patchlab {cls.__name__} file (format {tag!r})")
+        return cls._from_file(data, path)
+
+    @classmethod
+    def _from_file(cls: type[R], data: dict[str, Any], path: str | os.PathLike) -> R:
+        """The result a file's JSON object (of one of this type's formats) describes, once it follows its schema."""
+        tag = data["format"]
+        validate(cls.legacy_formats.get(tag, cls.schema), data, path, f"patchlab {cls.__name__} file ({tag})")
+        return cls.from_dict(data)
 
     def write_report(self, out_dir: str | os.PathLike | OutputDir, *, name: str | None = None,
                      overwrite: bool = False, **figure_kwargs: Any) -> dict[str, Path]:
@@ -144,7 +155,13 @@ class Result:
 
 
 def register_result(cls: type[R]) -> type[R]:
-    """Class decorator: register a :class:`Result` subclass under its format tags (for :func:`load_result`)."""
+    """Class decorator: register a :class:`Result` subclass under its format tags (for :func:`load_result`).
+
+    Raises:
+        PatchlabValueError: the class declares no :attr:`~Result.schema`, or a tag is registered by another class.
+    """
+    if cls.schema is None:
+        raise PatchlabValueError(f"result type {cls.__name__} declares no schema (the pydantic model of its file)")
     for tag in (cls.format, *cls.legacy_formats):
         if tag in _RESULT_TYPES and _RESULT_TYPES[tag] is not cls:
             raise PatchlabValueError(f"result format {tag!r} is already registered by {_RESULT_TYPES[tag].__name__}")
@@ -158,17 +175,38 @@ def result_types() -> dict[str, type[Result]]:
 
 
 def load_result(path: str | os.PathLike) -> Result:
-    """Any patchlab result file, read back as its registered type.
+    """Any patchlab result file, read back as its registered type (checked against its schema first).
 
     Raises:
-        PatchlabFileError: no such file. PatchlabValueError: not JSON or of no registered result type.
+        PatchlabFileError: no such file. PatchlabValueError: not JSON, of no registered result type, or not
+            following its type's schema (the message names the first bad field).
     """
     data = read_json(path, what="result file")
-    tag = data.get("format") if isinstance(data, dict) else None
+    tag = _format_tag(data, path)
     if tag not in _RESULT_TYPES:
         raise PatchlabValueError(f"{path} is not a patchlab result file (format {tag!r}); known: "
                                  f"{', '.join(sorted(_RESULT_TYPES))}")
-    return _RESULT_TYPES[tag].load(path)
+    return _RESULT_TYPES[tag]._from_file(data, path)
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _format_tag(data: Any, path: str | os.PathLike) -> str | None:
+    """The format tag of a result file's JSON (``None`` without one).
+
+    Raises:
+        PatchlabValueError: the JSON is not an object, or its tag is not a string.
+    """
+    if not isinstance(data, dict):
+        raise PatchlabValueError(f"{path} is not a patchlab result file: it holds a JSON {_JSON_TYPES[type(data)]}, "
+                                 "not an object")
+    tag = data.get("format")
+    if tag is not None and not isinstance(tag, str):
+        raise PatchlabValueError(f"{path} is not a patchlab result file: its format tag is a JSON "
+                                 f"{_JSON_TYPES[type(tag)]}, not a string")
+    return tag
 
 
 def register_figure(key: type | str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

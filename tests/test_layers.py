@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent / "patchlab"
 #: The layers, lowest first; a module belongs to the longest prefix listed (the README shows the same table).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("patchlab.errors", "patchlab.io", "patchlab.provenance", "patchlab.results",
-                    "patchlab.progress", "patchlab.version", "patchlab.defaults")),
+                    "patchlab.progress", "patchlab.version", "patchlab.defaults",
+                    "patchlab.schema")),
     ("model", ("patchlab.pair", "patchlab.tiny")),
     ("interventions", ("patchlab.patching",)),
     ("experiments", ("patchlab.patching.sweep", "patchlab.patching.result", "patchlab.probes", "patchlab.unlearning",

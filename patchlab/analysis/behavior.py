@@ -28,17 +28,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
 import sacrebleu
 import torch
 from jaxtyping import Int
+from pydantic import ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.analysis.likelihood import aggregate, encode_qa, likelihood_values
+from patchlab.analysis.likelihood import LIKELIHOOD_METRICS, aggregate, encode_qa, likelihood_values
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, greedy_answers
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
@@ -46,6 +47,7 @@ from patchlab.pair import ModelPair, ModelSpec, load_model
 from patchlab.pair.sequential import SequentialPair
 from patchlab.provenance import describe_source, environment, pair_provenance, weights_digest
 from patchlab.results import Result, is_partial, register_result, results_record
+from patchlab.schema import Count, FreeJson, Provenance, Schema, Unit, bad, validate
 
 SETS = ("target", "unrelated")
 METRICS = ("bleu", "rouge_l")
@@ -116,6 +118,56 @@ def _content_ids(ids: Int[torch.Tensor, "answer"], special: set[int]) -> list[in
     return [t for t in ids.tolist() if t not in special]
 
 
+Bleu = Annotated[float, Field(ge=0, le=100)]
+
+
+class BehaviorRow(Schema):
+    """One question's row of a behavioural test's file; any other column (a likelihood metric's
+    ``{metric}_before`` / ``{metric}_after``) is a finite number."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, float]
+
+    set: Literal[SETS]
+    question: str
+    before: str
+    after: str
+    bleu: Bleu
+    rouge_l: Unit
+    same: bool
+
+
+def _same_columns(rows: Sequence[BehaviorRow], path: str, required: Sequence[str] = ()) -> None:
+    """Every row of ``rows`` (the field ``path``) has the first row's columns, ``required`` among them."""
+    first = list(rows[0].model_extra)
+    for i, row in enumerate(rows):
+        missing = [c for c in required if c not in row.model_extra]
+        if missing:
+            raise bad(f"{path}[{i}]", "no {columns} column (its likelihood metrics)", columns=", ".join(missing))
+        if list(row.model_extra) != first:
+            raise bad(f"{path}[{i}]", "columns {columns} differ from the first row's {first}",
+                      columns=list(row.model_extra), first=first)
+
+
+class BehaviorResultFile(Schema):
+    """A :class:`BehaviorResult` file: a finished test's rows, each with the columns of its likelihood metrics."""
+
+    format: Literal["patchlab.BehaviorResult/1"]
+    partial: Literal[False]
+    settings: dict[str, FreeJson]
+    provenance: Provenance
+    likelihood: list[Literal[tuple(LIKELIHOOD_METRICS)]]
+    averages: dict[Literal[SETS], dict[str, float]]
+    rows: Annotated[list[BehaviorRow], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _columns(self) -> BehaviorResultFile:
+        if len(set(self.likelihood)) != len(self.likelihood):
+            raise bad("likelihood", "a metric is listed twice: {metrics}", metrics=self.likelihood)
+        _same_columns(self.rows, "rows", [f"{m}_{side}" for m in self.likelihood for side in ("before", "after")])
+        return self
+
+
 @register_result
 @dataclass
 class BehaviorResult(Result):
@@ -136,6 +188,7 @@ class BehaviorResult(Result):
 
     kind = "behavior"
     format = "patchlab.BehaviorResult/1"
+    schema = BehaviorResultFile
 
     table: pd.DataFrame
     likelihood: tuple[str, ...] = ()
@@ -427,6 +480,41 @@ def run_key(task: SweepTask, method: str, strength: int, settings: Mapping[str, 
     return f"{method}-s{strength}-{digest}"
 
 
+class SweepRecord(Schema):
+    """One run's record in a method sweep's file; any other field (an average of :meth:`BehaviorResult.summary`)
+    is a finite number."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, float]
+
+    method: Annotated[str, Field(min_length=1)]
+    strength: Count
+    settings: dict[str, FreeJson]
+    target_bleu: Bleu
+    target_rouge_l: Unit
+    target_same: Unit
+    unrelated_bleu: Bleu
+    unrelated_rouge_l: Unit
+    unrelated_same: Unit
+    seconds: Annotated[float, Field(ge=0)]
+    rows: Annotated[list[BehaviorRow], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _columns(self) -> SweepRecord:
+        _same_columns(self.rows, "rows")
+        return self
+
+
+class SweepResultFile(Schema):
+    """A :class:`SweepResult` file: the task's name and at least one run's record."""
+
+    format: Literal["patchlab.SweepResult/1"]
+    partial: bool
+    task: str
+    provenance: Provenance
+    records: Annotated[list[SweepRecord], Field(min_length=1)]
+
+
 @register_result
 @dataclass
 class SweepResult(Result):
@@ -448,6 +536,7 @@ class SweepResult(Result):
     kind = "method_sweep"
     stem = "sweep"
     format = "patchlab.SweepResult/1"
+    schema = SweepResultFile
 
     task: str
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -560,7 +649,8 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
                       "seconds": round(time.perf_counter() - start, 2), "rows": scored.table.to_dict("records")}
             out.write(name, lambda path: atomic_write_json(path, record))
         else:
-            record = read_json(path)
+            record = read_json(path, what="method-sweep run record")
+            validate(SweepRecord, record, path, "patchlab method-sweep run record")
         result.records.append(record)
         result.partial = i < len(plan) - 1
         if new or not result.partial:  # after each new run, and once at the end

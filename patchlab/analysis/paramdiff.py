@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -27,6 +28,7 @@ from patchlab.pair.weights import CheckpointTensors
 from patchlab.pair import ModelPair
 from patchlab.provenance import pair_provenance
 from patchlab.results import Result, register_result
+from patchlab.schema import AnyFloat, Count, Provenance, Schema, bad
 
 CHUNK = 1 << 24  # elements per float64 chunk
 #: Per tensor / module / layer: cosine similarity, 1 - cosine, angle (degrees), relative L2 change |b-a|/|a|.
@@ -107,6 +109,55 @@ def _metrics(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+class TensorRow(Schema):
+    """One tensor's row of a :class:`ParamDiff` file: its pooled sums are finite (:func:`paramdiff` refuses
+    non-finite tensors), its :data:`METRICS` may be NaN or infinite (an all-zero tensor has no cosine)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    module: Annotated[str, Field(min_length=1)]
+    layer: Annotated[int, Field(ge=-1, lt=2**31)]
+    numel: Count
+    dot: float
+    norm_a2: Annotated[float, Field(ge=0)]
+    norm_b2: Annotated[float, Field(ge=0)]
+    diff2: Annotated[float, Field(ge=0)]
+    dot_ad: float
+    cosine: AnyFloat
+    one_minus_cos: AnyFloat
+    angle_deg: AnyFloat
+    rel_l2: AnyFloat
+
+
+class ValueVectorRow(Schema):
+    """One row of :func:`value_vector_changes`: a changed MLP value vector and the tokens it promotes."""
+
+    layer: Count
+    index: Count
+    cosine: AnyFloat
+    one_minus_cos: AnyFloat
+    rel_l2: Annotated[float, Field(ge=0)]
+    top_tokens_vanilla: list[str]
+    top_tokens_unlearned: list[str]
+
+
+class ParamDiffFile(Schema):
+    """A :class:`ParamDiff` file: one row per tensor (names distinct), the value vectors if computed."""
+
+    format: Literal["patchlab.ParamDiff/1"]
+    provenance: Provenance
+    tensors: Annotated[list[TensorRow], Field(min_length=1)]
+    value_vectors: Annotated[list[ValueVectorRow], Field(min_length=1)] | None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ParamDiffFile:
+        seen: set[str] = set()
+        for i, row in enumerate(self.tensors):
+            if row.name in seen:
+                raise bad(f"tensors[{i}].name", "tensor {name!r} has two rows", name=row.name)
+            seen.add(row.name)
+        return self
+
+
 @register_result
 @dataclass
 class ParamDiff(Result):
@@ -123,6 +174,7 @@ class ParamDiff(Result):
 
     kind = "paramdiff"
     format = "patchlab.ParamDiff/1"
+    schema = ParamDiffFile
 
     table: pd.DataFrame
     provenance: dict[str, Any] = field(default_factory=dict)

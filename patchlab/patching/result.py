@@ -3,18 +3,89 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from pydantic import Field, model_validator
 
 from patchlab.errors import PatchlabValueError
 from patchlab.patching.metrics import pool
 from patchlab.patching.windows import Window, window_label
 from patchlab.results import Result, model_names, register_result
+from patchlab.schema import Count, FreeJson, Provenance, Schema, bad
 
 AGGREGATES = ("mean", "pooled")
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class _SweepFile(Schema):
+    """The fields a sweep's file holds in every format; :meth:`_shapes` checks its tables against each other."""
+
+    settings: dict[str, FreeJson]
+    windows: Annotated[list[Annotated[list[Count], Field(min_length=2, max_length=2)]], Field(min_length=1)]
+    questions: Annotated[list[str], Field(min_length=1)]
+    answers: list[str]
+    per_question: Annotated[dict[NonEmpty, list[list[float]]], Field(min_length=1)]
+
+    def _shapes(self, scores_field: str, weights_field: str) -> None:
+        """Every window is ``[start, stop)`` with ``start < stop``; one answer per question; the same components in
+        ``scores_field`` and ``per_question``; per component ``[n_windows]`` scores and ``[n_questions, n_windows]``
+        per-question scores; ``[n_questions]`` weights (``weights_field``, may be null)."""
+        n_q, n_w = len(self.questions), len(self.windows)
+        for i, (start, stop) in enumerate(self.windows):
+            if start >= stop:
+                raise bad(f"windows[{i}]", "a window is [start, stop) with start < stop, got [{start}, {stop}]",
+                          start=start, stop=stop)
+        if len(self.answers) != n_q:
+            raise bad("answers", "{n} answers for {q} questions", n=len(self.answers), q=n_q)
+        scores, weights = getattr(self, scores_field), getattr(self, weights_field)
+        if list(scores) != list(self.per_question):
+            raise bad(scores_field, "components {a} differ from per_question's {b}", a=list(scores),
+                      b=list(self.per_question))
+        for comp, values in scores.items():
+            if len(values) != n_w:
+                raise bad(f"{scores_field}.{comp}", "{n} scores for {w} windows", n=len(values), w=n_w)
+            rows = self.per_question[comp]
+            if len(rows) != n_q:
+                raise bad(f"per_question.{comp}", "{n} rows for {q} questions", n=len(rows), q=n_q)
+            for k, row in enumerate(rows):
+                if len(row) != n_w:
+                    raise bad(f"per_question.{comp}[{k}]", "{n} scores for {w} windows", n=len(row), w=n_w)
+        if weights is not None and len(weights) != n_q:
+            raise bad(weights_field, "{n} weights for {q} questions", n=len(weights), q=n_q)
+
+
+class PatchResultFile(_SweepFile):
+    """A :class:`PatchResult` file (``patchlab.PatchResult/1``): every score finite."""
+
+    format: Literal["patchlab.PatchResult/1"]
+    metric: NonEmpty
+    provenance: Provenance
+    weights: list[float] | None
+    scores: Annotated[dict[NonEmpty, list[float]], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PatchResultFile:
+        self._shapes("scores", "weights")
+        return self
+
+
+class LegacyKRSFile(_SweepFile):
+    """A KRS sweep's file of the first format (``patchlab.KRSResult/1``): ``krs`` and ``mse_unlearned`` for
+    ``scores`` and ``weights``, no metric."""
+
+    format: Literal["patchlab.KRSResult/1"]
+    provenance: Provenance = Provenance()
+    mse_unlearned: list[float]
+    krs: Annotated[dict[NonEmpty, list[float]], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LegacyKRSFile:
+        self._shapes("krs", "mse_unlearned")
+        return self
 
 
 @register_result
@@ -38,7 +109,8 @@ class PatchResult(Result):
 
     kind = "krs"
     format = "patchlab.PatchResult/1"
-    legacy_formats = ("patchlab.KRSResult/1",)
+    schema = PatchResultFile
+    legacy_formats = {"patchlab.KRSResult/1": LegacyKRSFile}
 
     scores: dict[str, np.ndarray]
     per_question: dict[str, np.ndarray]
@@ -175,6 +247,27 @@ KRSResult = PatchResult
 COMPARED_SETTINGS = ("n_tokens", "window", "window_mode", "positions", "prompt_template", "n_layers", "metric", "heads")
 
 
+class PatchComparisonFile(Schema):
+    """A :class:`PatchComparison` file: two distinct labels and two sweeps of the same metric, components and
+    windows."""
+
+    format: Literal["patchlab.PatchComparison/1"]
+    labels: Annotated[list[NonEmpty], Field(min_length=2, max_length=2)]
+    a: PatchResultFile
+    b: PatchResultFile
+
+    @model_validator(mode="after")
+    def _comparable(self) -> PatchComparisonFile:
+        if self.labels[0] == self.labels[1]:
+            raise bad("labels", "the two labels must differ, got {label!r} twice", label=self.labels[0])
+        for field_, name, of_a, of_b in (("metric", "metric", self.a.metric, self.b.metric),
+                                         ("windows", "windows", self.a.windows, self.b.windows),
+                                         ("scores", "components", list(self.a.scores), list(self.b.scores))):
+            if of_a != of_b:
+                raise bad(f"b.{field_}", "the sweeps differ in {name}: {a} vs {b}", name=name, a=of_a, b=of_b)
+        return self
+
+
 @register_result
 @dataclass
 class PatchComparison(Result):
@@ -187,6 +280,7 @@ class PatchComparison(Result):
 
     kind = "krs_comparison"
     format = "patchlab.PatchComparison/1"
+    schema = PatchComparisonFile
 
     a: PatchResult
     b: PatchResult

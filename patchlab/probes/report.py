@@ -9,16 +9,18 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
+from pydantic import ConfigDict, Field, model_validator
 
-from patchlab.probes.base import ProbeResult
+from patchlab.probes.base import VERDICTS, ProbeResult
 from patchlab.probes.registry import PROBES
 from patchlab.errors import PatchlabValueError
 from patchlab.results import Result, register_result
+from patchlab.schema import Checkpoint, FreeJson, Schema, bad
 
 FORMAT = "patchlab.AuditReport/1"
 #: Verdict colours: erased (what unlearning promises) green, hidden orange, intact red.
@@ -51,6 +53,69 @@ class AuditRun:
                    skipped=dict(data["skipped"]), provenance=dict(data["provenance"]))
 
 
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class ProbeResultFile(Schema):
+    """A probe's result in an audit file (:meth:`ProbeResult.to_dict`): the score as ``[value, low, high]``, each
+    ``null`` when undefined; the details are free JSON (each probe's figure reads its own)."""
+
+    probe: NonEmpty
+    score: Annotated[list[float | None], Field(min_length=3, max_length=3)]
+    meaning: str
+    verdict: Literal[VERDICTS]
+    rule: str
+    details: dict[str, FreeJson]
+    note: str
+    seconds: Annotated[float, Field(ge=0)]
+
+
+class AuditProvenance(Schema):
+    """An audited pair's provenance: the checkpoints (``retain`` may be ``null``), the questions, the settings, the
+    versions; other keys are free JSON."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, FreeJson]
+
+    checkpoints: dict[str, Checkpoint | None] = {}
+    questions: list[FreeJson] = []
+    unrelated: list[FreeJson] | None = None
+    settings: dict[str, FreeJson] = {}
+    environment: dict[str, str] = {}
+
+
+class AuditRunFile(Schema):
+    """One audited pair in an audit file: each result filed under its probe's name."""
+
+    label: NonEmpty
+    results: dict[str, ProbeResultFile]
+    skipped: dict[str, str]
+    provenance: AuditProvenance
+
+    @model_validator(mode="after")
+    def _named(self) -> AuditRunFile:
+        for name, result in self.results.items():
+            if result.probe != name:
+                raise bad(f"results.{name}.probe", "the result of probe {probe!r} is filed under {name!r}",
+                          probe=result.probe, name=name)
+        return self
+
+
+class AuditReportFile(Schema):
+    """An :class:`AuditReport` file: one or more audited pairs with distinct labels."""
+
+    format: Literal["patchlab.AuditReport/1"]
+    runs: Annotated[list[AuditRunFile], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AuditReportFile:
+        labels = [run.label for run in self.runs]
+        for i, label in enumerate(labels):
+            if label in labels[:i]:
+                raise bad(f"runs[{i}].label", "a second audited pair labelled {label!r}", label=label)
+        return self
+
+
 @register_result
 @dataclass
 class AuditReport(Result):
@@ -65,6 +130,7 @@ class AuditReport(Result):
 
     kind = "audit"
     format = FORMAT
+    schema = AuditReportFile
 
     runs: list[AuditRun]
 

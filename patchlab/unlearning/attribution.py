@@ -21,12 +21,13 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,6 +39,7 @@ from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.sites import hooks
 from patchlab.provenance import checkpoint_record, environment
 from patchlab.results import Result, register_result
+from patchlab.schema import Count, Provenance, Schema, Unit, bad
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
 
@@ -508,6 +510,51 @@ def stack_densities(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 DENSITY_VIEWS = ("modules", "layers")
 
 
+class DensityRow(Schema):
+    """One row of a :class:`DensityReport` file: a method's selected weights of a module type in a layer (``null``
+    outside the decoder layers); ``scored``, the weights the method scored, is absent from files written before it
+    was recorded."""
+
+    module: Annotated[str, Field(min_length=1)]
+    layer: Count | None
+    selected: Count
+    total: Annotated[int, Field(ge=1, lt=2**63)]
+    scored: Count | None = None
+    density: Unit
+    method: Annotated[str, Field(min_length=1)]
+
+
+class DensityReportFile(Schema):
+    """A :class:`DensityReport` file: one row per (method, module type, layer), ``selected <= total`` and
+    ``density = selected / total``, some row in a decoder layer."""
+
+    format: Literal["patchlab.DensityReport/1"]
+    provenance: Provenance
+    densities: Annotated[list[DensityRow], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DensityReportFile:
+        seen: set[tuple[str, str, int | None]] = set()
+        for i, row in enumerate(self.densities):
+            if row.selected > row.total:
+                raise bad(f"densities[{i}].selected", "{selected} weights selected of {total}",
+                          selected=row.selected, total=row.total)
+            if row.scored is not None and not row.selected <= row.scored <= row.total:
+                raise bad(f"densities[{i}].scored", "{scored} weights scored, {selected} selected of {total}",
+                          scored=row.scored, selected=row.selected, total=row.total)
+            if row.density != row.selected / row.total:
+                raise bad(f"densities[{i}].density", "{density} is not selected / total = {selected} / {total}",
+                          density=row.density, selected=row.selected, total=row.total)
+            key = (row.method, row.module, row.layer)
+            if key in seen:
+                raise bad(f"densities[{i}]", "a second row for method {method!r}, module {module!r}, layer {layer}",
+                          method=row.method, module=row.module, layer=row.layer)
+            seen.add(key)
+        if all(row.layer is None for row in self.densities):
+            raise bad("densities", "no row of a decoder layer (every layer is null)")
+        return self
+
+
 @register_result
 @dataclass(frozen=True)
 class DensityReport(Result):
@@ -521,6 +568,7 @@ class DensityReport(Result):
 
     kind = "density"
     format = "patchlab.DensityReport/1"
+    schema = DensityReportFile
 
     table: pd.DataFrame
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -568,8 +616,9 @@ class DensityReport(Result):
 
     def to_dict(self) -> dict[str, Any]:
         rows = self.table.astype({"layer": object}).to_dict("records")
+        counts = [c for c in ("layer", "scored") if c in self.table]  # integer columns that may lack values
         return {"provenance": self.provenance,
-                "densities": [{**r, "layer": None if pd.isna(r["layer"]) else int(r["layer"])} for r in rows]}
+                "densities": [{**r, **{c: None if pd.isna(r[c]) else int(r[c]) for c in counts}} for r in rows]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DensityReport:
