@@ -219,11 +219,13 @@ def capture(model: PreTrainedModel, spec: ArchSpec, sequences: Sequence[Int[torc
         layers return tuples.
     """
     layers = spec.layer_modules(model)
-    parts: dict[str, list[torch.Tensor]] = {}
+    packed: dict[str, torch.Tensor] = {}
+    total = sum(len(s) for s in sequences)
     logits: list[torch.Tensor] = []
     tuple_out: list[bool] = []
     probe = layers[0].register_forward_hook(lambda _m, _a, output: tuple_out.append(isinstance(output, tuple)))
     try:
+        done = 0
         for start in range(0, len(sequences), group):
             chunk, kept = sequences[start:start + group], scored[start:start + group]
             ids, real = right_padded(chunk)
@@ -231,25 +233,31 @@ def capture(model: PreTrainedModel, spec: ArchSpec, sequences: Sequence[Int[torc
             reads = []
             for i, layer in enumerate(layers):
                 for site in sites:
-                    reads.append((spec.site_module(model, site, i), site.cached, _store(parts, _key(site.name, i), real)))
+                    reads.append((spec.site_module(model, site, i), site.cached,
+                                  _store(packed, _key(site.name, i), real, done, total)))
                 if resid:
-                    reads.append((layer, "output", _store(parts, _key("resid", i), real)))
+                    reads.append((layer, "output", _store(packed, _key("resid", i), real, done, total)))
             with hooks(reads), head_gather(model, index, (len(chunk), answer)):
                 out = model(input_ids=ids.to(input_device(model)), use_cache=False).logits
             logits += [out[b, :len(k)] for b, k in enumerate(kept)]
+            done += len(real)
     finally:
         probe.remove()
-    return {key: torch.cat(values) for key, values in parts.items()}, logits, tuple_out[0]
+    return packed, logits, tuple_out[0]
 
 
-def _store(parts: dict[str, list[torch.Tensor]], key: str, real: torch.Tensor):
-    """Hook function keeping the real positions of a ``[batch, width, d]`` activation under ``key``."""
+def _store(packed: dict[str, torch.Tensor], key: str, real: torch.Tensor, start: int, total: int):
+    """Hook function writing the real positions of a ``[batch, width, d]`` activation into rows
+    ``start .. start + len(real)`` of ``packed[key]``, a ``[total, d]`` tensor allocated at the first write (so the
+    packed cache is never held twice)."""
     moved: dict[torch.device, torch.Tensor] = {}
 
     def keep(value: torch.Tensor) -> None:
         flat = value.detach().reshape(-1, value.shape[-1])
         index = moved.setdefault(flat.device, real.to(flat.device))
-        parts.setdefault(key, []).append(flat.index_select(0, index))
+        if key not in packed:
+            packed[key] = flat.new_empty(total, flat.shape[-1])
+        packed[key][start:start + len(real)] = flat.index_select(0, index)
     return keep
 
 

@@ -112,6 +112,17 @@ def position_mask(positions: str, prompt_len: int, total_len: int) -> Bool[torch
     return mask
 
 
+def question_chunks(pair: ModelPair | SequentialPair, sites: Sequence[Site], prompt_lens: Sequence[int],
+                    answer_lens: Sequence[int], budget: int | None, cap: int | None = None) -> list[list[int]]:
+    """Question indices cut into the chunks a sweep prepares together (:func:`plan_chunks`): each question's
+    :func:`~patchlab.patching.engine.question_cache_bytes` (``prompt + answer`` tokens, at the cached ``sites``, in
+    the pair's dtype) within ``budget`` bytes, at most ``cap`` questions."""
+    dtype = getattr(pair, "dtype", None) or next(pair.skeleton.parameters()).dtype
+    sizes = [question_cache_bytes(pair.skeleton, pair.arch, sites, p + a, a, dtype)
+             for p, a in zip(prompt_lens, answer_lens)]
+    return plan_chunks(sizes, budget, cap)
+
+
 def reference_answers(pair: ModelPair | SequentialPair, questions: Sequence[str], *, n_tokens: int = 30,
                       prompt_template: str = DEFAULT_TEMPLATE, progress: bool = False
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -333,10 +344,10 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
     progress_file = SweepProgress.open(resume, settings, provenance, questions, comps, wins)
     todo = [q for q in range(len(questions)) if q not in progress_file.done]
     sites = _cached_sites(pair, comps)
-    dtype = getattr(pair, "dtype", None) or next(pair.skeleton.parameters()).dtype
-    sizes = [question_cache_bytes(pair.skeleton, pair.arch, sites, len(prompt_ids[q]) + n, n, dtype)
-             for q in todo for n in [n_tokens if answers is None else len(answers[q])]]
-    chunks = [[todo[i] for i in c] for c in plan_chunks(sizes, budget, chunk or (None if resume is None else 8))]
+    chunks = question_chunks(pair, sites, [len(prompt_ids[q]) for q in todo],
+                             [n_tokens if answers is None else len(answers[q]) for q in todo], budget,
+                             chunk or (None if resume is None else 8))
+    chunks = [[todo[i] for i in c] for c in chunks]
     source_weights = pair.source_weights()  # needs no model loaded: one for every chunk, its cache kept
     for part in tqdm(chunks, desc="question chunks", disable=not progress or len(chunks) <= 1):
         labels = [question_label(q, questions[q]) for q in part]
