@@ -22,17 +22,19 @@ one pass (``--batch-size`` rows, at most a quarter of the budget) and one decode
 (``rows x tokens x (3 d_mlp + 6 d_model)`` in the dtype: MLP gate, up and product; residual, norm, attention
 input, output and queries, keys and values).
 
-``--questions N1,N2,...`` sweeps a random pair of ``--shape`` (all its layers unless ``--n-layers``) built in this
-process, with the memory budget and without (``memory_budget=None``), on N1, N2, ... questions, and prints each
-run's peak above the memory in use before it (CUDA: ``max_memory_allocated``; CPU: the peak resident set size,
-reset between runs through ``/proc/self/clear_refs``), the number of question chunks and the largest difference
-between the two runs' KRS.
+``--questions N1,N2,...`` sweeps a random pair of ``--shape`` (all its layers unless ``--n-layers``) built in a
+fresh process for each run, with the memory budget and without (``memory_budget=None``), on N1, N2, ... questions
+(random answers of ``--n-tokens`` given), and prints each run's peak above the memory in use before the sweep
+(CUDA: ``max_memory_allocated``; CPU: the peak resident set size, reset after the warm-up through
+``/proc/self/clear_refs``, with glibc's mmap threshold fixed so that freed tensors leave the resident set), the
+number of question chunks and the largest difference between the two runs' KRS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -115,10 +117,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {"peak": torch.cuda.max_memory_allocated() if cuda else rss(), "scores": scores}
 
 
-def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One measurement in a fresh subprocess."""
+def run_one(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One measurement in a fresh subprocess (``env``: variables added to its environment)."""
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          check=False)
+                          check=False, env={**os.environ, **(env or {})})
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         raise patchlab.PatchlabValueError(f"run {spec['mode']} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -208,36 +210,55 @@ def rss(field: str = "VmHWM") -> int:
     raise patchlab.PatchlabValueError(f"this system has no /proc/self/status {field}: measure on Linux or CUDA")
 
 
-def by_questions(args: argparse.Namespace) -> None:
-    """Sweep a random pair on growing numbers of questions with the budget and without; print the peaks."""
-    cuda = args.device.startswith("cuda")
-    config = shape_config(args.shape, n_layers=args.n_layers)
+#: glibc's allocator with a fixed mmap threshold: tensors above 128 KiB are returned to the system when freed, so the
+#: resident set size follows the memory in use (with the default dynamic threshold, freed chunks of a few MiB stay
+#: in the heap and the peak RSS creeps up with each question chunk).
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def sweep_questions(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: build the random pair of ``spec``, sweep ``spec["n"]`` questions (random answers given)
+    within ``spec["budget"]``; returns the peak above the memory in use before the sweep, the number of question
+    chunks and the KRS per question."""
+    cuda = spec["device"].startswith("cuda")
+    config = shape_config(spec["shape"], n_layers=spec["n_layers"])
     vocab = config.vocab_size
-    pair = patchlab.load_pair(*noisy_pair(config, dtype=getattr(torch, args.dtype), device=args.device),
+    pair = patchlab.load_pair(*noisy_pair(config, dtype=getattr(torch, spec["dtype"]), device=spec["device"]),
                               tokenizer=numbered_tokenizer(vocab))
-    budget = budget_arg(args.memory_budget)
-    kw = dict(n_tokens=args.n_tokens, batch_size=args.batch_size, window=min(5, pair.n_layers), progress=False)
-    sites = _cached_sites(pair, resolve_components(pair, DEFAULT_COMPONENTS))
+    budget = budget_arg(spec["budget"])
+    kw = dict(n_tokens=spec["n_tokens"], batch_size=spec["batch_size"], window=min(5, pair.n_layers), progress=False)
     patchlab.krs_sweep(pair, random_questions(vocab, 2), **kw)  # warm-up (kernels, allocator)
-    measured = "max_memory_allocated" if cuda else "peak RSS"
-    print(f"KRS sweep of a random {args.shape} pair ({pair.n_layers} layers, vocabulary {vocab}), {args.dtype} on "
-          f"{args.device}, {args.n_tokens} random answer tokens, batch {args.batch_size}: {measured} above the start")
+    questions = random_questions(vocab, spec["n"])
+    generator = torch.Generator().manual_seed(spec["n"])  # the same answers in both runs of n questions
+    answers = [torch.randint(4, vocab, (spec["n_tokens"],), generator=generator) for _ in questions]
+    prompts = [len(ids) for ids in encode_prompts(pair.tokenizer, format_prompts(questions))]
+    sites = _cached_sites(pair, resolve_components(pair, DEFAULT_COMPONENTS))
+    chunks = len(question_chunks(pair, sites, prompts, [spec["n_tokens"]] * spec["n"], budget))
+    start = reset_peak(cuda)
+    result = patchlab.krs_sweep(pair, questions, answers=answers, memory_budget=budget, **kw)
+    peak = (torch.cuda.max_memory_allocated() if cuda else rss()) - start
+    return {"peak": peak, "chunks": chunks, "scores": {c: v.tolist() for c, v in result.per_question.items()}}
+
+
+def by_questions(args: argparse.Namespace) -> None:
+    """Sweep a random pair on growing numbers of questions with the budget and without, each run in a fresh
+    process; print the peaks and the largest KRS difference between the two runs of each number."""
+    config = shape_config(args.shape, n_layers=args.n_layers)
+    measured = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
+    print(f"KRS sweep of a random {args.shape} pair ({config.num_hidden_layers} layers, vocabulary "
+          f"{config.vocab_size}), {args.dtype} on {args.device}, {args.n_tokens} random answer tokens, batch "
+          f"{args.batch_size}: {measured} above the memory in use before the sweep (a fresh process each)")
     print(f"{'questions':>9} {'memory_budget':>13} {'chunks':>6} {'peak GiB':>9} {'max |KRS diff|':>15}", flush=True)
-    scores: dict[int, dict[str, np.ndarray]] = {}
-    for label, limit in ((args.memory_budget, budget), ("none", None)):  # the bounded runs first (CPU: RSS kept)
+    scores: dict[int, dict[str, list[float]]] = {}
+    for label in (args.memory_budget, "none"):
         for n in args.questions:
-            questions = random_questions(vocab, n)
-            generator = torch.Generator().manual_seed(n)  # the same answers in both runs of n questions
-            answers = [torch.randint(4, vocab, (args.n_tokens,), generator=generator) for _ in questions]
-            prompts = [len(ids) for ids in encode_prompts(pair.tokenizer, format_prompts(questions))]
-            chunks = len(question_chunks(pair, sites, prompts, [args.n_tokens] * n, limit))
-            start = reset_peak(cuda)
-            result = patchlab.krs_sweep(pair, questions, answers=answers, memory_budget=limit, **kw)
-            peak = (torch.cuda.max_memory_allocated() if cuda else rss()) - start
+            r = run_one({"kind": "questions", "shape": args.shape, "n_layers": args.n_layers, "dtype": args.dtype,
+                         "device": args.device, "n": n, "budget": label, "n_tokens": args.n_tokens,
+                         "batch_size": args.batch_size, "mode": f"{n} questions, budget {label}"}, env=FIXED_MMAP)
             gap = "" if n not in scores else \
-                f"{max(float(np.abs(result.per_question[c] - scores[n][c]).max()) for c in scores[n]):15.1e}"
-            scores.setdefault(n, result.per_question)
-            print(f"{n:9d} {label:>13} {chunks:6d} {peak / GIB:9.3f} {gap}", flush=True)
+                f"{max(float(np.abs(np.subtract(r['scores'][c], scores[n][c])).max()) for c in scores[n]):15.1e}"
+            scores.setdefault(n, r["scores"])
+            print(f"{n:9d} {label:>13} {r['chunks']:6d} {r['peak'] / GIB:9.3f} {gap}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.questions:
         return run(lambda: by_questions(args))
     if args.child:
-        print(json.dumps(measure(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(sweep_questions(spec) if spec.get("kind") == "questions" else measure(spec)))
         return 0
     return run(lambda: report(args))
 

@@ -54,7 +54,8 @@ def layout(tmp_path_factory):
 def test_the_chat_template_becomes_a_prompt_template(layout):
     tok = load_tokenizer(layout["full"])
     assert chat_template(tok) == resolve_template("chat", tok) == DEFAULT_TEMPLATE
-    assert resolve_template("default") == DEFAULT_TEMPLATE and resolve_template("Q: {question} A:") == "Q: {question} A:"
+    assert resolve_template("default") == DEFAULT_TEMPLATE
+    assert resolve_template("Q: {question} A:") == "Q: {question} A:"
     with pytest.raises(patchlab.PatchlabValueError, match="has no chat template"):
         chat_template(toy.pair(progress=False).pair.tokenizer)
     with pytest.raises(patchlab.PatchlabValueError, match="holding \\{question\\}"):

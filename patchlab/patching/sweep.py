@@ -377,6 +377,7 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
         for k, q in enumerate(part):
             progress_file.add(q, scores.reshape(len(part), len(comps), len(wins))[k].numpy(),
                               pair.tokenizer.decode(part_answers[k], skip_special_tokens=True), store.weights[k])
+        del store, source_logits  # freed before the next chunk is prepared
     stacked = np.stack([progress_file.done[q]["scores"] for q in range(len(questions))])
     weights = None if chosen_metric.denominator is None else \
         np.asarray([progress_file.done[q]["weight"] for q in range(len(questions))], dtype=np.float64)
