@@ -112,3 +112,11 @@ def test_audit_command_with_the_retain_model(layout, tmp_path, capsys):
     capsys.readouterr()
     assert audit.main(["--template", "chat", "--out", str(tmp_path / "toy"), "--quiet"]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_unlearn_command_trains_with_the_chat_template(layout, tmp_path):
+    unlearn = load_script("unlearn")
+    out = tmp_path / "npo"
+    assert unlearn.main(["--model", layout["full"], "--forget", layout["tofu/forget10_perturbed"], "--method", "ga",
+                         "--epochs", "1", "--template", "chat", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "unlearn_run.json").read_text())["settings"]["template"] == DEFAULT_TEMPLATE
