@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import patchlab
-from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, check_toy_world_flags,
-                          comma_list, model_kwargs, parser, print_written, run_script)
+from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, add_template_arg,
+                          check_toy_world_flags, comma_list, model_kwargs, parser, print_written, prompt_template,
+                          run_script)
 from patchlab.io import read_records
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="toy world: also audit the retain model in the unlearned model's place (should be erased)")
     p.add_argument("--probes", help="comma-separated probes (default: all of patchlab.probes.PROBES)")
     p.add_argument("--n-tokens", type=int, help="vanilla reference answer length, tokens (default 30)")
+    add_template_arg(p)
     p.add_argument("--n-boot", type=int, help="bootstrap resamples over questions (default 1000)")
     p.add_argument("--seed", type=int, help="seed of the bootstrap, the question halves and fine-tuning (default 0)")
     p.add_argument("--window", type=int, help="KRS: layers per window (default 5)")
@@ -69,7 +71,8 @@ def settings_from_args(args: argparse.Namespace, toy: bool) -> dict[str, dict[st
     settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in TOY_SETTINGS.items()} if toy else {}
     given = {("common", "n_tokens"): args.n_tokens, ("common", "n_boot"): args.n_boot, ("common", "seed"): args.seed,
              ("krs", "window"): args.window, ("relearning", "steps"): args.relearn_steps,
-             ("relearning", "lr"): args.relearn_lr, ("quantization", "bits"): args.bits}
+             ("relearning", "lr"): args.relearn_lr, ("quantization", "bits"): args.bits,
+             ("common", "template"): None if args.template in ("default", "chat") else prompt_template(args)}
     for (section, key), value in given.items():
         if value is not None:
             settings.setdefault(section, {})[key] = value
@@ -118,6 +121,8 @@ def report(args: argparse.Namespace) -> None:
     resolve_settings(list(PROBES.values()), settings)  # bad probes or settings fail before any model loads
     select(comma_list(args.probes))
     cases = cases_from_args(args)
+    if args.template == "chat":  # the tokenizer's chat template, once the pair's tokenizer is at hand
+        settings.setdefault("common", {})["template"] = prompt_template(args, cases[0].pair.tokenizer)
     result = audit_many(cases, probes=comma_list(args.probes), settings=settings, out_dir=args.out,
                         overwrite=args.overwrite, progress=not args.quiet)
     print(f"residual-knowledge audit of {', '.join(result.labels)} ({len(cases[0].questions)} target questions)")

@@ -18,8 +18,8 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, checkpoint_pair, comma_list,
-                          parser, print_written, run_script, toy_pair)
+from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, add_template_arg,
+                          checkpoint_pair, comma_list, parser, print_written, prompt_template, run_script, toy_pair)
 from patchlab.defaults import DEFAULT_COMPONENTS
 from patchlab.io import output_dir, read_questions
 
@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=5, help="layers per window (default 5)")
     p.add_argument("--window-mode", default="centered", choices=["centered", "fixed"])
     p.add_argument("--n-tokens", type=int, default=30, help="answer tokens N (default 30)")
+    add_template_arg(p)
     p.add_argument("--positions", default="all", choices=["all", "answer", "last_prompt", "scored"])
     p.add_argument("--metric", default="krs",
                    help="recovery metric, one of patchlab.metrics() (default krs; see patchlab.patching.metrics)")
@@ -71,9 +72,10 @@ def report(args: argparse.Namespace) -> None:
     get_metric(args.metric)  # an unknown metric fails before any output or model
     out = output_dir(args.out, "krs", overwrite=args.overwrite, resume=True)
     other = patchlab.PatchResult.load(args.compare) if args.compare else None
+    prompt_template(args)  # a template text without {question} fails before any model loads
     pair, questions, title = load_inputs(args)
     result = patchlab.patch_sweep(
-        pair, questions, components=comma_list(args.components),
+        pair, questions, components=comma_list(args.components), prompt_template=prompt_template(args, pair.tokenizer),
         window=args.window, window_mode=args.window_mode, n_tokens=args.n_tokens, positions=args.positions,
         metric=args.metric, heads="each" if args.heads else None, engine=args.engine, batch_size=args.batch_size,
         resume=out, progress=not args.quiet)

@@ -23,11 +23,11 @@ import argparse
 import sys
 from typing import Any
 
-from patchlab.cli import add_model_args, add_quiet_arg, model_kwargs, parser, print_written, run_script
+from patchlab.cli import (add_model_args, add_quiet_arg, add_template_arg, model_kwargs, parser, print_written,
+                          prompt_template, run_script)
 from patchlab.errors import PatchlabValueError
 from patchlab.io import output_dir
-from patchlab.pair import load_model
-from patchlab.pair.generation import DEFAULT_TEMPLATE
+from patchlab.pair import load_model, load_tokenizer
 from patchlab.unlearning import load_mask, unlearn
 from patchlab.unlearning.methods import add_settings_args, method_names, settings_from_args
 from patchlab.unlearning.trainer import REFERENCE_MODES
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--mask", help="safetensors file of bool tensors keyed by parameter name (True = may change)")
     p.add_argument("--max-length", type=int, default=256, help="truncation in tokens (default 256)")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="QA prompt template with {question}")
+    add_template_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference", choices=REFERENCE_MODES, default="precompute",
                    help="precompute the frozen reference's forget log-probabilities before training and drop it "
@@ -109,7 +109,7 @@ def unlearn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {**defaults, **given, **settings_from_args(args, args.method), "lora": lora or None,
             "reference": args.reference, "reference_device": args.reference_device,
             "gradient_checkpointing": args.gradient_checkpointing, "max_length": args.max_length,
-            "template": args.template, "seed": args.seed}
+            "template": prompt_template(args), "seed": args.seed}
 
 
 def unlearn_and_report(args: argparse.Namespace) -> None:
@@ -118,6 +118,9 @@ def unlearn_and_report(args: argparse.Namespace) -> None:
     out = output_dir(args.out, "checkpoint", overwrite=args.overwrite)
     mask = load_mask(args.mask) if args.mask else None
     model, tok, forget, retain = _inputs(args)
+    if args.template == "chat":  # the tokenizer's chat template, once the tokenizer is known
+        tok = load_tokenizer(tok)
+        kwargs["template"] = prompt_template(args, tok)
     result = unlearn(model, forget, retain, tokenizer=tok, method=args.method, mask=mask, out_dir=out,
                      progress=not args.quiet, **kwargs)
     if not result.main_process:

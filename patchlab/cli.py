@@ -232,6 +232,30 @@ def comma_list(text: str | None) -> list[str] | None:
     return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
 
 
+def add_template_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--template``: how questions are put to the models (:func:`patchlab.pair.generation.resolve_template`);
+    read it back with :func:`prompt_template`."""
+    parser.add_argument("--template", default="default",
+                        help="prompt template: 'default' (Question: {question}\\n Answer:), 'chat' (the tokenizer's "
+                             "chat template, one user turn, as open-unlearning prompts instruct models) or a text "
+                             "holding {question}")
+    return parser
+
+
+def prompt_template(args: argparse.Namespace, tokenizer: Any = None) -> str:
+    """The prompt template ``--template`` names (:func:`add_template_arg`); ``tokenizer``: the pair's, for
+    ``chat`` (``None`` checks only a template text, before any model loads).
+
+    Raises:
+        PatchlabValueError: a text without ``{question}``; ``chat`` with a tokenizer that has no chat template.
+    """
+    from patchlab.pair.generation import resolve_template
+
+    if tokenizer is None and args.template == "chat":
+        return args.template
+    return resolve_template(args.template, tokenizer)
+
+
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``{"dtype": torch.dtype | None, "device": str | None}`` from parsed ``--dtype`` / ``--device``, the keyword
     arguments of :func:`patchlab.pair.load_model` and :func:`patchlab.pair.load_pair`.

@@ -14,6 +14,54 @@ from patchlab.defaults import DEFAULT_TEMPLATE
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.placement import input_device
 
+#: Named prompt templates (:func:`resolve_template`): ``"default"`` is :data:`DEFAULT_TEMPLATE`, ``"chat"`` the
+#: tokenizer's own chat template.
+TEMPLATE_NAMES = ("default", "chat")
+_MARKER = "PATCHLABQUESTIONMARKER"
+
+
+def chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The tokenizer's chat template as a prompt template: one user turn holding ``{question}``, then the
+    assistant's generation prompt (``apply_chat_template(..., add_generation_prompt=True)``, rendered as text once;
+    a BOS token text at its start is dropped when encoding adds that token itself, so it is not doubled). This is
+    how open-unlearning prompts instruct models (its system prompt, if any, is not added).
+
+    Raises:
+        PatchlabValueError: the tokenizer has no chat template, or its template does not show the question once.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise PatchlabValueError(f"the tokenizer {tokenizer.name_or_path or type(tokenizer).__name__!r} has no chat "
+                                 "template: --template chat needs an instruct model's tokenizer; give a template "
+                                 "holding {question} instead")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARKER}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count(_MARKER) != 1:
+        raise PatchlabValueError("the tokenizer's chat template does not show the user's message exactly once")
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text.replace(_MARKER, "{question}")
+
+
+def resolve_template(template: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """A prompt template from a name of :data:`TEMPLATE_NAMES` (``"default"``, ``"chat"``: :func:`chat_template`
+    of ``tokenizer``) or a template text holding ``{question}``, returned as it is.
+
+    Raises:
+        PatchlabValueError: a text without ``{question}``, or ``"chat"`` without a tokenizer that has a chat
+            template.
+    """
+    if template == "default":
+        return DEFAULT_TEMPLATE
+    if template == "chat":
+        if tokenizer is None:
+            raise PatchlabValueError("the chat template needs the tokenizer")
+        return chat_template(tokenizer)
+    if not isinstance(template, str) or "{question}" not in template:
+        raise PatchlabValueError(f"a prompt template is one of {', '.join(TEMPLATE_NAMES)} or a text holding "
+                                 f"{{question}}, got {template!r}")
+    return template
+
 
 def format_prompts(questions: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[str]:
     """Fill ``template`` (which must contain ``{question}``) with each question.
