@@ -24,6 +24,7 @@ from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, comma_
 from patchlab.io import output_dir
 from patchlab.pair import load_model, load_tokenizer
 from patchlab.unlearning.methods import method_names
+from patchlab.cli import check_checkpoint_flags, check_toy_world_flags
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,12 +50,15 @@ def load_inputs(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTo
     if args.vanilla is None:
         if args.task:
             raise patchlab.PatchlabValueError("--task needs --vanilla (the toy world brings its own task)")
+        check_toy_world_flags(args)
         from patchlab import toy
 
+        task = SweepTask.toy(args.concept, args.checkpoint)  # an unknown concept fails before the model loads
         model, tok = toy.vanilla(args.checkpoint) if args.checkpoint else toy.vanilla()
-        return load_model(model, **model_kwargs(args)), tok, SweepTask.toy(args.concept, args.checkpoint)
+        return load_model(model, **model_kwargs(args)), tok, task
     if not args.task:
         raise patchlab.PatchlabValueError("--vanilla needs --task (a JSON task file)")
+    check_checkpoint_flags(args)
     task = SweepTask.from_json(args.task)
     model = load_model(args.vanilla, **model_kwargs(args))
     return model, load_tokenizer(args.tokenizer or args.vanilla), task

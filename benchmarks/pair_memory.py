@@ -34,7 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import patchlab
-from patchlab.cli import DTYPES, parser, run
+from patchlab.cli import DTYPES, device_arg, parser, run
 from patchlab.tiny import SHAPES, noisy_pair, numbered_tokenizer, random_questions, shape_config
 from patchlab.toy.corpus import ASSETS
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="the random pair's shape (default 1b)")
     p.add_argument("--n-layers", type=int, default=4, help="its decoder layers (default 4)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--estimate", choices=sorted(SHAPES), help="print the memory a pair of this shape needs and stop")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU for --estimate (default 80)")

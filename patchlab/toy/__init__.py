@@ -24,6 +24,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
@@ -31,6 +32,7 @@ from patchlab.io import read_json
 from patchlab.cli import quiet
 from patchlab.pair import ModelPair, load_model, load_pair, load_tokenizer
 from patchlab.pair.loading import check_tokenizers
+from patchlab.pair.placement import check_device
 from patchlab.toy.cache import METHOD_SETTINGS, cache_dir, load_or_build
 from patchlab.toy.corpus import ASSETS, QA, ConceptRecord, World, world
 from patchlab.toy.qa import answers_correct, qa_accuracy
@@ -134,21 +136,29 @@ def _toy_name(what: str, checkpoint: PathLike) -> str:
 
 
 def pair(concept: str = DEFAULT_CONCEPT, method: str = DEFAULT_METHOD, *, checkpoint: PathLike = ASSETS,
-         cache: PathLike | None = None, retain: bool | PathLike = False, progress: bool = True) -> ToyPair:
+         cache: PathLike | None = None, retain: bool | PathLike = False, progress: bool = True,
+         dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> ToyPair:
     """The vanilla toy model paired with its ``method``-unlearned copy on ``concept`` (see :func:`unlearned`).
 
     ``retain``: ``True`` adds the shipped retain model of ``concept`` as ``retain_model``, a path adds the retain
-    checkpoint there (see :func:`retain`).
+    checkpoint there (see :func:`retain`). ``dtype`` / ``device``: every model of the pair (the retain model
+    included) is converted to them (default: float32 on the CPU, as stored and built).
+
+    Raises:
+        PatchlabValueError: unknown concept or method, or a ``device`` this machine does not have.
     """
+    if device is not None:
+        check_device(device)
     record = world(checkpoint).record(concept)
     retain_model = None
     with quiet(not progress):
         if retain is not False:
             retain_checkpoint = RETAIN_ASSETS if retain is True else retain
-            retain_model = _load_retain(concept, checkpoint, retain_checkpoint)
+            retain_model = load_model(_load_retain(concept, checkpoint, retain_checkpoint), dtype=dtype,
+                                      device=device)
         model_u = unlearned(concept, method, checkpoint=checkpoint, cache=cache, progress=progress)
         model_v, tok = vanilla(checkpoint)
-    pair = dataclasses.replace(load_pair(model_v, model_u, tokenizer=tok),
+    pair = dataclasses.replace(load_pair(model_v, model_u, tokenizer=tok, dtype=dtype, device=device),
                                sources=(_toy_name("vanilla", checkpoint), _toy_name(f"{concept}, {method}", checkpoint)))
     return ToyPair(pair=pair, concept=concept, method=method,
                    questions=[q.question for q in record.qa], answers=[q.answer for q in record.qa],
