@@ -22,6 +22,7 @@ from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_qu
                           check_toy_world_flags, comma_list, model_kwargs, parser, print_written, prompt_template,
                           run_script)
 from patchlab.io import read_records
+from patchlab.cli import check_checkpoint_flags, toy_model_kwargs
 
 if TYPE_CHECKING:
     from patchlab.probes import AuditCase
@@ -40,10 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--labels", help="comma-separated names of the --unlearned checkpoints (default: their paths)")
     p.add_argument("--retain", help="a checkpoint that never saw the concept (optional)")
     p.add_argument("--questions", help="JSON/JSONL target questions: strings or {question, answer?} records "
-                                       "(without answers the vanilla greedy answers are the reference)")
+                                       "(without answers the vanilla greedy answers are the reference); on the toy "
+                                       "world they replace the concept's questions")
     p.add_argument("--unrelated", help="JSON/JSONL unrelated questions, same forms (behaviour, benign relearning)")
     p.add_argument("--concept", help="comma-separated toy-world concepts (toy world only; default its first)")
-    p.add_argument("--method", default="graddiff", help="comma-separated toy unlearning methods (toy world only)")
+    p.add_argument("--method", help="comma-separated toy unlearning methods (toy world only; default graddiff)")
     p.add_argument("--sanity", action="store_true",
                    help="toy world: also audit the retain model in the unlearned model's place (should be erased)")
     p.add_argument("--probes", help="comma-separated probes (default: all of patchlab.probes.PROBES)")
@@ -79,27 +81,55 @@ def settings_from_args(args: argparse.Namespace, toy: bool) -> dict[str, dict[st
     return settings
 
 
+def read_question_file(path: str | None, what: str) -> list[Any] | None:
+    """The :class:`~patchlab.probes.base.Question` list of a --questions / --unrelated file (``what``: ``"target"`` /
+    ``"unrelated"``), parsed and checked (:func:`patchlab.probes.base.as_questions`) before any model loads; ``None``
+    when not given.
+
+    Raises:
+        PatchlabFileError: the file does not exist.
+        PatchlabValueError: it is not JSON/JSONL, holds no list, no question, or a malformed one (naming the file).
+    """
+    from patchlab.probes.base import as_questions
+
+    if path is None:
+        return None
+    records = read_records(path)
+    try:
+        return as_questions(records, what)
+    except patchlab.PatchlabValueError as err:
+        raise patchlab.PatchlabValueError(f"{path}: {err}") from err
+
+
 def cases_from_args(args: argparse.Namespace) -> list[AuditCase]:
-    """The audited pairs: the toy world's, or the given checkpoints (the vanilla model loaded once)."""
+    """The audited pairs: the toy world's (on --questions / --unrelated when given), or the given checkpoints (the
+    vanilla model loaded once). The flags, then the question files are checked before any model loads."""
     from patchlab.pair import load_model, load_tokenizer
     from patchlab.probes import AuditCase
     from patchlab.toy.audit import toy_cases
 
-    if args.vanilla is None and args.unlearned is None:
+    toy = args.vanilla is None and args.unlearned is None
+    if toy:
         check_toy_world_flags(args)
-        return toy_cases(comma_list(args.method), comma_list(args.concept), sanity=args.sanity, progress=not args.quiet)
-    if not (args.vanilla and args.unlearned and args.questions):
-        raise patchlab.PatchlabValueError("--vanilla, --unlearned and --questions go together (or give none of them)")
-    labels = comma_list(args.labels) or list(args.unlearned)
-    if len(labels) != len(args.unlearned):
-        raise patchlab.PatchlabValueError(f"--labels names {len(labels)} checkpoints but --unlearned gives "
-                                          f"{len(args.unlearned)}")
+    else:
+        if not (args.vanilla and args.unlearned and args.questions):
+            raise patchlab.PatchlabValueError("--vanilla, --unlearned and --questions go together (or give none of "
+                                              "them)")
+        check_checkpoint_flags(args)
+        labels = comma_list(args.labels) or list(args.unlearned)
+        if len(labels) != len(args.unlearned):
+            raise patchlab.PatchlabValueError(f"--labels names {len(labels)} checkpoints but --unlearned gives "
+                                              f"{len(args.unlearned)}")
+    questions = read_question_file(args.questions, "target")
+    unrelated = read_question_file(args.unrelated, "unrelated")
+    if toy:
+        return toy_cases(**({"methods": comma_list(args.method)} if args.method else {}),
+                         concepts=comma_list(args.concept), sanity=args.sanity, progress=not args.quiet,
+                         questions=questions, unrelated=unrelated, **toy_model_kwargs(args))
     kwargs = model_kwargs(args)
     tok = load_tokenizer(args.tokenizer or args.vanilla)
     vanilla = load_model(args.vanilla, **kwargs)
     retain = load_model(args.retain, **kwargs) if args.retain else None
-    questions = read_records(args.questions)
-    unrelated = read_records(args.unrelated) if args.unrelated else None
     return [AuditCase(label, patchlab.load_pair(vanilla, path, tokenizer=tok, adapter_base=args.adapter_base, **kwargs),
                       questions, unrelated, retain,
                       {"vanilla": args.vanilla, "unlearned": path, "retain": args.retain})

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", help="JSON/JSONL file of target questions (what was unlearned)")
     p.add_argument("--unrelated", help="JSON/JSONL file of unrelated questions (what must be kept)")
     p.add_argument("--concept", help="toy-world concept (toy world only)")
-    p.add_argument("--method", default="graddiff", help="toy-world unlearning method (toy world only)")
+    p.add_argument("--method", help="toy-world unlearning method (toy world only; default graddiff)")
     p.add_argument("--max-new-tokens", type=int, default=30, help="greedy answer length limit (default 30)")
     add_template_arg(p)
     add_model_args(p)

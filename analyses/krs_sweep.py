@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_pair_args(p)
     p.add_argument("--questions", help="JSON/JSONL file of questions (strings or records with 'question')")
     p.add_argument("--concept", help="toy-world concept (toy world only)")
-    p.add_argument("--method", default="graddiff", help="toy-world unlearning method (toy world only)")
+    p.add_argument("--method", help="toy-world unlearning method (toy world only; default graddiff)")
     p.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
                    help="comma-separated components, e.g. coef,value,attn,coef+attn")
     p.add_argument("--window", type=int, default=5, help="layers per window (default 5)")
@@ -53,15 +53,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str], str]:
-    """The pair, the questions and a title, from explicit checkpoints or the toy world."""
-    if args.vanilla is None and args.unlearned is None:
-        world, title = toy_pair(args)
-        questions = read_questions(args.questions) if args.questions else list(world.questions)
-        return world.pair, questions, title
-    if not (args.vanilla and args.unlearned and args.questions):
+    """The pair, the questions and a title, from explicit checkpoints or the toy world. --questions is read and
+    checked first, before any model loads."""
+    toy = args.vanilla is None and args.unlearned is None
+    if not toy and not (args.vanilla and args.unlearned and args.questions):
         raise patchlab.PatchlabValueError("--vanilla, --unlearned and --questions go together (or give none of them)")
+    questions = read_questions(args.questions) if args.questions else None
+    if toy:
+        world, title = toy_pair(args)
+        return world.pair, questions if questions is not None else list(world.questions), title
     pair, title = checkpoint_pair(args)
-    return pair, read_questions(args.questions), title
+    return pair, questions, title
 
 
 def report(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ import patchlab
 from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, comma_list, model_kwargs, parser,
                           print_written, run_script)
 from patchlab.io import output_dir
+from patchlab.cli import check_checkpoint_flags, check_toy_world_flags
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -54,12 +55,15 @@ def load_inputs(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTo
     if args.vanilla is None:
         if args.task:
             raise patchlab.PatchlabValueError("--task needs --vanilla (the toy world brings its own task)")
+        check_toy_world_flags(args)
         from patchlab import toy
 
+        task = toy.sweep_task(args.concept, args.checkpoint)  # an unknown concept fails before the model loads
         model, tok = toy.vanilla(args.checkpoint) if args.checkpoint else toy.vanilla()
-        return load_model(model, **model_kwargs(args)), tok, toy.sweep_task(args.concept, args.checkpoint)
+        return load_model(model, **model_kwargs(args)), tok, task
     if not args.task:
         raise patchlab.PatchlabValueError("--vanilla needs --task (a JSON task file)")
+    check_checkpoint_flags(args)
     task = SweepTask.from_json(args.task)
     model = load_model(args.vanilla, **model_kwargs(args))
     return model, load_tokenizer(args.tokenizer or args.vanilla), task

@@ -31,7 +31,8 @@ from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, comma_
                           parser, print_written, run_script)
 from patchlab.defaults import ATTRIBUTION_METHODS
 from patchlab.errors import PatchlabValueError
-from patchlab.io import output_dir, read_records
+from patchlab.io import output_dir
+from patchlab.cli import check_checkpoint_flags, check_toy_world_flags
 
 
 #: The arguments recorded in density.json's provenance: how the masks were drawn.
@@ -87,20 +88,25 @@ def plan(args: argparse.Namespace) -> tuple[list[str], str | None, Path | None]:
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
-    """(model, tokenizer, forget, retain, title) from explicit files or the toy world."""
+    """(model, tokenizer, forget, retain, title) from explicit files (read and checked before the model loads) or
+    the toy world (in --dtype on --device when given)."""
     from patchlab.pair import load_model, load_tokenizer
 
     if args.vanilla is None and args.forget is None and args.retain is None:
+        check_toy_world_flags(args)
         from patchlab import toy
         from patchlab.toy.cache import unlearn_data
 
         concept = args.concept or toy.DEFAULT_CONCEPT
         model, tok = toy.vanilla()
         forget, retain = unlearn_data(toy.world(), concept)
-        return model, tok, forget, retain, f"toy world: {concept}"
+        return load_model(model, **model_kwargs(args)), tok, forget, retain, f"toy world: {concept}"
     if not (args.vanilla and args.forget and args.retain):
         raise PatchlabValueError("--vanilla, --forget and --retain go together (or give none of them)")
-    forget, retain = read_records(args.forget), read_records(args.retain)
+    check_checkpoint_flags(args)
+    from patchlab.unlearning.data import read_data
+
+    forget, retain = read_data(args.forget, "forget"), read_data(args.retain, "retain")
     model = load_model(args.vanilla, **model_kwargs(args))
     return model, load_tokenizer(args.tokenizer or args.vanilla), forget, retain, args.vanilla
 

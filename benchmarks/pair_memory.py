@@ -46,7 +46,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import patchlab
-from patchlab.cli import DTYPES, comma_list, parser, run
+from patchlab.cli import DTYPES, comma_list, device_arg, parser, run
 from patchlab.patching.engine import question_cache_bytes
 from patchlab.pair.generation import encode_prompts, format_prompts
 from patchlab.patching.sweep import DEFAULT_COMPONENTS, DEFAULT_MEMORY_BUDGET, _cached_sites, memory_bytes, \
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="the random pair's shape (default 1b)")
     p.add_argument("--n-layers", type=int, help="its decoder layers (default 4; with --questions all the shape's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--estimate", choices=sorted(SHAPES), help="print the memory a pair of this shape needs and stop")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU for --estimate (default 80)")

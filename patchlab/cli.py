@@ -181,8 +181,25 @@ def add_model_args(parser: argparse.ArgumentParser, *, device_help: str = DEFAUL
     """
     _check_parser(parser)
     parser.add_argument("--dtype", choices=DTYPES, help="model dtype (default: as stored)")
-    parser.add_argument("--device", help=device_help)
+    parser.add_argument("--device", type=device_arg, help=device_help)
     return parser
+
+
+def device_arg(text: str) -> str:
+    """An argparse ``type`` for device flags: ``text`` unchanged when this machine has that device
+    (:func:`patchlab.pair.placement.check_device`), so ``--device cuda`` on a CPU-only machine stops at parsing with
+    one ``error:`` line, before anything loads.
+
+    Raises:
+        argparse.ArgumentTypeError: an unknown device, or one this machine does not have.
+    """
+    from patchlab.pair.placement import check_device
+
+    try:
+        check_device(text)
+    except PatchlabValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
 
 
 def add_output_args(parser: argparse.ArgumentParser, default: str, what: str = "output directory"
@@ -327,8 +344,13 @@ def pair_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "adapter_base": getattr(args, "adapter_base", None)}
 
 
-#: The :func:`add_pair_args` flags that only apply to checkpoints given with ``--vanilla`` / ``--unlearned``.
-CHECKPOINT_FLAGS = ("tokenizer", "adapter_base", "device_map", "max_memory", "offload_folder", "sequential")
+#: The flags that only apply to checkpoints given with ``--vanilla`` / ``--unlearned``: :func:`add_pair_args`'s,
+#: ``analyses/audit.py``'s ``--labels`` and ``--retain`` (a retain checkpoint).
+CHECKPOINT_FLAGS = ("tokenizer", "adapter_base", "device_map", "max_memory", "offload_folder", "sequential", "labels",
+                    "retain")
+#: The flags that only apply to the toy world (a run without ``--vanilla``): which concept, unlearned how, from
+#: which toy checkpoint, and the audit's ``--sanity`` case.
+TOY_FLAGS = ("concept", "method", "checkpoint", "sanity")
 
 
 def check_toy_world_flags(args: argparse.Namespace) -> None:
@@ -344,10 +366,30 @@ def check_toy_world_flags(args: argparse.Namespace) -> None:
                                  "given with --vanilla/--unlearned (the toy world is built in memory)")
 
 
+def check_checkpoint_flags(args: argparse.Namespace) -> None:
+    """Refuse toy-world flags (:data:`TOY_FLAGS`: ``--concept``, ``--method``...) on a run on checkpoints, instead of
+    silently ignoring them.
+
+    Raises:
+        PatchlabValueError: naming the flags that were given.
+    """
+    given = [f"--{name.replace('_', '-')}" for name in TOY_FLAGS if getattr(args, name, None)]
+    if given:
+        raise PatchlabValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to the toy "
+                                 "world (a run without --vanilla)")
+
+
+def toy_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`model_kwargs` with only the flags given (``{}`` by default: the toy world's float32 on the CPU)."""
+    return {key: value for key, value in model_kwargs(args).items() if value is not None} \
+        if hasattr(args, "dtype") else {}
+
+
 def toy_pair(args: argparse.Namespace) -> tuple[ToyPair, str]:
-    """The toy world's pair of a script run without checkpoints, and its title (``"toy world: CONCEPT (METHOD)"``):
-    ``--concept`` (default: the toy default) unlearned with ``--method``, with progress bars unless ``--quiet``.
-    Checkpoint-only flags are refused first (:func:`check_toy_world_flags`).
+    """The toy world's pair of a script run without checkpoints, and its title (``"toy world: CONCEPT (METHOD)"``,
+    plus the dtype / device when ``--dtype`` / ``--device`` are given): ``--concept`` (default: the toy default)
+    unlearned with ``--method`` (default: the toy default), in ``--dtype`` on ``--device`` when given, with progress
+    bars unless ``--quiet``. Checkpoint-only flags are refused first (:func:`check_toy_world_flags`).
 
     Raises:
         PatchlabValueError: a checkpoint-only flag was given, or an unknown concept or method.
@@ -355,9 +397,11 @@ def toy_pair(args: argparse.Namespace) -> tuple[ToyPair, str]:
     check_toy_world_flags(args)
     from patchlab import toy
 
-    world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method,
-                     progress=not args.quiet)
-    return world, f"toy world: {world.concept} ({world.method})"
+    placement = toy_model_kwargs(args)
+    world = toy.pair(**({"concept": args.concept} if args.concept else {}), **({"method": args.method}
+                     if args.method else {}), progress=not args.quiet, **placement)
+    where = "".join(f", {getattr(args, key)}" for key in placement)
+    return world, f"toy world: {world.concept} ({world.method}{where})"
 
 
 def checkpoints_title(args: argparse.Namespace) -> str:
@@ -367,11 +411,14 @@ def checkpoints_title(args: argparse.Namespace) -> str:
 
 def checkpoint_pair(args: argparse.Namespace) -> tuple[ModelPair | SequentialPair, str]:
     """The pair of ``--vanilla`` / ``--unlearned`` (:func:`patchlab.load_pair` with ``--tokenizer`` and the
-    :func:`pair_kwargs` flags), and its title (:func:`checkpoints_title`).
+    :func:`pair_kwargs` flags), and its title (:func:`checkpoints_title`). Toy-world flags are refused first
+    (:func:`check_checkpoint_flags`).
 
     Raises:
-        PatchlabValueError, PatchlabFileError: see :func:`pair_kwargs` and :func:`patchlab.load_pair`.
+        PatchlabValueError, PatchlabFileError: see :func:`check_checkpoint_flags`, :func:`pair_kwargs` and
+            :func:`patchlab.load_pair`.
     """
+    check_checkpoint_flags(args)
     import patchlab
 
     return patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, **pair_kwargs(args)), \

@@ -23,8 +23,8 @@ from patchlab.pair.adapters import (AdapterBaseWarning, adapter_base_name, is_ad
                                     same_checkpoint)
 from patchlab.pair.arch import ArchSpec, arch_spec
 from patchlab.pair.hub import HUB_TIMEOUT_S, hub_reachable, is_hub_id
-from patchlab.pair.placement import (DeviceMap, check_offload_folder, dispatch, input_device, is_dispatched,
-                                     resolve_device_map)
+from patchlab.pair.placement import (DeviceMap, check_device, check_offload_folder, dispatch, input_device,
+                                     is_dispatched, resolve_device_map)
 from patchlab.pair.sequential import SequentialPair, meta_skeleton
 from patchlab.pair.weights import CheckpointTensors, ModelWeights, check_safetensors
 from patchlab.provenance import adapter_digest, describe_source, directory_digest, model_digest
@@ -100,7 +100,10 @@ def _from_pretrained(loader: Any, spec: str | os.PathLike, what: str, **kwargs: 
 
 
 def _check_placement(device: Any, device_map: Any, max_memory: Any, offload_folder: Any) -> None:
-    """Raise :class:`PatchlabValueError` on contradictory placement arguments."""
+    """Raise :class:`PatchlabValueError` on contradictory placement arguments, or a ``device`` this machine does
+    not have (:func:`patchlab.pair.placement.check_device`)."""
+    if device is not None:
+        check_device(device)
     if device is not None and device_map is not None:
         raise PatchlabValueError("pass either device= (one device) or device_map= (spread over devices), not both")
     if device_map is None and (max_memory is not None or offload_folder is not None):
@@ -256,7 +259,7 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype | None = None, device: str
         PatchlabFileError: the directory does not exist or holds no loadable checkpoint (a truncated or corrupt
             safetensors file is named), the hub id cannot be reached (after at most :data:`HUB_TIMEOUT_S`
             seconds), or an adapter's named base cannot be loaded (pass ``adapter_base``).
-        PatchlabValueError: ``spec`` is of another type, ``dtype``/``device`` for a model already dispatched,
+        PatchlabValueError: ``spec`` is of another type, a ``device`` this machine lacks, ``dtype``/``device`` for a model already dispatched,
             ``device`` together with ``device_map``, ``max_memory`` or ``offload_folder`` without ``device_map``, a
             map that offloads to disk without ``offload_folder``, an adapter that names no base model (pass
             ``adapter_base``) or does not fit it.
@@ -497,8 +500,9 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
     Raises:
         PatchlabFileError: a path does not exist / holds no checkpoint, or a hub id cannot be reached (within
             :data:`HUB_TIMEOUT_S` seconds).
-        PatchlabValueError: ``device`` together with ``device_map``, ``max_memory`` / ``offload_folder`` without
-            ``device_map``, a map that offloads to disk without ``offload_folder``, an adapter without a base.
+        PatchlabValueError: a ``device`` this machine lacks, ``device`` together with ``device_map``,
+            ``max_memory`` / ``offload_folder`` without ``device_map``, a map that offloads to disk without
+            ``offload_folder``, an adapter without a base.
         PairMismatchError: different architecture, layer count, hidden/intermediate/vocab size, parameter
             shapes, weight dtype (without ``dtype``), input device or tokenizer.
         UnsupportedArchitectureError: the family is not in the registry (see ``register_architecture``).
