@@ -406,6 +406,15 @@ def _hold(directory: Path, created: list[Path]) -> _Lock:
     return lock
 
 
+def _secondary_rank() -> bool:
+    """True in a process of a distributed launch (``torchrun``, ``accelerate launch``: ``WORLD_SIZE`` > 1) other
+    than rank 0: the job's rank 0 holds the output directory's lock for the whole job, and only it writes."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
+
+
 def _remove_empty(folders: list[Path]) -> None:
     """Remove each of ``folders`` (deepest first) that is empty; stop at the first that is not."""
     for folder in folders:
@@ -465,7 +474,8 @@ class OutputDir:
         self.kind, self.key, self.overwrite = kind, key, overwrite
         self.resumed = False
         self._check_path()
-        holder = _Lock.holder(self.path) if self.path.is_dir() else None
+        secondary = _secondary_rank()
+        holder = _Lock.holder(self.path) if self.path.is_dir() and not secondary else None
         if holder is not None and os.path.realpath(self.path) not in _HELD:
             raise _busy(self.path, holder)
         entries = self._check_existing(resume)
@@ -473,7 +483,7 @@ class OutputDir:
         self._old_files: list[str] = [] if self.resumed else entries
         self._pending: list[str] = []
         check_writable(self.path, "output directory")
-        self._lock: _Lock | None = self._take_lock()
+        self._lock: _Lock | None = None if secondary else self._take_lock()
         self._closed = False
 
     def _check_path(self) -> None:

@@ -390,3 +390,25 @@ def test_json_too_large_to_read_is_a_patchlab_error(tmp_path, text, why):
     (tmp_path / "r.json").write_text(text)
     with pytest.raises(patchlab.PatchlabValueError, match=why):
         patchlab.io.read_json(tmp_path / "r.json")
+
+
+def test_the_ranks_of_one_distributed_job_share_rank_0s_lock(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD)
+    out = tmp_path / "out"
+    rank0 = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parents[1], env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
+    try:
+        assert rank0.stdout.readline().strip() == "held"
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        OutputDir(out, "krs")  # rank 1 of the same job: no lock of its own, not refused
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(patchlab.PatchlabFileError, match=f"process {rank0.pid}"):
+            OutputDir(out, "krs")  # rank 0 of another job
+    finally:
+        rank0.kill()
+        rank0.wait()
