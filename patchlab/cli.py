@@ -353,6 +353,14 @@ CHECKPOINT_FLAGS = ("tokenizer", "adapter_base", "device_map", "max_memory", "of
 TOY_FLAGS = ("concept", "method", "checkpoint", "sanity")
 
 
+def _refuse_flags(args: argparse.Namespace, names: Sequence[str], where: str) -> None:
+    """Raise :class:`PatchlabValueError` naming those of ``names`` (flag attributes) given in ``args``: they apply
+    only ``where``."""
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name, None)]
+    if given:
+        raise PatchlabValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only {where}")
+
+
 def check_toy_world_flags(args: argparse.Namespace) -> None:
     """Refuse checkpoint-only flags (:data:`CHECKPOINT_FLAGS`) on a toy-world run (no ``--vanilla``), instead of
     silently ignoring them.
@@ -360,10 +368,8 @@ def check_toy_world_flags(args: argparse.Namespace) -> None:
     Raises:
         PatchlabValueError: naming the flags that were given.
     """
-    given = [f"--{name.replace('_', '-')}" for name in CHECKPOINT_FLAGS if getattr(args, name, None)]
-    if given:
-        raise PatchlabValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to checkpoints "
-                                 "given with --vanilla/--unlearned (the toy world is built in memory)")
+    _refuse_flags(args, CHECKPOINT_FLAGS, "to checkpoints given with --vanilla/--unlearned (the toy world is built "
+                                          "in memory)")
 
 
 def check_checkpoint_flags(args: argparse.Namespace) -> None:
@@ -373,10 +379,7 @@ def check_checkpoint_flags(args: argparse.Namespace) -> None:
     Raises:
         PatchlabValueError: naming the flags that were given.
     """
-    given = [f"--{name.replace('_', '-')}" for name in TOY_FLAGS if getattr(args, name, None)]
-    if given:
-        raise PatchlabValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to the toy "
-                                 "world (a run without --vanilla)")
+    _refuse_flags(args, TOY_FLAGS, "to the toy world (a run without --vanilla)")
 
 
 def toy_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
