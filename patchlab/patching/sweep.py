@@ -206,7 +206,7 @@ def expand_heads(components: Sequence[Component], heads: Any, spec_sites: Sequen
     picked = list(range(n_head)) if heads == "each" else list(heads) if not isinstance(heads, str) else None
     if picked is None or not picked or not all(isinstance(h, int) and 0 <= h < n_head for h in picked):
         raise PatchlabValueError(f"heads must be None, 'each' or head indices in 0..{n_head - 1}, got {heads!r}")
-    per_head = {s.name for s in spec_sites if s.restore == "per_head"}
+    per_head = {s.name for s in spec_sites if s.rule.heads}
     out = []
     for comp in components:
         if comp.sites & per_head and comp.heads is None:
