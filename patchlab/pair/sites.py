@@ -10,6 +10,9 @@ itself), what of it is read (its ``input``, its ``output``, or its ``weight``) a
   outputs; restoring head ``h`` replaces its contribution to the projection's output (its slice of the weight
   applied to its slice of the input) with the vanilla model's, vanilla weight included.
 
+These are the built-in *restore kinds*; :func:`patchlab.patching.restore.register_restore_kind` adds others (their
+computation lives there, their :class:`RestoreRule` here, so sites can be checked where they are defined).
+
 Every family's :class:`~patchlab.pair.arch.ArchSpec` holds a table of sites (:func:`default_sites`); caches,
 the batched and loop engines and the TransformerLens adapter iterate it. A *component* is a ``+``-joined set of
 site names, where ``heads`` may carry a head subset: ``"coef+attn"``, ``"heads[0,3]"``, ``"coef+heads"``.

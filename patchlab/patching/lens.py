@@ -256,7 +256,7 @@ def _rows(x: torch.Tensor, batch: int, mask: Bool[torch.Tensor, "seq"]) -> torch
     return x[:, mask].expand(batch, -1, -1).reshape(-1, x.shape[-1])
 
 
-def _kind_hook(site: Site, kind: RestoreKind, source: torch.Tensor | None, mask: Bool[torch.Tensor, "seq"],
+def _kind_hook(kind: RestoreKind, source: torch.Tensor | None, mask: Bool[torch.Tensor, "seq"],
                stash: dict[str, torch.Tensor], module: torch.nn.Module | None = None,
                params: dict[str, torch.Tensor] | None = None, heads: torch.Tensor | None = None,
                target_params: dict[str, torch.Tensor] | None = None) -> Callable[..., torch.Tensor]:
@@ -271,8 +271,9 @@ def _kind_hook(site: Site, kind: RestoreKind, source: torch.Tensor | None, mask:
                 source.shape[0] not in (1, batch) or source.shape[1] != flat.shape[1]
                 or not kind.recomputes and source.shape[-1] != flat.shape[-1]):
             raise PatchlabValueError(
-                f"{hook.name}: activation {tuple(flat.shape)} does not match the vanilla one {tuple(source.shape)}: "
-                "run the restored model on the ids the vanilla cache was computed on")
+                f"{hook.name}: activation {tuple(flat.shape)} does not match the vanilla one "
+                f"{tuple(source.shape) if source is not None else (1, len(mask))}: run the restored model on the ids "
+                "the vanilla cache was computed on")
         where = mask.to(dev)
         x = _joined_heads(stash.pop("x")) if kind.recomputes else None
         new = kind.apply(Restoration(
@@ -373,12 +374,12 @@ def restore_hooks(vanilla_cache: Any, sites: str | Iterable[str], layers: Window
             stash: dict[str, torch.Tensor] = {}
             if not kind.recomputes:
                 events.append((order[(site.module, site.point)], 0, tl_hook_name(paths, site, i, site.point),
-                               _kind_hook(site, kind, source, mask, stash)))
+                               _kind_hook(kind, source, mask, stash)))
                 continue
             events.append((order[(site.module, "input")], 1, tl_hook_name(paths, site, i, "input"),
                            _stash_hook(stash)))
             events.append((order[(site.module, "output")], 1, tl_hook_name(paths, site, i, "output"),
-                           _kind_hook(site, kind, source, mask, stash, spec.site_module(vanilla_model, site, i),
+                           _kind_hook(kind, source, mask, stash, spec.site_module(vanilla_model, site, i),
                                       site_params(vanilla_model, spec, site, i), heads if kind.heads else None,
                                       _component_params(bridge, paths, site, i) if kind.heads else None)))
         hooks += [(name, fn) for _, _, name, fn in sorted(events, key=lambda e: e[:2])]

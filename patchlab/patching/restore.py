@@ -132,6 +132,7 @@ class RestoreKind:
 
     @property
     def rule(self) -> RestoreRule:
+        """What the kind needs of its sites, as :class:`patchlab.pair.sites.Site` checks it."""
         return RestoreRule(tuple(self.reads), self.recomputes or self.heads, self.heads)
 
 
