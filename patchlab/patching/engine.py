@@ -10,8 +10,9 @@ lowest first layer of its rows: the layers below are not run, their output is th
 reaches a real position, so no attention mask is needed.
 
 Inside the forward pass nothing waits on the host: the row and position indices of every (layer, site) are built
-on the host before the pass and moved to the device once, and restorations write only the restored rows and
-positions (``index_copy`` / ``index_add``), never ``torch.where`` over whole tensors. The LM head runs only on the
+on the host before the pass and moved to the device once, and restorations touch only the restored rows and
+positions: they are gathered (``index_select``), given to the site's restore kind (:mod:`patchlab.patching.restore`)
+and written back (``index_copy``), never ``torch.where`` over whole tensors. The LM head runs only on the
 positions that predict the answer tokens, and on at most ``max_logits_bytes`` of logits at a time
 (:func:`logit_rows`).
 
