@@ -58,3 +58,25 @@ def test_a_small_budget_chunks_questions_and_logits_with_the_same_scores(biased_
     for result in (default, few, tiny):
         for comp in whole.components:
             np.testing.assert_allclose(result.per_question[comp], whole.per_question[comp], atol=1e-6, rtol=0)
+
+
+def test_the_sweep_prepares_each_chunk_through_the_same_path_as_prepare(biased_pairs, monkeypatch):
+    """patch_sweep and prepare (tests, benchmarks) share one preparation, sweep.prepared: one call per chunk, and
+    the store prepare returns is the one the sweep scores."""
+    pair = biased_pairs["llama"]
+    calls, stores = [], []
+    original = sweep.prepared
+
+    def counting(*a, **k):
+        calls.append(len(a[1]))
+        return original(*a, **k)
+    monkeypatch.setattr(sweep, "prepared", counting)
+    monkeypatch.setattr(sweep, "run_rows", lambda _m, store, rows, *a, **k: stores.append(store) or
+                        engine.run_rows(_m, store, rows, *a, **k))
+    result = patchlab.patch_sweep(pair, QUESTIONS, components=["coef"], window=2, n_tokens=4, progress=False,
+                                  memory_budget="40KiB")
+    assert len(calls) > 1 and sum(calls) == len(QUESTIONS)
+    store = prepared(pair, QUESTIONS[-1:], 4, sites=("coef",))
+    assert len(calls) == len(stores) + 1  # prepare went through it too
+    assert [len(ids) for ids in store.ids] == [len(ids) for ids in stores[-1].ids[-1:]]
+    assert result.answers[-1] == pair.tokenizer.decode(store.refs[0].answer_ids.cpu(), skip_special_tokens=True)

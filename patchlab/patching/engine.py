@@ -10,8 +10,9 @@ lowest first layer of its rows: the layers below are not run, their output is th
 reaches a real position, so no attention mask is needed.
 
 Inside the forward pass nothing waits on the host: the row and position indices of every (layer, site) are built
-on the host before the pass and moved to the device once, and restorations write only the restored rows and
-positions (``index_copy`` / ``index_add``), never ``torch.where`` over whole tensors. The LM head runs only on the
+on the host before the pass and moved to the device once, and restorations touch only the restored rows and
+positions: they are gathered (``index_select``), given to the site's restore kind (:mod:`patchlab.patching.restore`)
+and written back (``index_copy``), never ``torch.where`` over whole tensors. The LM head runs only on the
 positions that predict the answer tokens, and on at most ``max_logits_bytes`` of logits at a time
 (:func:`logit_rows`).
 
@@ -28,8 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import repeat
 from jaxtyping import Bool, Float, Int
 from torch import nn
 from tqdm.auto import tqdm
@@ -42,22 +41,11 @@ from patchlab.pair.placement import execution_device, input_device
 from patchlab.pair.weights import CheckpointWeights, ModelWeights, site_params
 from patchlab.pair.sites import Component, Site, StopForward, hook, hooks
 from patchlab.patching.metrics import Metric, References
+from patchlab.patching.restore import Restoration, RestoreKind, head_mask, restore_kind
 from patchlab.patching.windows import Window
 
 
 # ------------------------------------------------------------------------------------------------ placement
-
-def apply_module(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``module``'s computation on ``x`` with ``params`` in place of its own (no hooks run): ``nn.Linear`` and
-    GPT-2's ``Conv1D`` directly, any other module through ``torch.func.functional_call``."""
-    weight, bias = params.get("weight"), params.get("bias")
-    if isinstance(module, nn.Linear):
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    if isinstance(module, Conv1D):
-        out = x @ weight.to(x.dtype)
-        return out if bias is None else out + bias.to(x.dtype)
-    return torch.func.functional_call(module, params, (x,))
-
 
 #: Where recompute / per-head restorations read the source parameters: ``params(site, layer, device) -> dict``.
 WeightSource = ModelWeights | CheckpointWeights
@@ -361,79 +349,39 @@ def _batch_indices(store: PatchStore, rows: Sequence[Row], width: int, start: in
         dst = torch.cat([d for d, _, _ in items]).to(device, non_blocking=True)
         src = torch.cat([s for _, s, _ in items]).to(device, non_blocking=True)
         heads = None
-        if site.restore == "per_head":
+        if site.rule.heads:
             masks = [head_mask(h, n_head).expand(len(d), n_head) for d, _, h in items]
             heads = torch.cat(masks).to(device, non_blocking=True)
         out[(layer, site_name)] = _SiteIndex(dst, src, heads)
     return out
 
 
-def head_mask(heads: frozenset[int] | None, n_head: int) -> Bool[torch.Tensor, "1 head"]:
-    """The mask of the restored ``heads`` (``None``: all) among ``n_head`` heads.
+def _kind_hook(kind: RestoreKind, module: nn.Module, values: torch.Tensor | None, index: _SiteIndex,
+               params: dict[str, torch.Tensor] | None, own: dict[str, torch.Tensor] | None, inplace: bool):
+    """Hook function applying ``kind`` at the ``dst`` (row, position) pairs of a ``[rows, seq, d]`` tensor: a
+    :class:`~patchlab.patching.restore.Restoration` of the gathered rows (source ``values[src]``), its result
+    written back with ``index_copy``. Kinds that recompute hook the module's output and also get its input."""
+    def restoration(flat: torch.Tensor, inp: torch.Tensor | None) -> Restoration:
+        return Restoration(current=flat.index_select(0, index.dst),
+                           source=None if values is None else values.index_select(0, index.src),
+                           input=None if inp is None else inp.reshape(-1, inp.shape[-1]).index_select(0, index.dst),
+                           module=module, source_params=params, target_params=own, heads=index.heads)
 
-    Raises:
-        PatchlabValueError: a head index outside ``0..n_head - 1``.
-    """
-    mask = torch.zeros(1, n_head, dtype=torch.bool)
-    if heads is None:
-        mask[:] = True
-    else:
-        bad = [h for h in heads if not 0 <= h < n_head]
-        if bad:
-            raise PatchlabValueError(f"head indices {bad} out of range: the model has {n_head} heads per layer")
-        mask[0, sorted(heads)] = True
-    return mask
+    if kind.recomputes:
+        def recompute(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+            flat = out.reshape(-1, out.shape[-1])
+            flat.index_copy_(0, index.dst, kind.apply(restoration(flat, inp)).to(out.dtype))
+            return out
+        return recompute
 
-
-def _overwrite(values: torch.Tensor, index: _SiteIndex, inplace: bool):
-    """Hook function writing ``values[src]`` at the ``dst`` (row, position) pairs of a ``[rows, seq, d]`` tensor."""
-    def fn(x: torch.Tensor) -> torch.Tensor:
+    def rewrite(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        new = values.index_select(0, index.src).to(x.dtype)
+        new = kind.apply(restoration(flat, None)).to(x.dtype)
         if inplace and x.is_contiguous():
             flat.index_copy_(0, index.dst, new)
             return x
         return flat.index_copy(0, index.dst, new).view(x.shape)
-    return fn
-
-
-def _recompute(module: nn.Module, params: dict[str, torch.Tensor], index: _SiteIndex):
-    """Hook function recomputing the module's output at the ``dst`` pairs with ``params`` on its own input."""
-    def fn(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        x = inp.reshape(-1, inp.shape[-1]).index_select(0, index.dst)
-        out.reshape(-1, out.shape[-1]).index_copy_(0, index.dst, apply_module(module, params, x).to(out.dtype))
-        return out
-    return fn
-
-
-def head_delta(module: nn.Module, source_params: dict[str, torch.Tensor], target_params: dict[str, torch.Tensor],
-               z_target: torch.Tensor, z_source: torch.Tensor, heads: Bool[torch.Tensor, "n head"]
-               ) -> Float[torch.Tensor, "n d_model"]:
-    """The change of an attention output projection's output when the ``heads`` of each of ``n`` positions are
-    restored: ``W_s (z_s ⊙ m) - W_t (z_t ⊙ m) + (|H| / n_heads) (b_s - b_t)``, with ``m`` the head mask expanded
-    to each head's slice of the projection's input ``z`` (``[n, n_heads * head_dim]``), ``module`` the projection
-    (its type), ``*_params`` the source and target parameters. The bias change is shared evenly among the heads, so
-    restoring every head restores the whole projection output (the ``attn`` site)."""
-    mask = repeat(heads, "n head -> n (head d_head)", d_head=z_target.shape[-1] // heads.shape[-1]).to(z_target.dtype)
-    restored = apply_module(module, source_params, z_source.to(z_target.dtype) * mask)
-    removed = apply_module(module, target_params, z_target * mask)
-    if "bias" in source_params and source_params["bias"] is not None:
-        bias_rest = 1.0 - heads.float().mean(-1, keepdim=True)  # [n, 1]: the bias share of the heads not restored
-        restored = restored - bias_rest.to(restored.dtype) * (source_params["bias"].to(restored.dtype)
-                                                             - target_params["bias"].to(restored.dtype))
-    return restored - removed
-
-
-def _per_head(module: nn.Module, params: dict[str, torch.Tensor], own: dict[str, torch.Tensor], values: torch.Tensor,
-              index: _SiteIndex):
-    """Hook function adding :func:`head_delta` at the ``dst`` pairs of an output projection's output (``params``
-    the source parameters, ``own`` the patched model's)."""
-    def fn(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        z = inp.reshape(-1, inp.shape[-1]).index_select(0, index.dst)
-        delta = head_delta(module, params, own, z, values.index_select(0, index.src), index.heads)
-        out.reshape(-1, out.shape[-1]).index_add_(0, index.dst, delta.to(out.dtype))
-        return out
-    return fn
+    return rewrite
 
 
 @contextlib.contextmanager
@@ -460,16 +408,13 @@ def _restoration_hooks(target: PreTrainedModel, store: PatchStore, index: dict[t
     out = []
     for (layer, name), idx in sorted(index.items(), key=lambda item: item[0][0]):
         site = store.spec.site(name)
+        kind = restore_kind(site.restore)
         module = store.spec.site_module(target, site, layer)
-        if site.restore == "overwrite":
-            out.append((module, site.point, _overwrite(store.source[_key(name, layer)], idx, site.point == "output"),
-                        False))
-        else:
-            params = store.source_weights.params(site, layer, idx.dst.device)
-            fn = _recompute(module, params, idx) if site.restore == "recompute" else \
-                _per_head(module, params, site_params(target, store.spec, site, layer), store.source[_key(name, layer)],
-                          idx)
-            out.append((module, "output", fn, True))
+        values = None if site.cached is None else store.source[_key(name, layer)]
+        params = store.source_weights.params(site, layer, idx.dst.device) if kind.recomputes else None
+        own = site_params(target, store.spec, site, layer) if kind.heads else None
+        out.append((module, site.point, _kind_hook(kind, module, values, idx, params, own, site.point == "output"),
+                    kind.recomputes))
     return out
 
 
@@ -532,7 +477,7 @@ def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], m
     spec = store.spec
     layers = spec.layer_modules(target)
     start = min(r.start_layer(len(layers)) for r in rows)
-    heads = n_heads(target) if any(spec.site(s).restore == "per_head" for r in rows for s in r.component.sites) else 1
+    heads = n_heads(target) if any(spec.site(s).rule.heads for r in rows for s in r.component.sites) else 1
     ids, real = right_padded([store.ids[r.question] for r in rows])
     width = ids.shape[1]
     index = _batch_indices(store, rows, width, start, heads,

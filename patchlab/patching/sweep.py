@@ -13,7 +13,8 @@ the mean score over questions and the per-question scores (:class:`PatchResult`)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from patchlab.pair.arch import n_heads
 from patchlab.pair.loading import ModelPair
 from patchlab.pair.sequential import SequentialPair
 from patchlab.pair.sites import Component, Site, parse_component
-from patchlab.patching.engine import PatchStore, Row, capture, question_cache_bytes, run_rows
+from patchlab.patching.engine import PatchStore, Row, WeightSource, capture, question_cache_bytes, run_rows
 from patchlab.patching.loop import restore
 from patchlab.patching.metrics import Metric, MetricFn, References, get_metric
 from patchlab.patching.result import PatchResult
@@ -184,17 +185,34 @@ def prepare_target(model: PreTrainedModel, store: PatchStore, source_logits: Seq
     return store
 
 
-def prepare(pair: ModelPair | SequentialPair, prompt_ids: Sequence[torch.Tensor], answers: Sequence[torch.Tensor],
-            *, sites: Sequence[Site], metric: Metric, labels: Sequence[str], progress: bool = False) -> PatchStore:
-    """:func:`prepare_source` with the vanilla model, then :func:`prepare_target` with the unlearned one: a store
-    ready for :func:`patchlab.patching.engine.run_rows` (the unlearned model must then be at hand again)."""
+@contextlib.contextmanager
+def prepared(pair: ModelPair | SequentialPair, prompt_ids: Sequence[torch.Tensor],
+             answers: Sequence[torch.Tensor] | Callable[[PreTrainedModel], Sequence[torch.Tensor]], *,
+             sites: Sequence[Site], metric: Metric, labels: Sequence[str], source_weights: WeightSource | None = None,
+             progress: bool = False) -> Iterator[tuple[PatchStore, PreTrainedModel]]:
+    """A sweep's preparation, the one path of :func:`patch_sweep`, :func:`prepare`, tests and benchmarks: with the
+    vanilla model, the reference answers (``answers``, or ``answers(vanilla_model)`` computed while it is loaded)
+    and :func:`prepare_source`; with the unlearned one, :func:`prepare_target`. Yields ``(store, unlearned
+    model)`` while the unlearned model is in use, ready for :func:`patchlab.patching.engine.run_rows`.
+    ``source_weights``: where recompute / per-head sites read the vanilla parameters (default
+    ``pair.source_weights()``); the answers are then ``store.refs[q].answer_ids``.
+    """
     with pair.using("vanilla") as model:
+        answers = answers(model) if callable(answers) else answers
         store, source_logits = prepare_source(model, pair.arch, prompt_ids, answers, sites=sites, labels=labels,
                                               progress=progress)
     del model  # released before the unlearned model is loaded (one-model-at-a-time pairs)
-    store.source_weights = pair.source_weights()
+    store.source_weights = source_weights if source_weights is not None else pair.source_weights()
     with pair.using("unlearned") as model:
-        return prepare_target(model, store, source_logits, answers, metric=metric, labels=labels, progress=progress)
+        yield prepare_target(model, store, source_logits, answers, metric=metric, labels=labels,
+                             progress=progress), model
+
+
+def prepare(pair: ModelPair | SequentialPair, prompt_ids: Sequence[torch.Tensor], answers: Sequence[torch.Tensor],
+            *, sites: Sequence[Site], metric: Metric, labels: Sequence[str], progress: bool = False) -> PatchStore:
+    """The store of :func:`prepared` (the unlearned model must be at hand again to run its rows)."""
+    with prepared(pair, prompt_ids, answers, sites=sites, metric=metric, labels=labels, progress=progress) as (store, _):
+        return store
 
 
 def expand_heads(components: Sequence[Component], heads: Any, spec_sites: Sequence[Site], n_head: int
@@ -206,7 +224,7 @@ def expand_heads(components: Sequence[Component], heads: Any, spec_sites: Sequen
     picked = list(range(n_head)) if heads == "each" else list(heads) if not isinstance(heads, str) else None
     if picked is None or not picked or not all(isinstance(h, int) and 0 <= h < n_head for h in picked):
         raise PatchlabValueError(f"heads must be None, 'each' or head indices in 0..{n_head - 1}, got {heads!r}")
-    per_head = {s.name for s in spec_sites if s.restore == "per_head"}
+    per_head = {s.name for s in spec_sites if s.rule.heads}
     out = []
     for comp in components:
         if comp.sites & per_head and comp.heads is None:
@@ -351,21 +369,19 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
     source_weights = pair.source_weights()  # needs no model loaded: one for every chunk, its cache kept
     for part in tqdm(chunks, desc="question chunks", disable=not progress or len(chunks) <= 1):
         labels = [question_label(q, questions[q]) for q in part]
-        with pair.using("vanilla") as model_v:
-            part_answers = [answers[q] for q in part] if answers is not None else greedy_answers(
+
+        def vanilla_answers(model_v: PreTrainedModel) -> Sequence[torch.Tensor]:
+            found = [answers[q] for q in part] if answers is not None else greedy_answers(
                 model_v, pair.tokenizer, [questions[q] for q in part], max_new_tokens=n_tokens,
                 template=prompt_template, progress=progress)[1]
-            for q, a in zip(part, part_answers):
+            for q, a in zip(part, found):
                 check_fits(model_v, prompt_ids[q], len(a), question_label(q, questions[q]))
-            store, source_logits = prepare_source(model_v, pair.arch, [prompt_ids[q] for q in part], part_answers,
-                                                  sites=sites, labels=labels, progress=progress)
-        del model_v  # a one-model-at-a-time pair releases it only once nothing refers to it
-        store.source_weights = source_weights
-        rows = [Row(k, c, w, position_mask(positions, store.prompt_lens[k], len(store.ids[k])))
-                for k in range(len(part)) for c in comps for w in wins]
-        with pair.using("unlearned") as model_u:
-            prepare_target(model_u, store, source_logits, part_answers, metric=chosen_metric, labels=labels,
-                           progress=progress)
+            return found
+
+        with prepared(pair, [prompt_ids[q] for q in part], vanilla_answers, sites=sites, metric=chosen_metric,
+                      labels=labels, source_weights=source_weights, progress=progress) as (store, model_u):
+            rows = [Row(k, c, w, position_mask(positions, store.prompt_lens[k], len(store.ids[k])))
+                    for k in range(len(part)) for c in comps for w in wins]
             if engine == "batched":
                 scores = run_rows(model_u, store, rows, chosen_metric, batch_size=batch_size, progress=progress,
                                   desc=f"{chosen_metric.name} sweep",
@@ -376,8 +392,9 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
         del model_u
         for k, q in enumerate(part):
             progress_file.add(q, scores.reshape(len(part), len(comps), len(wins))[k].numpy(),
-                              pair.tokenizer.decode(part_answers[k], skip_special_tokens=True), store.weights[k])
-        del store, source_logits  # freed before the next chunk is prepared
+                              pair.tokenizer.decode(store.refs[k].answer_ids.cpu(), skip_special_tokens=True),
+                              store.weights[k])
+        del store  # freed before the next chunk is prepared
     stacked = np.stack([progress_file.done[q]["scores"] for q in range(len(questions))])
     weights = None if chosen_metric.denominator is None else \
         np.asarray([progress_file.done[q]["weight"] for q in range(len(questions))], dtype=np.float64)
