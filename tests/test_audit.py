@@ -260,7 +260,8 @@ def test_probes_lacking_an_input_are_skipped_and_noted(case, monkeypatch):
         monkeypatch.setitem(PROBES, name, replace(PROBES[name], run=stub(name)))
     report = audit_many([AuditCase("x", case.pair, case.questions)], settings={"common": {"n_boot": 7}},
                         progress=False)
-    assert ran == [("krs", None, 7), ("logit_lens", None, 7), ("relearning", None, 7), ("quantization", None, 7)]
+    assert ran == [(name, None, 7) for name, probe in PROBES.items() if not probe.needs]  # in registry order
+    assert report.runs[0].skipped == {name: f"needs {probe.needs[0]}" for name, probe in PROBES.items() if probe.needs}
     assert report.runs[0].skipped == {"uds": "needs retain", "behavior": "needs unrelated"}
     assert "not run" in report.verdicts().loc["behavior", "x"]
 
