@@ -36,7 +36,7 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     add_pair_args(p, placement=False, several=True)
     p.add_argument("--labels", help="comma-separated names of the --unlearned checkpoints (default: their paths)")
     p.add_argument("--retain", help="a checkpoint that never saw the concept (optional)")

@@ -39,7 +39,7 @@ LORA_FLAGS = {"lora_r": "r", "lora_alpha": "alpha", "lora_targets": "target_modu
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     p.add_argument("--model", help="checkpoint to unlearn from: local directory or hub id (default: the toy world)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the model's)")
     p.add_argument("--forget", help="JSON/JSONL file of the forget set (required with --model)")

@@ -41,7 +41,7 @@ SETTINGS = ("concept", "methods", "ratio", "per_layer", "gamma", "forget_loss", 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     p.add_argument("--vanilla", help="model checkpoint: local directory or hub id (default: the toy world)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the checkpoint's)")
     p.add_argument("--forget", help="forget set: JSON/JSONL of texts or {question, answer} / {text} records")

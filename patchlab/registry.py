@@ -16,9 +16,14 @@ This module imports nothing heavy.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import pkgutil
+import sys
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Generic, TypeVar
 
 from patchlab.errors import PatchlabValueError
@@ -145,21 +150,43 @@ class Registry(MutableMapping[str, T], Generic[T]):
         return f"Registry({self.what}: {', '.join(self.names())})"
 
 
-def import_plugins(modules: Iterable[str]) -> list[Any]:
-    """Import each module named in ``modules`` (dotted names on ``sys.path``, e.g. ``my_lab.metrics``), so the
-    entries it registers (:func:`patchlab.register_metric`, ``register_method``, ``register_probe``, ...) join
-    patchlab's registries; returns the modules.
+def _import_file(path: Path) -> ModuleType:
+    """Import the Python file ``path`` (absolute) once, as module ``patchlab_plugin_<stem>_<digest of path>``; a
+    second call returns it."""
+    name = f"patchlab_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def import_plugins(modules: Iterable[str]) -> list[ModuleType]:
+    """Import each plugin of ``modules``, a dotted module name on ``sys.path`` (e.g. ``my_lab.metrics``) or the path
+    of a ``.py`` file, so the entries it registers (:func:`patchlab.register_metric`, ``register_method``,
+    ``register_probe``, ``register_scorer``, ...) join patchlab's registries; returns the modules.
 
     Raises:
-        PatchlabValueError: a module cannot be imported (naming it and why).
+        PatchlabValueError: a plugin cannot be found or imported (naming it and why).
     """
     loaded = []
     for name in modules:
         try:
-            loaded.append(importlib.import_module(name))
+            if name.endswith(".py"):
+                if not Path(name).is_file():
+                    raise PatchlabValueError(f"--plugin {name}: no such file")
+                loaded.append(_import_file(Path(name).resolve()))
+            else:
+                loaded.append(importlib.import_module(name))
         except ImportError as err:
             raise PatchlabValueError(f"--plugin {name}: cannot import it ({err}); give a module name importable "
-                                     "from the current directory or PYTHONPATH") from err
+                                     "from PYTHONPATH or the path of a .py file") from err
     return loaded
 
 
