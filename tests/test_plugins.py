@@ -97,6 +97,18 @@ def test_plugin_method_reaches_unlearn_choices_flags_and_run(plugin, checkpoint,
     assert saved["settings"]["method"] == "plugin_ga" and saved["settings"]["plugin_scale"] == 2.0
 
 
+def test_plugin_method_without_toy_settings_unlearns_the_toy_world(plugin, tmp_path, capsys):
+    from patchlab.toy.cache import TOY_TRAINING, TUNED_TOY_SETTINGS
+
+    assert "plugin_ga" not in TUNED_TOY_SETTINGS
+    out = tmp_path / "toy"
+    assert load_script("unlearn").main(["--plugin", str(plugin), "--method", "plugin_ga", "--epochs", "1",
+                                        "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    saved = json.loads((out / "unlearn_run.json").read_text())["settings"]
+    assert (saved["lr"], saved["batch_size"], saved["epochs"]) == (TOY_TRAINING["lr"], TOY_TRAINING["batch_size"], 1)
+    assert saved["method"] == "plugin_ga" and saved["plugin_scale"] == 1.0
+
+
 def test_plugin_metric_reaches_krs_sweep(plugin, checkpoint, tmp_path, capsys):
     cli = load_script("krs_sweep")
     argv = ["--vanilla", str(checkpoint / "vanilla"), "--unlearned", str(checkpoint / "unlearned"), "--questions",

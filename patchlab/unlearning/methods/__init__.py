@@ -3,9 +3,10 @@
 A :class:`Method` owns everything patchlab knows about one method: its objective (``loss``, for the fine-tuning
 methods run by :func:`patchlab.unlearning.unlearn`) or its ``apply`` function (for the editing baselines), a
 frozen settings dataclass whose fields carry the defaults and whose docstring states their units, its data
-needs (:class:`Needs`: a retain set? the frozen reference? refusals?), its three method-sweep strengths and its
-toy-world settings. The trainer, ``analyses/unlearn.py``'s flags (:func:`add_settings_args`), the method sweep's
-grid and the toy-model cache all read the registry, so adding a method is one new file here plus its tests::
+needs (:class:`Needs`: a retain set? the frozen reference? refusals?) and its three method-sweep strengths. The
+trainer, ``analyses/unlearn.py``'s flags (:func:`add_settings_args`), the method sweep's grid and the toy-model
+cache all read the registry, so adding a method is one new file here plus its tests (the toy world trains a method
+it has no tuned settings for with its generic toy recipe, :data:`patchlab.toy.cache.TOY_TRAINING`)::
 
     # patchlab/unlearning/methods/my_method.py
     @dataclass(frozen=True)
@@ -90,8 +91,6 @@ class Method:
             (editing): edit ``model`` in place so it forgets the :class:`patchlab.unlearning.editing.EditRequest`\\ s.
         sweep: the method sweep's strengths, weakest first (keyword arguments of
             :func:`patchlab.unlearning.unlearn` or of the settings).
-        toy: keyword arguments of :func:`patchlab.unlearning.unlearn` for the toy world
-            (:mod:`patchlab.toy.cache`), or ``None`` when the toy cache does not build this method.
     """
 
     name: str
@@ -104,7 +103,6 @@ class Method:
     trainable: Callable[..., Sequence[str]] | None = None
     apply: Callable[..., Any] | None = None
     sweep: tuple[Mapping[str, Any], ...] = ()
-    toy: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -121,8 +119,6 @@ class Method:
         if getattr(self, needed) is None:
             raise PatchlabValueError(f"method {self.name!r} of kind {self.kind!r} needs {needed}=")
         object.__setattr__(self, "sweep", tuple(dict(s) for s in self.sweep))
-        if self.toy is not None:
-            object.__setattr__(self, "toy", types.MappingProxyType(dict(self.toy)))
 
     @property
     def setting_names(self) -> tuple[str, ...]:
