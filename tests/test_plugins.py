@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 import patchlab
-from patchlab.patching.metrics import METRICS
+from patchlab.patching.metrics import RECOVERY_METRICS
 from patchlab.probes import PROBES
 from patchlab.tiny import tiny_model
 from patchlab.unlearning.attribution import SCORERS
@@ -63,7 +63,7 @@ PLUGIN = textwrap.dedent('''
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
     """The plugin file (outside the package); the registries are restored after the test."""
-    for registry in (METRICS, PROBES, SCORERS, UNLEARNING_METHODS):
+    for registry in (RECOVERY_METRICS, PROBES, SCORERS, UNLEARNING_METHODS):
         monkeypatch.setattr(registry, "_entries", dict(registry.items()))
     path = tmp_path / "my_plugin.py"
     path.write_text(PLUGIN)

@@ -59,12 +59,12 @@ def test_import_plugins_names_a_module_that_does_not_import():
 
 
 def test_every_axis_is_a_registry():
-    from patchlab.patching.metrics import METRICS
+    from patchlab.patching.metrics import RECOVERY_METRICS
     from patchlab.probes import PROBES
     from patchlab.unlearning.attribution import SCORERS
     from patchlab.unlearning.methods import UNLEARNING_METHODS
 
-    for reg in (METRICS, PROBES, SCORERS, UNLEARNING_METHODS):
+    for reg in (RECOVERY_METRICS, PROBES, SCORERS, UNLEARNING_METHODS):
         assert isinstance(reg, Registry) and len(reg) > 0
     assert list(PROBES)[:6] == ["krs", "logit_lens", "uds", "relearning", "quantization", "behavior"]
     with pytest.raises(PatchlabValueError, match="unknown attribution method 'nope'; choose from wagle"):

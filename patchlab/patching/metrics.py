@@ -228,7 +228,7 @@ def _check_metric(name: str, metric: Any) -> None:
 
 
 #: The recovery metrics by name (built-ins below; :func:`register_metric` adds one).
-METRICS: Registry[Metric] = Registry("metric", check=_check_metric)
+RECOVERY_METRICS: Registry[Metric] = Registry("metric", check=_check_metric)
 
 
 def register_metric(name: str, fn: MetricFn, *, description: str = "",
@@ -241,7 +241,7 @@ def register_metric(name: str, fn: MetricFn, *, description: str = "",
     if not callable(fn):
         raise PatchlabValueError(f"a metric is a callable fn(restored, refs) -> [row], got {type(fn).__name__}")
     entry = Metric(name, fn, description or getattr(fn, "__doc__", None) or name, denominator)
-    return METRICS.register(entry, name, replace=overwrite)
+    return RECOVERY_METRICS.register(entry, name, replace=overwrite)
 
 
 def get_metric(metric: str | Metric | MetricFn) -> Metric:
@@ -249,7 +249,7 @@ def get_metric(metric: str | Metric | MetricFn) -> Metric:
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
-        return METRICS.get(metric)
+        return RECOVERY_METRICS.get(metric)
     if callable(metric):
         return Metric(getattr(metric, "__name__", "custom"), metric, getattr(metric, "__doc__", None) or "custom")
     raise PatchlabValueError(f"metric must be a name, a Metric or a function, got {type(metric).__name__}")
@@ -257,7 +257,7 @@ def get_metric(metric: str | Metric | MetricFn) -> Metric:
 
 def metrics() -> tuple[str, ...]:
     """Names of the registered metrics."""
-    return METRICS.names()
+    return RECOVERY_METRICS.names()
 
 
 register_metric("krs", _krs, description="Knowledge Recovery Score, 1 - MSE(l_r, l_v) / MSE(l_u, l_v)",

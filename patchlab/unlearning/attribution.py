@@ -42,9 +42,10 @@ from patchlab.results import Result, register_result
 from patchlab.schema import Count, Provenance, Schema, Unit, bad
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
+from patchlab.unlearning.masks import Mask
 
-Scores = dict[str, torch.Tensor]
-Mask = dict[str, torch.Tensor]
+#: Per-weight attribution scores keyed by parameter name.
+WeightScores = dict[str, torch.Tensor]
 LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -161,7 +162,7 @@ def _accumulate_gradients(model: PreTrainedModel, examples: list[Example], loss:
 
 
 def _wagle(model: PreTrainedModel, forget: list[Example], retain: list[Example], *, gamma: float, loss: LossFn,
-           forget_sign: float, batch_size: int, reduction: str, pad_id: int, progress: bool) -> Scores:
+           forget_sign: float, batch_size: int, reduction: str, pad_id: int, progress: bool) -> WeightScores:
     """WAGLE scores with ``ℓ_f = forget_sign · loss`` on ``forget``; peak memory: the model, its gradients and
     one stored gradient (3x the model)."""
     params = dict(model.named_parameters())
@@ -214,7 +215,7 @@ def _input_norms(model: PreTrainedModel, examples: list[Example], *, batch_size:
 
 
 def _wanda(model: PreTrainedModel, calibration: list[Example], *, batch_size: int, pad_id: int,
-           progress: bool) -> Scores:
+           progress: bool) -> WeightScores:
     """``|W_ij| · ‖X_j‖₂`` for linear weights (Sun et al., 2024); other parameters are not scored."""
     norms = _input_norms(model, calibration, batch_size=batch_size, pad_id=pad_id, progress=progress)
     conv = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
@@ -269,26 +270,26 @@ class ScoreInputs:
 
 #: A scorer: ``scorer(model, inputs) -> {parameter name: float32 scores of its shape}`` (larger = more worth
 #: updating); parameters left out are not scored (their mask stays frozen).
-Scorer = Callable[[PreTrainedModel, ScoreInputs], Scores]
+Scorer = Callable[[PreTrainedModel, ScoreInputs], WeightScores]
 
 
-def _magnitude_scores(model: PreTrainedModel, inputs: ScoreInputs) -> Scores:
+def _magnitude_scores(model: PreTrainedModel, inputs: ScoreInputs) -> WeightScores:
     return {n: p.detach().float().abs() for n, p in model.named_parameters()}
 
 
-def _random_scores(model: PreTrainedModel, inputs: ScoreInputs) -> Scores:
+def _random_scores(model: PreTrainedModel, inputs: ScoreInputs) -> WeightScores:
     gen = torch.Generator().manual_seed(inputs.seed)
     return {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in model.named_parameters()}
 
 
-def _wanda_scores(model: PreTrainedModel, inputs: ScoreInputs) -> Scores:
+def _wanda_scores(model: PreTrainedModel, inputs: ScoreInputs) -> WeightScores:
     if inputs.calibration is None and inputs.retain is None:
         raise PatchlabValueError("wanda needs a calibration set (calibration=... or retain=...)")
     calibration = inputs.examples("calibration" if inputs.calibration is not None else "retain")
     return _wanda(model, calibration, batch_size=inputs.batch_size, pad_id=inputs.pad_id, progress=inputs.progress)
 
 
-def _wagle_scores(model: PreTrainedModel, inputs: ScoreInputs) -> Scores:
+def _wagle_scores(model: PreTrainedModel, inputs: ScoreInputs) -> WeightScores:
     if inputs.forget is None or inputs.retain is None:
         raise PatchlabValueError("wagle needs both a forget and a retain set")
     if not inputs.gamma > 0:
@@ -325,7 +326,7 @@ def register_scorer(name: str, scorer: Scorer, *, replace: bool = False) -> Scor
 def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, method: str = "wagle",
            preset: str = "patchlab", gamma: float | None = None, loss: LossFn | None = None,
            forget_loss: str | None = None, tokenizer: PreTrainedTokenizerBase | None = None, calibration: Any = None,
-           batch_size: int | None = None, max_length: int = 256, seed: int = 0, progress: bool = True) -> Scores:
+           batch_size: int | None = None, max_length: int = 256, seed: int = 0, progress: bool = True) -> WeightScores:
     """Per-weight attribution scores (float32, same shapes as the parameters); larger = more worth updating.
 
     Methods:
@@ -396,7 +397,7 @@ def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, me
 
 # ------------------------------------------------------------------------------------------------------- mask --
 
-def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "abs", preset: str = "patchlab") -> Mask:
+def mask(scores: WeightScores, ratio: float, *, per_layer: bool = False, by: str = "abs", preset: str = "patchlab") -> Mask:
     """Select the top-``ratio`` fraction of weights by score: a bool tensor per scored parameter (True = update).
 
     Exactly ``round(ratio · n)`` weights (``preset="authors"``: ``int(n · ratio)``, as the WAGLE authors' code,
@@ -405,7 +406,7 @@ def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "ab
     (``per_layer=True``; layer from :func:`patchlab.pair.arch.layer_index`). ``by="abs"`` ranks by ``|score|``
     (WAGLE's ``|S|``, as in the authors' code; identical for the non-negative baselines), ``by="value"`` by the
     signed score. Ties at the cut go to the earliest weights (in the order of ``scores``, then flattened order),
-    so a mask is deterministic. Scores are read in chunks and never concatenated (an exact radix select in four
+    so a mask is deterministic. WeightScores are read in chunks and never concatenated (an exact radix select in four
     passes), so a global mask over a 7B model needs only a few small temporaries besides the masks.
 
     Raises:
