@@ -252,6 +252,25 @@ def add_output_args(parser: argparse.ArgumentParser, default: str, what: str = "
     return parser
 
 
+def setting_arg(text: str) -> tuple[str, str, Any]:
+    """``(section, option, value)`` of one ``SECTION.OPTION=VALUE`` argument (e.g. ``relearning.lr=1e-3``,
+    ``quantization.bits=[8,4]``): the value read as JSON, else kept as the string. For ``type=`` of an option that
+    sets any registered entry's setting (its name and value are checked where the settings are resolved).
+
+    Raises:
+        argparse.ArgumentTypeError: not of the form ``SECTION.OPTION=VALUE``.
+    """
+    key, sep, raw = text.partition("=")
+    section, dot, option = key.strip().partition(".")
+    if not (sep and dot and section and option):
+        raise argparse.ArgumentTypeError(f"expected SECTION.OPTION=VALUE (e.g. relearning.lr=1e-3), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return section, option, value
+
+
 def output_file(path: str | os.PathLike, *, overwrite: bool = False, what: str = "output file") -> Path:
     """Check, before any compute, that a single result file (e.g. ``--save-mask FILE``) can be written at ``path``;
     returns it (absolute). A file already there is replaced only with ``overwrite`` (the run writes it

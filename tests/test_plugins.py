@@ -52,7 +52,7 @@ PLUGIN = textwrap.dedent('''
 
     def run(pair, questions, *, unrelated, retain, settings, progress):
         return ProbeResult(probe="plugin_probe", score=Interval(0.5, 0.4, 0.6), meaning="a constant",
-                           verdict="hidden", rule="always hidden")
+                           verdict="hidden", rule="always hidden", details={"knob": settings["plugin_knob"]})
 
 
     register_probe(Probe(name="plugin_probe", title="Plugin probe", run=run, defaults={"plugin_knob": 3},
@@ -123,10 +123,10 @@ def test_plugin_probe_reaches_audit(plugin, checkpoint, tmp_path, capsys):
     out = tmp_path / "audit"
     assert cli.main(["--plugin", str(plugin), "--vanilla", str(checkpoint / "vanilla"), "--unlearned",
                      str(checkpoint / "unlearned"), "--questions", str(checkpoint / "questions.jsonl"),
-                     "--probes", "plugin_probe", "--n-tokens", "3", "--out", str(out), "--quiet"]) == 0, \
-        capsys.readouterr().err
+                     "--probes", "plugin_probe", "--n-tokens", "3", "--probe-setting", "plugin_probe.plugin_knob=5",
+                     "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
     assert "plugin_probe" in capsys.readouterr().out
-    assert json.loads((out / "audit.json").read_text())
+    assert '"knob": 5' in (out / "audit.json").read_text()
 
 
 def test_plugin_scorer_reaches_wagle_density(plugin, checkpoint, tmp_path, capsys):
@@ -148,3 +148,20 @@ def test_a_bad_plugin_is_one_error_line(bad, match, capsys):
     assert load_script("krs_sweep").main(["--plugin", bad]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+def test_probe_setting_sets_any_probe_option_and_refuses_bad_ones(capsys):
+    cli = load_script("audit")
+    args = cli.parse_args(["--probe-setting", "uds.threshold=0.1", "--probe-setting", "krs.positions=middle",
+                           "--probe-setting", "quantization.bits=[8,4]", "--window", "3"])
+    assert cli.settings_from_args(args, toy=False) == {
+        "uds": {"threshold": 0.1}, "krs": {"positions": "middle", "window": 3}, "quantization": {"bits": [8, 4]}}
+    for argv, message in ((["--probe-setting", "uds.nope=1"], "unknown uds option(s) ['nope']"),
+                          (["--probe-setting", "nope.x=1"], "unknown settings section 'nope'"),
+                          (["--probe-setting", "krs.window=4", "--window", "3"],
+                           "--probe-setting krs.window repeats an option its own flag sets")):
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--probe-setting", "threshold"])
+    assert "expected SECTION.OPTION=VALUE" in capsys.readouterr().err
