@@ -60,14 +60,24 @@ class Registry(MutableMapping[str, T], Generic[T]):
     # --------------------------------------------------------------------------------------- discovery
     def discover(self) -> None:
         """Import the package's modules once and register each one's ``attribute``, ahead of the entries already
-        registered (an entry registered earlier under a built-in's name keeps its place and wins).
+        registered (an entry registered earlier under a built-in's name wins, in the built-in's place).
 
         Raises:
             PatchlabValueError: ``strict`` and a module lacks ``attribute``.
         """
         if self._discovered:
             return
-        self._discovered = True
+        self._discovered = True  # set first: a module may register itself while it is imported
+        try:
+            found = self._found_entries()
+        except BaseException:
+            self._discovered = False
+            raise
+        ordered = sorted(found, key=self._order) if self._order is not None else list(found)
+        self._entries = {**{name: found[name] for name in ordered}, **self._entries}
+
+    def _found_entries(self) -> dict[str, T]:
+        """``{name: entry}`` of the package's modules (see :meth:`discover`)."""
         package = importlib.import_module(self._package)  # type: ignore[arg-type]
         found: dict[str, T] = {}
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
@@ -83,8 +93,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
             if self._check is not None:
                 self._check(name, entry)
             found[name] = entry
-        ordered = sorted(found, key=self._order) if self._order is not None else list(found)
-        self._entries = {**{name: found[name] for name in ordered}, **self._entries}
+        return found
 
     # --------------------------------------------------------------------------------------- registration
     def register(self, entry: T, name: str | None = None, *, replace: bool = False) -> T:
