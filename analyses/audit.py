@@ -22,7 +22,7 @@ from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_qu
                           check_toy_world_flags, comma_list, model_kwargs, parser, print_written, prompt_template,
                           run_script)
 from patchlab.io import read_records
-from patchlab.cli import check_checkpoint_flags, toy_model_kwargs
+from patchlab.cli import check_checkpoint_flags, setting_arg, toy_model_kwargs
 
 if TYPE_CHECKING:
     from patchlab.probes import AuditCase
@@ -36,7 +36,7 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     add_pair_args(p, placement=False, several=True)
     p.add_argument("--labels", help="comma-separated names of the --unlearned checkpoints (default: their paths)")
     p.add_argument("--retain", help="a checkpoint that never saw the concept (optional)")
@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--relearn-steps", type=_ints, help="relearning: step counts, e.g. 0,5,10,20,40")
     p.add_argument("--relearn-lr", type=float, help="relearning: AdamW learning rate (default 1e-5; toy world 1e-3)")
     p.add_argument("--bits", type=_ints, help="quantization: bit widths, e.g. 8,4")
+    p.add_argument("--probe-setting", action="append", type=setting_arg, default=[], metavar="PROBE.OPTION=VALUE",
+                   help="any probe's option, a --plugin probe's included (repeatable; the value read as JSON, else as "
+                        "text), e.g. uds.threshold=0.1, krs.positions=middle, relearning.batch_size=4; "
+                        "'common.OPTION' sets a shared one. Unknown options are refused before any model loads")
     add_model_args(p)
     add_output_args(p, "results/audit", "output directory for audit.json/.csv/.html and the per-probe results")
     p.add_argument("--threads", type=int, default=1,
@@ -67,7 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings_from_args(args: argparse.Namespace, toy: bool) -> dict[str, dict[str, Any]]:
     """The audit's settings overrides: the toy world's (:data:`patchlab.toy.audit.TOY_SETTINGS`) on the toy world, then
-    the options given on the command line."""
+    the options given on the command line (the named flags and ``--probe-setting``).
+
+    Raises:
+        PatchlabValueError: an option given both by its own flag and by ``--probe-setting``.
+    """
     from patchlab.toy.audit import TOY_SETTINGS
 
     settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in TOY_SETTINGS.items()} if toy else {}
@@ -75,9 +83,12 @@ def settings_from_args(args: argparse.Namespace, toy: bool) -> dict[str, dict[st
              ("krs", "window"): args.window, ("relearning", "steps"): args.relearn_steps,
              ("relearning", "lr"): args.relearn_lr, ("quantization", "bits"): args.bits,
              ("common", "template"): None if args.template in ("default", "chat") else prompt_template(args)}
-    for (section, key), value in given.items():
-        if value is not None:
-            settings.setdefault(section, {})[key] = value
+    generic = {(section, key): value for section, key, value in args.probe_setting}
+    twice = sorted(f"{section}.{key}" for section, key in generic if given.get((section, key)) is not None)
+    if twice:
+        raise patchlab.PatchlabValueError(f"--probe-setting {', '.join(twice)} repeats an option its own flag sets")
+    for (section, key), value in {**generic, **{k: v for k, v in given.items() if v is not None}}.items():
+        settings.setdefault(section, {})[key] = value
     return settings
 
 

@@ -36,7 +36,7 @@ from patchlab.io import output_dir, read_records
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     add_pair_args(p)
     p.add_argument("--target", help="JSON/JSONL file of target questions (what was unlearned)")
     p.add_argument("--unrelated", help="JSON/JSONL file of unrelated questions (what must be kept)")

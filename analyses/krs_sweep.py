@@ -25,7 +25,7 @@ from patchlab.io import output_dir, read_questions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     add_pair_args(p)
     p.add_argument("--questions", help="JSON/JSONL file of questions (strings or records with 'question')")
     p.add_argument("--concept", help="toy-world concept (toy world only)")

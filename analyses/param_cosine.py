@@ -32,7 +32,7 @@ SUMMARY = ["module", "numel", "one_minus_cos", "angle_deg", "rel_l2"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     p.add_argument("--vanilla", help="vanilla checkpoint directory (safetensors) (default: the toy world)")
     p.add_argument("--unlearned", help="unlearned checkpoint directory (safetensors)")
     p.add_argument("--concept", help="toy-world concept (toy world only)")

@@ -39,7 +39,7 @@ LORA_FLAGS = {"lora_r": "r", "lora_alpha": "alpha", "lora_targets": "target_modu
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     p.add_argument("--model", help="checkpoint to unlearn from: local directory or hub id (default: the toy world)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the model's)")
     p.add_argument("--forget", help="JSON/JSONL file of the forget set (required with --model)")
@@ -108,9 +108,9 @@ def unlearn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         PatchlabValueError: a method-settings flag the method does not take.
     """
-    from patchlab.toy.cache import method_settings
+    from patchlab.toy.cache import toy_method_settings
 
-    defaults = method_settings(args.method) if args.model is None else {}
+    defaults = toy_method_settings(args.method) if args.model is None else {}
     given = {name: getattr(args, name) for name in TRAINING_FLAGS if getattr(args, name) is not None}
     lora = {key: getattr(args, flag) for flag, key in LORA_FLAGS.items() if getattr(args, flag) is not None}
     return {**defaults, **given, **settings_from_args(args, args.method), "lora": lora or None,

@@ -41,14 +41,15 @@ SETTINGS = ("concept", "methods", "ratio", "per_layer", "gamma", "forget_loss", 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     p.add_argument("--vanilla", help="model checkpoint: local directory or hub id (default: the toy world)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the checkpoint's)")
     p.add_argument("--forget", help="forget set: JSON/JSONL of texts or {question, answer} / {text} records")
     p.add_argument("--retain", help="retain set, same formats (also wanda's calibration set)")
     p.add_argument("--concept", help="toy-world concept to forget (toy world only)")
     p.add_argument("--methods", default=",".join(ATTRIBUTION_METHODS),
-                   help=f"comma-separated attribution methods (default {','.join(ATTRIBUTION_METHODS)})")
+                   help=f"comma-separated attribution methods (default {','.join(ATTRIBUTION_METHODS)}; a --plugin "
+                        "may register more with patchlab.unlearning.attribution.register_scorer)")
     p.add_argument("--ratio", type=float, default=0.8, help="fraction of weights selected (default 0.8)")
     p.add_argument("--per-layer", action="store_true", help="select the top ratio within each layer")
     p.add_argument("--gamma", type=float, default=1.0, help="WAGLE's Hessian-diagonal parameter (default 1.0)")
@@ -73,10 +74,12 @@ def plan(args: argparse.Namespace) -> tuple[list[str], str | None, Path | None]:
         PatchlabValueError: no method, an unknown one, or a --mask-method not among them (or without --save-mask).
         PatchlabFileError: --save-mask cannot be written (see :func:`patchlab.cli.output_file`).
     """
+    from patchlab.unlearning.attribution import SCORERS  # built-ins and those a --plugin registered
+
     methods = comma_list(args.methods)
-    unknown = [m for m in methods if m not in ATTRIBUTION_METHODS]
+    unknown = [m for m in methods if m not in SCORERS]
     if not methods or unknown:
-        raise PatchlabValueError(f"--methods must name some of {', '.join(ATTRIBUTION_METHODS)}, got {args.methods!r}")
+        raise PatchlabValueError(f"--methods must name some of {', '.join(SCORERS)}, got {args.methods!r}")
     if args.mask_method is not None and args.save_mask is None:
         raise PatchlabValueError("--mask-method chooses the mask --save-mask saves: give --save-mask FILE too")
     if args.save_mask is None:

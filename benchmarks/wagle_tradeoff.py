@@ -41,7 +41,7 @@ from patchlab.unlearning import attribution
 from patchlab.cli import add_quiet_arg, parser, print_written, quiet, run
 from patchlab.io import atomic_write_json
 from patchlab.toy.build import ASSETS
-from patchlab.toy.cache import method_settings, unlearn_data
+from patchlab.toy.cache import toy_method_settings, unlearn_data
 from patchlab.unlearning import batches, to_examples, unlearn
 from patchlab.unlearning.data import Example
 from patchlab.unlearning.losses import token_logprobs
@@ -115,7 +115,7 @@ def compare(args: argparse.Namespace) -> None:
     world = toy.world(args.checkpoint)
     record = world.record(args.concept)
     forget, retain = unlearn_data(world, args.concept)
-    settings = method_settings(args.method)
+    settings = toy_method_settings(args.method)
     settings.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
     forget_ex, retain_ex = to_examples(forget, tok), to_examples(retain, tok)
     results = {"vanilla": evaluate(vanilla, tok, record, forget_ex, retain_ex)}

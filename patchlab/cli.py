@@ -49,17 +49,47 @@ DEFAULT_INTERRUPT_NOTE = ("stopped before the end; result files already written 
 DEFAULT_DEVICE_HELP = "e.g. cuda, cpu (default: cpu)"
 
 
-def parser(doc: str | None, **kwargs: Any) -> argparse.ArgumentParser:
+PLUGIN_HELP = ("import MODULE before anything else (repeatable): a dotted module name on the Python path or a .py "
+               "file, whose registrations (register_metric, register_method, register_probe, register_scorer, ...) "
+               "then appear in this script's choices and flags")
+
+
+def parser(doc: str | None, *, plugins: bool = False, **kwargs: Any) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` whose ``--help`` shows ``doc`` (the script's module docstring) whole, line breaks
-    and examples kept (``RawDescriptionHelpFormatter``); ``kwargs`` go to ``ArgumentParser``.
+    and examples kept (``RawDescriptionHelpFormatter``); ``kwargs`` go to ``ArgumentParser``. With ``plugins``
+    it has ``--plugin MODULE`` (repeatable), which :func:`run_script` imports before the parser is built.
 
     Raises:
         PatchlabValueError: ``doc`` is empty (a script without a docstring).
     """
     if not isinstance(doc, str) or not doc.strip():
         raise PatchlabValueError("a script's parser needs its module docstring (parser(__doc__))")
-    return argparse.ArgumentParser(description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   **kwargs)
+    p = argparse.ArgumentParser(description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                **kwargs)
+    if plugins:
+        p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
+    return p
+
+
+def plugin_names(argv: Sequence[str] | None = None) -> list[str]:
+    """The ``--plugin`` values of ``argv`` (default ``sys.argv[1:]``), read before the script's own parser exists
+    (every other argument is left for it)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    return pre.parse_known_args(argv)[0].plugin
+
+
+def load_plugins(argv: Sequence[str] | None = None) -> list[Any]:
+    """Import the ``--plugin`` modules of ``argv`` (:func:`patchlab.registry.import_plugins`); nothing when none
+    is given, so ``--help`` stays light.
+
+    Raises:
+        PatchlabValueError: a plugin cannot be imported.
+    """
+    from patchlab.registry import import_plugins
+
+    names = plugin_names(argv)
+    return import_plugins(names) if names else []
 
 
 def run(body: Callable[[], None], *, on_interrupt: str | Callable[[], str] | None = None) -> int:
@@ -149,10 +179,14 @@ def interrupt_note(out: str | os.PathLike | OutputDir, *, resumable: bool = Fals
 def run_script(parse_args: Callable[[list[str] | None], argparse.Namespace],
                body: Callable[[argparse.Namespace], None], argv: list[str] | None = None, *,
                resumable: bool = False, extra: Callable[[], str | None] | None = None) -> int:
-    """A script's ``main``: parse ``argv`` with ``parse_args`` (a parser that called :func:`add_output_args` and
-    :func:`add_quiet_arg`), then :func:`run` ``body(args)`` inside :func:`quiet` when ``--quiet`` is given, saying on
-    Ctrl-C what ``--out`` holds (:func:`interrupt_note`, with ``resumable`` and ``extra``). Returns the exit
-    status."""
+    """A script's ``main``: import the ``--plugin`` modules (:func:`load_plugins`; a failure prints ``error: ...``
+    and returns :data:`ERROR_STATUS`), parse ``argv`` with ``parse_args`` (a parser that called
+    :func:`add_output_args` and :func:`add_quiet_arg`), then :func:`run` ``body(args)`` inside :func:`quiet` when
+    ``--quiet`` is given, saying on Ctrl-C what ``--out`` holds (:func:`interrupt_note`, with ``resumable`` and
+    ``extra``). Returns the exit status."""
+    status = run(lambda: load_plugins(argv))
+    if status:
+        return status
     args = parse_args(argv)
     with quiet(args.quiet):
         return run(lambda: body(args), on_interrupt=interrupt_note(args.out, resumable=resumable, extra=extra))
@@ -216,6 +250,25 @@ def add_output_args(parser: argparse.ArgumentParser, default: str, what: str = "
                         help="replace an earlier patchlab output in --out (files you added there are kept; a "
                              "directory holding files patchlab did not write is always refused)")
     return parser
+
+
+def setting_arg(text: str) -> tuple[str, str, Any]:
+    """``(section, option, value)`` of one ``SECTION.OPTION=VALUE`` argument (e.g. ``relearning.lr=1e-3``,
+    ``quantization.bits=[8,4]``): the value read as JSON, else kept as the string. For ``type=`` of an option that
+    sets any registered entry's setting (its name and value are checked where the settings are resolved).
+
+    Raises:
+        argparse.ArgumentTypeError: not of the form ``SECTION.OPTION=VALUE``.
+    """
+    key, sep, raw = text.partition("=")
+    section, dot, option = key.strip().partition(".")
+    if not (sep and dot and section and option):
+        raise argparse.ArgumentTypeError(f"expected SECTION.OPTION=VALUE (e.g. relearning.lr=1e-3), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return section, option, value
 
 
 def output_file(path: str | os.PathLike, *, overwrite: bool = False, what: str = "output file") -> Path:

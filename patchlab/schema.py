@@ -42,6 +42,8 @@ Count = Annotated[int, Field(ge=0, lt=_INT64)]
 AnyFloat = Annotated[float, Field(allow_inf_nan=True)]
 #: A finite float in ``[0, 1]`` (a share, a density, a ROUGE-L score).
 Unit = Annotated[float, Field(ge=0, le=1)]
+#: A non-empty string (a label, a component, a metric name).
+NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 class Schema(BaseModel):

@@ -57,7 +57,7 @@ def test_cli_writes_result_table_and_heatmap(cli, checkpoints, tmp_path, capsys)
     (["--window", "99"], "window"),
     (["--components", "coef,mlp"], "unknown component"),
     (["--unlearned", "/nonexistent/ckpt"], "does not exist"),
-    (["--metric", "nope"], "unknown metric 'nope'; registered: krs"),
+    (["--metric", "nope"], "unknown metric 'nope'; choose from krs"),
 ])
 def test_cli_reports_bad_inputs(cli, checkpoints, tmp_path, capsys, bad, match):
     args = {"--vanilla": str(checkpoints / "vanilla"), "--unlearned": str(checkpoints / "unlearned"),

@@ -263,7 +263,7 @@ def test_report_writers_share_one_bundle(vanilla_models, tmp_path):
 
 
 def test_paramdiff_titles_name_both_models(vanilla_models):
-    from patchlab.analysis.paramdiff import METRICS, paramdiff
+    from patchlab.analysis.paramdiff import PARAM_METRICS, paramdiff
     from patchlab.results import model_names
     from tests.conftest import ATTN_OR_UP, perturbed
 
@@ -271,7 +271,7 @@ def test_paramdiff_titles_name_both_models(vanilla_models):
     diff = paramdiff(llama, perturbed(llama, ATTN_OR_UP), progress=False)
     vanilla, unlearned = model_names(diff.provenance)
     assert vanilla and unlearned
-    for metric in METRICS:
+    for metric in PARAM_METRICS:
         title = diff.figure(metric).layout.title.text
         assert f"<sup>unlearned: {unlearned} vs vanilla: {vanilla}</sup>" in title, title
 

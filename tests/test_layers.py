@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent / "patchlab"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("patchlab.errors", "patchlab.io", "patchlab.provenance", "patchlab.results",
                     "patchlab.progress", "patchlab.version", "patchlab.defaults",
-                    "patchlab.schema")),
+                    "patchlab.schema", "patchlab.registry")),
     ("model", ("patchlab.pair", "patchlab.tiny")),
     ("interventions", ("patchlab.patching",)),
     ("experiments", ("patchlab.patching.sweep", "patchlab.patching.result", "patchlab.probes", "patchlab.unlearning",

@@ -14,7 +14,7 @@ from patchlab import toy
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.toy.build import (ASSETS, BUILD_FILE, SMALL, BuildConfig, build, make_world, parse_args,
                                 regeneration_command, training_texts)
-from patchlab.toy.cache import toy_methods
+from patchlab.toy.cache import TUNED_TOY_SETTINGS, toy_methods
 from patchlab.toy.corpus import generate_world
 from patchlab.unlearning.methods import method_names
 
@@ -59,7 +59,7 @@ def cache_root(tmp_path_factory):
     return tmp_path_factory.mktemp("toy-cache")
 
 
-#: Every fine-tuning method of the registry has toy settings (its ``toy`` entry).
+#: Every fine-tuning method of the registry has tuned toy settings (patchlab.toy.cache.TUNED_TOY_SETTINGS).
 TOY_METHODS = toy_methods()
 
 
@@ -69,7 +69,7 @@ def unlearned_models(cache_root):
 
 
 def test_every_finetuning_method_has_toy_settings():
-    assert TOY_METHODS == list(method_names("finetune"))
+    assert TOY_METHODS == list(method_names("finetune")) == sorted(TUNED_TOY_SETTINGS)
     assert {"graddiff", "npo", "simnpo", "rmu"} <= set(TOY_METHODS)
 
 

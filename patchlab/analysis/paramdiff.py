@@ -32,7 +32,7 @@ from patchlab.schema import AnyFloat, Count, Provenance, Schema, bad
 
 CHUNK = 1 << 24  # elements per float64 chunk
 #: Per tensor / module / layer: cosine similarity, 1 - cosine, angle (degrees), relative L2 change |b-a|/|a|.
-METRICS = ("cosine", "one_minus_cos", "angle_deg", "rel_l2")
+PARAM_METRICS = ("cosine", "one_minus_cos", "angle_deg", "rel_l2")
 #: The metrics drawn on a log colour scale (they span orders of magnitude; cosine is drawn linearly).
 LOG_METRICS = ("one_minus_cos", "angle_deg", "rel_l2")
 METRIC_LABELS = {"cosine": "cosine", "one_minus_cos": "1 - cos", "angle_deg": "angle (degrees)",
@@ -98,7 +98,7 @@ def angle_deg(one_minus_cosine: Float[Any, "*n"]) -> Float[Any, "*n"]:
 
 
 def _metrics(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add the :data:`METRICS` columns from the pooled sums: ``cosine = <a,b>/(|a||b|)``, ``one_minus_cos``
+    """Add the :data:`PARAM_METRICS` columns from the pooled sums: ``cosine = <a,b>/(|a||b|)``, ``one_minus_cos``
     (:func:`one_minus_cos`), ``angle_deg`` (:func:`angle_deg`) and ``rel_l2 = |b-a|/|a|``."""
     frame = frame.copy()
     with np.errstate(divide="ignore", invalid="ignore"):  # all-zero tensors give NaN / inf
@@ -111,7 +111,7 @@ def _metrics(frame: pd.DataFrame) -> pd.DataFrame:
 
 class TensorRow(Schema):
     """One tensor's row of a :class:`ParamDiff` file: its pooled sums are finite (:func:`paramdiff` refuses
-    non-finite tensors), its :data:`METRICS` may be NaN or infinite (an all-zero tensor has no cosine)."""
+    non-finite tensors), its :data:`PARAM_METRICS` may be NaN or infinite (an all-zero tensor has no cosine)."""
 
     name: Annotated[str, Field(min_length=1)]
     module: Annotated[str, Field(min_length=1)]
@@ -165,7 +165,7 @@ class ParamDiff(Result):
 
     Attributes:
         table: one row per tensor: ``name``, ``module``, ``layer`` (-1 outside layers), ``numel``, the pooled sums
-            of :func:`tensor_stats` and the :data:`METRICS` (also :meth:`to_frame`).
+            of :func:`tensor_stats` and the :data:`PARAM_METRICS` (also :meth:`to_frame`).
         provenance: the two checkpoints (source and weights digest) and the library versions
             (:func:`patchlab.provenance.pair_provenance`).
         value_vectors: the most changed MLP value vectors (:func:`value_vector_changes`), if computed; the report
@@ -189,15 +189,15 @@ class ParamDiff(Result):
         return self.table
 
     def by_module(self) -> pd.DataFrame:
-        """The :data:`METRICS` per module type, all layers pooled (as one concatenated vector)."""
+        """The :data:`PARAM_METRICS` per module type, all layers pooled (as one concatenated vector)."""
         frame = self._pooled(["module"])
         frame["order"] = frame["module"].map({m: i for i, m in enumerate(MODULE_ORDER)})
         return frame.sort_values("order").drop(columns="order").reset_index(drop=True)
 
     def by_layer(self, metric: str = "cosine") -> pd.DataFrame:
-        """``metric`` (one of :data:`METRICS`) pooled per (layer, module type): a layer x module table."""
-        if metric not in METRICS:
-            raise PatchlabValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        """``metric`` (one of :data:`PARAM_METRICS`) pooled per (layer, module type): a layer x module table."""
+        if metric not in PARAM_METRICS:
+            raise PatchlabValueError(f"metric must be one of {PARAM_METRICS}, got {metric!r}")
         pooled = self._pooled(["layer", "module"])
         table = pooled[pooled["layer"] >= 0].pivot(index="layer", columns="module", values=metric)
         return table[module_order(table.columns)]
@@ -206,14 +206,14 @@ class ParamDiff(Result):
         """``paramdiff`` (:attr:`table`), ``paramdiff_modules`` (:meth:`by_module`), per metric
         ``paramdiff_layers_<metric>`` (:meth:`by_layer`), and ``value_vectors`` when computed."""
         tables = {self.kind: self.table, f"{self.kind}_modules": self.by_module()}
-        tables.update({f"{self.kind}_layers_{m}": self.by_layer(m).reset_index() for m in METRICS})
+        tables.update({f"{self.kind}_layers_{m}": self.by_layer(m).reset_index() for m in PARAM_METRICS})
         if self.value_vectors is not None:
             tables["value_vectors"] = self.value_vectors
         return tables
 
     def figures(self) -> dict[str, go.Figure]:
-        """``paramdiff_<metric>``: the heatmap (:meth:`figure`) of every metric of :data:`METRICS`."""
-        return {f"{self.kind}_{m}": self.figure(m) for m in METRICS}
+        """``paramdiff_<metric>``: the heatmap (:meth:`figure`) of every metric of :data:`PARAM_METRICS`."""
+        return {f"{self.kind}_{m}": self.figure(m) for m in PARAM_METRICS}
 
     def figure(self, metric: str = "one_minus_cos") -> go.Figure:
         """Interactive layer x module heatmap of ``metric``; :data:`LOG_METRICS` on a log colour scale

@@ -14,11 +14,9 @@ from patchlab.errors import PatchlabValueError
 from patchlab.patching.metrics import pool
 from patchlab.patching.windows import Window, window_label
 from patchlab.results import Result, model_names, register_result
-from patchlab.schema import Count, FreeJson, Provenance, Schema, bad
+from patchlab.schema import Count, FreeJson, NonEmpty, Provenance, Schema, bad
 
 AGGREGATES = ("mean", "pooled")
-
-NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 class _SweepFile(Schema):

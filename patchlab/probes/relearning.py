@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.probes.base import Interval, Probe, ProbeResult, Question, recovery_verdict
-from patchlab.probes.scoring import (SCORES, References, Scores, baseline, baseline_scores, recovery, references, score,
+from patchlab.probes.scoring import AnswerReferences as References  # noqa: N814 - the local name predates the rename
+from patchlab.probes.scoring import (SCORES, Scores, baseline, baseline_scores, recovery, references, score,
                                      subset)
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair

@@ -20,7 +20,7 @@ from patchlab.probes.base import VERDICTS, ProbeResult
 from patchlab.probes.registry import PROBES
 from patchlab.errors import PatchlabValueError
 from patchlab.results import Result, register_result
-from patchlab.schema import Checkpoint, FreeJson, Schema, bad
+from patchlab.schema import Checkpoint, FreeJson, NonEmpty, Schema, bad
 
 FORMAT = "patchlab.AuditReport/1"
 #: Verdict colours: erased (what unlearning promises) green, hidden orange, intact red.
@@ -51,9 +51,6 @@ class AuditRun:
     def from_dict(cls, data: Mapping[str, Any]) -> AuditRun:
         return cls(label=data["label"], results={k: ProbeResult.from_dict(r) for k, r in data["results"].items()},
                    skipped=dict(data["skipped"]), provenance=dict(data["provenance"]))
-
-
-NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 class ProbeResultFile(Schema):

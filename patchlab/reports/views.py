@@ -79,7 +79,7 @@ def param_diff(result: ParamDiff, metric: str = "one_minus_cos") -> go.Figure:
 
 
 @register_figure(DensityReport)
-def density_report(result: DensityReport, view: str = "modules") -> go.Figure:
+def density_report_figure(result: DensityReport, view: str = "modules") -> go.Figure:
     """:meth:`DensityReport.figure <patchlab.unlearning.attribution.DensityReport.figure>` (``view`` checked
     there)."""
     if view == "modules":
