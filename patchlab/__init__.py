@@ -27,6 +27,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     **{name: ("patchlab.pair.sites", name) for name in ("Site", "parse_component")},
     **{name: ("patchlab.patching.loop", name) for name in ("ActivationCache", "run_with_cache")},
     **{name: ("patchlab.patching.metrics", name) for name in ("References", "metrics", "register_metric")},
+    **{name: ("patchlab.patching.restore", name) for name in ("RestoreKind", "register_restore_kind")},
     **{name: ("patchlab.patching.result", name) for name in ("KRSResult", "PatchComparison", "PatchResult",
                                                              "compare")},
     **{name: ("patchlab.patching.sweep", name) for name in ("krs_sweep", "patch_sweep")},
@@ -64,9 +65,9 @@ def __dir__() -> list[str]:
 __all__ = [
     "ActivationCache", "ArchSpec", "AuditReport", "DegenerateKRSError", "DegenerateMetricError", "KRSResult",
     "MissingDependencyError", "ModelPair", "NonFiniteError", "PairMismatchError", "PatchComparison", "PatchResult",
-    "PatchlabError", "PatchlabFileError", "PatchlabValueError", "References", "Site", "UnlearnRun",
+    "PatchlabError", "PatchlabFileError", "PatchlabValueError", "References", "RestoreKind", "Site", "UnlearnRun",
     "UnsupportedArchitectureError", "arch_spec", "attribution", "audit", "behavior", "compare", "editing", "krs_sweep",
     "lens", "load_mask", "load_model", "load_pair", "load_result", "metrics", "paramdiff", "parse_component",
-    "patch_sweep", "register_architecture", "register_metric", "register_site", "run_with_cache", "save_mask",
-    "sliding_windows", "supported_architectures", "unlearn", "unregister_site",
+    "patch_sweep", "register_architecture", "register_metric", "register_restore_kind", "register_site",
+    "run_with_cache", "save_mask", "sliding_windows", "supported_architectures", "unlearn", "unregister_site",
 ]
