@@ -21,16 +21,18 @@ from patchlab.patching.windows import sliding_windows
 from patchlab.analysis import behavior, paramdiff
 from patchlab.patching import lens
 from patchlab.unlearning import attribution, editing
-from patchlab.probes import AuditReport, audit
+from patchlab.probes import AuditReport, audit, audit_many
+from patchlab import zoo
+from patchlab.meta_evaluation import MetaEvalResult, meta_eval
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache", "ArchSpec", "AuditReport", "DegenerateKRSError", "DegenerateMetricError", "KRSResult",
-    "MissingDependencyError", "ModelPair", "NonFiniteError", "PairMismatchError", "PatchComparison", "PatchResult",
-    "PatchlabError", "PatchlabFileError", "PatchlabValueError", "References", "Site", "UnlearnRun",
-    "UnsupportedArchitectureError", "arch_spec", "attribution", "audit", "behavior", "compare", "editing", "krs_sweep",
-    "lens", "load_mask", "load_model", "load_pair", "load_result", "metrics", "paramdiff", "parse_component",
-    "patch_sweep", "register_architecture", "register_metric", "register_site", "run_with_cache", "save_mask",
-    "sliding_windows", "supported_architectures", "unlearn", "unregister_site",
+    "MetaEvalResult", "MissingDependencyError", "ModelPair", "NonFiniteError", "PairMismatchError", "PatchComparison",
+    "PatchResult", "PatchlabError", "PatchlabFileError", "PatchlabValueError", "References", "Site", "UnlearnRun",
+    "UnsupportedArchitectureError", "arch_spec", "attribution", "audit", "audit_many", "behavior", "compare", "editing",
+    "krs_sweep", "lens", "load_mask", "load_model", "load_pair", "load_result", "meta_eval", "metrics", "paramdiff",
+    "parse_component", "patch_sweep", "register_architecture", "register_metric", "register_site", "run_with_cache",
+    "save_mask", "sliding_windows", "supported_architectures", "unlearn", "unregister_site", "zoo",
 ]

@@ -1,5 +1,5 @@
 """A zoo: a set of checkpoints with roles towards one target (a concept and its questions), for meta-evaluating the
-audit's probes (:func:`patchlab.meta_eval.meta_eval`).
+audit's probes (:func:`patchlab.meta_evaluation.meta_eval`).
 
 Roles (:data:`ROLES`):
 

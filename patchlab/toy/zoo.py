@@ -42,6 +42,14 @@ ZOO_ASSETS = ASSETS / "zoo"
 ZOO_MEMBERS = ("half-a-s1", "half-b-s2", "half-a-s3", "half-b-s4")
 #: Fine-tuning of the cheap members: steps, AdamW learning rate, batch size (on the other concepts' QA).
 FINETUNE = {"steps": 60, "lr": 1e-3, "batch_size": 16}
+#: Probe settings of the toy meta-evaluation (``python analyses/meta_eval.py``): the toy relearning learning rate
+#: (:data:`patchlab.probes.TOY_SETTINGS`), a 10-step relearning probe, 16-token reference answers (the toy answers
+#: are a few words) and 200 bootstrap resamples, so the 21 audits of the default zoo take minutes on 2 cores.
+META_SETTINGS: dict[str, dict] = {"common": {"n_tokens": 16, "n_boot": 200},
+                                  "relearning": {"lr": 1e-3, "steps": [0, 10]}}
+#: The shipped meta-evaluation of the default toy zoo, read by the audit (``python analyses/meta_eval.py --ship
+#: patchlab/toy/assets/meta_eval.json --overwrite`` regenerates it).
+TRUST_FILE = ASSETS / "meta_eval.json"
 #: The unlearning methods of the default toy zoo (one strength each: the toy settings).
 DEFAULT_METHODS = ("graddiff", "npo", "rmu")
 
@@ -63,7 +71,7 @@ def finetuned(checkpoint: Path, concept: str, seed: int, *, root: Path | None = 
               ) -> Path:
     """The cached weights of ``checkpoint``'s model fine-tuned for :data:`FINETUNE` steps on the QA of every concept
     but ``concept`` (seeded by ``seed``); built and written atomically on first use."""
-    from patchlab.meta_eval import finetune
+    from patchlab.meta_evaluation import finetune
 
     records = [{"question": q.question, "answer": q.answer} for r in world(checkpoint).records if r.concept != concept
                for q in r.qa]

@@ -34,9 +34,11 @@ from __future__ import annotations
 import copy
 import html
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import MissingDependencyError, PatchlabValueError
-from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
+from patchlab.io import atomic_write_json, output_dir, read_json
 from patchlab.probes.base import ProbeResult
 from patchlab.probes.registry import PROBES, select
 from patchlab.probes.run import AuditCase, audit_many, slug
@@ -56,6 +58,8 @@ from patchlab.reports.results import Result, register_result
 from patchlab.zoo import NEGATIVE_ROLES, POSITIVE_ROLES, Zoo
 
 FORMAT = "patchlab.MetaEval/1"
+#: The format tag of the compact trust file (:meth:`MetaEvalResult.write_trust`, :func:`read_trust`).
+TRUST_FORMAT = "patchlab.ProbeTrust/1"
 
 #: The attacks of the robustness scores: relearning (fine-tuning ``steps`` steps on the target QA, AdamW ``lr``,
 #: ``batch_size``; answer-token NLL as the relearning probe) and quantization (``bits``, the quantization probe's
@@ -148,7 +152,8 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records
 
 def attacked(model: PreTrainedModel, variant: str, tokenizer: PreTrainedTokenizerBase,
              records: Sequence[Mapping[str, str]], attacks: Mapping[str, Mapping[str, Any]]) -> PreTrainedModel:
-    """A copy of ``model`` after the ``variant`` attack (``"relearned"`` or ``"quantized"``, :data:`ATTACK_DEFAULTS`)."""
+    """A copy of ``model`` after the ``variant`` attack (``"relearned"`` or ``"quantized"``,
+    :data:`ATTACK_DEFAULTS`)."""
     from patchlab.probes.quantization import quantize_
 
     if variant == "relearned":
@@ -312,6 +317,21 @@ class MetaEvalResult(Result):
                           f" (P {s['n_P']} vs N {s['n_N']}), HM {_fmt(hm)} (R {_fmt(s['R'])}, Q {_fmt(s['Q'])})")
         return out
 
+    def trust(self) -> dict[str, Any]:
+        """The compact record the audit reads (:func:`read_trust`): target, per-probe table and trust, orientation,
+        members (name, role, note) and settings; no paths."""
+        from patchlab.probes.report import _json_safe
+
+        return _json_safe({"format": TRUST_FORMAT, "target": self.target,
+                           "summary": {p: self.summary(p) for p in self.probes}, "trusted": self.trusted(),
+                           "orientation": self.orientation,
+                           "members": [{k: r.get(k, "") for k in ("name", "role", "note")} for r in self.models],
+                           "settings": self.settings})
+
+    def write_trust(self, path: str | os.PathLike, *, command: str = "") -> Path:
+        """Write :meth:`trust` (and the ``command`` that regenerates it) as JSON, atomically; returns the path."""
+        return atomic_write_json(path, {**self.trust(), "command": command})
+
     def to_dict(self) -> dict[str, Any]:
         from patchlab.probes.report import _json_safe
 
@@ -327,7 +347,8 @@ class MetaEvalResult(Result):
                    provenance=dict(data.get("provenance", {})))
 
     def figure(self) -> Any:
-        """Histograms of each probe's knowledge readings, P against N (:func:`patchlab.reports.figures.pool_histograms`)."""
+        """Histograms of each probe's knowledge readings, P against N
+        (:func:`patchlab.reports.figures.pool_histograms`)."""
         return figures.pool_histograms({p: self.pools(p) for p in self.probes},
                                        title=f"Meta-evaluation on {self.target}: knowledge readings, P vs N")
 
@@ -350,6 +371,18 @@ class MetaEvalResult(Result):
 
     def figures(self) -> dict[str, str]:
         return {self.kind: self.html()}
+
+
+def read_trust(path: str | os.PathLike) -> dict[str, Any]:
+    """A trust file written by :meth:`MetaEvalResult.write_trust`: ``{"target", "summary", "trusted", ...}``.
+
+    Raises:
+        PatchlabFileError: no such file. PatchlabValueError: not JSON, or not a trust file.
+    """
+    data = read_json(path, what="probe trust file")
+    if not isinstance(data, dict) or data.get("format") != TRUST_FORMAT or "trusted" not in data:
+        raise PatchlabValueError(f"{path} is not a patchlab probe trust file (format {TRUST_FORMAT})")
+    return data
 
 
 def _fmt(x: float | None) -> str:
@@ -439,7 +472,8 @@ def meta_eval(zoo: Zoo, probes: Sequence[str] | None = None, *, settings: Mappin
             N member. MissingDependencyError: Ray asked for but not installed.
     """
     if not isinstance(zoo, Zoo):
-        raise PatchlabValueError(f"meta_eval takes a patchlab.zoo.Zoo (patchlab.zoo.load_zoo), got {type(zoo).__name__}")
+        raise PatchlabValueError(f"meta_eval takes a patchlab.zoo.Zoo (patchlab.zoo.load_zoo), got "
+                                 f"{type(zoo).__name__}")
     chosen = [p.name for p in select(probes) if probes is not None or p.name in READINGS]
     lacking = [p for p in chosen if p not in READINGS]
     if lacking:
