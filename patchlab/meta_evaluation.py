@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import plotly.offline
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.errors import MissingDependencyError, PatchlabValueError
+from patchlab.distributed import check_resources, run_tasks
+from patchlab.errors import PatchlabValueError
 from patchlab.io import atomic_write_json, output_dir, read_json
 from patchlab.probes.base import ProbeResult
 from patchlab.probes.registry import PROBES, select
@@ -415,40 +415,6 @@ HM their harmonic mean.</p>
 
 # ------------------------------------------------------------------------------------------------ the run
 
-def _ray_runner(address: str | None, num_gpus: float, num_cpus: float) -> Callable[..., Any]:
-    """``submit(*args) -> ObjectRef`` of :func:`evaluate_member` as a Ray task (Ray initialised if it is not)."""
-    try:
-        import ray
-    except ImportError as err:
-        raise MissingDependencyError("meta_eval with Ray needs ray: pip install 'patchlab[ray]'") from err
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_gpus=num_gpus, num_cpus=num_cpus)(evaluate_member)
-    return remote.remote
-
-
-def run_members(names: Sequence[str], args: Callable[[str], tuple], done: Callable[[dict[str, Any]], None], *,
-                ray: bool = False, ray_address: str | None = None, num_gpus: float = 0, num_cpus: float = 1,
-                progress: bool = True) -> None:
-    """Run :func:`evaluate_member` for each of ``names`` (arguments ``args(name)``), calling ``done(record)`` as
-    each finishes: in-process in order, or as Ray tasks (``ray`` or ``ray_address``) in completion order."""
-    with tqdm(total=len(names), desc="meta-eval", disable=not progress) as bar:
-        if not (ray or ray_address):
-            for name in names:
-                bar.set_postfix_str(name)
-                done(evaluate_member(*args(name)))
-                bar.update(1)
-            return
-        import ray as ray_module
-
-        submit = _ray_runner(ray_address, num_gpus, num_cpus)
-        pending = [submit(*args(name)) for name in names]
-        while pending:
-            ready, pending = ray_module.wait(pending, num_returns=1)
-            done(ray_module.get(ready[0]))
-            bar.update(1)
-
-
 def meta_eval(zoo: Zoo, probes: Sequence[str] | None = None, *, settings: Mapping[str, Mapping[str, Any]] | None = None,
               attacks: Mapping[str, Mapping[str, Any]] | None = None, bootstrap: Mapping[str, Any] | None = None,
               out_dir: Any = None, overwrite: bool = False, ray: bool = False, ray_address: str | None = None,
@@ -491,6 +457,7 @@ def meta_eval(zoo: Zoo, probes: Sequence[str] | None = None, *, settings: Mappin
     if not zoo.by_role(*POSITIVE_ROLES) or not zoo.by_role(*NEGATIVE_ROLES):
         raise PatchlabValueError("a meta-evaluation needs at least one negative member besides the full model")
     resolved_attacks = _attacks(attacks)
+    check_resources(num_gpus, num_cpus)
     boot = {**BOOT, **(bootstrap or {})}
     if not isinstance(boot["n_boot"], int) or boot["n_boot"] < 1 or not 0 < boot["level"] < 1:
         raise PatchlabValueError(f"bootstrap needs n_boot >= 1 and level in (0, 1), got {boot}")
@@ -520,8 +487,9 @@ def meta_eval(zoo: Zoo, probes: Sequence[str] | None = None, *, settings: Mappin
             out.write(f"models/{slug(record['name'])}.json",
                       lambda path: atomic_write_json(path, _json_safe(record)))
 
-    run_members(todo, lambda name: (zoo_dict, name, chosen, settings, resolved_attacks), done, ray=ray,
-                ray_address=ray_address, num_gpus=num_gpus, num_cpus=num_cpus, progress=progress)
+    run_tasks(evaluate_member, [(zoo_dict, name, chosen, settings, resolved_attacks) for name in todo], done,
+              ray=ray, ray_address=ray_address, num_gpus=num_gpus, num_cpus=num_cpus, progress=progress,
+              desc="meta-eval")
     result = MetaEvalResult(target=zoo.target, probes=chosen, models=[records[m.name] for m in zoo.members],
                             orientation={p: READINGS[p].orientation for p in chosen}, settings=run_settings,
                             provenance={"zoo": zoo_dict, "environment": environment()})

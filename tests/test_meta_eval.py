@@ -251,13 +251,29 @@ def test_script_on_a_zoo_file_and_its_errors(tiny_zoo, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ Ray
 
+def _cases(zoo):
+    """Audit cases of the tiny zoo: the full model against the unlearned member and against the negative one."""
+    from patchlab.pair import load_pair, load_tokenizer
+    from patchlab.probes import AuditCase
+
+    tok = load_tokenizer(zoo.full.source)
+    return [AuditCase(name, load_pair(zoo.full.load(), zoo.member(name).load(), tokenizer=tok), zoo.questions,
+                      zoo.unrelated, zoo.retain.load()) for name in ("ga", "neg")]
+
+
 def test_ray_gives_the_in_process_numbers(tiny_zoo, tiny_result, tmp_path):
+    """meta_eval and audit_many on a local Ray with 2 CPUs: the in-process numbers, results written per model."""
     ray = pytest.importorskip("ray")
+    from patchlab.probes import audit_many
+
     _, local = tiny_result
+    local_audit = audit_many(_cases(tiny_zoo), probes=PROBES, settings=SETTINGS, progress=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         remote = meta_eval(tiny_zoo, PROBES, settings=SETTINGS, attacks=ATTACKS, bootstrap={"n_boot": 50},
                            out_dir=tmp_path / "ray", ray=True, progress=False)
+        remote_audit = audit_many(_cases(tiny_zoo), probes=PROBES, settings=SETTINGS, out_dir=tmp_path / "audit",
+                                  ray=True, progress=False)
     finally:
         ray.shutdown()
     assert [r["name"] for r in remote.models] == [r["name"] for r in local.models]
@@ -266,3 +282,8 @@ def test_ray_gives_the_in_process_numbers(tiny_zoo, tiny_result, tmp_path):
             for probe, s in probes.items():
                 np.testing.assert_allclose(a["scores"][variant][probe]["m"], s["m"], rtol=0, atol=1e-6)
     assert remote.to_frame().drop(columns="orientation").equals(local.to_frame().drop(columns="orientation"))
+    assert len(list((tmp_path / "ray" / "models").iterdir())) == len(local.models)
+    columns = ["label", "probe", "score", "low", "high", "verdict"]
+    assert remote_audit.to_frame()[columns].equals(local_audit.to_frame()[columns])
+    assert sorted(p.name for p in (tmp_path / "audit" / "probes" / "ga").iterdir()) == sorted(f"{p}.json"
+                                                                                               for p in PROBES)
