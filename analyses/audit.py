@@ -24,6 +24,8 @@ from patchlab.probes.registry import select
 from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, check_toy_world_flags,
                           comma_list, model_kwargs, parser, run_script)
 from patchlab.io import read_records
+from patchlab.meta_evaluation import read_trust
+from patchlab.toy.zoo import TRUST_FILE
 from patchlab.pair import load_model, load_tokenizer
 
 
@@ -46,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="graddiff", help="comma-separated toy unlearning methods (toy world only)")
     p.add_argument("--sanity", action="store_true",
                    help="toy world: also audit the retain model in the unlearned model's place (should be erased)")
+    p.add_argument("--trust", help="a meta-evaluation's trust file (python analyses/meta_eval.py --ship FILE): the "
+                                   "overall verdict counts the probes it trusts (toy world default: the shipped one)")
     p.add_argument("--probes", help=f"comma-separated probes (default all: {','.join(PROBES)})")
     p.add_argument("--n-tokens", type=int, help="vanilla reference answer length, tokens (default 30)")
     p.add_argument("--n-boot", type=int, help="bootstrap resamples over questions (default 1000)")
@@ -107,11 +111,19 @@ def report(args: argparse.Namespace) -> None:
     settings = settings_from_args(args, toy)
     resolve_settings(list(PROBES.values()), settings)  # bad probes or settings fail before any model loads
     select(comma_list(args.probes))
+    trust = read_trust(args.trust) if args.trust else None
+    if trust is None and toy and TRUST_FILE.is_file():
+        trust = read_trust(TRUST_FILE)
     cases = cases_from_args(args)
     result = audit_many(cases, probes=comma_list(args.probes), settings=settings, out_dir=args.out,
-                        overwrite=args.overwrite, progress=not args.quiet)
+                        overwrite=args.overwrite, progress=not args.quiet, trust=trust)
     print(f"residual-knowledge audit of {', '.join(result.labels)} ({len(cases[0].questions)} target questions)")
     print(result.verdicts().to_string())
+    for row in result.overall().itertuples():
+        print(f"overall, {row.label}: {row.verdict} (from {row.trusted or 'no probe'})")
+    if trust is not None:
+        for probe, why in trust["trusted"].items():
+            print(f"  {probe}: {why}")
     for kind in ("json", "csv", "html"):
         print(f"wrote {kind}: {args.out}/audit.{kind}")
 

@@ -21,6 +21,7 @@ import argparse
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zoo", help="a zoo file (JSON or YAML); default: the toy world's zoo")
     p.add_argument("--concept", help="toy world: the target concept (default its first)")
     p.add_argument("--method", help="toy world: comma-separated unlearning methods (default graddiff,npo,rmu)")
+    p.add_argument("--members", help="toy world: comma-separated from-scratch members, shipped names "
+                                     "(half-a-s1...) or checkpoint directories (default the four shipped ones)")
     p.add_argument("--seeds", type=_ints, help="toy world: seeds of the fine-tuned members (default 1,2)")
     p.add_argument("--probes", help="comma-separated probes (default: every probe with a knowledge reading)")
     p.add_argument("--relearn-steps", type=int, help="relearning attack: fine-tuning steps (default 20)")
@@ -79,8 +82,9 @@ def report(args: argparse.Namespace) -> None:
         attacks["quantization"] = {"bits": args.bits}
     start = time.perf_counter()
     if args.zoo is not None:
-        if args.concept or args.method or args.seeds:
-            raise patchlab.PatchlabValueError("--concept, --method and --seeds describe the toy zoo; not with --zoo")
+        if args.concept or args.method or args.seeds or args.members:
+            raise patchlab.PatchlabValueError("--concept, --method, --members and --seeds describe the toy zoo; not "
+                                              "with --zoo")
         zoo, settings = load_zoo(args.zoo), None
     else:
         from patchlab.toy import zoo as toy_zoo
@@ -88,6 +92,9 @@ def report(args: argparse.Namespace) -> None:
         kwargs = {"methods": comma_list(args.method)} if args.method else {}
         if args.seeds is not None:
             kwargs["seeds"] = args.seeds
+        if args.members:
+            kwargs["members"] = [toy_zoo.ZOO_ASSETS / m if m in toy_zoo.ZOO_MEMBERS else Path(m)
+                                 for m in comma_list(args.members)]
         zoo = toy_zoo.toy(args.concept, progress=not args.quiet, **kwargs)
         settings = toy_zoo.META_SETTINGS
     result = meta_eval(zoo, comma_list(args.probes), settings=settings, attacks=attacks, out_dir=args.out,

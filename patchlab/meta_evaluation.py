@@ -426,10 +426,11 @@ def meta_eval(zoo: Zoo, probes: Sequence[str] | None = None, *, settings: Mappin
         settings: probe settings, as :func:`patchlab.audit` takes them. attacks: overrides of
             :data:`ATTACK_DEFAULTS` (``{"relearning": {...}, "quantization": {...}}``). bootstrap: overrides of
             :data:`BOOT`.
-        out_dir: if given, claimed as a ``"meta_eval"`` output keyed by the zoo, probes and settings; each member's
-            record is written there (``models/<name>.json``) as it finishes and reused on a rerun, and the report
-            (``meta_eval.json``, ``.csv``, ``.html``) at the end. Another run's directory is replaced only with
-            ``overwrite=True``.
+        out_dir: if given, claimed as a ``"meta_eval"`` output keyed by the target, questions, the full and retain
+            models, probes and settings; each member's record is written there (``models/<name>.json``) as it
+            finishes and reused on a rerun while the member's checkpoint digest (:meth:`Member.digest`) is the
+            same, so members can be added to a zoo; the report (``meta_eval.json``, ``.csv``, ``.html``) is written
+            at the end. Another run's directory is replaced only with ``overwrite=True``.
         ray, ray_address: run each member as a Ray task (``ray.init()`` locally, or the cluster at ``ray_address``),
             ``num_gpus`` / ``num_cpus`` per task. Default: in-process; same numbers either way.
 
@@ -467,19 +468,25 @@ def meta_eval(zoo: Zoo, probes: Sequence[str] | None = None, *, settings: Mappin
     zoo_dict = zoo.to_dict()
     run_settings = {"probes": dict(settings or {}), "attacks": resolved_attacks, "bootstrap": boot}
     out = None
-    if out_dir is not None:
-        key = settings_key({"zoo": zoo_dict, "probes": chosen, **run_settings})
+    digests = {m.name: m.digest() for m in zoo.members}
+    if out_dir is not None:  # keyed by what every member's record depends on: members may be added or changed
+        reference = {k: zoo_dict[k] for k in ("target", "questions", "unrelated")}
+        key = settings_key({**reference, "full": digests[zoo.full.name],
+                            "retain": digests[zoo.retain.name] if zoo.retain else None, "probes": chosen,
+                            **run_settings})
         out = output_dir(out_dir, "meta_eval", overwrite=overwrite, resume=True, key=key)
     records: dict[str, dict[str, Any]] = {}
     todo = []
     for member in zoo.members:
-        path = f"models/{slug(member.name)}.json"
-        if out is not None and out.resumed and (out.path / path).is_file():
-            records[member.name] = _nan_models(read_json(out.path / path))
+        path = out.path / f"models/{slug(member.name)}.json" if out is not None else None
+        stored = read_json(path) if out is not None and out.resumed and path.is_file() else None
+        if stored is not None and stored.get("digest") == digests[member.name]:
+            records[member.name] = _nan_models(stored)
         else:
             todo.append(member.name)
 
     def done(record: dict[str, Any]) -> None:
+        record["digest"] = digests[record["name"]]
         records[record["name"]] = record
         if out is not None:
             from patchlab.probes.report import _json_safe

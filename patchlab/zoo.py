@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import xxhash
 from transformers import PreTrainedModel
 
 from patchlab.errors import PatchlabFileError, PatchlabValueError
@@ -74,6 +75,20 @@ class Member:
             raise PatchlabValueError(f"zoo member {self.name!r} needs a source (a checkpoint directory or hub id)")
         if self.weights is not None and not Path(self.weights).is_file():
             raise PatchlabFileError(f"zoo member {self.name!r}: no weights file {self.weights}")
+
+    def digest(self) -> str:
+        """xxh3-128 of the role and the checkpoint: the bytes of every weight file of a local ``source`` directory
+        (``*.safetensors``, ``*.bin``) and of ``weights``, else the hub id. A meta-evaluation reuses a member's stored
+        record only under the same digest."""
+        h = xxhash.xxh3_128()
+        h.update(self.role.encode())
+        source = Path(self.source)
+        files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in source.glob(pattern)) \
+            if source.is_dir() else []
+        h.update(self.source.encode() if not files else b"")
+        for f in files + ([Path(self.weights)] if self.weights else []):
+            h.update(f.read_bytes())
+        return h.hexdigest()
 
     def load(self) -> PreTrainedModel:
         """The member's model (eval mode, CPU, float32 unless the checkpoint says otherwise)."""

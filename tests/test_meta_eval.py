@@ -200,6 +200,15 @@ def test_meta_eval_resumes_per_member(tiny_zoo, tiny_result, monkeypatch):
                       progress=False)
     assert calls == ["neg"]
     assert again.to_frame().equals(result.to_frame())
+    smaller = dataclasses.replace(tiny_zoo, members=[m for m in tiny_zoo.members if m.name != "neg-ft-s1"])
+    fewer = meta_eval(smaller, PROBES, settings=SETTINGS, attacks=ATTACKS, bootstrap={"n_boot": 50}, out_dir=out,
+                      progress=False)  # members may come and go: each record is reused while its checkpoint is
+    assert calls == ["neg"] and len(fewer.models) == len(result.models) - 1
+    relabelled = dataclasses.replace(tiny_zoo, members=[dataclasses.replace(m, role="positive") if m.name == "neg"
+                                                        else m for m in tiny_zoo.members])
+    meta_eval(relabelled, PROBES, settings=SETTINGS, attacks=ATTACKS, bootstrap={"n_boot": 50}, out_dir=out,
+              progress=False)
+    assert calls == ["neg", "neg"]  # another role (or other weights): another digest, recomputed
 
 
 def test_meta_eval_bad_inputs(tiny_zoo, tmp_path):
@@ -287,3 +296,26 @@ def test_ray_gives_the_in_process_numbers(tiny_zoo, tiny_result, tmp_path):
     assert remote_audit.to_frame()[columns].equals(local_audit.to_frame()[columns])
     assert sorted(p.name for p in (tmp_path / "audit" / "probes" / "ga").iterdir()) == sorted(f"{p}.json"
                                                                                                for p in PROBES)
+
+
+# ------------------------------------------------------------------------------------------------ the audit's trust
+
+def test_overall_verdict_counts_only_the_trusted_probes(tmp_path):
+    from patchlab.probes import AuditReport, AuditRun
+
+    def result(probe, verdict):
+        return ProbeResult(probe, Interval(0.5, 0.4, 0.6), "m", verdict, "r", {})
+
+    runs = [AuditRun("a", {"krs": result("krs", "hidden"), "uds": result("uds", "erased")}),
+            AuditRun("b", {"krs": result("krs", "hidden")})]
+    trust = {"format": "patchlab.ProbeTrust/1", "target": "t", "command": "python analyses/meta_eval.py",
+             "trusted": {"krs": "not trusted: AUC 0.50", "uds": "trusted: AUC 0.99"}}
+    assert list(AuditReport(runs).overall().verdict) == ["hidden", "hidden"]  # no trust file: every probe counts
+    report = AuditReport(runs, trust=trust)
+    overall = report.overall()
+    assert list(overall.verdict) == ["erased", "no trusted probe"] and overall.trusted[0] == "uds"
+    assert "uds trusted: AUC 0.99" in overall.why[0]
+    report.write_report(tmp_path / "audit")
+    page = (tmp_path / "audit" / "audit.html").read_text()
+    assert "Overall verdict" in page and "not trusted: AUC 0.50" in page
+    assert AuditReport.load(tmp_path / "audit" / "audit.json").trust == trust

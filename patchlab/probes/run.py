@@ -139,7 +139,7 @@ def audit_case(index: int, case: AuditCase, probes: list[Probe], settings: Mappi
 def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = None,
                settings: Mapping[str, Mapping[str, Any]] | None = None, out_dir: Any = None, overwrite: bool = False,
                progress: bool = True, ray: bool = False, ray_address: str | None = None, num_gpus: float = 0,
-               num_cpus: float = 1) -> AuditReport:
+               num_cpus: float = 1, trust: Mapping[str, Any] | None = None) -> AuditReport:
     """Run the probes on every case and return the side-by-side :class:`AuditReport`.
 
     Args:
@@ -158,6 +158,8 @@ def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = Non
             locally, or the cluster at ``ray_address``; ``num_gpus`` / ``num_cpus`` per task; the case, its models
             included, is sent to the task). Each case's results are written to ``out_dir`` as it finishes. Default:
             in-process, probe by probe; same numbers either way.
+        trust: a meta-evaluation's trust file (:func:`patchlab.meta_evaluation.read_trust`), which the report's
+            overall verdict (:meth:`AuditReport.overall`) follows.
 
     Raises:
         PatchlabValueError: no case, repeated labels, an unknown probe or setting, a named probe lacking an input, a
@@ -199,7 +201,7 @@ def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = Non
                 done.append(results)
     runs = [AuditRun(case.label, results, skipped, {**prov, "environment": environment()})
             for case, prov, results, (_, skipped) in zip(cases, provenance, done, plan)]
-    report = AuditReport(runs)
+    report = AuditReport(runs, trust=dict(trust) if trust is not None else None)
     if out is not None:
         report.write_report(out)
     return report

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from patchlab.errors import PatchlabValueError
+from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.io import atomic_write, read_json
 from patchlab.pair import load_model, load_tokenizer
 from patchlab.toy.cache import cache_dir, cached_path, toy_methods, unlearn_data
@@ -110,6 +110,10 @@ def toy(concept: str | None = None, *, methods: Sequence[str] = DEFAULT_METHODS,
     if unknown or isinstance(methods, str):
         raise PatchlabValueError(f"unknown toy unlearning method(s) {unknown or methods}; choose from {toy_methods()}")
     dirs = [Path(m) for m in members] if members is not None else [ZOO_ASSETS / name for name in ZOO_MEMBERS]
+    missing = [str(d) for d in dirs if not (d / "build.json").is_file()]
+    if missing:
+        raise PatchlabFileError(f"no toy checkpoint (build.json) in {', '.join(missing)}; build the shipped members "
+                                "with the command in patchlab/toy/zoo.py's docstring")
     zoo = [Member("vanilla", "full", str(checkpoint), note="the shipped vanilla model")]
     negatives = []
     for path in dirs:
