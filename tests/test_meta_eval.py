@@ -173,6 +173,11 @@ def test_meta_eval_on_a_tiny_zoo(tiny_result):
     out, result = tiny_result
     frame = result.to_frame()
     assert list(frame.probe) == PROBES and set(frame.n_P) == {2} and set(frame.n_N) == {2}
+    for probe in PROBES:  # false alarms: never-saw models whose verdict says hidden or intact
+        alarms = [r["name"] for r in result.models if r["role"] == "negative"
+                  and r["scores"]["before"][probe]["verdict"] in ("hidden", "intact")]
+        assert result.false_knowledge(probe) == alarms and result.summary(probe)["n_false"] == len(alarms)
+        assert result.trusted()[probe].startswith("not trusted") or not alarms
     vanilla = next(r for r in result.models if r["role"] == "full")
     assert all(s["m"] == pytest.approx(1.0) for s in vanilla["scores"]["before"].values())  # the full model knows
     ga = next(r for r in result.models if r["role"] == "unlearned")
