@@ -158,7 +158,7 @@ def tiny_zoo(tmp_path_factory, one_thread):
 def test_toy_zoo_roles(tiny_zoo):
     assert [(m.name, m.role) for m in tiny_zoo.members] == [
         ("vanilla", "full"), ("neg", "negative"), ("retain", "retain"), ("vanilla-ft-s1", "positive"),
-        ("neg-ft-s1", "negative"), ("ga", "unlearned")]
+        ("retain-ft-s1", "negative"), ("neg-ft-s1", "negative"), ("ga", "unlearned")]
     assert all(m.weights is None or m.weights.endswith(".safetensors") for m in tiny_zoo.members)
 
 
@@ -172,7 +172,7 @@ def tiny_result(tiny_zoo, tmp_path_factory):
 def test_meta_eval_on_a_tiny_zoo(tiny_result):
     out, result = tiny_result
     frame = result.to_frame()
-    assert list(frame.probe) == PROBES and set(frame.n_P) == {2} and set(frame.n_N) == {2}
+    assert list(frame.probe) == PROBES and set(frame.n_P) == {2} and set(frame.n_N) == {3}
     for probe in PROBES:  # false alarms: never-saw models whose verdict says hidden or intact
         alarms = [r["name"] for r in result.models if r["role"] == "negative"
                   and r["scores"]["before"][probe]["verdict"] in ("hidden", "intact")]
@@ -205,7 +205,7 @@ def test_meta_eval_resumes_per_member(tiny_zoo, tiny_result, monkeypatch):
                       progress=False)
     assert calls == ["neg"]
     assert again.to_frame().equals(result.to_frame())
-    smaller = dataclasses.replace(tiny_zoo, members=[m for m in tiny_zoo.members if m.name != "neg-ft-s1"])
+    smaller = dataclasses.replace(tiny_zoo, members=[m for m in tiny_zoo.members if m.name != "retain-ft-s1"])
     fewer = meta_eval(smaller, PROBES, settings=SETTINGS, attacks=ATTACKS, bootstrap={"n_boot": 50}, out_dir=out,
                       progress=False)  # members may come and go: each record is reused while its checkpoint is
     assert calls == ["neg"] and len(fewer.models) == len(result.models) - 1

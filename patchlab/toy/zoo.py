@@ -16,8 +16,10 @@ another concept the first negative from-scratch member takes that role.
 Cheap members are built on first use and cached beside the toy unlearned models (:func:`patchlab.toy.cache_dir`):
 
 * fine-tuned copies: a shipped model fine-tuned further for :data:`FINETUNE` steps on *unrelated* QA (the other
-  concepts' QA pairs), one per seed; of the vanilla model (positives) and of each negative from-scratch member
-  (negatives);
+  concepts' QA pairs), one per seed; of the vanilla model (positives), and of the retain model and each negative
+  from-scratch member (negatives). The retain model's copies are the only negatives that share the vanilla model's
+  initialisation (the from-scratch members do not): patching probes compare activations across models, which
+  presumes a shared basis.
 * unlearned models: :func:`patchlab.toy.unlearned` per method (its toy settings).
 """
 
@@ -95,7 +97,8 @@ def toy(concept: str | None = None, *, methods: Sequence[str] = DEFAULT_METHODS,
     Members: ``vanilla`` (full); each from-scratch member of ``members`` (default the shipped
     :data:`ZOO_MEMBERS`), a negative if it never saw ``concept`` else a positive; the retain model (``retain``,
     default the shipped one for the default concept, else the first negative member); fine-tuned copies of the
-    vanilla model (positives) and of each negative member (negatives), one per seed of ``seeds``; the vanilla model
+    vanilla model (positives) and of the retain model and each negative member (negatives), one per seed of
+    ``seeds``; the vanilla model
     unlearned with each of ``methods``. Fine-tuned and unlearned members are cached (``cache``, default
     :func:`patchlab.toy.cache_dir`) and referenced as weights over the shipped checkpoint.
 
@@ -135,7 +138,8 @@ def toy(concept: str | None = None, *, methods: Sequence[str] = DEFAULT_METHODS,
     if concept not in excluded(Path(retain)):
         raise PatchlabValueError(f"{retain} is not a retain model of {concept!r} (it was trained on it)")
     zoo.append(Member("retain", "retain", str(retain), note=f"never saw {concept}"))
-    for base, role in [(Path(checkpoint), "positive")] + [(n, "negative") for n in negatives]:
+    for base, role in [(Path(checkpoint), "positive"), (Path(retain), "negative")] + [(n, "negative")
+                                                                                   for n in negatives]:
         for seed in seeds:
             name = "vanilla" if base == Path(checkpoint) else base.name
             zoo.append(Member(f"{name}-ft-s{seed}", role, str(base),
