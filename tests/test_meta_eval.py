@@ -324,3 +324,17 @@ def test_overall_verdict_counts_only_the_trusted_probes(tmp_path):
     page = (tmp_path / "audit" / "audit.html").read_text()
     assert "Overall verdict" in page and "not trusted: AUC 0.50" in page
     assert AuditReport.load(tmp_path / "audit" / "audit.json").trust == trust
+
+
+def test_toy_zoo_bad_inputs(tmp_path):
+    import patchlab
+
+    assert patchlab.zoo.toy is toy_zoo.toy  # the lazy re-export
+    with pytest.raises(PatchlabValueError, match="a half is 'a' or 'b'"):
+        toy_zoo.half("c")
+    with pytest.raises(PatchlabValueError, match="unknown toy unlearning method"):
+        toy_zoo.toy(methods=("forgetful",), members=[], progress=False)
+    with pytest.raises(PatchlabFileError, match="no toy checkpoint"):
+        toy_zoo.toy(members=[tmp_path / "missing"], progress=False)
+    with pytest.raises(PatchlabValueError, match="unknown toy concept .Nonexistent Thing."):
+        toy_zoo.toy("Nonexistent Thing", members=[], progress=False)
