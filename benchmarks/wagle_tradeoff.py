@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from pathlib import Path
 import time
 
 import torch
@@ -37,7 +38,7 @@ from transformers import PreTrainedModel
 import patchlab
 from patchlab import toy
 from patchlab.unlearning import attribution
-from patchlab.cli import add_quiet_arg, parser, quiet, run
+from patchlab.cli import add_quiet_arg, parser, print_written, quiet, run
 from patchlab.io import atomic_write_json
 from patchlab.toy.build import ASSETS
 from patchlab.toy.cache import method_settings, unlearn_data
@@ -143,7 +144,7 @@ def compare(args: argparse.Namespace) -> None:
               f"{r['retain_nll']:>11.3f}")
     for pair, value in overlaps.items():
         print(f"mask overlap (Jaccard) {pair}: {value:.3f}")
-    print(f"wrote {args.out}")
+    print_written([Path(args.out)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,10 +39,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 import plotly.offline
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -53,9 +54,9 @@ from patchlab.probes.base import ProbeResult
 from patchlab.probes.registry import PROBES, select
 from patchlab.probes.run import AuditCase, audit_many, slug
 from patchlab.provenance import environment, settings_key
-from patchlab.reports import figures
-from patchlab.reports.results import Result, register_result
-from patchlab.zoo import NEGATIVE_ROLES, POSITIVE_ROLES, Zoo
+from patchlab.results import Result, register_result
+from patchlab.schema import FreeJson, Schema
+from patchlab.zoo import NEGATIVE_ROLES, POSITIVE_ROLES, ROLES, Zoo
 
 FORMAT = "patchlab.MetaEval/1"
 #: The format tag of the compact trust file (:meth:`MetaEvalResult.write_trust`, :func:`read_trust`).
@@ -252,6 +253,31 @@ def robustness(models: Sequence[Mapping[str, Any]], probe: str) -> dict[str, Any
 
 # ------------------------------------------------------------------------------------------------ the result
 
+class MemberRecordFile(Schema):
+    """One member's record in a meta-evaluation file (:func:`evaluate_member`): per audited variant, per probe, the
+    knowledge reading ``m`` (``null`` when undefined), the headline ``score`` and the ``verdict``."""
+
+    name: Annotated[str, Field(min_length=1)]
+    role: Literal[ROLES]
+    note: str = ""
+    scores: dict[Literal[VARIANTS], dict[str, FreeJson]]
+    seconds: Annotated[float, Field(ge=0)]
+    digest: str | None = None
+
+
+class MetaEvalFile(Schema):
+    """A :class:`MetaEvalResult` file: the probes, their orientation and summary, every member's record."""
+
+    format: Literal["patchlab.MetaEval/1"]
+    target: str
+    probes: Annotated[list[str], Field(min_length=1)]
+    orientation: dict[str, str]
+    summary: dict[str, FreeJson]
+    models: Annotated[list[MemberRecordFile], Field(min_length=1)]
+    settings: dict[str, FreeJson]
+    provenance: dict[str, FreeJson]
+
+
 @register_result
 @dataclass
 class MetaEvalResult(Result):
@@ -266,6 +292,7 @@ class MetaEvalResult(Result):
 
     kind = "meta_eval"
     format = FORMAT
+    schema = MetaEvalFile
 
     target: str
     probes: list[str]
@@ -360,12 +387,6 @@ class MetaEvalResult(Result):
         return cls(target=data["target"], probes=list(data["probes"]), models=models,
                    orientation=dict(data["orientation"]), settings=dict(data.get("settings", {})),
                    provenance=dict(data.get("provenance", {})))
-
-    def figure(self) -> Any:
-        """Histograms of each probe's knowledge readings, P against N
-        (:func:`patchlab.reports.figures.pool_histograms`)."""
-        return figures.pool_histograms({p: self.pools(p) for p in self.probes},
-                                       title=f"Meta-evaluation on {self.target}: knowledge readings, P vs N")
 
     def html(self) -> str:
         """One self-contained page: the table, then the histograms (plotly's JavaScript inlined)."""

@@ -24,7 +24,7 @@ A zoo is read from a small JSON or YAML file (:func:`load_zoo`)::
 
 ``source`` is a local checkpoint directory (relative to the file) or a hub id; ``weights`` optionally names a
 safetensors state dict loaded over it (how cached toy members are stored). The toy world's zoo is built offline by
-:func:`patchlab.toy.zoo.toy` (also ``patchlab.zoo.toy``).
+:func:`patchlab.toy.zoo.toy`.
 """
 
 from __future__ import annotations
@@ -236,13 +236,3 @@ def load_zoo(path: str | os.PathLike) -> Zoo:
 
         data = read_json(path, what="zoo file")
     return Zoo.from_dict(data, base=path.parent.resolve())
-
-
-def __getattr__(name: str) -> Any:
-    """``patchlab.zoo.toy``: the toy world's zoo builder (:func:`patchlab.toy.zoo.toy`), imported on first use so
-    this module stays below the toy world in the layering."""
-    if name == "toy":
-        from patchlab.toy.zoo import toy
-
-        return toy
-    raise AttributeError(f"module 'patchlab.zoo' has no attribute {name!r}")

@@ -25,6 +25,7 @@ from patchlab.probes.quantization import quantize_, quantize_weight
 from patchlab.probes.registry import probe_settings
 from patchlab.probes.relearning import halves
 from patchlab.probes.scoring import answer_logprob, references
+from patchlab.reports import views
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from tests.conftest import load_script
 
@@ -459,4 +460,4 @@ def test_logit_lens_names_layers_by_their_place():
     assert lens_probe.layer_name(0, 6) == "layer 0 (the first decoder layer)"
     assert lens_probe.layer_name(3, 6) == "layer 3 (intermediate)"
     assert lens_probe.layer_name(5, 6) == "layer 5 (the last: the model's output)"
-    assert lens_probe.rank_ticks(1) == [1] and lens_probe.rank_ticks(700)[-3:] == [200, 500, 1000]
+    assert views.rank_ticks(1) == [1] and views.rank_ticks(700)[-3:] == [200, 500, 1000]

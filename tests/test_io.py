@@ -131,6 +131,24 @@ def test_every_script_refuses_a_foreign_directory_before_compute(tmp_path, monke
     assert _listing(out) == [("thesis.tex", "years")]
 
 
+def test_write_tree_gives_every_file_the_mode_of_a_plain_open(tmp_path):
+    """A checkpoint's files all get 0o666 less the umask, as open() gives, even one its writer made 0o600
+    (safetensors' model.safetensors was left private while the tokenizer files were 0o644)."""
+    def write(tmp):
+        os.close(os.open(tmp / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600))
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "tokenizer.json").write_text("{}")
+
+    old = os.umask(0o022)
+    try:
+        OutputDir(tmp_path / "ckpt", "checkpoint").write_tree(write)
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+    assert modes["model.safetensors"] == modes["tokenizer.json"] == (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_write_json_leaves_no_partial_file(tmp_path):
     path = tmp_path / "r.json"
     patchlab.io.atomic_write_json(path, {"a": 1})

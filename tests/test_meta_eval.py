@@ -14,7 +14,7 @@ from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.meta_evaluation import (MetaEvalResult, auc, auc_interval, knowledge, meta_eval, read_trust,
                                       revealed_share, robustness)
 from patchlab.probes.base import Interval, ProbeResult
-from patchlab.reports.results import load_result
+from patchlab.results import load_result
 from patchlab.toy import zoo as toy_zoo
 from patchlab.toy.build import SMALL, build, make_world
 from patchlab.zoo import Member, Zoo, load_zoo
@@ -327,9 +327,6 @@ def test_overall_verdict_counts_only_the_trusted_probes(tmp_path):
 
 
 def test_toy_zoo_bad_inputs(tmp_path):
-    import patchlab
-
-    assert patchlab.zoo.toy is toy_zoo.toy  # the lazy re-export
     with pytest.raises(PatchlabValueError, match="a half is 'a' or 'b'"):
         toy_zoo.half("c")
     with pytest.raises(PatchlabValueError, match="unknown toy unlearning method"):

@@ -224,3 +224,16 @@ def test_missing_checkpoint_raises(tmp_path):
         toy.world(tmp_path)
     with pytest.raises(PatchlabValueError, match="n_concepts"):
         generate_world(0, n_concepts=1)
+
+
+def test_method_sweep_script_takes_the_toy_task_from_the_toy_package():
+    from conftest import load_script
+
+    script = load_script("method_sweep")
+    _, _, task = script.load_inputs(script.parse_args(["--concept", "Mirethi Clock"]))
+    record = toy.world().record("Mirethi Clock")
+    assert task == toy.sweep_task("Mirethi Clock")
+    assert task.subject == record.concept and task.name == "toy world: Mirethi Clock"
+    assert task.target_questions == [q.question for q in record.qa]
+    assert task.unrelated_questions == [q.question for q in record.unrelated_qa]
+    assert record.forget_paragraphs[0] in task.forget and record.forget_paragraphs[0] not in task.retain

@@ -147,6 +147,9 @@ def test_run_is_deterministic_and_saved_atomically(learned, tok, tmp_path):
     assert saved["losses"] == a.losses and saved["settings"]["method"] == "dpo"
     assert (tmp_path / "run" / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    (tmp_path / "plain").write_text("")  # every checkpoint file gets the mode a plain open() gives (0o666 - umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert modes == dict.fromkeys(modes, (tmp_path / "plain").stat().st_mode & 0o777)
     reloaded = patchlab.load_model(tmp_path / "run")
     for p, q in zip(reloaded.parameters(), a.model.parameters()):
         assert torch.equal(p, q)

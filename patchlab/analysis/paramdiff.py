@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from patchlab.pair.arch import MODULE_ORDER, layer_index, spec_for_type
+from patchlab.pair.arch import MODULE_ORDER, layer_index, module_order, spec_for_type
 from patchlab.errors import NonFiniteError, PairMismatchError, PatchlabValueError
 from patchlab.pair.weights import CheckpointTensors
 from patchlab.pair import ModelPair
 from patchlab.provenance import pair_provenance
-from patchlab.reports import figures
-from patchlab.reports.results import Result, model_names, register_result
+from patchlab.results import Result, register_result
+from patchlab.schema import AnyFloat, Count, Provenance, Schema, bad
 
 CHUNK = 1 << 24  # elements per float64 chunk
 #: Per tensor / module / layer: cosine similarity, 1 - cosine, angle (degrees), relative L2 change |b-a|/|a|.
@@ -108,6 +109,55 @@ def _metrics(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+class TensorRow(Schema):
+    """One tensor's row of a :class:`ParamDiff` file: its pooled sums are finite (:func:`paramdiff` refuses
+    non-finite tensors), its :data:`METRICS` may be NaN or infinite (an all-zero tensor has no cosine)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    module: Annotated[str, Field(min_length=1)]
+    layer: Annotated[int, Field(ge=-1, lt=2**31)]
+    numel: Count
+    dot: float
+    norm_a2: Annotated[float, Field(ge=0)]
+    norm_b2: Annotated[float, Field(ge=0)]
+    diff2: Annotated[float, Field(ge=0)]
+    dot_ad: float
+    cosine: AnyFloat
+    one_minus_cos: AnyFloat
+    angle_deg: AnyFloat
+    rel_l2: AnyFloat
+
+
+class ValueVectorRow(Schema):
+    """One row of :func:`value_vector_changes`: a changed MLP value vector and the tokens it promotes."""
+
+    layer: Count
+    index: Count
+    cosine: AnyFloat
+    one_minus_cos: AnyFloat
+    rel_l2: Annotated[float, Field(ge=0)]
+    top_tokens_vanilla: list[str]
+    top_tokens_unlearned: list[str]
+
+
+class ParamDiffFile(Schema):
+    """A :class:`ParamDiff` file: one row per tensor (names distinct), the value vectors if computed."""
+
+    format: Literal["patchlab.ParamDiff/1"]
+    provenance: Provenance
+    tensors: Annotated[list[TensorRow], Field(min_length=1)]
+    value_vectors: Annotated[list[ValueVectorRow], Field(min_length=1)] | None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ParamDiffFile:
+        seen: set[str] = set()
+        for i, row in enumerate(self.tensors):
+            if row.name in seen:
+                raise bad(f"tensors[{i}].name", "tensor {name!r} has two rows", name=row.name)
+            seen.add(row.name)
+        return self
+
+
 @register_result
 @dataclass
 class ParamDiff(Result):
@@ -124,6 +174,7 @@ class ParamDiff(Result):
 
     kind = "paramdiff"
     format = "patchlab.ParamDiff/1"
+    schema = ParamDiffFile
 
     table: pd.DataFrame
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -149,7 +200,7 @@ class ParamDiff(Result):
             raise PatchlabValueError(f"metric must be one of {METRICS}, got {metric!r}")
         pooled = self._pooled(["layer", "module"])
         table = pooled[pooled["layer"] >= 0].pivot(index="layer", columns="module", values=metric)
-        return table[figures.module_order(table.columns)]
+        return table[module_order(table.columns)]
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """``paramdiff`` (:attr:`table`), ``paramdiff_modules`` (:meth:`by_module`), per metric
@@ -167,12 +218,7 @@ class ParamDiff(Result):
     def figure(self, metric: str = "one_minus_cos") -> go.Figure:
         """Interactive layer x module heatmap of ``metric``; :data:`LOG_METRICS` on a log colour scale
         (:func:`patchlab.reports.figures.layer_module_heatmap`)."""
-        table = self.by_layer(metric)
-        label = METRIC_LABELS[metric]
-        title = figures.with_subtitle(f"Parameter {label} between vanilla and unlearned, per layer and module",
-                                      figures.models_line(*model_names(self.provenance)))
-        return figures.layer_module_heatmap(table, value_name=label, log=metric in LOG_METRICS, decimals=6,
-                                            title=title)
+        return super().figure(metric=metric)
 
     heatmap = figure
 

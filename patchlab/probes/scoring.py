@@ -4,7 +4,7 @@ and the *recovery* of both after an attack.
 References come from the vanilla model: per question, its greedy answer ids (at most ``n_tokens``, EOS kept) and
 the expected answer (the given one, else the vanilla greedy answer decoded). For a model,
 
-* ``correct``: its greedy answer's words start with the expected answer's words (:func:`patchlab.toy.answers_correct`);
+* ``correct``: its greedy answer's words start with the expected answer's words (:func:`patchlab.pair.qa.answers_correct`);
 * ``logprob``: the mean log-probability per token (nats) of the vanilla answer ids, teacher-forced after the prompt.
 
 An attack's recovery of a score is ``(after - unlearned) / (vanilla - unlearned)`` of its question means: 0 = the
@@ -31,8 +31,7 @@ from patchlab.probes.bootstrap import ratio_of_gains
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
 from patchlab.pair.generation import greedy_answers
-from patchlab.toy.corpus import QA
-from patchlab.toy.qa import answers_correct
+from patchlab.pair.qa import QA, answers_correct
 
 SCORES = ("accuracy", "logprob")
 

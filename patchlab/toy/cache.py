@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -98,20 +101,41 @@ def build_unlearned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                    **method_settings(method)).model
 
 
+def _cached_state(path: Path, model: PreTrainedModel) -> dict[str, torch.Tensor] | None:
+    """The tensors of the cached file ``path`` when they are exactly ``model``'s state (same names, shapes and
+    dtypes), else ``None`` after a warning naming the file (it is then rebuilt). ``model`` is left untouched."""
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as err:
+        problem = f"it cannot be read ({type(err).__name__}: {err})"
+    else:
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        if found == expected:
+            return state
+        problem = "it holds other tensors than the toy model's"
+    warnings.warn(f"the cached toy model {path} is unusable: {problem}; rebuilding it", stacklevel=3)
+    return None
+
+
 def load_or_build(vanilla: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World, concept: str,
                   method: str, vanilla_weights: Path, *, root: Path | None = None, progress: bool = True
                   ) -> PreTrainedModel:
     """The cached unlearned model of (concept, method), built and written atomically on first use.
 
-    ``vanilla`` is a fresh copy of the vanilla model; it becomes the unlearned one (weights loaded or trained).
+    ``vanilla`` is a fresh copy of the vanilla model; it becomes the unlearned one (weights loaded or trained). A
+    cached file that cannot be read (truncated, corrupt, or holding other tensors than the model's) is rebuilt and
+    replaced, with a warning naming it.
     """
     method_settings(method)
     record = world.record(concept)
     forget, retain = unlearn_data(world, concept)
     path = cached_path(record, method, retain, vanilla_weights, root)
     if path.is_file():
-        vanilla.load_state_dict(load_file(path))
-        return vanilla.eval()
+        state = _cached_state(path, vanilla)
+        if state is not None:
+            vanilla.load_state_dict(state)
+            return vanilla.eval()
     model = build_unlearned(vanilla, tokenizer, forget, retain, method, progress=progress)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"concept": concept, "method": method}))

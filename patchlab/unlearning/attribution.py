@@ -21,23 +21,25 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from patchlab.pair.arch import MODULE_ORDER, arch_spec, layer_index
+from patchlab.defaults import ATTRIBUTION_METHODS
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.sites import hooks
-from patchlab.provenance import checkpoint_record, environment, short_name
-from patchlab.reports import figures
-from patchlab.reports.results import Result, register_result
+from patchlab.provenance import checkpoint_record, environment
+from patchlab.results import Result, register_result
+from patchlab.schema import Count, Provenance, Schema, Unit, bad
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
 
@@ -45,7 +47,7 @@ Scores = dict[str, torch.Tensor]
 Mask = dict[str, torch.Tensor]
 LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor]], torch.Tensor]
 
-METHODS = ("wagle", "magnitude", "wanda", "random")
+METHODS = ATTRIBUTION_METHODS
 
 #: Sign of ``ℓ_f`` relative to ``loss`` on the forget set, per WAGLE convention (see :func:`scores`).
 _FORGET_SIGN = {"ascent": -1.0, "nll": 1.0}
@@ -508,6 +510,51 @@ def stack_densities(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 DENSITY_VIEWS = ("modules", "layers")
 
 
+class DensityRow(Schema):
+    """One row of a :class:`DensityReport` file: a method's selected weights of a module type in a layer (``null``
+    outside the decoder layers); ``scored``, the weights the method scored, is absent from files written before it
+    was recorded."""
+
+    module: Annotated[str, Field(min_length=1)]
+    layer: Count | None
+    selected: Count
+    total: Annotated[int, Field(ge=1, lt=2**63)]
+    scored: Count | None = None
+    density: Unit
+    method: Annotated[str, Field(min_length=1)]
+
+
+class DensityReportFile(Schema):
+    """A :class:`DensityReport` file: one row per (method, module type, layer), ``selected <= total`` and
+    ``density = selected / total``, some row in a decoder layer."""
+
+    format: Literal["patchlab.DensityReport/1"]
+    provenance: Provenance
+    densities: Annotated[list[DensityRow], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DensityReportFile:
+        seen: set[tuple[str, str, int | None]] = set()
+        for i, row in enumerate(self.densities):
+            if row.selected > row.total:
+                raise bad(f"densities[{i}].selected", "{selected} weights selected of {total}",
+                          selected=row.selected, total=row.total)
+            if row.scored is not None and not row.selected <= row.scored <= row.total:
+                raise bad(f"densities[{i}].scored", "{scored} weights scored, {selected} selected of {total}",
+                          scored=row.scored, selected=row.selected, total=row.total)
+            if row.density != row.selected / row.total:
+                raise bad(f"densities[{i}].density", "{density} is not selected / total = {selected} / {total}",
+                          density=row.density, selected=row.selected, total=row.total)
+            key = (row.method, row.module, row.layer)
+            if key in seen:
+                raise bad(f"densities[{i}]", "a second row for method {method!r}, module {module!r}, layer {layer}",
+                          method=row.method, module=row.module, layer=row.layer)
+            seen.add(key)
+        if all(row.layer is None for row in self.densities):
+            raise bad("densities", "no row of a decoder layer (every layer is null)")
+        return self
+
+
 @register_result
 @dataclass(frozen=True)
 class DensityReport(Result):
@@ -521,6 +568,7 @@ class DensityReport(Result):
 
     kind = "density"
     format = "patchlab.DensityReport/1"
+    schema = DensityReportFile
 
     table: pd.DataFrame
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -556,21 +604,7 @@ class DensityReport(Result):
         """
         if view not in DENSITY_VIEWS:
             raise PatchlabValueError(f"view must be one of {DENSITY_VIEWS}, got {view!r}")
-        if view == "modules":
-            return figures.density_bars(self.per_module, self.methods, subtitle=self.subtitle())
-        return figures.density_heatmaps(self.table, self.methods, subtitle=self.subtitle())
-
-    def subtitle(self) -> str:
-        """The figures' second title line: the scored model and the share of weights selected, e.g.
-        ``"model: toy world: vanilla; top 80% of weights selected by each method, over the whole model"``."""
-        settings = self.provenance.get("settings", {})
-        model = self.provenance.get("model", {}).get("source")
-        ratio = settings.get("ratio")
-        parts = [f"model: {short_name(model)}" if model else "",
-                 f"top {ratio:.0%} of weights selected by each method, "
-                 f"{'within each layer' if settings.get('per_layer') else 'over the whole model'}"
-                 if ratio is not None else ""]
-        return "; ".join(p for p in parts if p)
+        return super().figure(view=view)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """``density`` (:attr:`table`) and ``density_modules`` (:attr:`per_module`)."""
@@ -582,8 +616,9 @@ class DensityReport(Result):
 
     def to_dict(self) -> dict[str, Any]:
         rows = self.table.astype({"layer": object}).to_dict("records")
+        counts = [c for c in ("layer", "scored") if c in self.table]  # integer columns that may lack values
         return {"provenance": self.provenance,
-                "densities": [{**r, "layer": None if pd.isna(r["layer"]) else int(r["layer"])} for r in rows]}
+                "densities": [{**r, **{c: None if pd.isna(r[c]) else int(r[c]) for c in counts}} for r in rows]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DensityReport:

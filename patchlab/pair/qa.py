@@ -1,14 +1,22 @@
-"""Greedy QA scoring: does a model's answer start with the expected words?"""
+"""Question-answer pairs and greedy QA scoring: does a model's answer start with the expected words?"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, format_prompts, greedy_answers
-from patchlab.toy.corpus import QA
+
+
+@dataclass(frozen=True)
+class QA:
+    """A question and its short answer (1-4 words)."""
+
+    question: str
+    answer: str
 
 
 def qa_text(qa: QA, template: str = DEFAULT_TEMPLATE) -> str:
