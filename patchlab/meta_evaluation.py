@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 import plotly.offline
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -55,7 +55,7 @@ from patchlab.probes.registry import PROBES, select
 from patchlab.probes.run import AuditCase, audit_many, slug
 from patchlab.provenance import environment, settings_key
 from patchlab.results import Result, register_result
-from patchlab.schema import FreeJson, Schema
+from patchlab.schema import FreeJson, Schema, bad
 from patchlab.zoo import NEGATIVE_ROLES, POSITIVE_ROLES, ROLES, Zoo
 
 FORMAT = "patchlab.MetaEval/1"
@@ -253,29 +253,69 @@ def robustness(models: Sequence[Mapping[str, Any]], probe: str) -> dict[str, Any
 
 # ------------------------------------------------------------------------------------------------ the result
 
+class ReadingFile(Schema):
+    """One probe on one audited variant of a member: the knowledge reading ``m`` (``null`` when undefined), the
+    headline ``score`` as ``[value, low, high]`` (each ``null`` when undefined) and the ``verdict``."""
+
+    m: float | None
+    score: Annotated[list[float | None], Field(min_length=3, max_length=3)]
+    verdict: Annotated[str, Field(min_length=1)]
+
+
 class MemberRecordFile(Schema):
-    """One member's record in a meta-evaluation file (:func:`evaluate_member`): per audited variant, per probe, the
-    knowledge reading ``m`` (``null`` when undefined), the headline ``score`` and the ``verdict``."""
+    """One member's record in a meta-evaluation file (:func:`evaluate_member`): per audited variant (``before``
+    always), per probe, its :class:`ReadingFile`."""
 
     name: Annotated[str, Field(min_length=1)]
     role: Literal[ROLES]
     note: str = ""
-    scores: dict[Literal[VARIANTS], dict[str, FreeJson]]
+    scores: dict[Literal[VARIANTS], dict[str, ReadingFile]]
     seconds: Annotated[float, Field(ge=0)]
     digest: str | None = None
 
+    @model_validator(mode="after")
+    def _before(self) -> MemberRecordFile:
+        if "before" not in self.scores:
+            raise bad("scores", "no 'before' variant (the member as it is)")
+        return self
+
+
+class BootFile(Schema):
+    """The faithfulness bootstrap: resamples, central interval level, seed."""
+
+    n_boot: Annotated[int, Field(ge=1)]
+    level: Annotated[float, Field(gt=0, lt=1)]
+    seed: int
+
+
+class MetaEvalSettingsFile(Schema):
+    """The settings a meta-evaluation ran with: the probes' (free), the attacks' (free) and the bootstrap's."""
+
+    probes: dict[str, FreeJson]
+    attacks: dict[str, FreeJson]
+    bootstrap: BootFile
+
 
 class MetaEvalFile(Schema):
-    """A :class:`MetaEvalResult` file: the probes, their orientation and summary, every member's record."""
+    """A :class:`MetaEvalResult` file: the probes, their orientation and summary, every member's record (distinct
+    names)."""
 
     format: Literal["patchlab.MetaEval/1"]
     target: str
-    probes: Annotated[list[str], Field(min_length=1)]
+    probes: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     orientation: dict[str, str]
     summary: dict[str, FreeJson]
     models: Annotated[list[MemberRecordFile], Field(min_length=1)]
-    settings: dict[str, FreeJson]
+    settings: MetaEvalSettingsFile
     provenance: dict[str, FreeJson]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> MetaEvalFile:
+        names = [r.name for r in self.models]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise bad(f"models[{i}].name", "a second member named {name!r}", name=name)
+        return self
 
 
 @register_result
