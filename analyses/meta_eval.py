@@ -23,12 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import patchlab
-from patchlab.cli import add_output_args, add_quiet_arg, comma_list, output_file, parser, run_script
-from patchlab.meta_evaluation import meta_eval
-from patchlab.zoo import load_zoo
+from patchlab.cli import add_output_args, add_quiet_arg, comma_list, output_file, parser, print_written, run_script
 
 
 def _ints(text: str) -> list[int]:
@@ -68,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def report(args: argparse.Namespace) -> None:
     """Build or read the zoo, meta-evaluate it (resumable in --out), write the report and print the table."""
+    import torch
+
+    from patchlab.meta_evaluation import check_attacks, meta_eval
+    from patchlab.zoo import load_zoo
+
     if args.threads < 1:
         raise patchlab.PatchlabValueError(f"--threads must be >= 1, got {args.threads}")
     if args.num_gpus < 0 or args.num_cpus <= 0:
@@ -80,6 +81,7 @@ def report(args: argparse.Namespace) -> None:
                                  if v is not None}
     if args.bits is not None:
         attacks["quantization"] = {"bits": args.bits}
+    check_attacks(attacks)  # a bad attack setting fails before the zoo is built
     start = time.perf_counter()
     if args.zoo is not None:
         if args.concept or args.method or args.seeds or args.members:
@@ -103,10 +105,9 @@ def report(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     print(f"meta-evaluation on {result.target}: {len(result.models)} models, {seconds:.0f} s")
     print(result.to_frame().drop(columns="orientation").to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    for kind in ("json", "csv", "html"):
-        print(f"wrote {kind}: {args.out}/meta_eval.{kind}")
+    print_written([Path(args.out) / f"meta_eval.{kind}" for kind in ("json", "csv", "html")])
     if ship is not None:
-        print(f"wrote {result.write_trust(ship, command=args.command)}")
+        print_written([result.write_trust(ship, command=args.command)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -533,7 +533,7 @@ def meta_eval(zoo: Zoo, probes: Sequence[str] | None = None, *, settings: Mappin
         chosen = [p for p in chosen if p not in needs_unrelated]
     if not zoo.by_role(*POSITIVE_ROLES) or not zoo.by_role(*NEGATIVE_ROLES):
         raise PatchlabValueError("a meta-evaluation needs at least one negative member besides the full model")
-    resolved_attacks = _attacks(attacks)
+    resolved_attacks = check_attacks(attacks)
     check_resources(num_gpus, num_cpus)
     boot = {**BOOT, **(bootstrap or {})}
     if not isinstance(boot["n_boot"], int) or boot["n_boot"] < 1 or not 0 < boot["level"] < 1:
@@ -581,7 +581,7 @@ def meta_eval(zoo: Zoo, probes: Sequence[str] | None = None, *, settings: Mappin
     return result
 
 
-def _attacks(attacks: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+def check_attacks(attacks: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
     """:data:`ATTACK_DEFAULTS` overridden by ``attacks``, validated."""
     resolved = copy.deepcopy(ATTACK_DEFAULTS)
     for name, values in (attacks or {}).items():

@@ -255,6 +255,7 @@ def test_script_on_a_zoo_file_and_its_errors(tiny_zoo, tmp_path, capsys):
                         "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "meta-evaluation on" in printed and "logit_lens" in printed and (out / "meta_eval.html").is_file()
+    assert f"wrote {out / 'meta_eval.html'}" in printed
     assert script.main(["--zoo", str(zoo_file), "--concept", "x", "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     assert "describe the toy zoo" in capsys.readouterr().err
     assert script.main(["--zoo", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o3"), "--quiet"]) == 2
