@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", help="comma-separated toy unlearning methods (toy world only; default graddiff)")
     p.add_argument("--sanity", action="store_true",
                    help="toy world: also audit the retain model in the unlearned model's place (should be erased)")
+    p.add_argument("--trust", help="a meta-evaluation's trust file (python analyses/meta_eval.py --ship FILE): the "
+                                   "overall verdict counts the probes it trusts (toy world default: the shipped one)")
     p.add_argument("--probes", help="comma-separated probes (default: all of patchlab.probes.PROBES)")
     p.add_argument("--n-tokens", type=int, help="vanilla reference answer length, tokens (default 30)")
     add_template_arg(p)
@@ -151,6 +153,7 @@ def report(args: argparse.Namespace) -> None:
     """Run the audit (resumable in --out), write audit.json/.csv/.html and print the verdict table."""
     import torch
 
+    from patchlab.meta_evaluation import read_trust
     from patchlab.probes import PROBES, audit_many, resolve_settings
     from patchlab.probes.registry import select
 
@@ -161,13 +164,23 @@ def report(args: argparse.Namespace) -> None:
     settings = settings_from_args(args, toy)
     resolve_settings(list(PROBES.values()), settings)  # bad probes or settings fail before any model loads
     select(comma_list(args.probes))
+    trust = read_trust(args.trust) if args.trust else None
+    if trust is None and toy:
+        from patchlab.toy.zoo import TRUST_FILE
+
+        trust = read_trust(TRUST_FILE) if TRUST_FILE.is_file() else None
     cases = cases_from_args(args)
     if args.template == "chat":  # the tokenizer's chat template, once the pair's tokenizer is at hand
         settings.setdefault("common", {})["template"] = prompt_template(args, cases[0].pair.tokenizer)
     result = audit_many(cases, probes=comma_list(args.probes), settings=settings, out_dir=args.out,
-                        overwrite=args.overwrite, progress=not args.quiet)
+                        overwrite=args.overwrite, progress=not args.quiet, trust=trust)
     print(f"residual-knowledge audit of {', '.join(result.labels)} ({len(cases[0].questions)} target questions)")
     print(result.verdicts().to_string())
+    for row in result.overall().itertuples():
+        print(f"overall, {row.label}: {row.verdict} (from {row.trusted or 'no probe'})")
+    if trust is not None:
+        for probe, why in trust["trusted"].items():
+            print(f"  {probe}: {why}")
     print_written([Path(args.out) / f"audit.{kind}" for kind in ("json", "csv", "html")])
 
 

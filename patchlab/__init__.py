@@ -40,7 +40,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "lens": ("patchlab.patching.lens", None),
     "attribution": ("patchlab.unlearning.attribution", None),
     "editing": ("patchlab.unlearning.editing", None),
-    **{name: ("patchlab.probes", name) for name in ("AuditReport", "audit")},
+    **{name: ("patchlab.probes", name) for name in ("AuditReport", "audit", "audit_many")},
+    **{name: ("patchlab.meta_evaluation", name) for name in ("MetaEvalResult", "meta_eval")},
+    "zoo": ("patchlab.zoo", None),
 }
 
 
@@ -64,10 +66,11 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ActivationCache", "ArchSpec", "AuditReport", "DegenerateKRSError", "DegenerateMetricError", "KRSResult",
-    "MissingDependencyError", "ModelPair", "NonFiniteError", "PairMismatchError", "PatchComparison", "PatchResult",
-    "PatchlabError", "PatchlabFileError", "PatchlabValueError", "References", "RestoreKind", "Site", "UnlearnRun",
-    "UnsupportedArchitectureError", "arch_spec", "attribution", "audit", "behavior", "compare", "editing", "krs_sweep",
-    "lens", "load_mask", "load_model", "load_pair", "load_result", "metrics", "paramdiff", "parse_component",
-    "patch_sweep", "register_architecture", "register_metric", "register_restore_kind", "register_site",
-    "run_with_cache", "save_mask", "sliding_windows", "supported_architectures", "unlearn", "unregister_site",
+    "MetaEvalResult", "MissingDependencyError", "ModelPair", "NonFiniteError", "PairMismatchError", "PatchComparison",
+    "PatchResult", "PatchlabError", "PatchlabFileError", "PatchlabValueError", "References", "RestoreKind", "Site",
+    "UnlearnRun", "UnsupportedArchitectureError", "arch_spec", "attribution", "audit", "audit_many", "behavior",
+    "compare", "editing", "krs_sweep", "lens", "load_mask", "load_model", "load_pair", "load_result", "meta_eval",
+    "metrics", "paramdiff", "parse_component", "patch_sweep", "register_architecture", "register_metric",
+    "register_restore_kind", "register_site", "run_with_cache", "save_mask", "sliding_windows",
+    "supported_architectures", "unlearn", "unregister_site", "zoo",
 ]

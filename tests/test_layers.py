@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent / "patchlab"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("patchlab.errors", "patchlab.io", "patchlab.provenance", "patchlab.results",
                     "patchlab.progress", "patchlab.version", "patchlab.defaults",
-                    "patchlab.schema", "patchlab.registry")),
+                    "patchlab.schema", "patchlab.registry", "patchlab.distributed")),
     ("model", ("patchlab.pair", "patchlab.tiny")),
     ("interventions", ("patchlab.patching",)),
     ("experiments", ("patchlab.patching.sweep", "patchlab.patching.result", "patchlab.probes", "patchlab.unlearning",
-                     "patchlab.analysis")),
+                     "patchlab.analysis", "patchlab.zoo", "patchlab.meta_evaluation")),
     ("presentation", ("patchlab.reports",)),
     ("facade", ("patchlab",)),
     ("apps", ("patchlab.cli", "patchlab.toy")),

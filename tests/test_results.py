@@ -178,8 +178,21 @@ def instances(pair, tmp_path_factory):
             evaluate(pair, TOFU_RECORDS[:2], TOFU_RECORDS[2:], max_new_tokens=2, likelihood=("prob", "truth_ratio")),
             _tiny_sweep(pair, tmp_path_factory.mktemp("sweep")),
             patchlab.audit(pair, QUESTIONS, probes=["quantization"], progress=False,
-                           settings={"common": {"n_boot": 20}, "quantization": {"bits": [8]}})]
+                           settings={"common": {"n_boot": 20}, "quantization": {"bits": [8]}}),
+            patchlab.meta_eval(tiny_zoo(pair, tmp_path_factory.mktemp("zoo")), ["quantization"], progress=False,
+                               settings={"common": {"n_boot": 20}, "quantization": {"bits": [8]}},
+                               bootstrap={"n_boot": 20})]
     return {type(r): r for r in made}
+
+
+def tiny_zoo(pair, root):
+    """A zoo of the tiny pair's two models saved in ``root``: the vanilla model full, the unlearned one negative."""
+    members = []
+    for role, who in (("full", "vanilla"), ("negative", "unlearned")):
+        pair.model(who).save_pretrained(root / who)
+        pair.tokenizer.save_pretrained(root / who)
+        members.append(patchlab.zoo.Member(who, role, str(root / who)))
+    return patchlab.zoo.Zoo("tiny", QUESTIONS, members)
 
 
 def test_every_result_type_saves_loads_tabulates_draws_and_reports_alike(instances, tmp_path):

@@ -22,7 +22,7 @@ from patchlab.errors import PatchlabValueError
 from patchlab.results import Result, register_result
 from patchlab.schema import Checkpoint, FreeJson, NonEmpty, Schema, bad
 
-FORMAT = "patchlab.AuditReport/1"
+AUDIT_FORMAT = "patchlab.AuditReport/1"
 #: Verdict colours: erased (what unlearning promises) green, hidden orange, intact red.
 VERDICT_COLOURS = {"erased": "#1a9850", "hidden": "#f39c12", "intact": "#d73027"}
 
@@ -103,6 +103,7 @@ class AuditReportFile(Schema):
 
     format: Literal["patchlab.AuditReport/1"]
     runs: Annotated[list[AuditRunFile], Field(min_length=1)]
+    trust: dict[str, FreeJson] | None = None
 
     @model_validator(mode="after")
     def _distinct(self) -> AuditReportFile:
@@ -126,10 +127,13 @@ class AuditReport(Result):
     """
 
     kind = "audit"
-    format = FORMAT
+    format = AUDIT_FORMAT
     schema = AuditReportFile
 
     runs: list[AuditRun]
+    #: A meta-evaluation's trust file (:func:`patchlab.meta_evaluation.read_trust`): which probes the overall
+    #: verdict (:meth:`overall`) believes, and why; ``None``: every probe counts.
+    trust: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         labels = [r.label for r in self.runs]
@@ -141,7 +145,7 @@ class AuditReport(Result):
     @classmethod
     def concat(cls, reports: Sequence[AuditReport]) -> AuditReport:
         """One report holding the runs of ``reports`` side by side (labels must stay distinct)."""
-        return cls([run for report in reports for run in report.runs])
+        return cls([run for report in reports for run in report.runs], trust=reports[0].trust if reports else None)
 
     @property
     def labels(self) -> list[str]:
@@ -181,15 +185,36 @@ class AuditReport(Result):
                  for run in self.runs}
         return pd.DataFrame(cells).reindex(self.probes).fillna("not run")
 
+    def overall(self) -> pd.DataFrame:
+        """Per audited pair, one overall verdict from the probes it trusts: the probes :attr:`trust` calls
+        trusted (every probe without a trust file). ``intact`` if any trusted probe finds the answers still given;
+        else ``hidden`` if any trusted probe brings them back; else ``erased``; ``no trusted probe`` when none of
+        them ran. Columns ``label``, ``verdict``, ``trusted`` (the probes counted), ``why`` (the meta-evaluation's
+        reason for each probe, or that there is none)."""
+        trusted = None if self.trust is None else {p for p, why in self.trust["trusted"].items()
+                                                   if why.startswith("trusted")}
+        rows = []
+        for run in self.runs:
+            counted = {name: r.verdict for name, r in run.results.items() if trusted is None or name in trusted}
+            verdict = next((v for v in ("intact", "hidden") if v in counted.values()),
+                           "erased" if "erased" in counted.values() else "no trusted probe")
+            if self.trust is None:
+                why = "no meta-evaluation given: every probe counts"
+            else:
+                why = (f"meta-evaluation on {self.trust.get('target')}: "
+                       + "; ".join(f"{p} {reason}" for p, reason in self.trust["trusted"].items()))
+            rows.append({"label": run.label, "verdict": verdict, "trusted": ", ".join(counted), "why": why})
+        return pd.DataFrame(rows, columns=["label", "verdict", "trusted", "why"])
+
     # ------------------------------------------------------------------------------------------------ JSON
 
     def to_dict(self) -> dict[str, Any]:
         """Every number and the provenance, strict JSON (NaN and infinite values as ``None``)."""
-        return _json_safe({"format": FORMAT, "runs": [r.to_dict() for r in self.runs]})
+        return _json_safe({"format": AUDIT_FORMAT, "runs": [r.to_dict() for r in self.runs], "trust": self.trust})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditReport:
-        return cls([AuditRun.from_dict(r) for r in data["runs"]])
+        return cls([AuditRun.from_dict(r) for r in data["runs"]], trust=data.get("trust"))
 
     # ------------------------------------------------------------------------------------------------ figures
 
@@ -228,7 +253,8 @@ class AuditReport(Result):
             about = f"<p>{html.escape(probe.description)}</p>" if probe else ""
             sections.append(f'<section id="{html.escape(name)}"><h2>{html.escape(probe_title(name))}</h2>'
                             f'{about}{body}</section>')
-        return _PAGE.format(js=plotly.offline.get_plotlyjs(), css=_CSS, summary=self._summary_html(),
+        return _PAGE.format(js=plotly.offline.get_plotlyjs(), css=_CSS,
+                            summary=self._summary_html() + self._overall_html(),
                             table=self._table_html(), sections="\n".join(sections),
                             provenance=self._provenance_html())
 
@@ -237,6 +263,20 @@ class AuditReport(Result):
         return {self.kind: self.html()}
 
     # ------------------------------------------------------------------------------------------------ HTML parts
+
+    def _overall_html(self) -> str:
+        """The overall verdicts (:meth:`overall`) and why those probes are trusted."""
+        items = "".join(f"<li><b>{html.escape(r.label)}</b>: <b>{html.escape(r.verdict)}</b> (from "
+                        f"{html.escape(r.trusted or 'no probe')})</li>" for r in self.overall().itertuples())
+        if self.trust is None:
+            why = "<p>No meta-evaluation given: every probe counts.</p>"
+        else:
+            reasons = "".join(f"<li>{html.escape(p)}: {html.escape(reason)}</li>"
+                              for p, reason in self.trust["trusted"].items())
+            why = (f"<p>Which probes to believe, from a meta-evaluation on a zoo for "
+                   f"{html.escape(str(self.trust.get('target')))} (<code>{html.escape(self.trust.get('command', ''))}"
+                   f"</code>):</p><ul>{reasons}</ul>")
+        return f"<h2>Overall verdict</h2><ul>{items}</ul>{why}"
 
     def _summary_html(self) -> str:
         items = []

@@ -16,6 +16,7 @@ from patchlab.probes.base import Probe, ProbeResult, as_questions, check_common
 from patchlab.probes.registry import COMMON, PROBES, probe_settings, resolve_settings, select
 from patchlab.probes.report import AuditReport, AuditRun
 from patchlab.probes.scoring import shared_baselines
+from patchlab.distributed import check_resources, run_tasks
 from patchlab.errors import PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
 from patchlab.pair import ModelPair
@@ -114,9 +115,26 @@ def _run_probe(probe: Probe, case: AuditCase, settings: Mapping[str, Any], out: 
     return result
 
 
+def _stored(case: AuditCase, probes: list[Probe], out: OutputDir | None) -> dict[str, ProbeResult]:
+    """The results of ``probes`` on ``case`` already in a resumed ``out``."""
+    if out is None or not out.resumed:
+        return {}
+    files = {p.name: out.path / f"probes/{slug(case.label)}/{p.name}.json" for p in probes}
+    return {name: ProbeResult.from_dict(read_json(path)) for name, path in files.items() if path.is_file()}
+
+
+def audit_case(index: int, case: AuditCase, probes: list[Probe], settings: Mapping[str, Any]
+               ) -> tuple[int, dict[str, dict[str, Any]]]:
+    """``(index, {probe: result dict})``: ``probes`` run on one case, sharing its baselines (a Ray task of
+    :func:`audit_many`)."""
+    with shared_baselines():
+        return index, {p.name: _run_probe(p, case, settings, None, False).to_dict() for p in probes}
+
+
 def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = None,
                settings: Mapping[str, Mapping[str, Any]] | None = None, out_dir: Any = None, overwrite: bool = False,
-               progress: bool = True) -> AuditReport:
+               progress: bool = True, ray: bool = False, ray_address: str | None = None, num_gpus: float = 0,
+               num_cpus: float = 1, trust: Mapping[str, Any] | None = None) -> AuditReport:
     """Run the probes on every case and return the side-by-side :class:`AuditReport`.
 
     Args:
@@ -131,6 +149,12 @@ def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = Non
             holds this audit, not recomputed; the report (:meth:`AuditReport.write_report`) is written at the end.
             A directory holding an audit of other settings or inputs is replaced only with ``overwrite=True``.
         progress: progress bars (the audit, and each probe's own).
+        ray, ray_address: run each case as a Ray task (:func:`patchlab.distributed.run_tasks`: ``ray.init()``
+            locally, or the cluster at ``ray_address``; ``num_gpus`` / ``num_cpus`` per task; the case, its models
+            included, is sent to the task). Each case's results are written to ``out_dir`` as it finishes. Default:
+            in-process, probe by probe; same numbers either way.
+        trust: a meta-evaluation's trust file (:func:`patchlab.meta_evaluation.read_trust`), which the report's
+            overall verdict (:meth:`AuditReport.overall`) follows.
 
     Raises:
         PatchlabValueError: no case, repeated labels, an unknown probe or setting, a named probe lacking an input, a
@@ -145,6 +169,7 @@ def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = Non
         raise PatchlabValueError(f"audited pairs need labels that differ in letters or digits, got "
                                  f"{[c.label for c in cases]}")
     resolved = resolve_settings(list(PROBES.values()), settings)
+    check_resources(num_gpus, num_cpus)
     plan = _plan(cases, select(probes), explicit=probes is not None)
     check_common(resolved[COMMON])
     for case, (todo, _) in zip(cases, plan):  # every setting checked against every pair before any compute
@@ -155,20 +180,46 @@ def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = Non
     out = None
     if out_dir is not None:
         out = output_dir(out_dir, "audit", overwrite=overwrite, resume=True, key=settings_key(provenance))
-    runs = []
-    with tqdm(total=sum(len(todo) for todo, _ in plan), desc="audit", disable=not progress) as bar:
-        for case, prov, (todo, skipped) in zip(cases, provenance, plan):
-            results = {}
-            with shared_baselines():  # the probes of one case share its reference answers and baseline scores
-                for probe in todo:
-                    bar.set_postfix_str(f"{case.label}: {probe.name}")
-                    results[probe.name] = _run_probe(probe, case, resolved, out, progress)
-                    bar.update(1)
-            runs.append(AuditRun(case.label, results, skipped, {**prov, "environment": environment()}))
-    report = AuditReport(runs)
+    if ray or ray_address:
+        done = _run_on_ray(cases, plan, resolved, out, ray_address=ray_address, num_gpus=num_gpus,
+                           num_cpus=num_cpus, progress=progress)
+    else:
+        done = []
+        with tqdm(total=sum(len(todo) for todo, _ in plan), desc="audit", disable=not progress) as bar:
+            for case, (todo, _) in zip(cases, plan):
+                results = {}
+                with shared_baselines():  # the probes of one case share its reference answers and baseline scores
+                    for probe in todo:
+                        bar.set_postfix_str(f"{case.label}: {probe.name}")
+                        results[probe.name] = _run_probe(probe, case, resolved, out, progress)
+                        bar.update(1)
+                done.append(results)
+    runs = [AuditRun(case.label, results, skipped, {**prov, "environment": environment()})
+            for case, prov, results, (_, skipped) in zip(cases, provenance, done, plan)]
+    report = AuditReport(runs, trust=dict(trust) if trust is not None else None)
     if out is not None:
         report.write_report(out)
     return report
+
+
+def _run_on_ray(cases: list[AuditCase], plan: list[tuple[list[Probe], dict[str, str]]],
+                resolved: Mapping[str, Any], out: OutputDir | None, **ray_options: Any) -> list[dict[str, ProbeResult]]:
+    """Per case, its results: those stored in a resumed ``out``, the others from one Ray task per case, written to
+    ``out`` as each task finishes."""
+    done = [_stored(case, todo, out) for case, (todo, _) in zip(cases, plan)]
+    args = [(i, case, [p for p in todo if p.name not in done[i]], resolved)
+            for i, (case, (todo, _)) in enumerate(zip(cases, plan)) if any(p.name not in done[i] for p in todo)]
+
+    def finished(returned: tuple[int, dict[str, dict[str, Any]]]) -> None:
+        index, results = returned
+        for name, data in results.items():
+            done[index][name] = ProbeResult.from_dict(data)
+            if out is not None:
+                out.write(f"probes/{slug(cases[index].label)}/{name}.json",
+                          lambda path, data=data: atomic_write_json(path, data))
+
+    run_tasks(audit_case, args, finished, desc="audit", **ray_options)
+    return [{p.name: results[p.name] for p in todo} for results, (todo, _) in zip(done, plan)]
 
 
 def audit(pair: ModelPair, questions: Sequence[Any], *, unrelated: Sequence[Any] | None = None,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import textwrap
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -545,3 +545,30 @@ def curve(x: Sequence, intervals: Sequence[Interval], *, name: str, index: int, 
                       line={"color": colour(index), "dash": dash}, marker={"size": 8}, text=text,
                       hovertemplate="%{text}<extra></extra>", showlegend=showlegend)
     return [band, line]
+
+
+#: Colours of the meta-evaluation pools: models that know the target (P) and models that never saw it (N).
+POOL_COLOURS = {"P": "#d73027", "N": "#1a9850"}
+
+
+def pool_histograms(pools: Mapping[str, Mapping[str, Sequence[float]]], *, title: str, bins: int = 20) -> go.Figure:
+    """One histogram panel per probe (``pools``: probe -> ``{"P": readings, "N": readings}``), P and N overlaid on
+    the same ``bins`` bins over [0, 1] (readings outside are clipped into the end bins)."""
+    if not pools:
+        raise PatchlabValueError("pool_histograms needs at least one probe")
+    names = list(pools)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.08,
+                        vertical_spacing=0.5 / max(rows, 1) if rows > 1 else 0.1)
+    for i, name in enumerate(names):
+        for pool, colour_ in POOL_COLOURS.items():
+            values = np.clip(np.asarray(pools[name].get(pool, []), float), 0.0, 1.0)
+            fig.add_trace(go.Histogram(x=values, name=f"{pool} ({'knows' if pool == 'P' else 'never saw'})",
+                                       legendgroup=pool, showlegend=i == 0, marker_color=colour_, opacity=0.6,
+                                       xbins={"start": 0.0, "end": 1.0 + 1e-9, "size": 1.0 / bins}),
+                          row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(range=[-0.02, 1.02], title_text="knowledge reading (higher = knows)")
+    fig.update_yaxes(title_text="models")
+    fig.update_layout(barmode="overlay", title=title, height=320 * rows + 80)
+    return fig

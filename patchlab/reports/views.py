@@ -13,6 +13,7 @@ from plotly.subplots import make_subplots
 
 from patchlab.analysis.behavior import METRICS, SETS, BehaviorResult, SweepResult
 from patchlab.analysis.paramdiff import LOG_METRICS, METRIC_LABELS, ParamDiff
+from patchlab.meta_evaluation import MetaEvalResult
 from patchlab.patching.result import PatchComparison, PatchResult
 from patchlab.probes.base import VERDICTS, Interval, ProbeResult
 from patchlab.probes.logit_lens import MEASURES
@@ -301,3 +302,11 @@ def behavior_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     fig.update_layout(title="Behaviour: unlearned answers against vanilla answers (higher = more unchanged)",
                       barmode="group", legend={"title": "pair"})
     return fig
+
+
+@register_figure(MetaEvalResult)
+def meta_eval_result(result: MetaEvalResult) -> go.Figure:
+    """:meth:`MetaEvalResult.figure <patchlab.meta_evaluation.MetaEvalResult.figure>`: each probe's knowledge
+    readings, P against N (:func:`~patchlab.reports.figures.pool_histograms`)."""
+    return figures.pool_histograms({p: result.pools(p) for p in result.probes},
+                                   title=f"Meta-evaluation on {result.target}: knowledge readings, P vs N")
