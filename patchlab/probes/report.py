@@ -236,7 +236,8 @@ class AuditReport(Result):
         if not found:
             return ""
         return ('<tr class="context"><th class="probe">target accuracy</th><td class="meaning">greedy answers that '
-                'start with the expected answer, vanilla &rarr; unlearned model (0-1)</td>' + "".join(cells) + "</tr>")
+                'give the expected answer (normalised containment; ROUGE-L recall for sentences), vanilla &rarr; '
+                'unlearned model (0-1)</td>' + "".join(cells) + "</tr>")
 
     def _provenance_html(self) -> str:
         blocks = []
