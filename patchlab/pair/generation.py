@@ -18,6 +18,37 @@ from patchlab.pair.placement import input_device
 
 DEFAULT_TEMPLATE = "Question: {question}\n Answer:"
 
+#: Named prompt templates (:func:`resolve_template`): ``"default"`` is :data:`DEFAULT_TEMPLATE`, ``"chat"`` the
+#: tokenizer's own chat template.
+TEMPLATE_NAMES = ("default", "chat")
+
+
+def resolve_template(template: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """A prompt template from a name of :data:`TEMPLATE_NAMES` or a text holding ``{question}`` (returned as it
+    is). ``"chat"`` is the tokenizer's chat template as open-unlearning prompts instruct models: one user turn
+    holding the question, then the assistant's generation prompt (``apply_chat_template(...,
+    add_generation_prompt=True)``, rendered as text once).
+
+    Raises:
+        PatchlabValueError: a text without ``{question}``, or ``"chat"`` without a tokenizer that has a chat template.
+    """
+    if template == "default":
+        return DEFAULT_TEMPLATE
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise PatchlabValueError("the chat template needs a tokenizer that has one (an instruct model's); give "
+                                     "a template holding {question} instead")
+        marker = "PATCHLABQUESTIONMARKER"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+        if text.count(marker) != 1:
+            raise PatchlabValueError("the tokenizer's chat template does not show the user's message exactly once")
+        return text.replace(marker, "{question}")
+    if not isinstance(template, str) or "{question}" not in template:
+        raise PatchlabValueError(f"a prompt template is one of {', '.join(TEMPLATE_NAMES)} or a text holding "
+                                 f"{{question}}, got {template!r}")
+    return template
+
 
 def format_prompts(questions: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[str]:
     """Fill ``template`` (which must contain ``{question}``) with each question.
