@@ -112,6 +112,8 @@ def report(args: argparse.Namespace) -> None:
                         overwrite=args.overwrite, progress=not args.quiet)
     print(f"residual-knowledge audit of {', '.join(result.labels)} ({len(cases[0].questions)} target questions)")
     print(result.verdicts().to_string())
+    for run in result.runs:
+        print(f"{run.label}: {run.overall()}")
     for kind in ("json", "csv", "html"):
         print(f"wrote {kind}: {args.out}/audit.{kind}")
 
