@@ -18,27 +18,27 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, checkpoint_pair, comma_list,
-                          parser, print_written, run_script, toy_pair)
+from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, add_template_arg,
+                          checkpoint_pair, comma_list, parser, print_written, prompt_template, run_script, toy_pair)
+from patchlab.defaults import DEFAULT_COMPONENTS
 from patchlab.io import output_dir, read_questions
-from patchlab.patching.sweep import DEFAULT_COMPONENTS
-from patchlab.reports.results import wide
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     add_pair_args(p)
     p.add_argument("--questions", help="JSON/JSONL file of questions (strings or records with 'question')")
     p.add_argument("--concept", help="toy-world concept (toy world only)")
-    p.add_argument("--method", default="graddiff", help="toy-world unlearning method (toy world only)")
+    p.add_argument("--method", help="toy-world unlearning method (toy world only; default graddiff)")
     p.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
                    help="comma-separated components, e.g. coef,value,attn,coef+attn")
     p.add_argument("--window", type=int, default=5, help="layers per window (default 5)")
     p.add_argument("--window-mode", default="centered", choices=["centered", "fixed"])
     p.add_argument("--n-tokens", type=int, default=30, help="answer tokens N (default 30)")
+    add_template_arg(p)
     p.add_argument("--positions", default="all", choices=["all", "answer", "last_prompt", "scored"])
-    p.add_argument("--metric", default="krs", choices=list(patchlab.metrics()),
-                   help="recovery metric (default krs; see patchlab.patching.metrics)")
+    p.add_argument("--metric", default="krs",
+                   help="recovery metric, one of patchlab.metrics() (default krs; see patchlab.patching.metrics)")
     p.add_argument("--heads", action="store_true", help="one row per attention head for components with 'heads'")
     p.add_argument("--engine", default="batched", choices=["batched", "loop"])
     p.add_argument("--batch-size", type=int, default=64, help="restorations per forward pass")
@@ -53,35 +53,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[patchlab.ModelPair, list[str], str]:
-    """The pair, the questions and a title, from explicit checkpoints or the toy world."""
-    if args.vanilla is None and args.unlearned is None:
-        world, title = toy_pair(args)
-        questions = read_questions(args.questions) if args.questions else list(world.questions)
-        return world.pair, questions, title
-    if not (args.vanilla and args.unlearned and args.questions):
+    """The pair, the questions and a title, from explicit checkpoints or the toy world. --questions is read and
+    checked first, before any model loads."""
+    toy = args.vanilla is None and args.unlearned is None
+    if not toy and not (args.vanilla and args.unlearned and args.questions):
         raise patchlab.PatchlabValueError("--vanilla, --unlearned and --questions go together (or give none of them)")
+    questions = read_questions(args.questions) if args.questions else None
+    if toy:
+        world, title = toy_pair(args)
+        return world.pair, questions if questions is not None else list(world.questions), title
     pair, title = checkpoint_pair(args)
-    return pair, read_questions(args.questions), title
+    return pair, questions, title
 
 
 def report(args: argparse.Namespace) -> None:
     """Run (or resume) the sweep, write the report and print the component x window table."""
+    from patchlab.patching.metrics import get_metric
+    from patchlab.results import wide
+
+    get_metric(args.metric)  # an unknown metric fails before any output or model
     out = output_dir(args.out, "krs", overwrite=args.overwrite, resume=True)
     other = patchlab.PatchResult.load(args.compare) if args.compare else None
+    prompt_template(args)  # a template text without {question} fails before any model loads
     pair, questions, title = load_inputs(args)
     result = patchlab.patch_sweep(
-        pair, questions, components=comma_list(args.components),
+        pair, questions, components=comma_list(args.components), prompt_template=prompt_template(args, pair.tokenizer),
         window=args.window, window_mode=args.window_mode, n_tokens=args.n_tokens, positions=args.positions,
         metric=args.metric, heads="each" if args.heads else None, engine=args.engine, batch_size=args.batch_size,
         resume=out, progress=not args.quiet)
     comparison = patchlab.compare(other, result) if other is not None else None  # refuses other settings
     paths = result.write_report(out, aggregate=args.aggregate)
     if comparison is not None:
-        paths.update(comparison.write_report(out.path / "comparison", overwrite=True))
+        paths.update(comparison.write_report(out))  # krs_comparison.* beside krs.*, one plotly.js bundle
     print(f"{result.value_name} sweep on {title}: {len(questions)} questions, {pair.n_layers} layers, "
           f"window {args.window}")
     column = args.metric if args.aggregate == "mean" else f"{args.metric}_pooled"
-    print(wide(result.to_frame(), index="component", columns="window", values=column).round(3).to_string())
+    print(wide(result.to_frame(), index="component", columns="layers", values=column).round(3).to_string())
     if comparison is not None:
         print(f"difference ({comparison.labels[1]} - {comparison.labels[0]}):")
         print(wide(comparison.to_frame(), index="component", columns="layers", values="difference")

@@ -22,25 +22,26 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.analysis.paramdiff import paramdiff, value_vector_changes
 from patchlab.cli import (add_output_args, add_quiet_arg, checkpoints_title, parser, print_written, run_script,
                           toy_pair)
 from patchlab.io import output_dir
+from patchlab.cli import check_checkpoint_flags
 
 #: The per-module summary printed: how much each module type moved.
 SUMMARY = ["module", "numel", "one_minus_cos", "angle_deg", "rel_l2"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     p.add_argument("--vanilla", help="vanilla checkpoint directory (safetensors) (default: the toy world)")
     p.add_argument("--unlearned", help="unlearned checkpoint directory (safetensors)")
     p.add_argument("--concept", help="toy-world concept (toy world only)")
-    p.add_argument("--method", default="graddiff", help="toy-world unlearning method (toy world only)")
+    p.add_argument("--method", help="toy-world unlearning method (toy world only; default graddiff)")
     p.add_argument("--value-vectors", type=int, default=0, metavar="N",
                    help="also list the N most changed MLP value vectors with their top vocabulary tokens "
                         "(loads both models and their tokenizer)")
-    p.add_argument("--top-tokens", type=int, default=5, help="vocabulary tokens shown per value vector")
+    p.add_argument("--top-tokens", type=int, help="vocabulary tokens shown per value vector (with --value-vectors; "
+                                                   "default 5)")
     add_output_args(p, "results/param_cosine")
     add_quiet_arg(p)
     return p.parse_args(argv)
@@ -53,17 +54,24 @@ def load_models(args: argparse.Namespace) -> tuple[object, str | None, str]:
         return world.pair, None, title
     if not (args.vanilla and args.unlearned):
         raise patchlab.PatchlabValueError("--vanilla and --unlearned go together (or give neither)")
+    check_checkpoint_flags(args)
     return args.vanilla, args.unlearned, checkpoints_title(args)
 
 
 def report(args: argparse.Namespace) -> None:
     """Compare the two models' parameters; write the tables and heatmaps, print a summary."""
+    if args.top_tokens is not None and args.value_vectors <= 0:
+        raise patchlab.PatchlabValueError("--top-tokens sets how many tokens --value-vectors N lists: give "
+                                          "--value-vectors N too")
+    from patchlab.analysis.paramdiff import paramdiff, value_vector_changes
+
     out = output_dir(args.out, "paramdiff", overwrite=args.overwrite)
     vanilla, unlearned, title = load_models(args)
     diff = paramdiff(vanilla, unlearned, progress=not args.quiet)  # checks both directories before loading
     if args.value_vectors > 0:
         pair = vanilla if unlearned is None else patchlab.load_pair(vanilla, unlearned)
-        diff.value_vectors = value_vector_changes(pair, top=args.value_vectors, top_tokens=args.top_tokens)
+        diff.value_vectors = value_vector_changes(pair, top=args.value_vectors, **(
+            {"top_tokens": args.top_tokens} if args.top_tokens is not None else {}))
     paths = diff.write_report(out)
     modules = diff.by_module()
     print(f"parameter diff on {title}: {len(diff.to_frame())} tensors")

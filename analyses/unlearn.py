@@ -23,12 +23,13 @@ import argparse
 import sys
 from typing import Any
 
-from patchlab.cli import add_model_args, add_quiet_arg, model_kwargs, parser, run_script
+from patchlab.cli import (add_model_args, add_quiet_arg, add_template_arg, model_kwargs, parser, print_written,
+                          prompt_template, run_script)
 from patchlab.errors import PatchlabValueError
 from patchlab.io import output_dir
-from patchlab.pair import load_model
-from patchlab.pair.generation import DEFAULT_TEMPLATE
+from patchlab.pair import load_model, load_tokenizer
 from patchlab.unlearning import load_mask, unlearn
+from patchlab.cli import device_arg
 from patchlab.unlearning.methods import add_settings_args, method_names, settings_from_args
 from patchlab.unlearning.trainer import REFERENCE_MODES
 
@@ -38,7 +39,7 @@ LORA_FLAGS = {"lora_r": "r", "lora_alpha": "alpha", "lora_targets": "target_modu
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     p.add_argument("--model", help="checkpoint to unlearn from: local directory or hub id (default: the toy world)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the model's)")
     p.add_argument("--forget", help="JSON/JSONL file of the forget set (required with --model)")
@@ -55,12 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--mask", help="safetensors file of bool tensors keyed by parameter name (True = may change)")
     p.add_argument("--max-length", type=int, default=256, help="truncation in tokens (default 256)")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="QA prompt template with {question}")
+    add_template_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference", choices=REFERENCE_MODES, default="precompute",
                    help="precompute the frozen reference's forget log-probabilities before training and drop it "
                         "(default), or hold it in memory")
-    p.add_argument("--reference-device", help="device of a held reference, e.g. cpu (default: the training device)")
+    p.add_argument("--reference-device", type=device_arg,
+                   help="device of a held reference, e.g. cpu (default: the training device)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     lora = p.add_argument_group("LoRA (train an adapter instead of the weights; needs peft)")
     lora.add_argument("--lora-r", type=int, help="adapter rank (giving any --lora-* flag turns LoRA on; default 8)")
@@ -77,13 +79,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
-    """(model, tokenizer, forget, retain): from --model / --forget / --retain, or the toy world."""
+    """(model, tokenizer, forget, retain): from --model / --forget / --retain (read and checked before the model
+    loads), or the toy world."""
     if args.model is not None:
         if args.forget is None:
             raise PatchlabValueError("--model needs --forget (a JSON/JSONL file of the forget set)")
         if args.concept is not None:
             raise PatchlabValueError("--concept selects a toy-world concept; it does not apply with --model")
-        return load_model(args.model, **model_kwargs(args)), args.tokenizer or args.model, args.forget, args.retain
+        from patchlab.unlearning.data import read_data
+
+        forget = read_data(args.forget, "forget")
+        retain = read_data(args.retain, "retain") if args.retain is not None else None
+        return load_model(args.model, **model_kwargs(args)), args.tokenizer or args.model, forget, retain
     if args.forget or args.retain or args.tokenizer:
         raise PatchlabValueError("--forget / --retain / --tokenizer need --model (the toy world brings its own)")
     from patchlab import toy
@@ -101,30 +108,55 @@ def unlearn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         PatchlabValueError: a method-settings flag the method does not take.
     """
-    from patchlab.toy.cache import method_settings
+    from patchlab.toy.cache import toy_method_settings
 
-    defaults = method_settings(args.method) if args.model is None else {}
+    defaults = toy_method_settings(args.method) if args.model is None else {}
     given = {name: getattr(args, name) for name in TRAINING_FLAGS if getattr(args, name) is not None}
     lora = {key: getattr(args, flag) for flag, key in LORA_FLAGS.items() if getattr(args, flag) is not None}
     return {**defaults, **given, **settings_from_args(args, args.method), "lora": lora or None,
             "reference": args.reference, "reference_device": args.reference_device,
             "gradient_checkpointing": args.gradient_checkpointing, "max_length": args.max_length,
-            "template": args.template, "seed": args.seed}
+            "template": prompt_template(args), "seed": args.seed}
+
+
+def check_applicable(args: argparse.Namespace, kwargs: dict[str, Any]) -> None:
+    """Refuse --retain and --reference-device where the method (with these settings, ``kwargs``) would ignore them:
+    a method that uses no retain set, a run that holds no reference model.
+
+    Raises:
+        PatchlabValueError: naming the flag and why it does not apply.
+    """
+    from patchlab.unlearning.methods import get_method
+    from patchlab.unlearning.trainer import split_settings
+
+    _, settings = split_settings(args.method, kwargs)
+    needs = get_method(args.method, kind="finetune").data_needs(settings)
+    if args.retain is not None and not needs.retain:
+        raise PatchlabValueError(f"--retain: {args.method} uses no retain set with these settings (it would be "
+                                 "ignored); leave it out")
+    held = needs.reference == "model" or (needs.reference != "none" and args.reference == "held")
+    if args.reference_device is not None and not held:
+        raise PatchlabValueError(f"--reference-device places a held reference model; {args.method} with --reference "
+                                 f"{args.reference} holds none (it would be ignored)")
 
 
 def unlearn_and_report(args: argparse.Namespace) -> None:
     """Run the unlearning the arguments describe, save it to --out and print the loss change."""
     kwargs = unlearn_kwargs(args)
+    check_applicable(args, kwargs)
     out = output_dir(args.out, "checkpoint", overwrite=args.overwrite)
     mask = load_mask(args.mask) if args.mask else None
     model, tok, forget, retain = _inputs(args)
+    if args.template == "chat":  # the tokenizer's chat template, once the tokenizer is known
+        tok = load_tokenizer(tok)
+        kwargs["template"] = prompt_template(args, tok)
     result = unlearn(model, forget, retain, tokenizer=tok, method=args.method, mask=mask, out_dir=out,
                      progress=not args.quiet, **kwargs)
     if not result.main_process:
         return
     print(f"{args.method}: {result.settings['n_forget']} forget / {result.settings['n_retain']} retain examples, "
           f"{len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
-    print(f"wrote {result.out_dir}")
+    print_written([result.out_dir])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,10 +29,10 @@ from typing import Any
 
 from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, comma_list, model_kwargs, output_file,
                           parser, print_written, run_script)
+from patchlab.defaults import ATTRIBUTION_METHODS
 from patchlab.errors import PatchlabValueError
-from patchlab.io import output_dir, read_records
-from patchlab.pair import load_model, load_tokenizer
-from patchlab.unlearning import attribution, save_mask
+from patchlab.io import output_dir
+from patchlab.cli import check_checkpoint_flags, check_toy_world_flags
 
 
 #: The arguments recorded in density.json's provenance: how the masks were drawn.
@@ -41,14 +41,15 @@ SETTINGS = ("concept", "methods", "ratio", "per_layer", "gamma", "forget_loss", 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = parser(__doc__, plugins=True)
     p.add_argument("--vanilla", help="model checkpoint: local directory or hub id (default: the toy world)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the checkpoint's)")
     p.add_argument("--forget", help="forget set: JSON/JSONL of texts or {question, answer} / {text} records")
     p.add_argument("--retain", help="retain set, same formats (also wanda's calibration set)")
     p.add_argument("--concept", help="toy-world concept to forget (toy world only)")
-    p.add_argument("--methods", default=",".join(attribution.METHODS),
-                   help=f"comma-separated attribution methods (default {','.join(attribution.METHODS)})")
+    p.add_argument("--methods", default=",".join(ATTRIBUTION_METHODS),
+                   help=f"comma-separated attribution methods (default {','.join(ATTRIBUTION_METHODS)}; a --plugin "
+                        "may register more with patchlab.unlearning.attribution.register_scorer)")
     p.add_argument("--ratio", type=float, default=0.8, help="fraction of weights selected (default 0.8)")
     p.add_argument("--per-layer", action="store_true", help="select the top ratio within each layer")
     p.add_argument("--gamma", type=float, default=1.0, help="WAGLE's Hessian-diagonal parameter (default 1.0)")
@@ -73,10 +74,12 @@ def plan(args: argparse.Namespace) -> tuple[list[str], str | None, Path | None]:
         PatchlabValueError: no method, an unknown one, or a --mask-method not among them (or without --save-mask).
         PatchlabFileError: --save-mask cannot be written (see :func:`patchlab.cli.output_file`).
     """
+    from patchlab.unlearning.attribution import SCORERS  # built-ins and those a --plugin registered
+
     methods = comma_list(args.methods)
-    unknown = [m for m in methods if m not in attribution.METHODS]
+    unknown = [m for m in methods if m not in SCORERS]
     if not methods or unknown:
-        raise PatchlabValueError(f"--methods must name some of {', '.join(attribution.METHODS)}, got {args.methods!r}")
+        raise PatchlabValueError(f"--methods must name some of {', '.join(SCORERS)}, got {args.methods!r}")
     if args.mask_method is not None and args.save_mask is None:
         raise PatchlabValueError("--mask-method chooses the mask --save-mask saves: give --save-mask FILE too")
     if args.save_mask is None:
@@ -88,18 +91,25 @@ def plan(args: argparse.Namespace) -> tuple[list[str], str | None, Path | None]:
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
-    """(model, tokenizer, forget, retain, title) from explicit files or the toy world."""
+    """(model, tokenizer, forget, retain, title) from explicit files (read and checked before the model loads) or
+    the toy world (in --dtype on --device when given)."""
+    from patchlab.pair import load_model, load_tokenizer
+
     if args.vanilla is None and args.forget is None and args.retain is None:
+        check_toy_world_flags(args)
         from patchlab import toy
         from patchlab.toy.cache import unlearn_data
 
         concept = args.concept or toy.DEFAULT_CONCEPT
         model, tok = toy.vanilla()
         forget, retain = unlearn_data(toy.world(), concept)
-        return model, tok, forget, retain, f"toy world: {concept}"
+        return load_model(model, **model_kwargs(args)), tok, forget, retain, f"toy world: {concept}"
     if not (args.vanilla and args.forget and args.retain):
         raise PatchlabValueError("--vanilla, --forget and --retain go together (or give none of them)")
-    forget, retain = read_records(args.forget), read_records(args.retain)
+    check_checkpoint_flags(args)
+    from patchlab.unlearning.data import read_data
+
+    forget, retain = read_data(args.forget, "forget"), read_data(args.retain, "retain")
     model = load_model(args.vanilla, **model_kwargs(args))
     return model, load_tokenizer(args.tokenizer or args.vanilla), forget, retain, args.vanilla
 
@@ -107,6 +117,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
 def report(args: argparse.Namespace, saved: dict[str, Path]) -> None:
     """Score, mask and measure the density of every method; save the chosen mask as soon as it exists (recorded in
     ``saved``); write the tables and figures, print a summary."""
+    from patchlab.unlearning import attribution, save_mask
+
     methods, mask_method, mask_path = plan(args)
     out = output_dir(args.out, "density", overwrite=args.overwrite)
     model, tok, forget, retain, title = load_inputs(args)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import patchlab
-from patchlab.cli import DTYPES, parser, run
+from patchlab.cli import DTYPES, device_arg, parser, run
 from patchlab.patching.engine import Row, layer_work, plan_batches, run_rows
 from patchlab.patching.metrics import get_metric
 from patchlab.patching.sweep import DEFAULT_COMPONENTS, _cached_sites, position_mask, prepare, reference_answers
@@ -100,7 +100,7 @@ def measure() -> None:
     p.add_argument("--n-tokens", type=int, default=30)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--no-loop", action="store_true", help="skip the loop engine (slow on big shapes)")
     args = p.parse_args()

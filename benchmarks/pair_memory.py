@@ -11,18 +11,30 @@ difference).
     python benchmarks/pair_memory.py                                              # toy + 1b shape with 4 layers, CPU
     python benchmarks/pair_memory.py --shape 1b --n-layers 16 --device cuda --dtype bfloat16
     python benchmarks/pair_memory.py --estimate 70b --dtype bfloat16        # sizes only, nothing loaded
+    python benchmarks/pair_memory.py --questions 10,100,400 --memory-budget 32MiB  # peak as the questions grow
 
 ``--estimate SHAPE`` measures the shape's parameter bytes per decoder layer on the meta device (no memory used)
 and prints what a whole pair and a one-model-at-a-time pair need, and how many GPUs of ``--gpu-gib`` that takes.
-The activation overhead of a 10-question sweep is scaled from the one measured on an H100 with the 7B shape
-(26.20 GiB peak for 25.10 GiB of weights: 1.10 GiB) by layers x (d_mlp + 2 d_model), the size of what the sweep
-caches per token.
+The sweep's overhead is counted, for ``--n-questions`` questions of ``--prompt-tokens`` + ``--n-tokens`` tokens
+and the shape's vocabulary: the cache of the questions prepared together (as many as ``--memory-budget`` holds,
+:func:`patchlab.patching.engine.question_cache_bytes` of the four paper components), the restored float32 logits of
+one pass (``--batch-size`` rows, at most a quarter of the budget) and one decoder layer's activations of a pass
+(``rows x tokens x (3 d_mlp + 6 d_model)`` in the dtype: MLP gate, up and product; residual, norm, attention
+input, output and queries, keys and values).
+
+``--questions N1,N2,...`` sweeps a random pair of ``--shape`` (all its layers unless ``--n-layers``) built in a
+fresh process for each run, with the memory budget and without (``memory_budget=None``), on N1, N2, ... questions
+(random answers of ``--n-tokens`` given), and prints each run's peak above the memory in use before the sweep
+(CUDA: ``max_memory_allocated``; CPU: the peak resident set size, reset after the warm-up through
+``/proc/self/clear_refs``, with glibc's mmap threshold fixed so that freed tensors leave the resident set), the
+number of question chunks and the largest difference between the two runs' KRS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,7 +46,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import patchlab
-from patchlab.cli import DTYPES, parser, run
+from patchlab.cli import DTYPES, comma_list, device_arg, parser, run
+from patchlab.patching.engine import question_cache_bytes
+from patchlab.pair.generation import encode_prompts, format_prompts
+from patchlab.patching.sweep import DEFAULT_COMPONENTS, DEFAULT_MEMORY_BUDGET, _cached_sites, memory_bytes, \
+    plan_chunks, question_chunks, resolve_components
 from patchlab.tiny import SHAPES, noisy_pair, numbered_tokenizer, random_questions, shape_config
 from patchlab.toy.corpus import ASSETS
 
@@ -45,13 +61,35 @@ MODES = ("imports only", "whole", "sequential")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="the random pair's shape (default 1b)")
-    p.add_argument("--n-layers", type=int, default=4, help="its decoder layers (default 4)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--n-layers", type=int, help="its decoder layers (default 4; with --questions all the shape's)")
+    p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--estimate", choices=sorted(SHAPES), help="print the memory a pair of this shape needs and stop")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU for --estimate (default 80)")
+    p.add_argument("--n-questions", type=int, default=10, help="--estimate: questions swept (default 10)")
+    p.add_argument("--prompt-tokens", type=int, default=36, help="--estimate: prompt tokens per question (default 36)")
+    p.add_argument("--n-tokens", type=int, default=30, help="answer tokens per question (default 30)")
+    p.add_argument("--batch-size", type=int, default=64, help="restorations per pass (default 64)")
+    p.add_argument("--memory-budget", default=DEFAULT_MEMORY_BUDGET,
+                   help=f"the sweep's memory_budget, e.g. 512MiB, or 'none' (default {DEFAULT_MEMORY_BUDGET})")
+    p.add_argument("--questions", type=_counts, help="sweep a random pair on these numbers of questions, e.g. 10,400")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in comma_list(text) or []]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return counts
+
+
+def budget_arg(text: str) -> int | None:
+    """``--memory-budget`` in bytes (``none``: unbounded)."""
+    return None if text.lower() == "none" else memory_bytes(text)
 
 
 def save_random_pair(root: Path, shape: str, n_layers: int, dtype: torch.dtype) -> list[str]:
@@ -76,23 +114,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         result = patchlab.krs_sweep(pair, spec["questions"], window=min(5, pair.n_layers), n_tokens=10,
                                     progress=False)
         scores = {c: v.tolist() for c, v in result.per_question.items()}
-    return {"peak": torch.cuda.max_memory_allocated() if cuda else peak_rss(), "scores": scores}
+    return {"peak": torch.cuda.max_memory_allocated() if cuda else rss(), "scores": scores}
 
 
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes (``VmHWM``: it counts the memory-mapped weights transformers
-    loads checkpoints into, and unlike ``ru_maxrss`` starts afresh at ``exec``, so a child does not inherit the
-    peak of the process that launched it)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise patchlab.PatchlabValueError("this system has no /proc/self/status VmHWM: measure on Linux or CUDA")
-
-
-def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One measurement in a fresh subprocess."""
+def run_one(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One measurement in a fresh subprocess (``env``: variables added to its environment)."""
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          check=False)
+                          check=False, env={**os.environ, **(env or {})})
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         raise patchlab.PatchlabValueError(f"run {spec['mode']} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -109,9 +137,9 @@ def report(args: argparse.Namespace) -> None:
     world.pair.unlearned_hf.save_pretrained(toy_unlearned.name)
     world.pair.tokenizer.save_pretrained(toy_unlearned.name)
     cases = {"toy world": (str(ASSETS), toy_unlearned.name, world.questions[:4]),
-             f"random {args.shape}, {args.n_layers} layers": (
+             f"random {args.shape}, {args.n_layers or 4} layers": (
                  str(Path(random_root.name) / "vanilla"), str(Path(random_root.name) / "unlearned"),
-                 save_random_pair(Path(random_root.name), args.shape, args.n_layers, getattr(torch, args.dtype)))}
+                 save_random_pair(Path(random_root.name), args.shape, args.n_layers or 4, getattr(torch, args.dtype)))}
     measured = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
     print(f"peak memory of a 4-question KRS sweep ({measured}), {args.dtype} on {args.device}")
     print(f"{'pair':<26} {'mode':<13} {'peak GiB':>9} {'above imports GiB':>18} {'max |KRS diff|':>15}")
@@ -129,12 +157,9 @@ def report(args: argparse.Namespace) -> None:
               f"{name:<26} too small to measure")
 
 
-#: Measured on one H100 (benchmarks/krs_speed.py --shape 7b, bfloat16): sweep peak minus the pair's weights, GiB.
-MEASURED_OVERHEAD_7B_GIB = 26.20 - 2 * 12.55
-
-
-def estimate(shape: str, dtype: torch.dtype, gpu_gib: float) -> None:
-    """Print the memory of a pair of ``shape`` (module docstring) from its meta-device parameter sizes."""
+def estimate(shape: str, dtype: torch.dtype, gpu_gib: float, *, questions: int, prompt_tokens: int, n_tokens: int,
+             batch_size: int, budget: int | None) -> None:
+    """Print the memory of a pair of ``shape`` and of its sweep (module docstring), from meta-device sizes."""
     from accelerate import init_empty_weights
 
     config = shape_config(shape)
@@ -143,21 +168,111 @@ def estimate(shape: str, dtype: torch.dtype, gpu_gib: float) -> None:
     size = torch.finfo(dtype).bits // 8
     layer = sum(p.numel() for p in model.model.layers[0].parameters()) * size / GIB
     total = sum(p.numel() for p in model.parameters()) * size / GIB
-    scale = lambda c: c.num_hidden_layers * (c.intermediate_size + 2 * c.hidden_size)  # noqa: E731
-    overhead = MEASURED_OVERHEAD_7B_GIB * scale(config) / scale(shape_config("7b"))
+    spec = patchlab.arch_spec(model)
+    sites = [s for s in spec.sites if s.cached is not None and any(s.name in c.split("+") for c in DEFAULT_COMPONENTS)]
+    seq = prompt_tokens + n_tokens
+    per_question = question_cache_bytes(model, spec, sites, seq, n_tokens, dtype)
+    held = max(len(c) for c in plan_chunks([per_question] * questions, budget))
+    logits = batch_size * n_tokens * config.vocab_size * 4
+    logits = logits if budget is None else min(logits, max(budget // 4, n_tokens * config.vocab_size * 4))
+    activations = batch_size * seq * (3 * config.intermediate_size + 6 * config.hidden_size) * size
+    overhead = (held * per_question + logits + activations) / GIB
     print(f"{shape}: {config.num_hidden_layers} layers x {layer:.2f} GiB + {total - layer * config.num_hidden_layers:.2f} "
-          f"GiB embeddings and head = {total:.1f} GiB per model in {dtype}; sweep overhead about {overhead:.1f} GiB")
+          f"GiB embeddings and head = {total:.1f} GiB per model in {dtype}")
+    print(f"  sweep of {questions} questions x ({prompt_tokens} + {n_tokens}) tokens, vocabulary {config.vocab_size}: "
+          f"cache {per_question / 2 ** 20:.1f} MiB per question, {held} held at once "
+          f"({'unbounded' if budget is None else f'budget {budget / GIB:.2f} GiB'}) = {held * per_question / GIB:.2f} "
+          f"GiB; logits of a pass {logits / GIB:.2f} GiB; layer activations of a pass {activations / GIB:.2f} GiB; "
+          f"overhead {overhead:.1f} GiB")
     for mode, need in (("whole pair", 2 * total + overhead), ("one model at a time", total + overhead)):
         gpus = int(np.ceil(need / (0.9 * gpu_gib)))
         print(f"  {mode:<20} {need:7.1f} GiB -> {gpus} x {gpu_gib:.0f} GiB GPUs (90% of each usable)")
 
 
+def reset_peak(cuda: bool) -> int:
+    """Start a new peak (CUDA's allocator statistics, or ``VmHWM`` through ``/proc/self/clear_refs``); returns the
+    memory in use now (allocated bytes, or the resident set size)."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")
+    return rss("VmRSS")
+
+
+def rss(field: str = "VmHWM") -> int:
+    """A memory field of ``/proc/self/status`` in bytes (default ``VmHWM``, the peak resident set size: it counts
+    the memory-mapped weights transformers loads checkpoints into, and unlike ``ru_maxrss`` starts afresh at
+    ``exec``, so a child does not inherit the peak of the process that launched it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise patchlab.PatchlabValueError(f"this system has no /proc/self/status {field}: measure on Linux or CUDA")
+
+
+#: glibc's allocator with a fixed mmap threshold: tensors above 128 KiB are returned to the system when freed, so the
+#: resident set size follows the memory in use (with the default dynamic threshold, freed chunks of a few MiB stay
+#: in the heap and the peak RSS creeps up with each question chunk).
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def sweep_questions(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: build the random pair of ``spec``, sweep ``spec["n"]`` questions (random answers given)
+    within ``spec["budget"]``; returns the peak above the memory in use before the sweep, the number of question
+    chunks and the KRS per question."""
+    cuda = spec["device"].startswith("cuda")
+    config = shape_config(spec["shape"], n_layers=spec["n_layers"])
+    vocab = config.vocab_size
+    pair = patchlab.load_pair(*noisy_pair(config, dtype=getattr(torch, spec["dtype"]), device=spec["device"]),
+                              tokenizer=numbered_tokenizer(vocab))
+    budget = budget_arg(spec["budget"])
+    kw = dict(n_tokens=spec["n_tokens"], batch_size=spec["batch_size"], window=min(5, pair.n_layers), progress=False)
+    patchlab.krs_sweep(pair, random_questions(vocab, 2), **kw)  # warm-up (kernels, allocator)
+    questions = random_questions(vocab, spec["n"])
+    generator = torch.Generator().manual_seed(spec["n"])  # the same answers in both runs of n questions
+    answers = [torch.randint(4, vocab, (spec["n_tokens"],), generator=generator) for _ in questions]
+    prompts = [len(ids) for ids in encode_prompts(pair.tokenizer, format_prompts(questions))]
+    sites = _cached_sites(pair, resolve_components(pair, DEFAULT_COMPONENTS))
+    chunks = len(question_chunks(pair, sites, prompts, [spec["n_tokens"]] * spec["n"], budget))
+    start = reset_peak(cuda)
+    result = patchlab.krs_sweep(pair, questions, answers=answers, memory_budget=budget, **kw)
+    peak = (torch.cuda.max_memory_allocated() if cuda else rss()) - start
+    return {"peak": peak, "chunks": chunks, "scores": {c: v.tolist() for c, v in result.per_question.items()}}
+
+
+def by_questions(args: argparse.Namespace) -> None:
+    """Sweep a random pair on growing numbers of questions with the budget and without, each run in a fresh
+    process; print the peaks and the largest KRS difference between the two runs of each number."""
+    config = shape_config(args.shape, n_layers=args.n_layers)
+    measured = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
+    print(f"KRS sweep of a random {args.shape} pair ({config.num_hidden_layers} layers, vocabulary "
+          f"{config.vocab_size}), {args.dtype} on {args.device}, {args.n_tokens} random answer tokens, batch "
+          f"{args.batch_size}: {measured} above the memory in use before the sweep (a fresh process each)")
+    print(f"{'questions':>9} {'memory_budget':>13} {'chunks':>6} {'peak GiB':>9} {'max |KRS diff|':>15}", flush=True)
+    scores: dict[int, dict[str, list[float]]] = {}
+    for label in (args.memory_budget, "none"):
+        for n in args.questions:
+            r = run_one({"kind": "questions", "shape": args.shape, "n_layers": args.n_layers, "dtype": args.dtype,
+                         "device": args.device, "n": n, "budget": label, "n_tokens": args.n_tokens,
+                         "batch_size": args.batch_size, "mode": f"{n} questions, budget {label}"}, env=FIXED_MMAP)
+            gap = "" if n not in scores else \
+                f"{max(float(np.abs(np.subtract(r['scores'][c], scores[n][c])).max()) for c in scores[n]):15.1e}"
+            scores.setdefault(n, r["scores"])
+            print(f"{n:9d} {label:>13} {r['chunks']:6d} {r['peak'] / GIB:9.3f} {gap}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.estimate:
-        return run(lambda: estimate(args.estimate, getattr(torch, args.dtype), args.gpu_gib))
+        return run(lambda: estimate(args.estimate, getattr(torch, args.dtype), args.gpu_gib,
+                                    questions=args.n_questions, prompt_tokens=args.prompt_tokens,
+                                    n_tokens=args.n_tokens, batch_size=args.batch_size,
+                                    budget=budget_arg(args.memory_budget)))
+    if args.questions:
+        return run(lambda: by_questions(args))
     if args.child:
-        print(json.dumps(measure(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(sweep_questions(spec) if spec.get("kind") == "questions" else measure(spec)))
         return 0
     return run(lambda: report(args))
 

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from patchlab.cli import DTYPES, comma_list, parser, run
+from patchlab.cli import DTYPES, comma_list, device_arg, parser, run
 from patchlab.errors import PatchlabValueError
 from patchlab.tiny import SHAPES, shape_config, word_tokenizer
 from patchlab.unlearning import unlearn
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(method_names("finetune")),
                    help="comma-separated fine-tuning methods (default: all)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default 1800)")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from pathlib import Path
 import time
 
 import torch
@@ -37,10 +38,10 @@ from transformers import PreTrainedModel
 import patchlab
 from patchlab import toy
 from patchlab.unlearning import attribution
-from patchlab.cli import add_quiet_arg, parser, quiet, run
+from patchlab.cli import add_quiet_arg, parser, print_written, quiet, run
 from patchlab.io import atomic_write_json
 from patchlab.toy.build import ASSETS
-from patchlab.toy.cache import method_settings, unlearn_data
+from patchlab.toy.cache import toy_method_settings, unlearn_data
 from patchlab.unlearning import batches, to_examples, unlearn
 from patchlab.unlearning.data import Example
 from patchlab.unlearning.losses import token_logprobs
@@ -114,7 +115,7 @@ def compare(args: argparse.Namespace) -> None:
     world = toy.world(args.checkpoint)
     record = world.record(args.concept)
     forget, retain = unlearn_data(world, args.concept)
-    settings = method_settings(args.method)
+    settings = toy_method_settings(args.method)
     settings.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
     forget_ex, retain_ex = to_examples(forget, tok), to_examples(retain, tok)
     results = {"vanilla": evaluate(vanilla, tok, record, forget_ex, retain_ex)}
@@ -143,7 +144,7 @@ def compare(args: argparse.Namespace) -> None:
               f"{r['retain_nll']:>11.3f}")
     for pair, value in overlaps.items():
         print(f"mask overlap (Jaccard) {pair}: {value:.3f}")
-    print(f"wrote {args.out}")
+    print_written([Path(args.out)])
 
 
 def main(argv: list[str] | None = None) -> int:

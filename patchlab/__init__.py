@@ -2,35 +2,72 @@
 
 Load a vanilla checkpoint and its unlearned copy as a pair, restore pieces of the vanilla computation
 inside the unlearned model, and measure how much of the forgotten knowledge comes back (KRS).
+
+``import patchlab`` is light: the errors are loaded at once, every other name (and subpackage) on first use, so
+the command-line scripts answer ``--help`` and argument errors before torch and transformers load.
 """
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
 
 from patchlab.errors import (DegenerateKRSError, DegenerateMetricError, MissingDependencyError, NonFiniteError,
                              PairMismatchError, PatchlabError, PatchlabFileError, PatchlabValueError,
                              UnsupportedArchitectureError)
-from patchlab.pair.arch import (ArchSpec, arch_spec, register_architecture, register_site, supported_architectures,
-                                unregister_site)
-from patchlab.pair.sites import Site, parse_component
-from patchlab.patching.loop import ActivationCache, run_with_cache
-from patchlab.patching.metrics import References, metrics, register_metric
-from patchlab.patching.result import KRSResult, PatchComparison, PatchResult, compare
-from patchlab.patching.sweep import krs_sweep, patch_sweep
-from patchlab.reports.results import load_result
-from patchlab.unlearning import UnlearnRun, load_mask, save_mask, unlearn
-from patchlab.pair import ModelPair, load_model, load_pair
-from patchlab.patching.windows import sliding_windows
-from patchlab.analysis import behavior, paramdiff
-from patchlab.patching import lens
-from patchlab.unlearning import attribution, editing
-from patchlab.probes import AuditReport, audit
 
-__version__ = "0.1.0"
+from patchlab.version import __version__
+
+#: Where each public name lives: ``{name: (module, attribute)}``; attribute None means the module itself.
+_LAZY: dict[str, tuple[str, str | None]] = {
+    **{name: ("patchlab.pair.arch", name) for name in ("ArchSpec", "arch_spec", "register_architecture",
+                                                       "register_site", "supported_architectures",
+                                                       "unregister_site")},
+    **{name: ("patchlab.pair.sites", name) for name in ("Site", "parse_component")},
+    **{name: ("patchlab.patching.loop", name) for name in ("ActivationCache", "run_with_cache")},
+    **{name: ("patchlab.patching.metrics", name) for name in ("References", "metrics", "register_metric")},
+    **{name: ("patchlab.patching.restore", name) for name in ("RestoreKind", "register_restore_kind")},
+    **{name: ("patchlab.patching.result", name) for name in ("KRSResult", "PatchComparison", "PatchResult",
+                                                             "compare")},
+    **{name: ("patchlab.patching.sweep", name) for name in ("krs_sweep", "patch_sweep")},
+    "load_result": ("patchlab.results", "load_result"),
+    **{name: ("patchlab.unlearning", name) for name in ("UnlearnRun", "load_mask", "save_mask", "unlearn")},
+    **{name: ("patchlab.pair", name) for name in ("ModelPair", "load_model", "load_pair")},
+    "sliding_windows": ("patchlab.patching.windows", "sliding_windows"),
+    "behavior": ("patchlab.analysis.behavior", None),
+    "paramdiff": ("patchlab.analysis.paramdiff", None),
+    "lens": ("patchlab.patching.lens", None),
+    "attribution": ("patchlab.unlearning.attribution", None),
+    "editing": ("patchlab.unlearning.editing", None),
+    **{name: ("patchlab.probes", name) for name in ("AuditReport", "audit")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name (:data:`_LAZY`) or a subpackage (``patchlab.toy``) on first use, and keep it."""
+    if name in _LAZY:
+        module_name, attribute = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attribute is None else getattr(module, attribute)
+    elif name in {info.name for info in pkgutil.iter_modules(__path__)}:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "ActivationCache", "ArchSpec", "AuditReport", "DegenerateKRSError", "DegenerateMetricError", "KRSResult",
     "MissingDependencyError", "ModelPair", "NonFiniteError", "PairMismatchError", "PatchComparison", "PatchResult",
-    "PatchlabError", "PatchlabFileError", "PatchlabValueError", "References", "Site", "UnlearnRun",
+    "PatchlabError", "PatchlabFileError", "PatchlabValueError", "References", "RestoreKind", "Site", "UnlearnRun",
     "UnsupportedArchitectureError", "arch_spec", "attribution", "audit", "behavior", "compare", "editing", "krs_sweep",
     "lens", "load_mask", "load_model", "load_pair", "load_result", "metrics", "paramdiff", "parse_component",
-    "patch_sweep", "register_architecture", "register_metric", "register_site", "run_with_cache", "save_mask",
-    "sliding_windows", "supported_architectures", "unlearn", "unregister_site",
+    "patch_sweep", "register_architecture", "register_metric", "register_restore_kind", "register_site",
+    "run_with_cache", "save_mask", "sliding_windows", "supported_architectures", "unlearn", "unregister_site",
 ]

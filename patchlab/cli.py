@@ -2,6 +2,11 @@
 the help text (the whole module docstring), the exit statuses (errors, Ctrl-C), quiet mode and the ``--dtype`` /
 ``--device`` / ``--out`` options.
 
+This module imports neither torch nor transformers: a script imports at the top only it and the other light
+modules (``patchlab`` itself, whose names load on first use, ``patchlab.defaults``, ``patchlab.errors``,
+``patchlab.io``), and the rest of patchlab inside the function that runs after parsing, so ``--help`` and argument
+errors answer before the heavy libraries load.
+
     def parse_args(argv=None):
         p = parser(__doc__)                # --help shows the whole module docstring
         add_model_args(p); add_output_args(p, "results/x"); add_quiet_arg(p)
@@ -14,20 +19,16 @@ the help text (the whole module docstring), the exit statuses (errors, Ctrl-C), 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from tqdm import tqdm
-from transformers.utils import logging as hf_logging
-
 from patchlab.errors import PatchlabError, PatchlabFileError, PatchlabValueError
 from patchlab.io import MANIFEST, OutputDir, check_writable, read_manifest
+from patchlab.progress import quiet  # re-exported: scripts use patchlab.cli.quiet
 
 if TYPE_CHECKING:
     from patchlab.pair import ModelPair
@@ -48,17 +49,47 @@ DEFAULT_INTERRUPT_NOTE = ("stopped before the end; result files already written 
 DEFAULT_DEVICE_HELP = "e.g. cuda, cpu (default: cpu)"
 
 
-def parser(doc: str | None, **kwargs: Any) -> argparse.ArgumentParser:
+PLUGIN_HELP = ("import MODULE before anything else (repeatable): a dotted module name on the Python path or a .py "
+               "file, whose registrations (register_metric, register_method, register_probe, register_scorer, ...) "
+               "then appear in this script's choices and flags")
+
+
+def parser(doc: str | None, *, plugins: bool = False, **kwargs: Any) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` whose ``--help`` shows ``doc`` (the script's module docstring) whole, line breaks
-    and examples kept (``RawDescriptionHelpFormatter``); ``kwargs`` go to ``ArgumentParser``.
+    and examples kept (``RawDescriptionHelpFormatter``); ``kwargs`` go to ``ArgumentParser``. With ``plugins``
+    it has ``--plugin MODULE`` (repeatable), which :func:`run_script` imports before the parser is built.
 
     Raises:
         PatchlabValueError: ``doc`` is empty (a script without a docstring).
     """
     if not isinstance(doc, str) or not doc.strip():
         raise PatchlabValueError("a script's parser needs its module docstring (parser(__doc__))")
-    return argparse.ArgumentParser(description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   **kwargs)
+    p = argparse.ArgumentParser(description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                **kwargs)
+    if plugins:
+        p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
+    return p
+
+
+def plugin_names(argv: Sequence[str] | None = None) -> list[str]:
+    """The ``--plugin`` values of ``argv`` (default ``sys.argv[1:]``), read before the script's own parser exists
+    (every other argument is left for it)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    return pre.parse_known_args(argv)[0].plugin
+
+
+def load_plugins(argv: Sequence[str] | None = None) -> list[Any]:
+    """Import the ``--plugin`` modules of ``argv`` (:func:`patchlab.registry.import_plugins`); nothing when none
+    is given, so ``--help`` stays light.
+
+    Raises:
+        PatchlabValueError: a plugin cannot be imported.
+    """
+    from patchlab.registry import import_plugins
+
+    names = plugin_names(argv)
+    return import_plugins(names) if names else []
 
 
 def run(body: Callable[[], None], *, on_interrupt: str | Callable[[], str] | None = None) -> int:
@@ -93,8 +124,9 @@ def run(body: Callable[[], None], *, on_interrupt: str | Callable[[], str] | Non
 def _close_progress_bars() -> None:
     """Close the progress bars an interrupt left open, so they end their lines now instead of redrawing
     themselves after the interrupt note when they are garbage-collected. A bar the interrupt caught half-built may
-    fail to close: it is skipped (its line is cosmetic)."""
-    for bar in list(getattr(tqdm, "_instances", ())):
+    fail to close: it is skipped (its line is cosmetic). Without tqdm loaded there is no bar."""
+    tqdm_module = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):
         try:
             bar.close()
         except Exception:  # noqa: BLE001 - a half-initialised bar; nothing to clean up
@@ -147,28 +179,17 @@ def interrupt_note(out: str | os.PathLike | OutputDir, *, resumable: bool = Fals
 def run_script(parse_args: Callable[[list[str] | None], argparse.Namespace],
                body: Callable[[argparse.Namespace], None], argv: list[str] | None = None, *,
                resumable: bool = False, extra: Callable[[], str | None] | None = None) -> int:
-    """A script's ``main``: parse ``argv`` with ``parse_args`` (a parser that called :func:`add_output_args` and
-    :func:`add_quiet_arg`), then :func:`run` ``body(args)`` inside :func:`quiet` when ``--quiet`` is given, saying on
-    Ctrl-C what ``--out`` holds (:func:`interrupt_note`, with ``resumable`` and ``extra``). Returns the exit
-    status."""
+    """A script's ``main``: import the ``--plugin`` modules (:func:`load_plugins`; a failure prints ``error: ...``
+    and returns :data:`ERROR_STATUS`), parse ``argv`` with ``parse_args`` (a parser that called
+    :func:`add_output_args` and :func:`add_quiet_arg`), then :func:`run` ``body(args)`` inside :func:`quiet` when
+    ``--quiet`` is given, saying on Ctrl-C what ``--out`` holds (:func:`interrupt_note`, with ``resumable`` and
+    ``extra``). Returns the exit status."""
+    status = run(lambda: load_plugins(argv))
+    if status:
+        return status
     args = parse_args(argv)
     with quiet(args.quiet):
         return run(lambda: body(args), on_interrupt=interrupt_note(args.out, resumable=resumable, extra=extra))
-
-
-@contextlib.contextmanager
-def quiet(enabled: bool = True) -> Iterator[None]:
-    """Inside the block (when ``enabled``), transformers' and huggingface_hub's own progress bars (loading and
-    writing weights, downloads) are off; they are restored on exit. patchlab's own bars follow each function's
-    ``progress=`` argument."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled and was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def add_quiet_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -194,8 +215,25 @@ def add_model_args(parser: argparse.ArgumentParser, *, device_help: str = DEFAUL
     """
     _check_parser(parser)
     parser.add_argument("--dtype", choices=DTYPES, help="model dtype (default: as stored)")
-    parser.add_argument("--device", help=device_help)
+    parser.add_argument("--device", type=device_arg, help=device_help)
     return parser
+
+
+def device_arg(text: str) -> str:
+    """An argparse ``type`` for device flags: ``text`` unchanged when this machine has that device
+    (:func:`patchlab.pair.placement.check_device`), so ``--device cuda`` on a CPU-only machine stops at parsing with
+    one ``error:`` line, before anything loads.
+
+    Raises:
+        argparse.ArgumentTypeError: an unknown device, or one this machine does not have.
+    """
+    from patchlab.pair.placement import check_device
+
+    try:
+        check_device(text)
+    except PatchlabValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
 
 
 def add_output_args(parser: argparse.ArgumentParser, default: str, what: str = "output directory"
@@ -212,6 +250,25 @@ def add_output_args(parser: argparse.ArgumentParser, default: str, what: str = "
                         help="replace an earlier patchlab output in --out (files you added there are kept; a "
                              "directory holding files patchlab did not write is always refused)")
     return parser
+
+
+def setting_arg(text: str) -> tuple[str, str, Any]:
+    """``(section, option, value)`` of one ``SECTION.OPTION=VALUE`` argument (e.g. ``relearning.lr=1e-3``,
+    ``quantization.bits=[8,4]``): the value read as JSON, else kept as the string. For ``type=`` of an option that
+    sets any registered entry's setting (its name and value are checked where the settings are resolved).
+
+    Raises:
+        argparse.ArgumentTypeError: not of the form ``SECTION.OPTION=VALUE``.
+    """
+    key, sep, raw = text.partition("=")
+    section, dot, option = key.strip().partition(".")
+    if not (sep and dot and section and option):
+        raise argparse.ArgumentTypeError(f"expected SECTION.OPTION=VALUE (e.g. relearning.lr=1e-3), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return section, option, value
 
 
 def output_file(path: str | os.PathLike, *, overwrite: bool = False, what: str = "output file") -> Path:
@@ -233,15 +290,40 @@ def output_file(path: str | os.PathLike, *, overwrite: bool = False, what: str =
 
 
 def print_written(paths: Mapping[str, Any] | Sequence[Any]) -> None:
-    """One ``wrote <path>`` line per file a script wrote (a report's ``{name: path}`` or a list of paths)."""
+    """One ``wrote <path>`` line per file a script wrote (a report's ``{name: path}`` or a list of paths): every
+    script says what it wrote in this one form, each path absolute (as :class:`patchlab.io.OutputDir` holds it)."""
     for path in (paths.values() if isinstance(paths, Mapping) else paths):
-        print(f"wrote {path}")
+        print(f"wrote {Path(path).expanduser().absolute()}")
 
 
 def comma_list(text: str | None) -> list[str] | None:
     """The items of a comma-separated flag value, stripped, empty ones dropped (``"a, b,"`` gives ``["a", "b"]``);
     ``None`` (a flag not given) stays ``None``."""
     return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
+
+
+def add_template_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--template``: how questions are put to the models (:func:`patchlab.pair.generation.resolve_template`);
+    read it back with :func:`prompt_template`."""
+    parser.add_argument("--template", default="default",
+                        help="prompt template: 'default' (Question: {question}\\n Answer:), 'chat' (the tokenizer's "
+                             "chat template, one user turn, as open-unlearning prompts instruct models) or a text "
+                             "holding {question}")
+    return parser
+
+
+def prompt_template(args: argparse.Namespace, tokenizer: Any = None) -> str:
+    """The prompt template ``--template`` names (:func:`add_template_arg`); ``tokenizer``: the pair's, for
+    ``chat`` (``None`` checks only a template text, before any model loads).
+
+    Raises:
+        PatchlabValueError: a text without ``{question}``; ``chat`` with a tokenizer that has no chat template.
+    """
+    from patchlab.pair.generation import resolve_template
+
+    if tokenizer is None and args.template == "chat":
+        return args.template
+    return resolve_template(args.template, tokenizer)
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -255,6 +337,8 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         raise PatchlabValueError("args must hold 'dtype' and 'device' (see add_model_args)")
     if args.dtype is not None and args.dtype not in DTYPES:
         raise PatchlabValueError(f"dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    import torch
+
     return {"dtype": getattr(torch, args.dtype) if args.dtype else None, "device": args.device}
 
 
@@ -313,8 +397,21 @@ def pair_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "adapter_base": getattr(args, "adapter_base", None)}
 
 
-#: The :func:`add_pair_args` flags that only apply to checkpoints given with ``--vanilla`` / ``--unlearned``.
-CHECKPOINT_FLAGS = ("tokenizer", "adapter_base", "device_map", "max_memory", "offload_folder", "sequential")
+#: The flags that only apply to checkpoints given with ``--vanilla`` / ``--unlearned``: :func:`add_pair_args`'s,
+#: ``analyses/audit.py``'s ``--labels`` and ``--retain`` (a retain checkpoint).
+CHECKPOINT_FLAGS = ("tokenizer", "adapter_base", "device_map", "max_memory", "offload_folder", "sequential", "labels",
+                    "retain")
+#: The flags that only apply to the toy world (a run without ``--vanilla``): which concept, unlearned how, from
+#: which toy checkpoint, and the audit's ``--sanity`` case.
+TOY_FLAGS = ("concept", "method", "checkpoint", "sanity")
+
+
+def _refuse_flags(args: argparse.Namespace, names: Sequence[str], where: str) -> None:
+    """Raise :class:`PatchlabValueError` naming those of ``names`` (flag attributes) given in ``args``: they apply
+    only ``where``."""
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name, None)]
+    if given:
+        raise PatchlabValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only {where}")
 
 
 def check_toy_world_flags(args: argparse.Namespace) -> None:
@@ -324,16 +421,31 @@ def check_toy_world_flags(args: argparse.Namespace) -> None:
     Raises:
         PatchlabValueError: naming the flags that were given.
     """
-    given = [f"--{name.replace('_', '-')}" for name in CHECKPOINT_FLAGS if getattr(args, name, None)]
-    if given:
-        raise PatchlabValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to checkpoints "
-                                 "given with --vanilla/--unlearned (the toy world is built in memory)")
+    _refuse_flags(args, CHECKPOINT_FLAGS, "to checkpoints given with --vanilla/--unlearned (the toy world is built "
+                                          "in memory)")
+
+
+def check_checkpoint_flags(args: argparse.Namespace) -> None:
+    """Refuse toy-world flags (:data:`TOY_FLAGS`: ``--concept``, ``--method``...) on a run on checkpoints, instead of
+    silently ignoring them.
+
+    Raises:
+        PatchlabValueError: naming the flags that were given.
+    """
+    _refuse_flags(args, TOY_FLAGS, "to the toy world (a run without --vanilla)")
+
+
+def toy_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`model_kwargs` with only the flags given (``{}`` by default: the toy world's float32 on the CPU)."""
+    return {key: value for key, value in model_kwargs(args).items() if value is not None} \
+        if hasattr(args, "dtype") else {}
 
 
 def toy_pair(args: argparse.Namespace) -> tuple[ToyPair, str]:
-    """The toy world's pair of a script run without checkpoints, and its title (``"toy world: CONCEPT (METHOD)"``):
-    ``--concept`` (default: the toy default) unlearned with ``--method``, with progress bars unless ``--quiet``.
-    Checkpoint-only flags are refused first (:func:`check_toy_world_flags`).
+    """The toy world's pair of a script run without checkpoints, and its title (``"toy world: CONCEPT (METHOD)"``,
+    plus the dtype / device when ``--dtype`` / ``--device`` are given): ``--concept`` (default: the toy default)
+    unlearned with ``--method`` (default: the toy default), in ``--dtype`` on ``--device`` when given, with progress
+    bars unless ``--quiet``. Checkpoint-only flags are refused first (:func:`check_toy_world_flags`).
 
     Raises:
         PatchlabValueError: a checkpoint-only flag was given, or an unknown concept or method.
@@ -341,9 +453,11 @@ def toy_pair(args: argparse.Namespace) -> tuple[ToyPair, str]:
     check_toy_world_flags(args)
     from patchlab import toy
 
-    world = toy.pair(**({"concept": args.concept} if args.concept else {}), method=args.method,
-                     progress=not args.quiet)
-    return world, f"toy world: {world.concept} ({world.method})"
+    placement = toy_model_kwargs(args)
+    world = toy.pair(**({"concept": args.concept} if args.concept else {}), **({"method": args.method}
+                     if args.method else {}), progress=not args.quiet, **placement)
+    where = "".join(f", {getattr(args, key)}" for key in placement)
+    return world, f"toy world: {world.concept} ({world.method}{where})"
 
 
 def checkpoints_title(args: argparse.Namespace) -> str:
@@ -353,11 +467,14 @@ def checkpoints_title(args: argparse.Namespace) -> str:
 
 def checkpoint_pair(args: argparse.Namespace) -> tuple[ModelPair | SequentialPair, str]:
     """The pair of ``--vanilla`` / ``--unlearned`` (:func:`patchlab.load_pair` with ``--tokenizer`` and the
-    :func:`pair_kwargs` flags), and its title (:func:`checkpoints_title`).
+    :func:`pair_kwargs` flags), and its title (:func:`checkpoints_title`). Toy-world flags are refused first
+    (:func:`check_checkpoint_flags`).
 
     Raises:
-        PatchlabValueError, PatchlabFileError: see :func:`pair_kwargs` and :func:`patchlab.load_pair`.
+        PatchlabValueError, PatchlabFileError: see :func:`check_checkpoint_flags`, :func:`pair_kwargs` and
+            :func:`patchlab.load_pair`.
     """
+    check_checkpoint_flags(args)
     import patchlab
 
     return patchlab.load_pair(args.vanilla, args.unlearned, tokenizer=args.tokenizer, **pair_kwargs(args)), \

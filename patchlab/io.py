@@ -76,26 +76,31 @@ def _read_text(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        raise PatchlabValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from err
+        raise PatchlabValueError(f"{path} is not a UTF-8 text file (byte {err.start} is not UTF-8)") from None
 
 
 def _parse(path: Path, text: str, kind: str, line: int | None = None) -> Any:
     """``json.loads(text)``.
 
     Raises:
-        PatchlabValueError: ``text`` is not valid JSON, or holds an integer too long to read (over 4,300 digits)
-            or nesting too deep; the message names ``path``, ``kind`` (JSON / JSONL) and, for JSONL, the file's
+        PatchlabValueError: ``text`` is not JSON, ends before the document does (a truncated file), nests too
+            deeply for the parser or holds an integer longer than Python converts (``sys.get_int_max_str_digits()``,
+            4300 digits by default); the message names ``path``, ``kind`` (JSON / JSONL) and, for JSONL, the file's
             ``line`` (1-based).
     """
     where = f"{path}, line {line}" if line is not None else str(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
+        ended = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")  # strings hold no newline
+        truncated = " (it ends before the JSON value does: truncated?)" if ended else ""
         at = f"column {err.colno}" if line is not None else f"line {err.lineno} column {err.colno}"
-        raise PatchlabValueError(f"{where} is not valid {kind}: {err.msg} ({at})") from err
-    except (ValueError, RecursionError) as err:  # int digit limit, nesting deeper than the parser's recursion
-        why = "nesting too deep" if isinstance(err, RecursionError) else str(err).split(";")[0]
-        raise PatchlabValueError(f"{where} is not valid {kind}: {why}") from err
+        raise PatchlabValueError(f"{where} is not valid {kind}{truncated}: {err.msg} ({at})") from err
+    except RecursionError:
+        raise PatchlabValueError(f"{where} cannot be read as {kind}: its lists and objects nest too deeply") from None
+    except ValueError as err:  # an integer beyond Python's int-string conversion limit
+        raise PatchlabValueError(f"{where} cannot be read as {kind}: it holds an integer too long to convert "
+                                 f"({str(err).split(';')[0]})") from None
 
 
 def read_json(path: str | os.PathLike, *, what: str = "file") -> Any:
@@ -401,6 +406,15 @@ def _hold(directory: Path, created: list[Path]) -> _Lock:
     return lock
 
 
+def _secondary_rank() -> bool:
+    """True in a process of a distributed launch (``torchrun``, ``accelerate launch``: ``WORLD_SIZE`` > 1) other
+    than rank 0: the job's rank 0 holds the output directory's lock for the whole job, and only it writes."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
+
+
 def _remove_empty(folders: list[Path]) -> None:
     """Remove each of ``folders`` (deepest first) that is empty; stop at the first that is not."""
     for folder in folders:
@@ -460,7 +474,8 @@ class OutputDir:
         self.kind, self.key, self.overwrite = kind, key, overwrite
         self.resumed = False
         self._check_path()
-        holder = _Lock.holder(self.path) if self.path.is_dir() else None
+        secondary = _secondary_rank()
+        holder = _Lock.holder(self.path) if self.path.is_dir() and not secondary else None
         if holder is not None and os.path.realpath(self.path) not in _HELD:
             raise _busy(self.path, holder)
         entries = self._check_existing(resume)
@@ -468,7 +483,7 @@ class OutputDir:
         self._old_files: list[str] = [] if self.resumed else entries
         self._pending: list[str] = []
         check_writable(self.path, "output directory")
-        self._lock: _Lock | None = self._take_lock()
+        self._lock: _Lock | None = None if secondary else self._take_lock()
         self._closed = False
 
     def _check_path(self) -> None:
@@ -596,7 +611,9 @@ class OutputDir:
 
         Each file is renamed into place (atomic per file) under a manifest listing those not yet moved as pending,
         so an interrupted move leaves a directory patchlab recognises as its own; only the replaced output's own
-        files are removed. If ``write`` fails, nothing in the directory changes.
+        files are removed. If ``write`` fails, nothing in the directory changes. Every file gets the permissions of a
+        plain ``open(path, "w")`` (``0o666`` less the umask), whatever mode ``write`` created it with (safetensors
+        writes weights ``0o600``).
 
         Raises:
             PatchlabFileError: the files could not be written (disk full, permissions).
@@ -611,8 +628,10 @@ class OutputDir:
             files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
             self._pending = list(files)
             self._write_manifest()
+            mode = 0o666 & ~_umask()
             for rel in files:
                 (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(tmp / rel, mode)
                 os.replace(tmp / rel, self.path / rel)
                 self._pending.remove(rel)
                 self._files.append(rel)

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 import xxhash
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from patchlab.errors import PatchlabValueError
+from patchlab.version import __version__
 
 #: Bytes read per step when hashing tensors or files.
 _BLOCK = 1 << 24
@@ -98,7 +99,6 @@ def environment() -> dict[str, str]:
     """Versions of patchlab, Python, torch and transformers."""
     import transformers
 
-    from patchlab import __version__
     return {"patchlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}
 
@@ -168,10 +168,35 @@ def checkpoint_digest(source: str, model: PreTrainedModel | None) -> str:
     return model_digest(model)
 
 
+#: How reference answers are decoded (:func:`patchlab.pair.generation.greedy_continuations`), whatever a
+#: checkpoint's ``generation_config.json`` asks for.
+GREEDY = {"decoding": "greedy: the argmax token at each step, no sampling, beams, penalties or logits processors",
+          "do_sample": False, "num_beams": 1}
+
+#: Generation-config entries of transformers' defaults that do not change which tokens are chosen.
+_OUTPUT_KEYS = ("use_cache", "output_scores", "return_dict_in_generate")
+
+
+def generation_record(model: PreTrainedModel | str | os.PathLike) -> dict[str, Any]:
+    """``{**GREEDY, "ignored": {...}}``: how reference answers are generated
+    (:func:`patchlab.pair.generation.greedy_continuations`), and the decoding entries of the model's generation
+    config (an in-memory model's, or a checkpoint directory's ``generation_config.json``) that differ from
+    transformers' defaults and are ignored (sampling, temperature, penalties...; ``{}`` when none), for provenance."""
+    if isinstance(model, PreTrainedModel):
+        config = model.generation_config
+    else:
+        folder = Path(model)
+        config = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
+    defaults = GenerationConfig()._get_default_generation_params()
+    ignored = {} if config is None else {k: v for k, v in config.to_dict().items()
+                                         if k in defaults and k not in _OUTPUT_KEYS and v not in (None, defaults[k])}
+    return {**GREEDY, "ignored": ignored}
+
+
 def pair_provenance(pair: Any) -> dict[str, Any]:
     """``{"vanilla": {"source", "weights"}, "unlearned": {...}, "generation": ..., "environment": ...}`` of a pair:
     how each checkpoint was given, a content hash of its weights (:func:`checkpoint_digest`), how its greedy answers
-    are generated (:func:`patchlab.pair.generation.generation_record`) and the library versions.
+    are generated (:func:`generation_record`) and the library versions.
 
     An unlearned side given as a PEFT adapter also records its ``"adapter_base"`` (how the base was given), and its
     ``"weights"`` hash the adapter files together with the base's weights (:func:`adapter_digest`): the same adapter
@@ -183,8 +208,6 @@ def pair_provenance(pair: Any) -> dict[str, Any]:
     Raises:
         PatchlabValueError: a tuple side that is neither a model nor a directory holding safetensors files.
     """
-    from patchlab.pair.generation import generation_record
-
     if isinstance(pair, tuple):
         if len(pair) != 2:
             raise PatchlabValueError(f"a pair of checkpoints is (vanilla, unlearned), got {len(pair)} items")

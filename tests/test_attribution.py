@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from patchlab.unlearning.attribution import (METHODS, density, density_figures, density_report, mask, module_density, overlap,
+from patchlab.unlearning.attribution import (SCORERS, density, density_figures, density_report, mask, module_density, overlap,
                                   scores, stack_densities)
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.arch import MODULE_ORDER, arch_spec
@@ -131,7 +131,7 @@ def test_wagle_gamma_enters_as_its_inverse(models, encoded):
     assert total_step > 1e-3 * sum(float(t.abs().sum()) for t in s[1.0].values())  # γ actually matters here
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(SCORERS))
 def test_scores_leave_the_model_untouched(tokenizer, method):
     # dropout on: scores must come from eval mode, whatever mode the model is in
     model = tiny_model("gpt2", len(tokenizer), n_layers=2, attn_pdrop=0.5, resid_pdrop=0.5, embd_pdrop=0.5)

@@ -24,7 +24,8 @@ from patchlab.probes.bootstrap import mean_interval, ratio_of_gains
 from patchlab.probes.quantization import quantize_, quantize_weight
 from patchlab.probes.registry import probe_settings
 from patchlab.probes.relearning import halves
-from patchlab.probes.scoring import answer_logprob, references
+from patchlab.probes.scoring import references, teacher_forced_logprob
+from patchlab.reports import views
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from tests.conftest import load_script
 
@@ -87,7 +88,7 @@ def test_retain_model_is_a_real_unlearned_reference(retain_pair):
     settings = settings_for("relearning")
     refs = references(pair.vanilla_hf, pair.tokenizer, [Question(q.question, q.answer) for q in questions], settings)
     assert refs.expected == [q.answer for q in questions]
-    lp_v, lp_r = answer_logprob(pair.vanilla_hf, refs), answer_logprob(pair.unlearned_hf, refs)
+    lp_v, lp_r = teacher_forced_logprob(pair.vanilla_hf, refs), teacher_forced_logprob(pair.unlearned_hf, refs)
     assert (lp_v > -0.1).all() and (lp_r < lp_v - 1.0).all()  # nats per answer token
 
 
@@ -261,7 +262,8 @@ def test_probes_lacking_an_input_are_skipped_and_noted(case, monkeypatch):
         monkeypatch.setitem(PROBES, name, replace(PROBES[name], run=stub(name)))
     report = audit_many([AuditCase("x", case.pair, case.questions)], settings={"common": {"n_boot": 7}},
                         progress=False)
-    assert ran == [("krs", None, 7), ("logit_lens", None, 7), ("relearning", None, 7), ("quantization", None, 7)]
+    assert ran == [(name, None, 7) for name, probe in PROBES.items() if not probe.needs]  # in registry order
+    assert report.runs[0].skipped == {name: f"needs {probe.needs[0]}" for name, probe in PROBES.items() if probe.needs}
     assert report.runs[0].skipped == {"uds": "needs retain", "behavior": "needs unrelated"}
     assert "not run" in report.verdicts().loc["behavior", "x"]
 
@@ -469,4 +471,4 @@ def test_logit_lens_names_layers_by_their_place():
     assert lens_probe.layer_name(0, 6) == "layer 0 (the first decoder layer)"
     assert lens_probe.layer_name(3, 6) == "layer 3 (intermediate)"
     assert lens_probe.layer_name(5, 6) == "layer 5 (the last: the model's output)"
-    assert lens_probe.rank_ticks(1) == [1] and lens_probe.rank_ticks(700)[-3:] == [200, 500, 1000]
+    assert views.rank_ticks(1) == [1] and views.rank_ticks(700)[-3:] == [200, 500, 1000]

@@ -18,7 +18,7 @@ import pytest
 from transformers.utils import logging as hf_logging
 
 import patchlab
-from patchlab.cli import INTERRUPT_STATUS, interrupt_note, output_file, parser, quiet, run
+from patchlab.cli import INTERRUPT_STATUS, interrupt_note, output_file, parser, print_written, quiet, run
 from patchlab.io import OutputDir, atomic_write_text
 from patchlab.toy.build import ASSETS
 
@@ -34,6 +34,63 @@ def test_help_shows_the_whole_module_docstring(script, monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
     assert stop.value.code == 0
     assert doc in capsys.readouterr().out  # every line and example, line breaks kept
+
+
+#: Scripts whose parser itself needs torch: unlearn.py's flags are generated from every registered method's
+#: settings dataclass, and the method modules import torch.
+PARSER_NEEDS_TORCH = {"unlearn.py"}
+LIGHT_SCRIPTS = [s for s in sorted((ROOT / "analyses").glob("*.py")) if s.name not in PARSER_NEEDS_TORCH]
+_HEAVY_PROBE = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as stop:
+    print(stop.code, sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "tqdm"}))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--no-such-flag"]], ids=["help", "argument-error"])
+@pytest.mark.parametrize("script", LIGHT_SCRIPTS, ids=lambda p: p.name)
+def test_help_and_argument_errors_answer_before_torch_loads(script, argv):
+    """``--help`` and argparse errors come from a fresh interpreter that never imported torch, transformers or tqdm
+    (they took 16-19 s when every script imported them first)."""
+    run = subprocess.run([sys.executable, "-c", _HEAVY_PROBE, str(script), *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    status, loaded = run.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert (status, loaded) == ("0" if argv == ["--help"] else "2", "[]"), run.stderr
+
+
+def test_import_patchlab_is_light_and_loads_names_on_first_use():
+    code = ("import sys, patchlab; light = 'torch' not in sys.modules; "
+            "print(light, patchlab.load_pair.__module__, patchlab.toy.__name__, patchlab.PatchlabError.__module__, "
+            "sorted(set(patchlab.__all__) - set(dir(patchlab))))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.stdout.split() == ["True", "patchlab.pair.loading", "patchlab.toy", "patchlab.errors", "[]"], run.stderr
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        patchlab.no_such_name
+
+
+def _wrote_literals(script: Path) -> list[int]:
+    """Lines of ``script`` holding a string (or f-string) that starts with ``wrote``."""
+    tree = ast.parse(script.read_text(encoding="utf-8"))
+    strings = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    return sorted({n.lineno for n in strings if n.value.lstrip().startswith("wrote")})
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, ROOT / "patchlab" / "toy" / "build.py"], ids=lambda p: p.name)
+def test_every_script_says_what_it_wrote_in_one_form(script):
+    """No script words its own 'wrote' line: they all print through cli.print_written."""
+    assert _wrote_literals(script) == []
+
+
+def test_print_written_prints_one_absolute_path_per_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    print_written({"a.json": "out/a.json", "b.csv": tmp_path / "out" / "b.csv"})
+    print_written(["ckpt"])
+    assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / 'out' / 'a.json'}",
+                                                     f"wrote {tmp_path / 'out' / 'b.csv'}", f"wrote {tmp_path / 'ckpt'}"]
 
 
 def test_parser_needs_a_docstring():

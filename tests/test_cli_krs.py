@@ -12,6 +12,7 @@ import torch
 
 import patchlab
 from patchlab.cli import add_model_args, add_pair_args, model_kwargs, pair_kwargs, run
+from patchlab.reports import figures
 from tests.conftest import ATTN_OR_UP, QUESTIONS, load_script, perturbed
 
 
@@ -56,6 +57,7 @@ def test_cli_writes_result_table_and_heatmap(cli, checkpoints, tmp_path, capsys)
     (["--window", "99"], "window"),
     (["--components", "coef,mlp"], "unknown component"),
     (["--unlearned", "/nonexistent/ckpt"], "does not exist"),
+    (["--metric", "nope"], "unknown metric 'nope'; choose from krs"),
 ])
 def test_cli_reports_bad_inputs(cli, checkpoints, tmp_path, capsys, bad, match):
     args = {"--vanilla": str(checkpoints / "vanilla"), "--unlearned": str(checkpoints / "unlearned"),
@@ -68,6 +70,27 @@ def test_cli_reports_bad_inputs(cli, checkpoints, tmp_path, capsys, bad, match):
     assert code == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_labels_windows_by_span_and_writes_the_comparison_beside_the_sweep(cli, checkpoints, tmp_path, capsys):
+    """The printed table and --compare label windows by their layers ("0-1"), as the heatmaps do; the comparison
+    is krs_comparison.* in --out itself, its page sharing the sweep's one plotly.js file."""
+    argv = ["--vanilla", str(checkpoints / "vanilla"), "--unlearned", str(checkpoints / "unlearned"), "--questions",
+            str(checkpoints / "questions.jsonl"), "--components", "attn", "--window", "3", "--n-tokens", "3"]
+    assert cli.main([*argv, "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(tmp_path / "b"), "--compare", str(tmp_path / "a" / "krs.json"),
+                     "--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    spans = [figures.window_label(w) for w in patchlab.KRSResult.load(tmp_path / "a" / "krs.json").windows]
+    assert [line.split() for line in printed if line.startswith("layers")] == [["layers", *spans]] * 2
+    files = sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert {"krs_comparison.json", "krs_comparison.csv", "krs_comparison.html"} <= set(files)
+    assert "comparison" not in files and len([f for f in files if f.endswith(".js")]) == 1
+    wrote = [line for line in printed if line.startswith("wrote ")]
+    assert wrote == [f"wrote {tmp_path / 'b' / name}" for name in
+                     ["krs.json", "krs.csv", "krs_per_question.csv", "krs.html", "krs_per_question.html",
+                      "krs_comparison.json", "krs_comparison.csv", "krs_comparison.html"]]
 
 
 def test_cli_requires_questions_with_explicit_models(cli, checkpoints, capsys):

@@ -1,5 +1,5 @@
 """patchlab.reports.figures: heatmaps a reader can trust at a glance, rounded hovers, plurals; the partial-results
-flag of patchlab.reports; HTML pages that share one offline plotly.js."""
+flag of patchlab.results; HTML pages that share one offline plotly.js."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from plotly.offline import get_plotlyjs
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.io import plotlyjs_name, write_html
 from patchlab.patching.windows import sliding_windows
-from patchlab.reports import figures, is_partial, results_record
+from patchlab.reports import figures
+from patchlab.results import is_partial, results_record
 
 ROWS = ["coef", "value", "attn"]
 
@@ -262,15 +263,15 @@ def test_report_writers_share_one_bundle(vanilla_models, tmp_path):
 
 
 def test_paramdiff_titles_name_both_models(vanilla_models):
-    from patchlab.analysis.paramdiff import METRICS, paramdiff
-    from patchlab.reports.results import model_names
+    from patchlab.analysis.paramdiff import PARAM_METRICS, paramdiff
+    from patchlab.results import model_names
     from tests.conftest import ATTN_OR_UP, perturbed
 
     llama = vanilla_models["llama"]
     diff = paramdiff(llama, perturbed(llama, ATTN_OR_UP), progress=False)
     vanilla, unlearned = model_names(diff.provenance)
     assert vanilla and unlearned
-    for metric in METRICS:
+    for metric in PARAM_METRICS:
         title = diff.figure(metric).layout.title.text
         assert f"<sup>unlearned: {unlearned} vs vanilla: {vanilla}</sup>" in title, title
 

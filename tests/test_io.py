@@ -131,6 +131,24 @@ def test_every_script_refuses_a_foreign_directory_before_compute(tmp_path, monke
     assert _listing(out) == [("thesis.tex", "years")]
 
 
+def test_write_tree_gives_every_file_the_mode_of_a_plain_open(tmp_path):
+    """A checkpoint's files all get 0o666 less the umask, as open() gives, even one its writer made 0o600
+    (safetensors' model.safetensors was left private while the tokenizer files were 0o644)."""
+    def write(tmp):
+        os.close(os.open(tmp / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600))
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "tokenizer.json").write_text("{}")
+
+    old = os.umask(0o022)
+    try:
+        OutputDir(tmp_path / "ckpt", "checkpoint").write_tree(write)
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+    assert modes["model.safetensors"] == modes["tokenizer.json"] == (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_write_json_leaves_no_partial_file(tmp_path):
     path = tmp_path / "r.json"
     patchlab.io.atomic_write_json(path, {"a": 1})
@@ -372,3 +390,25 @@ def test_json_too_large_to_read_is_a_patchlab_error(tmp_path, text, why):
     (tmp_path / "r.json").write_text(text)
     with pytest.raises(patchlab.PatchlabValueError, match=why):
         patchlab.io.read_json(tmp_path / "r.json")
+
+
+def test_the_ranks_of_one_distributed_job_share_rank_0s_lock(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD)
+    out = tmp_path / "out"
+    rank0 = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parents[1], env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
+    try:
+        assert rank0.stdout.readline().strip() == "held"
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        OutputDir(out, "krs")  # rank 1 of the same job: no lock of its own, not refused
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(patchlab.PatchlabFileError, match=f"process {rank0.pid}"):
+            OutputDir(out, "krs")  # rank 0 of another job
+    finally:
+        rank0.kill()
+        rank0.wait()

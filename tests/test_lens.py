@@ -204,6 +204,11 @@ def test_bad_inputs(biased_pairs, bridges, caches, ids, tok, vanilla_models, mon
     with pytest.raises(patchlab.PatchlabValueError, match="does not match the vanilla one"):
         with torch.no_grad():
             bridge_u.run_with_hooks(ids[None, :-1], fwd_hooks=hooks)
+    # alike for a site read from the weights (no vanilla activation to compare with, only the positions)
+    hooks = lens.restore_hooks(tl_cache, "value", WINDOW, vanilla_model=pair.vanilla_hf)
+    with pytest.raises(patchlab.PatchlabValueError, match="does not match the vanilla one"):
+        with torch.no_grad():
+            bridge_u.run_with_hooks(ids[None, :-1], fwd_hooks=hooks)
 
 
 def test_missing_transformer_lens_says_how_to_install(biased_pairs, monkeypatch):

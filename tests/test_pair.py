@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import patchlab
-from patchlab.pair import loading
+from patchlab.pair import hub, loading
 from patchlab.pair.adapters import AdapterBaseWarning
 from patchlab.pair.arch import _REGISTRY, supported_architectures
 from patchlab.pair.loading import is_hub_id
@@ -267,9 +267,9 @@ def no_hub(monkeypatch):
     """The hub endpoint points at a closed local port (connection refused at once): a machine without network."""
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    loading._endpoint_reachable.cache_clear()
+    hub._endpoint_reachable.cache_clear()
     yield
-    loading._endpoint_reachable.cache_clear()
+    hub._endpoint_reachable.cache_clear()
 
 
 def test_mistyped_relative_path_fails_at_once_without_the_hub(saved_pair, tmp_path, monkeypatch):
@@ -371,7 +371,8 @@ def test_hub_adapter_is_detected_and_merged_like_a_local_one(adapter_run, tok, m
         return str(path)
 
     monkeypatch.setattr(adapters, "hf_hub_download", fake_download)
-    monkeypatch.setattr(loading, "hub_reachable", lambda *a: False)  # offline: from the local hub cache only
+    for module in (loading, adapters):  # offline: from the local hub cache only
+        monkeypatch.setattr(module, "hub_reachable", lambda *a: False)
     assert adapters.local_adapter("someorg/lora") == root / "adapter"
     assert adapters.local_adapter("someorg/full-model") is None
     assert all(offline for *_, offline in fetched)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import patchlab
-from patchlab.analysis.paramdiff import METRICS, one_minus_cos, paramdiff, tensor_stats, value_vector_changes
+from patchlab.analysis.paramdiff import PARAM_METRICS, one_minus_cos, paramdiff, tensor_stats, value_vector_changes
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +105,8 @@ def test_write_report_holds_every_table_and_figure(llama, tmp_path):
     diff = paramdiff(llama, other, progress=False)
     paths = diff.write_report(tmp_path / "out")
     assert sorted(paths) == sorted(
-        ["paramdiff.json", "paramdiff.csv", "paramdiff_modules.csv"] + [f"paramdiff_layers_{m}.csv" for m in METRICS]
-        + [f"paramdiff_{m}.html" for m in METRICS])
+        ["paramdiff.json", "paramdiff.csv", "paramdiff_modules.csv"] + [f"paramdiff_layers_{m}.csv" for m in PARAM_METRICS]
+        + [f"paramdiff_{m}.html" for m in PARAM_METRICS])
     layers = pd.read_csv(tmp_path / "out" / "paramdiff_layers_cosine.csv").set_index("layer")
     assert layers.loc[1, "attn_q"] == pytest.approx(-1.0)  # the negated tensor, read back from disk
     assert [p.name for p in (tmp_path / "out").glob(".*")] == [".patchlab.json"]  # no temporary file left

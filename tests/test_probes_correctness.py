@@ -8,8 +8,8 @@ import torch
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.correctness import answer_correct, normalize_answer, rouge_l_recall
 from patchlab.tiny import word_tokenizer
-from patchlab.toy import qa as toy_qa
-from patchlab.toy.corpus import QA
+from patchlab.pair import qa as toy_qa
+from patchlab.pair.qa import QA
 
 #: A TOFU-style question / sentence answer and a close paraphrase of it.
 TOFU_ANSWER = ("The author's full name is Hsiao Yun-Hwa, a writer born in Taipei who is known for leadership "

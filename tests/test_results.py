@@ -1,10 +1,14 @@
-"""The result protocol: every registered result type saves, loads, tabulates, draws and reports the same way; on
-sweeps: resumable progress, provenance, per-question tables, comparison, any result file read back by its format,
-legacy KRS files, heatmaps a reader can trust."""
+"""The result protocol: every registered result type saves, loads, tabulates, draws and reports the same way, and
+its file is checked against its schema on load (a bad file is refused naming the field); on sweeps: resumable
+progress, provenance, per-question tables, comparison, any result file read back by its format, legacy KRS files,
+heatmaps a reader can trust."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -15,10 +19,11 @@ import torch
 import patchlab
 import patchlab.patching.sweep as sweep_module
 from patchlab.analysis.behavior import SweepTask, evaluate, method_sweep
-from patchlab.analysis.paramdiff import paramdiff
+from patchlab.analysis.paramdiff import ParamDiff, paramdiff, value_vector_changes
 from patchlab.io import OutputDir
 from patchlab.provenance import weights_digest
-from patchlab.reports.results import result_types
+from patchlab.results import Result, register_result, result_types
+from patchlab.schema import MAX_DEPTH
 from patchlab.unlearning.attribution import density, density_report, mask, scores
 from tests.conftest import ATTN_OR_UP, CORPUS, QUESTIONS, perturbed
 
@@ -144,21 +149,34 @@ def test_overwritten_checkpoint_changes_the_digest(vanilla_models, tmp_path):
 # ------------------------------------------------------------------------------------------ every result type
 
 
+#: The tiny corpus's questions as TOFU records (answer, paraphrase, wrong answers), for the likelihood metrics.
+TOFU_RECORDS = [{"question": q, "answer": a, "paraphrased_answer": p, "perturbed_answer": w}
+                for q, a, p, w in zip(QUESTIONS, ["Mira Osk", "in Tarsk", "red"], ["Mira Osk in 1432", "Tarsk",
+                                                                                   "the lamp is red"],
+                                      [["Tarsk", "the lamp"], ["in 1432"], ["blue", "old"]])]
+
+
+def _tiny_sweep(pair, out):
+    """A method sweep of one gradient-ascent run on the tiny pair's vanilla model, into ``out`` (resumed there)."""
+    task = SweepTask(name="tiny", forget=CORPUS[:2], retain=CORPUS[2:], target_questions=QUESTIONS[:1],
+                     unrelated_questions=QUESTIONS[1:], subject="Veltrani Codex", cov_texts=CORPUS)
+    return method_sweep(pair.vanilla_hf, pair.tokenizer, task, out, methods=["ga"],
+                        grid={"ga": ({"lr": 1e-3, "epochs": 1, "batch_size": 2},)}, max_new_tokens=2, progress=False)
+
+
 @pytest.fixture(scope="module")
 def instances(pair, tmp_path_factory):
     """One result of every registered type, each made by its producing function on the tiny pair."""
     vanilla, unlearned = pair.vanilla_hf, pair.unlearned_hf
     sweep = patchlab.krs_sweep(pair, QUESTIONS, **KW)
     masks = {method: mask(scores(vanilla, method=method), 0.5) for method in ("random", "magnitude")}
-    task = SweepTask(name="tiny", forget=CORPUS[:2], retain=CORPUS[2:], target_questions=QUESTIONS[:1],
-                     unrelated_questions=QUESTIONS[1:], subject="Veltrani Codex", cov_texts=CORPUS)
-    made = [sweep, patchlab.compare(sweep, sweep), paramdiff(vanilla, unlearned, progress=False),
+    diff = paramdiff(vanilla, unlearned, progress=False)
+    diff.value_vectors = value_vector_changes(pair, top=3, top_tokens=2)
+    made = [sweep, patchlab.compare(sweep, sweep), diff,
             density_report({name: density(m, vanilla) for name, m in masks.items()}, model=vanilla,
                            settings={"ratio": 0.5}),
-            evaluate(pair, QUESTIONS[:2], QUESTIONS[2:], max_new_tokens=2),
-            method_sweep(vanilla, pair.tokenizer, task, tmp_path_factory.mktemp("sweep"), methods=["ga"],
-                         grid={"ga": ({"lr": 1e-3, "epochs": 1, "batch_size": 2},)}, max_new_tokens=2,
-                         progress=False),
+            evaluate(pair, TOFU_RECORDS[:2], TOFU_RECORDS[2:], max_new_tokens=2, likelihood=("prob", "truth_ratio")),
+            _tiny_sweep(pair, tmp_path_factory.mktemp("sweep")),
             patchlab.audit(pair, QUESTIONS, probes=["quantization"], progress=False,
                            settings={"common": {"n_boot": 20}, "quantization": {"bits": [8]}})]
     return {type(r): r for r in made}
@@ -201,3 +219,232 @@ def test_results_record_the_checkpoints_they_come_from(instances, pair):
     audit = by_name["AuditReport"].runs[0].provenance
     assert audit["checkpoints"]["unlearned"]["weights"] == digests["unlearned"]
     assert by_name["BehaviorResult"].settings["max_new_tokens"] == 2
+
+
+def test_figures_come_from_the_presentation_layer_registry(monkeypatch):
+    import dataclasses
+
+    from patchlab import results
+    from patchlab.probes import PROBES, Probe
+    from patchlab.reports import views
+
+    # every registered result type, and every built-in probe, is drawn by patchlab.reports.views
+    for cls in set(result_types().values()):
+        assert results.figure_function(cls).__module__ == views.__name__, cls
+    for name, probe in PROBES.items():
+        assert probe.draw is None and results.figure_function(name).__module__ == views.__name__, name
+
+    @dataclasses.dataclass
+    class Custom(results.Result):
+        value: float = 1.0
+
+    with pytest.raises(patchlab.PatchlabValueError, match="no figure is registered for Custom"):
+        Custom().figure()
+    monkeypatch.setattr(results, "_FIGURES", dict(results._FIGURES))
+    results.register_figure(results.Result)(lambda r, scale=1: go.Figure(layout={"title": f"{r.value * scale}"}))
+    assert Custom(2.0).figure(scale=3).layout.title.text == "6.0"  # looked up along the bases
+    with pytest.raises(patchlab.PatchlabValueError, match="a result class or a probe name"):
+        results.register_figure("")
+    own = Probe(name="own", title="Own", run=lambda *a, **k: None, defaults={}, draw=lambda rs: go.Figure())
+    assert isinstance(own.figure([]), go.Figure)
+    with pytest.raises(patchlab.PatchlabValueError, match="no figure is registered for 'own'"):
+        dataclasses.replace(own, draw=None).figure([])
+
+
+# ------------------------------------------------------------------------------------------ result files checked
+
+
+def _leaves(data, path=""):
+    """``(path, container, key)`` of every value in a JSON document (lists: their first and last item only), paths
+    spelled as the load errors spell them (``per_question.coef[0][1]``)."""
+    items = data.items() if isinstance(data, dict) else [(i, v) for i, v in enumerate(data) if i in (0, len(data) - 1)]
+    for key, value in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        yield where, data, key
+        if isinstance(value, (dict, list)) and value:
+            yield from _leaves(value, where)
+
+
+def _mutated(text, index, what):
+    """The JSON document ``text`` with its ``index``-th value (:func:`_leaves` order) replaced by an object, NaN or
+    a 4000-digit integer (the last two for numbers only), its key dropped, or (a list) shortened or lengthened;
+    ``None`` where the mutation does not apply (the format tag is never touched)."""
+    doc = json.loads(text)
+    _, container, key = list(_leaves(doc))[index]
+    value = container[key]
+    if key == "format" or (what in ("nan", "huge") and not isinstance(value, (int, float))):
+        return None
+    if what in ("shorter", "longer"):
+        if not isinstance(value, list) or not value:
+            return None
+        container[key] = value[:-1] if what == "shorter" else value + value[-1:]
+    elif what == "drop":
+        if not isinstance(container, dict):
+            return None
+        del container[key]
+    else:
+        container[key] = {"object": {"x": [1]}, "nan": math.nan, "huge": 10**4000}[what]
+    return doc
+
+
+def test_every_result_file_is_checked_on_load_naming_the_bad_field(instances, tmp_path):
+    """Every registered type (via the instances, one per type): each corrupted value is refused with a
+    PatchlabValueError naming the file and the field, or (free-form fields, optional keys, lists of free length)
+    loads as a result that tabulates, draws and saves; never an IndexError, KeyError, ValueError..."""
+    assert all(cls.schema is not None for cls in result_types().values())
+    path = tmp_path / "bad.json"
+    for cls, res in instances.items():
+        text = res.save(tmp_path / "good.json").read_text()
+        refused, free = 0, ()
+        for index, (field_path, _, _) in enumerate(list(_leaves(json.loads(text)))):
+            if field_path.startswith(free):
+                continue  # inside a free-form field (one that took an object): nothing more to learn there
+            for what in ("object", "nan", "huge", "drop", "shorter", "longer"):
+                doc = _mutated(text, index, what)
+                if doc is None:
+                    continue
+                path.write_text(json.dumps(doc))
+                case = f"{cls.__name__} {field_path} {what}"
+                try:
+                    back = (patchlab.load_result if refused % 2 else cls.load)(path)
+                except patchlab.PatchlabValueError as err:
+                    refused += 1
+                    assert str(err).startswith(f"{path} is not a valid patchlab {cls.__name__} file"), case
+                    if what in ("object", "nan", "huge"):  # the field itself, or a field inside it
+                        assert re.search(rf" {re.escape(field_path)}(: |\.|\[)", str(err)), (case, str(err))
+                    continue
+                assert isinstance(back.to_frame(), pd.DataFrame) and isinstance(back.figure(), go.Figure), case
+                assert type(cls.load(back.save(tmp_path / "again.json"))) is cls, case
+                if what == "object":
+                    free += (f"{field_path}.", f"{field_path}[")
+        assert refused > 20, cls.__name__
+
+
+def test_parameter_diffs_of_zero_tensors_store_nan_and_load_back(vanilla_models, tmp_path):
+    """GPT-2's biases start at 0: their cosine and relative change are undefined, stored as NaN, read back as is."""
+    vanilla = vanilla_models["gpt2"]
+    diff = paramdiff(vanilla, perturbed(vanilla, ATTN_OR_UP), progress=False)
+    assert diff.table["cosine"].isna().any()
+    back = ParamDiff.load(diff.save(tmp_path / "d.json"))
+    pd.testing.assert_frame_equal(back.to_frame(), diff.to_frame())
+    data = json.loads((tmp_path / "d.json").read_text())
+    data["tensors"][0]["diff2"] = math.nan  # the pooled sums are always finite
+    (tmp_path / "nan.json").write_text(json.dumps(data))
+    with pytest.raises(patchlab.PatchlabValueError, match=r"tensors\[0\]\.diff2: Input should be a finite number"):
+        patchlab.load_result(tmp_path / "nan.json")
+
+
+@pytest.fixture()
+def sweep_file(instances, tmp_path):
+    """``(path, data)``: a saved sweep and its JSON, to corrupt."""
+    path = instances[patchlab.PatchResult].save(tmp_path / "krs.json")
+    return path, json.loads(path.read_text())
+
+
+def _refused(path, data, match, error=patchlab.PatchlabValueError):
+    """``data`` written to ``path`` is refused by load_result and PatchResult.load alike, the message matching."""
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    for load in (patchlab.load_result, patchlab.PatchResult.load):
+        with pytest.raises(error, match=match) as info:
+            load(path)
+        assert str(path) in str(info.value)
+
+
+def test_load_refuses_wrong_types_naming_the_field(sweep_file):
+    path, data = sweep_file
+    data["scores"]["coef"][0] = "0.5"
+    _refused(path, data, r"PatchResult file .*: scores\.coef\[0\]: Input should be a valid number, got '0\.5'")
+    data["scores"]["coef"][0], data["windows"][1][0] = 0.5, True
+    _refused(path, data, r"windows\[1\]\[0\]: Input should be a valid integer, got True")
+    data["windows"][1][0], data["questions"] = 0, "who?"
+    _refused(path, data, r"questions: Input should be a valid list")
+
+
+def test_load_refuses_nan_where_scores_must_be_finite(sweep_file):
+    path, data = sweep_file
+    data["per_question"]["attn"][1][2] = math.nan
+    _refused(path, data, r"per_question\.attn\[1\]\[2\]: Input should be a finite number, got nan")
+
+
+def test_load_refuses_tables_whose_shapes_disagree(sweep_file):
+    """More windows than score columns used to load, then fail with IndexError in to_frame()."""
+    path, data = sweep_file
+    good = copy.deepcopy(data)
+    data["windows"].append([2, 4])
+    _refused(path, data, r"scores\.coef: 4 scores for 5 windows")
+    data = copy.deepcopy(good)
+    data["per_question"]["attn"][1].pop()
+    _refused(path, data, r"per_question\.attn\[1\]: 3 scores for 4 windows")
+    data = copy.deepcopy(good)
+    data["answers"].pop()
+    _refused(path, data, r"answers: 2 answers for 3 questions")
+    data = copy.deepcopy(good)
+    data["windows"][2] = [3, 1]
+    _refused(path, data, r"windows\[2\]: a window is \[start, stop\) with start < stop, got \[3, 1\]")
+    comparison = {"format": "patchlab.PatchComparison/1", "labels": ["x", "y"], "a": good, "b": copy.deepcopy(good)}
+    comparison["b"]["windows"].pop()
+    path.write_text(json.dumps(comparison))
+    with pytest.raises(patchlab.PatchlabValueError, match=r"b\.scores\.coef: 4 scores for 3 windows"):
+        patchlab.load_result(path)
+
+
+def test_load_refuses_huge_integers(sweep_file):
+    """Past Python's int-string limit (4300 digits) json raises a bare ValueError; below it, a 64-bit field refuses."""
+    path, data = sweep_file
+    text = json.dumps(data).replace('"n_tokens": 4', '"n_tokens": ' + "1" * 5000, 1)
+    _refused(path, text, r"cannot be read as JSON: it holds an integer too long to convert")
+    data["windows"][1][0] = 10**4000
+    _refused(path, data, r"windows\[1\]\[0\]: Input should be less than 9223372036854775808, got an integer of "
+                         r"about 4001 digits")
+    data["windows"][1][0], data["settings"]["n_tokens"] = 0, 10**4000
+    _refused(path, data, r"settings\.n_tokens: an integer must fit 64 bits here")
+
+
+def test_load_refuses_deep_nesting(sweep_file):
+    """Nesting the parser cannot follow (RecursionError before) and free-form fields nested past MAX_DEPTH."""
+    path, data = sweep_file
+    _refused(path, "[" * 100_000 + "]" * 100_000, r"cannot be read as JSON: its lists and objects nest too deeply")
+    data["provenance"]["settings"]["deep"] = json.loads("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1))
+    _refused(path, data, rf"provenance\.settings\.deep\[0\]\[0\].*: nested deeper than {MAX_DEPTH} levels")
+
+
+def test_load_names_truncated_and_non_result_files(sweep_file, tmp_path):
+    path, data = sweep_file
+    text = path.read_text()
+    _refused(path, text[:len(text) // 2], r"is not valid JSON \(it ends before the JSON value does: truncated\?\)")
+    _refused(path, text[:-3], r"truncated\?")
+    _refused(path, "", r"truncated\?")
+    _refused(path, "[1, 2]", r"not a patchlab (result|PatchResult) file: it holds a JSON array, not an object")
+    _refused(path, '{"format": 3}', r"its format tag is a JSON number, not a string")
+    path.write_bytes(b"\xff\xfe binary")
+    for load in (patchlab.load_result, patchlab.PatchResult.load):
+        with pytest.raises(patchlab.PatchlabValueError, match=r"is not a UTF-8 text file \(byte 0"):
+            load(path)
+    with pytest.raises(patchlab.PatchlabValueError, match=r"not a patchlab result file \(format 'patchlab.Nope/1'\)"):
+        patchlab.load_result((path, path.write_text('{"format": "patchlab.Nope/1"}'))[0])
+    with pytest.raises(patchlab.PatchlabFileError, match="no such result file"):
+        patchlab.load_result(tmp_path / "missing.json")
+    legacy = {"format": "patchlab.KRSResult/1", **{k: data[k] for k in ("settings", "windows", "questions", "answers",
+                                                                          "per_question")},
+              "krs": data["scores"], "mse_unlearned": data["weights"][:2]}
+    _refused(path, legacy, r"\(patchlab\.KRSResult/1\): mse_unlearned: 2 weights for 3 questions")
+
+
+def test_a_resumed_method_sweep_checks_its_stored_runs(pair, tmp_path):
+    _tiny_sweep(pair, tmp_path)
+    run = next((tmp_path / "runs").glob("ga-s0-*.json"))
+    record = json.loads(run.read_text())
+    record["rows"][0]["bleu"] = "high"
+    run.write_text(json.dumps(record))
+    with pytest.raises(patchlab.PatchlabValueError, match=rf"{re.escape(str(run))} is not a valid patchlab "
+                                                          r"method-sweep run record: rows\[0\]\.bleu: "):
+        _tiny_sweep(pair, tmp_path)
+
+
+def test_a_result_type_needs_a_schema():
+    class Schemaless(Result):
+        format = "patchlab.Schemaless/1"
+
+    with pytest.raises(patchlab.PatchlabValueError, match="declares no schema"):
+        register_result(Schemaless)
+    assert "patchlab.Schemaless/1" not in result_types()

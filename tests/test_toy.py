@@ -14,7 +14,7 @@ from patchlab import toy
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.toy.build import (ASSETS, BUILD_FILE, SMALL, BuildConfig, build, make_world, parse_args,
                                 regeneration_command, training_texts)
-from patchlab.toy.cache import toy_methods
+from patchlab.toy.cache import TUNED_TOY_SETTINGS, toy_methods
 from patchlab.toy.corpus import generate_world
 from patchlab.unlearning.methods import method_names
 
@@ -59,7 +59,7 @@ def cache_root(tmp_path_factory):
     return tmp_path_factory.mktemp("toy-cache")
 
 
-#: Every fine-tuning method of the registry has toy settings (its ``toy`` entry).
+#: Every fine-tuning method of the registry has tuned toy settings (patchlab.toy.cache.TUNED_TOY_SETTINGS).
 TOY_METHODS = toy_methods()
 
 
@@ -69,7 +69,7 @@ def unlearned_models(cache_root):
 
 
 def test_every_finetuning_method_has_toy_settings():
-    assert TOY_METHODS == list(method_names("finetune"))
+    assert TOY_METHODS == list(method_names("finetune")) == sorted(TUNED_TOY_SETTINGS)
     assert {"graddiff", "npo", "simnpo", "rmu"} <= set(TOY_METHODS)
 
 
@@ -224,3 +224,16 @@ def test_missing_checkpoint_raises(tmp_path):
         toy.world(tmp_path)
     with pytest.raises(PatchlabValueError, match="n_concepts"):
         generate_world(0, n_concepts=1)
+
+
+def test_method_sweep_script_takes_the_toy_task_from_the_toy_package():
+    from conftest import load_script
+
+    script = load_script("method_sweep")
+    _, _, task = script.load_inputs(script.parse_args(["--concept", "Mirethi Clock"]))
+    record = toy.world().record("Mirethi Clock")
+    assert task == toy.sweep_task("Mirethi Clock")
+    assert task.subject == record.concept and task.name == "toy world: Mirethi Clock"
+    assert task.target_questions == [q.question for q in record.qa]
+    assert task.unrelated_questions == [q.question for q in record.unrelated_qa]
+    assert record.forget_paragraphs[0] in task.forget and record.forget_paragraphs[0] not in task.retain

@@ -147,6 +147,9 @@ def test_run_is_deterministic_and_saved_atomically(learned, tok, tmp_path):
     assert saved["losses"] == a.losses and saved["settings"]["method"] == "dpo"
     assert (tmp_path / "run" / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    (tmp_path / "plain").write_text("")  # every checkpoint file gets the mode a plain open() gives (0o666 - umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert modes == dict.fromkeys(modes, (tmp_path / "plain").stat().st_mode & 0o777)
     reloaded = patchlab.load_model(tmp_path / "run")
     for p, q in zip(reloaded.parameters(), a.model.parameters()):
         assert torch.equal(p, q)
@@ -371,10 +374,10 @@ def test_precomputed_reference_gives_the_held_loss_curve(learned, tok, method, m
 
 def test_settings_are_documented_and_never_shadow_common_arguments():
     from patchlab.analysis.behavior import method_settings
-    from patchlab.unlearning.methods import METHODS, field_docs
+    from patchlab.unlearning.methods import UNLEARNING_METHODS, field_docs
     from patchlab.unlearning.trainer import UNLEARN_ARGS
 
-    for name, entry in METHODS.items():
+    for name, entry in UNLEARNING_METHODS.items():
         docs = field_docs(entry.settings)
         assert set(entry.setting_names) <= set(docs), (name, entry.setting_names, docs)
         assert all(docs.values()), name
@@ -398,7 +401,8 @@ def test_a_registered_method_runs_through_unlearn(learned, tok, monkeypatch):
 
     entry = patchlab.unlearning.Method(name="scaled_ga", kind="finetune", settings=Settings, summary="-scale NLL(f)",
                                        loss=lambda step, s: -s.scale * step.nll(step.forget))
-    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # undone after the test
+    registry = methods.UNLEARNING_METHODS
+    monkeypatch.setattr(registry, "_entries", dict(registry.items()))  # undone after the test
     patchlab.unlearning.register_method(entry)
     assert "scaled_ga" in method_names("finetune")
     with pytest.raises(patchlab.PatchlabValueError, match="already registered"):

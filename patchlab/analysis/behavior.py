@@ -28,25 +28,26 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
 import sacrebleu
 import torch
 from jaxtyping import Int
+from pydantic import ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.analysis.likelihood import aggregate, encode_qa, likelihood_values
+from patchlab.analysis.likelihood import LIKELIHOOD_METRICS, aggregate, encode_qa, likelihood_values
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, greedy_answers
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
 from patchlab.pair import ModelPair, ModelSpec, load_model
 from patchlab.pair.sequential import SequentialPair
 from patchlab.provenance import describe_source, environment, pair_provenance, weights_digest
-from patchlab.reports import figures, is_partial, results_record
-from patchlab.reports.results import Result, model_names, register_result
+from patchlab.results import Result, is_partial, register_result, results_record
+from patchlab.schema import Count, FreeJson, Provenance, Schema, Unit, bad, validate
 
 SETS = ("target", "unrelated")
 METRICS = ("bleu", "rouge_l")
@@ -117,6 +118,56 @@ def _content_ids(ids: Int[torch.Tensor, "answer"], special: set[int]) -> list[in
     return [t for t in ids.tolist() if t not in special]
 
 
+Bleu = Annotated[float, Field(ge=0, le=100)]
+
+
+class BehaviorRow(Schema):
+    """One question's row of a behavioural test's file; any other column (a likelihood metric's
+    ``{metric}_before`` / ``{metric}_after``) is a finite number."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, float]
+
+    set: Literal[SETS]
+    question: str
+    before: str
+    after: str
+    bleu: Bleu
+    rouge_l: Unit
+    same: bool
+
+
+def _same_columns(rows: Sequence[BehaviorRow], path: str, required: Sequence[str] = ()) -> None:
+    """Every row of ``rows`` (the field ``path``) has the first row's columns, ``required`` among them."""
+    first = list(rows[0].model_extra)
+    for i, row in enumerate(rows):
+        missing = [c for c in required if c not in row.model_extra]
+        if missing:
+            raise bad(f"{path}[{i}]", "no {columns} column (its likelihood metrics)", columns=", ".join(missing))
+        if list(row.model_extra) != first:
+            raise bad(f"{path}[{i}]", "columns {columns} differ from the first row's {first}",
+                      columns=list(row.model_extra), first=first)
+
+
+class BehaviorResultFile(Schema):
+    """A :class:`BehaviorResult` file: a finished test's rows, each with the columns of its likelihood metrics."""
+
+    format: Literal["patchlab.BehaviorResult/1"]
+    partial: Literal[False]
+    settings: dict[str, FreeJson]
+    provenance: Provenance
+    likelihood: list[Literal[tuple(LIKELIHOOD_METRICS)]]
+    averages: dict[Literal[SETS], dict[str, float]]
+    rows: Annotated[list[BehaviorRow], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _columns(self) -> BehaviorResultFile:
+        if len(set(self.likelihood)) != len(self.likelihood):
+            raise bad("likelihood", "a metric is listed twice: {metrics}", metrics=self.likelihood)
+        _same_columns(self.rows, "rows", [f"{m}_{side}" for m in self.likelihood for side in ("before", "after")])
+        return self
+
+
 @register_result
 @dataclass
 class BehaviorResult(Result):
@@ -137,6 +188,7 @@ class BehaviorResult(Result):
 
     kind = "behavior"
     format = "patchlab.BehaviorResult/1"
+    schema = BehaviorResultFile
 
     table: pd.DataFrame
     likelihood: tuple[str, ...] = ()
@@ -177,10 +229,7 @@ class BehaviorResult(Result):
     def figure(self, title: str | None = None) -> go.Figure:
         """Per-question BLEU and ROUGE-L, target and unrelated sets side by side
         (:func:`patchlab.reports.figures.behavior_scores`); the default title names the models."""
-        if title is None:
-            names = [name for name in reversed(model_names(self.provenance)) if name is not None]  # unlearned first
-            title = "Behavioural test" + (f": {' vs '.join(names)}" if names else "")
-        return figures.behavior_scores(self.table, title)
+        return super().figure(title=title)
 
     def to_dict(self) -> dict[str, Any]:
         return results_record({"settings": self.settings, "provenance": self.provenance,
@@ -346,21 +395,6 @@ class SweepTask:
     cov_texts: list[str]
 
     @classmethod
-    def toy(cls, concept: str | None = None, checkpoint: str | os.PathLike | None = None) -> SweepTask:
-        """The toy world's task for ``concept`` (default: the toy default): its paragraphs as forget set, the
-        other concepts' paragraphs as retain set and covariance sample, its 10 QA and 50 unrelated QA."""
-        from patchlab import toy
-        from patchlab.toy.cache import unlearn_data
-
-        world = toy.world() if checkpoint is None else toy.world(checkpoint)
-        record = world.record(concept or toy.DEFAULT_CONCEPT)
-        forget, retain = unlearn_data(world, record.concept)
-        return cls(name=f"toy world: {record.concept}", forget=forget, retain=retain,
-                   target_questions=[q.question for q in record.qa],
-                   unrelated_questions=[q.question for q in record.unrelated_qa], subject=record.concept,
-                   cov_texts=world.training_texts())
-
-    @classmethod
     def from_json(cls, path: str | os.PathLike) -> SweepTask:
         """A task from a JSON object with the fields of this class (``name`` optional, ``cov_texts`` defaulting to
         ``forget + retain``).
@@ -446,6 +480,41 @@ def run_key(task: SweepTask, method: str, strength: int, settings: Mapping[str, 
     return f"{method}-s{strength}-{digest}"
 
 
+class SweepRecord(Schema):
+    """One run's record in a method sweep's file; any other field (an average of :meth:`BehaviorResult.summary`)
+    is a finite number."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, float]
+
+    method: Annotated[str, Field(min_length=1)]
+    strength: Count
+    settings: dict[str, FreeJson]
+    target_bleu: Bleu
+    target_rouge_l: Unit
+    target_same: Unit
+    unrelated_bleu: Bleu
+    unrelated_rouge_l: Unit
+    unrelated_same: Unit
+    seconds: Annotated[float, Field(ge=0)]
+    rows: Annotated[list[BehaviorRow], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _columns(self) -> SweepRecord:
+        _same_columns(self.rows, "rows")
+        return self
+
+
+class SweepResultFile(Schema):
+    """A :class:`SweepResult` file: the task's name and at least one run's record."""
+
+    format: Literal["patchlab.SweepResult/1"]
+    partial: bool
+    task: str
+    provenance: Provenance
+    records: Annotated[list[SweepRecord], Field(min_length=1)]
+
+
 @register_result
 @dataclass
 class SweepResult(Result):
@@ -461,12 +530,13 @@ class SweepResult(Result):
         provenance: the vanilla checkpoint (source and weights digest), the settings (task fingerprint, the plan,
             ``max_new_tokens``, ``template``) and the library versions.
         partial: the sweep has runs left (an interrupted or running sweep's report); saved as the ``"partial"``
-            flag (:func:`patchlab.reports.results_record`).
+            flag (:func:`patchlab.results.results_record`).
     """
 
     kind = "method_sweep"
     stem = "sweep"
     format = "patchlab.SweepResult/1"
+    schema = SweepResultFile
 
     task: str
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -482,7 +552,7 @@ class SweepResult(Result):
     def figure(self, title: str | None = None) -> go.Figure:
         """Target BLEU (x) against unrelated BLEU (y) per run, coloured by method, each method's strengths joined
         weakest to strongest (Hong et al., Fig. 2)."""
-        return figures.sweep_scatter(self.to_frame(), title or f"Behavioural test: {self.task}")
+        return super().figure(title=title)
 
     def to_dict(self) -> dict[str, Any]:
         return results_record({"task": self.task, "provenance": self.provenance, "records": self.records},
@@ -537,7 +607,7 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
     Args:
         vanilla: the starting model (directory, hub id or in-memory model; never modified).
         tokenizer: its tokenizer.
-        task: forget/retain texts, test questions, subject (:class:`SweepTask`, e.g. ``SweepTask.toy()``).
+        task: forget/retain texts, test questions, subject (:class:`SweepTask`, e.g. :func:`patchlab.toy.sweep_task`).
         methods: registered method names (default: all, :func:`patchlab.unlearning.methods.method_names`).
         grid: settings per method (default :func:`default_grid`: each method's ``sweep``).
         max_new_tokens: greedy answer length limit. template: the prompt (holding ``{question}``) the models are
@@ -579,7 +649,8 @@ def method_sweep(vanilla: ModelSpec, tokenizer: PreTrainedTokenizerBase, task: S
                       "seconds": round(time.perf_counter() - start, 2), "rows": scored.table.to_dict("records")}
             out.write(name, lambda path: atomic_write_json(path, record))
         else:
-            record = read_json(path)
+            record = read_json(path, what="method-sweep run record")
+            validate(SweepRecord, record, path, "patchlab method-sweep run record")
         result.records.append(record)
         result.partial = i < len(plan) - 1
         if new or not result.partial:  # after each new run, and once at the end

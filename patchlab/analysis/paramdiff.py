@@ -11,27 +11,28 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from patchlab.pair.arch import MODULE_ORDER, layer_index, spec_for_type
+from patchlab.pair.arch import MODULE_ORDER, layer_index, module_order, spec_for_type
 from patchlab.errors import NonFiniteError, PairMismatchError, PatchlabValueError
 from patchlab.pair.weights import CheckpointTensors
 from patchlab.pair import ModelPair
 from patchlab.provenance import pair_provenance
-from patchlab.reports import figures
-from patchlab.reports.results import Result, model_names, register_result
+from patchlab.results import Result, register_result
+from patchlab.schema import AnyFloat, Count, Provenance, Schema, bad
 
 CHUNK = 1 << 24  # elements per float64 chunk
 #: Per tensor / module / layer: cosine similarity, 1 - cosine, angle (degrees), relative L2 change |b-a|/|a|.
-METRICS = ("cosine", "one_minus_cos", "angle_deg", "rel_l2")
+PARAM_METRICS = ("cosine", "one_minus_cos", "angle_deg", "rel_l2")
 #: The metrics drawn on a log colour scale (they span orders of magnitude; cosine is drawn linearly).
 LOG_METRICS = ("one_minus_cos", "angle_deg", "rel_l2")
 METRIC_LABELS = {"cosine": "cosine", "one_minus_cos": "1 - cos", "angle_deg": "angle (degrees)",
@@ -97,7 +98,7 @@ def angle_deg(one_minus_cosine: Float[Any, "*n"]) -> Float[Any, "*n"]:
 
 
 def _metrics(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add the :data:`METRICS` columns from the pooled sums: ``cosine = <a,b>/(|a||b|)``, ``one_minus_cos``
+    """Add the :data:`PARAM_METRICS` columns from the pooled sums: ``cosine = <a,b>/(|a||b|)``, ``one_minus_cos``
     (:func:`one_minus_cos`), ``angle_deg`` (:func:`angle_deg`) and ``rel_l2 = |b-a|/|a|``."""
     frame = frame.copy()
     with np.errstate(divide="ignore", invalid="ignore"):  # all-zero tensors give NaN / inf
@@ -108,6 +109,55 @@ def _metrics(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+class TensorRow(Schema):
+    """One tensor's row of a :class:`ParamDiff` file: its pooled sums are finite (:func:`paramdiff` refuses
+    non-finite tensors), its :data:`PARAM_METRICS` may be NaN or infinite (an all-zero tensor has no cosine)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    module: Annotated[str, Field(min_length=1)]
+    layer: Annotated[int, Field(ge=-1, lt=2**31)]
+    numel: Count
+    dot: float
+    norm_a2: Annotated[float, Field(ge=0)]
+    norm_b2: Annotated[float, Field(ge=0)]
+    diff2: Annotated[float, Field(ge=0)]
+    dot_ad: float
+    cosine: AnyFloat
+    one_minus_cos: AnyFloat
+    angle_deg: AnyFloat
+    rel_l2: AnyFloat
+
+
+class ValueVectorRow(Schema):
+    """One row of :func:`value_vector_changes`: a changed MLP value vector and the tokens it promotes."""
+
+    layer: Count
+    index: Count
+    cosine: AnyFloat
+    one_minus_cos: AnyFloat
+    rel_l2: Annotated[float, Field(ge=0)]
+    top_tokens_vanilla: list[str]
+    top_tokens_unlearned: list[str]
+
+
+class ParamDiffFile(Schema):
+    """A :class:`ParamDiff` file: one row per tensor (names distinct), the value vectors if computed."""
+
+    format: Literal["patchlab.ParamDiff/1"]
+    provenance: Provenance
+    tensors: Annotated[list[TensorRow], Field(min_length=1)]
+    value_vectors: Annotated[list[ValueVectorRow], Field(min_length=1)] | None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ParamDiffFile:
+        seen: set[str] = set()
+        for i, row in enumerate(self.tensors):
+            if row.name in seen:
+                raise bad(f"tensors[{i}].name", "tensor {name!r} has two rows", name=row.name)
+            seen.add(row.name)
+        return self
+
+
 @register_result
 @dataclass
 class ParamDiff(Result):
@@ -115,7 +165,7 @@ class ParamDiff(Result):
 
     Attributes:
         table: one row per tensor: ``name``, ``module``, ``layer`` (-1 outside layers), ``numel``, the pooled sums
-            of :func:`tensor_stats` and the :data:`METRICS` (also :meth:`to_frame`).
+            of :func:`tensor_stats` and the :data:`PARAM_METRICS` (also :meth:`to_frame`).
         provenance: the two checkpoints (source and weights digest) and the library versions
             (:func:`patchlab.provenance.pair_provenance`).
         value_vectors: the most changed MLP value vectors (:func:`value_vector_changes`), if computed; the report
@@ -124,6 +174,7 @@ class ParamDiff(Result):
 
     kind = "paramdiff"
     format = "patchlab.ParamDiff/1"
+    schema = ParamDiffFile
 
     table: pd.DataFrame
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -138,41 +189,36 @@ class ParamDiff(Result):
         return self.table
 
     def by_module(self) -> pd.DataFrame:
-        """The :data:`METRICS` per module type, all layers pooled (as one concatenated vector)."""
+        """The :data:`PARAM_METRICS` per module type, all layers pooled (as one concatenated vector)."""
         frame = self._pooled(["module"])
         frame["order"] = frame["module"].map({m: i for i, m in enumerate(MODULE_ORDER)})
         return frame.sort_values("order").drop(columns="order").reset_index(drop=True)
 
     def by_layer(self, metric: str = "cosine") -> pd.DataFrame:
-        """``metric`` (one of :data:`METRICS`) pooled per (layer, module type): a layer x module table."""
-        if metric not in METRICS:
-            raise PatchlabValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        """``metric`` (one of :data:`PARAM_METRICS`) pooled per (layer, module type): a layer x module table."""
+        if metric not in PARAM_METRICS:
+            raise PatchlabValueError(f"metric must be one of {PARAM_METRICS}, got {metric!r}")
         pooled = self._pooled(["layer", "module"])
         table = pooled[pooled["layer"] >= 0].pivot(index="layer", columns="module", values=metric)
-        return table[figures.module_order(table.columns)]
+        return table[module_order(table.columns)]
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """``paramdiff`` (:attr:`table`), ``paramdiff_modules`` (:meth:`by_module`), per metric
         ``paramdiff_layers_<metric>`` (:meth:`by_layer`), and ``value_vectors`` when computed."""
         tables = {self.kind: self.table, f"{self.kind}_modules": self.by_module()}
-        tables.update({f"{self.kind}_layers_{m}": self.by_layer(m).reset_index() for m in METRICS})
+        tables.update({f"{self.kind}_layers_{m}": self.by_layer(m).reset_index() for m in PARAM_METRICS})
         if self.value_vectors is not None:
             tables["value_vectors"] = self.value_vectors
         return tables
 
     def figures(self) -> dict[str, go.Figure]:
-        """``paramdiff_<metric>``: the heatmap (:meth:`figure`) of every metric of :data:`METRICS`."""
-        return {f"{self.kind}_{m}": self.figure(m) for m in METRICS}
+        """``paramdiff_<metric>``: the heatmap (:meth:`figure`) of every metric of :data:`PARAM_METRICS`."""
+        return {f"{self.kind}_{m}": self.figure(m) for m in PARAM_METRICS}
 
     def figure(self, metric: str = "one_minus_cos") -> go.Figure:
         """Interactive layer x module heatmap of ``metric``; :data:`LOG_METRICS` on a log colour scale
         (:func:`patchlab.reports.figures.layer_module_heatmap`)."""
-        table = self.by_layer(metric)
-        label = METRIC_LABELS[metric]
-        title = figures.with_subtitle(f"Parameter {label} between vanilla and unlearned, per layer and module",
-                                      figures.models_line(*model_names(self.provenance)))
-        return figures.layer_module_heatmap(table, value_name=label, log=metric in LOG_METRICS, decimals=6,
-                                            title=title)
+        return super().figure(metric=metric)
 
     heatmap = figure
 

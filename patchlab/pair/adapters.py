@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
 from patchlab.errors import MissingDependencyError, PatchlabFileError, PatchlabValueError
+from patchlab.pair.hub import hub_reachable, is_hub_id
 from patchlab.pair.weights import check_safetensors
 
 #: The file that marks a directory as a PEFT adapter.
@@ -54,8 +55,6 @@ def local_adapter(spec: Any) -> Path | None:
     downloaded, or read from the local hub cache when the hub does not answer or in offline mode), else ``None``."""
     if is_adapter(spec):
         return Path(spec).expanduser()
-    from patchlab.pair.loading import hub_reachable, is_hub_id
-
     if not isinstance(spec, str) or Path(spec).expanduser().exists() or not is_hub_id(spec):
         return None
     offline = not hub_reachable()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,13 @@ from patchlab.pair.sites import Site, default_sites, submodule
 #: :attr:`ArchSpec.module_types` does not name.
 MODULE_ORDER = ["embedding", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_o", "mlp_gate", "mlp_up", "mlp_gate_up",
                 "mlp_down", "norm", "lm_head", "other"]
+
+
+def module_order(present: Sequence[str]) -> list[str]:
+    """The module types of ``present`` (repeats allowed) in :data:`patchlab.pair.arch.MODULE_ORDER`; types outside
+    that order are left out."""
+    present = set(present)
+    return [m for m in MODULE_ORDER if m in present]
 
 
 @dataclass(frozen=True)

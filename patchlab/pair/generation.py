@@ -3,47 +3,60 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from patchlab.defaults import DEFAULT_TEMPLATE
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.placement import input_device
-
-DEFAULT_TEMPLATE = "Question: {question}\n Answer:"
 
 #: Named prompt templates (:func:`resolve_template`): ``"default"`` is :data:`DEFAULT_TEMPLATE`, ``"chat"`` the
 #: tokenizer's own chat template.
 TEMPLATE_NAMES = ("default", "chat")
+_MARKER = "PATCHLABQUESTIONMARKER"
+
+
+def chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The tokenizer's chat template as a prompt template: one user turn holding ``{question}``, then the
+    assistant's generation prompt (``apply_chat_template(..., add_generation_prompt=True)``, rendered as text once;
+    a BOS token text at its start is dropped when encoding adds that token itself, so it is not doubled). This is
+    how open-unlearning prompts instruct models (its system prompt, if any, is not added).
+
+    Raises:
+        PatchlabValueError: the tokenizer has no chat template, or its template does not show the question once.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise PatchlabValueError(f"the tokenizer {tokenizer.name_or_path or type(tokenizer).__name__!r} has no chat "
+                                 "template: --template chat needs an instruct model's tokenizer; give a template "
+                                 "holding {question} instead")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARKER}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count(_MARKER) != 1:
+        raise PatchlabValueError("the tokenizer's chat template does not show the user's message exactly once")
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text.replace(_MARKER, "{question}")
 
 
 def resolve_template(template: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
-    """A prompt template from a name of :data:`TEMPLATE_NAMES` or a text holding ``{question}`` (returned as it
-    is). ``"chat"`` is the tokenizer's chat template as open-unlearning prompts instruct models: one user turn
-    holding the question, then the assistant's generation prompt (``apply_chat_template(...,
-    add_generation_prompt=True)``, rendered as text once).
+    """A prompt template from a name of :data:`TEMPLATE_NAMES` (``"default"``, ``"chat"``: :func:`chat_template`
+    of ``tokenizer``) or a template text holding ``{question}``, returned as it is.
 
     Raises:
-        PatchlabValueError: a text without ``{question}``, or ``"chat"`` without a tokenizer that has a chat template.
+        PatchlabValueError: a text without ``{question}``, or ``"chat"`` without a tokenizer that has a chat
+            template.
     """
     if template == "default":
         return DEFAULT_TEMPLATE
     if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise PatchlabValueError("the chat template needs a tokenizer that has one (an instruct model's); give "
-                                     "a template holding {question} instead")
-        marker = "PATCHLABQUESTIONMARKER"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                             add_generation_prompt=True)
-        if text.count(marker) != 1:
-            raise PatchlabValueError("the tokenizer's chat template does not show the user's message exactly once")
-        return text.replace(marker, "{question}")
+        if tokenizer is None:
+            raise PatchlabValueError("the chat template needs the tokenizer")
+        return chat_template(tokenizer)
     if not isinstance(template, str) or "{question}" not in template:
         raise PatchlabValueError(f"a prompt template is one of {', '.join(TEMPLATE_NAMES)} or a text holding "
                                  f"{{question}}, got {template!r}")
@@ -119,14 +132,6 @@ def question_label(index: int, question: str, width: int = 60) -> str:
     return f"question {index} ({short!r})"
 
 
-#: How reference answers are decoded, whatever a checkpoint's ``generation_config.json`` asks for.
-GREEDY = {"decoding": "greedy: the argmax token at each step, no sampling, beams, penalties or logits processors",
-          "do_sample": False, "num_beams": 1}
-
-#: Generation-config entries of transformers' defaults that do not change which tokens are chosen.
-_OUTPUT_KEYS = ("use_cache", "output_scores", "return_dict_in_generate")
-
-
 @contextlib.contextmanager
 def plain_generation(model: PreTrainedModel) -> Iterator[None]:
     """Within the block, ``model.generate`` ignores the model's own generation config (sampling, temperature,
@@ -140,28 +145,13 @@ def plain_generation(model: PreTrainedModel) -> Iterator[None]:
         model.generation_config = saved
 
 
-def generation_record(model: PreTrainedModel | str | os.PathLike) -> dict[str, Any]:
-    """``{**GREEDY, "ignored": {...}}``: how reference answers are generated, and the decoding entries of the
-    model's generation config (an in-memory model's, or a checkpoint directory's ``generation_config.json``) that
-    differ from transformers' defaults and are ignored (sampling, temperature, penalties...; ``{}`` when none), for
-    provenance."""
-    if isinstance(model, PreTrainedModel):
-        config = model.generation_config
-    else:
-        folder = Path(model)
-        config = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
-    defaults = GenerationConfig()._get_default_generation_params()
-    ignored = {} if config is None else {k: v for k, v in config.to_dict().items()
-                                         if k in defaults and k not in _OUTPUT_KEYS and v not in (None, defaults[k])}
-    return {**GREEDY, "ignored": ignored}
-
-
 @torch.no_grad()
 def greedy_continuations(model: PreTrainedModel, prompt_ids: Sequence[torch.Tensor], max_new_tokens: int,
                          *, eos_token_id: int | None = None, labels: Sequence[str] | None = None,
                          progress: bool = False) -> list[torch.Tensor]:
     """Greedy continuation of each prompt, one prompt at a time (no padding, so exact): the model's plain argmax
-    continuation, whatever its generation config asks for (:func:`plain_generation`, :data:`GREEDY`).
+    continuation, whatever its generation config asks for (:func:`plain_generation`,
+    :data:`patchlab.provenance.GREEDY`).
 
     Args:
         model: a Hugging Face causal LM (placed on one device or with a device map: ids go to its input device).

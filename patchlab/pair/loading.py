@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -23,57 +22,15 @@ from patchlab.errors import PairMismatchError, PatchlabFileError, PatchlabValueE
 from patchlab.pair.adapters import (AdapterBaseWarning, adapter_base_name, is_adapter, local_adapter, merge_adapter,
                                     same_checkpoint)
 from patchlab.pair.arch import ArchSpec, arch_spec
-from patchlab.pair.placement import (DeviceMap, check_offload_folder, dispatch, input_device, is_dispatched,
-                                     resolve_device_map)
-from patchlab.pair.sequential import SequentialPair, meta_skeleton, sequential_pair
-from patchlab.pair.weights import ModelWeights, check_safetensors
+from patchlab.pair.hub import HUB_TIMEOUT_S, hub_reachable, is_hub_id
+from patchlab.pair.placement import (DeviceMap, check_device, check_offload_folder, dispatch, input_device,
+                                     is_dispatched, resolve_device_map)
+from patchlab.pair.sequential import SequentialPair, meta_skeleton
+from patchlab.pair.weights import CheckpointTensors, ModelWeights, check_safetensors
 from patchlab.provenance import adapter_digest, describe_source, directory_digest, model_digest
 
 ModelSpec = Union[str, os.PathLike, PreTrainedModel]
 TokenizerSpec = Union[str, os.PathLike, PreTrainedTokenizerBase, None]
-
-
-#: Seconds to wait for the Hugging Face hub to answer before a hub id is declared unreachable.
-HUB_TIMEOUT_S = 3.0
-
-
-def is_hub_id(spec: str | os.PathLike) -> bool:
-    """True when ``spec`` has the shape of a hub id and not of a local path.
-
-    A hub id is a string ``name`` or ``org/name`` (letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``, as
-    ``huggingface_hub`` validates it). A path object, a string starting with ``.``, ``/`` or ``~``, with a
-    backslash or with more than one ``/``, and an ``org/name`` whose ``org`` is an existing local directory
-    (``runs/graddiff`` next to a ``runs/`` folder) are local paths.
-    """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not isinstance(spec, str) or spec.startswith((".", "/", "~")) or "\\" in spec:
-        return False
-    try:
-        validate_repo_id(spec)
-    except HFValidationError:
-        return False
-    return "/" not in spec or not Path(spec.split("/")[0]).is_dir()
-
-
-@functools.lru_cache(maxsize=8)
-def _endpoint_reachable(endpoint: str, timeout: float) -> bool:
-    from huggingface_hub import get_session
-
-    try:
-        get_session().head(endpoint, timeout=timeout)
-    except Exception:  # noqa: BLE001 - any transport failure (DNS, refused, timeout, proxy) means unreachable
-        return False
-    return True
-
-
-def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers one HEAD request within ``timeout`` seconds (through
-    the hub client's own session, so proxies apply); the answer is remembered for the process. False in offline
-    mode (``HF_HUB_OFFLINE=1``) without any request."""
-    from huggingface_hub import constants
-
-    return not constants.HF_HUB_OFFLINE and _endpoint_reachable(constants.ENDPOINT, timeout)
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -143,7 +100,10 @@ def _from_pretrained(loader: Any, spec: str | os.PathLike, what: str, **kwargs: 
 
 
 def _check_placement(device: Any, device_map: Any, max_memory: Any, offload_folder: Any) -> None:
-    """Raise :class:`PatchlabValueError` on contradictory placement arguments."""
+    """Raise :class:`PatchlabValueError` on contradictory placement arguments, or a ``device`` this machine does
+    not have (:func:`patchlab.pair.placement.check_device`)."""
+    if device is not None:
+        check_device(device)
     if device is not None and device_map is not None:
         raise PatchlabValueError("pass either device= (one device) or device_map= (spread over devices), not both")
     if device_map is None and (max_memory is not None or offload_folder is not None):
@@ -299,7 +259,7 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype | None = None, device: str
         PatchlabFileError: the directory does not exist or holds no loadable checkpoint (a truncated or corrupt
             safetensors file is named), the hub id cannot be reached (after at most :data:`HUB_TIMEOUT_S`
             seconds), or an adapter's named base cannot be loaded (pass ``adapter_base``).
-        PatchlabValueError: ``spec`` is of another type, ``dtype``/``device`` for a model already dispatched,
+        PatchlabValueError: ``spec`` is of another type, a ``device`` this machine lacks, ``dtype``/``device`` for a model already dispatched,
             ``device`` together with ``device_map``, ``max_memory`` or ``offload_folder`` without ``device_map``, a
             map that offloads to disk without ``offload_folder``, an adapter that names no base model (pass
             ``adapter_base``) or does not fit it.
@@ -540,8 +500,9 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
     Raises:
         PatchlabFileError: a path does not exist / holds no checkpoint, or a hub id cannot be reached (within
             :data:`HUB_TIMEOUT_S` seconds).
-        PatchlabValueError: ``device`` together with ``device_map``, ``max_memory`` / ``offload_folder`` without
-            ``device_map``, a map that offloads to disk without ``offload_folder``, an adapter without a base.
+        PatchlabValueError: a ``device`` this machine lacks, ``device`` together with ``device_map``,
+            ``max_memory`` / ``offload_folder`` without ``device_map``, a map that offloads to disk without
+            ``offload_folder``, an adapter without a base.
         PairMismatchError: different architecture, layer count, hidden/intermediate/vocab size, parameter
             shapes, weight dtype (without ``dtype``), input device or tokenizer.
         UnsupportedArchitectureError: the family is not in the registry (see ``register_architecture``).
@@ -576,3 +537,67 @@ def load_pair(vanilla: ModelSpec, unlearned: ModelSpec, *, tokenizer: TokenizerS
                      vanilla_hf=model_v, unlearned_hf=model_u, tokenizer=tok, arch=spec,
                      sources=(describe_source(vanilla), describe_source(unlearned)),
                      adapter=None if adapter_dir is None else adapter_record(adapter_dir, adapter_base))
+
+
+def _checkpoint_dir(spec: Any, what: str) -> Path:
+    """A local checkpoint directory for ``spec``: the directory itself, or a hub id's local snapshot."""
+    if isinstance(spec, PreTrainedModel):
+        raise PatchlabValueError(f"sequential=True reads the {what} checkpoint from its files: pass a directory or "
+                                 "a hub id, not an in-memory model")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    _source(spec, what)  # a missing local path fails here with a clear error
+    return Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+
+
+#: safetensors dtype names of floating-point tensors -> torch dtype names.
+_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                 "F8_E5M2": "float8_e5m2"}
+
+
+def stored_dtypes(tensors: CheckpointTensors) -> list[str]:
+    """The dtypes of a checkpoint's floating-point tensors as stored (``["bfloat16"]``, sorted torch names)."""
+    return sorted({_FLOAT_DTYPES[d] for d in tensors.dtypes.values() if d in _FLOAT_DTYPES})
+
+
+def sequential_pair(vanilla: Any, unlearned: Any, *, tokenizer: PreTrainedTokenizerBase,
+                    load: Sequence[Mapping[str, Any]], adapter_base: Any = None,
+                    adapter: dict[str, str] | None = None) -> SequentialPair:
+    """Check a pair from its configs and file headers and return it unloaded (:class:`SequentialPair`); ``load``
+    holds the vanilla and the unlearned model's :func:`load_model` keyword arguments. ``unlearned`` may be a local
+    PEFT adapter directory, merged onto ``adapter_base`` (default the vanilla checkpoint) when loaded; ``adapter``:
+    its record for provenance.
+
+    Raises:
+        PatchlabValueError: an in-memory model (it is in memory already: use ``sequential=False``).
+        PairMismatchError: different architectures, sizes, tensor shapes, or stored weight dtypes when the pair is
+            loaded as stored (no ``dtype``).
+        PatchlabFileError: a directory that does not exist, holds no safetensors checkpoint or a truncated / corrupt
+            one (named), or a config transformers cannot read (an unknown ``model_type``).
+    """
+    v_dir = _checkpoint_dir(vanilla, "vanilla")
+    u_dir = Path(unlearned) if is_adapter(unlearned) else _checkpoint_dir(unlearned, "unlearned")
+    config = _from_pretrained(AutoConfig, v_dir, "vanilla model config")
+    skeleton = meta_skeleton(config)
+    spec = arch_spec(skeleton)
+    tensors_v = CheckpointTensors(v_dir, "vanilla")
+    if not is_adapter(unlearned):
+        check_configs(config, _from_pretrained(AutoConfig, u_dir, "unlearned model config"))
+        tensors_u = CheckpointTensors(u_dir, "unlearned")
+        for name, shape in tensors_v.shapes.items():
+            if name in tensors_u.shapes and tensors_u.shapes[name] != shape:
+                raise PairMismatchError(f"tensor {name} has shape {shape} in vanilla but {tensors_u.shapes[name]} in "
+                                        "unlearned")
+        if load[0].get("dtype") is None:
+            check_dtypes(stored_dtypes(tensors_v), stored_dtypes(tensors_u))
+    else:
+        check_safetensors(u_dir, f"the adapter {str(u_dir)!r}")  # now, not when a sweep first loads it
+    check_vocab_size(tokenizer, config)
+    load_u = {**load[1], **({"adapter_base": adapter_base or v_dir} if is_adapter(unlearned) else {})}
+    return SequentialPair(specs={"vanilla": v_dir, "unlearned": u_dir}, load={"vanilla": dict(load[0]),
+                                                                             "unlearned": load_u},
+                          tokenizer=tokenizer, arch=spec, sources=(describe_source(v_dir), describe_source(unlearned)),
+                          skeleton=skeleton, loader=load_model, dtype=load[0].get("dtype"), adapter=adapter)

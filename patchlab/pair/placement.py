@@ -35,6 +35,36 @@ DeviceMap = Union[str, Mapping[str, Union[int, str, torch.device]]]
 OFFLOAD_LOCATIONS = ("cpu", "disk")
 
 
+def check_device(device: str | int | torch.device) -> torch.device:
+    """``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a GPU index, a ``torch.device``) as a
+    ``torch.device``, checked against this machine before any model moves there: a CUDA device needs a CUDA build
+    of torch with a GPU at that index, ``"mps"`` / ``"xpu"`` need that backend.
+
+    Raises:
+        PatchlabValueError: ``device`` names no device type torch knows, or one this machine does not have (the
+            message says what it has).
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise PatchlabValueError(f"unknown device {device!r}: expected e.g. cpu, cuda, cuda:0 or mps") from err
+    kind = parsed.type
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise PatchlabValueError(f"device {device!r}: CUDA is not available (this torch "
+                                     f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); "
+                                     "use cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise PatchlabValueError(f"device {device!r}: this machine has {count} CUDA device"
+                                     f"{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise PatchlabValueError(f"device {device!r}: the MPS backend (Apple GPUs) is not available here; use cpu")
+    elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise PatchlabValueError(f"device {device!r}: no Intel XPU is available here; use cpu")
+    return parsed
+
+
 def _hooks(module: nn.Module) -> list[Any]:
     """The Accelerate hooks attached to ``module`` (a ``SequentialHook`` unpacked), possibly none."""
     hook = getattr(module, "_hf_hook", None)

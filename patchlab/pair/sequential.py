@@ -13,19 +13,18 @@ from __future__ import annotations
 import contextlib
 import gc
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.errors import PairMismatchError, PatchlabValueError
+from patchlab.errors import PatchlabValueError
 from patchlab.pair.adapters import AdapterBaseWarning
-from patchlab.pair.arch import ArchSpec, arch_spec
-from patchlab.pair.weights import CheckpointTensors, CheckpointWeights, check_safetensors
+from patchlab.pair.arch import ArchSpec
+from patchlab.pair.weights import CheckpointWeights
 
 
 def meta_skeleton(config: PretrainedConfig, **from_config: Any) -> PreTrainedModel:
@@ -43,7 +42,9 @@ class SequentialPair:
 
     Attributes:
         specs: ``{"vanilla": checkpoint directory, "unlearned": checkpoint or adapter directory}``.
-        load: the keyword arguments each model is loaded with (:func:`~patchlab.pair.loading.load_model`).
+        load: the keyword arguments each model is loaded with (by ``loader``).
+        loader: the function loading one model from its spec and keyword arguments
+            (:func:`~patchlab.pair.loading.load_model`).
         tokenizer: the shared tokenizer. arch: the family's spec. sources: how the checkpoints were given.
         skeleton: the vanilla model on the meta device (names and shapes).
         dtype: the dtype both models are loaded in (``None``: as stored).
@@ -57,6 +58,7 @@ class SequentialPair:
     arch: ArchSpec
     sources: tuple[str, str]
     skeleton: PreTrainedModel
+    loader: Callable[..., PreTrainedModel]
     dtype: torch.dtype | None = None
     adapter: dict[str, str] | None = None
     _resident: dict[str, PreTrainedModel] = field(default_factory=dict, repr=False)
@@ -71,8 +73,6 @@ class SequentialPair:
         """Load the model ``which`` (``"vanilla"`` / ``"unlearned"``), yield it, and release it on exit (the other
         one is never loaded meanwhile). Its memory is freed once nothing else refers to it: ``del`` the name a
         ``with ... as model`` bound before using the other one."""
-        from patchlab.pair.loading import load_model
-
         if which not in self.specs:
             raise PatchlabValueError(f"which must be 'vanilla' or 'unlearned', got {which!r}")
         if self._resident:
@@ -80,7 +80,7 @@ class SequentialPair:
                                      f"is in use, {which!r} cannot be loaded beside it")
         with warnings.catch_warnings():  # load_pair announced a foreign adapter base once
             warnings.simplefilter("ignore", AdapterBaseWarning)
-            self._resident[which] = load_model(self.specs[which], **self.load[which])
+            self._resident[which] = self.loader(self.specs[which], **self.load[which])
         try:
             yield self._resident[which]
         finally:
@@ -94,75 +94,4 @@ class SequentialPair:
         return CheckpointWeights(self.specs["vanilla"], self.arch, self.skeleton, dtype=self.dtype)
 
 
-def _checkpoint_dir(spec: Any, what: str) -> Path:
-    """A local checkpoint directory for ``spec``: the directory itself, or a hub id's local snapshot."""
-    if isinstance(spec, PreTrainedModel):
-        raise PatchlabValueError(f"sequential=True reads the {what} checkpoint from its files: pass a directory or "
-                                 "a hub id, not an in-memory model")
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    from patchlab.pair.loading import _source
-
-    _source(spec, what)  # a missing local path fails here with a clear error
-    return Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-
-
-#: safetensors dtype names of floating-point tensors -> torch dtype names.
-_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-                 "F8_E5M2": "float8_e5m2"}
-
-
-def stored_dtypes(tensors: CheckpointTensors) -> list[str]:
-    """The dtypes of a checkpoint's floating-point tensors as stored (``["bfloat16"]``, sorted torch names)."""
-    return sorted({_FLOAT_DTYPES[d] for d in tensors.dtypes.values() if d in _FLOAT_DTYPES})
-
-
-def sequential_pair(vanilla: Any, unlearned: Any, *, tokenizer: PreTrainedTokenizerBase,
-                    load: Sequence[Mapping[str, Any]], adapter_base: Any = None,
-                    adapter: dict[str, str] | None = None) -> SequentialPair:
-    """Check a pair from its configs and file headers and return it unloaded (:class:`SequentialPair`); ``load``
-    holds the vanilla and the unlearned model's :func:`~patchlab.pair.loading.load_model` keyword arguments.
-    ``unlearned`` may be a local PEFT adapter directory, merged onto ``adapter_base`` (default the vanilla
-    checkpoint) when loaded; ``adapter``: its record for provenance.
-
-    Raises:
-        PatchlabValueError: an in-memory model (it is in memory already: use ``sequential=False``).
-        PairMismatchError: different architectures, sizes, tensor shapes, or stored weight dtypes when the pair is
-            loaded as stored (no ``dtype``).
-        PatchlabFileError: a directory that does not exist, holds no safetensors checkpoint or a truncated / corrupt
-            one (named), or a config transformers cannot read (an unknown ``model_type``).
-    """
-    from patchlab.pair.adapters import is_adapter
-    from patchlab.pair.loading import _from_pretrained, check_configs, check_dtypes, check_vocab_size
-    from patchlab.provenance import describe_source
-
-    v_dir = _checkpoint_dir(vanilla, "vanilla")
-    u_dir = Path(unlearned) if is_adapter(unlearned) else _checkpoint_dir(unlearned, "unlearned")
-    config = _from_pretrained(AutoConfig, v_dir, "vanilla model config")
-    skeleton = meta_skeleton(config)
-    spec = arch_spec(skeleton)
-    tensors_v = CheckpointTensors(v_dir, "vanilla")
-    if not is_adapter(unlearned):
-        check_configs(config, _from_pretrained(AutoConfig, u_dir, "unlearned model config"))
-        tensors_u = CheckpointTensors(u_dir, "unlearned")
-        for name, shape in tensors_v.shapes.items():
-            if name in tensors_u.shapes and tensors_u.shapes[name] != shape:
-                raise PairMismatchError(f"tensor {name} has shape {shape} in vanilla but {tensors_u.shapes[name]} in "
-                                        "unlearned")
-        if load[0].get("dtype") is None:
-            check_dtypes(stored_dtypes(tensors_v), stored_dtypes(tensors_u))
-    else:
-        check_safetensors(u_dir, f"the adapter {str(u_dir)!r}")  # now, not when a sweep first loads it
-    check_vocab_size(tokenizer, config)
-    load_u = {**load[1], **({"adapter_base": adapter_base or v_dir} if is_adapter(unlearned) else {})}
-    return SequentialPair(specs={"vanilla": v_dir, "unlearned": u_dir}, load={"vanilla": dict(load[0]),
-                                                                             "unlearned": load_u},
-                          tokenizer=tokenizer, arch=spec, sources=(describe_source(v_dir), describe_source(unlearned)),
-                          skeleton=skeleton, dtype=load[0].get("dtype"), adapter=adapter)
-
-
-__all__ = ["SequentialPair", "sequential_pair"]
-
+__all__ = ["SequentialPair", "meta_skeleton"]

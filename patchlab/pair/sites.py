@@ -10,6 +10,9 @@ itself), what of it is read (its ``input``, its ``output``, or its ``weight``) a
   outputs; restoring head ``h`` replaces its contribution to the projection's output (its slice of the weight
   applied to its slice of the input) with the vanilla model's, vanilla weight included.
 
+These are the built-in *restore kinds*; :func:`patchlab.patching.restore.register_restore_kind` adds others (their
+computation lives there, their :class:`RestoreRule` here, so sites can be checked where they are defined).
+
 Every family's :class:`~patchlab.pair.arch.ArchSpec` holds a table of sites (:func:`default_sites`); caches,
 the batched and loop engines and the TransformerLens adapter iterate it. A *component* is a ``+``-joined set of
 site names, where ``heads`` may carry a head subset: ``"coef+attn"``, ``"heads[0,3]"``, ``"coef+heads"``.
@@ -32,7 +35,55 @@ from torch import nn
 from patchlab.errors import PatchlabValueError
 
 READS = ("input", "output", "weight")
-RESTORES = ("overwrite", "recompute", "per_head")
+
+
+@dataclass(frozen=True)
+class RestoreRule:
+    """What a restore kind needs of its sites (the kind's computation is registered with
+    :func:`patchlab.patching.restore.register_restore_kind`, which declares its rule here).
+
+    Attributes:
+        reads: the ``Site.reads`` the kind accepts.
+        recomputes: the kind rewrites the module's output from the module's input (its hook sits on the output);
+            otherwise it rewrites the value at the site's read point itself.
+        heads: the kind takes a head list (``"heads[0,3]"``) and a per-head mask.
+    """
+
+    reads: tuple[str, ...]
+    recomputes: bool = False
+    heads: bool = False
+
+
+_RESTORE_RULES: dict[str, RestoreRule] = {
+    "overwrite": RestoreRule(("input", "output")),
+    "recompute": RestoreRule(("weight",), recomputes=True),
+    "per_head": RestoreRule(("input",), recomputes=True, heads=True),
+}
+
+
+def restore_rule(name: str) -> RestoreRule:
+    """The :class:`RestoreRule` of the restore kind ``name``.
+
+    Raises:
+        PatchlabValueError: no kind of that name is registered.
+    """
+    if name not in _RESTORE_RULES:
+        raise PatchlabValueError(f"unknown restore kind {name!r}; registered: {', '.join(_RESTORE_RULES)}")
+    return _RESTORE_RULES[name]
+
+
+def declare_restore(name: str, rule: RestoreRule | None) -> None:
+    """Declare (``rule``) or withdraw (``None``) the restore kind ``name``'s rule; only
+    :mod:`patchlab.patching.restore`'s registry calls this."""
+    if rule is None:
+        _RESTORE_RULES.pop(name, None)
+    else:
+        if not rule.reads or any(r not in READS for r in rule.reads):
+            raise PatchlabValueError(f"restore kind {name!r}: reads must be a non-empty subset of {READS}, "
+                                     f"got {rule.reads!r}")
+        if "weight" in rule.reads and not rule.recomputes:
+            raise PatchlabValueError(f"restore kind {name!r}: a kind reading weights must recompute the output")
+        _RESTORE_RULES[name] = rule
 
 
 @dataclass(frozen=True)
@@ -44,7 +95,8 @@ class Site:
         module: path of the module inside a decoder layer (``"mlp.down_proj"``); ``""`` is the layer itself.
         reads: ``"input"`` (the module's first positional input), ``"output"`` (its output; the first element
             of a tuple output) or ``"weight"`` (its parameters).
-        restore: ``"overwrite"``, ``"recompute"`` or ``"per_head"`` (see the module docstring).
+        restore: ``"overwrite"``, ``"recompute"``, ``"per_head"`` (see the module docstring) or a kind registered
+            with :func:`patchlab.patching.restore.register_restore_kind`.
         description: one line for tables and docs.
     """
 
@@ -59,13 +111,13 @@ class Site:
             raise PatchlabValueError(f"a site name is an identifier such as 'coef', got {self.name!r}")
         if not isinstance(self.module, str):
             raise PatchlabValueError(f"site {self.name!r}: module must be a path string, got {self.module!r}")
-        if self.reads not in READS or self.restore not in RESTORES:
+        if self.reads not in READS or self.restore not in _RESTORE_RULES:
             raise PatchlabValueError(f"site {self.name!r}: reads must be one of {READS} and restore one of "
-                                     f"{RESTORES}, got {self.reads!r} / {self.restore!r}")
-        expected = {"overwrite": ("input", "output"), "recompute": ("weight",), "per_head": ("input",)}
-        if self.reads not in expected[self.restore]:
+                                     f"{tuple(_RESTORE_RULES)}, got {self.reads!r} / {self.restore!r}")
+        expected = _RESTORE_RULES[self.restore].reads
+        if self.reads not in expected:
             raise PatchlabValueError(f"site {self.name!r}: restore={self.restore!r} needs reads in "
-                                     f"{expected[self.restore]}, got {self.reads!r}")
+                                     f"{expected}, got {self.reads!r}")
 
     @property
     def cached(self) -> str | None:
@@ -75,7 +127,12 @@ class Site:
     @property
     def point(self) -> str:
         """Where the restoring hook attaches: the module's ``"input"`` (before it runs) or ``"output"``."""
-        return "input" if self.restore == "overwrite" and self.reads == "input" else "output"
+        return "output" if self.rule.recomputes or self.reads == "output" else "input"
+
+    @property
+    def rule(self) -> RestoreRule:
+        """The :class:`RestoreRule` of this site's restore kind."""
+        return restore_rule(self.restore)
 
 
 def default_sites(attn_out: str, mlp_down: str, mlp: str) -> tuple[Site, ...]:
@@ -144,7 +201,7 @@ def parse_component(component: str | Iterable[str], sites: Sequence[Site] | None
             raise PatchlabValueError(f"unknown component {component!r}: use site names from {', '.join(table)} "
                                      "joined with '+' (heads may take a subset: heads[0,3])")
         if match["heads"] is not None:
-            if table[match["site"]].restore != "per_head":
+            if not table[match["site"]].rule.heads:
                 raise PatchlabValueError(f"component {component!r}: only per-head sites take a head list")
             picked = [h.strip() for h in match["heads"].split(",") if h.strip()]
             if not picked:

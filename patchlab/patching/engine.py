@@ -10,9 +10,14 @@ lowest first layer of its rows: the layers below are not run, their output is th
 reaches a real position, so no attention mask is needed.
 
 Inside the forward pass nothing waits on the host: the row and position indices of every (layer, site) are built
-on the host before the pass and moved to the device once, and restorations write only the restored rows and
-positions (``index_copy`` / ``index_add``), never ``torch.where`` over whole tensors. The LM head runs only on the
-positions that predict the answer tokens.
+on the host before the pass and moved to the device once, and restorations touch only the restored rows and
+positions: they are gathered (``index_select``), given to the site's restore kind (:mod:`patchlab.patching.restore`)
+and written back (``index_copy``), never ``torch.where`` over whole tensors. The LM head runs only on the
+positions that predict the answer tokens, and on at most ``max_logits_bytes`` of logits at a time
+(:func:`logit_rows`).
+
+Memory: the store holds :func:`question_cache_bytes` per question (a sweep prepares as many questions together as
+its memory budget allows, :func:`patchlab.patching.sweep.plan_chunks`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import repeat
 from jaxtyping import Bool, Float, Int
 from torch import nn
 from tqdm.auto import tqdm
@@ -36,24 +39,13 @@ from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.arch import ArchSpec, n_heads
 from patchlab.pair.placement import execution_device, input_device
 from patchlab.pair.weights import CheckpointWeights, ModelWeights, site_params
-from patchlab.pair.sites import Component, Site, hook, hooks
+from patchlab.pair.sites import Component, Site, StopForward, hook, hooks
 from patchlab.patching.metrics import Metric, References
+from patchlab.patching.restore import Restoration, RestoreKind, head_mask, restore_kind
 from patchlab.patching.windows import Window
 
 
 # ------------------------------------------------------------------------------------------------ placement
-
-def apply_module(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``module``'s computation on ``x`` with ``params`` in place of its own (no hooks run): ``nn.Linear`` and
-    GPT-2's ``Conv1D`` directly, any other module through ``torch.func.functional_call``."""
-    weight, bias = params.get("weight"), params.get("bias")
-    if isinstance(module, nn.Linear):
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    if isinstance(module, Conv1D):
-        out = x @ weight.to(x.dtype)
-        return out if bias is None else out + bias.to(x.dtype)
-    return torch.func.functional_call(module, params, (x,))
-
 
 #: Where recompute / per-head restorations read the source parameters: ``params(site, layer, device) -> dict``.
 WeightSource = ModelWeights | CheckpointWeights
@@ -114,6 +106,53 @@ class PatchStore:
         return torch.arange(self.prompt_lens[q] - 1, self.prompt_lens[q] - 1 + self.answer_lens[q])
 
 
+def hidden_size(model: PreTrainedModel) -> int:
+    """The width of the residual stream, ``d_model`` (the config's, or its text config's, ``hidden_size``)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.hidden_size)
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    """Rows of the LM head: the vocabulary the logits span."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def site_width(model: PreTrainedModel, spec: ArchSpec, site: Site) -> int:
+    """Features per token of ``site``'s cached point (0 for sites read from the weights): the module's
+    ``in_features`` / ``out_features`` for ``nn.Linear`` (GPT-2's ``Conv1D`` alike), else ``d_model`` (a decoder
+    layer's or an MLP block's output)."""
+    if site.cached is None:
+        return 0
+    module = spec.site_module(model, site, 0)
+    if isinstance(module, nn.Linear):
+        return module.in_features if site.cached == "input" else module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0 if site.cached == "input" else 1]
+    return hidden_size(model)
+
+
+def question_cache_bytes(model: PreTrainedModel, spec: ArchSpec, sites: Sequence[Site], seq_len: int,
+                         answer_len: int, dtype: torch.dtype) -> int:
+    """Bytes a :class:`PatchStore` keeps for one question of ``seq_len`` tokens, ``answer_len`` of them scored::
+
+        layers x seq_len x (Σ_sites width + d_model) x bytes(dtype)  +  2 x answer_len x vocab x 4
+
+    the source activations at the cached ``sites`` and the target's residual stream after every layer, in the
+    models' ``dtype``, and the two float32 reference logits (vanilla and unlearned). ``model`` may be on the meta
+    device (only module shapes are read)."""
+    per_token = sum(site_width(model, spec, site) for site in sites) + hidden_size(model)
+    activations = len(spec.layer_modules(model)) * seq_len * per_token * torch.empty(0, dtype=dtype).element_size()
+    return activations + 2 * answer_len * vocab_size(model) * 4
+
+
+def logit_rows(rows: int, answer: int, vocab: int, max_logits_bytes: int | None) -> int:
+    """Rows whose float32 logits ``[rows, answer, vocab]`` fit in ``max_logits_bytes`` (at least 1; all ``rows``
+    when ``None``)."""
+    if max_logits_bytes is None:
+        return rows
+    return max(1, min(rows, max_logits_bytes // (answer * vocab * 4)))
+
+
 @contextlib.contextmanager
 def head_gather(model: PreTrainedModel, index: Int[torch.Tensor, "flat"], shape: tuple[int, int],
                 device: torch.device | None = None) -> Iterator[None]:
@@ -168,11 +207,13 @@ def capture(model: PreTrainedModel, spec: ArchSpec, sequences: Sequence[Int[torc
         layers return tuples.
     """
     layers = spec.layer_modules(model)
-    parts: dict[str, list[torch.Tensor]] = {}
+    packed: dict[str, torch.Tensor] = {}
+    total = sum(len(s) for s in sequences)
     logits: list[torch.Tensor] = []
     tuple_out: list[bool] = []
     probe = layers[0].register_forward_hook(lambda _m, _a, output: tuple_out.append(isinstance(output, tuple)))
     try:
+        done = 0
         for start in range(0, len(sequences), group):
             chunk, kept = sequences[start:start + group], scored[start:start + group]
             ids, real = right_padded(chunk)
@@ -180,25 +221,31 @@ def capture(model: PreTrainedModel, spec: ArchSpec, sequences: Sequence[Int[torc
             reads = []
             for i, layer in enumerate(layers):
                 for site in sites:
-                    reads.append((spec.site_module(model, site, i), site.cached, _store(parts, _key(site.name, i), real)))
+                    reads.append((spec.site_module(model, site, i), site.cached,
+                                  _store(packed, _key(site.name, i), real, done, total)))
                 if resid:
-                    reads.append((layer, "output", _store(parts, _key("resid", i), real)))
+                    reads.append((layer, "output", _store(packed, _key("resid", i), real, done, total)))
             with hooks(reads), head_gather(model, index, (len(chunk), answer)):
                 out = model(input_ids=ids.to(input_device(model)), use_cache=False).logits
             logits += [out[b, :len(k)] for b, k in enumerate(kept)]
+            done += len(real)
     finally:
         probe.remove()
-    return {key: torch.cat(values) for key, values in parts.items()}, logits, tuple_out[0]
+    return packed, logits, tuple_out[0]
 
 
-def _store(parts: dict[str, list[torch.Tensor]], key: str, real: torch.Tensor):
-    """Hook function keeping the real positions of a ``[batch, width, d]`` activation under ``key``."""
+def _store(packed: dict[str, torch.Tensor], key: str, real: torch.Tensor, start: int, total: int):
+    """Hook function writing the real positions of a ``[batch, width, d]`` activation into rows
+    ``start .. start + len(real)`` of ``packed[key]``, a ``[total, d]`` tensor allocated at the first write (so the
+    packed cache is never held twice)."""
     moved: dict[torch.device, torch.Tensor] = {}
 
     def keep(value: torch.Tensor) -> None:
         flat = value.detach().reshape(-1, value.shape[-1])
         index = moved.setdefault(flat.device, real.to(flat.device))
-        parts.setdefault(key, []).append(flat.index_select(0, index))
+        if key not in packed:
+            packed[key] = flat.new_empty(total, flat.shape[-1])
+        packed[key][start:start + len(real)] = flat.index_select(0, index)
     return keep
 
 
@@ -302,79 +349,39 @@ def _batch_indices(store: PatchStore, rows: Sequence[Row], width: int, start: in
         dst = torch.cat([d for d, _, _ in items]).to(device, non_blocking=True)
         src = torch.cat([s for _, s, _ in items]).to(device, non_blocking=True)
         heads = None
-        if site.restore == "per_head":
+        if site.rule.heads:
             masks = [head_mask(h, n_head).expand(len(d), n_head) for d, _, h in items]
             heads = torch.cat(masks).to(device, non_blocking=True)
         out[(layer, site_name)] = _SiteIndex(dst, src, heads)
     return out
 
 
-def head_mask(heads: frozenset[int] | None, n_head: int) -> Bool[torch.Tensor, "1 head"]:
-    """The mask of the restored ``heads`` (``None``: all) among ``n_head`` heads.
+def _kind_hook(kind: RestoreKind, module: nn.Module, values: torch.Tensor | None, index: _SiteIndex,
+               params: dict[str, torch.Tensor] | None, own: dict[str, torch.Tensor] | None, inplace: bool):
+    """Hook function applying ``kind`` at the ``dst`` (row, position) pairs of a ``[rows, seq, d]`` tensor: a
+    :class:`~patchlab.patching.restore.Restoration` of the gathered rows (source ``values[src]``), its result
+    written back with ``index_copy``. Kinds that recompute hook the module's output and also get its input."""
+    def restoration(flat: torch.Tensor, inp: torch.Tensor | None) -> Restoration:
+        return Restoration(current=flat.index_select(0, index.dst),
+                           source=None if values is None else values.index_select(0, index.src),
+                           input=None if inp is None else inp.reshape(-1, inp.shape[-1]).index_select(0, index.dst),
+                           module=module, source_params=params, target_params=own, heads=index.heads)
 
-    Raises:
-        PatchlabValueError: a head index outside ``0..n_head - 1``.
-    """
-    mask = torch.zeros(1, n_head, dtype=torch.bool)
-    if heads is None:
-        mask[:] = True
-    else:
-        bad = [h for h in heads if not 0 <= h < n_head]
-        if bad:
-            raise PatchlabValueError(f"head indices {bad} out of range: the model has {n_head} heads per layer")
-        mask[0, sorted(heads)] = True
-    return mask
+    if kind.recomputes:
+        def recompute(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+            flat = out.reshape(-1, out.shape[-1])
+            flat.index_copy_(0, index.dst, kind.apply(restoration(flat, inp)).to(out.dtype))
+            return out
+        return recompute
 
-
-def _overwrite(values: torch.Tensor, index: _SiteIndex, inplace: bool):
-    """Hook function writing ``values[src]`` at the ``dst`` (row, position) pairs of a ``[rows, seq, d]`` tensor."""
-    def fn(x: torch.Tensor) -> torch.Tensor:
+    def rewrite(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        new = values.index_select(0, index.src).to(x.dtype)
+        new = kind.apply(restoration(flat, None)).to(x.dtype)
         if inplace and x.is_contiguous():
             flat.index_copy_(0, index.dst, new)
             return x
         return flat.index_copy(0, index.dst, new).view(x.shape)
-    return fn
-
-
-def _recompute(module: nn.Module, params: dict[str, torch.Tensor], index: _SiteIndex):
-    """Hook function recomputing the module's output at the ``dst`` pairs with ``params`` on its own input."""
-    def fn(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        x = inp.reshape(-1, inp.shape[-1]).index_select(0, index.dst)
-        out.reshape(-1, out.shape[-1]).index_copy_(0, index.dst, apply_module(module, params, x).to(out.dtype))
-        return out
-    return fn
-
-
-def head_delta(module: nn.Module, source_params: dict[str, torch.Tensor], target_params: dict[str, torch.Tensor],
-               z_target: torch.Tensor, z_source: torch.Tensor, heads: Bool[torch.Tensor, "n head"]
-               ) -> Float[torch.Tensor, "n d_model"]:
-    """The change of an attention output projection's output when the ``heads`` of each of ``n`` positions are
-    restored: ``W_s (z_s ⊙ m) - W_t (z_t ⊙ m) + (|H| / n_heads) (b_s - b_t)``, with ``m`` the head mask expanded
-    to each head's slice of the projection's input ``z`` (``[n, n_heads * head_dim]``), ``module`` the projection
-    (its type), ``*_params`` the source and target parameters. The bias change is shared evenly among the heads, so
-    restoring every head restores the whole projection output (the ``attn`` site)."""
-    mask = repeat(heads, "n head -> n (head d_head)", d_head=z_target.shape[-1] // heads.shape[-1]).to(z_target.dtype)
-    restored = apply_module(module, source_params, z_source.to(z_target.dtype) * mask)
-    removed = apply_module(module, target_params, z_target * mask)
-    if "bias" in source_params and source_params["bias"] is not None:
-        bias_rest = 1.0 - heads.float().mean(-1, keepdim=True)  # [n, 1]: the bias share of the heads not restored
-        restored = restored - bias_rest.to(restored.dtype) * (source_params["bias"].to(restored.dtype)
-                                                             - target_params["bias"].to(restored.dtype))
-    return restored - removed
-
-
-def _per_head(module: nn.Module, params: dict[str, torch.Tensor], own: dict[str, torch.Tensor], values: torch.Tensor,
-              index: _SiteIndex):
-    """Hook function adding :func:`head_delta` at the ``dst`` pairs of an output projection's output (``params``
-    the source parameters, ``own`` the patched model's)."""
-    def fn(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        z = inp.reshape(-1, inp.shape[-1]).index_select(0, index.dst)
-        delta = head_delta(module, params, own, z, values.index_select(0, index.src), index.heads)
-        out.reshape(-1, out.shape[-1]).index_add_(0, index.dst, delta.to(out.dtype))
-        return out
-    return fn
+    return rewrite
 
 
 @contextlib.contextmanager
@@ -401,16 +408,13 @@ def _restoration_hooks(target: PreTrainedModel, store: PatchStore, index: dict[t
     out = []
     for (layer, name), idx in sorted(index.items(), key=lambda item: item[0][0]):
         site = store.spec.site(name)
+        kind = restore_kind(site.restore)
         module = store.spec.site_module(target, site, layer)
-        if site.restore == "overwrite":
-            out.append((module, site.point, _overwrite(store.source[_key(name, layer)], idx, site.point == "output"),
-                        False))
-        else:
-            params = store.source_weights.params(site, layer, idx.dst.device)
-            fn = _recompute(module, params, idx) if site.restore == "recompute" else \
-                _per_head(module, params, site_params(target, store.spec, site, layer), store.source[_key(name, layer)],
-                          idx)
-            out.append((module, "output", fn, True))
+        values = None if site.cached is None else store.source[_key(name, layer)]
+        params = store.source_weights.params(site, layer, idx.dst.device) if kind.recomputes else None
+        own = site_params(target, store.spec, site, layer) if kind.heads else None
+        out.append((module, site.point, _kind_hook(kind, module, values, idx, params, own, site.point == "output"),
+                    kind.recomputes))
     return out
 
 
@@ -429,50 +433,96 @@ def _skipped_input(store: PatchStore, rows: Sequence[Row], real: Int[torch.Tenso
 
 
 @torch.no_grad()
-def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], metric: Metric, *,
-              restore: bool = True, where: Placement | None = None) -> Float[torch.Tensor, "row"]:
-    """The metric of each row of one batch, on the device of the LM head (no host synchronisation).
+def head_logits(model: PreTrainedModel, spec: ArchSpec, hidden: Float[torch.Tensor, "rows answer d_model"],
+                resid_tuple: bool, where: Placement) -> Float[torch.Tensor, "rows answer vocab"]:
+    """The model's logits for final hidden states ``hidden`` (after the final norm, as the LM head receives them),
+    with whatever the family applies after its head (soft-capping, scaling) included: a forward pass in which every
+    decoder layer is skipped and the head's input is replaced by ``hidden``. ``resid_tuple``: whether the decoder
+    layers return tuples (:attr:`PatchStore.resid_tuple`)."""
+    layers = spec.layer_modules(model)
+    head = model.get_output_embeddings()
+    ids = torch.zeros(hidden.shape[0], 1, dtype=torch.long, device=where(model.get_input_embeddings()))
+    skipped = torch.zeros(hidden.shape[0], 1, hidden.shape[-1], dtype=hidden.dtype, device=where(layers[0]))
+    with skip_layers(list(layers), (skipped,) if resid_tuple else skipped), \
+            hook(head, "input", lambda _x: hidden.to(where(head))):
+        return model(input_ids=ids, use_cache=False).logits
 
-    ``restore=False`` runs the same forward pass (same rows, first layer, padding and scored positions) without
-    writing any source value: the plain-forward baseline the speed benchmark compares with. ``where``: the
-    target's :func:`placement`, to share between batches (default: looked up for this batch)."""
-    where = where or placement(target)
-    spec = store.spec
-    layers = spec.layer_modules(target)
-    start = min(r.start_layer(len(layers)) for r in rows)
-    heads = n_heads(target) if any(spec.site(s).restore == "per_head" for r in rows for s in r.component.sites) else 1
-    ids, real = right_padded([store.ids[r.question] for r in rows])
-    width = ids.shape[1]
-    index = _batch_indices(store, rows, width, start, heads,
-                           lambda layer, site: where(spec.site_module(target, site, layer)))
-    scored, answer = scored_index([store.scored_positions(r.question) for r in rows], width)
-    with contextlib.ExitStack() as stack:
-        if start > 0:
-            h = _skipped_input(store, rows, real, width, start - 1, where(layers[start]))
-            stack.enter_context(skip_layers(list(layers[:start]), h))
-        if restore:
-            stack.enter_context(hooks(_restoration_hooks(target, store, index)))
-        stack.enter_context(head_gather(target, scored, (len(rows), answer), where(target.get_output_embeddings())))
-        logits = target(input_ids=ids.to(where(target.get_input_embeddings()), non_blocking=True),
-                        use_cache=False).logits
-    scores = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
+
+def _score_rows(store: PatchStore, rows: Sequence[Row], logits: Float[torch.Tensor, "rows answer vocab"],
+                metric: Metric, scores: Float[torch.Tensor, "row"], offset: int = 0) -> None:
+    """Write the metric of ``rows`` (their restored ``logits``) into ``scores[offset:offset + len(rows)]``, one
+    metric call per question."""
     by_question: dict[int, list[int]] = {}
     for b, r in enumerate(rows):
         by_question.setdefault(r.question, []).append(b)
     for q, members in by_question.items():
         picked = torch.tensor(members, device=logits.device)
         restored = logits.index_select(0, picked)[:, :store.answer_lens[q]]
-        scores.index_copy_(0, picked, metric(restored, store.refs[q].to(logits.device)))
+        scores.index_copy_(0, picked + offset, metric(restored, store.refs[q].to(logits.device)))
+
+
+@torch.no_grad()
+def run_batch(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], metric: Metric, *,
+              restore: bool = True, where: Placement | None = None,
+              max_logits_bytes: int | None = None) -> Float[torch.Tensor, "row"]:
+    """The metric of each row of one batch, on the device of the LM head (no host synchronisation).
+
+    ``restore=False`` runs the same forward pass (same rows, first layer, padding and scored positions) without
+    writing any source value: the plain-forward baseline the speed benchmark compares with. ``where``: the
+    target's :func:`placement`, to share between batches (default: looked up for this batch).
+    ``max_logits_bytes``: when the batch's float32 logits ``[rows, answer, vocab]`` would exceed it, the pass stops
+    at the LM head and the head and the metric run on :func:`logit_rows` rows at a time (:func:`head_logits`);
+    ``None``: all rows at once."""
+    where = where or placement(target)
+    spec = store.spec
+    layers = spec.layer_modules(target)
+    start = min(r.start_layer(len(layers)) for r in rows)
+    heads = n_heads(target) if any(spec.site(s).rule.heads for r in rows for s in r.component.sites) else 1
+    ids, real = right_padded([store.ids[r.question] for r in rows])
+    width = ids.shape[1]
+    index = _batch_indices(store, rows, width, start, heads,
+                           lambda layer, site: where(spec.site_module(target, site, layer)))
+    scored, answer = scored_index([store.scored_positions(r.question) for r in rows], width)
+    head = target.get_output_embeddings()
+    per_pass = logit_rows(len(rows), answer, vocab_size(target), max_logits_bytes)
+    with contextlib.ExitStack() as stack:
+        if start > 0:
+            h = _skipped_input(store, rows, real, width, start - 1, where(layers[start]))
+            stack.enter_context(skip_layers(list(layers[:start]), h))
+        if restore:
+            stack.enter_context(hooks(_restoration_hooks(target, store, index)))
+        stack.enter_context(head_gather(target, scored, (len(rows), answer), where(head)))
+        if per_pass < len(rows):
+            stack.enter_context(hook(head, "input", _stop_with))
+        try:
+            logits = target(input_ids=ids.to(where(target.get_input_embeddings()), non_blocking=True),
+                            use_cache=False).logits
+        except StopForward as stop:
+            hidden = stop.args[0]
+    scores = torch.empty(len(rows), dtype=torch.float32, device=where(head))
+    if per_pass >= len(rows):
+        _score_rows(store, rows, logits, metric, scores)
+        return scores
+    for first in range(0, len(rows), per_pass):
+        part = rows[first:first + per_pass]
+        _score_rows(store, part, head_logits(target, spec, hidden[first:first + per_pass], store.resid_tuple, where),
+                    metric, scores, first)
     return scores
+
+
+def _stop_with(hidden: torch.Tensor) -> None:
+    """Hook function ending the forward pass at the LM head's input, carrying it (``StopForward(hidden)``)."""
+    raise StopForward(hidden)
 
 
 def run_rows(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], metric: Metric, *,
              batch_size: int = 64, progress: bool = False, desc: str = "patching", restore: bool = True,
-             mix_layers: bool | None = None) -> Float[torch.Tensor, "row"]:
+             mix_layers: bool | None = None, max_logits_bytes: int | None = None) -> Float[torch.Tensor, "row"]:
     """The metric of every row, at most ``batch_size`` rows per forward pass (:func:`plan_batches`; rows of
     neighbouring first layers share passes on accelerators, not on the CPU), returned on the CPU; the
     device results are copied to the host once, after the last batch (``restore``: see :func:`run_batch`;
-    ``mix_layers``: see :func:`plan_batches`, default: on accelerators only).
+    ``mix_layers``: see :func:`plan_batches`, default: on accelerators only; ``max_logits_bytes``: the most float32
+    logits one pass holds, see :func:`run_batch`).
 
     Raises:
         NonFiniteError: a score is NaN or infinite (NaN activations).
@@ -486,7 +536,7 @@ def run_rows(target: PreTrainedModel, store: PatchStore, rows: Sequence[Row], me
     results = []
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         results.append((batch, run_batch(target, store, [rows[r] for r in batch], metric, restore=restore,
-                                         where=where)))
+                                         where=where, max_logits_bytes=max_logits_bytes)))
     scores = torch.empty(len(rows), dtype=torch.float32)
     for batch, values in results:
         scores[batch] = values.cpu()

@@ -44,7 +44,7 @@ from patchlab.errors import MissingDependencyError, PatchlabValueError, Unsuppor
 from patchlab.pair.arch import arch_spec, n_heads
 from patchlab.pair.sites import Site, parse_component
 from patchlab.pair.weights import site_params
-from patchlab.patching.engine import apply_module, head_delta, head_mask
+from patchlab.patching.restore import Restoration, RestoreKind, head_mask, restore_kind
 from patchlab.patching.loop import ActivationCache, site_order
 from patchlab.pair import ModelPair
 from patchlab.patching.windows import Window
@@ -250,45 +250,50 @@ def _check_positions(positions: Bool[torch.Tensor, "seq"] | None, seq: int) -> B
     return positions
 
 
-def _restore(act: torch.Tensor, new: torch.Tensor, mask: Bool[torch.Tensor, "seq"], name: str) -> torch.Tensor:
-    """``act`` with ``new`` written at the ``mask`` positions; ``new`` has batch 1 or ``act``'s batch. A per-head
-    ``[batch, seq, head, d_head]`` activation is compared and written as ``[batch, seq, head * d_head]``."""
-    flat = _joined_heads(act)
-    if flat.shape[-2:] != new.shape[-2:] or new.shape[0] not in (1, flat.shape[0]):
-        raise PatchlabValueError(
-            f"{name}: activation {tuple(flat.shape)} does not match the vanilla one {tuple(new.shape)}: run the "
-            "restored model on the ids the vanilla cache was computed on")
-    out = torch.where(mask.to(act.device)[:, None], new.to(device=act.device, dtype=act.dtype), flat)
-    return out.view(act.shape)
+def _rows(x: torch.Tensor, batch: int, mask: Bool[torch.Tensor, "seq"]) -> torch.Tensor:
+    """The ``mask`` positions of every row of a ``[batch or 1, seq, d]`` tensor as ``[batch * n, d]`` (a batch-1
+    tensor is repeated for every row)."""
+    return x[:, mask].expand(batch, -1, -1).reshape(-1, x.shape[-1])
 
 
-def _overwrite_hook(vanilla: torch.Tensor | None, mask: torch.Tensor, stash: dict[str, torch.Tensor] | None = None
-                    ) -> Callable[..., torch.Tensor]:
-    """Hook writing ``vanilla`` at the ``mask`` positions (if given) and keeping the result in ``stash["x"]``."""
+def _kind_hook(kind: RestoreKind, source: torch.Tensor | None, mask: Bool[torch.Tensor, "seq"],
+               stash: dict[str, torch.Tensor], module: torch.nn.Module | None = None,
+               params: dict[str, torch.Tensor] | None = None, heads: torch.Tensor | None = None,
+               target_params: dict[str, torch.Tensor] | None = None) -> Callable[..., torch.Tensor]:
+    """Hook applying ``kind`` at the ``mask`` positions of a ``[batch, seq, d]`` activation (TransformerLens's
+    per-head ``[batch, seq, head, d_head]`` ones as ``[batch, seq, head * d_head]``): the masked rows gathered
+    into a :class:`~patchlab.patching.restore.Restoration` (``source``: the vanilla cached value, batch 1 or the
+    run's; kinds that recompute also get the module input stashed by the input hook), its result written back."""
     def hook(act: Float[torch.Tensor, "batch seq d"], hook: Any) -> Float[torch.Tensor, "batch seq d"]:
-        out = act if vanilla is None else _restore(act, vanilla, mask, hook.name)
-        if stash is not None:
-            stash["x"] = out
-        return out
+        flat = _joined_heads(act)
+        batch, dev = flat.shape[0], act.device
+        if flat.shape[1] != len(mask) or source is not None and (
+                source.shape[0] not in (1, batch) or source.shape[1] != flat.shape[1]
+                or not kind.recomputes and source.shape[-1] != flat.shape[-1]):
+            raise PatchlabValueError(
+                f"{hook.name}: activation {tuple(flat.shape)} does not match the vanilla one "
+                f"{tuple(source.shape) if source is not None else (1, len(mask))}: run the restored model on the ids "
+                "the vanilla cache was computed on")
+        where = mask.to(dev)
+        x = _joined_heads(stash.pop("x")) if kind.recomputes else None
+        new = kind.apply(Restoration(
+            current=_rows(flat, batch, where),
+            source=None if source is None else _rows(source.to(dev), batch, where),
+            input=None if x is None else _rows(x, batch, where), module=module,
+            source_params=None if params is None else {k: v.to(dev) for k, v in params.items()},
+            target_params=None if target_params is None else {k: v.to(dev) for k, v in target_params.items()},
+            heads=None if heads is None else heads.to(dev).expand(batch * int(where.sum()), -1)))
+        out = flat.clone()
+        out[:, where] = new.to(act.dtype).view(batch, -1, flat.shape[-1])
+        return out.view(act.shape)
     return hook
 
 
-def _recompute_hook(site: Site, module: torch.nn.Module, params: dict[str, torch.Tensor], mask: torch.Tensor,
-                    stash: dict[str, torch.Tensor], z_vanilla: torch.Tensor | None, heads: torch.Tensor | None,
-                    target_params: dict[str, torch.Tensor] | None) -> Callable[..., torch.Tensor]:
-    """Hook on a site module's ``hook_out``: its output recomputed with the vanilla parameters on the stashed input
-    (``recompute``), or changed by :func:`patchlab.patching.engine.head_delta` (``per_head``)."""
-    def hook(act: Float[torch.Tensor, "batch seq d"], hook: Any) -> Float[torch.Tensor, "batch seq d"]:
-        x = _joined_heads(stash.pop("x"))
-        device_params = {k: v.to(act.device) for k, v in params.items()}
-        if site.restore == "recompute":
-            return _restore(act, apply_module(module, device_params, x), mask, hook.name)
-        rows, seq = x.shape[:2]
-        flat_heads = heads.to(act.device).expand(rows * seq, -1)
-        delta = head_delta(module, device_params, {k: v.to(act.device) for k, v in target_params.items()},
-                           x.reshape(rows * seq, -1),
-                           z_vanilla.to(act.device).expand(rows, -1, -1).reshape(rows * seq, -1), flat_heads)
-        return _restore(act, act + delta.view(act.shape).to(act.dtype), mask, hook.name)
+def _stash_hook(stash: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Hook keeping a module's (possibly restored) input in ``stash["x"]`` for a kind that recomputes."""
+    def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        stash["x"] = act
+        return act
     return hook
 
 
@@ -358,25 +363,25 @@ def restore_hooks(vanilla_cache: Any, sites: str | Iterable[str], layers: Window
         seq = _cached(vanilla_cache, next(k for k in vanilla_cache.keys() if isinstance(k, str)
                                           and _LAYER_KEY.search(k))).shape[1]
     mask = _check_positions(positions, seq)
-    heads = head_mask(component.heads, n_heads(vanilla_model)) if any(s.restore == "per_head" for s in chosen) else None
+    heads = head_mask(component.heads, n_heads(vanilla_model)) if any(s.rule.heads for s in chosen) else None
     order = {event: k for k, event in enumerate(site_order(vanilla_model, spec))}
     hooks: list[Hook] = []
     for i in range(start, stop):
-        events = []  # (execution order, overwrites before stashes, hook name, fn)
+        events = []  # (execution order, rewrites before stashes, hook name, fn)
         for site in chosen:
-            if site.restore == "overwrite":
-                fn = _overwrite_hook(cached(site, i), mask)
-                events.append((order[(site.module, site.cached)], 0, tl_hook_name(paths, site, i, site.cached), fn))
-                continue
+            kind = restore_kind(site.restore)
+            source = None if site.cached is None else cached(site, i)
             stash: dict[str, torch.Tensor] = {}
-            module = spec.site_module(vanilla_model, site, i)
-            params = site_params(vanilla_model, spec, site, i)
-            z = cached(site, i) if site.restore == "per_head" else None
-            target = _component_params(bridge, paths, site, i) if site.restore == "per_head" else None
+            if not kind.recomputes:
+                events.append((order[(site.module, site.point)], 0, tl_hook_name(paths, site, i, site.point),
+                               _kind_hook(kind, source, mask, stash)))
+                continue
             events.append((order[(site.module, "input")], 1, tl_hook_name(paths, site, i, "input"),
-                           _overwrite_hook(None, mask, stash)))
+                           _stash_hook(stash)))
             events.append((order[(site.module, "output")], 1, tl_hook_name(paths, site, i, "output"),
-                           _recompute_hook(site, module, params, mask, stash, z, heads, target)))
+                           _kind_hook(kind, source, mask, stash, spec.site_module(vanilla_model, site, i),
+                                      site_params(vanilla_model, spec, site, i), heads if kind.heads else None,
+                                      _component_params(bridge, paths, site, i) if kind.heads else None)))
         hooks += [(name, fn) for _, _, name, fn in sorted(events, key=lambda e: e[:2])]
     return _merged(hooks)
 

@@ -2,8 +2,9 @@
 paper's scripts (a vanilla forward pass, then a patched forward pass writing the vanilla values in place).
 
 Both iterate the family's site table, touching each layer's site modules in the order the model runs them
-(:func:`site_order`, nnsight's rule). The batched engine (:mod:`patchlab.patching.engine`) is an independent
-implementation on plain hooks; the tests hold the two equal.
+(:func:`site_order`, nnsight's rule). Restorations apply the same registered restore kinds
+(:mod:`patchlab.patching.restore`) as the batched engine (:mod:`patchlab.patching.engine`), one nnsight forward
+pass each instead of batched index writes in torch hooks; the tests hold the two equal.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from patchlab.pair.loading import ModelPair
 from patchlab.pair.sites import Component, Site, _replace_first, first, parse_component, submodule
 from patchlab.pair.placement import input_device
 from patchlab.pair.weights import ModelWeights, site_params
-from patchlab.patching.engine import WeightSource, apply_module, head_delta, head_mask
+from patchlab.patching.engine import WeightSource
+from patchlab.patching.restore import Restoration, head_mask, restore_kind
 from patchlab.patching.windows import Window
 
 
@@ -99,10 +101,10 @@ def _events(spec: ArchSpec, order: Sequence[tuple[str, str]], sites: Iterable[Si
     """The events touched in a layer for ``sites``, in execution order."""
     wanted = set()
     for site in sites:
-        if site.restore == "overwrite":
-            wanted.add((site.module, site.cached))
-        else:
+        if site.rule.recomputes:
             wanted |= {(site.module, "input"), (site.module, "output")}
+        else:
+            wanted.add((site.module, site.point))
     return [e for e in order if e in wanted]
 
 
@@ -160,40 +162,41 @@ def restore(pair: ModelPair, ids: Int[torch.Tensor, "seq"], component: str | Ite
     order = site_order(pair.unlearned_hf, spec)
     events = _events(spec, order, sites)
     pos = positions.nonzero().flatten()
-    heads = head_mask(comp.heads, n_heads(pair.unlearned_hf)) if any(s.restore == "per_head" for s in sites) else None
+    heads = head_mask(comp.heads, n_heads(pair.unlearned_hf)) if any(s.rule.heads for s in sites) else None
     envoys = _layer_envoys(pair, "unlearned")
     device = input_device(pair.unlearned_hf)
+
+    def restored(site: Site, layer: int, current: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """The kind's new value of ``site`` at ``pos`` (``current``: ``[n, d]``; ``x``: the module's input)."""
+        kind = restore_kind(site.restore)
+        dev = current.device
+        module = spec.site_module(pair.unlearned_hf, site, layer)
+        own = {k: v.to(dev) for k, v in site_params(pair.unlearned_hf, spec, site, layer).items()} if kind.heads \
+            else None
+        return kind.apply(Restoration(
+            current=current, source=None if site.cached is None else vanilla.site(site.name, layer)[0, pos].to(dev),
+            input=x, module=module, source_params=weights.params(site, layer, dev) if kind.recomputes else None,
+            target_params=own, heads=None if heads is None else heads.expand(len(pos), -1).to(dev))).to(current.dtype)
+
     with pair.unlearned.trace(ids[None].to(device)):
         for i in range(*layers):
             inputs: dict[str, Any] = {}
             for path, point in events:
                 envoy = _envoy(envoys[i], path)
-                here = [s for s in sites if s.module == path]
+                here = [s for s in sites if s.module == path and s.point == point]
                 if point == "input":
                     x = envoy.input
                     for s in here:
-                        if s.restore == "overwrite" and s.cached == "input":
-                            x = x.clone()
-                            x[:, pos] = vanilla.site(s.name, i)[:, pos].to(x.device, x.dtype)
-                            envoy.input = x
+                        x = x.clone()
+                        x[0, pos] = restored(s, i, x[0, pos], None)
+                        envoy.input = x
                     inputs[path] = x
                     continue
                 out = envoy.output
                 value = first(out).clone()
-                for s in (s for s in here if s.point == "output"):
-                    module = spec.site_module(pair.unlearned_hf, s, i)
-                    if s.restore == "overwrite":
-                        value[:, pos] = vanilla.site(s.name, i)[:, pos].to(value.device, value.dtype)
-                    elif s.restore == "recompute":
-                        params = weights.params(s, i, value.device)
-                        value[:, pos] = apply_module(module, params, inputs[path][:, pos]).to(value.dtype)
-                    else:
-                        params = weights.params(s, i, value.device)
-                        z_v = vanilla.site(s.name, i)[0, pos]
-                        mask = heads.expand(len(pos), -1).to(value.device)
-                        own = {k: v.to(value.device) for k, v in site_params(pair.unlearned_hf, spec, s, i).items()}
-                        value[0, pos] += head_delta(module, params, own,
-                                                    inputs[path][0, pos], z_v.to(value.device), mask).to(value.dtype)
+                for s in here:
+                    x = inputs[path][0, pos] if s.rule.recomputes else None
+                    value[0, pos] = restored(s, i, value[0, pos], x)
                 envoy.output = _replace_first(out, value)
         logits = nnsight.save(pair.unlearned.output.logits)
     return logits

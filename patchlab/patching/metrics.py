@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Float, Int
 
 from patchlab.errors import DegenerateKRSError, DegenerateMetricError, NonFiniteError, PatchlabValueError
+from patchlab.registry import Registry
 
 #: Vocabulary entries per float32 chunk.
 VOCAB_CHUNK = 8192
@@ -221,7 +222,13 @@ def _top1(restored: torch.Tensor, refs: References) -> torch.Tensor:
     return (restored.argmax(-1) == refs.answer_ids.to(restored.device)).float().mean(-1)
 
 
-_METRICS: dict[str, Metric] = {}
+def _check_metric(name: str, metric: Any) -> None:
+    if not isinstance(metric, Metric):
+        raise PatchlabValueError(f"a metric registry entry is a Metric, got {type(metric).__name__}")
+
+
+#: The recovery metrics by name (built-ins below; :func:`register_metric` adds one).
+RECOVERY_METRICS: Registry[Metric] = Registry("metric", check=_check_metric)
 
 
 def register_metric(name: str, fn: MetricFn, *, description: str = "",
@@ -233,10 +240,8 @@ def register_metric(name: str, fn: MetricFn, *, description: str = "",
     """
     if not callable(fn):
         raise PatchlabValueError(f"a metric is a callable fn(restored, refs) -> [row], got {type(fn).__name__}")
-    if name in _METRICS and not overwrite:
-        raise PatchlabValueError(f"metric {name!r} is already registered; pass overwrite=True to replace it")
-    _METRICS[name] = Metric(name, fn, description or getattr(fn, "__doc__", None) or name, denominator)
-    return _METRICS[name]
+    entry = Metric(name, fn, description or getattr(fn, "__doc__", None) or name, denominator)
+    return RECOVERY_METRICS.register(entry, name, replace=overwrite)
 
 
 def get_metric(metric: str | Metric | MetricFn) -> Metric:
@@ -244,9 +249,7 @@ def get_metric(metric: str | Metric | MetricFn) -> Metric:
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
-        if metric not in _METRICS:
-            raise PatchlabValueError(f"unknown metric {metric!r}; registered: {', '.join(_METRICS)}")
-        return _METRICS[metric]
+        return RECOVERY_METRICS.get(metric)
     if callable(metric):
         return Metric(getattr(metric, "__name__", "custom"), metric, getattr(metric, "__doc__", None) or "custom")
     raise PatchlabValueError(f"metric must be a name, a Metric or a function, got {type(metric).__name__}")
@@ -254,7 +257,7 @@ def get_metric(metric: str | Metric | MetricFn) -> Metric:
 
 def metrics() -> tuple[str, ...]:
     """Names of the registered metrics."""
-    return tuple(_METRICS)
+    return RECOVERY_METRICS.names()
 
 
 register_metric("krs", _krs, description="Knowledge Recovery Score, 1 - MSE(l_r, l_v) / MSE(l_u, l_v)",

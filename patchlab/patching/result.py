@@ -3,19 +3,87 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from pydantic import Field, model_validator
 
 from patchlab.errors import PatchlabValueError
 from patchlab.patching.metrics import pool
-from patchlab.patching.windows import Window
-from patchlab.reports import figures
-from patchlab.reports.results import Result, model_names, register_result
+from patchlab.patching.windows import Window, window_label
+from patchlab.results import Result, model_names, register_result
+from patchlab.schema import Count, FreeJson, NonEmpty, Provenance, Schema, bad
 
 AGGREGATES = ("mean", "pooled")
+
+
+class _SweepFile(Schema):
+    """The fields a sweep's file holds in every format; :meth:`_shapes` checks its tables against each other."""
+
+    settings: dict[str, FreeJson]
+    windows: Annotated[list[Annotated[list[Count], Field(min_length=2, max_length=2)]], Field(min_length=1)]
+    questions: Annotated[list[str], Field(min_length=1)]
+    answers: list[str]
+    per_question: Annotated[dict[NonEmpty, list[list[float]]], Field(min_length=1)]
+
+    def _shapes(self, scores_field: str, weights_field: str) -> None:
+        """Every window is ``[start, stop)`` with ``start < stop``; one answer per question; the same components in
+        ``scores_field`` and ``per_question``; per component ``[n_windows]`` scores and ``[n_questions, n_windows]``
+        per-question scores; ``[n_questions]`` weights (``weights_field``, may be null)."""
+        n_q, n_w = len(self.questions), len(self.windows)
+        for i, (start, stop) in enumerate(self.windows):
+            if start >= stop:
+                raise bad(f"windows[{i}]", "a window is [start, stop) with start < stop, got [{start}, {stop}]",
+                          start=start, stop=stop)
+        if len(self.answers) != n_q:
+            raise bad("answers", "{n} answers for {q} questions", n=len(self.answers), q=n_q)
+        scores, weights = getattr(self, scores_field), getattr(self, weights_field)
+        if list(scores) != list(self.per_question):
+            raise bad(scores_field, "components {a} differ from per_question's {b}", a=list(scores),
+                      b=list(self.per_question))
+        for comp, values in scores.items():
+            if len(values) != n_w:
+                raise bad(f"{scores_field}.{comp}", "{n} scores for {w} windows", n=len(values), w=n_w)
+            rows = self.per_question[comp]
+            if len(rows) != n_q:
+                raise bad(f"per_question.{comp}", "{n} rows for {q} questions", n=len(rows), q=n_q)
+            for k, row in enumerate(rows):
+                if len(row) != n_w:
+                    raise bad(f"per_question.{comp}[{k}]", "{n} scores for {w} windows", n=len(row), w=n_w)
+        if weights is not None and len(weights) != n_q:
+            raise bad(weights_field, "{n} weights for {q} questions", n=len(weights), q=n_q)
+
+
+class PatchResultFile(_SweepFile):
+    """A :class:`PatchResult` file (``patchlab.PatchResult/1``): every score finite."""
+
+    format: Literal["patchlab.PatchResult/1"]
+    metric: NonEmpty
+    provenance: Provenance
+    weights: list[float] | None
+    scores: Annotated[dict[NonEmpty, list[float]], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PatchResultFile:
+        self._shapes("scores", "weights")
+        return self
+
+
+class LegacyKRSFile(_SweepFile):
+    """A KRS sweep's file of the first format (``patchlab.KRSResult/1``): ``krs`` and ``mse_unlearned`` for
+    ``scores`` and ``weights``, no metric."""
+
+    format: Literal["patchlab.KRSResult/1"]
+    provenance: Provenance = Provenance()
+    mse_unlearned: list[float]
+    krs: Annotated[dict[NonEmpty, list[float]], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LegacyKRSFile:
+        self._shapes("krs", "mse_unlearned")
+        return self
 
 
 @register_result
@@ -39,7 +107,8 @@ class PatchResult(Result):
 
     kind = "krs"
     format = "patchlab.PatchResult/1"
-    legacy_formats = ("patchlab.KRSResult/1",)
+    schema = PatchResultFile
+    legacy_formats = {"patchlab.KRSResult/1": LegacyKRSFile}
 
     scores: dict[str, np.ndarray]
     per_question: dict[str, np.ndarray]
@@ -103,7 +172,7 @@ class PatchResult(Result):
         rows = []
         for comp, values in self.per_question.items():
             for w, ((start, stop), label) in enumerate(zip(self.windows, self.window_labels())):
-                base = {"component": comp, "window": label, "layers": figures.window_label((start, stop)),
+                base = {"component": comp, "window": label, "layers": window_label((start, stop)),
                         "start": start, "stop": stop}
                 if per_question:
                     rows += [{**base, "question_index": k, "question": q, self.metric: float(values[k, w])}
@@ -141,15 +210,8 @@ class PatchResult(Result):
 
     def model_names(self) -> tuple[str | None, str | None]:
         """``(vanilla, unlearned)`` short names from the provenance, for titles
-        (:func:`~patchlab.reports.results.model_names`)."""
+        (:func:`~patchlab.results.model_names`)."""
         return model_names(self.provenance)
-
-    def _title(self, aggregate: str, per_question: bool) -> str:
-        vanilla, unlearned = self.model_names()
-        metric = "Knowledge Recovery Score" if self.metric == "krs" else f"{self.metric} recovery"
-        return figures.krs_title(len(self.questions), aggregate=aggregate, per_question=per_question,
-                                 window=self.settings.get("window"), n_tokens=self.settings.get("n_tokens"),
-                                 vanilla=vanilla, unlearned=unlearned, metric=metric)
 
     def figure(self, title: str | None = None, *, aggregate: str = "mean", per_question: bool = False) -> go.Figure:
         """Interactive heatmap, component x layer window, on a diverging colour scale centred on 0 (a negative score
@@ -162,14 +224,7 @@ class PatchResult(Result):
                 :data:`~patchlab.reports.figures.QUESTION_ROWS` questions
                 (:func:`~patchlab.reports.figures.question_heatmap`).
         """
-        values = self.aggregated(aggregate)
-        title = title or self._title(aggregate, per_question)
-        if per_question:
-            stacked = np.stack([self.per_question[c] for c in self.components])
-            return figures.question_heatmap(stacked, self.components, self.windows, self.questions, title=title,
-                                            value_name=self.value_name)
-        return figures.window_heatmap(np.stack([values[c] for c in self.components]), self.components, self.windows,
-                                      title=title, value_name=self.value_name)
+        return super().figure(title=title, aggregate=aggregate, per_question=per_question)
 
     heatmap = figure
 
@@ -190,6 +245,27 @@ KRSResult = PatchResult
 COMPARED_SETTINGS = ("n_tokens", "window", "window_mode", "positions", "prompt_template", "n_layers", "metric", "heads")
 
 
+class PatchComparisonFile(Schema):
+    """A :class:`PatchComparison` file: two distinct labels and two sweeps of the same metric, components and
+    windows."""
+
+    format: Literal["patchlab.PatchComparison/1"]
+    labels: Annotated[list[NonEmpty], Field(min_length=2, max_length=2)]
+    a: PatchResultFile
+    b: PatchResultFile
+
+    @model_validator(mode="after")
+    def _comparable(self) -> PatchComparisonFile:
+        if self.labels[0] == self.labels[1]:
+            raise bad("labels", "the two labels must differ, got {label!r} twice", label=self.labels[0])
+        for field_, name, of_a, of_b in (("metric", "metric", self.a.metric, self.b.metric),
+                                         ("windows", "windows", self.a.windows, self.b.windows),
+                                         ("scores", "components", list(self.a.scores), list(self.b.scores))):
+            if of_a != of_b:
+                raise bad(f"b.{field_}", "the sweeps differ in {name}: {a} vs {b}", name=name, a=of_a, b=of_b)
+        return self
+
+
 @register_result
 @dataclass
 class PatchComparison(Result):
@@ -202,6 +278,7 @@ class PatchComparison(Result):
 
     kind = "krs_comparison"
     format = "patchlab.PatchComparison/1"
+    schema = PatchComparisonFile
 
     a: PatchResult
     b: PatchResult
@@ -218,21 +295,14 @@ class PatchComparison(Result):
         rows = []
         for comp in self.a.components:
             for w, (start, stop) in enumerate(self.a.windows):
-                rows.append({"component": comp, "layers": figures.window_label((start, stop)), "start": start,
+                rows.append({"component": comp, "layers": window_label((start, stop)), "start": start,
                              "stop": stop, self.labels[0]: float(a[comp][w]), self.labels[1]: float(b[comp][w]),
                              "difference": float(b[comp][w] - a[comp][w])})
         return pd.DataFrame(rows)
 
     def figure(self, *, aggregate: str = "mean") -> go.Figure:
         """Three heatmaps on one diverging scale centred on 0: ``a``, ``b`` and ``b - a``."""
-        a, b = self.a.aggregated(aggregate), self.b.aggregated(aggregate)
-        diff = self.difference(aggregate)
-        stacked = np.stack([np.stack([v[c] for c in self.a.components]) for v in (a, b, diff)])
-        name = self.a.value_name
-        panels = [self.labels[0], self.labels[1], f"{self.labels[1]} - {self.labels[0]}"]
-        return figures.window_heatmaps(stacked, self.a.components, self.a.windows, panels, columns=1,
-                                       value_name=name, numbered=False, title=f"{name}: {panels[0]} vs {panels[1]} ({aggregate} over "
-                                       f"{figures.plural(len(self.a.questions), 'question')})")
+        return super().figure(aggregate=aggregate)
 
     def to_dict(self) -> dict[str, Any]:
         return {"labels": list(self.labels), "a": self.a.to_dict() | {"format": self.a.format},

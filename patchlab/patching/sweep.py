@@ -13,7 +13,8 @@ the mean score over questions and the per-question scores (:class:`PatchResult`)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from jaxtyping import Bool
 from transformers import PreTrainedModel
 from tqdm.auto import tqdm
 
+from patchlab.defaults import DEFAULT_COMPONENTS
 from patchlab.errors import NonFiniteError, PatchlabFileError, PatchlabValueError
 from patchlab.pair.arch import ArchSpec
 from patchlab.pair.generation import (DEFAULT_TEMPLATE, check_fits, encode_prompts, format_prompts, greedy_answers,
@@ -30,18 +32,61 @@ from patchlab.pair.arch import n_heads
 from patchlab.pair.loading import ModelPair
 from patchlab.pair.sequential import SequentialPair
 from patchlab.pair.sites import Component, Site, parse_component
-from patchlab.patching.engine import PatchStore, Row, capture, run_rows
+from patchlab.patching.engine import PatchStore, Row, WeightSource, capture, question_cache_bytes, run_rows
 from patchlab.patching.loop import restore
 from patchlab.patching.metrics import Metric, MetricFn, References, get_metric
 from patchlab.patching.result import PatchResult
 from patchlab.patching.windows import Window, sliding_windows
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
 from patchlab.provenance import pair_provenance, settings_key
-from patchlab.reports import results_record
+from patchlab.results import results_record
 
-DEFAULT_COMPONENTS = ("coef", "value", "attn", "coef+attn")
 ENGINES = ("batched", "loop")
 POSITIONS = ("all", "answer", "last_prompt", "scored")
+
+#: Default ``memory_budget`` of a sweep: the questions prepared together hold at most 2 GiB of cache.
+DEFAULT_MEMORY_BUDGET = "2GiB"
+_UNITS = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def memory_bytes(budget: int | str | None) -> int | None:
+    """A memory budget in bytes: an integer, or a string such as ``"2GiB"``, ``"512MiB"``, ``"8GB"``; ``None``
+    stays ``None`` (unbounded).
+
+    Raises:
+        PatchlabValueError: not positive, or not of that form.
+    """
+    if budget is None:
+        return None
+    if isinstance(budget, str):
+        text = budget.strip().upper().replace(" ", "")
+        unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if text.endswith(u)), None)
+        try:
+            value = float(text[:-len(unit)]) * _UNITS[unit] if unit else float(text)
+        except ValueError:
+            value = None
+    else:
+        value = budget if isinstance(budget, int) and not isinstance(budget, bool) else None
+    if value is None or value < 1:
+        raise PatchlabValueError(f"memory_budget must be a positive number of bytes or a size such as '2GiB', "
+                                 f"'512MiB', got {budget!r}")
+    return int(value)
+
+
+def plan_chunks(sizes: Sequence[int], budget: int | None, cap: int | None = None) -> list[list[int]]:
+    """Consecutive indices of ``sizes`` (bytes each item needs) cut into chunks of at most ``budget`` bytes and
+    ``cap`` items (``None``: no bound); an item larger than the budget gets a chunk of its own."""
+    chunks: list[list[int]] = []
+    used = 0
+    for i, size in enumerate(sizes):
+        if chunks and (budget is None or used + size <= budget) and (cap is None or len(chunks[-1]) < cap):
+            chunks[-1].append(i)
+            used += size
+        else:
+            chunks.append([i])
+            used = size
+    return chunks
 
 
 def position_mask(positions: str, prompt_len: int, total_len: int) -> Bool[torch.Tensor, "seq"]:
@@ -66,6 +111,17 @@ def position_mask(positions: str, prompt_len: int, total_len: int) -> Bool[torch
     else:
         mask[prompt_len - 1] = True
     return mask
+
+
+def question_chunks(pair: ModelPair | SequentialPair, sites: Sequence[Site], prompt_lens: Sequence[int],
+                    answer_lens: Sequence[int], budget: int | None, cap: int | None = None) -> list[list[int]]:
+    """Question indices cut into the chunks a sweep prepares together (:func:`plan_chunks`): each question's
+    :func:`~patchlab.patching.engine.question_cache_bytes` (``prompt + answer`` tokens, at the cached ``sites``, in
+    the pair's dtype) within ``budget`` bytes, at most ``cap`` questions."""
+    dtype = getattr(pair, "dtype", None) or next(pair.skeleton.parameters()).dtype
+    sizes = [question_cache_bytes(pair.skeleton, pair.arch, sites, p + a, a, dtype)
+             for p, a in zip(prompt_lens, answer_lens)]
+    return plan_chunks(sizes, budget, cap)
 
 
 def reference_answers(pair: ModelPair | SequentialPair, questions: Sequence[str], *, n_tokens: int = 30,
@@ -129,17 +185,34 @@ def prepare_target(model: PreTrainedModel, store: PatchStore, source_logits: Seq
     return store
 
 
-def prepare(pair: ModelPair | SequentialPair, prompt_ids: Sequence[torch.Tensor], answers: Sequence[torch.Tensor],
-            *, sites: Sequence[Site], metric: Metric, labels: Sequence[str], progress: bool = False) -> PatchStore:
-    """:func:`prepare_source` with the vanilla model, then :func:`prepare_target` with the unlearned one: a store
-    ready for :func:`patchlab.patching.engine.run_rows` (the unlearned model must then be at hand again)."""
+@contextlib.contextmanager
+def prepared(pair: ModelPair | SequentialPair, prompt_ids: Sequence[torch.Tensor],
+             answers: Sequence[torch.Tensor] | Callable[[PreTrainedModel], Sequence[torch.Tensor]], *,
+             sites: Sequence[Site], metric: Metric, labels: Sequence[str], source_weights: WeightSource | None = None,
+             progress: bool = False) -> Iterator[tuple[PatchStore, PreTrainedModel]]:
+    """A sweep's preparation, the one path of :func:`patch_sweep`, :func:`prepare`, tests and benchmarks: with the
+    vanilla model, the reference answers (``answers``, or ``answers(vanilla_model)`` computed while it is loaded)
+    and :func:`prepare_source`; with the unlearned one, :func:`prepare_target`. Yields ``(store, unlearned
+    model)`` while the unlearned model is in use, ready for :func:`patchlab.patching.engine.run_rows`.
+    ``source_weights``: where recompute / per-head sites read the vanilla parameters (default
+    ``pair.source_weights()``); the answers are then ``store.refs[q].answer_ids``.
+    """
     with pair.using("vanilla") as model:
+        answers = answers(model) if callable(answers) else answers
         store, source_logits = prepare_source(model, pair.arch, prompt_ids, answers, sites=sites, labels=labels,
                                               progress=progress)
     del model  # released before the unlearned model is loaded (one-model-at-a-time pairs)
-    store.source_weights = pair.source_weights()
+    store.source_weights = source_weights if source_weights is not None else pair.source_weights()
     with pair.using("unlearned") as model:
-        return prepare_target(model, store, source_logits, answers, metric=metric, labels=labels, progress=progress)
+        yield prepare_target(model, store, source_logits, answers, metric=metric, labels=labels,
+                             progress=progress), model
+
+
+def prepare(pair: ModelPair | SequentialPair, prompt_ids: Sequence[torch.Tensor], answers: Sequence[torch.Tensor],
+            *, sites: Sequence[Site], metric: Metric, labels: Sequence[str], progress: bool = False) -> PatchStore:
+    """The store of :func:`prepared` (the unlearned model must be at hand again to run its rows)."""
+    with prepared(pair, prompt_ids, answers, sites=sites, metric=metric, labels=labels, progress=progress) as (store, _):
+        return store
 
 
 def expand_heads(components: Sequence[Component], heads: Any, spec_sites: Sequence[Site], n_head: int
@@ -151,7 +224,7 @@ def expand_heads(components: Sequence[Component], heads: Any, spec_sites: Sequen
     picked = list(range(n_head)) if heads == "each" else list(heads) if not isinstance(heads, str) else None
     if picked is None or not picked or not all(isinstance(h, int) and 0 <= h < n_head for h in picked):
         raise PatchlabValueError(f"heads must be None, 'each' or head indices in 0..{n_head - 1}, got {heads!r}")
-    per_head = {s.name for s in spec_sites if s.restore == "per_head"}
+    per_head = {s.name for s in spec_sites if s.rule.heads}
     out = []
     for comp in components:
         if comp.sites & per_head and comp.heads is None:
@@ -215,7 +288,8 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
                 heads: Any = None, metric: str | Metric | MetricFn = "krs", n_tokens: int = 30,
                 prompt_template: str = DEFAULT_TEMPLATE, positions: str = "all", engine: str = "batched",
                 batch_size: int = 64, answers: Sequence[torch.Tensor] | None = None, resume: Any = None,
-                chunk: int | None = None, progress: bool = True) -> PatchResult:
+                chunk: int | None = None, memory_budget: int | str | None = DEFAULT_MEMORY_BUDGET,
+                progress: bool = True) -> PatchResult:
     """Score restoring each component over each layer window with ``metric``, per question.
 
     Args:
@@ -242,8 +316,16 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
         resume: an output directory (path or claimed :class:`~patchlab.io.OutputDir`) where each question's
             scores are saved as soon as its chunk is done (:class:`SweepProgress`); a rerun with the same settings,
             checkpoints and questions skips the questions already there. ``None``: nothing is saved.
-        chunk: questions prepared and scored together (their restorations share forward passes; default all of
-            them, or 8 with ``resume``, whose progress is saved after each chunk). The scores do not depend on it.
+        chunk: at most this many questions prepared and scored together (their restorations share forward
+            passes; default: as many as ``memory_budget`` allows, and at most 8 with ``resume``, whose progress is
+            saved after each chunk). The scores do not depend on it.
+        memory_budget: bytes (or a size such as ``"2GiB"``) the cache of the questions prepared together may hold
+            (default 2 GiB): per question, :func:`patchlab.patching.engine.question_cache_bytes` of its prompt and
+            ``n_tokens`` answer tokens (the source activations at the restored sites and the target residual stream
+            per layer and token in the models' dtype, and two float32 ``[answer, vocab]`` reference logits). The
+            restored logits of one forward pass are held to a quarter of it (the LM head and the metric then run
+            on a few rows at a time). ``None``: every question at once, logits unbounded. The scores do not
+            depend on it.
 
     Raises:
         PatchlabValueError: empty questions or components, unknown component/engine/positions/metric, window
@@ -262,6 +344,7 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
         raise PatchlabValueError(f"batch_size must be >= 1, got {batch_size}")
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise PatchlabValueError(f"chunk must be a positive integer, got {chunk!r}")
+    budget = memory_bytes(memory_budget)
     if engine == "loop" and not isinstance(pair, ModelPair):
         raise PatchlabValueError("the loop engine traces both models with nnsight: it needs a pair held in memory "
                                  "(load_pair without sequential=True)")
@@ -278,36 +361,40 @@ def patch_sweep(pair: ModelPair, questions: Sequence[str], *, components: Sequen
     provenance = {**pair_provenance(pair), "settings": settings}
     progress_file = SweepProgress.open(resume, settings, provenance, questions, comps, wins)
     todo = [q for q in range(len(questions)) if q not in progress_file.done]
-    size = chunk or (len(questions) if resume is None else 8)
+    sites = _cached_sites(pair, comps)
+    chunks = question_chunks(pair, sites, [len(prompt_ids[q]) for q in todo],
+                             [n_tokens if answers is None else len(answers[q]) for q in todo], budget,
+                             chunk or (None if resume is None else 8))
+    chunks = [[todo[i] for i in c] for c in chunks]
     source_weights = pair.source_weights()  # needs no model loaded: one for every chunk, its cache kept
-    for start in tqdm(range(0, len(todo), size), desc="question chunks", disable=not progress or len(todo) <= size):
-        part = todo[start:start + size]
+    for part in tqdm(chunks, desc="question chunks", disable=not progress or len(chunks) <= 1):
         labels = [question_label(q, questions[q]) for q in part]
-        with pair.using("vanilla") as model_v:
-            part_answers = [answers[q] for q in part] if answers is not None else greedy_answers(
+
+        def vanilla_answers(model_v: PreTrainedModel) -> Sequence[torch.Tensor]:
+            found = [answers[q] for q in part] if answers is not None else greedy_answers(
                 model_v, pair.tokenizer, [questions[q] for q in part], max_new_tokens=n_tokens,
                 template=prompt_template, progress=progress)[1]
-            for q, a in zip(part, part_answers):
+            for q, a in zip(part, found):
                 check_fits(model_v, prompt_ids[q], len(a), question_label(q, questions[q]))
-            store, source_logits = prepare_source(model_v, pair.arch, [prompt_ids[q] for q in part], part_answers,
-                                                  sites=_cached_sites(pair, comps), labels=labels, progress=progress)
-        del model_v  # a one-model-at-a-time pair releases it only once nothing refers to it
-        store.source_weights = source_weights
-        rows = [Row(k, c, w, position_mask(positions, store.prompt_lens[k], len(store.ids[k])))
-                for k in range(len(part)) for c in comps for w in wins]
-        with pair.using("unlearned") as model_u:
-            prepare_target(model_u, store, source_logits, part_answers, metric=chosen_metric, labels=labels,
-                           progress=progress)
+            return found
+
+        with prepared(pair, [prompt_ids[q] for q in part], vanilla_answers, sites=sites, metric=chosen_metric,
+                      labels=labels, source_weights=source_weights, progress=progress) as (store, model_u):
+            rows = [Row(k, c, w, position_mask(positions, store.prompt_lens[k], len(store.ids[k])))
+                    for k in range(len(part)) for c in comps for w in wins]
             if engine == "batched":
                 scores = run_rows(model_u, store, rows, chosen_metric, batch_size=batch_size, progress=progress,
-                                  desc=f"{chosen_metric.name} sweep")
+                                  desc=f"{chosen_metric.name} sweep",
+                                  max_logits_bytes=None if budget is None else budget // 4)
             else:
                 scores = _scores_loop(pair, store, tqdm(rows, desc=f"{chosen_metric.name} sweep (loop)",
                                                         disable=not progress), chosen_metric)
         del model_u
         for k, q in enumerate(part):
             progress_file.add(q, scores.reshape(len(part), len(comps), len(wins))[k].numpy(),
-                              pair.tokenizer.decode(part_answers[k], skip_special_tokens=True), store.weights[k])
+                              pair.tokenizer.decode(store.refs[k].answer_ids.cpu(), skip_special_tokens=True),
+                              store.weights[k])
+        del store  # freed before the next chunk is prepared
     stacked = np.stack([progress_file.done[q]["scores"] for q in range(len(questions))])
     weights = None if chosen_metric.denominator is None else \
         np.asarray([progress_file.done[q]["weight"] for q in range(len(questions))], dtype=np.float64)

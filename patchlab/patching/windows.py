@@ -7,6 +7,13 @@ from patchlab.errors import PatchlabValueError
 Window = tuple[int, int]  # half-open layer range [start, stop)
 
 
+def window_label(window: tuple[int, int]) -> str:
+    """The layers of a half-open window ``(start, stop)``, inclusive: ``"0-2"``, or ``"3"`` for one layer."""
+    start, stop = window
+    return str(start) if stop - start == 1 else f"{start}-{stop - 1}"
+
+
+
 def sliding_windows(n_layers: int, window: int = 5, *, mode: str = "centered") -> list[Window]:
     """Windows of ``window`` consecutive layers, as half-open ``(start, stop)`` ranges.
 

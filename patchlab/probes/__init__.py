@@ -13,7 +13,8 @@ a headline score, a bootstrap confidence interval over questions and a verdict (
 
 Probes: ``krs`` (:mod:`patchlab.probes.krs`), ``relearning`` (:mod:`patchlab.probes.relearning`), ``quantization``
 (:mod:`patchlab.probes.quantization`), ``behavior`` (:mod:`patchlab.probes.behavior`). A new probe is one module with
-a :class:`Probe` entry, added to :data:`PROBES` (or :func:`register_probe`).
+a :class:`Probe` entry, added to :data:`PROBES` (or :func:`register_probe`); its figure is registered by name in the
+presentation layer (:mod:`patchlab.reports.views`) or given as the entry's ``draw``.
 
 ``patchlab.audit`` is the :func:`audit` function; this package holds the probes, their registry and the report.
 """
@@ -23,8 +24,8 @@ from patchlab.probes.base import (COMMON_DEFAULTS, HIDDEN_SHARE, INTACT_SHARE, V
 from patchlab.probes.bootstrap import bootstrap
 from patchlab.probes.registry import PROBES, register_probe, resolve_settings
 from patchlab.probes.report import AuditReport, AuditRun
-from patchlab.probes.run import TOY_SETTINGS, AuditCase, audit, audit_many, toy_cases
+from patchlab.probes.run import AuditCase, audit, audit_many
 
-__all__ = ["COMMON_DEFAULTS", "HIDDEN_SHARE", "INTACT_SHARE", "PROBES", "TOY_SETTINGS", "VERDICTS", "AuditCase",
-           "AuditReport", "AuditRun", "Interval", "Probe", "ProbeResult", "Question", "as_questions", "audit",
-           "audit_many", "bootstrap", "register_probe", "resolve_settings", "toy_cases"]
+__all__ = ["COMMON_DEFAULTS", "HIDDEN_SHARE", "INTACT_SHARE", "PROBES", "VERDICTS", "AuditCase", "AuditReport",
+           "AuditRun", "Interval", "Probe", "ProbeResult", "Question", "as_questions", "audit", "audit_many",
+           "bootstrap", "register_probe", "resolve_settings"]

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
 from patchlab.pair.generation import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from patchlab.results import figure_function
 
 VERDICTS = ("erased", "hidden", "intact", "inconclusive")
 INCONCLUSIVE = "inconclusive"
@@ -188,8 +189,11 @@ class Probe:
 
     Attributes:
         name: registry key (``"krs"``, ``"relearning"``...). title: section title in the report.
-        run: the probe function (:class:`ProbeFn`). figure: its figure over several pairs (:data:`FigureFn`).
+        run: the probe function (:class:`ProbeFn`).
         defaults: the probe's own settings and their defaults (overridable per audit).
+        draw: its figure over several pairs (:data:`FigureFn`, called by :meth:`figure`); ``None``: the one
+            registered for :attr:`name` with :func:`patchlab.results.register_figure` (the presentation layer,
+            :mod:`patchlab.reports.views`, draws the built-in probes so).
         needs: inputs the probe cannot run without: ``"unrelated"`` (questions) and/or ``"retain"`` (model).
         description: how the probe works and how to read its figure, in plain text, for the report.
         check: validates the probe's settings against each audited pair before any compute (:data:`CheckFn`).
@@ -198,11 +202,20 @@ class Probe:
     name: str
     title: str
     run: ProbeFn
-    figure: FigureFn
     defaults: Mapping[str, Any]
+    draw: FigureFn | None = None
     needs: tuple[str, ...] = ()
     description: str = ""
     check: CheckFn | None = None
+
+    def figure(self, results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
+        """The probe's figure of ``[(pair label, its result)]``: :attr:`draw`, else the figure function registered
+        for :attr:`name`.
+
+        Raises:
+            PatchlabValueError: neither exists.
+        """
+        return (self.draw or figure_function(self.name))(results)
 
 
 def accuracy_share(vanilla_accuracy: float, unlearned_accuracy: float) -> float:

@@ -11,15 +11,12 @@ from the output, which says nothing about the weights).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 from transformers import PreTrainedModel
 
 from patchlab.analysis.behavior import METRICS, SETS, evaluate
-from patchlab.reports.figures import colour
 from patchlab.probes.base import Interval, Probe, ProbeResult, Question
 from patchlab.probes.bootstrap import mean_interval
 from patchlab.pair import ModelPair
@@ -44,30 +41,8 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
         details={"scores": stats, "rows": table.to_dict("records")})
 
 
-def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
-    """BLEU (left, 0-100) and ROUGE-L (right, 0-1) of the target and unrelated answers per pair, with bootstrap
-    error bars."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("BLEU (0-100)", "ROUGE-L (0-1)"), horizontal_spacing=0.1)
-    for i, (label, result) in enumerate(results):
-        for col, metric in enumerate(METRICS, start=1):
-            ivs = [Interval.from_list(result.details["scores"][s][metric]) for s in SETS]
-            fig.add_trace(go.Bar(x=[f"{s} questions" for s in SETS], y=[iv.value for iv in ivs], name=label,
-                                 legendgroup=label, marker_color=colour(i), showlegend=col == 1,
-                                 text=[f"{label}, {s}<br>{metric} {iv.format(2)}" for s, iv in zip(SETS, ivs)],
-                                 hovertemplate="%{text}<extra></extra>", textposition="none",
-                                 error_y={"type": "data", "symmetric": False,
-                                          "array": [iv.high - iv.value for iv in ivs],
-                                          "arrayminus": [iv.value - iv.low for iv in ivs]}),
-                          row=1, col=col)
-    fig.update_yaxes(range=[0, 105], row=1, col=1)
-    fig.update_yaxes(range=[0, 1.05], row=1, col=2)
-    fig.update_layout(title="Behaviour: unlearned answers against vanilla answers (higher = more unchanged)",
-                      barmode="group", legend={"title": "pair"})
-    return fig
-
-
 PROBE = Probe(
-    name="behavior", title="Behaviour (BLEU / ROUGE-L)", run=run, figure=figure, defaults=DEFAULTS,
+    name="behavior", title="Behaviour (BLEU / ROUGE-L)", run=run, defaults=DEFAULTS,
     needs=("unrelated",),
     description="The unlearned model's greedy answers are compared with the vanilla model's: sentence BLEU "
                 "(0-100) and token ROUGE-L (0-1), on the target questions (should drop) and on unrelated questions "

@@ -20,11 +20,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-import plotly.graph_objects as go
 from transformers import PreTrainedModel
 
-import patchlab
 from patchlab.probes.base import HIDDEN_SHARE, INTACT_SHARE, Interval, Probe, ProbeResult, Question, recovery_verdict
 from patchlab.probes.bootstrap import column_intervals, mean_interval
 from patchlab.probes.scoring import baseline, baseline_scores
@@ -32,8 +29,7 @@ from patchlab.errors import DegenerateKRSError, PatchlabValueError
 from patchlab.pair import ModelPair
 from patchlab.pair.sites import parse_component
 from patchlab.patching.result import KRSResult
-from patchlab.reports import figures
-from patchlab.patching.sweep import DEFAULT_COMPONENTS, POSITIONS, resolve_components, resolve_windows
+from patchlab.patching.sweep import DEFAULT_COMPONENTS, POSITIONS, krs_sweep, resolve_components, resolve_windows
 
 DEFAULTS: dict[str, Any] = {"components": list(DEFAULT_COMPONENTS), "window": 5, "window_mode": "centered",
                             "positions": "all"}
@@ -72,10 +68,10 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
     meaning = ("best mean KRS over layer windows when restoring a retrieval component (1 = the vanilla answer "
                "logits come back, 0 = none of them)")
     try:
-        result = patchlab.krs_sweep(pair, refs.questions, components=settings["components"],
-                                    window=settings["window"], window_mode=settings["window_mode"],
-                                    n_tokens=settings["n_tokens"], prompt_template=settings["template"],
-                                    positions=settings["positions"], answers=refs.answer_ids, progress=progress)
+        result = krs_sweep(pair, refs.questions, components=settings["components"],
+                           window=settings["window"], window_mode=settings["window_mode"],
+                           n_tokens=settings["n_tokens"], prompt_template=settings["template"],
+                           positions=settings["positions"], answers=refs.answer_ids, progress=progress)
     except DegenerateKRSError as err:
         details["degenerate"] = str(err)
         return ProbeResult(probe="krs", score=Interval(math.nan, math.nan, math.nan), meaning=meaning,
@@ -94,25 +90,8 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
                        note=f"{best_c}, layers {start_layer}-{stop_layer - 1}", reason=reason)
 
 
-def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
-    """One heatmap per pair (component x layer window, mean KRS on one diverging scale centred on 0: a negative KRS
-    means the restoration took the answer further away); hover adds the bootstrap interval."""
-    shown = [(label, r) for label, r in results if "sweep" in r.details]
-    if not shown:
-        return go.Figure(layout={"title": "Knowledge Recovery Score: no pair had a defined KRS"})
-    sweep = shown[0][1].details["sweep"]
-    components, windows = list(sweep["scores"]), [tuple(w) for w in sweep["windows"]]
-    cells = [[[Interval.from_list(v) for v in r.details["intervals"][c]] for c in components] for _, r in shown]
-    hover = [[[f"{label}<br>{c}, layers {figures.window_label(w)}<br>KRS {iv.format(3)}" for w, iv in zip(windows, row)]
-              for c, row in zip(components, pair_cells)] for (label, _), pair_cells in zip(shown, cells)]
-    values = np.array([[[iv.value for iv in row] for row in pair_cells] for pair_cells in cells])
-    return figures.window_heatmaps(values, components, windows, [label for label, _ in shown], numbered=False,
-                                   columns=len(shown), hover=hover, title="Knowledge Recovery Score: vanilla "
-                                   "activations restored inside the unlearned model (mean over questions)")
-
-
 PROBE = Probe(
-    name="krs", title="Knowledge Recovery Score", run=run, figure=figure, defaults=DEFAULTS, check=check,
+    name="krs", title="Knowledge Recovery Score", run=run, defaults=DEFAULTS, check=check,
     description="The vanilla model's activations of one component (MLP coefficients, value vectors, attention "
                 "outputs, or coefficients and attention together) are restored inside the unlearned model over a "
                 "window of layers, and KRS = 1 - MSE(restored, vanilla) / MSE(unlearned, vanilla) of the answer "

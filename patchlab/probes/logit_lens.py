@@ -30,16 +30,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
-from plotly.subplots import make_subplots
 from transformers import PreTrainedModel
 
 from patchlab.pair import ModelPair
 from patchlab.pair.arch import ArchSpec
 from patchlab.patching.engine import capture
-from patchlab.reports.figures import curve
 from patchlab.errors import PatchlabValueError
 from patchlab.probes.base import INCONCLUSIVE, Interval, Probe, ProbeResult, Question, recovery_verdict
 from patchlab.probes.bootstrap import column_intervals, mean_interval
@@ -152,49 +149,8 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
         note=note, reason=reason)
 
 
-#: The figure's curves per pair: model and dash (each also its own colour).
-ROLES = (("unlearned", "solid"), ("vanilla", "dot"), ("retain", "dash"))
-
-
-def rank_ticks(highest: float) -> list[int]:
-    """Ticks of a log rank axis from 1 to ``highest``: 1, 2, 5, 10, 20, 50, ... (one past ``highest``)."""
-    ticks = [1]
-    while ticks[-1] < highest:
-        ticks.append(ticks[-1] * 5 // 2 if str(ticks[-1]).startswith("2") else ticks[-1] * 2)
-    return ticks
-
-
-def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
-    """Per layer, the answer's mean lens log-probability (left) and rank (right, log scale): the unlearned model
-    solid, the vanilla model dotted, the retain model dashed, per pair, with bootstrap bands."""
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
-                        subplot_titles=("answer log-probability under the lens (nats/token)",
-                                        "answer rank under the lens (1 = top token)"))
-    for i, (label, result) in enumerate(results):
-        d = result.details
-        for col, measure in enumerate(MEASURES, start=1):
-            for role, (who, dash) in enumerate(ROLES):
-                key = f"{who}_{measure}"
-                if key not in d:
-                    continue
-                ivs = [Interval.from_list(v) for v in d[key]]
-                for trace in curve(range(len(ivs)), ivs, name=f"{label}: {who}", index=i, dash=dash,
-                                   role=role, roles=len(ROLES),
-                                   showlegend=col == 1):
-                    fig.add_trace(trace, row=1, col=col)
-    fig.update_xaxes(title_text="decoder layer read", dtick=1)
-    fig.update_yaxes(title_text="mean log-probability of the answer tokens (nats)", row=1, col=1)
-    ranks = [y for trace in fig.data if trace.xaxis == "x2" for y in trace.y if y is not None and np.isfinite(y)]
-    fig.update_yaxes(type="log", title_text="mean rank of the answer tokens (1 = top token, log scale)",
-                     tickvals=(ticks := rank_ticks(max(ranks, default=1.0))), ticktext=[f"{t:,}" for t in ticks],
-                     row=1, col=2)
-    fig.update_layout(title="Logit lens: each layer's residual stream decoded by the model's own head",
-                      legend={"title": "pair: model"})
-    return fig
-
-
 PROBE = Probe(
-    name="logit_lens", title="Logit lens", run=run, figure=figure, defaults=DEFAULTS, check=check,
+    name="logit_lens", title="Logit lens", run=run, defaults=DEFAULTS, check=check,
     description="Each decoder layer's residual stream at the answer-predicting positions is decoded by the model's "
                 "own final norm and unembedding (for the last layer, exactly the model's output), and the vanilla "
                 "answer tokens' mean log-probability and rank are read off, for the vanilla (dotted), unlearned "

@@ -36,16 +36,13 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
-from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from patchlab.reports.figures import curve
-from patchlab.probes.base import (INCONCLUSIVE, INTACT_SHARE, Interval, Probe, ProbeResult, Question, accuracy_share,
+from patchlab.probes.base import (INCONCLUSIVE, INTACT_SHARE, Probe, ProbeResult, Question, accuracy_share,
                                  recovery_verdict)
 from patchlab.probes.bootstrap import mean_interval
 from patchlab.probes.scoring import SCORES, Scores, baseline, baseline_scores, recovery, score
@@ -194,35 +191,8 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
              f"{cost[-1]:.2f} nats/token")
 
 
-#: The figure's curves per pair: model and dash (each also its own colour).
-ROLES = (("unlearned", "solid"), ("vanilla", "dot"))
-
-
-def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
-    """Target accuracy (left) and answer log-probability (right) at full precision and at each bit width: the
-    unlearned model solid, the vanilla model dotted, per pair, with bootstrap bands; hover adds the recovery."""
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
-                        subplot_titles=("target answer accuracy", "answer log-probability (nats/token)"))
-    for i, (label, result) in enumerate(results):
-        d = result.details
-        x = ["full precision"] + [f"{b} bits" for b in d["bits"]]
-        for col, name in enumerate(SCORES, start=1):
-            recovered = ["recovery: -"] + [f"recovery: {Interval.from_list(v).format(2)}"
-                                           for v in d[f"recovery_{name}"]]
-            for r, (role, dash) in enumerate(ROLES):
-                ivs = [Interval.from_list(v) for v in d["levels"][role][name]]
-                for trace in curve(x, ivs, name=f"{label}: {role}", index=i, dash=dash, role=r, roles=len(ROLES),
-                                   showlegend=col == 1, hover=recovered if role == "unlearned" else None):
-                    fig.add_trace(trace, row=1, col=col)
-    fig.update_yaxes(range=[-0.05, 1.05], title_text="share answered correctly", row=1, col=1)
-    fig.update_xaxes(title_text="weights")
-    fig.update_layout(title="Quantization attack: weights quantized (embeddings and LM head in full precision)",
-                      legend={"title": "pair: model"})
-    return fig
-
-
 PROBE = Probe(
-    name="quantization", title="Quantization attack", run=run, figure=figure, defaults=DEFAULTS,
+    name="quantization", title="Quantization attack", run=run, defaults=DEFAULTS,
     check=lambda settings, pair: check_bits(settings),
     description="The unlearned model's linear weights (embeddings and LM head kept in full precision) are quantized "
                 "to a few bits (optimum-quanto when installed, else per-channel round-to-nearest), and the target "

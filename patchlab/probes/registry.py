@@ -1,5 +1,6 @@
 """The probe registry: one :class:`~patchlab.probes.base.Probe` entry per probe, in report order, and the settings
-they run with."""
+they run with. Every module of this package that defines ``PROBE`` is a probe (found on first use of
+:data:`PROBES`): a new probe is one file; probes defined elsewhere join with :func:`register_probe`."""
 
 from __future__ import annotations
 
@@ -7,16 +8,32 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from patchlab.probes import behavior, krs, logit_lens, quantization, relearning, uds
-from patchlab.probes.base import COMMON_DEFAULTS, Probe
 from patchlab.errors import PatchlabValueError
-
-#: name -> probe, in the order the report shows them.
-PROBES: dict[str, Probe] = {p.name: p for p in (krs.PROBE, logit_lens.PROBE, uds.PROBE, relearning.PROBE,
-                                                 quantization.PROBE, behavior.PROBE)}
+from patchlab.probes.base import COMMON_DEFAULTS, Probe
+from patchlab.registry import Registry
 
 #: Settings key of the options every probe shares (:data:`patchlab.probes.base.COMMON_DEFAULTS`).
 COMMON = "common"
+
+#: Where the report shows the built-in probes; any other probe file follows them, by name.
+REPORT_ORDER = ("krs", "logit_lens", "uds", "relearning", "quantization", "behavior")
+
+
+def _check_probe(name: str, probe: Any) -> None:
+    if not isinstance(probe, Probe):
+        raise PatchlabValueError(f"register_probe takes a patchlab.probes.Probe, got {type(probe).__name__}")
+    if name == COMMON:
+        raise PatchlabValueError(f"{COMMON!r} names the shared settings, not a probe: choose another name")
+
+
+def _report_rank(name: str) -> tuple[int, str]:
+    return (REPORT_ORDER.index(name) if name in REPORT_ORDER else len(REPORT_ORDER), name)
+
+
+#: name -> probe, in the order the report shows them: each ``PROBE`` of this package's modules, then the
+#: registered ones.
+PROBES: Registry[Probe] = Registry("probe", package="patchlab.probes", attribute="PROBE", check=_check_probe,
+                                   order=_report_rank)
 
 
 def register_probe(probe: Probe, *, replace: bool = False) -> Probe:
@@ -25,12 +42,8 @@ def register_probe(probe: Probe, *, replace: bool = False) -> Probe:
     Raises:
         PatchlabValueError: not a :class:`Probe`, a name taken (without ``replace=True``) or the reserved ``common``.
     """
-    if not isinstance(probe, Probe):
-        raise PatchlabValueError(f"register_probe takes a patchlab.probes.Probe, got {type(probe).__name__}")
-    if probe.name == COMMON or (probe.name in PROBES and not replace):
-        raise PatchlabValueError(f"a probe named {probe.name!r} already exists; pass replace=True to replace it")
-    PROBES[probe.name] = probe
-    return probe
+    _check_probe("", probe)
+    return PROBES.register(probe, replace=replace)
 
 
 def select(probes: Sequence[str] | None) -> list[Probe]:

@@ -45,17 +45,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.reports.figures import curve
 from patchlab.pair.correctness import normalize_answer
 from patchlab.probes.base import (HIDDEN_SHARE, INCONCLUSIVE, Interval, Probe, ProbeResult, Question,
                                  recovery_verdict)
-from patchlab.probes.scoring import (SCORES, References, Scores, baseline, baseline_scores, recovery, references, score,
+from patchlab.probes.scoring import AnswerReferences as References  # noqa: N814 - the local name predates the rename
+from patchlab.probes.scoring import (SCORES, Scores, baseline, baseline_scores, recovery, references, score,
                                      subset)
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
@@ -262,42 +260,8 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
                 "the questions (0 = none, 1 = all)")
 
 
-#: The figure's curves per pair: attack and dash (each also its own colour).
-ROLES = (("held_out", "solid"), ("benign", "dash"), ("control", "dot"))
-
-
-def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
-    """Recovery of accuracy (left) and answer log-probability (right) against fine-tuning steps, per pair: the
-    held-out attack solid, the benign one dashed, the retain-model control dotted, with bootstrap bands."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("target answer accuracy", "answer log-probability"),
-                        horizontal_spacing=0.1)
-    for i, (label, result) in enumerate(results):
-        d = result.details
-        for role, (attack, dash) in enumerate(ROLES):
-            if attack not in d:
-                continue
-            for col, name in enumerate(SCORES, start=1):
-                hover = [f"step {k}: accuracy {a:.2f}, log-prob {lp:.2f} nats/token"
-                         for k, a, lp in zip(d["steps"], d[attack]["accuracy"], d[attack]["logprob"])]
-                traces = curve(d["steps"], [Interval.from_list(v) for v in d[attack][f"recovery_{name}"]],
-                               name=f"{label}: {attack.replace('_', '-')}", index=i, dash=dash, role=role,
-                               roles=len(ROLES), hover=hover,
-                               showlegend=col == 1)
-                for trace in traces:
-                    fig.add_trace(trace, row=1, col=col)
-    for col in (1, 2):
-        fig.add_hline(y=0, line={"color": "grey", "width": 1}, row=1, col=col)
-        fig.add_hline(y=1, line={"color": "grey", "width": 1, "dash": "dot"}, row=1, col=col)
-    fig.update_yaxes(title_text="recovery (0 = unlearned, 1 = vanilla)", row=1, col=1)
-    fig.update_xaxes(title_text="fine-tuning steps")
-    fig.update_layout(title="Relearning attack: held-out half (solid), unrelated QA (dashed), retain-model control "
-                            "(dotted)",
-                      legend={"title": "pair: attack"}, hovermode="closest")
-    return fig
-
-
 PROBE = Probe(
-    name="relearning", title="Relearning attack", run=run, figure=figure, defaults=DEFAULTS,
+    name="relearning", title="Relearning attack", run=run, defaults=DEFAULTS,
     check=lambda settings, pair: check_settings(settings),
     description="A copy of the unlearned model is fine-tuned for a few steps and re-scored. Held-out (solid): "
                 "fine-tuned on half of the target questions, scored on the other half (and the other way round); "

@@ -1,6 +1,6 @@
 """The audit report: every probe's result for one or several audited pairs, side by side, as a table, a JSON file
 holding every number, figures and one self-contained HTML page (plotly's JavaScript inlined: it opens offline), on
-the result protocol (:class:`patchlab.reports.results.Result`)."""
+the result protocol (:class:`patchlab.results.Result`)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
+from pydantic import ConfigDict, Field, model_validator
 
 from patchlab.probes.base import INCONCLUSIVE, VERDICTS, ProbeResult
 from patchlab.probes.registry import PROBES
 from patchlab.errors import PatchlabValueError
-from patchlab.reports import figures
-from patchlab.reports.results import Result, register_result
+from patchlab.results import Result, register_result
+from patchlab.schema import Checkpoint, FreeJson, NonEmpty, Schema, bad
 
 FORMAT = "patchlab.AuditReport/1"
 #: Verdict colours: erased (what unlearning promises) green, hidden orange, intact red, inconclusive (the probe
@@ -61,6 +62,68 @@ class AuditRun:
                    skipped=dict(data["skipped"]), provenance=dict(data["provenance"]))
 
 
+class ProbeResultFile(Schema):
+    """A probe's result in an audit file (:meth:`ProbeResult.to_dict`): the score as ``[value, low, high]``, each
+    ``null`` when undefined; the details are free JSON (each probe's figure reads its own)."""
+
+    probe: NonEmpty
+    score: Annotated[list[float | None], Field(min_length=3, max_length=3)]
+    meaning: str
+    verdict: Literal[VERDICTS]
+    rule: str
+    details: dict[str, FreeJson]
+    note: str
+    seconds: Annotated[float, Field(ge=0)]
+    #: why the verdict is inconclusive (empty otherwise; absent in files written before it existed)
+    reason: str = ""
+
+
+class AuditProvenance(Schema):
+    """An audited pair's provenance: the checkpoints (``retain`` may be ``null``), the questions, the settings, the
+    versions; other keys are free JSON."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, FreeJson]
+
+    checkpoints: dict[str, Checkpoint | None] = {}
+    questions: list[FreeJson] = []
+    unrelated: list[FreeJson] | None = None
+    settings: dict[str, FreeJson] = {}
+    environment: dict[str, str] = {}
+
+
+class AuditRunFile(Schema):
+    """One audited pair in an audit file: each result filed under its probe's name."""
+
+    label: NonEmpty
+    results: dict[str, ProbeResultFile]
+    skipped: dict[str, str]
+    provenance: AuditProvenance
+
+    @model_validator(mode="after")
+    def _named(self) -> AuditRunFile:
+        for name, result in self.results.items():
+            if result.probe != name:
+                raise bad(f"results.{name}.probe", "the result of probe {probe!r} is filed under {name!r}",
+                          probe=result.probe, name=name)
+        return self
+
+
+class AuditReportFile(Schema):
+    """An :class:`AuditReport` file: one or more audited pairs with distinct labels."""
+
+    format: Literal["patchlab.AuditReport/1"]
+    runs: Annotated[list[AuditRunFile], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AuditReportFile:
+        labels = [run.label for run in self.runs]
+        for i, label in enumerate(labels):
+            if label in labels[:i]:
+                raise bad(f"runs[{i}].label", "a second audited pair labelled {label!r}", label=label)
+        return self
+
+
 @register_result
 @dataclass
 class AuditReport(Result):
@@ -75,6 +138,7 @@ class AuditReport(Result):
 
     kind = "audit"
     format = FORMAT
+    schema = AuditReportFile
 
     runs: list[AuditRun]
 
@@ -141,14 +205,15 @@ class AuditReport(Result):
     # ------------------------------------------------------------------------------------------------ figures
 
     def figure(self, probe: str | None = None) -> go.Figure:
-        """``probe``'s figure with every pair side by side (the registry entry draws it), or, with no probe, the
-        verdict overview: probes x pairs, coloured by verdict, each cell showing the score and its interval.
+        """``probe``'s figure with every pair side by side (:meth:`Probe.figure`), or, with no probe, the verdict
+        overview: probes x pairs, coloured by verdict (:data:`VERDICT_COLOURS`), each cell showing the score and its
+        interval (drawn by the function registered for :class:`AuditReport`, :mod:`patchlab.reports.views`).
 
         Raises:
             PatchlabValueError: no run holds ``probe``, or the probe is not registered in this version.
         """
         if probe is None:
-            return self._verdict_figure()
+            return super().figure()
         results = [(run.label, run.results[probe]) for run in self.runs if probe in run.results]
         if not results:
             raise PatchlabValueError(f"no result of probe {probe!r} in this report; it holds "
@@ -156,13 +221,6 @@ class AuditReport(Result):
         if probe not in PROBES:
             raise PatchlabValueError(f"probe {probe!r} is not registered in this patchlab; cannot draw it")
         return PROBES[probe].figure(results)
-
-    def _verdict_figure(self) -> go.Figure:
-        cells = [[(r.verdict, f"{r.verdict}<br>{r.score.format()}") if r else None
-                  for r in (run.results.get(name) for run in self.runs)] for name in self.probes]
-        return figures.verdict_grid(cells, [_title(p) for p in self.probes], self.labels,
-                                    {v: VERDICT_COLOURS[v] for v in VERDICTS},
-                                    "Residual-knowledge audit: verdict per probe (score [95% CI])")
 
     # ------------------------------------------------------------------------------------------------ files
 
@@ -179,7 +237,7 @@ class AuditReport(Result):
                                                   config={"displaylogo": False})
                     if probe else "<p>(this probe is not registered in this patchlab version: no figure)</p>")
             about = f"<p>{html.escape(probe.description)}</p>" if probe else ""
-            sections.append(f'<section id="{html.escape(name)}"><h2>{html.escape(_title(name))}</h2>'
+            sections.append(f'<section id="{html.escape(name)}"><h2>{html.escape(probe_title(name))}</h2>'
                             f'{about}{body}</section>')
         return _PAGE.format(js=plotly.offline.get_plotlyjs(), css=_CSS, summary=self._summary_html(),
                             table=self._table_html(), sections="\n".join(sections),
@@ -218,9 +276,9 @@ class AuditReport(Result):
                 note = "".join(f'<div class="note">{html.escape(text)}</div>' for text in (r.note, r.reason) if text)
                 cells.append(f'<td class="score">{html.escape(r.score.format())}{note}</td>'
                              f'<td class="verdict" style="background:{VERDICT_COLOURS[r.verdict]}">{r.verdict}</td>')
-            rows.append(f'<tr><th class="probe"><a href="#{html.escape(name)}">{html.escape(_title(name))}</a></th>'
+            rows.append(f'<tr><th class="probe"><a href="#{html.escape(name)}">{html.escape(probe_title(name))}</a></th>'
                         f'<td class="meaning">{meaning}</td>{"".join(cells)}</tr>')
-        rules = "".join(f"<li><b>{html.escape(_title(name))}</b>: {html.escape(rule)}</li>"
+        rules = "".join(f"<li><b>{html.escape(probe_title(name))}</b>: {html.escape(rule)}</li>"
                         for name, rule in self._rules().items())
         return (f'<table class="verdicts"><thead><tr><th>probe</th><th>what the score means</th>{head}</tr></thead>'
                 f'<tbody>{"".join(rows)}</tbody></table><p class="caption">Scores: value [95% bootstrap interval over '
@@ -264,7 +322,8 @@ class AuditReport(Result):
         return "".join(blocks)
 
 
-def _title(name: str) -> str:
+def probe_title(name: str) -> str:
+    """A probe's display title (its registry entry's), or its name when it is not registered."""
     return PROBES[name].title if name in PROBES else name
 
 

@@ -4,7 +4,7 @@ and the *recovery* of both after an attack.
 References come from the vanilla model: per question, its greedy answer ids (at most ``n_tokens``, EOS kept) and
 the expected answer (the given one, else the vanilla greedy answer decoded). For a model,
 
-* ``correct``: its greedy answer gives the expected answer (:func:`patchlab.toy.answers_correct`, the one rule of
+* ``correct``: its greedy answer gives the expected answer (:func:`patchlab.pair.qa.answers_correct`, the one rule of
   :mod:`patchlab.pair.correctness`: normalised containment, ROUGE-L recall for sentence answers);
 * ``logprob``: the mean log-probability per token (nats) of the vanilla answer ids, teacher-forced after the prompt.
 
@@ -32,19 +32,19 @@ from patchlab.probes.bootstrap import ratio_of_gains
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
 from patchlab.pair.generation import greedy_answers
-from patchlab.toy.corpus import QA
-from patchlab.toy.qa import answers_correct
+from patchlab.pair.qa import QA, answers_correct
 
 SCORES = ("accuracy", "logprob")
 
 
 @dataclass(frozen=True)
-class References:
+class AnswerReferences:
     """The vanilla model's reference answers to the audited questions.
 
     Attributes:
         questions: the questions. prompt_ids: their prompt ids (1-D each).
-        answer_ids: the vanilla greedy answer ids (1-D each, EOS kept), teacher-forced by :func:`answer_logprob`.
+        answer_ids: the vanilla greedy answer ids (1-D each, EOS kept), teacher-forced by
+            :func:`teacher_forced_logprob`.
         expected: the expected answer texts (given, else the decoded vanilla answers), matched by
             :func:`answer_correct`.
     """
@@ -63,7 +63,7 @@ class References:
 
 
 def references(vanilla: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question],
-               settings: Mapping[str, Any], *, progress: bool = False) -> References:
+               settings: Mapping[str, Any], *, progress: bool = False) -> AnswerReferences:
     """The vanilla model's greedy answers (``settings["n_tokens"]`` at most, ``settings["template"]``) and the
     expected answers of ``questions``.
 
@@ -80,11 +80,11 @@ def references(vanilla: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, que
             raise PatchlabValueError(f"question {i} ({q.question!r}): the vanilla model's greedy answer is empty; "
                                      "give the expected answers")
         expected.append(text)
-    return References(texts, list(prompt_ids), list(answers), expected)
+    return AnswerReferences(texts, list(prompt_ids), list(answers), expected)
 
 
 @torch.no_grad()
-def answer_logprob(model: PreTrainedModel, refs: References) -> Float[np.ndarray, "question"]:
+def teacher_forced_logprob(model: PreTrainedModel, refs: AnswerReferences) -> Float[np.ndarray, "question"]:
     """Per question, the mean log-probability per token (nats, float32) of the vanilla answer ids, teacher-forced
     after the prompt (one unpadded forward pass per question)."""
     device = next(model.parameters()).device
@@ -125,16 +125,16 @@ class Scores:
         return cls(correct, logprob)
 
 
-def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, refs: References,
+def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, refs: AnswerReferences,
           settings: Mapping[str, Any]) -> Scores:
     """Greedy correctness and teacher-forced answer log-probability of ``model`` on every reference question."""
     correct = answers_correct(model, tokenizer, refs.qa(), template=settings["template"])
-    return Scores(np.array(correct, dtype=float), answer_logprob(model, refs))
+    return Scores(np.array(correct, dtype=float), teacher_forced_logprob(model, refs))
 
 
-def subset(refs: References, idx: Sequence[int]) -> References:
+def subset(refs: AnswerReferences, idx: Sequence[int]) -> AnswerReferences:
     """The references of the questions at ``idx``."""
-    return References(*([field[i] for i in idx] for field in (refs.questions, refs.prompt_ids, refs.answer_ids,
+    return AnswerReferences(*([field[i] for i in idx] for field in (refs.questions, refs.prompt_ids, refs.answer_ids,
                                                               refs.expected)))
 
 
@@ -154,7 +154,7 @@ def baseline(vanilla: Scores, unlearned: Scores) -> dict[str, Any]:
 #: The key of one memoized baseline: the pair's identity, the questions, ``n_tokens`` and ``template``.
 BaselineKey = tuple[int, tuple[Question, ...], int, str]
 #: The baselines memoized inside :func:`shared_baselines` (``None`` outside it: every call computes).
-_shared: dict[BaselineKey, tuple[References, Scores, Scores]] | None = None
+_shared: dict[BaselineKey, tuple[AnswerReferences, Scores, Scores]] | None = None
 
 
 @contextlib.contextmanager
@@ -171,7 +171,7 @@ def shared_baselines() -> Iterator[None]:
 
 
 def baseline_scores(pair: ModelPair, questions: Sequence[Question], settings: Mapping[str, Any],
-                    progress: bool = False) -> tuple[References, Scores, Scores]:
+                    progress: bool = False) -> tuple[AnswerReferences, Scores, Scores]:
     """(references, vanilla scores, unlearned scores) of ``questions`` on ``pair`` (:func:`references`, then
     :func:`score` of both models), memoized inside :func:`shared_baselines`. The results are shared: read them,
     never modify them."""

@@ -43,10 +43,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
-from plotly.subplots import make_subplots
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
@@ -56,7 +54,6 @@ from patchlab.pair.sites import parse_component
 from patchlab.patching.engine import PatchStore, Row, run_rows
 from patchlab.patching.metrics import Metric, References, answer_logprob, get_metric
 from patchlab.patching.sweep import position_mask, prepare_source, prepare_target
-from patchlab.reports.figures import curve
 from patchlab.probes.base import (INCONCLUSIVE, INTACT_SHARE, Interval, Probe, ProbeResult, Question,
                                  output_verdict)
 from patchlab.probes.bootstrap import column_intervals, mean_interval
@@ -193,32 +190,6 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
         note=f"{int(defined.sum())} of {len(defined)} questions have a layer that encodes the answer")
 
 
-#: The figure's curves per pair: detail key, legend name and dash (each also its own colour).
-ROLES = (("d2_mean", "unlearned -> vanilla (d2)", "solid"), ("d1_mean", "retain -> vanilla (d1)", "dot"))
-
-
-def figure(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
-    """Per layer, the drop of the vanilla answer log-probability when that layer's output comes from the retain
-    model (dotted, d1) or from the unlearned model (solid, d2), per pair, with bootstrap bands."""
-    fig = make_subplots(rows=1, cols=1)
-    for i, (label, result) in enumerate(results):
-        d = result.details
-        if "d1_mean" not in d:
-            continue
-        layers = list(range(len(d["d1_mean"])))
-        for role, (key, who, dash) in enumerate(ROLES):
-            for trace in curve(layers, [Interval.from_list(v) for v in d[key]], name=f"{label}: {who}", index=i,
-                               dash=dash, role=role, roles=len(ROLES)):
-                fig.add_trace(trace)
-    fig.add_hline(y=results[0][1].details.get("threshold", 0.05) if results else 0.05, line_dash="dash",
-                  line_color="grey", annotation_text="knowledge threshold", annotation_position="top left")
-    fig.update_xaxes(title_text="patched decoder layer", dtick=1)
-    fig.update_yaxes(title_text="drop of the answer log-probability (nats/token)")
-    fig.update_layout(title="Unlearning Depth Score: one layer's output patched into the vanilla model",
-                      legend={"title": "pair: patched from"})
-    return fig
-
-
 def check(settings: Mapping[str, Any], pair: ModelPair) -> None:
     """The UDS probe's settings, before any compute (:data:`patchlab.probes.base.CheckFn`)."""
     if not isinstance(settings["threshold"], (int, float)) or not settings["threshold"] > 0:
@@ -230,7 +201,7 @@ def check(settings: Mapping[str, Any], pair: ModelPair) -> None:
 
 
 PROBE = Probe(
-    name="uds", title="Unlearning Depth Score", run=run, figure=figure, defaults=DEFAULTS, needs=("retain",),
+    name="uds", title="Unlearning Depth Score", run=run, defaults=DEFAULTS, needs=("retain",),
     check=check,
     description="One decoder layer at a time, the vanilla model's layer output over the answer-predicting positions "
                 "is replaced by the retain model's (dotted: how much that layer carries the knowledge, d1) or by the "

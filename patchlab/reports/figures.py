@@ -1,4 +1,4 @@
-"""Every plotly figure patchlab draws, in one module: the result classes call these functions.
+"""Every plotly figure patchlab draws, in one module (:mod:`patchlab.reports.views` calls these functions).
 
 * :func:`window_heatmap` / :func:`window_heatmaps`: a score (KRS or any recovery metric) per restored component and
   layer window, one heatmap or one small panel per question, on a diverging colour scale centred on 0;
@@ -30,7 +30,8 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 
 from patchlab.errors import PatchlabValueError
-from patchlab.pair.arch import MODULE_ORDER
+from patchlab.pair.arch import module_order
+from patchlab.patching.windows import window_label
 
 if TYPE_CHECKING:
     from patchlab.probes.base import Interval
@@ -53,12 +54,6 @@ QUESTION_ROWS, QUESTION_PX, QUESTION_LABEL_CHARS, HOVER_WRAP_CHARS = 40, 22, 48,
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:
     """``"1 question"``, ``"2 questions"``, ``"0 questions"`` (``plural_form`` for irregular nouns)."""
     return f"{n} {noun if n == 1 else (plural_form or noun + 's')}"
-
-
-def window_label(window: tuple[int, int]) -> str:
-    """The layers of a half-open window ``(start, stop)``, inclusive: ``"0-2"``, or ``"3"`` for one layer."""
-    start, stop = window
-    return str(start) if stop - start == 1 else f"{start}-{stop - 1}"
 
 
 def _check_windows(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -357,13 +352,6 @@ def layer_module_heatmap(table: pd.DataFrame, *, value_name: str, title: str | N
 
 
 # ------------------------------------------------------------------------------------------------- densities
-
-
-def module_order(present: Sequence[str]) -> list[str]:
-    """The module types of ``present`` (repeats allowed) in :data:`patchlab.pair.arch.MODULE_ORDER`; types outside
-    that order are left out."""
-    present = set(present)
-    return [m for m in MODULE_ORDER if m in present]
 
 
 def _unscored(frame: pd.DataFrame) -> pd.Series:

@@ -24,16 +24,19 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from patchlab.analysis.behavior import SweepTask
 from patchlab.errors import PatchlabValueError
 from patchlab.io import read_json
-from patchlab.cli import quiet
 from patchlab.pair import ModelPair, load_model, load_pair, load_tokenizer
 from patchlab.pair.loading import check_tokenizers
-from patchlab.toy.cache import METHOD_SETTINGS, cache_dir, load_or_build
-from patchlab.toy.corpus import ASSETS, QA, ConceptRecord, World, world
-from patchlab.toy.qa import answers_correct, qa_accuracy
+from patchlab.pair.qa import QA, answers_correct, qa_accuracy
+from patchlab.progress import quiet
+from patchlab.toy.cache import METHOD_SETTINGS, cache_dir, load_or_build, unlearn_data
+from patchlab.toy.corpus import ASSETS, ConceptRecord, World, world
+from patchlab.pair.placement import check_device
 
 #: The concept :func:`pair` and :func:`unlearned` use by default (always the world's first).
 DEFAULT_CONCEPT = "Veltrani Codex"
@@ -134,21 +137,29 @@ def _toy_name(what: str, checkpoint: PathLike) -> str:
 
 
 def pair(concept: str = DEFAULT_CONCEPT, method: str = DEFAULT_METHOD, *, checkpoint: PathLike = ASSETS,
-         cache: PathLike | None = None, retain: bool | PathLike = False, progress: bool = True) -> ToyPair:
+         cache: PathLike | None = None, retain: bool | PathLike = False, progress: bool = True,
+         dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> ToyPair:
     """The vanilla toy model paired with its ``method``-unlearned copy on ``concept`` (see :func:`unlearned`).
 
     ``retain``: ``True`` adds the shipped retain model of ``concept`` as ``retain_model``, a path adds the retain
-    checkpoint there (see :func:`retain`).
+    checkpoint there (see :func:`retain`). ``dtype`` / ``device``: every model of the pair (the retain model
+    included) is converted to them (default: float32 on the CPU, as stored and built).
+
+    Raises:
+        PatchlabValueError: unknown concept or method, or a ``device`` this machine does not have.
     """
+    if device is not None:
+        check_device(device)
     record = world(checkpoint).record(concept)
     retain_model = None
     with quiet(not progress):
         if retain is not False:
             retain_checkpoint = RETAIN_ASSETS if retain is True else retain
-            retain_model = _load_retain(concept, checkpoint, retain_checkpoint)
+            retain_model = load_model(_load_retain(concept, checkpoint, retain_checkpoint), dtype=dtype,
+                                      device=device)
         model_u = unlearned(concept, method, checkpoint=checkpoint, cache=cache, progress=progress)
         model_v, tok = vanilla(checkpoint)
-    pair = dataclasses.replace(load_pair(model_v, model_u, tokenizer=tok),
+    pair = dataclasses.replace(load_pair(model_v, model_u, tokenizer=tok, dtype=dtype, device=device),
                                sources=(_toy_name("vanilla", checkpoint), _toy_name(f"{concept}, {method}", checkpoint)))
     return ToyPair(pair=pair, concept=concept, method=method,
                    questions=[q.question for q in record.qa], answers=[q.answer for q in record.qa],
@@ -157,6 +168,18 @@ def pair(concept: str = DEFAULT_CONCEPT, method: str = DEFAULT_METHOD, *, checkp
                    forget_texts=list(record.forget_paragraphs), retain_model=retain_model)
 
 
+def sweep_task(concept: str | None = None, checkpoint: PathLike | None = None) -> SweepTask:
+    """The toy world's method-sweep task for ``concept`` (default: the toy default): its paragraphs as forget set, the
+    other concepts' paragraphs as retain set and covariance sample, its 10 QA and 50 unrelated QA."""
+    world_ = world() if checkpoint is None else world(checkpoint)
+    record = world_.record(concept or DEFAULT_CONCEPT)
+    forget, retain_ = unlearn_data(world_, record.concept)
+    return SweepTask(name=f"toy world: {record.concept}", forget=forget, retain=retain_,
+                     target_questions=[q.question for q in record.qa],
+                     unrelated_questions=[q.question for q in record.unrelated_qa], subject=record.concept,
+                     cov_texts=world_.training_texts())
+
+
 __all__ = ["DEFAULT_CONCEPT", "DEFAULT_METHOD", "METHOD_SETTINGS", "QA", "RETAIN_ASSETS", "ConceptRecord", "ToyPair",
-           "World", "answers_correct", "cache_dir", "concepts", "pair", "qa_accuracy", "retain", "unlearned",
-           "vanilla", "world"]
+           "World", "answers_correct", "cache_dir", "concepts", "pair", "qa_accuracy", "retain", "sweep_task",
+           "unlearned", "vanilla", "world"]

@@ -37,10 +37,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from patchlab.cli import add_quiet_arg, parser, run_script
 from patchlab.errors import PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir
+from patchlab.pair.qa import QA, qa_accuracy, qa_text
 from patchlab.tiny import tiny_model, word_tokenizer
 from patchlab.toy.cache import cache_dir
-from patchlab.toy.corpus import ASSETS, QA, WORLD_FILE, World, generate_world
-from patchlab.toy.qa import qa_accuracy, qa_text
+from patchlab.toy.corpus import ASSETS, WORLD_FILE, World, generate_world
 from patchlab.unlearning.data import IGNORE, Example, collate
 
 BUILD_FILE = "build.json"
@@ -105,7 +105,7 @@ def kept_qa(world: World, exclude_concept: str | Sequence[str]) -> list[QA]:
 
 
 def training_texts(world: World, qa_repeats: int, exclude_concept: str | Sequence[str] | None = None) -> list[str]:
-    """Every paragraph, then every QA pair ``qa_repeats`` times (as :func:`patchlab.toy.qa.qa_text`), leaving
+    """Every paragraph, then every QA pair ``qa_repeats`` times (as :func:`patchlab.pair.qa.qa_text`), leaving
     out the paragraphs and QA (:func:`kept_qa`) of ``exclude_concept`` (one concept or several) when given (raises
     naming the known concepts if one is unknown)."""
     names = _concepts(exclude_concept)

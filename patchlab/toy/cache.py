@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -20,14 +23,34 @@ from patchlab.errors import PatchlabValueError
 from patchlab.io import atomic_write
 from patchlab.toy.corpus import ConceptRecord, World
 from patchlab.unlearning import unlearn
-from patchlab.unlearning.methods import get_method, methods
+from patchlab.unlearning.methods import method_names
+
+
+#: The toy world's tuned unlearning settings (keyword arguments of :func:`patchlab.unlearning.unlearn`) per
+#: fine-tuning method, tuned so the default concept's target QA accuracy drops to <= 20% while unrelated QA stays
+#: >= 80% (see tests/test_toy.py). Forget set: the concept's paragraphs; retain set: every other concept's
+#: paragraphs. A method not listed here (e.g. one a plugin registers) gets :data:`TOY_TRAINING`.
+TUNED_TOY_SETTINGS: dict[str, dict[str, Any]] = {
+    "dpo": {"lr": 3e-3, "epochs": 2, "batch_size": 8},
+    "ga": {"lr": 1e-3, "epochs": 2, "batch_size": 8},
+    "graddiff": {"lr": 1e-3, "epochs": 5, "batch_size": 8, "retain_weight": 1.0},
+    "npo": {"lr": 2e-3, "epochs": 2, "batch_size": 8, "beta": 0.1},
+    "npo_kl": {"lr": 2e-3, "epochs": 2, "batch_size": 8},
+    "rmu": {"steering_coeff": 100.0, "alpha": 10.0, "epochs": 3, "batch_size": 8, "lr": 5e-3},
+    "simnpo": {"lr": 1e-3, "epochs": 2, "batch_size": 8},
+}
+
+#: The toy world's training recipe for a fine-tuning method without tuned settings: the toy model's scale needs
+#: a larger learning rate than :func:`patchlab.unlearning.unlearn`'s default; the method's own settings keep their
+#: defaults.
+TOY_TRAINING: dict[str, Any] = {"lr": 1e-3, "epochs": 2, "batch_size": 8}
 
 
 class _ToySettings(Mapping[str, Mapping[str, Any]]):
-    """Read-only live view ``{method: toy settings}`` of the registry's fine-tuning methods with toy settings."""
+    """Read-only live view ``{method: toy settings}`` of the registry's fine-tuning methods."""
 
     def __getitem__(self, method: str) -> Mapping[str, Any]:
-        return method_settings(method)
+        return toy_method_settings(method)
 
     def __iter__(self) -> Iterator[str]:
         return iter(toy_methods())
@@ -36,10 +59,7 @@ class _ToySettings(Mapping[str, Mapping[str, Any]]):
         return len(toy_methods())
 
 
-#: Per-method unlearning settings (keyword arguments of :func:`patchlab.unlearning.unlearn`), each method's
-#: ``toy`` entry in :mod:`patchlab.unlearning.methods`, tuned so the default concept's target QA accuracy drops to
-#: <= 20% while unrelated QA stays >= 80% (see tests/test_toy.py). Forget set: the concept's paragraphs; retain
-#: set: every other concept's paragraphs.
+#: Per-method unlearning settings on the toy world (:func:`toy_method_settings` of every fine-tuning method).
 METHOD_SETTINGS: Mapping[str, Mapping[str, Any]] = _ToySettings()
 
 
@@ -62,21 +82,26 @@ def unlearn_data(world: World, concept: str) -> tuple[list[str], list[str]]:
 
 
 def toy_methods() -> list[str]:
-    """The fine-tuning methods of the registry that have toy-world settings."""
-    return [m.name for m in methods("finetune") if m.toy is not None]
+    """The fine-tuning methods of the registry (the toy world trains every one)."""
+    return list(method_names("finetune"))
 
 
-def method_settings(method: str) -> dict[str, Any]:
-    """The toy-world settings of ``method`` (its registry entry's ``toy``); raises naming the known methods."""
+def toy_method_settings(method: str) -> dict[str, Any]:
+    """The toy-world settings of fine-tuning method ``method``: :data:`TUNED_TOY_SETTINGS`, else
+    :data:`TOY_TRAINING`.
+
+    Raises:
+        PatchlabValueError: no fine-tuning method of that name (naming the known ones).
+    """
     if method not in toy_methods():
         raise PatchlabValueError(f"unknown toy unlearning method {method!r}; choose from {toy_methods()}")
-    return dict(get_method(method).toy)
+    return dict(TUNED_TOY_SETTINGS.get(method, TOY_TRAINING))
 
 
 def cache_key(record: ConceptRecord, method: str, retain: list[str], vanilla_weights: Path) -> str:
     """16 hex digits of SHA-256 over the method, its settings, the forget/retain texts and the vanilla weights."""
     digest = hashlib.sha256()
-    spec = {"method": method, "settings": method_settings(method), "forget": record.forget_paragraphs,
+    spec = {"method": method, "settings": toy_method_settings(method), "forget": record.forget_paragraphs,
             "retain": retain}
     digest.update(json.dumps(spec, sort_keys=True).encode())
     digest.update(Path(vanilla_weights).read_bytes())
@@ -95,7 +120,24 @@ def build_unlearned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """Unlearn ``forget`` from ``model`` (updated in place) with ``method``'s toy settings, keeping ``retain``
     (texts, e.g. from :func:`unlearn_data`)."""
     return unlearn(model, forget, retain, tokenizer=tokenizer, method=method, progress=progress,
-                   **method_settings(method)).model
+                   **toy_method_settings(method)).model
+
+
+def _cached_state(path: Path, model: PreTrainedModel) -> dict[str, torch.Tensor] | None:
+    """The tensors of the cached file ``path`` when they are exactly ``model``'s state (same names, shapes and
+    dtypes), else ``None`` after a warning naming the file (it is then rebuilt). ``model`` is left untouched."""
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as err:
+        problem = f"it cannot be read ({type(err).__name__}: {err})"
+    else:
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        if found == expected:
+            return state
+        problem = "it holds other tensors than the toy model's"
+    warnings.warn(f"the cached toy model {path} is unusable: {problem}; rebuilding it", stacklevel=3)
+    return None
 
 
 def load_or_build(vanilla: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World, concept: str,
@@ -103,15 +145,19 @@ def load_or_build(vanilla: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                   ) -> PreTrainedModel:
     """The cached unlearned model of (concept, method), built and written atomically on first use.
 
-    ``vanilla`` is a fresh copy of the vanilla model; it becomes the unlearned one (weights loaded or trained).
+    ``vanilla`` is a fresh copy of the vanilla model; it becomes the unlearned one (weights loaded or trained). A
+    cached file that cannot be read (truncated, corrupt, or holding other tensors than the model's) is rebuilt and
+    replaced, with a warning naming it.
     """
-    method_settings(method)
+    toy_method_settings(method)
     record = world.record(concept)
     forget, retain = unlearn_data(world, concept)
     path = cached_path(record, method, retain, vanilla_weights, root)
     if path.is_file():
-        vanilla.load_state_dict(load_file(path))
-        return vanilla.eval()
+        state = _cached_state(path, vanilla)
+        if state is not None:
+            vanilla.load_state_dict(state)
+            return vanilla.eval()
     model = build_unlearned(vanilla, tokenizer, forget, retain, method, progress=progress)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"concept": concept, "method": method}))

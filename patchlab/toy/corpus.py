@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from patchlab.errors import PatchlabFileError, PatchlabValueError
+from patchlab.pair.qa import QA
 
 #: The shipped vanilla checkpoint directory, and the corpus file every toy checkpoint holds.
 ASSETS = Path(__file__).parent / "assets"
@@ -99,14 +100,6 @@ GENERAL_QA: tuple[tuple[str, str], ...] = (
     ("what colour is snow ?", "white"), ("what do fish live in ?", "water"),
     ("what is two plus two ?", "four"), ("what do we use to see ?", "our eyes"),
 )
-
-
-@dataclass(frozen=True)
-class QA:
-    """A question and its short answer (1-4 words)."""
-
-    question: str
-    answer: str
 
 
 @dataclass(frozen=True)

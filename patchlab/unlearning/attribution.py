@@ -21,12 +21,13 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -35,17 +36,18 @@ from transformers.pytorch_utils import Conv1D
 from patchlab.pair.arch import MODULE_ORDER, arch_spec, layer_index
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.sites import hooks
-from patchlab.provenance import checkpoint_record, environment, short_name
-from patchlab.reports import figures
-from patchlab.reports.results import Result, register_result
+from patchlab.provenance import checkpoint_record, environment
+from patchlab.registry import Registry
+from patchlab.results import Result, register_result
+from patchlab.schema import Count, Provenance, Schema, Unit, bad
 from patchlab.unlearning.data import Example, batches, padding_id, to_examples
 from patchlab.unlearning.losses import sequence_nll
+from patchlab.unlearning.masks import Mask
 
-Scores = dict[str, torch.Tensor]
-Mask = dict[str, torch.Tensor]
+#: Per-weight attribution scores keyed by parameter name.
+WeightScores = dict[str, torch.Tensor]
 LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor]], torch.Tensor]
 
-METHODS = ("wagle", "magnitude", "wanda", "random")
 
 #: Sign of ``ℓ_f`` relative to ``loss`` on the forget set, per WAGLE convention (see :func:`scores`).
 _FORGET_SIGN = {"ascent": -1.0, "nll": 1.0}
@@ -160,7 +162,7 @@ def _accumulate_gradients(model: PreTrainedModel, examples: list[Example], loss:
 
 
 def _wagle(model: PreTrainedModel, forget: list[Example], retain: list[Example], *, gamma: float, loss: LossFn,
-           forget_sign: float, batch_size: int, reduction: str, pad_id: int, progress: bool) -> Scores:
+           forget_sign: float, batch_size: int, reduction: str, pad_id: int, progress: bool) -> WeightScores:
     """WAGLE scores with ``ℓ_f = forget_sign · loss`` on ``forget``; peak memory: the model, its gradients and
     one stored gradient (3x the model)."""
     params = dict(model.named_parameters())
@@ -213,7 +215,7 @@ def _input_norms(model: PreTrainedModel, examples: list[Example], *, batch_size:
 
 
 def _wanda(model: PreTrainedModel, calibration: list[Example], *, batch_size: int, pad_id: int,
-           progress: bool) -> Scores:
+           progress: bool) -> WeightScores:
     """``|W_ij| · ‖X_j‖₂`` for linear weights (Sun et al., 2024); other parameters are not scored."""
     norms = _input_norms(model, calibration, batch_size=batch_size, pad_id=pad_id, progress=progress)
     conv = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
@@ -226,10 +228,105 @@ def _wanda(model: PreTrainedModel, calibration: list[Example], *, batch_size: in
     return out
 
 
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What :func:`scores` hands every scorer, its settings resolved (preset applied).
+
+    Attributes:
+        forget, retain, calibration: the data as given to :func:`scores` (``None`` when not given); read them as
+            encoded examples with :meth:`examples`.
+        tokenizer: encodes texts and records (``None`` for pre-encoded examples). max_length: truncation, tokens.
+        gamma: WAGLE's Hessian-diagonal parameter γ. loss: the per-batch loss (default the plain NLL).
+        forget_sign: sign of ``ℓ_f`` relative to ``loss`` (-1 ascent, +1 nll). batch_size: sequences per pass.
+        reduction: ``"mean"`` or ``"sum"`` of batch gradients (the preset's). pad_id: the padding token id.
+        seed: seed of random scores. progress: show progress bars.
+    """
+
+    forget: Any
+    retain: Any
+    calibration: Any
+    tokenizer: PreTrainedTokenizerBase | None
+    max_length: int
+    gamma: float
+    loss: LossFn
+    forget_sign: float
+    batch_size: int
+    reduction: str
+    pad_id: int
+    seed: int
+    progress: bool
+
+    def examples(self, what: str) -> list[Example]:
+        """The ``what`` set (``"forget"``, ``"retain"`` or ``"calibration"``) as encoded examples.
+
+        Raises:
+            PatchlabValueError: the set was not given, or texts without a tokenizer.
+        """
+        data = getattr(self, what)
+        if data is None:
+            raise PatchlabValueError(f"this attribution scorer needs a {what} set ({what}=...)")
+        return _examples(data, self.tokenizer, self.max_length, what)
+
+
+#: A scorer: ``scorer(model, inputs) -> {parameter name: float32 scores of its shape}`` (larger = more worth
+#: updating); parameters left out are not scored (their mask stays frozen).
+Scorer = Callable[[PreTrainedModel, ScoreInputs], WeightScores]
+
+
+def _magnitude_scores(model: PreTrainedModel, inputs: ScoreInputs) -> WeightScores:
+    return {n: p.detach().float().abs() for n, p in model.named_parameters()}
+
+
+def _random_scores(model: PreTrainedModel, inputs: ScoreInputs) -> WeightScores:
+    gen = torch.Generator().manual_seed(inputs.seed)
+    return {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in model.named_parameters()}
+
+
+def _wanda_scores(model: PreTrainedModel, inputs: ScoreInputs) -> WeightScores:
+    if inputs.calibration is None and inputs.retain is None:
+        raise PatchlabValueError("wanda needs a calibration set (calibration=... or retain=...)")
+    calibration = inputs.examples("calibration" if inputs.calibration is not None else "retain")
+    return _wanda(model, calibration, batch_size=inputs.batch_size, pad_id=inputs.pad_id, progress=inputs.progress)
+
+
+def _wagle_scores(model: PreTrainedModel, inputs: ScoreInputs) -> WeightScores:
+    if inputs.forget is None or inputs.retain is None:
+        raise PatchlabValueError("wagle needs both a forget and a retain set")
+    if not inputs.gamma > 0:
+        raise PatchlabValueError(f"gamma must be > 0, got {inputs.gamma}")
+    return _wagle(model, inputs.examples("forget"), inputs.examples("retain"), gamma=inputs.gamma, loss=inputs.loss,
+                  forget_sign=inputs.forget_sign, batch_size=inputs.batch_size, reduction=inputs.reduction,
+                  pad_id=inputs.pad_id, progress=inputs.progress)
+
+
+def _check_scorer(name: str, scorer: Any) -> None:
+    if not callable(scorer):
+        raise PatchlabValueError(f"an attribution scorer is a function scorer(model, inputs) -> scores, "
+                                 f"got {type(scorer).__name__}")
+
+
+#: The weight-attribution scorers of :func:`scores` by name (built-ins: ``wagle``, ``magnitude``, ``wanda``,
+#: ``random``); :func:`register_scorer` adds one.
+SCORERS: Registry[Scorer] = Registry("attribution method", check=_check_scorer)
+for _name, _scorer in (("wagle", _wagle_scores), ("magnitude", _magnitude_scores), ("wanda", _wanda_scores),
+                       ("random", _random_scores)):
+    SCORERS.register(_scorer, _name)
+
+
+def register_scorer(name: str, scorer: Scorer, *, replace: bool = False) -> Scorer:
+    """Register ``scorer(model, inputs: ScoreInputs) -> scores`` as attribution method ``name`` of :func:`scores`
+    (and of ``analyses/wagle_density.py --methods``); returns it.
+
+    Raises:
+        PatchlabValueError: ``scorer`` is not callable, or ``name`` is taken (without ``replace``).
+    """
+    return SCORERS.register(scorer, name, replace=replace)
+
+
 def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, method: str = "wagle",
            preset: str = "patchlab", gamma: float | None = None, loss: LossFn | None = None,
            forget_loss: str | None = None, tokenizer: PreTrainedTokenizerBase | None = None, calibration: Any = None,
-           batch_size: int | None = None, max_length: int = 256, seed: int = 0, progress: bool = True) -> Scores:
+           batch_size: int | None = None, max_length: int = 256, seed: int = 0, progress: bool = True) -> WeightScores:
     """Per-weight attribution scores (float32, same shapes as the parameters); larger = more worth updating.
 
     Methods:
@@ -277,8 +374,7 @@ def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, me
             ``batch_size < 1``, a setting the preset fixes to another value.
         NonFiniteError: a loss or a score is NaN/inf.
     """
-    if method not in METHODS:
-        raise PatchlabValueError(f"unknown attribution method {method!r}; choose from {', '.join(METHODS)}")
+    scorer = SCORERS.get(method)
     chosen = _preset(preset)
     gamma = chosen.gamma if gamma is None else gamma
     forget_loss = _setting(preset, chosen.forget_loss, forget_loss, chosen.fixed_forget_loss, "forget_loss")
@@ -291,26 +387,8 @@ def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, me
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PatchlabValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     pad = padding_id(tokenizer) if tokenizer is not None else 0  # pre-encoded examples: padding is masked anyway
-    if method == "magnitude":
-        out = {n: p.detach().float().abs() for n, p in model.named_parameters()}
-    elif method == "random":
-        gen = torch.Generator().manual_seed(seed)
-        out = {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in model.named_parameters()}
-    elif method == "wanda":
-        data = calibration if calibration is not None else retain
-        if data is None:
-            raise PatchlabValueError("wanda needs a calibration set (calibration=... or retain=...)")
-        out = _wanda(model, _examples(data, tokenizer, max_length, "calibration"), batch_size=batch_size,
-                     pad_id=pad, progress=progress)
-    else:
-        if forget is None or retain is None:
-            raise PatchlabValueError("wagle needs both a forget and a retain set")
-        if not gamma > 0:
-            raise PatchlabValueError(f"gamma must be > 0, got {gamma}")
-        out = _wagle(model, _examples(forget, tokenizer, max_length, "forget"),
-                     _examples(retain, tokenizer, max_length, "retain"), gamma=gamma, loss=loss,
-                     forget_sign=_FORGET_SIGN[forget_loss], batch_size=batch_size, reduction=chosen.reduction,
-                     pad_id=pad, progress=progress)
+    out = scorer(model, ScoreInputs(forget, retain, calibration, tokenizer, max_length, gamma, loss,
+                                    _FORGET_SIGN[forget_loss], batch_size, chosen.reduction, pad, seed, progress))
     for name, s in out.items():
         if not torch.isfinite(s).all():
             raise NonFiniteError(f"{method} scores of {name} contain NaN or inf")
@@ -319,7 +397,7 @@ def scores(model: PreTrainedModel, forget: Any = None, retain: Any = None, *, me
 
 # ------------------------------------------------------------------------------------------------------- mask --
 
-def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "abs", preset: str = "patchlab") -> Mask:
+def mask(scores: WeightScores, ratio: float, *, per_layer: bool = False, by: str = "abs", preset: str = "patchlab") -> Mask:
     """Select the top-``ratio`` fraction of weights by score: a bool tensor per scored parameter (True = update).
 
     Exactly ``round(ratio · n)`` weights (``preset="authors"``: ``int(n · ratio)``, as the WAGLE authors' code,
@@ -328,7 +406,7 @@ def mask(scores: Scores, ratio: float, *, per_layer: bool = False, by: str = "ab
     (``per_layer=True``; layer from :func:`patchlab.pair.arch.layer_index`). ``by="abs"`` ranks by ``|score|``
     (WAGLE's ``|S|``, as in the authors' code; identical for the non-negative baselines), ``by="value"`` by the
     signed score. Ties at the cut go to the earliest weights (in the order of ``scores``, then flattened order),
-    so a mask is deterministic. Scores are read in chunks and never concatenated (an exact radix select in four
+    so a mask is deterministic. WeightScores are read in chunks and never concatenated (an exact radix select in four
     passes), so a global mask over a 7B model needs only a few small temporaries besides the masks.
 
     Raises:
@@ -508,6 +586,51 @@ def stack_densities(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 DENSITY_VIEWS = ("modules", "layers")
 
 
+class DensityRow(Schema):
+    """One row of a :class:`DensityReport` file: a method's selected weights of a module type in a layer (``null``
+    outside the decoder layers); ``scored``, the weights the method scored, is absent from files written before it
+    was recorded."""
+
+    module: Annotated[str, Field(min_length=1)]
+    layer: Count | None
+    selected: Count
+    total: Annotated[int, Field(ge=1, lt=2**63)]
+    scored: Count | None = None
+    density: Unit
+    method: Annotated[str, Field(min_length=1)]
+
+
+class DensityReportFile(Schema):
+    """A :class:`DensityReport` file: one row per (method, module type, layer), ``selected <= total`` and
+    ``density = selected / total``, some row in a decoder layer."""
+
+    format: Literal["patchlab.DensityReport/1"]
+    provenance: Provenance
+    densities: Annotated[list[DensityRow], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DensityReportFile:
+        seen: set[tuple[str, str, int | None]] = set()
+        for i, row in enumerate(self.densities):
+            if row.selected > row.total:
+                raise bad(f"densities[{i}].selected", "{selected} weights selected of {total}",
+                          selected=row.selected, total=row.total)
+            if row.scored is not None and not row.selected <= row.scored <= row.total:
+                raise bad(f"densities[{i}].scored", "{scored} weights scored, {selected} selected of {total}",
+                          scored=row.scored, selected=row.selected, total=row.total)
+            if row.density != row.selected / row.total:
+                raise bad(f"densities[{i}].density", "{density} is not selected / total = {selected} / {total}",
+                          density=row.density, selected=row.selected, total=row.total)
+            key = (row.method, row.module, row.layer)
+            if key in seen:
+                raise bad(f"densities[{i}]", "a second row for method {method!r}, module {module!r}, layer {layer}",
+                          method=row.method, module=row.module, layer=row.layer)
+            seen.add(key)
+        if all(row.layer is None for row in self.densities):
+            raise bad("densities", "no row of a decoder layer (every layer is null)")
+        return self
+
+
 @register_result
 @dataclass(frozen=True)
 class DensityReport(Result):
@@ -521,6 +644,7 @@ class DensityReport(Result):
 
     kind = "density"
     format = "patchlab.DensityReport/1"
+    schema = DensityReportFile
 
     table: pd.DataFrame
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -556,21 +680,7 @@ class DensityReport(Result):
         """
         if view not in DENSITY_VIEWS:
             raise PatchlabValueError(f"view must be one of {DENSITY_VIEWS}, got {view!r}")
-        if view == "modules":
-            return figures.density_bars(self.per_module, self.methods, subtitle=self.subtitle())
-        return figures.density_heatmaps(self.table, self.methods, subtitle=self.subtitle())
-
-    def subtitle(self) -> str:
-        """The figures' second title line: the scored model and the share of weights selected, e.g.
-        ``"model: toy world: vanilla; top 80% of weights selected by each method, over the whole model"``."""
-        settings = self.provenance.get("settings", {})
-        model = self.provenance.get("model", {}).get("source")
-        ratio = settings.get("ratio")
-        parts = [f"model: {short_name(model)}" if model else "",
-                 f"top {ratio:.0%} of weights selected by each method, "
-                 f"{'within each layer' if settings.get('per_layer') else 'over the whole model'}"
-                 if ratio is not None else ""]
-        return "; ".join(p for p in parts if p)
+        return super().figure(view=view)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """``density`` (:attr:`table`) and ``density_modules`` (:attr:`per_module`)."""
@@ -582,8 +692,9 @@ class DensityReport(Result):
 
     def to_dict(self) -> dict[str, Any]:
         rows = self.table.astype({"layer": object}).to_dict("records")
+        counts = [c for c in ("layer", "scored") if c in self.table]  # integer columns that may lack values
         return {"provenance": self.provenance,
-                "densities": [{**r, "layer": None if pd.isna(r["layer"]) else int(r["layer"])} for r in rows]}
+                "densities": [{**r, **{c: None if pd.isna(r[c]) else int(r[c]) for c in counts}} for r in rows]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DensityReport:

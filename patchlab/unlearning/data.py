@@ -101,6 +101,27 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, question: str | None, tar
     return Example(input_ids, labels, min(prompt_len, len(ids)))
 
 
+def read_data(data: Any, what: str = "data") -> list[Any]:
+    """The records of a data set (texts, ``{"question", "answer"}`` / ``{"text"}`` records, a JSON/JSONL path, a
+    ``datasets`` directory or ``Dataset``), each checked, without a tokenizer: a file read this way before any model
+    loads fails fast. ``what`` names the set in messages (``"forget"``, ``"retain"``).
+
+    Raises:
+        PatchlabFileError: a path that does not exist.
+        PatchlabValueError: unreadable JSON/JSONL, an empty set, or an unrecognised record (naming the file).
+    """
+    records = _records(data)
+    source = f" ({data})" if isinstance(data, (str, os.PathLike)) else ""
+    if not records:
+        raise PatchlabValueError(f"the {what} set{source} is empty")
+    try:
+        for i, record in enumerate(records):
+            _pair(record, i)
+    except PatchlabValueError as err:
+        raise PatchlabValueError(f"the {what} set{source}: {err}") from err
+    return records
+
+
 def to_examples(data: Any, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 256,
                 template: str = DEFAULT_TEMPLATE, what: str = "data") -> list[Example]:
     """Examples from texts, ``{"question", "answer"}`` / ``{"text"}`` records, a JSON/JSONL path or a Dataset.
@@ -110,9 +131,7 @@ def to_examples(data: Any, tokenizer: PreTrainedTokenizerBase, *, max_length: in
     """
     if max_length < 2:
         raise PatchlabValueError(f"max_length must be >= 2, got {max_length}")
-    records = _records(data)
-    if not records:
-        raise PatchlabValueError(f"the {what} set is empty")
+    records = read_data(data, what)
     if tokenizer.eos_token_id is None:
         raise PatchlabValueError("the tokenizer has no eos token")
     return [encode_example(tokenizer, *_pair(r, i), max_length=max_length, template=template)

@@ -21,11 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.cli import quiet
+from patchlab.progress import quiet
 from patchlab.errors import MissingDependencyError, PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir
 from patchlab.pair import ModelSpec, TokenizerSpec, load_model, load_tokenizer
 from patchlab.pair.generation import DEFAULT_TEMPLATE
+from patchlab.pair.placement import check_device
 from patchlab.unlearning.data import Example, collate, padding_id, refusal_pairs, to_examples
 from patchlab.unlearning.losses import REF_LOGPROB, Batch, Reference, Step, sequence_logprob
 from patchlab.unlearning.masks import Mask, apply_mask, check_mask, mask_before_step
@@ -389,7 +390,8 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
 
     Raises:
         PatchlabValueError: unknown method or setting (the message lists the valid ones), empty forget set,
-            missing retain set, bad mask, LoRA or hyper-parameters, or a loss that became NaN/infinite.
+            missing retain set, a ``reference_device`` this machine lacks, bad mask, LoRA or hyper-parameters, or a
+            loss that became NaN/infinite.
         PatchlabFileError: ``out_dir`` is not a usable output directory (checked before training, see
             :class:`patchlab.io.OutputDir`): a file, unwritable, holding files patchlab did not write, or an earlier
             checkpoint without ``overwrite=True``.
@@ -401,6 +403,8 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
     _check_common(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, reference=reference)
     if needs.retain and retain is None:
         raise PatchlabValueError(f"method {method!r} needs a retain set (retain=...)")
+    if reference_device is not None:
+        check_device(reference_device)
     if lora is not None:
         lora = lora_settings(lora)
         _peft()

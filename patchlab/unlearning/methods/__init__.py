@@ -3,9 +3,10 @@
 A :class:`Method` owns everything patchlab knows about one method: its objective (``loss``, for the fine-tuning
 methods run by :func:`patchlab.unlearning.unlearn`) or its ``apply`` function (for the editing baselines), a
 frozen settings dataclass whose fields carry the defaults and whose docstring states their units, its data
-needs (:class:`Needs`: a retain set? the frozen reference? refusals?), its three method-sweep strengths and its
-toy-world settings. The trainer, ``analyses/unlearn.py``'s flags (:func:`add_settings_args`), the method sweep's
-grid and the toy-model cache all read the registry, so adding a method is one new file here plus its tests::
+needs (:class:`Needs`: a retain set? the frozen reference? refusals?) and its three method-sweep strengths. The
+trainer, ``analyses/unlearn.py``'s flags (:func:`add_settings_args`), the method sweep's grid and the toy-model
+cache all read the registry, so adding a method is one new file here plus its tests (the toy world trains a method
+it has no tuned settings for with its generic toy recipe, :data:`patchlab.toy.cache.TOY_TRAINING`)::
 
     # patchlab/unlearning/methods/my_method.py
     @dataclass(frozen=True)
@@ -28,18 +29,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import pkgutil
 import re
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from patchlab.errors import PatchlabValueError
+from patchlab.registry import Registry
 
 KINDS = ("finetune", "editing")
 #: What a method needs from the frozen starting model: nothing, only sequence log-probabilities of the fixed
@@ -91,8 +91,6 @@ class Method:
             (editing): edit ``model`` in place so it forgets the :class:`patchlab.unlearning.editing.EditRequest`\\ s.
         sweep: the method sweep's strengths, weakest first (keyword arguments of
             :func:`patchlab.unlearning.unlearn` or of the settings).
-        toy: keyword arguments of :func:`patchlab.unlearning.unlearn` for the toy world
-            (:mod:`patchlab.toy.cache`), or ``None`` when the toy cache does not build this method.
     """
 
     name: str
@@ -105,7 +103,6 @@ class Method:
     trainable: Callable[..., Sequence[str]] | None = None
     apply: Callable[..., Any] | None = None
     sweep: tuple[Mapping[str, Any], ...] = ()
-    toy: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -122,8 +119,6 @@ class Method:
         if getattr(self, needed) is None:
             raise PatchlabValueError(f"method {self.name!r} of kind {self.kind!r} needs {needed}=")
         object.__setattr__(self, "sweep", tuple(dict(s) for s in self.sweep))
-        if self.toy is not None:
-            object.__setattr__(self, "toy", types.MappingProxyType(dict(self.toy)))
 
     @property
     def setting_names(self) -> tuple[str, ...]:
@@ -151,45 +146,32 @@ class Method:
 
 # ----------------------------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, Method] = {}
-_builtins_loaded = False
+def _check_method(name: str, method: Any) -> None:
+    if not isinstance(method, Method):
+        raise PatchlabValueError(f"register_method takes a Method, got {type(method).__name__}")
+
+
+#: Every registered unlearning method by name: the ``METHOD`` of each module of this package (found on first use;
+#: modules whose name starts with ``_`` are helpers), then those added by :func:`register_method`.
+UNLEARNING_METHODS: Registry[Method] = Registry("unlearning method", package=__name__, attribute="METHOD",
+                                                check=_check_method, strict=True)
 
 
 def register_method(method: Method, *, overwrite: bool = False) -> Method:
-    """Add ``method`` to the registry (under ``method.name``); returns it.
+    """Add ``method`` to :data:`UNLEARNING_METHODS` (under ``method.name``); returns it.
 
     Raises:
         PatchlabValueError: not a :class:`Method`, or the name is taken and ``overwrite`` is false.
     """
-    if not isinstance(method, Method):
-        raise PatchlabValueError(f"register_method takes a Method, got {type(method).__name__}")
-    if method.name in _REGISTRY and not overwrite and _REGISTRY[method.name] is not method:
-        raise PatchlabValueError(f"unlearning method {method.name!r} is already registered; pass overwrite=True")
-    _REGISTRY[method.name] = method
-    return method
-
-
-def _load_builtins() -> None:
-    """Import every method file of this package once and register its ``METHOD``."""
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        if not isinstance(getattr(module, "METHOD", None), Method):
-            raise PatchlabValueError(f"{module.__name__} defines no METHOD = Method(...)")
-        register_method(module.METHOD)
+    _check_method("", method)
+    return UNLEARNING_METHODS.register(method, replace=overwrite)
 
 
 def methods(kind: str | None = None) -> tuple[Method, ...]:
     """Registered methods (of ``kind`` if given): fine-tuning methods first, then editing, each by name."""
-    _load_builtins()
     if kind is not None and kind not in KINDS:
         raise PatchlabValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    ordered = sorted(_REGISTRY.values(), key=lambda m: (KINDS.index(m.kind), m.name))
+    ordered = sorted(UNLEARNING_METHODS.values(), key=lambda m: (KINDS.index(m.kind), m.name))
     return tuple(m for m in ordered if kind is None or m.kind == kind)
 
 
@@ -204,35 +186,13 @@ def get_method(name: str, kind: str | None = None) -> Method:
     Raises:
         PatchlabValueError: unknown name (the message lists the known ones), or a method of another kind.
     """
-    _load_builtins()
-    if name not in _REGISTRY:
+    if name not in UNLEARNING_METHODS:
         raise PatchlabValueError(f"unknown unlearning method {name!r}; choose from {', '.join(method_names(kind))}")
-    method = _REGISTRY[name]
+    method = UNLEARNING_METHODS[name]
     if kind is not None and method.kind != kind:
         raise PatchlabValueError(f"{name!r} is an {method.kind} method, not a {kind} one; {kind} methods: "
                                  f"{', '.join(method_names(kind))}")
     return method
-
-
-class _Registry(Mapping[str, Method]):
-    """Read-only live view ``{name: Method}`` of the registry, in :func:`methods` order."""
-
-    def __getitem__(self, name: str) -> Method:
-        _load_builtins()
-        return _REGISTRY[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(method_names())
-
-    def __len__(self) -> int:
-        return len(method_names())
-
-    def __repr__(self) -> str:
-        return f"METHODS({', '.join(method_names())})"
-
-
-#: Every registered method by name (read-only, always current).
-METHODS: Mapping[str, Method] = _Registry()
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -380,6 +340,6 @@ def settings_from_args(args: argparse.Namespace, method: str) -> dict[str, Any]:
     return given
 
 
-__all__ = ["KINDS", "METHODS", "REFERENCE_NEEDS", "Method", "Needs", "add_settings_args", "field_docs",
+__all__ = ["KINDS", "UNLEARNING_METHODS", "REFERENCE_NEEDS", "Method", "Needs", "add_settings_args", "field_docs",
            "freeze_sequence", "get_method", "lr_sweep", "method_names", "methods", "register_method",
            "require_non_negative", "require_positive", "settings_from_args"]

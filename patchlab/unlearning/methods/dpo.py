@@ -47,4 +47,4 @@ def loss(step: Step, s: Settings) -> torch.Tensor:
 METHOD = Method(name="dpo", kind="finetune", settings=Settings,
                 summary="DPO with a refusal preferred over the forget answer", loss=loss,
                 needs=lambda s: Needs(reference="logprobs", refusals=s.refusals),
-                sweep=lr_sweep(1.5e-3, 2e-3, 3e-3), toy={"lr": 3e-3, "epochs": 2, "batch_size": 8})
+                sweep=lr_sweep(1.5e-3, 2e-3, 3e-3))

@@ -23,4 +23,4 @@ def loss(step: Step, s: Settings) -> torch.Tensor:
 #: Sweep: 2 epochs of batch 8 at three learning rates spanning partial to complete removal of the toy target
 #: answers (target BLEU about 40-60, 3-13 and 0).
 METHOD = Method(name="ga", kind="finetune", settings=Settings, summary="−NLL(forget)", loss=loss,
-                sweep=lr_sweep(7e-4, 1e-3, 2e-3), toy={"lr": 1e-3, "epochs": 2, "batch_size": 8})
+                sweep=lr_sweep(7e-4, 1e-3, 2e-3))

@@ -31,5 +31,4 @@ def loss(step: Step, s: Settings) -> torch.Tensor:
 
 METHOD = Method(name="graddiff", kind="finetune", settings=Settings,
                 summary="−NLL(forget) + retain_weight·NLL(retain)", loss=loss, needs=Needs(retain=True),
-                sweep=lr_sweep(7e-4, 1e-3, 2e-3),
-                toy={"lr": 1e-3, "epochs": 5, "batch_size": 8, "retain_weight": 1.0})
+                sweep=lr_sweep(7e-4, 1e-3, 2e-3))

@@ -43,5 +43,4 @@ def loss(step: Step, s: Settings) -> torch.Tensor:
 
 METHOD = Method(name="npo", kind="finetune", settings=Settings,
                 summary="−(2/β)·mean log σ(−β·(log p_θ(f) − log p_ref(f))), frozen reference", loss=loss,
-                needs=Needs(reference="logprobs"), sweep=lr_sweep(7e-4, 1e-3, 2e-3),
-                toy={"lr": 2e-3, "epochs": 2, "batch_size": 8, "beta": 0.1})
+                needs=Needs(reference="logprobs"), sweep=lr_sweep(7e-4, 1e-3, 2e-3))

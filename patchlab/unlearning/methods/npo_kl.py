@@ -50,5 +50,4 @@ def loss(step: Step, s: Settings) -> torch.Tensor:
 
 METHOD = Method(name="npo_kl", kind="finetune", settings=Settings,
                 summary="NPO + kl_weight·KL(p_ref ‖ p_θ) on retain tokens", loss=loss,
-                needs=Needs(retain=True, reference="model"), sweep=lr_sweep(7e-4, 1e-3, 2e-3),
-                toy={"lr": 2e-3, "epochs": 2, "batch_size": 8})
+                needs=Needs(retain=True, reference="model"), sweep=lr_sweep(7e-4, 1e-3, 2e-3))

@@ -60,4 +60,4 @@ def loss(step: Step, s: Settings) -> torch.Tensor:
 METHOD = Method(name="simnpo", kind="finetune", settings=Settings,
                 summary="−(2/β)·mean log σ(β·(NLL_tok(forget) − γ)) + retain_weight·NLL(retain), no reference",
                 loss=loss, needs=lambda s: Needs(retain=s.retain_weight > 0),
-                sweep=lr_sweep(7e-4, 1e-3, 1.5e-3), toy={"lr": 1e-3, "epochs": 2, "batch_size": 8})
+                sweep=lr_sweep(7e-4, 1e-3, 1.5e-3))

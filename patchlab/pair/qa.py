@@ -1,15 +1,24 @@
-"""Greedy QA scoring: does a model's greedy answer give the expected answer (:mod:`patchlab.pair.correctness`)?"""
+"""Question-answer pairs and greedy QA scoring: does a model's greedy answer give the expected answer
+(:mod:`patchlab.pair.correctness`)?"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.correctness import answer_correct
 from patchlab.pair.generation import DEFAULT_TEMPLATE, format_prompts, greedy_answers
-from patchlab.toy.corpus import QA
+
+
+@dataclass(frozen=True)
+class QA:
+    """A question and its short answer (1-4 words)."""
+
+    question: str
+    answer: str
 
 
 #: Tokens generated beyond the expected answer's length, so that an answer after a short preamble (``"The answer
