@@ -64,16 +64,19 @@ def answer_correct(generated: str, expected: str, *, rouge_recall: float = ROUGE
     the normalised generated words, or, for a sentence answer (>= :data:`SENTENCE_WORDS` words), ROUGE-L recall
     >= ``rouge_recall``.
 
+    An expected answer that normalises to nothing (only punctuation or articles, e.g. a tiny model's ``": :"``)
+    is matched on its lower-cased whitespace-separated tokens instead, punctuation kept.
+
     Raises:
-        PatchlabValueError: ``expected`` normalises to no word (e.g. only punctuation), or ``rouge_recall`` is not
-            in (0, 1].
+        PatchlabValueError: ``expected`` is blank, or ``rouge_recall`` is not in (0, 1].
     """
     if not 0 < rouge_recall <= 1:
         raise PatchlabValueError(f"rouge_recall must be in (0, 1], got {rouge_recall!r}")
-    want = normalize_answer(expected)
+    if not expected.split():
+        raise PatchlabValueError(f"the expected answer {expected!r} is blank")
+    want, have = normalize_answer(expected), normalize_answer(generated)
     if not want:
-        raise PatchlabValueError(f"the expected answer {expected!r} holds no word once normalised (lower case, no "
-                                 "punctuation or articles)")
-    if f" {want} " in f" {normalize_answer(generated)} ":
+        want, have = " ".join(expected.lower().split()), " ".join(generated.lower().split())
+    if f" {want} " in f" {have} ":
         return True
     return len(want.split()) >= SENTENCE_WORDS and rouge_l_recall(expected, generated) >= rouge_recall
