@@ -176,6 +176,8 @@ def report(args: argparse.Namespace) -> None:
                         overwrite=args.overwrite, progress=not args.quiet, trust=trust)
     print(f"residual-knowledge audit of {', '.join(result.labels)} ({len(cases[0].questions)} target questions)")
     print(result.verdicts().to_string())
+    for run in result.runs:
+        print(f"{run.label}: {run.overall()}")
     for row in result.overall().itertuples():
         print(f"overall, {row.label}: {row.verdict} (from {row.trusted or 'no probe'})")
     if trust is not None:

@@ -144,11 +144,13 @@ def test_quantize_weight_rounds_per_output_channel():
             quantize_weight(w, bits)
 
 
-def test_quantize_covers_every_linear_weight():
+def test_quantize_covers_every_linear_weight_but_embeddings_and_head():
     model, _ = toy.vanilla()
     before = {n: p.clone() for n, p in model.named_parameters()}
     quantize_(model, 3)
-    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    head = model.get_output_embeddings()
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    assert "lm_head.weight" not in linear  # full precision, as real quantizers keep it
     for name, p in model.named_parameters():
         changed = not torch.equal(p, before[name])
         assert changed == (name in linear), name
@@ -157,7 +159,7 @@ def test_quantize_covers_every_linear_weight():
 
 
 def test_quantization_at_16_bits_changes_nothing_measurable(retain_pair):
-    result = run_probe("quantization", retain_pair, bits=[16])
+    result = run_probe("quantization", retain_pair, bits=[16], quantizer="rtn")
     d = result.details
     full, rounded = d["levels"]["unlearned"]["accuracy"]
     assert rounded == full and d["levels"]["vanilla"]["accuracy"][1][0] == 1.0
@@ -420,13 +422,19 @@ def test_depth_probes_on_the_toy_world(name):
     assert result.score.low <= result.score.value <= result.score.high
     d = result.details
     if name == "logit_lens":
-        # per question: the largest share over intermediate layers of clip((u - f) / (v - f), 0, 1), the floor f
-        # the retain model's lens; the headline is their mean over questions (module docstring)
+        # per question: the largest share over its informative layers (before the last, vanilla lens rank <= top_k)
+        # of clip((u - f) / (v - f), 0, 1), the floor f the retain model's lens; the headline is their mean over
+        # the questions with an informative layer (module docstring)
         lens = {who: np.array(d["per_question"][who]["logprob"]) for who in ("vanilla", "unlearned", "retain")}
+        informative = np.array(d["per_question"]["vanilla"]["rank"]) <= settings["top_k"]
+        informative[:, -1] = False
+        assert informative.tolist() == d["informative"] and informative.any()
         gap = lens["vanilla"] - lens["retain"]
         kept = np.where(gap > 1e-9, (lens["unlearned"] - lens["retain"]) / np.where(gap > 1e-9, gap, 1.0), 0.0)
-        np.testing.assert_allclose(d["shares"], np.clip(kept, 0, 1)[:, :-1].max(axis=1), atol=1e-12)
-        assert result.score.value == pytest.approx(np.mean(d["shares"]))
+        kept = np.where(informative, np.clip(kept, 0, 1), -np.inf)
+        has = informative.any(axis=1)
+        np.testing.assert_allclose([x for x in d["shares"] if x is not None], kept.max(axis=1)[has], atol=1e-12)
+        assert result.score.value == pytest.approx(np.mean(kept.max(axis=1)[has]))
     else:
         # per question: Σ d1·clip(d2/d1, 0, 1) / Σ d1 over the layers with d1 > threshold, None without one; the
         # headline is the mean over the questions that have one (module docstring)
@@ -448,8 +456,10 @@ def test_depth_probes_on_the_toy_world(name):
     assert len({c for _, c in colours}) == len({n for n, _ in colours})  # curves differ by colour, not only dash
     if name == "logit_lens":
         assert "intermediate" not in result.meaning  # the choice includes layer 0, the first decoder layer
-        best = int(np.clip(kept, 0, 1)[:, :-1].mean(axis=0).argmax())
-        assert result.note == f"most revealing layer on average: {lens_probe.layer_name(best, tp.pair.n_layers)}"
+        means = np.where(informative, kept, 0.0).sum(axis=0) / np.maximum(informative.sum(axis=0), 1)
+        best = int(np.where(informative.any(axis=0), means, -np.inf).argmax())
+        assert result.note.startswith(f"most revealing informative layer on average: "
+                                      f"{lens_probe.layer_name(best, tp.pair.n_layers)}")
         rank_axis = figure.layout.yaxis2
         assert rank_axis.type == "log" and "rank" in rank_axis.title.text and "log scale" in rank_axis.title.text
         assert list(rank_axis.tickvals[:4]) == [1, 2, 5, 10] and list(rank_axis.ticktext[:3]) == ["1", "2", "5"]

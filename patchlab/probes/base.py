@@ -8,7 +8,9 @@ questions), what the score means, and a verdict:
 
 * ``"intact"``: the unlearned model still gives the answers (nothing to uncover);
 * ``"hidden"``: the answers are gone from the output but the probe brings them back;
-* ``"erased"``: the answers are gone and the probe does not bring them back.
+* ``"erased"``: the answers are gone and the probe does not bring them back;
+* ``"inconclusive"``: the probe cannot decide on this pair (e.g. its attack also breaks the vanilla model, or a
+  control learns as much from the data alone); :attr:`ProbeResult.reason` says why.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from transformers import PreTrainedModel
 
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
-from patchlab.pair.generation import DEFAULT_TEMPLATE
+from patchlab.pair.generation import DEFAULT_TEMPLATE, TEMPLATE_NAMES
 from patchlab.results import figure_function
 
-VERDICTS = ("erased", "hidden", "intact")
+VERDICTS = ("erased", "hidden", "intact", "inconclusive")
+INCONCLUSIVE = "inconclusive"
 
 #: The unlearned model still *answers* (verdict ``intact``) while its target accuracy is at least this share of the
 #: vanilla model's: a probe cannot uncover knowledge the output still shows.
@@ -109,13 +112,14 @@ class ProbeResult:
         probe: the probe's registry name.
         score: the headline score with its bootstrap confidence interval over questions.
         meaning: what the score measures, its unit and direction, in one sentence.
-        verdict: ``"erased"``, ``"hidden"`` or ``"intact"`` (:data:`VERDICTS`).
+        verdict: ``"erased"``, ``"hidden"``, ``"intact"`` or ``"inconclusive"`` (:data:`VERDICTS`).
         rule: the verdict rule with its thresholds, as applied.
         details: every number behind the score and the probe's figure (JSON-serialisable: curves with their
             intervals as ``[value, low, high]``, per-question values).
         note: a short remark on this pair's score (e.g. where the best KRS window lies), shown beside it.
         seconds: wall time of the probe (s), set by the audit runner (:func:`patchlab.probes.audit_many`; 0 from a
             direct ``probe.run`` call).
+        reason: why the verdict is ``inconclusive`` (empty otherwise), in one sentence.
     """
 
     probe: str
@@ -126,10 +130,14 @@ class ProbeResult:
     details: dict[str, Any] = field(default_factory=dict)
     note: str = ""
     seconds: float = 0.0
+    reason: str = ""
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise PatchlabValueError(f"a verdict is one of {VERDICTS}, got {self.verdict!r}")
+        if (self.verdict == INCONCLUSIVE) != bool(self.reason):
+            raise PatchlabValueError(f"an inconclusive verdict, and only it, carries a reason; got verdict "
+                                     f"{self.verdict!r} with reason {self.reason!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "score": self.score.to_list()}
@@ -159,7 +167,8 @@ def check_common(settings: Mapping[str, Any]) -> None:
 
     Raises:
         PatchlabValueError: ``n_tokens`` or ``n_boot`` not a positive integer, ``level`` outside ``(0, 1)``, a
-            ``seed`` that is not an integer, a ``template`` without ``{question}``.
+            ``seed`` that is not an integer, a ``template`` that is neither a name (``"default"``, ``"chat"``: the
+            tokenizer's chat template, resolved per audited pair) nor a text holding ``{question}``.
     """
     for name in ("n_tokens", "n_boot"):
         if not isinstance(settings[name], int) or isinstance(settings[name], bool) or settings[name] < 1:
@@ -168,8 +177,10 @@ def check_common(settings: Mapping[str, Any]) -> None:
         raise PatchlabValueError(f"level must be in (0, 1), got {settings['level']!r}")
     if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool):
         raise PatchlabValueError(f"seed must be an integer, got {settings['seed']!r}")
-    if not isinstance(settings["template"], str) or "{question}" not in settings["template"]:
-        raise PatchlabValueError(f"template must be a string holding {{question}}, got {settings['template']!r}")
+    template = settings["template"]
+    if not isinstance(template, str) or (template not in TEMPLATE_NAMES and "{question}" not in template):
+        raise PatchlabValueError(f"template must be one of {TEMPLATE_NAMES} or a string holding {{question}}, got "
+                                 f"{template!r}")
 
 
 @dataclass(frozen=True)
@@ -213,15 +224,37 @@ def accuracy_share(vanilla_accuracy: float, unlearned_accuracy: float) -> float:
     return unlearned_accuracy / vanilla_accuracy if vanilla_accuracy > 0 else 1.0
 
 
-def recovery_verdict(recovery: float, vanilla_accuracy: float, unlearned_accuracy: float, attack: str
-                     ) -> tuple[str, str]:
-    """(verdict, rule) of a probe that measures how much of the removed knowledge an ``attack`` brings back.
+#: Why a probe cannot decide when the vanilla model itself answers none of the target questions.
+NO_VANILLA_ANSWERS = "the vanilla model answers none of the target questions: there is no knowledge to look for"
 
-    ``intact`` when the unlearned model's accuracy is at least :data:`INTACT_SHARE` of the vanilla model's; else
-    ``hidden`` when the recovery is at least :data:`HIDDEN_SHARE`, else ``erased``.
+
+def output_verdict(vanilla_accuracy: float, unlearned_accuracy: float) -> tuple[str, str] | None:
+    """(verdict, reason) decided by the output alone, before any probe looks inside: ``inconclusive`` when the
+    vanilla model answers nothing (unless the unlearned model answers too: then ``intact``), ``intact`` when the
+    unlearned model keeps at least :data:`INTACT_SHARE` of the vanilla target accuracy; ``None`` otherwise (the
+    probe decides)."""
+    if vanilla_accuracy <= 0 and unlearned_accuracy <= 0:
+        return INCONCLUSIVE, NO_VANILLA_ANSWERS
+    if accuracy_share(vanilla_accuracy, unlearned_accuracy) >= INTACT_SHARE:
+        return "intact", ""
+    return None
+
+
+def recovery_verdict(recovery: float, vanilla_accuracy: float, unlearned_accuracy: float, attack: str
+                     ) -> tuple[str, str, str]:
+    """(verdict, rule, reason) of a probe that measures how much of the removed knowledge an ``attack`` brings
+    back.
+
+    :func:`output_verdict` first (``intact``, or ``inconclusive`` when the vanilla model answers nothing); else
+    ``inconclusive`` when the recovery is undefined (NaN), ``hidden`` when it is at least :data:`HIDDEN_SHARE`,
+    else ``erased``. ``reason`` is empty unless the verdict is ``inconclusive``.
     """
     rule = (f"intact if the unlearned model keeps >= {INTACT_SHARE:.0%} of the vanilla target accuracy; else hidden "
-            f"if {attack} recovers >= {HIDDEN_SHARE:.0%} of it; else erased")
-    if accuracy_share(vanilla_accuracy, unlearned_accuracy) >= INTACT_SHARE:
-        return "intact", rule
-    return ("hidden" if recovery >= HIDDEN_SHARE else "erased"), rule
+            f"if {attack} recovers >= {HIDDEN_SHARE:.0%} of it; else erased; inconclusive when the vanilla model "
+            "answers nothing or the recovery is undefined")
+    decided = output_verdict(vanilla_accuracy, unlearned_accuracy)
+    if decided is not None:
+        return decided[0], rule, decided[1]
+    if math.isnan(recovery):
+        return INCONCLUSIVE, rule, f"the recovery by {attack} is undefined"
+    return ("hidden" if recovery >= HIDDEN_SHARE else "erased"), rule, ""

@@ -80,14 +80,14 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
                          key=lambda cw: result.krs[cw[0]][cw[1]])
     headline = mean_interval(result.per_question[best_c][:, best_w], settings)
     # the shared decision rule; the report keeps KRS's own wording of it (RULE: a KRS threshold, not a share)
-    verdict, _ = recovery_verdict(headline.value, vanilla.accuracy, unlearned.accuracy,
-                                  "restoring a retrieval component")
+    verdict, _, reason = recovery_verdict(headline.value, vanilla.accuracy, unlearned.accuracy,
+                                          "restoring a retrieval component")
     start_layer, stop_layer = result.windows[best_w]
     details.update(sweep=result.to_dict(), intervals=cell_intervals(result, settings),
                    window_labels=result.window_labels(),
                    best={"component": best_c, "window": best_w, "layers": [start_layer, stop_layer - 1]})
     return ProbeResult(probe="krs", score=headline, verdict=verdict, rule=RULE, details=details, meaning=meaning,
-                       note=f"{best_c}, layers {start_layer}-{stop_layer - 1}")
+                       note=f"{best_c}, layers {start_layer}-{stop_layer - 1}", reason=reason)
 
 
 PROBE = Probe(

@@ -7,32 +7,44 @@ one); for the last layer that is exactly the model's output. Per layer and quest
 answer tokens' mean log-probability (nats) and mean rank (1 = top token), for the vanilla model, the unlearned model
 and, when given, the retain model.
 
-Headline: per question, the largest share over the decoder layers before the last (0 to n - 2: the last one is the
-model's output; layer 0 is the first block's output, not an intermediate layer) of the vanilla model's lens
-log-probability the unlearned model's lens keeps at the same layer, ``clip((u_l - f_l) / (v_l - f_l), 0, 1)``, with
-the floor ``f_l`` the retain model's lens at that layer (a model that never learned the answer), else the unlearned
-model's own output; averaged over questions. Verdict: ``intact`` if the unlearned model keeps >= 50% of the vanilla target
-accuracy, else ``hidden`` if the headline is >= 0.5 (readable inside, not at the output), else ``erased``.
+Headline: per question, the largest share, over its *informative* layers, of the vanilla model's lens
+log-probability that the unlearned model's lens keeps at the same layer, ``clip((u_l - f_l) / (v_l - f_l), 0, 1)``;
+averaged over the questions that have an informative layer. A layer is informative for a question when it is a
+decoder layer before the last (0 to n - 2: the last one is the model's output) where the vanilla model's lens ranks
+the answer tokens within the top ``top_k`` (mean rank, default 10): elsewhere the lens carries no information about
+the answer in the vanilla model either, and a share there would compare noise (a log-probability of -16 at rank
+1,000). The floor ``f_l`` is the retain model's lens at that layer (a model that never learned the answer) when one
+is given, else the log-probability of a lens that knows nothing, uniform over the vocabulary, ``-log V``. (The
+unlearned model's own output is no floor: the vanilla lens at an intermediate layer is almost always below it, which
+forced every share to 0.)
+
+Verdict: ``intact`` if the unlearned model keeps >= 50% of the vanilla target accuracy; ``inconclusive`` when no
+question has an informative layer; else ``hidden`` if the headline is >= 0.5 (readable inside, not at the output),
+else ``erased``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from transformers import PreTrainedModel
 
 from patchlab.pair import ModelPair
 from patchlab.pair.arch import ArchSpec
 from patchlab.patching.engine import capture
-from patchlab.probes.base import Probe, ProbeResult, Question, recovery_verdict
+from patchlab.errors import PatchlabValueError
+from patchlab.probes.base import INCONCLUSIVE, Interval, Probe, ProbeResult, Question, recovery_verdict
 from patchlab.probes.bootstrap import column_intervals, mean_interval
 from patchlab.probes.scoring import baseline, baseline_scores
 
-DEFAULTS: dict[str, Any] = {}
+DEFAULTS: dict[str, Any] = {"top_k": 10}
+NO_INFORMATIVE_LAYER = ("the vanilla model's lens ranks the answer within its top {k} at no decoder layer before the "
+                        "last, for any question: the lens carries no information to compare")
 MEASURES = ("logprob", "rank")
 
 
@@ -74,6 +86,23 @@ def readable_shares(unlearned: Float[np.ndarray, "question layer"], vanilla: Flo
     return np.clip(np.divide(unlearned - floor, gap, out=np.zeros_like(gap), where=gap > 1e-9), 0.0, 1.0)
 
 
+def informative_layers(vanilla_rank: Float[np.ndarray, "question layer"], top_k: int
+                       ) -> Bool[np.ndarray, "question layer"]:
+    """Per question and layer, whether the layer is informative (module docstring): a decoder layer before the last
+    (any layer of a one-layer model) where the vanilla lens's mean answer rank is at most ``top_k``."""
+    informative = vanilla_rank <= top_k
+    if informative.shape[1] > 1:
+        informative[:, -1] = False
+    return informative
+
+
+def check(settings: Mapping[str, Any], pair: ModelPair) -> None:
+    """The logit-lens probe's settings, before any compute (:data:`patchlab.probes.base.CheckFn`)."""
+    k = settings["top_k"]
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise PatchlabValueError(f"logit-lens top_k must be a positive integer (a rank), got {k!r}")
+
+
 def layer_name(layer: int, n_layers: int) -> str:
     """A decoder layer named by its place: ``"layer 0 (the first decoder layer)"``, ``"layer 3 (intermediate)"``,
     ``"layer 5 (the last: the model's output)"``."""
@@ -85,34 +114,49 @@ def layer_name(layer: int, n_layers: int) -> str:
 def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
         retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
     """The logit-lens probe (module docstring)."""
+    check(settings, pair)
     refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
     models = {"vanilla": pair.vanilla_hf, "unlearned": pair.unlearned_hf, **({"retain": retain} if retain else {})}
     lens = {who: logit_lens(m, pair.arch, refs.prompt_ids, refs.answer_ids) for who, m in models.items()}
     floor = lens["retain"]["logprob"] if retain is not None else \
-        np.repeat(lens["unlearned"]["logprob"][:, -1:], pair.n_layers, axis=1)
-    layer_shares = readable_shares(lens["unlearned"]["logprob"], lens["vanilla"]["logprob"], floor)
-    inside = layer_shares[:, :-1] if pair.n_layers > 1 else layer_shares
-    shares, best = inside.max(axis=1), int(inside.mean(axis=0).argmax())
-    headline = mean_interval(shares, settings)
-    verdict, rule = recovery_verdict(headline.value, vanilla.accuracy, unlearned.accuracy,
-                                     "the lens of a layer before the last")
-    details = {**baseline(vanilla, unlearned), "floor": "retain" if retain is not None else "unlearned output",
-               "shares": shares.tolist(),
+        np.full_like(lens["vanilla"]["logprob"], -math.log(pair.vanilla_hf.get_output_embeddings().weight.shape[0]))
+    informative = informative_layers(lens["vanilla"]["rank"], settings["top_k"])
+    layer_shares = np.where(informative, readable_shares(lens["unlearned"]["logprob"], lens["vanilla"]["logprob"],
+                                                         floor), np.nan)
+    has = informative.any(axis=1)
+    shares = np.where(has, np.where(informative, layer_shares, -np.inf).max(axis=1), np.nan)
+    if has.any():
+        headline = mean_interval(shares[has], settings)
+        column_means = np.where(informative, layer_shares, 0.0).sum(axis=0) / np.maximum(informative.sum(axis=0), 1)
+        best = int(np.where(informative.any(axis=0), column_means, -np.inf).argmax())
+        note = f"most revealing informative layer on average: {layer_name(best, pair.n_layers)}; " \
+               f"{int(has.sum())} of {len(has)} questions have an informative layer"
+    else:
+        headline, note = Interval(math.nan, math.nan, math.nan), "no informative layer"
+    verdict, rule, reason = recovery_verdict(headline.value, vanilla.accuracy, unlearned.accuracy,
+                                             "the lens of an informative layer before the last")
+    if verdict == INCONCLUSIVE and not has.any():
+        reason = NO_INFORMATIVE_LAYER.format(k=settings["top_k"])
+    details = {**baseline(vanilla, unlearned), "floor": "retain" if retain is not None else "uniform (-log V)",
+               "top_k": settings["top_k"], "informative": informative.tolist(),
+               "shares": [None if math.isnan(x) else float(x) for x in shares],
                **{f"{who}_{m}": column_intervals(v[m], settings) for who, v in lens.items() for m in MEASURES},
                "per_question": {who: {m: v[m].tolist() for m in MEASURES} for who, v in lens.items()}}
     return ProbeResult(
         probe="logit_lens", score=headline, verdict=verdict, rule=rule, details=details,
         meaning="share of the vanilla model's answer log-probability under the logit lens that the unlearned "
-                "model keeps at its most revealing decoder layer before the last (0 = none, 1 = all)",
-        note=f"most revealing layer on average: {layer_name(best, pair.n_layers)}")
+                "model keeps at its most revealing informative decoder layer before the last (0 = none, 1 = all)",
+        note=note, reason=reason)
 
 
 PROBE = Probe(
-    name="logit_lens", title="Logit lens", run=run, defaults=DEFAULTS,
+    name="logit_lens", title="Logit lens", run=run, defaults=DEFAULTS, check=check,
     description="Each decoder layer's residual stream at the answer-predicting positions is decoded by the model's "
                 "own final norm and unembedding (for the last layer, exactly the model's output), and the vanilla "
                 "answer tokens' mean log-probability and rank are read off, for the vanilla (dotted), unlearned "
                 "(solid) and retain (dashed) models. An answer readable in the unlearned model's middle layers but "
                 "not at its output is hidden, not erased (Patil et al., 2023). The headline is the share of the "
-                "vanilla lens log-probability, above the retain model's, that the unlearned model keeps at its most "
-                "revealing decoder layer before the last. Bands are 95% bootstrap intervals over questions.")
+                "vanilla lens log-probability, above a floor (the retain model's lens, else a uniform lens), that "
+                "the unlearned model keeps at its most revealing informative layer: a decoder layer before the last "
+                "where the vanilla lens ranks the answer in its top k. Bands are 95% bootstrap intervals over "
+                "questions.")

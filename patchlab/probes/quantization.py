@@ -1,20 +1,33 @@
-"""Quantization attack (Zhang et al., 2024): round the unlearned weights to a few bits and re-score the answers.
+"""Quantization attack (Zhang et al., 2024): quantize the unlearned weights to a few bits and re-score the answers.
 
-Every linear weight (``torch.nn.Linear``, and GPT-2's ``Conv1D``; embeddings and norms stay as they are) is rounded
-to ``bits`` bits, per output channel, symmetric, round-to-nearest: with ``q = 2^(bits-1) - 1`` and, per output row
-``w``, ``s = max|w| / q``, the weight becomes ``s * clamp(round(w / s), -q, q)`` (plain torch, any device; float32
-arithmetic, stored back in the weight's dtype; a tied output layer rounds the embedding with it). Small unlearning
-updates fall inside one rounding step, so the rounded unlearned model can land on the rounded vanilla one: Zhang et
-al. report the retained knowledge rising from 21% to 83% at 4 bits.
+Small unlearning updates fall inside one quantization step, so the quantized unlearned model can land on the
+quantized vanilla one: Zhang et al. report the retained knowledge rising from 21% to 83% at 4 bits.
 
-For each width in ``bits`` (e.g. 8 and 4) the quantized unlearned model is scored like the original
+Quantizers (``quantizer``), each on a deep copy of the model, weights only, embeddings and LM head in full precision
+(as the quantizers of the ecosystem and the literature leave them):
+
+* ``"quanto"``: optimum-quanto's weight quantization (``quantize(model, weights=qint4/qint8/qint2,
+  exclude=<LM head>)`` then ``freeze``): group-wise affine int weights, runs on the CPU (``pip install
+  optimum-quanto``, in the ``quantize`` extra). Widths 2, 4 and 8.
+* ``"rtn"``: the documented fallback, plain torch on any device: every linear weight (``torch.nn.Linear``, and
+  GPT-2's ``Conv1D``) except the input / output embeddings (a tied head included) is rounded per output channel,
+  symmetric, round-to-nearest: with ``q = 2^(bits-1) - 1`` and, per output row ``w``, ``s = max|w| / q``, the weight
+  becomes ``s * clamp(round(w / s), -q, q)`` (float32 arithmetic, stored back in the weight's dtype). Per-channel
+  rounding over 15 levels is cruder than a real 4-bit quantizer (no groups, no zero point): it costs the vanilla
+  model more.
+* ``"auto"`` (default): quanto when it is installed and supports every width, else rtn.
+
+(bitsandbytes quantizes at load time on CUDA, not a model already in memory; it is not among the quantizers here.)
+
+For each width in ``bits`` (e.g. 8 and 4) the quantized unlearned and vanilla models are scored like the originals
 (:mod:`patchlab.probes.scoring`); recovery ``(quantized - unlearned) / (vanilla - unlearned)`` of accuracy and answer
-log-probability, with bootstrap intervals. The quantized vanilla model is scored too, as a reference for what the
-rounding itself costs. At 16 bits the rounding error is below float32 noise for the audit's scores.
+log-probability, with bootstrap intervals. The quantized vanilla model's answer NLL cost (nats/token: its mean
+answer log-probability before minus after) says what the quantizer itself costs.
 
 Headline: the accuracy recovery at the smallest width. Verdict (:func:`patchlab.probes.base.recovery_verdict`):
-``intact`` if the unlearned model keeps >= 50% of the vanilla target accuracy, else ``hidden`` if the recovery is
->= 50%, else ``erased``.
+``intact`` if the unlearned model keeps >= 50% of the vanilla target accuracy; ``inconclusive`` when the quantized
+vanilla model keeps less than 50% of its own accuracy at that width (the quantizer destroys the answers itself: no
+evidence either way); else ``hidden`` if the recovery is >= 50%, else ``erased``.
 """
 
 from __future__ import annotations
@@ -29,14 +42,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from patchlab.probes.base import Probe, ProbeResult, Question, recovery_verdict
+from patchlab.probes.base import (INCONCLUSIVE, INTACT_SHARE, Probe, ProbeResult, Question, accuracy_share,
+                                 recovery_verdict)
 from patchlab.probes.bootstrap import mean_interval
 from patchlab.probes.scoring import SCORES, Scores, baseline, baseline_scores, recovery, score
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
 
-DEFAULTS: dict[str, Any] = {"bits": [8, 4]}
+DEFAULTS: dict[str, Any] = {"bits": [8, 4], "quantizer": "auto"}
 MAX_BITS = 16
+QUANTIZERS = ("auto", "quanto", "rtn")
+#: The widths optimum-quanto quantizes weights to (its ``qint2``, ``qint4``, ``qint8``).
+QUANTO_BITS = (2, 4, 8)
 
 
 def quantize_weight(weight: Float[torch.Tensor, "out in"], bits: int) -> Float[torch.Tensor, "out in"]:
@@ -51,11 +68,23 @@ def quantize_weight(weight: Float[torch.Tensor, "out in"], bits: int) -> Float[t
     return ((w / scale).round().clamp(-levels, levels) * scale).to(weight.dtype)
 
 
+def embedding_weights(model: PreTrainedModel) -> set[int]:
+    """The ids of the input and output embedding weights (one when tied): kept in full precision."""
+    out = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        out.add(id(head.weight))
+    return out
+
+
 @torch.no_grad()
 def quantize_(model: PreTrainedModel, bits: int) -> PreTrainedModel:
-    """Round every linear weight of ``model`` in place (:func:`quantize_weight`); returns the model. ``Conv1D``
-    stores its weight as ``[in, out]``, so its output channels are columns."""
+    """Round every linear weight of ``model`` in place (:func:`quantize_weight`) except the embeddings and the LM
+    head; returns the model. ``Conv1D`` stores its weight as ``[in, out]``, so its output channels are columns."""
+    keep = embedding_weights(model)
     for module in model.modules():
+        if getattr(module, "weight", None) is not None and id(module.weight) in keep:
+            continue
         if isinstance(module, torch.nn.Linear):
             module.weight.copy_(quantize_weight(module.weight, bits))
         elif isinstance(module, Conv1D):
@@ -63,12 +92,60 @@ def quantize_(model: PreTrainedModel, bits: int) -> PreTrainedModel:
     return model
 
 
+def quanto_available() -> bool:
+    """Whether optimum-quanto imports."""
+    try:
+        import optimum.quanto  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def quanto_quantize(model: PreTrainedModel, bits: int) -> PreTrainedModel:
+    """``model`` (in place) with optimum-quanto int weights of ``bits`` bits (2, 4 or 8), the LM head excluded
+    (embeddings are not linear layers: quanto leaves them), frozen (integer weights stored); returns it."""
+    from optimum.quanto import freeze, qint2, qint4, qint8, quantize
+
+    head = model.get_output_embeddings()
+    names = [name for name, module in model.named_modules() if head is not None and module is head]
+    quantize(model, weights={2: qint2, 4: qint4, 8: qint8}[bits], exclude=names or None)
+    freeze(model)
+    return model
+
+
+def resolve_quantizer(settings: Mapping[str, Any], widths: Sequence[int]) -> str:
+    """``"quanto"`` or ``"rtn"``: the ``quantizer`` setting, ``"auto"`` resolved (module docstring).
+
+    Raises:
+        PatchlabValueError: an unknown quantizer, or quanto asked for but not installed or for a width it lacks.
+    """
+    name = settings["quantizer"]
+    if name not in QUANTIZERS:
+        raise PatchlabValueError(f"quantizer must be one of {QUANTIZERS}, got {name!r}")
+    supported = all(b in QUANTO_BITS for b in widths)
+    if name == "auto":
+        return "quanto" if supported and quanto_available() else "rtn"
+    if name == "quanto" and not quanto_available():
+        raise PatchlabValueError("quantizer='quanto' needs optimum-quanto: pip install optimum-quanto (or "
+                                 "quantizer='rtn', the round-to-nearest fallback)")
+    if name == "quanto" and not supported:
+        raise PatchlabValueError(f"optimum-quanto quantizes weights to {QUANTO_BITS} bits, got {list(widths)}")
+    return name
+
+
+def quantized(model: PreTrainedModel, bits: int, quantizer: str) -> PreTrainedModel:
+    """A deep copy of ``model`` quantized to ``bits`` bits by ``quantizer`` (``"quanto"`` or ``"rtn"``)."""
+    copied = copy.deepcopy(model)
+    return quanto_quantize(copied, bits) if quantizer == "quanto" else quantize_(copied, bits)
+
+
 def check_bits(settings: Mapping[str, Any]) -> list[int]:
-    """The validated bit widths (distinct, each in 2..16), widest first."""
+    """The validated bit widths (distinct, each in 2..16), widest first; the quantizer is checked against them."""
     bits = list(settings["bits"])
     if not bits or len(set(bits)) != len(bits) or any(not isinstance(b, int) or not 2 <= b <= MAX_BITS for b in bits):
         raise PatchlabValueError(f"quantization bits must be distinct integers in 2..{MAX_BITS}, got "
                                  f"{settings['bits']!r}")
+    resolve_quantizer(settings, bits)
     return sorted(bits, reverse=True)
 
 
@@ -81,33 +158,46 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
         retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
     """The quantization probe (module docstring)."""
     widths = check_bits(settings)
+    quantizer = resolve_quantizer(settings, widths)
     tok = pair.tokenizer
     refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
     rounded: dict[str, list[Scores]] = {"unlearned": [], "vanilla": []}
     for bits in tqdm(widths, desc="quantization", disable=not progress, leave=False):
         for role, model in (("unlearned", pair.unlearned_hf), ("vanilla", pair.vanilla_hf)):
-            rounded[role].append(score(quantize_(copy.deepcopy(model), bits), tok, refs, settings))
+            rounded[role].append(score(quantized(model, bits, quantizer), tok, refs, settings))
     points = [recovery(s, unlearned, vanilla, settings) for s in rounded["unlearned"]]
-    details = {"bits": widths, **baseline(vanilla, unlearned),
+    cost = [float(vanilla.logprob.mean() - s.logprob.mean()) for s in rounded["vanilla"]]
+    details = {"bits": widths, "quantizer": quantizer, "vanilla_nll_cost": cost, **baseline(vanilla, unlearned),
                "levels": {"unlearned": levels([unlearned, *rounded["unlearned"]], settings),
                           "vanilla": levels([vanilla, *rounded["vanilla"]], settings)},
                **{f"recovery_{name}": [p[name].to_list() for p in points] for name in SCORES},
                "per_question": {role: [s.to_dict() for s in scores] for role, scores in rounded.items()}}
     headline = points[-1]["accuracy"]
-    verdict, rule = recovery_verdict(headline.value, vanilla.accuracy, unlearned.accuracy,
-                                     f"rounding to {widths[-1]} bits")
+    verdict, rule, reason = recovery_verdict(headline.value, vanilla.accuracy, unlearned.accuracy,
+                                             f"{quantizer} quantization to {widths[-1]} bits")
+    rule += (f"; inconclusive when the quantized vanilla model keeps < {INTACT_SHARE:.0%} of its own target "
+             "accuracy")
+    kept = accuracy_share(vanilla.accuracy, rounded["vanilla"][-1].accuracy)
+    if verdict != "intact" and kept < INTACT_SHARE:
+        verdict, reason = INCONCLUSIVE, (f"the {widths[-1]}-bit vanilla model itself answers "
+                                         f"{rounded['vanilla'][-1].accuracy:.2f} (full precision "
+                                         f"{vanilla.accuracy:.2f}): the quantizer destroys the answers, no evidence "
+                                         "either way")
     return ProbeResult(
-        probe="quantization", score=headline, verdict=verdict, rule=rule, details=details,
-        meaning=f"share of the lost target accuracy back after rounding the unlearned weights to {widths[-1]} bits "
-                "(0 = none, 1 = all)",
-        note=f"rounded vanilla accuracy {rounded['vanilla'][-1].accuracy:.2f}")
+        probe="quantization", score=headline, verdict=verdict, rule=rule, details=details, reason=reason,
+        meaning=f"share of the lost target accuracy back after quantizing the unlearned weights to {widths[-1]} bits "
+                f"({quantizer}; 0 = none, 1 = all)",
+        note=f"{quantizer}: quantized vanilla accuracy {rounded['vanilla'][-1].accuracy:.2f}, answer NLL cost "
+             f"{cost[-1]:.2f} nats/token")
 
 
 PROBE = Probe(
     name="quantization", title="Quantization attack", run=run, defaults=DEFAULTS,
     check=lambda settings, pair: check_bits(settings),
-    description="Every linear weight of the unlearned model is rounded per output channel (symmetric, "
-                "round-to-nearest) to a few bits, and the target answers are re-scored. Unlearning updates smaller "
+    description="The unlearned model's linear weights (embeddings and LM head kept in full precision) are quantized "
+                "to a few bits (optimum-quanto when installed, else per-channel round-to-nearest), and the target "
+                "answers are re-scored; when the quantized vanilla model loses its own answers the verdict is "
+                "inconclusive. Unlearning updates smaller "
                 "than one rounding step vanish, so the rounded unlearned model can land on the rounded vanilla one "
                 "(Zhang et al., 2024: retained knowledge from 21% to 83% at 4 bits). Solid: the unlearned model, "
                 "dotted: the vanilla model, each at full precision and rounded; bands and bars are 95% bootstrap "

@@ -16,15 +16,16 @@ import plotly.graph_objects as go
 import plotly.offline
 from pydantic import ConfigDict, Field, model_validator
 
-from patchlab.probes.base import VERDICTS, ProbeResult
+from patchlab.probes.base import INCONCLUSIVE, VERDICTS, ProbeResult
 from patchlab.probes.registry import PROBES
 from patchlab.errors import PatchlabValueError
 from patchlab.results import Result, register_result
 from patchlab.schema import Checkpoint, FreeJson, NonEmpty, Schema, bad
 
 AUDIT_FORMAT = "patchlab.AuditReport/1"
-#: Verdict colours: erased (what unlearning promises) green, hidden orange, intact red.
-VERDICT_COLOURS = {"erased": "#1a9850", "hidden": "#f39c12", "intact": "#d73027"}
+#: Verdict colours: erased (what unlearning promises) green, hidden orange, intact red, inconclusive (the probe
+#: cannot decide on this pair) grey.
+VERDICT_COLOURS = {"erased": "#1a9850", "hidden": "#f39c12", "intact": "#d73027", "inconclusive": "#7f7f7f"}
 
 
 @dataclass
@@ -42,6 +43,14 @@ class AuditRun:
     results: dict[str, ProbeResult]
     skipped: dict[str, str] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    def overall(self) -> str:
+        """One sentence over the probes: how many gave each verdict, and the inconclusive ones with their reasons
+        (``"2 erased, 1 hidden, 1 inconclusive (quantization: ...)"``)."""
+        counts = [f"{sum(r.verdict == v for r in self.results.values())} {v}" for v in VERDICTS
+                  if any(r.verdict == v for r in self.results.values())]
+        why = "; ".join(f"{name}: {r.reason}" for name, r in self.results.items() if r.verdict == INCONCLUSIVE)
+        return f"verdicts: {', '.join(counts) or 'none'}" + (f" (inconclusive: {why})" if why else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "results": {k: r.to_dict() for k, r in self.results.items()},
@@ -65,6 +74,8 @@ class ProbeResultFile(Schema):
     details: dict[str, FreeJson]
     note: str
     seconds: Annotated[float, Field(ge=0)]
+    #: why the verdict is inconclusive (empty otherwise; absent in files written before it existed)
+    reason: str = ""
 
 
 class AuditProvenance(Schema):
@@ -171,13 +182,13 @@ class AuditReport(Result):
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (pair, probe): ``label``, ``probe``, ``score``, ``low``, ``high`` (its interval),
-        ``verdict``, ``meaning``, ``note``, ``rule``, ``seconds``."""
+        ``verdict``, ``meaning``, ``note``, ``rule``, ``seconds``, ``reason`` (why inconclusive, else empty)."""
         rows = [{"label": run.label, "probe": name, "score": r.score.value, "low": r.score.low,
                  "high": r.score.high, "verdict": r.verdict, "meaning": r.meaning, "note": r.note, "rule": r.rule,
-                 "seconds": r.seconds}
+                 "seconds": r.seconds, "reason": r.reason}
                 for run in self.runs for name, r in run.results.items()]
         return pd.DataFrame(rows, columns=["label", "probe", "score", "low", "high", "verdict", "meaning", "note",
-                                           "rule", "seconds"])
+                                           "rule", "seconds", "reason"])
 
     def verdicts(self) -> pd.DataFrame:
         """Probe x pair table of ``"score [low, high] verdict"`` strings (a quick look in a terminal)."""
@@ -196,8 +207,9 @@ class AuditReport(Result):
         rows = []
         for run in self.runs:
             counted = {name: r.verdict for name, r in run.results.items() if trusted is None or name in trusted}
-            verdict = next((v for v in ("intact", "hidden") if v in counted.values()),
-                           "erased" if "erased" in counted.values() else "no trusted probe")
+            decisive = {v for v in counted.values() if v != INCONCLUSIVE}
+            verdict = next((v for v in ("intact", "hidden", "erased") if v in decisive),
+                           INCONCLUSIVE if counted else "no trusted probe")
             if self.trust is None:
                 why = "no meta-evaluation given: every probe counts"
             else:
@@ -286,7 +298,8 @@ class AuditReport(Result):
             skipped = "".join(f"; <i>{html.escape(p)} not run: {html.escape(why)}</i>"
                               for p, why in run.skipped.items())
             items.append(f"<li><b>{html.escape(run.label)}</b>: {n_q} target questions, {n_u} unrelated questions, "
-                         f"retain model: {'yes' if prov.get('checkpoints', {}).get('retain') else 'no'}{skipped}</li>")
+                         f"retain model: {'yes' if prov.get('checkpoints', {}).get('retain') else 'no'}{skipped}"
+                         f"<br>{html.escape(run.overall())}</li>")
         return f"<ul>{''.join(items)}</ul>"
 
     def _table_html(self) -> str:
@@ -301,7 +314,7 @@ class AuditReport(Result):
                 if r is None:
                     cells.append(f'<td colspan="2" class="na">not run{_why(run.skipped.get(name))}</td>')
                     continue
-                note = f'<div class="note">{html.escape(r.note)}</div>' if r.note else ""
+                note = "".join(f'<div class="note">{html.escape(text)}</div>' for text in (r.note, r.reason) if text)
                 cells.append(f'<td class="score">{html.escape(r.score.format())}{note}</td>'
                              f'<td class="verdict" style="background:{VERDICT_COLOURS[r.verdict]}">{r.verdict}</td>')
             rows.append(f'<tr><th class="probe"><a href="#{html.escape(name)}">{html.escape(probe_title(name))}</a></th>'
@@ -332,7 +345,8 @@ class AuditReport(Result):
         if not found:
             return ""
         return ('<tr class="context"><th class="probe">target accuracy</th><td class="meaning">greedy answers that '
-                'start with the expected answer, vanilla &rarr; unlearned model (0-1)</td>' + "".join(cells) + "</tr>")
+                'give the expected answer (normalised containment; ROUGE-L recall for sentences), vanilla &rarr; '
+                'unlearned model (0-1)</td>' + "".join(cells) + "</tr>")
 
     def _provenance_html(self) -> str:
         blocks = []
@@ -396,7 +410,8 @@ _PAGE = """<!DOCTYPE html>
 <h1>Residual-knowledge audit</h1>
 <p>Did unlearning erase the knowledge, or only hide it? Each probe below tries to bring the forgotten answers back.
 <b>erased</b>: gone, and the probe does not bring it back; <b>hidden</b>: gone from the output, but the probe brings
-it back; <b>intact</b>: the unlearned model still answers.</p>
+it back; <b>intact</b>: the unlearned model still answers; <b>inconclusive</b>: the probe cannot decide on this pair
+(the reason is given beside it).</p>
 {summary}
 <h2>Verdicts</h2>
 {table}

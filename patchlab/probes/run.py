@@ -20,6 +20,7 @@ from patchlab.distributed import check_resources, run_tasks
 from patchlab.errors import PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
 from patchlab.pair import ModelPair
+from patchlab.pair.generation import resolve_template
 from patchlab.provenance import checkpoint_record, environment, settings_key
 
 @dataclass
@@ -107,8 +108,10 @@ def _run_probe(probe: Probe, case: AuditCase, settings: Mapping[str, Any], out: 
     if out is not None and out.resumed and (out.path / name).is_file():
         return ProbeResult.from_dict(read_json(out.path / name))
     start = time.perf_counter()
-    result = probe.run(case.pair, case.questions, unrelated=case.unrelated, retain=case.retain,
-                       settings=probe_settings(settings, probe.name), progress=progress)
+    own = probe_settings(settings, probe.name)
+    own["template"] = resolve_template(own["template"], case.pair.tokenizer)  # "chat": this pair's chat template
+    result = probe.run(case.pair, case.questions, unrelated=case.unrelated, retain=case.retain, settings=own,
+                       progress=progress)
     result.seconds = round(time.perf_counter() - start, 2)
     if out is not None:
         out.write(name, lambda path: atomic_write_json(path, result.to_dict()))
@@ -173,6 +176,7 @@ def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = Non
     plan = _plan(cases, select(probes), explicit=probes is not None)
     check_common(resolved[COMMON])
     for case, (todo, _) in zip(cases, plan):  # every setting checked against every pair before any compute
+        resolve_template(resolved[COMMON]["template"], case.pair.tokenizer)
         for probe in todo:
             if probe.check is not None:
                 probe.check(probe_settings(resolved, probe.name), case.pair)

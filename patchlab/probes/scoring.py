@@ -4,7 +4,8 @@ and the *recovery* of both after an attack.
 References come from the vanilla model: per question, its greedy answer ids (at most ``n_tokens``, EOS kept) and
 the expected answer (the given one, else the vanilla greedy answer decoded). For a model,
 
-* ``correct``: its greedy answer's words start with the expected answer's words (:func:`patchlab.pair.qa.answers_correct`);
+* ``correct``: its greedy answer gives the expected answer (:func:`patchlab.pair.qa.answers_correct`, the one rule of
+  :mod:`patchlab.pair.correctness`: normalised containment, ROUGE-L recall for sentence answers);
 * ``logprob``: the mean log-probability per token (nats) of the vanilla answer ids, teacher-forced after the prompt.
 
 An attack's recovery of a score is ``(after - unlearned) / (vanilla - unlearned)`` of its question means: 0 = the

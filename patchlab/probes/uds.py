@@ -11,14 +11,28 @@ the positions that predict the answer tokens is replaced by the retain model's (
 
 1 = the unlearned model's layers lack the knowledge as the retain model's do (erased as deeply); 0 = they carry it
 as the vanilla model's do (intact inside, whatever the output says). A question without such a layer has no UDS and
-is left out of the mean (the count is reported).
+is left out of the mean (the count is reported); when no question has one, the UDS is undefined and the verdict is
+``inconclusive`` (nothing in the retain model's layers tells the knowledge apart).
+
+Scored span (``span``): ``"generation"`` (default) scores the vanilla model's greedy answer, every token of it
+(formatting tokens and what follows the answer included); ``"answer"`` scores only the tokens of the *given*
+answer (each question's expected answer: give the entity, e.g. ``"Paris"``, to score the entity), teacher-forced
+right after the prompt. ``"answer"`` is the reference's ``--reference gt --entity_source gt`` setting: the ground
+truth's entity span, not the model's own wording; it needs every question to carry its answer.
 
 Following the reference code (``compute_uds.py`` of gnueaj/unlearning-depth-score): the same two stages, the same
 drop threshold, clipping and per-example weighting; the patched span is the evaluated span (their
 ``patch_scope="span"``), the patch replaces the decoder layer's output, and the score is the mean over examples with
-a defined UDS. Differences: the prompt is patchlab's template (``"Question: {question}\\n Answer:"``) and the
-reference answer is the vanilla model's greedy answer, ids kept (theirs: TOFU's answer continuation after a given
+a defined UDS. Differences: the prompt is patchlab's template (``"Question: {question}\\n Answer:"``); the scored
+span is the vanilla greedy answer unless ``span="answer"`` (theirs: TOFU's answer continuation after a given
 prefix, entity span only); every layer is patched, with the batched engine (:mod:`patchlab.patching.engine`).
+
+The last layer: here a layer's patch replaces the decoder layer's true output (the residual stream before the
+model's final norm), for every layer including the last. The reference patches Hugging Face's
+``hidden_states[l]``, which for the last layer is the output *after* the final norm (transformers applies the norm
+before returning the last hidden state), so its last-layer patch also swaps the norm's input statistics while ours
+swaps the layer's output and lets the target's own final norm run. Layers 0 to L-2 agree with the reference to
+float precision; the last layer differs by construction. Ours patches the same kind of site at every depth.
 """
 
 from __future__ import annotations
@@ -31,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
@@ -40,13 +54,35 @@ from patchlab.pair.sites import parse_component
 from patchlab.patching.engine import PatchStore, Row, run_rows
 from patchlab.patching.metrics import Metric, References, answer_logprob, get_metric
 from patchlab.patching.sweep import position_mask, prepare_source, prepare_target
-from patchlab.probes.base import INTACT_SHARE, Interval, Probe, ProbeResult, Question, accuracy_share
+from patchlab.probes.base import (INCONCLUSIVE, INTACT_SHARE, Interval, Probe, ProbeResult, Question,
+                                 output_verdict)
 from patchlab.probes.bootstrap import column_intervals, mean_interval
 from patchlab.probes.scoring import baseline, baseline_scores
 
-DEFAULTS: dict[str, Any] = {"threshold": 0.05, "batch_size": 64}
+DEFAULTS: dict[str, Any] = {"threshold": 0.05, "batch_size": 64, "span": "generation"}
+#: The scored spans (module docstring): the vanilla greedy answer, or the given answer's tokens only.
+SPANS = ("generation", "answer")
 RULE = (f"intact if the unlearned model keeps >= {INTACT_SHARE:.0%} of the vanilla target accuracy; else erased if "
-        "UDS >= 0.5 (its layers lack the knowledge about as the retain model's do), else hidden")
+        "UDS >= 0.5 (its layers lack the knowledge about as the retain model's do), else hidden; inconclusive when "
+        "no question has a layer that encodes the answer (UDS undefined)")
+UNDEFINED = ("no question has a layer whose retain-model patch drops the answer log-probability by more than the "
+             "threshold: the UDS is undefined")
+
+
+def answer_span_ids(tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question]
+                    ) -> list[Int[torch.Tensor, "answer"]]:
+    """The given answers' token ids, encoded as the unlearning data encodes them (a space, then the answer, no
+    special tokens), one 1-D tensor per question.
+
+    Raises:
+        PatchlabValueError: a question without a given answer (``span="answer"`` scores given answers only).
+    """
+    missing = [i for i, q in enumerate(questions) if q.answer is None]
+    if missing:
+        raise PatchlabValueError(f"UDS span='answer' scores the given answers, but questions {missing} have none; "
+                                 "give every question its answer (or its entity) or use span='generation'")
+    return [torch.tensor(tokenizer(" " + q.answer.strip(), add_special_tokens=False).input_ids, dtype=torch.long)
+            for q in questions]
 
 
 def with_source(store: PatchStore, source: PatchStore, source_logits: Sequence[Float[torch.Tensor, "answer vocab"]],
@@ -135,20 +171,20 @@ def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question]
     if retain is None:
         raise PatchlabValueError("the UDS probe needs a retain model (retain=...)")
     refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
-    depth = unlearning_depth(pair, retain, refs.prompt_ids, refs.answer_ids, threshold=settings["threshold"],
+    scored = refs.answer_ids if settings["span"] == "generation" else answer_span_ids(pair.tokenizer, questions)
+    depth = unlearning_depth(pair, retain, refs.prompt_ids, scored, threshold=settings["threshold"],
                              batch_size=settings["batch_size"])
     defined = ~np.isnan(depth["uds"])
     headline = mean_interval(depth["uds"][defined], settings) if defined.any() else Interval(math.nan, math.nan,
                                                                                               math.nan)
-    share = accuracy_share(vanilla.accuracy, unlearned.accuracy)
-    verdict = "intact" if share >= INTACT_SHARE or not defined.any() else \
-        "erased" if headline.value >= 0.5 else "hidden"
-    details = {**baseline(vanilla, unlearned), "threshold": settings["threshold"],
+    verdict, reason = output_verdict(vanilla.accuracy, unlearned.accuracy) or \
+        ((INCONCLUSIVE, UNDEFINED) if not defined.any() else ("erased" if headline.value >= 0.5 else "hidden", ""))
+    details = {**baseline(vanilla, unlearned), "threshold": settings["threshold"], "span": settings["span"],
                "uds": [None if math.isnan(u) else float(u) for u in depth["uds"]],
                "full": depth["full"].tolist(), "d1": depth["d1"].tolist(), "d2": depth["d2"].tolist(),
                "d1_mean": column_intervals(depth["d1"], settings), "d2_mean": column_intervals(depth["d2"], settings)}
     return ProbeResult(
-        probe="uds", score=headline, verdict=verdict, rule=RULE, details=details,
+        probe="uds", score=headline, verdict=verdict, rule=RULE, details=details, reason=reason,
         meaning="Unlearning Depth Score: how much of what the retain model's layers lack the unlearned model's "
                 "layers lack too (1 = erased as deeply as never learned, 0 = still inside)",
         note=f"{int(defined.sum())} of {len(defined)} questions have a layer that encodes the answer")
@@ -160,6 +196,8 @@ def check(settings: Mapping[str, Any], pair: ModelPair) -> None:
         raise PatchlabValueError(f"the UDS threshold must be > 0 nats, got {settings['threshold']!r}")
     if not isinstance(settings["batch_size"], int) or settings["batch_size"] < 1:
         raise PatchlabValueError(f"UDS batch_size must be a positive integer, got {settings['batch_size']!r}")
+    if settings["span"] not in SPANS:
+        raise PatchlabValueError(f"UDS span must be one of {SPANS}, got {settings['span']!r}")
 
 
 PROBE = Probe(

@@ -276,7 +276,7 @@ def quantization_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
                     fig.add_trace(trace, row=1, col=col)
     fig.update_yaxes(range=[-0.05, 1.05], title_text="share answered correctly", row=1, col=1)
     fig.update_xaxes(title_text="weights")
-    fig.update_layout(title="Quantization attack: per-channel round-to-nearest of every linear weight",
+    fig.update_layout(title="Quantization attack: weights quantized (embeddings and LM head in full precision)",
                       legend={"title": "pair: model"})
     return fig
 
