@@ -26,7 +26,7 @@ from patchlab.cli import check_checkpoint_flags, check_toy_world_flags
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from patchlab.analysis.behavior import SweepTask
+    from patchlab.analysis.method_sweep import SweepTask
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_inputs(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SweepTask]:
     """The vanilla model (in --dtype, on --device), its tokenizer and the task, from a checkpoint + task file or
     the toy world."""
-    from patchlab.analysis.behavior import SweepTask
+    from patchlab.analysis.method_sweep import SweepTask
     from patchlab.pair import load_model, load_tokenizer
 
     if args.vanilla is None:
@@ -71,7 +71,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTo
 
 def sweep_and_report(args: argparse.Namespace) -> None:
     """Run (or resume) the sweep into --out and print its summary table."""
-    from patchlab.analysis.behavior import method_sweep
+    from patchlab.analysis.method_sweep import method_sweep
 
     out = output_dir(args.out, "method_sweep", overwrite=args.overwrite, resume=not args.overwrite)
     vanilla, tok, task = load_inputs(args)
