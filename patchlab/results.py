@@ -18,7 +18,7 @@ written atomically (:func:`patchlab.io.atomic_write_json`), so a reader sees eit
 version, never a half-written one.
 
 The result types: :class:`patchlab.patching.result.PatchResult` and ``PatchComparison`` (patching sweeps),
-:class:`patchlab.analysis.paramdiff.ParamDiff` (parameter diffs), :class:`patchlab.unlearning.attribution.DensityReport`
+:class:`patchlab.analysis.paramdiff.ParamDiff` (parameter diffs), :class:`patchlab.unlearning.density.DensityReport`
 (mask densities), :class:`patchlab.analysis.behavior.BehaviorResult` (behavioural tests),
 :class:`patchlab.analysis.method_sweep.SweepResult` (the method sweep) and :class:`patchlab.probes.report.AuditReport`
 (the residual-knowledge audit).

@@ -24,7 +24,7 @@ from patchlab.provenance import short_name
 from patchlab.reports import figures
 from patchlab.reports.figures import colour, curve
 from patchlab.results import model_names, register_figure
-from patchlab.unlearning.attribution import DensityReport
+from patchlab.unlearning.density import DensityReport
 
 # ------------------------------------------------------------------------------------------------ results
 
