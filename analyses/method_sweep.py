@@ -21,7 +21,7 @@ import patchlab
 from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, comma_list, model_kwargs, parser,
                           print_written, run_script)
 from patchlab.io import output_dir
-from patchlab.cli import check_checkpoint_flags, check_toy_world_flags
+from patchlab.cli_pairs import check_checkpoint_flags, check_toy_world_flags
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
