@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import patchlab
-from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, add_template_arg,
-                          check_toy_world_flags, comma_list, model_kwargs, parser, print_written, prompt_template,
-                          run_script)
+from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, add_template_arg, comma_list, model_kwargs,
+                          parser, print_written, prompt_template, run_script)
+from patchlab.cli_pairs import add_pair_args, check_toy_world_flags
 from patchlab.io import read_records
-from patchlab.cli import check_checkpoint_flags, setting_arg, toy_model_kwargs
+from patchlab.cli import setting_arg
+from patchlab.cli_pairs import check_checkpoint_flags, toy_model_kwargs
 
 if TYPE_CHECKING:
     from patchlab.probes import AuditCase

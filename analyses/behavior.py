@@ -30,8 +30,9 @@ import sys
 from typing import Any
 
 import patchlab
-from patchlab.cli import (add_model_args, add_output_args, add_pair_args, add_quiet_arg, add_template_arg,
-                          checkpoint_pair, parser, print_written, prompt_template, run_script, toy_pair)
+from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, add_template_arg, parser, print_written,
+                          prompt_template, run_script)
+from patchlab.cli_pairs import add_pair_args, checkpoint_pair, toy_pair
 from patchlab.io import output_dir, read_records
 
 

@@ -21,12 +21,12 @@ import patchlab
 from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, comma_list, model_kwargs, parser,
                           print_written, run_script)
 from patchlab.io import output_dir
-from patchlab.cli import check_checkpoint_flags, check_toy_world_flags
+from patchlab.cli_pairs import check_checkpoint_flags, check_toy_world_flags
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from patchlab.analysis.behavior import SweepTask
+    from patchlab.analysis.method_sweep import SweepTask
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_inputs(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SweepTask]:
     """The vanilla model (in --dtype, on --device), its tokenizer and the task, from a checkpoint + task file or
     the toy world."""
-    from patchlab.analysis.behavior import SweepTask
+    from patchlab.analysis.method_sweep import SweepTask
     from patchlab.pair import load_model, load_tokenizer
 
     if args.vanilla is None:
@@ -71,7 +71,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTo
 
 def sweep_and_report(args: argparse.Namespace) -> None:
     """Run (or resume) the sweep into --out and print its summary table."""
-    from patchlab.analysis.behavior import method_sweep
+    from patchlab.analysis.method_sweep import method_sweep
 
     out = output_dir(args.out, "method_sweep", overwrite=args.overwrite, resume=not args.overwrite)
     vanilla, tok, task = load_inputs(args)

@@ -22,10 +22,10 @@ import argparse
 import sys
 
 import patchlab
-from patchlab.cli import (add_output_args, add_quiet_arg, checkpoints_title, parser, print_written, run_script,
-                          toy_pair)
+from patchlab.cli import add_output_args, add_quiet_arg, parser, print_written, run_script
+from patchlab.cli_pairs import checkpoints_title, toy_pair
 from patchlab.io import output_dir
-from patchlab.cli import check_checkpoint_flags
+from patchlab.cli_pairs import check_checkpoint_flags
 
 #: The per-module summary printed: how much each module type moved.
 SUMMARY = ["module", "numel", "one_minus_cos", "angle_deg", "rel_l2"]

@@ -32,7 +32,7 @@ from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, comma_
 from patchlab.defaults import ATTRIBUTION_METHODS
 from patchlab.errors import PatchlabValueError
 from patchlab.io import output_dir
-from patchlab.cli import check_checkpoint_flags, check_toy_world_flags
+from patchlab.cli_pairs import check_checkpoint_flags, check_toy_world_flags
 
 
 #: The arguments recorded in density.json's provenance: how the masks were drawn.

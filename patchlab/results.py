@@ -18,9 +18,10 @@ written atomically (:func:`patchlab.io.atomic_write_json`), so a reader sees eit
 version, never a half-written one.
 
 The result types: :class:`patchlab.patching.result.PatchResult` and ``PatchComparison`` (patching sweeps),
-:class:`patchlab.analysis.paramdiff.ParamDiff` (parameter diffs), :class:`patchlab.unlearning.attribution.DensityReport`
-(mask densities), :class:`patchlab.analysis.behavior.BehaviorResult` and ``SweepResult`` (behavioural tests, the
-method sweep) and :class:`patchlab.probes.report.AuditReport` (the residual-knowledge audit).
+:class:`patchlab.analysis.paramdiff.ParamDiff` (parameter diffs), :class:`patchlab.unlearning.density.DensityReport`
+(mask densities), :class:`patchlab.analysis.behavior.BehaviorResult` (behavioural tests),
+:class:`patchlab.analysis.method_sweep.SweepResult` (the method sweep) and :class:`patchlab.probes.report.AuditReport`
+(the residual-knowledge audit).
 """
 
 from __future__ import annotations

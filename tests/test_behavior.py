@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import CORPUS, QUESTIONS, load_script
-from patchlab import unlearning
-from patchlab.analysis import behavior
+from patchlab.analysis import method_sweep as sweep_module
 from patchlab.unlearning import editing
-from patchlab.analysis.behavior import (BehaviorResult, SweepResult, SweepTask, apply_method, evaluate, lcs_length,
-                               method_sweep, rouge_l, run_key, sentence_bleu)
+from patchlab.analysis.behavior import BehaviorResult, evaluate
+from patchlab.analysis.method_sweep import SweepResult, SweepTask, apply_method, method_sweep, run_key
+from patchlab.analysis.text_metrics import lcs_length, rouge_l, sentence_bleu
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE
 from patchlab.pair import load_pair
@@ -113,7 +113,7 @@ GRID = {"ga": ({"lr": 1e-3, "epochs": 1, "batch_size": 2},),
 def test_method_sweep_resumes_after_interruption(tok, tiny_pair, tiny_task, tmp_path, monkeypatch):
     vanilla, _ = tiny_pair
     before = {k: v.clone() for k, v in vanilla.state_dict().items()}
-    real = behavior.apply_method
+    real = sweep_module.apply_method
     calls = []
 
     def crash_on_memit(model, tokenizer, task, method, settings, **kw):
@@ -122,15 +122,15 @@ def test_method_sweep_resumes_after_interruption(tok, tiny_pair, tiny_task, tmp_
             raise KeyboardInterrupt
         return real(model, tokenizer, task, method, settings, **kw)
 
-    real_report = behavior.SweepResult.write_report
+    real_report = sweep_module.SweepResult.write_report
     reports = []
 
     def count_reports(self, out_dir):
         reports.append([r["method"] for r in self.records])
         return real_report(self, out_dir)
 
-    monkeypatch.setattr(behavior.SweepResult, "write_report", count_reports)
-    monkeypatch.setattr(behavior, "apply_method", crash_on_memit)
+    monkeypatch.setattr(sweep_module.SweepResult, "write_report", count_reports)
+    monkeypatch.setattr(sweep_module, "apply_method", crash_on_memit)
     with pytest.raises(KeyboardInterrupt):
         method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["ga", "memit_empty"], grid=GRID, max_new_tokens=2,
                      progress=False)
@@ -140,7 +140,7 @@ def test_method_sweep_resumes_after_interruption(tok, tiny_pair, tiny_task, tmp_
     assert len(list((tmp_path / "runs").glob("ga-s0-*.json"))) == 1
     assert not list((tmp_path / "runs").glob("memit*")) and not list(tmp_path.rglob("*.tmp"))
 
-    monkeypatch.setattr(behavior, "apply_method", real)
+    monkeypatch.setattr(sweep_module, "apply_method", real)
     calls.clear()
     reports.clear()
     seen = []
@@ -159,7 +159,7 @@ def test_method_sweep_resumes_after_interruption(tok, tiny_pair, tiny_task, tmp_
     assert "plotly" in (tmp_path / "sweep.html").read_text()[:100_000].lower()
 
     # a finished sweep recomputes nothing; changed settings are a new run
-    monkeypatch.setattr(behavior, "apply_method", crash_on_memit)
+    monkeypatch.setattr(sweep_module, "apply_method", crash_on_memit)
     calls.clear()
     reports.clear()
     method_sweep(vanilla, tok, tiny_task, tmp_path, methods=["ga", "memit_empty"], grid=GRID, max_new_tokens=2,
@@ -190,8 +190,9 @@ def test_apply_method_forwards_the_template(tok, tiny_pair, tiny_task, monkeypat
             return SimpleNamespace(model=model)
         return fake
 
+    sweep_module.method_names()  # discover the method registry before memit is faked (its defaults are read)
     monkeypatch.setattr(editing, "memit", record("memit"))
-    monkeypatch.setattr(unlearning, "unlearn", record("unlearn"))
+    monkeypatch.setattr(sweep_module, "unlearn", record("unlearn"))
     model = tiny_pair[0]
     for method in ("memit_empty", "memit_entropy", "npo"):
         assert apply_method(model, tok, tiny_task, method, {"layers": [0]}, template=template) is model
@@ -272,9 +273,9 @@ def test_resume_key_hashes_the_weights_not_the_name(tok, tiny_pair, tiny_task, t
     ckpt = tmp_path / "ckpt"
     vanilla.save_pretrained(ckpt)
     grid = {"ga": ({"lr": 1e-3, "epochs": 1, "batch_size": 2},)}
-    real = behavior.apply_method
+    real = sweep_module.apply_method
     calls = []
-    monkeypatch.setattr(behavior, "apply_method", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(sweep_module, "apply_method", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     sweep = functools.partial(method_sweep, tokenizer=tok, task=tiny_task, out_dir=tmp_path / "sweep",
                               methods=["ga"], grid=grid, max_new_tokens=2, progress=False)
     sweep(ckpt)

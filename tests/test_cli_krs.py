@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import patchlab
-from patchlab.cli import add_model_args, add_pair_args, model_kwargs, pair_kwargs, run
+from patchlab.cli import add_model_args, model_kwargs, run
+from patchlab.cli_pairs import add_pair_args, pair_kwargs
 from patchlab.reports import figures
 from tests.conftest import ATTN_OR_UP, QUESTIONS, load_script, perturbed
 

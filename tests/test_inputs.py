@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 import patchlab
 import patchlab.pair
 import patchlab.toy
-from patchlab.cli import add_model_args, device_arg, toy_pair
+from patchlab.cli import add_model_args, device_arg
+from patchlab.cli_pairs import toy_pair
 from patchlab.pair.placement import check_device
 from patchlab.tiny import tiny_model
 from patchlab.unlearning import unlearn

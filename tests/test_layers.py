@@ -26,10 +26,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                      "patchlab.analysis", "patchlab.zoo", "patchlab.meta_evaluation")),
     ("presentation", ("patchlab.reports",)),
     ("facade", ("patchlab",)),
-    ("apps", ("patchlab.cli", "patchlab.toy")),
+    ("apps", ("patchlab.cli", "patchlab.cli_pairs", "patchlab.toy")),
 )
 #: The modules only apps may import.
-APPS = ("patchlab.cli", "patchlab.toy")
+APPS = ("patchlab.cli", "patchlab.cli_pairs", "patchlab.toy")
 
 
 def module_name(path: Path) -> str:

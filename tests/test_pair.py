@@ -410,14 +410,14 @@ LONG_IDS = (torch.arange(120) % 20 + 4)[None]
 def test_bf16_pairs_compute_what_from_pretrained_bf16_computes(llama_dirs, tok):
     from transformers import AutoModelForCausalLM
 
-    from patchlab import cli
+    from patchlab import cli, cli_pairs
     root = llama_dirs
     reference = {side: AutoModelForCausalLM.from_pretrained(root / side, dtype=torch.bfloat16)(LONG_IDS).logits
                  for side in ("vanilla", "unlearned")}
     cast_all = AutoModelForCausalLM.from_pretrained(root / "vanilla").to(torch.bfloat16)(LONG_IDS).logits
     assert not torch.equal(cast_all, reference["vanilla"])  # model.to(bf16) rounds inv_freq: other numbers
-    parser = cli.add_pair_args(cli.add_model_args(cli.argparse.ArgumentParser()))
-    flags = cli.pair_kwargs(parser.parse_args(["--dtype", "bfloat16"]))
+    parser = cli_pairs.add_pair_args(cli.add_model_args(cli.argparse.ArgumentParser()))
+    flags = cli_pairs.pair_kwargs(parser.parse_args(["--dtype", "bfloat16"]))
     pairs = {"whole": patchlab.load_pair(root / "vanilla", root / "unlearned", dtype=torch.bfloat16),
              "--dtype": patchlab.load_pair(root / "vanilla", root / "unlearned", **flags),
              "in memory": patchlab.load_pair(*(patchlab.load_model(root / side) for side in ("vanilla", "unlearned")),

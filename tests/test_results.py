@@ -18,7 +18,8 @@ import torch
 
 import patchlab
 import patchlab.patching.sweep as sweep_module
-from patchlab.analysis.behavior import SweepTask, evaluate, method_sweep
+from patchlab.analysis.behavior import evaluate
+from patchlab.analysis.method_sweep import SweepTask, method_sweep
 from patchlab.analysis.paramdiff import ParamDiff, paramdiff, value_vector_changes
 from patchlab.io import OutputDir
 from patchlab.provenance import weights_digest

@@ -373,7 +373,7 @@ def test_precomputed_reference_gives_the_held_loss_curve(learned, tok, method, m
 
 
 def test_settings_are_documented_and_never_shadow_common_arguments():
-    from patchlab.analysis.behavior import method_settings
+    from patchlab.analysis.method_sweep import method_settings
     from patchlab.unlearning.methods import UNLEARNING_METHODS, field_docs
     from patchlab.unlearning.trainer import UNLEARN_ARGS
 

@@ -11,7 +11,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from patchlab.analysis.behavior import METRICS, SETS, BehaviorResult, SweepResult
+from patchlab.analysis.behavior import METRICS, SETS, BehaviorResult
+from patchlab.analysis.method_sweep import SweepResult
 from patchlab.analysis.paramdiff import LOG_METRICS, METRIC_LABELS, ParamDiff
 from patchlab.meta_evaluation import MetaEvalResult
 from patchlab.patching.result import PatchComparison, PatchResult
@@ -23,7 +24,7 @@ from patchlab.provenance import short_name
 from patchlab.reports import figures
 from patchlab.reports.figures import colour, curve
 from patchlab.results import model_names, register_figure
-from patchlab.unlearning.attribution import DensityReport
+from patchlab.unlearning.density import DensityReport
 
 # ------------------------------------------------------------------------------------------------ results
 
@@ -113,7 +114,7 @@ def behavior_result(result: BehaviorResult, title: str | None = None) -> go.Figu
 
 @register_figure(SweepResult)
 def sweep_result(result: SweepResult, title: str | None = None) -> go.Figure:
-    """:meth:`SweepResult.figure <patchlab.analysis.behavior.SweepResult.figure>`."""
+    """:meth:`SweepResult.figure <patchlab.analysis.method_sweep.SweepResult.figure>`."""
     return figures.sweep_scatter(result.to_frame(), title or f"Behavioural test: {result.task}")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.analysis.behavior import SweepTask
+from patchlab.analysis.method_sweep import SweepTask
 from patchlab.errors import PatchlabValueError
 from patchlab.io import read_json
 from patchlab.pair import ModelPair, load_model, load_pair, load_tokenizer
