@@ -301,6 +301,10 @@ def _mutated(text, index, what):
     return doc
 
 
+#: How many accepted corruptions per top-level field of a result file are drawn and saved again (each draws a figure).
+DRAWN_PER_FIELD = 12
+
+
 def test_every_result_file_is_checked_on_load_naming_the_bad_field(instances, tmp_path):
     """Every registered type (via the instances, one per type): each corrupted value is refused with a
     PatchlabValueError naming the file and the field, or (free-form fields, optional keys, lists of free length)
@@ -309,7 +313,7 @@ def test_every_result_file_is_checked_on_load_naming_the_bad_field(instances, tm
     path = tmp_path / "bad.json"
     for cls, res in instances.items():
         text = res.save(tmp_path / "good.json").read_text()
-        refused, free = 0, ()
+        refused, free, drawn = 0, (), {}
         for index, (field_path, _, _) in enumerate(list(_leaves(json.loads(text)))):
             if field_path.startswith(free):
                 continue  # inside a free-form field (one that took an object): nothing more to learn there
@@ -327,8 +331,11 @@ def test_every_result_file_is_checked_on_load_naming_the_bad_field(instances, tm
                     if what in ("object", "nan", "huge"):  # the field itself, or a field inside it
                         assert re.search(rf" {re.escape(field_path)}(: |\.|\[)", str(err)), (case, str(err))
                     continue
-                assert isinstance(back.to_frame(), pd.DataFrame) and isinstance(back.figure(), go.Figure), case
-                assert type(cls.load(back.save(tmp_path / "again.json"))) is cls, case
+                top = re.split(r"[.\[]", field_path)[0]
+                drawn[top] = drawn.get(top, 0) + 1
+                if drawn[top] <= DRAWN_PER_FIELD:  # free-form values load alike: draw a few per top-level field
+                    assert isinstance(back.to_frame(), pd.DataFrame) and isinstance(back.figure(), go.Figure), case
+                    assert type(cls.load(back.save(tmp_path / "again.json"))) is cls, case
                 if what == "object":
                     free += (f"{field_path}.", f"{field_path}[")
         assert refused > 20, cls.__name__
