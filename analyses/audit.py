@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import patchlab
-from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, add_template_arg, comma_list, model_kwargs,
-                          parser, print_written, prompt_template, run_script)
+from patchlab.cli import (add_model_args, add_output_args, add_quiet_arg, add_template_arg, comma_list, int_list,
+                          model_kwargs, parser, print_written, prompt_template, run_script)
 from patchlab.cli_pairs import add_pair_args, check_toy_world_flags
 from patchlab.io import read_records
 from patchlab.cli import setting_arg
@@ -27,13 +27,6 @@ from patchlab.cli_pairs import check_checkpoint_flags, toy_model_kwargs
 
 if TYPE_CHECKING:
     from patchlab.probes import AuditCase
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in comma_list(text) or []]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,9 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-boot", type=int, help="bootstrap resamples over questions (default 1000)")
     p.add_argument("--seed", type=int, help="seed of the bootstrap, the question halves and fine-tuning (default 0)")
     p.add_argument("--window", type=int, help="KRS: layers per window (default 5)")
-    p.add_argument("--relearn-steps", type=_ints, help="relearning: step counts, e.g. 0,5,10,20,40")
+    p.add_argument("--relearn-steps", type=int_list, help="relearning: step counts, e.g. 0,5,10,20,40")
     p.add_argument("--relearn-lr", type=float, help="relearning: AdamW learning rate (default 1e-5; toy world 1e-3)")
-    p.add_argument("--bits", type=_ints, help="quantization: bit widths, e.g. 8,4")
+    p.add_argument("--bits", type=int_list, help="quantization: bit widths, e.g. 8,4")
     p.add_argument("--probe-setting", action="append", type=setting_arg, default=[], metavar="PROBE.OPTION=VALUE",
                    help="any probe's option, a --plugin probe's included (repeatable; the value read as JSON, else as "
                         "text), e.g. uds.threshold=0.1, krs.positions=middle, relearning.batch_size=4; "

@@ -24,14 +24,8 @@ import time
 from pathlib import Path
 
 import patchlab
-from patchlab.cli import add_output_args, add_quiet_arg, comma_list, output_file, parser, print_written, run_script
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in comma_list(text) or []]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+from patchlab.cli import (add_output_args, add_quiet_arg, comma_list, int_list, output_file, parser, print_written,
+                          run_script)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", help="toy world: comma-separated unlearning methods (default graddiff,npo,rmu)")
     p.add_argument("--members", help="toy world: comma-separated from-scratch members, shipped names "
                                      "(half-a-s1...) or checkpoint directories (default the four shipped ones)")
-    p.add_argument("--seeds", type=_ints, help="toy world: seeds of the fine-tuned members (default 1,2)")
+    p.add_argument("--seeds", type=int_list, help="toy world: seeds of the fine-tuned members (default 1,2)")
     p.add_argument("--probes", help="comma-separated probes (default: every probe with a knowledge reading)")
     p.add_argument("--relearn-steps", type=int, help="relearning attack: fine-tuning steps (default 20)")
     p.add_argument("--relearn-lr", type=float, help="relearning attack: AdamW learning rate (default 1e-3)")

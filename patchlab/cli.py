@@ -297,6 +297,15 @@ def comma_list(text: str | None) -> list[str] | None:
     return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse ``type``: comma-separated integers (``"0,5,10"`` gives ``[0, 5, 10]``); anything else is an
+    argparse error naming the value."""
+    try:
+        return [int(t) for t in comma_list(text) or []]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
 def add_template_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--template``: how questions are put to the models (:func:`patchlab.pair.generation.resolve_template`);
     read it back with :func:`prompt_template`."""
