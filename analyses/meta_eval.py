@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import patchlab
-from patchlab.cli import (add_output_args, add_quiet_arg, comma_list, int_list, output_file, parser, print_written,
+from patchlab.cli import (add_output_args, add_quiet_arg, comma_list, float_list, int_list, output_file, parser, print_written,
                           run_script)
 
 
@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zoo", help="a zoo file (JSON or YAML); default: the toy world's zoo")
     p.add_argument("--concept", help="toy world: the target concept (default its first)")
     p.add_argument("--method", help="toy world: comma-separated unlearning methods (default graddiff,npo,rmu)")
+    p.add_argument("--strengths", type=float_list,
+                   help="toy world: comma-separated unlearning strengths, learning-rate multiples of each method's "
+                        "toy settings (default 0.5,1,2)")
     p.add_argument("--members", help="toy world: comma-separated from-scratch members, shipped names "
                                      "(half-a-s1...) or checkpoint directories (default the four shipped ones)")
     p.add_argument("--seeds", type=int_list, help="toy world: seeds of the fine-tuned members (default 1,2)")
@@ -78,9 +81,9 @@ def report(args: argparse.Namespace) -> None:
     check_attacks(attacks)  # a bad attack setting fails before the zoo is built
     start = time.perf_counter()
     if args.zoo is not None:
-        if args.concept or args.method or args.seeds or args.members:
-            raise patchlab.PatchlabValueError("--concept, --method, --members and --seeds describe the toy zoo; not "
-                                              "with --zoo")
+        if args.concept or args.method or args.seeds or args.members or args.strengths:
+            raise patchlab.PatchlabValueError("--concept, --method, --strengths, --members and --seeds describe the "
+                                              "toy zoo; not with --zoo")
         zoo, settings = load_zoo(args.zoo), None
     else:
         from patchlab.toy import zoo as toy_zoo
@@ -88,6 +91,8 @@ def report(args: argparse.Namespace) -> None:
         kwargs = {"methods": comma_list(args.method)} if args.method else {}
         if args.seeds is not None:
             kwargs["seeds"] = args.seeds
+        if args.strengths is not None:
+            kwargs["strengths"] = args.strengths
         if args.members:
             kwargs["members"] = [toy_zoo.ZOO_ASSETS / m if m in toy_zoo.ZOO_MEMBERS else Path(m)
                                  for m in comma_list(args.members)]

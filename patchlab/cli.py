@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -300,10 +301,24 @@ def comma_list(text: str | None) -> list[str] | None:
 def int_list(text: str) -> list[int]:
     """An argparse ``type``: comma-separated integers (``"0,5,10"`` gives ``[0, 5, 10]``); anything else is an
     argparse error naming the value."""
+    return _number_list(text, int, "integers")
+
+
+def float_list(text: str) -> list[float]:
+    """An argparse ``type``: comma-separated finite numbers (``"0.5,1,2"`` gives ``[0.5, 1.0, 2.0]``); anything else
+    (``nan``, ``inf`` included) is an argparse error naming the value."""
+    values = _number_list(text, float, "numbers")
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return values
+
+
+def _number_list(text: str, kind: Callable[[str], Any], what: str) -> list:
+    """``kind`` of each comma-separated item of ``text``, or an argparse error naming the value."""
     try:
-        return [int(t) for t in comma_list(text) or []]
+        return [kind(t) for t in comma_list(text) or []]
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from err
 
 
 def add_template_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -9,6 +9,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
+
+import patchlab
 
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.meta_evaluation import (MetaEvalResult, auc, auc_interval, knowledge, meta_eval, read_trust,
@@ -145,21 +149,24 @@ def test_revealed_share_adds_what_the_probe_brings_back():
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory, one_thread):
     """A toy zoo on a SMALL world that learns its QA: vanilla (full), a member without the target (negative), a
-    retain model, one fine-tuned copy of each, and a GA-unlearned model."""
+    retain model, one fine-tuned copy of each, and GA-unlearned models at two strengths."""
     root = tmp_path_factory.mktemp("zoo")
     concepts = make_world(LEARNT).concepts
     build(LEARNT, root / "vanilla", progress=False)
     build(dataclasses.replace(LEARNT, init_seed=1), root / "retain", exclude_concept=concepts[0], progress=False)
     build(dataclasses.replace(LEARNT, init_seed=2), root / "neg", exclude_concept=concepts[::2], progress=False)
-    return toy_zoo.toy(concepts[0], methods=("ga",), seeds=(1,), members=[root / "neg"], checkpoint=root / "vanilla",
+    return toy_zoo.toy(concepts[0], methods=("ga",), strengths=(1.0, 3.0), seeds=(1,), members=[root / "neg"],
+                       checkpoint=root / "vanilla",
                        retain=root / "retain", cache=root / "cache", progress=False)
 
 
 def test_toy_zoo_roles(tiny_zoo):
     assert [(m.name, m.role) for m in tiny_zoo.members] == [
         ("vanilla", "full"), ("neg", "negative"), ("retain", "retain"), ("vanilla-ft-s1", "positive"),
-        ("retain-ft-s1", "negative"), ("neg-ft-s1", "negative"), ("ga", "unlearned")]
+        ("retain-ft-s1", "negative"), ("neg-ft-s1", "negative"), ("ga", "unlearned"), ("ga-x3", "unlearned")]
     assert all(m.weights is None or m.weights.endswith(".safetensors") for m in tiny_zoo.members)
+    weak, strong = (load_file(m.weights) for m in tiny_zoo.members[-2:])
+    assert any(not torch.equal(weak[k], strong[k]) for k in weak)  # the strength reached the training
 
 
 @pytest.fixture(scope="module")
@@ -336,3 +343,25 @@ def test_toy_zoo_bad_inputs(tmp_path):
         toy_zoo.toy(members=[tmp_path / "missing"], progress=False)
     with pytest.raises(PatchlabValueError, match="unknown toy concept .Nonexistent Thing."):
         toy_zoo.toy("Nonexistent Thing", members=[], progress=False)
+    for strengths in [(0.0,), (-1.0,), (float("nan"),), (True,), ("2",)]:
+        with pytest.raises(PatchlabValueError, match="finite positive learning-rate multiple"):
+            toy_zoo.toy(strengths=strengths, members=[], progress=False)
+    for strengths in [(), (1.0, 1.0)]:
+        with pytest.raises(PatchlabValueError, match="strengths must be distinct and at least one"):
+            toy_zoo.toy(strengths=strengths, members=[], progress=False)
+
+
+def test_toy_strengths_scale_the_learning_rate_only(tmp_path):
+    """Strength 1 is the tuned toy recipe itself (its cache key and file name unchanged); strength s multiplies the
+    learning rate and nothing else, and gets its own cache file."""
+    from patchlab.toy import cache
+
+    for method in cache.toy_methods():
+        tuned, double = cache.toy_method_settings(method), cache.toy_method_settings(method, 2.0)
+        assert tuned == dict(cache.TUNED_TOY_SETTINGS.get(method, cache.TOY_TRAINING))
+        assert double == {**tuned, "lr": 2 * tuned["lr"]}
+    record = patchlab.toy.world().record(patchlab.toy.DEFAULT_CONCEPT)
+    weights = patchlab.toy.ASSETS / "model.safetensors"
+    paths = [cache.cached_path(record, "npo", [], weights, tmp_path, s) for s in (1.0, 1, 0.5)]
+    assert paths[0] == paths[1] == cache.cached_path(record, "npo", [], weights, tmp_path)
+    assert paths[2] != paths[0] and paths[2].name.startswith("veltrani-codex-npo-x0.5-")

@@ -58,20 +58,21 @@ def vanilla(checkpoint: PathLike = ASSETS) -> tuple[PreTrainedModel, PreTrainedT
 
 
 def unlearned(concept: str = DEFAULT_CONCEPT, method: str = DEFAULT_METHOD, *, checkpoint: PathLike = ASSETS,
-              cache: PathLike | None = None, progress: bool = True) -> PreTrainedModel:
-    """The vanilla model unlearned on ``concept``'s paragraphs with ``method`` (settings: ``METHOD_SETTINGS``).
+              strength: float = 1.0, cache: PathLike | None = None, progress: bool = True) -> PreTrainedModel:
+    """The vanilla model unlearned on ``concept``'s paragraphs with ``method`` (settings: ``METHOD_SETTINGS``; at
+    ``strength`` s the learning rate is s times the tuned one).
 
     Built on first use (seconds to a minute on CPU, with a progress bar) and cached as safetensors in ``cache``
     (default :func:`cache_dir`), keyed by the settings, the data and the vanilla weights.
 
     Raises:
-        PatchlabValueError: unknown concept or method.
+        PatchlabValueError: unknown concept or method, a strength that is not a finite positive number.
     """
     root = Path(cache).expanduser() if cache is not None else None
     with quiet(not progress):  # transformers' own loading bars follow progress= too
         model, tok = vanilla(checkpoint)
         return load_or_build(model, tok, world(checkpoint), concept, method, Path(checkpoint) / "model.safetensors",
-                             root=root, progress=progress)
+                             strength=strength, root=root, progress=progress)
 
 
 def retain(concept: str = DEFAULT_CONCEPT, *, checkpoint: PathLike = ASSETS,

@@ -86,22 +86,42 @@ def toy_methods() -> list[str]:
     return list(method_names("finetune"))
 
 
-def toy_method_settings(method: str) -> dict[str, Any]:
+def toy_method_settings(method: str, strength: float = 1.0) -> dict[str, Any]:
     """The toy-world settings of fine-tuning method ``method``: :data:`TUNED_TOY_SETTINGS`, else
-    :data:`TOY_TRAINING`.
+    :data:`TOY_TRAINING`; at ``strength`` s != 1 the learning rate is s times the tuned one (s = 1: the tuned
+    settings themselves, unchanged).
 
     Raises:
-        PatchlabValueError: no fine-tuning method of that name (naming the known ones).
+        PatchlabValueError: no fine-tuning method of that name (naming the known ones), or a strength that is not a
+            finite positive number.
     """
     if method not in toy_methods():
         raise PatchlabValueError(f"unknown toy unlearning method {method!r}; choose from {toy_methods()}")
-    return dict(TUNED_TOY_SETTINGS.get(method, TOY_TRAINING))
+    check_strength(strength)
+    settings = dict(TUNED_TOY_SETTINGS.get(method, TOY_TRAINING))
+    if strength != 1:
+        settings["lr"] = settings["lr"] * strength
+    return settings
 
 
-def cache_key(record: ConceptRecord, method: str, retain: list[str], vanilla_weights: Path) -> str:
-    """16 hex digits of SHA-256 over the method, its settings, the forget/retain texts and the vanilla weights."""
+def check_strength(strength: float) -> None:
+    """Raise :class:`PatchlabValueError` unless ``strength`` (a learning-rate multiple) is a finite positive number."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength < float("inf"):
+        raise PatchlabValueError(f"an unlearning strength is a finite positive learning-rate multiple, got "
+                                 f"{strength!r}")
+
+
+def strength_label(method: str, strength: float = 1.0) -> str:
+    """The name of ``method`` at ``strength``: the method itself at 1, else ``<method>-x<strength>`` (``npo-x0.5``)."""
+    return method if strength == 1 else f"{method}-x{strength:g}"
+
+
+def cache_key(record: ConceptRecord, method: str, retain: list[str], vanilla_weights: Path, strength: float = 1.0
+              ) -> str:
+    """16 hex digits of SHA-256 over the method, its settings at ``strength``, the forget/retain texts and the
+    vanilla weights."""
     digest = hashlib.sha256()
-    spec = {"method": method, "settings": toy_method_settings(method), "forget": record.forget_paragraphs,
+    spec = {"method": method, "settings": toy_method_settings(method, strength), "forget": record.forget_paragraphs,
             "retain": retain}
     digest.update(json.dumps(spec, sort_keys=True).encode())
     digest.update(Path(vanilla_weights).read_bytes())
@@ -109,18 +129,20 @@ def cache_key(record: ConceptRecord, method: str, retain: list[str], vanilla_wei
 
 
 def cached_path(record: ConceptRecord, method: str, retain: list[str], vanilla_weights: Path,
-                root: Path | None = None) -> Path:
-    """Where the unlearned weights of (concept, method) for these vanilla weights live in the cache."""
+                root: Path | None = None, strength: float = 1.0) -> Path:
+    """Where the unlearned weights of (concept, method at ``strength``) for these vanilla weights live in the
+    cache."""
     slug = record.concept.lower().replace(" ", "-")
-    return (root or cache_dir()) / f"{slug}-{method}-{cache_key(record, method, retain, vanilla_weights)}.safetensors"
+    key = cache_key(record, method, retain, vanilla_weights, strength)
+    return (root or cache_dir()) / f"{slug}-{strength_label(method, strength)}-{key}.safetensors"
 
 
 def build_unlearned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, forget: list[str], retain: list[str],
-                    method: str, *, progress: bool = True) -> PreTrainedModel:
-    """Unlearn ``forget`` from ``model`` (updated in place) with ``method``'s toy settings, keeping ``retain``
-    (texts, e.g. from :func:`unlearn_data`)."""
+                    method: str, *, strength: float = 1.0, progress: bool = True) -> PreTrainedModel:
+    """Unlearn ``forget`` from ``model`` (updated in place) with ``method``'s toy settings at ``strength``, keeping
+    ``retain`` (texts, e.g. from :func:`unlearn_data`)."""
     return unlearn(model, forget, retain, tokenizer=tokenizer, method=method, progress=progress,
-                   **toy_method_settings(method)).model
+                   **toy_method_settings(method, strength)).model
 
 
 def _cached_state(path: Path, model: PreTrainedModel) -> dict[str, torch.Tensor] | None:
@@ -141,24 +163,26 @@ def _cached_state(path: Path, model: PreTrainedModel) -> dict[str, torch.Tensor]
 
 
 def load_or_build(vanilla: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World, concept: str,
-                  method: str, vanilla_weights: Path, *, root: Path | None = None, progress: bool = True
-                  ) -> PreTrainedModel:
-    """The cached unlearned model of (concept, method), built and written atomically on first use.
+                  method: str, vanilla_weights: Path, *, strength: float = 1.0, root: Path | None = None,
+                  progress: bool = True) -> PreTrainedModel:
+    """The cached unlearned model of (concept, method at ``strength``: :func:`toy_method_settings`), built and
+    written atomically on first use.
 
     ``vanilla`` is a fresh copy of the vanilla model; it becomes the unlearned one (weights loaded or trained). A
     cached file that cannot be read (truncated, corrupt, or holding other tensors than the model's) is rebuilt and
     replaced, with a warning naming it.
     """
-    toy_method_settings(method)
+    toy_method_settings(method, strength)
     record = world.record(concept)
     forget, retain = unlearn_data(world, concept)
-    path = cached_path(record, method, retain, vanilla_weights, root)
+    path = cached_path(record, method, retain, vanilla_weights, root, strength)
     if path.is_file():
         state = _cached_state(path, vanilla)
         if state is not None:
             vanilla.load_state_dict(state)
             return vanilla.eval()
-    model = build_unlearned(vanilla, tokenizer, forget, retain, method, progress=progress)
+    model = build_unlearned(vanilla, tokenizer, forget, retain, method, strength=strength, progress=progress)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"concept": concept, "method": method}))
+    metadata = {"concept": concept, "method": method, "strength": repr(float(strength))}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     return model

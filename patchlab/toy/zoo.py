@@ -20,7 +20,8 @@ Cheap members are built on first use and cached beside the toy unlearned models 
   from-scratch member (negatives). The retain model's copies are the only negatives that share the vanilla model's
   initialisation (the from-scratch members do not): patching probes compare activations across models, which
   presumes a shared basis.
-* unlearned models: :func:`patchlab.toy.unlearned` per method (its toy settings).
+* unlearned models: :func:`patchlab.toy.unlearned` per method and strength (its toy settings, the learning rate
+  scaled by the strength), so robustness is measured on weak and strong unlearning alike.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.io import atomic_write, read_json
 from patchlab.pair import load_model, load_tokenizer
-from patchlab.toy.cache import cache_dir, cached_path, toy_methods, unlearn_data
+from patchlab.toy.cache import cache_dir, cached_path, check_strength, strength_label, toy_methods, unlearn_data
 from patchlab.toy.corpus import ASSETS, world
 from patchlab.zoo import Member, Zoo
 
@@ -52,8 +53,10 @@ META_SETTINGS: dict[str, dict] = {"common": {"n_tokens": 16, "n_boot": 200},
 #: The shipped meta-evaluation of the default toy zoo, read by the audit (``python analyses/meta_eval.py --ship
 #: patchlab/toy/assets/meta_eval.json --overwrite`` regenerates it).
 TRUST_FILE = ASSETS / "meta_eval.json"
-#: The unlearning methods of the default toy zoo (one strength each: the toy settings).
+#: The unlearning methods of the default toy zoo.
 DEFAULT_METHODS = ("graddiff", "npo", "rmu")
+#: The strengths of each method in the default toy zoo: learning-rate multiples of its tuned toy settings.
+DEFAULT_STRENGTHS = (0.5, 1.0, 2.0)
 
 
 def half(which: str) -> list[str]:
@@ -89,7 +92,8 @@ def finetuned(checkpoint: Path, concept: str, seed: int, *, root: Path | None = 
     return path
 
 
-def toy(concept: str | None = None, *, methods: Sequence[str] = DEFAULT_METHODS, seeds: Sequence[int] = (1, 2),
+def toy(concept: str | None = None, *, methods: Sequence[str] = DEFAULT_METHODS,
+        strengths: Sequence[float] = DEFAULT_STRENGTHS, seeds: Sequence[int] = (1, 2),
         members: Sequence[str | Path] | None = None, checkpoint: Path = ASSETS, retain: Path | None = None,
         cache: Path | None = None, progress: bool = True) -> Zoo:
     """The toy world's zoo for ``concept`` (default :data:`patchlab.toy.DEFAULT_CONCEPT`), built offline.
@@ -98,12 +102,14 @@ def toy(concept: str | None = None, *, methods: Sequence[str] = DEFAULT_METHODS,
     :data:`ZOO_MEMBERS`), a negative if it never saw ``concept`` else a positive; the retain model (``retain``,
     default the shipped one for the default concept, else the first negative member); fine-tuned copies of the
     vanilla model (positives) and of the retain model and each negative member (negatives), one per seed of
-    ``seeds``; the vanilla model
-    unlearned with each of ``methods``. Fine-tuned and unlearned members are cached (``cache``, default
-    :func:`patchlab.toy.cache_dir`) and referenced as weights over the shipped checkpoint.
+    ``seeds``; the vanilla model unlearned with each of ``methods`` at each of ``strengths`` (learning-rate
+    multiples of the method's toy settings; named ``graddiff``, ``graddiff-x0.5``...). Fine-tuned and unlearned
+    members are cached (``cache``, default :func:`patchlab.toy.cache_dir`) and referenced as weights over the
+    shipped checkpoint.
 
     Raises:
-        PatchlabValueError: unknown concept or method, a member built on another world, no negative member.
+        PatchlabValueError: unknown concept or method, a strength that is not a finite positive number or is
+            repeated, a member built on another world, no negative member.
     """
     from patchlab.toy import DEFAULT_CONCEPT, RETAIN_ASSETS, unlearned
 
@@ -112,6 +118,11 @@ def toy(concept: str | None = None, *, methods: Sequence[str] = DEFAULT_METHODS,
     unknown = [m for m in methods if m not in toy_methods()]
     if unknown or isinstance(methods, str):
         raise PatchlabValueError(f"unknown toy unlearning method(s) {unknown or methods}; choose from {toy_methods()}")
+    for strength in strengths:
+        check_strength(strength)
+    if len(set(strengths)) != len(strengths) or not strengths:
+        raise PatchlabValueError(f"the zoo's unlearning strengths must be distinct and at least one, got "
+                                 f"{list(strengths)}")
     dirs = [Path(m) for m in members] if members is not None else [ZOO_ASSETS / name for name in ZOO_MEMBERS]
     missing = [str(d) for d in dirs if not (d / "build.json").is_file()]
     if missing:
@@ -147,9 +158,10 @@ def toy(concept: str | None = None, *, methods: Sequence[str] = DEFAULT_METHODS,
                               note=f"{name} fine-tuned {FINETUNE['steps']} steps on unrelated QA, seed {seed}"))
     _, kept = unlearn_data(world(checkpoint), concept)
     for method in methods:
-        unlearned(concept, method, checkpoint=checkpoint, cache=cache, progress=progress)
-        weights = cached_path(record, method, kept, Path(checkpoint) / "model.safetensors", cache)
-        zoo.append(Member(method, "unlearned", str(checkpoint), weights=str(weights),
-                          note=f"{method} unlearning of {concept}"))
+        for strength in strengths:
+            unlearned(concept, method, checkpoint=checkpoint, strength=strength, cache=cache, progress=progress)
+            weights = cached_path(record, method, kept, Path(checkpoint) / "model.safetensors", cache, strength)
+            zoo.append(Member(strength_label(method, strength), "unlearned", str(checkpoint), weights=str(weights),
+                              note=f"{method} unlearning of {concept}, learning rate x{strength:g}"))
     return Zoo(target=concept, questions=record.qa, unrelated=record.unrelated_qa, members=zoo,
                meta={"world": "toy", "concept": concept})
