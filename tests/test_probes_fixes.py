@@ -156,6 +156,35 @@ def test_auto_picks_quanto_and_keeps_embeddings_and_head(toy_models):
     assert type(q.get_output_embeddings()) is type(model_v.get_output_embeddings())
 
 
+def test_bnb_weights_are_what_bitsandbytes_layers_compute_with(toy_models):
+    """The bnb quantizer's 4-bit weight is exactly the one a ``Linear4bit`` multiplies by (NF4 and FP4, no double
+    quantization, as transformers' ``BitsAndBytesConfig`` defaults), its 8-bit
+    weight the int8 codes ``Int8Params`` stores times their row scale; embeddings and head stay full precision."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from patchlab.probes.quantization import bnb_weight
+
+    model_v, *_ = toy_models
+    layer = model_v.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    for quant_type in ("nf4", "fp4"):
+        ref = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, quant_type=quant_type,
+                                compute_dtype=torch.float32, compress_statistics=False)  # transformers' default
+        ref.weight = bnb.nn.Params4bit(layer.weight.detach().clone(), requires_grad=False, quant_type=quant_type,
+                                       compress_statistics=False, blocksize=64)
+        ref = ref.to("cpu")
+        rounded = bnb_weight(layer.weight.detach(), 4, quant_type)
+        assert torch.equal(torch.nn.functional.linear(x, rounded), ref(x))
+        assert not torch.equal(rounded, layer.weight)
+    stored = bnb.nn.Int8Params(layer.weight.detach().clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+    torch.testing.assert_close(bnb_weight(layer.weight.detach(), 8), stored.CB.float() * stored.SCB[:, None] / 127,
+                               rtol=1e-6, atol=0)  # the same codes and scales; float rounding of the product only
+    q = quantized(model_v, 4, "bnb")
+    assert torch.equal(q.get_output_embeddings().weight, model_v.get_output_embeddings().weight)
+    assert torch.equal(q.model.layers[0].mlp.down_proj.weight, bnb_weight(layer.weight.detach(), 4))
+    with pytest.raises(PatchlabValueError, match=r"quantizer 'bnb' quantizes weights to \(4, 8\) bits"):
+        resolve_quantizer({"quantizer": "bnb"}, [8, 2])
+
+
 def test_quantization_is_inconclusive_when_the_quantized_vanilla_model_loses_the_answers(toy_models, monkeypatch):
     """A quantizer that turns any model into one that never saw the concept (the retain model): the quantized vanilla
     model loses its answers, so whatever the unlearned one does is no evidence."""

@@ -15,9 +15,15 @@ Quantizers (``quantizer``), each on a deep copy of the model, weights only, embe
   becomes ``s * clamp(round(w / s), -q, q)`` (float32 arithmetic, stored back in the weight's dtype). Per-channel
   rounding over 15 levels is cruder than a real 4-bit quantizer (no groups, no zero point): it costs the vanilla
   model more.
+* ``"bnb"`` / ``"bnb-fp4"``: bitsandbytes (``pip install bitsandbytes``, in the ``quantize`` extra; 0.45 and later
+  run on the CPU too). Every linear weight, embeddings and LM head excepted, is replaced by the weight its layer
+  multiplies by once bitsandbytes has stored it: at 4 bits ``dequantize_4bit(quantize_4bit(w))`` with blocks of 64
+  and NF4 (``"bnb"``, QLoRA's data type) or FP4 (``"bnb-fp4"``) levels, exactly what ``Linear4bit`` computes with
+  under transformers' ``BitsAndBytesConfig`` defaults (no double quantization of the block scales); at
+  8 bits the row-wise absmax int8 weight of ``Int8Params`` (``round(127 w / max|w_row|)``, from float16, as it
+  stores it) times ``max|w_row| / 127``. LLM.int8's activation quantization is not simulated: activations stay in
+  the model's precision. The model stays a plain module, so it runs and is traced on any device. Widths 4 and 8.
 * ``"auto"`` (default): quanto when it is installed and supports every width, else rtn.
-
-(bitsandbytes quantizes at load time on CUDA, not a model already in memory; it is not among the quantizers here.)
 
 For each width in ``bits`` (e.g. 8 and 4) the quantized unlearned and vanilla models are scored like the originals
 (:mod:`patchlab.probes.scoring`); recovery ``(quantized - unlearned) / (vanilla - unlearned)`` of accuracy and answer
@@ -33,7 +39,7 @@ evidence either way); else ``hidden`` if the recovery is >= 50%, else ``erased``
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,9 +57,12 @@ from patchlab.pair import ModelPair
 
 DEFAULTS: dict[str, Any] = {"bits": [8, 4], "quantizer": "auto"}
 MAX_BITS = 16
-QUANTIZERS = ("auto", "quanto", "rtn")
-#: The widths optimum-quanto quantizes weights to (its ``qint2``, ``qint4``, ``qint8``).
-QUANTO_BITS = (2, 4, 8)
+QUANTIZERS = ("auto", "quanto", "bnb", "bnb-fp4", "rtn")
+#: The widths each quantizer of the ecosystem quantizes weights to (optimum-quanto's ``qint2``, ``qint4``,
+#: ``qint8``; bitsandbytes' 4-bit NF4 / FP4 and 8-bit int8).
+WIDTHS = {"quanto": (2, 4, 8), "bnb": (4, 8), "bnb-fp4": (4, 8)}
+#: bitsandbytes' 4-bit block size (``quantize_4bit``'s default, as ``Linear4bit`` stores weights).
+BNB_BLOCKSIZE = 64
 
 
 def quantize_weight(weight: Float[torch.Tensor, "out in"], bits: int) -> Float[torch.Tensor, "out in"]:
@@ -77,25 +86,59 @@ def embedding_weights(model: PreTrainedModel) -> set[int]:
     return out
 
 
+RoundFn = Callable[[Float[torch.Tensor, "out in"]], Float[torch.Tensor, "out in"]]
+
+
 @torch.no_grad()
-def quantize_(model: PreTrainedModel, bits: int) -> PreTrainedModel:
-    """Round every linear weight of ``model`` in place (:func:`quantize_weight`) except the embeddings and the LM
-    head; returns the model. ``Conv1D`` stores its weight as ``[in, out]``, so its output channels are columns."""
+def round_linear_weights_(model: PreTrainedModel, rounding: RoundFn) -> PreTrainedModel:
+    """Replace every linear weight of ``model`` in place by ``rounding(weight)`` (an ``[out, in]`` weight to its
+    rounded copy) except the embeddings and the LM head; returns the model. ``Conv1D`` stores its weight as
+    ``[in, out]``, so it is rounded transposed."""
     keep = embedding_weights(model)
     for module in model.modules():
         if getattr(module, "weight", None) is not None and id(module.weight) in keep:
             continue
         if isinstance(module, torch.nn.Linear):
-            module.weight.copy_(quantize_weight(module.weight, bits))
+            module.weight.copy_(rounding(module.weight))
         elif isinstance(module, Conv1D):
-            module.weight.copy_(quantize_weight(module.weight.T, bits).T)
+            module.weight.copy_(rounding(module.weight.T).T)
     return model
 
 
-def quanto_available() -> bool:
-    """Whether optimum-quanto imports."""
+def quantize_(model: PreTrainedModel, bits: int) -> PreTrainedModel:
+    """Round every linear weight of ``model`` in place per output channel (:func:`quantize_weight`) except the
+    embeddings and the LM head; returns the model."""
+    return round_linear_weights_(model, lambda w: quantize_weight(w, bits))
+
+
+def bnb_weight(weight: Float[torch.Tensor, "out in"], bits: int, quant_type: str = "nf4"
+               ) -> Float[torch.Tensor, "out in"]:
+    """The weight a bitsandbytes layer multiplies by once it has stored ``weight`` (module docstring), in
+    ``weight``'s dtype: 4 bits, ``quant_type`` ``"nf4"`` or ``"fp4"`` blocks of :data:`BNB_BLOCKSIZE`; 8 bits,
+    row-wise absmax int8 from float16."""
+    import bitsandbytes.functional as bnb
+
+    if bits == 4:
+        packed, state = bnb.quantize_4bit(weight.contiguous(), blocksize=BNB_BLOCKSIZE, quant_type=quant_type)
+        return bnb.dequantize_4bit(packed, state, blocksize=BNB_BLOCKSIZE, quant_type=quant_type).to(weight.dtype)
+    codes, row_max, _ = bnb.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+    return bnb.int8_vectorwise_dequant(codes, row_max).to(weight.dtype)
+
+
+def bnb_quantize_(model: PreTrainedModel, bits: int, quant_type: str = "nf4") -> PreTrainedModel:
+    """``model`` (in place) with every linear weight but the embeddings and LM head replaced by its bitsandbytes
+    round trip (:func:`bnb_weight`); returns it."""
+    return round_linear_weights_(model, lambda w: bnb_weight(w, bits, quant_type))
+
+
+def available(quantizer: str) -> bool:
+    """Whether the library behind ``quantizer`` (``"quanto"``: optimum-quanto, ``"bnb"``/``"bnb-fp4"``:
+    bitsandbytes) imports."""
     try:
-        import optimum.quanto  # noqa: F401
+        if quantizer == "quanto":
+            import optimum.quanto  # noqa: F401
+        else:
+            import bitsandbytes.functional  # noqa: F401
     except ImportError:
         return False
     return True
@@ -114,29 +157,34 @@ def quanto_quantize(model: PreTrainedModel, bits: int) -> PreTrainedModel:
 
 
 def resolve_quantizer(settings: Mapping[str, Any], widths: Sequence[int]) -> str:
-    """``"quanto"`` or ``"rtn"``: the ``quantizer`` setting, ``"auto"`` resolved (module docstring).
+    """The ``quantizer`` setting, ``"auto"`` resolved (module docstring): one of :data:`QUANTIZERS` but ``"auto"``.
 
     Raises:
-        PatchlabValueError: an unknown quantizer, or quanto asked for but not installed or for a width it lacks.
+        PatchlabValueError: an unknown quantizer, or a library's quantizer asked for but not installed or for a
+            width it lacks.
     """
     name = settings["quantizer"]
     if name not in QUANTIZERS:
         raise PatchlabValueError(f"quantizer must be one of {QUANTIZERS}, got {name!r}")
-    supported = all(b in QUANTO_BITS for b in widths)
     if name == "auto":
-        return "quanto" if supported and quanto_available() else "rtn"
-    if name == "quanto" and not quanto_available():
-        raise PatchlabValueError("quantizer='quanto' needs optimum-quanto: pip install optimum-quanto (or "
-                                 "quantizer='rtn', the round-to-nearest fallback)")
-    if name == "quanto" and not supported:
-        raise PatchlabValueError(f"optimum-quanto quantizes weights to {QUANTO_BITS} bits, got {list(widths)}")
+        return "quanto" if all(b in WIDTHS["quanto"] for b in widths) and available("quanto") else "rtn"
+    if name in WIDTHS and not available(name):
+        package = "optimum-quanto" if name == "quanto" else "bitsandbytes"
+        raise PatchlabValueError(f"quantizer={name!r} needs {package}: pip install {package} (or quantizer='rtn', "
+                                 "the round-to-nearest fallback)")
+    if name in WIDTHS and any(b not in WIDTHS[name] for b in widths):
+        raise PatchlabValueError(f"quantizer {name!r} quantizes weights to {WIDTHS[name]} bits, got {list(widths)}")
     return name
 
 
 def quantized(model: PreTrainedModel, bits: int, quantizer: str) -> PreTrainedModel:
-    """A deep copy of ``model`` quantized to ``bits`` bits by ``quantizer`` (``"quanto"`` or ``"rtn"``)."""
+    """A deep copy of ``model`` quantized to ``bits`` bits by ``quantizer`` (a resolved name: module docstring)."""
     copied = copy.deepcopy(model)
-    return quanto_quantize(copied, bits) if quantizer == "quanto" else quantize_(copied, bits)
+    if quantizer == "quanto":
+        return quanto_quantize(copied, bits)
+    if quantizer in ("bnb", "bnb-fp4"):
+        return bnb_quantize_(copied, bits, "fp4" if quantizer == "bnb-fp4" else "nf4")
+    return quantize_(copied, bits)
 
 
 def check_bits(settings: Mapping[str, Any]) -> list[int]:
@@ -195,7 +243,8 @@ PROBE = Probe(
     name="quantization", title="Quantization attack", run=run, defaults=DEFAULTS,
     check=lambda settings, pair: check_bits(settings),
     description="The unlearned model's linear weights (embeddings and LM head kept in full precision) are quantized "
-                "to a few bits (optimum-quanto when installed, else per-channel round-to-nearest), and the target "
+                "to a few bits (optimum-quanto when installed, bitsandbytes NF4/FP4 on request, else per-channel "
+                "round-to-nearest), and the target "
                 "answers are re-scored; when the quantized vanilla model loses its own answers the verdict is "
                 "inconclusive. Unlearning updates smaller "
                 "than one rounding step vanish, so the rounded unlearned model can land on the rounded vanilla one "
