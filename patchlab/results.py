@@ -49,6 +49,12 @@ _FIGURES: dict[type | str, Callable[..., Any]] = {}
 #: The presentation package, loaded by name (as a plugin, not imported by this foundation module) the first time a
 #: figure is asked for that nothing registered yet: its modules register the built-in drawings.
 PRESENTATION = "patchlab.reports"
+#: The library's modules that define the built-in result types, loaded by name (as :data:`PRESENTATION`, not
+#: imported by this foundation module) the first time a file's format tag is not registered yet, so
+#: :func:`load_result` reads any patchlab file in a fresh process.
+RESULT_MODULES = ("patchlab.patching.result", "patchlab.probes.report", "patchlab.meta_evaluation",
+                  "patchlab.unlearning.density", "patchlab.analysis.behavior", "patchlab.analysis.paramdiff",
+                  "patchlab.analysis.method_sweep")
 #: The key of the partial-results flag in JSON results files.
 PARTIAL = "partial"
 
@@ -184,6 +190,9 @@ def load_result(path: str | os.PathLike) -> Result:
     """
     data = read_json(path, what="result file")
     tag = _format_tag(data, path)
+    if tag not in _RESULT_TYPES:
+        for module in RESULT_MODULES:  # the built-in types register themselves when their modules load
+            importlib.import_module(module)
     if tag not in _RESULT_TYPES:
         raise PatchlabValueError(f"{path} is not a patchlab result file (format {tag!r}); known: "
                                  f"{', '.join(sorted(_RESULT_TYPES))}")

@@ -345,3 +345,17 @@ def test_curves_of_one_pair_differ_by_colour():
     assert len({line.line.color for line in lines}) == 6
     with pytest.raises(PatchlabValueError, match="role must be"):
         figures.curve(range(3), ivs, name="x", index=0, role=2, roles=2)
+
+
+def test_pool_histograms_show_readings_of_exactly_0_and_1():
+    """Knowledge readings pile up at 0 and 1; each end must fall inside a bin that lies inside the drawn axis."""
+    from patchlab.reports.figures import pool_histograms
+
+    fig = pool_histograms({"krs": {"P": [1.0, 1.0], "N": [0.0, 0.3]}}, title="t", bins=10)
+    low, high = fig.layout.xaxis.range
+    for trace in fig.data:
+        start, end, size = trace.xbins.start, trace.xbins.end, trace.xbins.size
+        for value in trace.x:  # away from every bin and axis edge by a quarter bin: not split or cut off
+            assert start + size / 4 <= value <= end - size / 4 and low + size / 4 <= value <= high - size / 4
+            offset = (value - start) / size % 1
+            assert 0.25 <= offset <= 0.75, (value, start, size)

@@ -9,6 +9,8 @@ import copy
 import json
 import math
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -26,7 +28,7 @@ from patchlab.provenance import weights_digest
 from patchlab.results import Result, register_result, result_types
 from patchlab.schema import MAX_DEPTH
 from patchlab.unlearning.attribution import density, density_report, mask, scores
-from tests.conftest import ATTN_OR_UP, CORPUS, QUESTIONS, perturbed
+from tests.conftest import ATTN_OR_UP, CORPUS, QUESTIONS, ROOT, perturbed
 
 KW = dict(components=["coef", "attn"], window=2, n_tokens=4, progress=False)
 
@@ -216,6 +218,11 @@ def test_every_result_type_saves_loads_tabulates_draws_and_reports_alike(instanc
         assert res.write_report(out, overwrite=True) == paths
         manifest = json.loads((out / ".patchlab.json").read_text())
         assert set(paths) <= set(manifest["files"]) and manifest["kind"] == cls.kind
+    fresh = subprocess.run([sys.executable, "-c", "import sys, patchlab\nfor p in sys.argv[1:]: "
+                            "print(type(patchlab.load_result(p)).__name__)",
+                            *(str(tmp_path / f"{cls.kind}.json") for cls in instances)],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert fresh.stdout.split() == [cls.__name__ for cls in instances], fresh.stderr  # a new process reads them all
 
 
 def test_results_record_the_checkpoints_they_come_from(instances, pair):

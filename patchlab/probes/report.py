@@ -314,7 +314,8 @@ class AuditReport(Result):
                 if r is None:
                     cells.append(f'<td colspan="2" class="na">not run{_why(run.skipped.get(name))}</td>')
                     continue
-                note = "".join(f'<div class="note">{html.escape(text)}</div>' for text in (r.note, r.reason) if text)
+                note = (f'<div class="note">{html.escape(r.note)}</div>' if r.note else "") + (
+                    f'<div class="note"><b>why {r.verdict}:</b> {html.escape(r.reason)}</div>' if r.reason else "")
                 cells.append(f'<td class="score">{html.escape(r.score.format())}{note}</td>'
                              f'<td class="verdict" style="background:{VERDICT_COLOURS[r.verdict]}">{r.verdict}</td>')
             rows.append(f'<tr><th class="probe"><a href="#{html.escape(name)}">{html.escape(probe_title(name))}</a></th>'

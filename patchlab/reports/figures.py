@@ -553,12 +553,14 @@ POOL_COLOURS = {"P": "#d73027", "N": "#1a9850"}
 
 def pool_histograms(pools: Mapping[str, Mapping[str, Sequence[float]]], *, title: str, bins: int = 20) -> go.Figure:
     """One histogram panel per probe (``pools``: probe -> ``{"P": readings, "N": readings}``), P and N overlaid on
-    the same ``bins`` bins over [0, 1] (readings outside are clipped into the end bins)."""
+    the same ``bins + 1`` bins of width ``1 / bins`` centred on 0, 1/bins, ..., 1, so readings of exactly 0 or 1 (the
+    common ends) fall inside a bin (readings outside [0, 1] are clipped into the end bins)."""
     if not pools:
         raise PatchlabValueError("pool_histograms needs at least one probe")
     names = list(pools)
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
+    half = 0.5 / bins
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.08,
                         vertical_spacing=0.5 / max(rows, 1) if rows > 1 else 0.1)
     for i, name in enumerate(names):
@@ -566,9 +568,9 @@ def pool_histograms(pools: Mapping[str, Mapping[str, Sequence[float]]], *, title
             values = np.clip(np.asarray(pools[name].get(pool, []), float), 0.0, 1.0)
             fig.add_trace(go.Histogram(x=values, name=f"{pool} ({'knows' if pool == 'P' else 'never saw'})",
                                        legendgroup=pool, showlegend=i == 0, marker_color=colour_, opacity=0.6,
-                                       xbins={"start": 0.0, "end": 1.0 + 1e-9, "size": 1.0 / bins}),
+                                       xbins={"start": -half, "end": 1.0 + half, "size": 2 * half}),
                           row=i // cols + 1, col=i % cols + 1)
-    fig.update_xaxes(range=[-0.02, 1.02], title_text="knowledge reading (higher = knows)")
+    fig.update_xaxes(range=[-half, 1.0 + half], title_text="knowledge reading (higher = knows)")
     fig.update_yaxes(title_text="models")
     fig.update_layout(barmode="overlay", title=title, height=320 * rows + 80)
     return fig
