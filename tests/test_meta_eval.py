@@ -365,3 +365,16 @@ def test_toy_strengths_scale_the_learning_rate_only(tmp_path):
     paths = [cache.cached_path(record, "npo", [], weights, tmp_path, s) for s in (1.0, 1, 0.5)]
     assert paths[0] == paths[1] == cache.cached_path(record, "npo", [], weights, tmp_path)
     assert paths[2] != paths[0] and paths[2].name.startswith("veltrani-codex-npo-x0.5-")
+
+
+def test_the_shipped_trust_file_is_of_the_default_toy_zoo():
+    """The trust file the audit reads was computed on the default toy zoo as the code defines it now (its members,
+    strengths and probe settings); regenerate it when they change (patchlab/toy/zoo.py's TRUST_FILE)."""
+    from patchlab.toy.cache import strength_label
+
+    shipped = json.loads(toy_zoo.TRUST_FILE.read_text())
+    names = [m["name"] for m in shipped["members"]]
+    unlearned = [strength_label(m, s) for m in toy_zoo.DEFAULT_METHODS for s in toy_zoo.DEFAULT_STRENGTHS]
+    assert set(toy_zoo.ZOO_MEMBERS) | set(unlearned) | {"vanilla", "retain"} <= set(names)
+    assert [m["name"] for m in shipped["members"] if m["role"] == "unlearned"] == unlearned
+    assert shipped["settings"]["probes"] == toy_zoo.META_SETTINGS and shipped["target"] == patchlab.toy.DEFAULT_CONCEPT
