@@ -1,7 +1,9 @@
 """Percentile bootstrap over questions: every audit score and curve point gets a confidence interval.
 
 A statistic is a function of the question indices it is computed on (so ratios of means, such as a recovery, are
-recomputed on every resample, not averaged per question). All statistics of one audit resample the same seeded
+recomputed on every resample, not averaged per question), vectorised over index sets: given indices with the
+questions on the last axis (``[k]`` or ``[boot, k]``), it returns one value per set (a scalar, or ``[boot]``), so
+all resamples are computed in one array operation. All statistics of one audit resample the same seeded
 index sets, so their intervals are comparable.
 """
 
@@ -16,7 +18,7 @@ from jaxtyping import Float, Int
 from patchlab.probes.base import Interval
 from patchlab.errors import PatchlabValueError
 
-Statistic = Callable[[Int[np.ndarray, "k"]], float]
+Statistic = Callable[[Int[np.ndarray, "*sets k"]], Float[np.ndarray, "*sets"]]
 
 
 def resamples(n: int, n_boot: int, seed: int) -> Int[np.ndarray, "boot n"]:
@@ -38,7 +40,7 @@ def bootstrap(statistic: Statistic, n: int, *, n_boot: int = 1000, level: float 
     """
     if not 0 < level < 1:
         raise PatchlabValueError(f"level must be in (0, 1), got {level}")
-    values = np.array([statistic(idx) for idx in resamples(n, n_boot, seed)], dtype=float)
+    values = np.asarray(statistic(resamples(n, n_boot, seed)), dtype=float)
     point = float(statistic(np.arange(n)))
     if np.isnan(values).all():
         return Interval(point, float("nan"), float("nan"))
@@ -51,7 +53,7 @@ def mean_interval(values: Float[np.ndarray, "n"], settings: Mapping[str, Any]) -
     """The mean of per-question ``values`` with its bootstrap interval (``settings``: ``n_boot``, ``level``,
     ``seed``)."""
     values = np.asarray(values, dtype=float)
-    return bootstrap(lambda idx: values[idx].mean(), len(values), **boot_args(settings))
+    return bootstrap(lambda idx: values[idx].mean(axis=-1), len(values), **boot_args(settings))
 
 
 def column_intervals(values: Float[np.ndarray, "n column"], settings: Mapping[str, Any]) -> list[list[float | None]]:
@@ -69,9 +71,10 @@ def ratio_of_gains(after: Float[np.ndarray, "n"], before: Float[np.ndarray, "n"]
     if not after.shape == before.shape == full.shape:
         raise PatchlabValueError(f"per-question arrays differ in shape: {after.shape}, {before.shape}, {full.shape}")
 
-    def ratio(idx: np.ndarray) -> float:
-        gap = full[idx].mean() - before[idx].mean()
-        return float((after[idx].mean() - before[idx].mean()) / gap) if abs(gap) > eps else float("nan")
+    def ratio(idx: np.ndarray) -> np.ndarray:
+        gap = full[idx].mean(axis=-1) - before[idx].mean(axis=-1)
+        gain = after[idx].mean(axis=-1) - before[idx].mean(axis=-1)
+        return np.divide(gain, gap, out=np.full_like(gap, np.nan), where=np.abs(gap) > eps)
 
     return bootstrap(ratio, len(after), **boot_args(settings))
 
