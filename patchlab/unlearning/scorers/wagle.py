@@ -1,6 +1,6 @@
-"""WAGLE (Jia et al., NeurIPS 2024): ``S = (θ - ∇ℓ_r(θ) / γ) ⊙ ∇ℓ_f(θ)`` per weight, with ``ℓ_f`` the forget
-loss (signed by the ``forget_loss`` convention), ``ℓ_r`` the retain loss and ``γ > 0`` the Hessian-diagonal
-parameter."""
+"""WAGLE (Jia et al., NeurIPS 2024): ``S = (θ - ∇ℓ_r(θ) / γ) ⊙ ∇ℓ_f(θ)`` per weight, with ``ℓ_f`` the
+forget loss (signed by the ``forget_loss`` convention), ``ℓ_r`` the retain loss and ``γ > 0`` the
+Hessian-diagonal parameter."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Wanda (Sun et al., 2024): ``|W_ij| · ‖X_j‖₂`` per weight of every linear layer, ``‖X_j‖₂`` the L2 norm of input
-channel ``j`` over all non-padding tokens of a calibration set; other parameters are not scored."""
+"""Wanda (Sun et al., 2024): ``|W_ij| · ‖X_j‖₂`` per weight of every linear layer, ``‖X_j‖₂`` the L2 norm of
+input channel ``j`` over all non-padding tokens of a calibration set; other parameters are not scored."""
 
 from __future__ import annotations
 
