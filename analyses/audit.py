@@ -89,7 +89,7 @@ def settings_from_args(args: argparse.Namespace, toy: bool) -> dict[str, dict[st
 
 
 def read_question_file(path: str | None, what: str) -> list[Any] | None:
-    """The :class:`~patchlab.probes.base.Question` list of a --questions / --unrelated file (``what``: ``"target"`` /
+    """The :class:`~patchlab.pair.qa.QA` list of a --questions / --unrelated file (``what``: ``"target"`` /
     ``"unrelated"``), parsed and checked (:func:`patchlab.probes.base.as_questions`) before any model loads; ``None``
     when not given.
 

@@ -40,7 +40,8 @@ from transformers import PreTrainedModel
 
 from patchlab.errors import PatchlabFileError, PatchlabValueError
 from patchlab.io import atomic_write_json, read_records
-from patchlab.probes.base import Question, as_questions
+from patchlab.pair.qa import QA
+from patchlab.probes.base import as_questions
 
 ROLES = ("full", "positive", "negative", "retain", "unlearned")
 #: The roles whose models know the target (the P pool of faithfulness) and those that never saw it (N).
@@ -113,9 +114,9 @@ class Zoo:
     """
 
     target: str
-    questions: list[Question]
+    questions: list[QA]
     members: list[Member]
-    unrelated: list[Question] | None = None
+    unrelated: list[QA] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

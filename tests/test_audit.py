@@ -16,9 +16,10 @@ import torch
 
 import patchlab
 from patchlab import toy
-from patchlab.probes import (PROBES, AuditCase, AuditReport, Interval, ProbeResult, Question, audit_many,
-                            bootstrap, resolve_settings)
+from patchlab.probes import (PROBES, AuditCase, AuditReport, Baselines, Interval, ProbeResult, audit_many, bootstrap,
+                            resolve_settings)
 from patchlab.probes import run as run_module
+from patchlab.probes import scoring
 from patchlab.probes import logit_lens as lens_probe
 from patchlab.probes.bootstrap import mean_interval, ratio_of_gains
 from patchlab.probes.quantization import quantize_, quantize_weight
@@ -48,9 +49,8 @@ def settings_for(probe: str, **overrides) -> dict:
 
 def run_probe(name, retain_pair, **overrides):
     pair, questions, unrelated = retain_pair
-    return PROBES[name].run(pair, [Question(q.question, q.answer) for q in questions],
-                            unrelated=[Question(q.question, q.answer) for q in unrelated], retain=None,
-                            settings=settings_for(name, **overrides), progress=False)
+    return PROBES[name].run(pair, questions, unrelated=unrelated, retain=None, settings=settings_for(name, **overrides),
+                            progress=False, baselines=Baselines())
 
 
 # ------------------------------------------------------------------------------------------------ bootstrap
@@ -86,7 +86,7 @@ def test_bootstrap_of_a_constant_is_a_point_and_ratios_skip_zero_gaps():
 def test_retain_model_is_a_real_unlearned_reference(retain_pair):
     pair, questions, _ = retain_pair
     settings = settings_for("relearning")
-    refs = references(pair.vanilla_hf, pair.tokenizer, [Question(q.question, q.answer) for q in questions], settings)
+    refs = references(pair.vanilla_hf, pair.tokenizer, questions, settings)
     assert refs.expected == [q.answer for q in questions]
     lp_v, lp_r = teacher_forced_logprob(pair.vanilla_hf, refs), teacher_forced_logprob(pair.unlearned_hf, refs)
     assert (lp_v > -0.1).all() and (lp_r < lp_v - 1.0).all()  # nats per answer token
@@ -187,8 +187,8 @@ def test_krs_probe_calls_an_identical_pair_intact():
     model_v, tok = toy.vanilla()
     record = toy.world().record(toy.DEFAULT_CONCEPT)
     pair = patchlab.load_pair(model_v, toy.vanilla()[0], tokenizer=tok)
-    result = PROBES["krs"].run(pair, [Question(q.question, q.answer) for q in record.qa[:2]], unrelated=None,
-                               retain=None, settings=settings_for("krs"), progress=False)
+    result = PROBES["krs"].run(pair, record.qa[:2], unrelated=None, retain=None, settings=settings_for("krs"),
+                               progress=False, baselines=Baselines())
     assert result.verdict == "intact" and math.isnan(result.score.value) and "degenerate" in result.details
 
 
@@ -266,6 +266,34 @@ def test_probes_lacking_an_input_are_skipped_and_noted(case, monkeypatch):
     assert report.runs[0].skipped == {name: f"needs {probe.needs[0]}" for name, probe in PROBES.items() if probe.needs}
     assert report.runs[0].skipped == {"uds": "needs retain", "behavior": "needs unrelated"}
     assert "not run" in report.verdicts().loc["behavior", "x"]
+
+
+def test_the_probes_of_one_case_share_its_baselines_and_cases_do_not(case, monkeypatch):
+    computed, seen = [], []
+
+    def fake_baselines(pair, questions, settings, progress=False):
+        computed.append((id(pair), len(questions), settings["n_tokens"]))
+        return object(), object(), object()
+
+    def stub(name):
+        def run(pair, questions, *, baselines, settings, **kwargs):
+            seen.append((baselines, baselines.get(pair, questions, settings, False)))
+            return ProbeResult(probe=name, score=Interval(0.0, 0.0, 0.0), meaning="", verdict="erased", rule="")
+        return run
+
+    monkeypatch.setattr(scoring, "baseline_scores", fake_baselines)
+    for name in ("krs", "quantization"):
+        monkeypatch.setitem(PROBES, name, replace(PROBES[name], run=stub(name)))
+    audit_many([case, replace(case, label="again")], probes=["krs", "quantization"], progress=False)
+    assert computed == [(id(case.pair), 4, 30)] * 2  # once per case, never across cases
+    (first, krs), (same, quant), (second, krs_other), (_, quant_other) = seen
+    assert first is same and second is not first  # one Baselines per case, passed to each of its probes
+    assert krs is quant and krs_other is quant_other and krs_other is not krs
+    baselines = Baselines()
+    settings = settings_for("krs")
+    assert baselines.get(case.pair, case.questions, settings) is baselines.get(case.pair, case.questions, settings)
+    assert baselines.get(case.pair, case.questions, {**settings, "n_tokens": 5}) is not baselines.get(
+        case.pair, case.questions, settings)  # another reference length is another baseline
 
 
 def test_audit_writes_a_report_that_resumes_and_round_trips(case, tmp_path, monkeypatch):
@@ -416,8 +444,8 @@ def test_depth_probes_on_the_toy_world(name):
     tp = toy.pair(method="graddiff", retain=True, progress=False)
     qa = toy.world().record(toy.DEFAULT_CONCEPT).qa[:4]
     settings = settings_for(name)
-    result = PROBES[name].run(tp.pair, [Question(q.question, q.answer) for q in qa], unrelated=None,
-                              retain=tp.retain_model, settings=settings, progress=False)
+    result = PROBES[name].run(tp.pair, qa, unrelated=None, retain=tp.retain_model, settings=settings, progress=False,
+                              baselines=Baselines())
     assert result.verdict in ("erased", "hidden") and 0.0 <= result.score.value <= 1.0
     assert result.score.low <= result.score.value <= result.score.high
     d = result.details

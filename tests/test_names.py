@@ -22,8 +22,9 @@ def _modules() -> list:
 
 
 def _entry_file(module) -> bool:
-    """A file the probe or unlearning-method registry discovers: its names are the registry's, not the API's."""
-    return hasattr(module, "PROBE") or hasattr(module, "METHOD")
+    """A file the probe, unlearning-method or attribution-scorer registry discovers: its names are the registry's, not
+    the API's."""
+    return any(hasattr(module, entry) for entry in ("PROBE", "METHOD", "SCORER"))
 
 
 def public_names(module) -> list[str]:

@@ -50,7 +50,7 @@ PLUGIN = textwrap.dedent('''
                                                           for n, p in model.named_parameters()})
 
 
-    def run(pair, questions, *, unrelated, retain, settings, progress):
+    def run(pair, questions, *, unrelated, retain, settings, progress, baselines):
         return ProbeResult(probe="plugin_probe", score=Interval(0.5, 0.4, 0.6), meaning="a constant",
                            verdict="hidden", rule="always hidden", details={"knob": settings["plugin_knob"]})
 
@@ -127,6 +127,21 @@ def test_plugin_probe_reaches_audit(plugin, checkpoint, tmp_path, capsys):
                      "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
     assert "plugin_probe" in capsys.readouterr().out
     assert '"knob": 5' in (out / "audit.json").read_text()
+
+
+def test_a_probe_without_the_probe_keywords_is_refused_when_registered(monkeypatch):
+    from patchlab.probes import Probe, register_probe
+
+    monkeypatch.setattr(PROBES, "_entries", dict(PROBES.items()))
+
+    def old_run(pair, questions, *, unrelated, retain, settings, progress):
+        raise AssertionError("never called")
+
+    with pytest.raises(patchlab.PatchlabValueError, match="probe 'old_probe': run must take .*it lacks baselines"):
+        register_probe(Probe(name="old_probe", title="Old", run=old_run, defaults={}))
+    assert "old_probe" not in PROBES
+    register_probe(Probe(name="any_keywords", title="Any", run=lambda pair, questions, **kwargs: None, defaults={}))
+    assert "any_keywords" in PROBES
 
 
 def test_plugin_scorer_reaches_wagle_density(plugin, checkpoint, tmp_path, capsys):

@@ -59,3 +59,17 @@ def test_answers_correct_applies_the_rule_to_greedy_answers(monkeypatch, generat
     ids = torch.tensor(tok(generated).input_ids)
     monkeypatch.setattr(toy_qa, "greedy_answers", lambda model, tokenizer, questions, **kw: ([], [ids]))
     assert toy_qa.answers_correct(None, tok, [QA("where ?", expected)]) == [correct]
+
+
+def test_scoring_and_training_text_refuse_a_question_without_its_answer(monkeypatch):
+    tok = word_tokenizer(["Paris", "Question: where ?\n Answer:"])
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a model ran before the missing answer was refused")
+
+    monkeypatch.setattr(toy_qa, "greedy_answers", no_generation)
+    with pytest.raises(PatchlabValueError, match=r"answers_correct needs the expected answers, but questions \[1\]"):
+        toy_qa.answers_correct(None, tok, [QA("where ?", "Paris"), QA("where ?")])
+    with pytest.raises(PatchlabValueError, match=r"qa_text needs the expected answers"):
+        toy_qa.qa_text(QA("where ?"))
+    assert toy_qa.qa_text(QA("where ?", "Paris")) == "Question: where ?\n Answer: Paris"

@@ -13,7 +13,8 @@ import torch
 import patchlab
 from patchlab import toy
 from patchlab.errors import PatchlabValueError
-from patchlab.probes import PROBES, AuditCase, ProbeResult, Question, audit_many, resolve_settings
+from patchlab.pair.qa import QA
+from patchlab.probes import PROBES, AuditCase, Baselines, ProbeResult, audit_many, resolve_settings
 from patchlab.probes import relearning
 from patchlab.probes.quantization import quantized, resolve_quantizer
 from patchlab.probes.registry import probe_settings
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def toy_models():
     model_v, tok = toy.vanilla()
     record = toy.world().record(toy.DEFAULT_CONCEPT)
-    questions = [Question(q.question, q.answer) for q in record.qa[:4]]
-    unrelated = [Question(q.question, q.answer) for q in record.unrelated_qa[:4]]
+    questions = record.qa[:4]
+    unrelated = record.unrelated_qa[:4]
     return model_v, tok, questions, unrelated
 
 
@@ -38,7 +39,7 @@ def settings_for(probe: str, **overrides) -> dict:
 
 def run(name, pair, questions, unrelated=None, retain=None, **overrides) -> ProbeResult:
     return PROBES[name].run(pair, questions, unrelated=unrelated, retain=retain,
-                            settings=settings_for(name, **overrides), progress=False)
+                            settings=settings_for(name, **overrides), progress=False, baselines=Baselines())
 
 
 def test_inconclusive_needs_a_reason_and_only_it():
@@ -98,7 +99,7 @@ def test_the_false_answer_control_gates_relearning(toy_models, monkeypatch, cont
 def test_shared_answers_warn_and_without_a_control_are_inconclusive(toy_models, monkeypatch):
     model_v, tok, questions, _ = toy_models
     pair = patchlab.load_pair(model_v, toy.retain(), tokenizer=tok)
-    same = [Question(q.question, questions[0].answer) for q in questions]
+    same = [QA(q.question, questions[0].answer) for q in questions]
     monkeypatch.setattr(relearning, "held_out_curve", fake_curve(1.0, 0.0))
     with pytest.warns(UserWarning, match="share answers"):
         result = run("relearning", pair, same, steps=[0, 1])  # one answer, no unrelated: no false answer exists
@@ -210,7 +211,7 @@ def test_uds_answer_span_scores_only_the_given_answer(toy_models):
     assert answer.details["span"] == "answer" and generation.details["span"] == "generation"
     assert answer.details["full"] != generation.details["full"]  # other tokens scored
     with pytest.raises(PatchlabValueError, match="have none"):
-        run("uds", pair, [Question(q.question) for q in questions], retain=toy.retain(), span="answer")
+        run("uds", pair, [QA(q.question) for q in questions], retain=toy.retain(), span="answer")
     with pytest.raises(PatchlabValueError, match="span"):
         PROBES["uds"].check(settings_for("uds", span="entity"), pair)
 

@@ -69,5 +69,7 @@ def test_every_axis_is_a_registry():
     for reg in (RECOVERY_METRICS, PROBES, SCORERS, UNLEARNING_METHODS):
         assert isinstance(reg, Registry) and len(reg) > 0
     assert list(PROBES)[:6] == ["krs", "logit_lens", "uds", "relearning", "quantization", "behavior"]
+    assert list(SCORERS)[:4] == ["wagle", "magnitude", "wanda", "random"]  # one file each, named after it
+    assert all(SCORERS[name].__module__ == f"patchlab.unlearning.scorers.{name}" for name in list(SCORERS)[:4])
     with pytest.raises(PatchlabValueError, match="unknown attribution method 'nope'; choose from wagle"):
         SCORERS.get("nope")

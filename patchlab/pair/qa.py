@@ -1,5 +1,5 @@
-"""Question-answer pairs and greedy QA scoring: does a model's greedy answer give the expected answer
-(:mod:`patchlab.pair.correctness`)?"""
+"""Questions with their expected answers, and greedy QA scoring: does a model's greedy answer give the expected
+answer (:mod:`patchlab.pair.correctness`)?"""
 
 from __future__ import annotations
 
@@ -15,10 +15,25 @@ from patchlab.pair.generation import DEFAULT_TEMPLATE, format_prompts, greedy_an
 
 @dataclass(frozen=True)
 class QA:
-    """A question and its short answer (1-4 words)."""
+    """A question and, when known, its expected answer (a short answer or a sentence).
+
+    ``answer=None``: not known. The audit (:mod:`patchlab.probes`) then takes the vanilla model's greedy answer as
+    the reference; scoring (:func:`answers_correct`) and training text (:func:`qa_text`) need a given answer.
+    """
 
     question: str
-    answer: str
+    answer: str | None = None
+
+
+def check_answers(qa: Sequence[QA], what: str, hint: str = "give every question its answer") -> None:
+    """Raise when any of ``qa`` lacks its answer, which ``what`` needs.
+
+    Raises:
+        PatchlabValueError: naming ``what``, the indices of the questions without an answer, then ``hint``.
+    """
+    missing = [i for i, q in enumerate(qa) if q.answer is None]
+    if missing:
+        raise PatchlabValueError(f"{what} needs the expected answers, but questions {missing} have none; {hint}")
 
 
 #: Tokens generated beyond the expected answer's length, so that an answer after a short preamble (``"The answer
@@ -27,7 +42,12 @@ PREAMBLE_TOKENS = 8
 
 
 def qa_text(qa: QA, template: str = DEFAULT_TEMPLATE) -> str:
-    """A QA pair as training text: the prompt, a space, the answer (the caller appends EOS)."""
+    """A QA pair as training text: the prompt, a space, the answer (the caller appends EOS).
+
+    Raises:
+        PatchlabValueError: ``qa`` has no answer.
+    """
+    check_answers([qa], "qa_text")
     return f"{format_prompts([qa.question], template)[0]} {qa.answer}"
 
 
@@ -39,9 +59,13 @@ def answers_correct(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
     The generation is the expected answer's length in tokens plus :data:`PREAMBLE_TOKENS` (room for a preamble such
     as ``"The answer is:"``), stopping at EOS.
+
+    Raises:
+        PatchlabValueError: no pair, or a pair without its answer.
     """
     if len(qa) == 0:
         raise PatchlabValueError("answers_correct: no QA pair given")
+    check_answers(qa, "answers_correct")
     longest = max(len(tokenizer(q.answer).input_ids) for q in qa)
     _, generated = greedy_answers(model, tokenizer, [q.question for q in qa], max_new_tokens=longest + PREAMBLE_TOKENS,
                                   template=template, progress=progress)

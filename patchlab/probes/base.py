@@ -3,8 +3,8 @@ the verdict thresholds the probes share.
 
 A *probe* is one way of asking whether unlearning erased a concept or only hid it. Each is one :class:`Probe`
 entry of :data:`patchlab.probes.registry.PROBES`: a function ``(pair, questions, *, unrelated, retain, settings,
-progress) -> ProbeResult`` whose result carries a headline score (with a bootstrap confidence interval over
-questions), what the score means, and a verdict:
+progress, baselines) -> ProbeResult`` (:class:`ProbeFn`) whose result carries a headline score (with a bootstrap
+confidence interval over questions), what the score means, and a verdict:
 
 * ``"intact"``: the unlearned model still gives the answers (nothing to uncover);
 * ``"hidden"``: the answers are gone from the output but the probe brings them back;
@@ -15,10 +15,11 @@ questions), what the score means, and a verdict:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import plotly.graph_objects as go
 from transformers import PreTrainedModel
@@ -26,7 +27,11 @@ from transformers import PreTrainedModel
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
 from patchlab.pair.generation import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from patchlab.pair.qa import QA
 from patchlab.results import figure_function
+
+if TYPE_CHECKING:
+    from patchlab.probes.scoring import Baselines
 
 VERDICTS = ("erased", "hidden", "intact", "inconclusive")
 INCONCLUSIVE = "inconclusive"
@@ -44,18 +49,10 @@ COMMON_DEFAULTS: dict[str, Any] = {"n_tokens": 30, "template": DEFAULT_TEMPLATE,
                                    "seed": 0}
 
 
-@dataclass(frozen=True)
-class Question:
-    """A question about the concept and, when known, its expected answer (else the vanilla model's greedy answer
-    is the reference)."""
-
-    question: str
-    answer: str | None = None
-
-
-def as_questions(items: Any, what: str = "target") -> list[Question]:
-    """Questions from strings, ``{"question", "answer"?}`` records or objects with ``.question`` / ``.answer``
-    (e.g. :class:`patchlab.toy.QA`).
+def as_questions(items: Any, what: str = "target") -> list[QA]:
+    """The audited questions (:class:`~patchlab.pair.qa.QA`, the answer ``None`` where not given: the vanilla
+    model's greedy answer is then the reference) from strings, ``{"question", "answer"?}`` records or objects with
+    ``.question`` / ``.answer`` (e.g. :class:`~patchlab.pair.qa.QA` itself).
 
     Raises:
         PatchlabValueError: no item, an empty question, an item of another form, or an empty answer.
@@ -64,9 +61,7 @@ def as_questions(items: Any, what: str = "target") -> list[Question]:
         raise PatchlabValueError(f"the {what} questions must be a non-empty list")
     out = []
     for i, item in enumerate(items):
-        if isinstance(item, Question):
-            q, a = item.question, item.answer
-        elif isinstance(item, str):
+        if isinstance(item, str):
             q, a = item, None
         elif isinstance(item, Mapping):
             q, a = item.get("question"), item.get("answer")
@@ -76,7 +71,7 @@ def as_questions(items: Any, what: str = "target") -> list[Question]:
             raise PatchlabValueError(f"{what} question {i} is not a non-empty string: {item!r}")
         if a is not None and (not isinstance(a, str) or not a.split()):
             raise PatchlabValueError(f"{what} question {i} has an empty or non-string answer: {item!r}")
-        out.append(Question(q, a))
+        out.append(QA(q, a))
     return out
 
 
@@ -148,10 +143,42 @@ class ProbeResult:
 
 
 class ProbeFn(Protocol):
-    """A probe's function: audit ``pair`` on ``questions`` with the resolved ``settings`` (common + the probe's)."""
+    """A probe's function: audit ``pair`` on ``questions`` with the resolved ``settings`` (common + the probe's).
 
-    def __call__(self, pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
-                 retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult: ...
+    ``unrelated``: the unrelated questions, ``retain``: a model that never saw the concept (each ``None`` when the
+    case lacks it), ``progress``: show progress bars. ``baselines``
+    (:class:`patchlab.probes.scoring.Baselines`): the reference answers and vanilla / unlearned scores shared by the
+    probes of one audited case; a probe that needs them asks ``baselines.get(pair, questions, settings,
+    progress)``, any other leaves it unread. The audit runner passes one per case; a direct call passes
+    ``Baselines()``.
+    """
+
+    def __call__(self, pair: ModelPair, questions: list[QA], *, unrelated: list[QA] | None,
+                 retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool,
+                 baselines: Baselines) -> ProbeResult: ...
+
+
+#: The keyword arguments every probe function takes (:class:`ProbeFn`).
+PROBE_KEYWORDS = ("unrelated", "retain", "settings", "progress", "baselines")
+
+
+def check_probe_fn(name: str, run: Callable[..., ProbeResult]) -> None:
+    """Check that ``run`` takes the keywords of a probe function, :data:`PROBE_KEYWORDS` (or ``**kwargs``), so a
+    probe written for another signature is refused when it is registered, not in the middle of an audit.
+
+    Raises:
+        PatchlabValueError: ``run`` is not callable or lacks a keyword (naming them).
+    """
+    if not callable(run):
+        raise PatchlabValueError(f"probe {name!r}: run must be a function, got {type(run).__name__}")
+    params = inspect.signature(run).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    missing = [k for k in PROBE_KEYWORDS if k not in named]
+    if missing:
+        raise PatchlabValueError(f"probe {name!r}: run must take the keyword arguments {', '.join(PROBE_KEYWORDS)} "
+                                 f"(patchlab.probes.base.ProbeFn); it lacks {', '.join(missing)}")
 
 
 #: Draws one probe's results for several audited pairs side by side: ``[(label, result), ...] -> figure``.

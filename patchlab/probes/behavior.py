@@ -17,9 +17,11 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from patchlab.analysis.behavior import METRICS, SETS, evaluate
-from patchlab.probes.base import Interval, Probe, ProbeResult, Question
+from patchlab.probes.base import Interval, Probe, ProbeResult
 from patchlab.probes.bootstrap import mean_interval
+from patchlab.probes.scoring import Baselines
 from patchlab.pair import ModelPair
+from patchlab.pair.qa import QA
 
 DEFAULTS: dict[str, Any] = {}
 #: Target BLEU (0-100) at or above which the answers count as unchanged.
@@ -27,9 +29,11 @@ INTACT_BLEU = 50.0
 RULE = f"intact if the target BLEU is >= {INTACT_BLEU:.0f}; else erased (behaviour cannot see hidden knowledge)"
 
 
-def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
-        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
-    """The behaviour probe (module docstring)."""
+def run(pair: ModelPair, questions: list[QA], *, unrelated: list[QA] | None,
+        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool, baselines: Baselines
+        ) -> ProbeResult:
+    """The behaviour probe (module docstring); its BLEU scores compare with the vanilla model's own generations,
+    so it leaves ``baselines`` unread."""
     table = evaluate(pair, [q.question for q in questions], [q.question for q in unrelated or []],
                      max_new_tokens=settings["n_tokens"], template=settings["template"], progress=progress).table
     stats = {s: {m: mean_interval(table.loc[table["set"] == s, m].to_numpy(dtype=float), settings).to_list()

@@ -22,11 +22,12 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from patchlab.probes.base import HIDDEN_SHARE, INTACT_SHARE, Interval, Probe, ProbeResult, Question, recovery_verdict
+from patchlab.probes.base import HIDDEN_SHARE, INTACT_SHARE, Interval, Probe, ProbeResult, recovery_verdict
 from patchlab.probes.bootstrap import column_intervals, mean_interval
-from patchlab.probes.scoring import baseline, baseline_scores
+from patchlab.probes.scoring import Baselines, baseline
 from patchlab.errors import DegenerateKRSError, PatchlabValueError
 from patchlab.pair import ModelPair
+from patchlab.pair.qa import QA
 from patchlab.pair.sites import parse_component
 from patchlab.patching.result import KRSResult
 from patchlab.patching.sweep import DEFAULT_COMPONENTS, POSITIONS, krs_sweep, resolve_components, resolve_windows
@@ -58,12 +59,13 @@ def cell_intervals(result: KRSResult, settings: Mapping[str, Any]) -> dict[str, 
     return {c: column_intervals(values, settings) for c, values in result.per_question.items()}
 
 
-def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
-        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
+def run(pair: ModelPair, questions: list[QA], *, unrelated: list[QA] | None,
+        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool, baselines: Baselines
+        ) -> ProbeResult:
     """The KRS probe (module docstring)."""
     check(settings, pair)
     retrieval = retrieval_components(settings["components"])
-    refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
+    refs, vanilla, unlearned = baselines.get(pair, questions, settings, progress)
     details: dict[str, Any] = baseline(vanilla, unlearned)
     meaning = ("best mean KRS over layer windows when restoring a retrieval component (1 = the vanilla answer "
                "logits come back, 0 = none of them)")

@@ -36,11 +36,12 @@ from transformers import PreTrainedModel
 
 from patchlab.pair import ModelPair
 from patchlab.pair.arch import ArchSpec
+from patchlab.pair.qa import QA
 from patchlab.patching.engine import capture
 from patchlab.errors import PatchlabValueError
-from patchlab.probes.base import INCONCLUSIVE, Interval, Probe, ProbeResult, Question, recovery_verdict
+from patchlab.probes.base import INCONCLUSIVE, Interval, Probe, ProbeResult, recovery_verdict
 from patchlab.probes.bootstrap import column_intervals, mean_interval
-from patchlab.probes.scoring import baseline, baseline_scores
+from patchlab.probes.scoring import Baselines, baseline
 
 DEFAULTS: dict[str, Any] = {"top_k": 10}
 NO_INFORMATIVE_LAYER = ("the vanilla model's lens ranks the answer within its top {k} at no decoder layer before the "
@@ -111,11 +112,12 @@ def layer_name(layer: int, n_layers: int) -> str:
     return f"layer {layer} ({place})"
 
 
-def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
-        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
+def run(pair: ModelPair, questions: list[QA], *, unrelated: list[QA] | None,
+        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool, baselines: Baselines
+        ) -> ProbeResult:
     """The logit-lens probe (module docstring)."""
     check(settings, pair)
-    refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
+    refs, vanilla, unlearned = baselines.get(pair, questions, settings, progress)
     models = {"vanilla": pair.vanilla_hf, "unlearned": pair.unlearned_hf, **({"retain": retain} if retain else {})}
     lens = {who: logit_lens(m, pair.arch, refs.prompt_ids, refs.answer_ids) for who, m in models.items()}
     floor = lens["retain"]["logprob"] if retain is not None else \

@@ -48,12 +48,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from patchlab.probes.base import (INCONCLUSIVE, INTACT_SHARE, Probe, ProbeResult, Question, accuracy_share,
+from patchlab.probes.base import (INCONCLUSIVE, INTACT_SHARE, Probe, ProbeResult, accuracy_share,
                                  recovery_verdict)
 from patchlab.probes.bootstrap import mean_interval
-from patchlab.probes.scoring import SCORES, Scores, baseline, baseline_scores, recovery, score
+from patchlab.probes.scoring import SCORES, Baselines, Scores, baseline, recovery, score
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
+from patchlab.pair.qa import QA
 
 DEFAULTS: dict[str, Any] = {"bits": [8, 4], "quantizer": "auto"}
 MAX_BITS = 16
@@ -202,13 +203,14 @@ def levels(scores: Sequence[Scores], settings: Mapping[str, Any]) -> dict[str, l
     return {name: [mean_interval(s.get(name), settings).to_list() for s in scores] for name in SCORES}
 
 
-def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
-        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
+def run(pair: ModelPair, questions: list[QA], *, unrelated: list[QA] | None,
+        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool, baselines: Baselines
+        ) -> ProbeResult:
     """The quantization probe (module docstring)."""
     widths = check_bits(settings)
     quantizer = resolve_quantizer(settings, widths)
     tok = pair.tokenizer
-    refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
+    refs, vanilla, unlearned = baselines.get(pair, questions, settings, progress)
     rounded: dict[str, list[Scores]] = {"unlearned": [], "vanilla": []}
     for bits in tqdm(widths, desc="quantization", disable=not progress, leave=False):
         for role, model in (("unlearned", pair.unlearned_hf), ("vanilla", pair.vanilla_hf)):

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from patchlab.errors import PatchlabValueError
-from patchlab.probes.base import COMMON_DEFAULTS, Probe
+from patchlab.probes.base import COMMON_DEFAULTS, Probe, check_probe_fn
 from patchlab.registry import Registry
 
 #: Settings key of the options every probe shares (:data:`patchlab.probes.base.COMMON_DEFAULTS`).
@@ -24,6 +24,7 @@ def _check_probe(name: str, probe: Any) -> None:
         raise PatchlabValueError(f"register_probe takes a patchlab.probes.Probe, got {type(probe).__name__}")
     if name == COMMON:
         raise PatchlabValueError(f"{COMMON!r} names the shared settings, not a probe: choose another name")
+    check_probe_fn(probe.name, probe.run)
 
 
 def _report_rank(name: str) -> tuple[int, str]:
@@ -40,7 +41,9 @@ def register_probe(probe: Probe, *, replace: bool = False) -> Probe:
     """Add ``probe`` to :data:`PROBES` (after the others); returns it.
 
     Raises:
-        PatchlabValueError: not a :class:`Probe`, a name taken (without ``replace=True``) or the reserved ``common``.
+        PatchlabValueError: not a :class:`Probe`, a ``run`` that lacks a keyword of
+            :class:`~patchlab.probes.base.ProbeFn` (``baselines`` included), a name taken (without ``replace=True``)
+            or the reserved ``common``.
     """
     _check_probe("", probe)
     return PROBES.register(probe, replace=replace)

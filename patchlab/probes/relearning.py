@@ -50,13 +50,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.pair.correctness import normalize_answer
-from patchlab.probes.base import (HIDDEN_SHARE, INCONCLUSIVE, Interval, Probe, ProbeResult, Question,
-                                 recovery_verdict)
+from patchlab.probes.base import HIDDEN_SHARE, INCONCLUSIVE, Interval, Probe, ProbeResult, recovery_verdict
 from patchlab.probes.scoring import AnswerReferences as References  # noqa: N814 - the local name predates the rename
-from patchlab.probes.scoring import (SCORES, Scores, baseline, baseline_scores, recovery, references, score,
+from patchlab.probes.scoring import (SCORES, Baselines, Scores, baseline, recovery, references, score,
                                      subset)
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
+from patchlab.pair.qa import QA
 from patchlab.unlearning import batches, nll, padding_id, to_examples
 
 DEFAULTS: dict[str, Any] = {"steps": [0, 5, 10, 20, 40], "lr": 1e-5, "batch_size": 8, "false_control": True}
@@ -192,12 +192,13 @@ def curve_details(curve_scores: list[Scores], unlearned: Scores, vanilla: Scores
             "per_question": [s.to_dict() for s in curve_scores]}
 
 
-def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
-        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
+def run(pair: ModelPair, questions: list[QA], *, unrelated: list[QA] | None,
+        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool, baselines: Baselines
+        ) -> ProbeResult:
     """The relearning probe (module docstring)."""
     steps = check_settings(settings)
     tok = pair.tokenizer
-    refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
+    refs, vanilla, unlearned = baselines.get(pair, questions, settings, progress)
     details: dict[str, Any] = {"steps": steps, **baseline(vanilla, unlearned)}
     shared = shared_answers(refs.expected, *answer_halves(refs.expected, settings["seed"]))
     details["shared_answers"] = shared

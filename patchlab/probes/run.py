@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from patchlab.probes.base import Probe, ProbeResult, as_questions, check_common
 from patchlab.probes.registry import COMMON, PROBES, probe_settings, resolve_settings, select
 from patchlab.probes.report import AuditReport, AuditRun
-from patchlab.probes.scoring import shared_baselines
+from patchlab.probes.scoring import Baselines
 from patchlab.distributed import check_resources, run_tasks
 from patchlab.errors import PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir, read_json
@@ -31,8 +31,8 @@ class AuditCase:
         label: its name in the report (distinct per audit).
         pair: the vanilla / unlearned :class:`patchlab.pair.ModelPair`.
         questions: the target questions (strings, ``{"question", "answer"}`` records or objects with ``.question``
-            / ``.answer``; normalised to :class:`Question`). Without answers the vanilla greedy answers are the
-            reference.
+            / ``.answer``; normalised to :class:`~patchlab.pair.qa.QA`). Without answers the vanilla greedy answers
+            are the reference.
         unrelated: unrelated questions, same forms (the behaviour probe and the benign relearning attack).
         retain: a model that never saw the concept (same architecture and tokenizer), for the probes that need one.
         sources: how each checkpoint was given (``"vanilla"``, ``"unlearned"``, ``"retain"`` -> a path, hub id or
@@ -101,9 +101,9 @@ def _plan(cases: Sequence[AuditCase], probes: list[Probe], explicit: bool
 
 
 def _run_probe(probe: Probe, case: AuditCase, settings: Mapping[str, Any], out: OutputDir | None,
-               progress: bool) -> ProbeResult:
+               progress: bool, baselines: Baselines) -> ProbeResult:
     """The stored result of ``probe`` on ``case`` in a resumed ``out``, else a fresh one (stored there), its
-    ``seconds`` the wall time of ``probe.run``."""
+    ``seconds`` the wall time of ``probe.run``; ``baselines``: the case's, shared by its probes."""
     name = f"probes/{slug(case.label)}/{probe.name}.json"
     if out is not None and out.resumed and (out.path / name).is_file():
         return ProbeResult.from_dict(read_json(out.path / name))
@@ -111,7 +111,7 @@ def _run_probe(probe: Probe, case: AuditCase, settings: Mapping[str, Any], out: 
     own = probe_settings(settings, probe.name)
     own["template"] = resolve_template(own["template"], case.pair.tokenizer)  # "chat": this pair's chat template
     result = probe.run(case.pair, case.questions, unrelated=case.unrelated, retain=case.retain, settings=own,
-                       progress=progress)
+                       progress=progress, baselines=baselines)
     result.seconds = round(time.perf_counter() - start, 2)
     if out is not None:
         out.write(name, lambda path: atomic_write_json(path, result.to_dict()))
@@ -130,8 +130,8 @@ def audit_case(index: int, case: AuditCase, probes: list[Probe], settings: Mappi
                ) -> tuple[int, dict[str, dict[str, Any]]]:
     """``(index, {probe: result dict})``: ``probes`` run on one case, sharing its baselines (a Ray task of
     :func:`audit_many`)."""
-    with shared_baselines():
-        return index, {p.name: _run_probe(p, case, settings, None, False).to_dict() for p in probes}
+    baselines = Baselines()
+    return index, {p.name: _run_probe(p, case, settings, None, False, baselines).to_dict() for p in probes}
 
 
 def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = None,
@@ -192,11 +192,11 @@ def audit_many(cases: Sequence[AuditCase], *, probes: Sequence[str] | None = Non
         with tqdm(total=sum(len(todo) for todo, _ in plan), desc="audit", disable=not progress) as bar:
             for case, (todo, _) in zip(cases, plan):
                 results = {}
-                with shared_baselines():  # the probes of one case share its reference answers and baseline scores
-                    for probe in todo:
-                        bar.set_postfix_str(f"{case.label}: {probe.name}")
-                        results[probe.name] = _run_probe(probe, case, resolved, out, progress)
-                        bar.update(1)
+                baselines = Baselines()  # the probes of one case share its reference answers and baseline scores
+                for probe in todo:
+                    bar.set_postfix_str(f"{case.label}: {probe.name}")
+                    results[probe.name] = _run_probe(probe, case, resolved, out, progress, baselines)
+                    bar.update(1)
                 done.append(results)
     runs = [AuditRun(case.label, results, skipped, {**prov, "environment": environment()})
             for case, prov, results, (_, skipped) in zip(cases, provenance, done, plan)]
@@ -240,7 +240,8 @@ def audit(pair: ModelPair, questions: Sequence[Any], *, unrelated: Sequence[Any]
     Args:
         pair: the vanilla / unlearned pair.
         questions: target questions: strings, ``{"question", "answer"}`` records or objects with ``.question`` /
-            ``.answer`` (e.g. :class:`patchlab.toy.QA`). Without answers the vanilla greedy answers are the reference.
+            ``.answer`` (e.g. :class:`patchlab.pair.qa.QA`). Without answers the vanilla greedy answers are the
+            reference.
         unrelated: unrelated questions, same forms (behaviour probe, benign relearning).
         retain: a model that never saw the concept (e.g. :func:`patchlab.toy.retain`).
         label: the pair's name in the report. sources: how the checkpoints were given, for the provenance.

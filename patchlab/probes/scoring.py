@@ -11,14 +11,14 @@ the expected answer (the given one, else the vanilla greedy answer decoded). For
 An attack's recovery of a score is ``(after - unlearned) / (vanilla - unlearned)`` of its question means: 0 = the
 attack brought nothing back, 1 = back to the vanilla model.
 
-Every probe starts from the same references and vanilla / unlearned scores (:func:`baseline_scores`); inside
-:func:`shared_baselines` (the audit runner enters it once per audited case) they are computed once and shared.
+Every probe starts from the same references and vanilla / unlearned scores (:func:`baseline_scores`), which it
+asks of the :class:`Baselines` it is given: the audit runner creates one per audited case, so they are computed
+once per case and shared by its probes.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from patchlab.probes.base import Interval, Question
+from patchlab.probes.base import Interval
 from patchlab.probes.bootstrap import ratio_of_gains
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
@@ -62,7 +62,7 @@ class AnswerReferences:
         return [{"question": q, "answer": a} for q, a in zip(self.questions, self.expected)]
 
 
-def references(vanilla: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question],
+def references(vanilla: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[QA],
                settings: Mapping[str, Any], *, progress: bool = False) -> AnswerReferences:
     """The vanilla model's greedy answers (``settings["n_tokens"]`` at most, ``settings["template"]``) and the
     expected answers of ``questions``.
@@ -151,36 +151,38 @@ def baseline(vanilla: Scores, unlearned: Scores) -> dict[str, Any]:
             "unlearned": {**unlearned.to_dict(), "accuracy": unlearned.accuracy}}
 
 
-#: The key of one memoized baseline: the pair's identity, the questions, ``n_tokens`` and ``template``.
-BaselineKey = tuple[int, tuple[Question, ...], int, str]
-#: The baselines memoized inside :func:`shared_baselines` (``None`` outside it: every call computes).
-_shared: dict[BaselineKey, tuple[AnswerReferences, Scores, Scores]] | None = None
-
-
-@contextlib.contextmanager
-def shared_baselines() -> Iterator[None]:
-    """Inside the block, :func:`baseline_scores` computes each (pair, questions, ``n_tokens``, ``template``) once
-    and hands the same result to every later call; the memo is dropped on exit (the audit runner enters the block
-    once per audited case, so nothing outlives a case)."""
-    global _shared
-    outer, _shared = _shared, {}
-    try:
-        yield
-    finally:
-        _shared = outer
-
-
-def baseline_scores(pair: ModelPair, questions: Sequence[Question], settings: Mapping[str, Any],
+def baseline_scores(pair: ModelPair, questions: Sequence[QA], settings: Mapping[str, Any],
                     progress: bool = False) -> tuple[AnswerReferences, Scores, Scores]:
-    """(references, vanilla scores, unlearned scores) of ``questions`` on ``pair`` (:func:`references`, then
-    :func:`score` of both models), memoized inside :func:`shared_baselines`. The results are shared: read them,
-    never modify them."""
-    key = (id(pair), tuple(questions), settings["n_tokens"], settings["template"])
-    if _shared is not None and key in _shared:
-        return _shared[key]
+    """(references, vanilla scores, unlearned scores) of ``questions`` on ``pair``: :func:`references`, then
+    :func:`score` of both models, computed afresh (probes ask :meth:`Baselines.get`, which computes them once)."""
     refs = references(pair.vanilla_hf, pair.tokenizer, questions, settings, progress=progress)
     vanilla, unlearned = (score(m, pair.tokenizer, refs, settings) for m in (pair.vanilla_hf, pair.unlearned_hf))
-    result = (refs, vanilla, unlearned)
-    if _shared is not None:
-        _shared[key] = result
-    return result
+    return refs, vanilla, unlearned
+
+
+#: The key of one baseline: the pair's identity, the questions, ``n_tokens`` and ``template``.
+BaselineKey = tuple[int, tuple[QA, ...], int, str]
+
+
+class Baselines:
+    """The baselines (:func:`baseline_scores`) of one audited case, each computed on its first request and handed
+    to every later one: the audit runner creates one per case and passes it to each probe (``baselines=``), so the
+    probes of a case share their reference answers and vanilla / unlearned scores, and nothing outlives the case.
+    A direct ``probe.run`` call passes a fresh ``Baselines()``.
+
+    One is keyed by (pair, questions, ``n_tokens``, ``template``); it holds its pair, so the pair's identity stays
+    unique while it is kept.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[BaselineKey, tuple[ModelPair, tuple[AnswerReferences, Scores, Scores]]] = {}
+
+    def get(self, pair: ModelPair, questions: Sequence[QA], settings: Mapping[str, Any], progress: bool = False
+            ) -> tuple[AnswerReferences, Scores, Scores]:
+        """(references, vanilla scores, unlearned scores) of ``questions`` on ``pair`` with ``settings["n_tokens"]``
+        and ``settings["template"]``, computed on the first request. The results are shared: read them, never
+        modify them."""
+        key = (id(pair), tuple(questions), settings["n_tokens"], settings["template"])
+        if key not in self._memo:
+            self._memo[key] = (pair, baseline_scores(pair, questions, settings, progress))
+        return self._memo[key][1]

@@ -50,14 +50,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from patchlab.errors import PatchlabValueError
 from patchlab.pair import ModelPair
 from patchlab.pair.arch import ArchSpec
+from patchlab.pair.qa import QA, check_answers
 from patchlab.pair.sites import parse_component
 from patchlab.patching.engine import PatchStore, Row, run_rows
 from patchlab.patching.metrics import Metric, References, answer_logprob, get_metric
 from patchlab.patching.sweep import position_mask, prepare_source, prepare_target
-from patchlab.probes.base import (INCONCLUSIVE, INTACT_SHARE, Interval, Probe, ProbeResult, Question,
-                                 output_verdict)
+from patchlab.probes.base import INCONCLUSIVE, INTACT_SHARE, Interval, Probe, ProbeResult, output_verdict
 from patchlab.probes.bootstrap import column_intervals, mean_interval
-from patchlab.probes.scoring import baseline, baseline_scores
+from patchlab.probes.scoring import Baselines, baseline
 
 DEFAULTS: dict[str, Any] = {"threshold": 0.05, "batch_size": 64, "span": "generation"}
 #: The scored spans (module docstring): the vanilla greedy answer, or the given answer's tokens only.
@@ -69,7 +69,7 @@ UNDEFINED = ("no question has a layer whose retain-model patch drops the answer 
              "threshold: the UDS is undefined")
 
 
-def answer_span_ids(tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question]
+def answer_span_ids(tokenizer: PreTrainedTokenizerBase, questions: Sequence[QA]
                     ) -> list[Int[torch.Tensor, "answer"]]:
     """The given answers' token ids, encoded as the unlearning data encodes them (a space, then the answer, no
     special tokens), one 1-D tensor per question.
@@ -77,10 +77,8 @@ def answer_span_ids(tokenizer: PreTrainedTokenizerBase, questions: Sequence[Ques
     Raises:
         PatchlabValueError: a question without a given answer (``span="answer"`` scores given answers only).
     """
-    missing = [i for i, q in enumerate(questions) if q.answer is None]
-    if missing:
-        raise PatchlabValueError(f"UDS span='answer' scores the given answers, but questions {missing} have none; "
-                                 "give every question its answer (or its entity) or use span='generation'")
+    check_answers(questions, "UDS span='answer'", "give every question its answer (or its entity) or use "
+                  "span='generation'")
     return [torch.tensor(tokenizer(" " + q.answer.strip(), add_special_tokens=False).input_ids, dtype=torch.long)
             for q in questions]
 
@@ -165,12 +163,13 @@ def unlearning_depth(pair: ModelPair, retain: PreTrainedModel, prompt_ids: Seque
     return {"uds": depth_scores(d1, d2, threshold), "d1": d1, "d2": d2, "full": full}
 
 
-def run(pair: ModelPair, questions: list[Question], *, unrelated: list[Question] | None,
-        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool) -> ProbeResult:
+def run(pair: ModelPair, questions: list[QA], *, unrelated: list[QA] | None,
+        retain: PreTrainedModel | None, settings: Mapping[str, Any], progress: bool, baselines: Baselines
+        ) -> ProbeResult:
     """The UDS probe (module docstring)."""
     if retain is None:
         raise PatchlabValueError("the UDS probe needs a retain model (retain=...)")
-    refs, vanilla, unlearned = baseline_scores(pair, questions, settings, progress)
+    refs, vanilla, unlearned = baselines.get(pair, questions, settings, progress)
     scored = refs.answer_ids if settings["span"] == "generation" else answer_span_ids(pair.tokenizer, questions)
     depth = unlearning_depth(pair, retain, refs.prompt_ids, scored, threshold=settings["threshold"],
                              batch_size=settings["batch_size"])
