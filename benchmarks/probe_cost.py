@@ -375,7 +375,7 @@ def probe_table(case: AuditCase, names: Sequence[str], settings: Mapping[str, Ma
     from patchlab.pair.generation import resolve_template
     from patchlab.probes import PROBES
     from patchlab.probes.registry import probe_settings
-    from patchlab.probes.scoring import baseline_scores, shared_baselines
+    from patchlab.probes.scoring import Baselines
 
     costs = Costs(case, settings, repeats)
     rows = []
@@ -386,17 +386,17 @@ def probe_table(case: AuditCase, names: Sequence[str], settings: Mapping[str, Ma
         rows.append({"probe": name, "work": {k: round(v, 2) for k, v in sorted(work.items())},
                      "measured_s": seconds, "ideal_s": ideal, "ratio": seconds / ideal})
 
-    with shared_baselines():
+    baselines = Baselines()
+    start = costs.now()
+    baselines.get(case.pair, case.questions, costs.common)
+    row("baseline", costs.now() - start, costs.baseline_work)
+    for name in names:
+        own = probe_settings(settings, name)
+        own["template"] = resolve_template(own["template"], case.pair.tokenizer)
         start = costs.now()
-        baseline_scores(case.pair, case.questions, costs.common)
-        row("baseline", costs.now() - start, costs.baseline_work)
-        for name in names:
-            own = probe_settings(settings, name)
-            own["template"] = resolve_template(own["template"], case.pair.tokenizer)
-            start = costs.now()
-            PROBES[name].run(case.pair, case.questions, unrelated=case.unrelated, retain=case.retain, settings=own,
-                             progress=False)
-            row(name, costs.now() - start, lambda name=name: costs.work(name))
+        PROBES[name].run(case.pair, case.questions, unrelated=case.unrelated, retain=case.retain, settings=own,
+                         progress=False, baselines=baselines)
+        row(name, costs.now() - start, lambda name=name: costs.work(name))
     return rows, costs.units
 
 
