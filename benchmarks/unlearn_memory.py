@@ -36,7 +36,7 @@ from patchlab.errors import PatchlabValueError
 from patchlab.tiny import SHAPES, shape_config, word_tokenizer
 from patchlab.unlearning import unlearn
 from patchlab.unlearning.methods import get_method, method_names
-from patchlab.unlearning.trainer import REFERENCE_MODES
+from patchlab.unlearning.settings import REFERENCE_MODES
 
 WEIGHTS_ONLY = "weights only"
 GIB = 2 ** 30

@@ -36,10 +36,7 @@ def test_help_shows_the_whole_module_docstring(script, monkeypatch, capsys):
     assert doc in capsys.readouterr().out  # every line and example, line breaks kept
 
 
-#: Scripts whose parser itself needs torch: unlearn.py's flags are generated from every registered method's
-#: settings dataclass, and the method modules import torch.
-PARSER_NEEDS_TORCH = {"unlearn.py"}
-LIGHT_SCRIPTS = [s for s in sorted((ROOT / "analyses").glob("*.py")) if s.name not in PARSER_NEEDS_TORCH]
+LIGHT_SCRIPTS = sorted((ROOT / "analyses").glob("*.py"))
 _HEAVY_PROBE = """
 import runpy, sys
 sys.argv = sys.argv[1:]
