@@ -36,7 +36,6 @@ def test_help_shows_the_whole_module_docstring(script, monkeypatch, capsys):
     assert doc in capsys.readouterr().out  # every line and example, line breaks kept
 
 
-LIGHT_SCRIPTS = sorted((ROOT / "analyses").glob("*.py"))
 _HEAVY_PROBE = """
 import runpy, sys
 sys.argv = sys.argv[1:]
@@ -48,7 +47,7 @@ except SystemExit as stop:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--no-such-flag"]], ids=["help", "argument-error"])
-@pytest.mark.parametrize("script", LIGHT_SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_help_and_argument_errors_answer_before_torch_loads(script, argv):
     """``--help`` and argparse errors come from a fresh interpreter that never imported torch, transformers or tqdm
     (they took 16-19 s when every script imported them first)."""

@@ -52,8 +52,8 @@ class TrainingSettings:
             optimizer step; ``None``: no clipping.
         mask_after_clipping: with a weight mask, keep every parameter trainable so its whole gradient enters the
             clipping norm, and multiply the gradients by the mask after clipping, right before the step, as the
-            WAGLE authors' trainer does; default: unselected weights are frozen and their gradient zeroed as it is
-            computed. Without clipping the two agree exactly.
+            WAGLE authors' trainer does (``mask_gradient`` after ``clip_grad_norm_``); default: unselected weights
+            are frozen and their gradient zeroed as it is computed. Without clipping the two agree exactly.
         max_length: truncation of every example, in tokens (at least 2, checked as the examples are encoded).
         template: the QA prompt template, a text holding ``{question}``.
         seed: seed of the shuffling (epoch ``e`` shuffles with ``seed + e``) and of a method's setup (e.g. RMU's
