@@ -23,18 +23,13 @@ import argparse
 import sys
 from typing import Any
 
-from patchlab.cli import (add_model_args, add_quiet_arg, add_template_arg, model_kwargs, parser, print_written,
-                          prompt_template, run_script)
+from patchlab.cli import (add_model_args, add_quiet_arg, add_template_arg, device_arg, model_kwargs, parser,
+                          print_written, prompt_template, run_script)
 from patchlab.errors import PatchlabValueError
 from patchlab.io import output_dir
-from patchlab.pair import load_model, load_tokenizer
-from patchlab.unlearning import load_mask, unlearn
-from patchlab.cli import device_arg
 from patchlab.unlearning.methods import add_settings_args, method_names, settings_from_args
-from patchlab.unlearning.trainer import REFERENCE_MODES
+from patchlab.unlearning.settings import REFERENCE_MODES, ReferenceSettings, add_training_args, training_from_args
 
-#: Common training flags whose default (None) means: the method's toy setting on the toy world, else unlearn's.
-TRAINING_FLAGS = ("lr", "epochs", "batch_size", "grad_accum")
 LORA_FLAGS = {"lora_r": "r", "lora_alpha": "alpha", "lora_targets": "target_modules", "lora_dropout": "dropout"}
 
 
@@ -50,20 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  "refused when it holds files patchlab did not write")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier patchlab checkpoint in --out "
                                                             "(files you added there are kept)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-5; toy world: the method's)")
-    p.add_argument("--epochs", type=int, help="passes over the forget set (default 1; toy world: the method's)")
-    p.add_argument("--batch-size", type=int, help="forget sequences per micro-batch (default 8)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--mask", help="safetensors file of bool tensors keyed by parameter name (True = may change)")
-    p.add_argument("--max-length", type=int, default=256, help="truncation in tokens (default 256)")
     add_template_arg(p)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference", choices=REFERENCE_MODES, default="precompute",
                    help="precompute the frozen reference's forget log-probabilities before training and drop it "
                         "(default), or hold it in memory")
     p.add_argument("--reference-device", type=device_arg,
                    help="device of a held reference, e.g. cpu (default: the training device)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    add_training_args(p, "training (unset: TrainingSettings' default; on the toy world, where the method's toy "
+                         "settings set one, theirs)", exclude=("template",))
     lora = p.add_argument_group("LoRA (train an adapter instead of the weights; needs peft)")
     lora.add_argument("--lora-r", type=int, help="adapter rank (giving any --lora-* flag turns LoRA on; default 8)")
     lora.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
@@ -86,6 +76,7 @@ def _inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
             raise PatchlabValueError("--model needs --forget (a JSON/JSONL file of the forget set)")
         if args.concept is not None:
             raise PatchlabValueError("--concept selects a toy-world concept; it does not apply with --model")
+        from patchlab.pair import load_model
         from patchlab.unlearning.data import read_data
 
         forget = read_data(args.forget, "forget")
@@ -94,6 +85,7 @@ def _inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     if args.forget or args.retain or args.tokenizer:
         raise PatchlabValueError("--forget / --retain / --tokenizer need --model (the toy world brings its own)")
     from patchlab import toy
+    from patchlab.pair import load_model
     from patchlab.toy.cache import unlearn_data
 
     forget, retain = unlearn_data(toy.world(), args.concept or toy.DEFAULT_CONCEPT)
@@ -111,12 +103,10 @@ def unlearn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from patchlab.toy.cache import toy_method_settings
 
     defaults = toy_method_settings(args.method) if args.model is None else {}
-    given = {name: getattr(args, name) for name in TRAINING_FLAGS if getattr(args, name) is not None}
     lora = {key: getattr(args, flag) for flag, key in LORA_FLAGS.items() if getattr(args, flag) is not None}
-    return {**defaults, **given, **settings_from_args(args, args.method), "lora": lora or None,
-            "reference": args.reference, "reference_device": args.reference_device,
-            "gradient_checkpointing": args.gradient_checkpointing, "max_length": args.max_length,
-            "template": prompt_template(args), "seed": args.seed}
+    return {**defaults, **training_from_args(args), **settings_from_args(args, args.method), "lora": lora or None,
+            "reference": ReferenceSettings(mode=args.reference, device=args.reference_device),
+            "template": prompt_template(args)}
 
 
 def check_applicable(args: argparse.Namespace, kwargs: dict[str, Any]) -> None:
@@ -142,6 +132,9 @@ def check_applicable(args: argparse.Namespace, kwargs: dict[str, Any]) -> None:
 
 def unlearn_and_report(args: argparse.Namespace) -> None:
     """Run the unlearning the arguments describe, save it to --out and print the loss change."""
+    from patchlab.pair import load_tokenizer
+    from patchlab.unlearning import load_mask, unlearn
+
     kwargs = unlearn_kwargs(args)
     check_applicable(args, kwargs)
     out = output_dir(args.out, "checkpoint", overwrite=args.overwrite)

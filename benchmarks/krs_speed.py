@@ -22,28 +22,27 @@ Printed ratios (each from numbers measured in this run):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 import patchlab
 from patchlab.cli import DTYPES, device_arg, parser, run
-from patchlab.patching.engine import Row, layer_work, plan_batches, run_rows
-from patchlab.patching.metrics import get_metric
-from patchlab.patching.sweep import DEFAULT_COMPONENTS, _cached_sites, position_mask, prepare, reference_answers
-from patchlab.pair.sites import parse_component
-from patchlab.tiny import SHAPES, noisy_pair, numbered_tokenizer, random_questions, shape_config
+from patchlab.defaults import DEFAULT_COMPONENTS, SHAPES
+
+if TYPE_CHECKING:
+    import torch
 
 
 def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
     """``fn()`` and its wall time in seconds (CUDA synchronised before and after)."""
+    import torch
+
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -57,6 +56,8 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
 def layer_loop_sync_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
     """Inside the block, ``torch.cuda.set_sync_debug_mode(mode)`` is on from the first decoder layer's call to the
     LM head's, i.e. in the decoder-layer loop of every forward pass (HF's mask preparation before it excluded)."""
+    import torch
+
     spec = patchlab.arch_spec(model)
     on = spec.layer_modules(model)[0].register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode(mode))
     off = model.get_output_embeddings().register_forward_pre_hook(
@@ -88,12 +89,7 @@ def first_sync(model: torch.nn.Module, fn: Callable[[], Any]) -> str:
     return ""
 
 
-def main() -> int:
-    return run(measure)
-
-
-def measure() -> None:
-    """Build the pair, run every timing, print the table (module docstring)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument("--shape", default="toy", choices=sorted(SHAPES))
     p.add_argument("--questions", type=int, default=10)
@@ -103,7 +99,24 @@ def measure() -> None:
     p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--no-loop", action="store_true", help="skip the loop engine (slow on big shapes)")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run(lambda: measure(args))
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Build the pair, run every timing, print the table (module docstring)."""
+    import numpy as np
+    import torch
+
+    from patchlab.pair.sites import parse_component
+    from patchlab.patching.engine import Row, layer_work, plan_batches, run_rows
+    from patchlab.patching.metrics import get_metric
+    from patchlab.patching.sweep import _cached_sites, position_mask, prepare, reference_answers
+    from patchlab.tiny import noisy_pair, numbered_tokenizer, random_questions, shape_config
 
     shape, dtype, device = SHAPES[args.shape], getattr(torch, args.dtype), args.device
     pair = patchlab.load_pair(*noisy_pair(shape_config(args.shape), dtype=dtype, device=device),

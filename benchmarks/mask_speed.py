@@ -17,13 +17,9 @@ import argparse
 import random
 import time
 
-import torch
-from transformers import AutoModelForCausalLM
-
 from patchlab.cli import parser, run
+from patchlab.defaults import SHAPES
 from patchlab.errors import PatchlabValueError
-from patchlab.tiny import SHAPES, shape_config, word_tokenizer
-from patchlab.unlearning.attribution import mask, scores
 
 METHODS = ("random", "magnitude", "wagle")
 
@@ -49,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads < 1 or args.n_layers < 1 or args.seq_len < 2:
         raise PatchlabValueError("--threads and --n-layers must be >= 1, --seq-len >= 2")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from patchlab.tiny import shape_config, word_tokenizer
+    from patchlab.unlearning.attribution import mask, scores
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = shape_config(args.shape, max_positions=args.seq_len + 8, n_layers=args.n_layers)

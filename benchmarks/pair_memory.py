@@ -39,20 +39,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from transformers import AutoModelForCausalLM
+from typing import TYPE_CHECKING, Any
 
 import patchlab
 from patchlab.cli import DTYPES, comma_list, device_arg, parser, run
-from patchlab.patching.engine import question_cache_bytes
-from patchlab.pair.generation import encode_prompts, format_prompts
-from patchlab.patching.sweep import DEFAULT_COMPONENTS, DEFAULT_MEMORY_BUDGET, _cached_sites, memory_bytes, \
-    plan_chunks, question_chunks, resolve_components
-from patchlab.tiny import SHAPES, noisy_pair, numbered_tokenizer, random_questions, shape_config
-from patchlab.toy.corpus import ASSETS
+from patchlab.defaults import DEFAULT_COMPONENTS, DEFAULT_MEMORY_BUDGET, SHAPES
+
+if TYPE_CHECKING:
+    import torch
 
 GIB = 2 ** 30
 MODES = ("imports only", "whole", "sequential")
@@ -89,11 +83,15 @@ def _counts(text: str) -> list[int]:
 
 def budget_arg(text: str) -> int | None:
     """``--memory-budget`` in bytes (``none``: unbounded)."""
+    from patchlab.patching.sweep import memory_bytes
+
     return None if text.lower() == "none" else memory_bytes(text)
 
 
 def save_random_pair(root: Path, shape: str, n_layers: int, dtype: torch.dtype) -> list[str]:
     """A random LLaMA and a noisy copy saved under ``root`` (with a numbered tokenizer); returns 4 questions."""
+    from patchlab.tiny import noisy_pair, numbered_tokenizer, random_questions, shape_config
+
     config = shape_config(shape, n_layers=n_layers)
     tok = numbered_tokenizer(config.vocab_size)
     for name, model in zip(("vanilla", "unlearned"), noisy_pair(config, dtype=dtype)):
@@ -104,6 +102,12 @@ def save_random_pair(root: Path, shape: str, n_layers: int, dtype: torch.dtype) 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Load the pair of ``spec`` in its mode and sweep; returns the peak bytes and the KRS table."""
+    # every mode imports the libraries it loads and sweeps with first, so "imports only" is the others' baseline
+    import torch
+
+    import patchlab.pair
+    import patchlab.patching.sweep  # noqa: F401
+
     cuda = spec["device"].startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -129,9 +133,14 @@ def run_one(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str
 
 def report(args: argparse.Namespace) -> None:
     """Measure both modes on the toy world and on the random pair, print one table."""
+    import numpy as np
+    import torch
+
+    from patchlab import toy
+    from patchlab.toy.corpus import ASSETS
+
     toy_unlearned = tempfile.TemporaryDirectory()
     random_root = tempfile.TemporaryDirectory()
-    from patchlab import toy
 
     world = toy.pair(progress=False)
     world.pair.unlearned_hf.save_pretrained(toy_unlearned.name)
@@ -160,7 +169,14 @@ def report(args: argparse.Namespace) -> None:
 def estimate(shape: str, dtype: torch.dtype, gpu_gib: float, *, questions: int, prompt_tokens: int, n_tokens: int,
              batch_size: int, budget: int | None) -> None:
     """Print the memory of a pair of ``shape`` and of its sweep (module docstring), from meta-device sizes."""
+    import numpy as np
+    import torch
     from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from patchlab.patching.engine import question_cache_bytes
+    from patchlab.patching.sweep import plan_chunks
+    from patchlab.tiny import shape_config
 
     config = shape_config(shape)
     with init_empty_weights():
@@ -192,6 +208,8 @@ def estimate(shape: str, dtype: torch.dtype, gpu_gib: float, *, questions: int, 
 def reset_peak(cuda: bool) -> int:
     """Start a new peak (CUDA's allocator statistics, or ``VmHWM`` through ``/proc/self/clear_refs``); returns the
     memory in use now (allocated bytes, or the resident set size)."""
+    import torch
+
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -220,6 +238,12 @@ def sweep_questions(spec: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: build the random pair of ``spec``, sweep ``spec["n"]`` questions (random answers given)
     within ``spec["budget"]``; returns the peak above the memory in use before the sweep, the number of question
     chunks and the KRS per question."""
+    import torch
+
+    from patchlab.pair.generation import encode_prompts, format_prompts
+    from patchlab.patching.sweep import _cached_sites, question_chunks, resolve_components
+    from patchlab.tiny import noisy_pair, numbered_tokenizer, random_questions, shape_config
+
     cuda = spec["device"].startswith("cuda")
     config = shape_config(spec["shape"], n_layers=spec["n_layers"])
     vocab = config.vocab_size
@@ -243,6 +267,10 @@ def sweep_questions(spec: dict[str, Any]) -> dict[str, Any]:
 def by_questions(args: argparse.Namespace) -> None:
     """Sweep a random pair on growing numbers of questions with the budget and without, each run in a fresh
     process; print the peaks and the largest KRS difference between the two runs of each number."""
+    import numpy as np
+
+    from patchlab.tiny import shape_config
+
     config = shape_config(args.shape, n_layers=args.n_layers)
     measured = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
     print(f"KRS sweep of a random {args.shape} pair ({config.num_hidden_layers} layers, vocabulary "
@@ -264,6 +292,8 @@ def by_questions(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.estimate:
+        import torch
+
         return run(lambda: estimate(args.estimate, getattr(torch, args.dtype), args.gpu_gib,
                                     questions=args.n_questions, prompt_tokens=args.prompt_tokens,
                                     n_tokens=args.n_tokens, batch_size=args.batch_size,

@@ -27,16 +27,11 @@ import sys
 import time
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
-
 from patchlab.cli import DTYPES, comma_list, device_arg, parser, run
+from patchlab.defaults import SHAPES
 from patchlab.errors import PatchlabValueError
-from patchlab.tiny import SHAPES, shape_config, word_tokenizer
-from patchlab.unlearning import unlearn
 from patchlab.unlearning.methods import get_method, method_names
-from patchlab.unlearning.trainer import REFERENCE_MODES
+from patchlab.unlearning.settings import REFERENCE_MODES
 
 WEIGHTS_ONLY = "weights only"
 GIB = 2 ** 30
@@ -66,7 +61,9 @@ def shape(args: argparse.Namespace) -> dict[str, int]:
 
 
 def config(size: dict[str, int], seq_len: int):
-    """The LLaMA config of a shape (``size``: :data:`patchlab.tiny.SHAPES` keys) for sequences of ``seq_len``."""
+    """The LLaMA config of a shape (``size``: :data:`patchlab.defaults.SHAPES` keys) for sequences of ``seq_len``."""
+    from patchlab.tiny import shape_config
+
     return shape_config("toy", max_positions=seq_len + 8, **size)
 
 
@@ -82,6 +79,12 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the random model and unlearn for ``spec["steps"]`` steps; returns peak and weight bytes, seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from patchlab.tiny import word_tokenizer
+    from patchlab.unlearning import unlearn
+
     cuda = spec["device"].startswith("cuda")
     size = spec["shape"]
     torch.manual_seed(0)
@@ -115,6 +118,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child(spec_json: str) -> None:
     """One run in this process; prints its result as one JSON line (``{"oom": true}`` on CUDA out-of-memory)."""
+    import torch
+
     spec = json.loads(spec_json)
     try:
         result = measure(spec)
@@ -145,6 +150,8 @@ def report(args: argparse.Namespace) -> None:
     for name in ("seq_len", "batch_size", "steps"):
         if getattr(args, name) < 1:
             raise PatchlabValueError(f"--{name.replace('_', '-')} must be >= 1")
+    from tqdm.auto import tqdm
+
     runs = plan(args)
     results = [run_one(args, m, r) for m, r in tqdm(runs, desc="memory runs")]
     base = results[0]

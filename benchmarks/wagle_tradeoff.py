@@ -28,33 +28,30 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 import time
-
-import torch
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import patchlab
-from patchlab import toy
-from patchlab.unlearning import attribution
 from patchlab.cli import add_quiet_arg, parser, print_written, quiet, run
 from patchlab.io import atomic_write_json
-from patchlab.toy.build import ASSETS
-from patchlab.toy.cache import toy_method_settings, unlearn_data
-from patchlab.unlearning import batches, to_examples, unlearn
-from patchlab.unlearning.data import Example
-from patchlab.unlearning.losses import token_logprobs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from patchlab.unlearning.attribution import Mask
+    from patchlab.unlearning.data import Example
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
-    p.add_argument("--checkpoint", default=str(ASSETS), help="toy-world checkpoint directory (default: the shipped one)")
-    p.add_argument("--concept", default=toy.DEFAULT_CONCEPT, help="concept to unlearn")
-    p.add_argument("--method", default=toy.DEFAULT_METHOD, help="unlearning method (a toy METHOD_SETTINGS key)")
+    p.add_argument("--checkpoint", help="toy-world checkpoint directory (default: the shipped one)")
+    p.add_argument("--concept", help="concept to unlearn (default: the toy default)")
+    p.add_argument("--method", help="unlearning method, a toy METHOD_SETTINGS key (default: the toy default)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of weights each mask selects")
-    p.add_argument("--preset", choices=tuple(attribution.PRESETS), default="patchlab",
-                   help="how WAGLE scores and masks are computed (authors: as in the WAGLE authors' code)")
+    p.add_argument("--preset", default="patchlab",
+                   help="how WAGLE scores and masks are computed: patchlab (default) or authors (as in the WAGLE "
+                        "authors' code)")
     p.add_argument("--gamma", type=float, help="WAGLE's Hessian-diagonal parameter (default: the preset's, 1.0 for "
                                                "patchlab, the authors' mu = 1e-6 for authors)")
     p.add_argument("--epochs", type=int, help="override the method's epochs (same for every mask)")
@@ -65,7 +62,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@torch.no_grad()
+def with_toy_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the toy world's checkpoint, concept and method where unset, its preset checked.
+
+    Raises:
+        PatchlabValueError: an unknown preset (naming the known ones).
+    """
+    from patchlab import toy
+    from patchlab.toy.build import ASSETS
+    from patchlab.unlearning import attribution
+
+    if args.preset not in attribution.PRESETS:
+        raise patchlab.PatchlabValueError(f"--preset {args.preset!r} is unknown; choose from "
+                                          f"{', '.join(attribution.PRESETS)}")
+    return argparse.Namespace(**{**vars(args), "checkpoint": args.checkpoint or str(ASSETS),
+                                 "concept": args.concept or toy.DEFAULT_CONCEPT,
+                                 "method": args.method or toy.DEFAULT_METHOD})
+
+
 def mean_nll(model: PreTrainedModel, examples: list[Example], batch_size: int = 32) -> float:
     """NLL per target token (nats) over ``examples``: ``-log p`` summed over every target token, divided by
     their count (tokens pooled across batches).
@@ -73,17 +87,25 @@ def mean_nll(model: PreTrainedModel, examples: list[Example], batch_size: int = 
     Raises:
         PatchlabValueError: no example.
     """
+    import torch
+
+    from patchlab.unlearning import batches
+    from patchlab.unlearning.losses import token_logprobs
+
     if not examples:
         raise patchlab.PatchlabValueError("mean_nll needs at least one example")
     total, count = 0.0, 0
-    for batch in batches(examples, batch_size):
-        logp, targets = token_logprobs(model, batch)
-        total -= logp.sum().item()
-        count += int(targets.sum())
+    with torch.no_grad():
+        for batch in batches(examples, batch_size):
+            logp, targets = token_logprobs(model, batch)
+            total -= logp.sum().item()
+            count += int(targets.sum())
     return total / count
 
 
 def evaluate(model: PreTrainedModel, tok, record, forget_ex: list[Example], retain_ex: list[Example]) -> dict:
+    from patchlab import toy
+
     return {"forget_qa": toy.qa_accuracy(model, tok, record.qa),
             "unrelated_qa": toy.qa_accuracy(model, tok, record.unrelated_qa),
             "forget_nll": mean_nll(model, forget_ex), "retain_nll": mean_nll(model, retain_ex)}
@@ -91,8 +113,10 @@ def evaluate(model: PreTrainedModel, tok, record, forget_ex: list[Example], reta
 
 def build_masks(model: PreTrainedModel, tok, forget: list[Example], retain: list[Example], ratio: float,
                 gamma: float, seed: int, preset: str = "patchlab", progress: bool = True
-                ) -> dict[str, attribution.Mask | None]:
+                ) -> dict[str, Mask | None]:
     """The masks compared, by name (``None``: no mask); the signed-``S`` rows only under the patchlab preset."""
+    from patchlab.unlearning import attribution
+
     common = {"tokenizer": tok, "progress": progress}
     baseline = {"random": attribution.scores(model, method="random", seed=seed, **common),
                 "magnitude": attribution.scores(model, method="magnitude", **common)}
@@ -111,6 +135,13 @@ def build_masks(model: PreTrainedModel, tok, forget: list[Example], retain: list
 
 def compare(args: argparse.Namespace) -> None:
     """Unlearn once per mask, evaluate each run, write --out and print the comparison."""
+    from tqdm.auto import tqdm
+
+    from patchlab import toy
+    from patchlab.toy.cache import toy_method_settings, unlearn_data
+    from patchlab.unlearning import attribution, to_examples, unlearn
+
+    args = with_toy_defaults(args)
     vanilla, tok = toy.vanilla(args.checkpoint)
     world = toy.world(args.checkpoint)
     record = world.record(args.concept)

@@ -9,14 +9,11 @@ the command-line scripts answer ``--help`` and argument errors before torch and 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from typing import Any
-
 from patchlab.errors import (DegenerateKRSError, DegenerateMetricError, MissingDependencyError, NonFiniteError,
                              PairMismatchError, PatchlabError, PatchlabFileError, PatchlabValueError,
                              UnsupportedArchitectureError)
 
+from patchlab.registry import lazy_exports
 from patchlab.version import __version__
 
 #: Where each public name lives: ``{name: (module, attribute)}``; attribute None means the module itself.
@@ -46,22 +43,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Load a public name (:data:`_LAZY`) or a subpackage (``patchlab.toy``) on first use, and keep it."""
-    if name in _LAZY:
-        module_name, attribute = _LAZY[name]
-        module = importlib.import_module(module_name)
-        value = module if attribute is None else getattr(module, attribute)
-    elif name in {info.name for info in pkgutil.iter_modules(__path__)}:
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 __all__ = [

@@ -220,9 +220,14 @@ def device_arg(text: str) -> str:
     (:func:`patchlab.pair.placement.check_device`), so ``--device cuda`` on a CPU-only machine stops at parsing with
     one ``error:`` line, before anything loads.
 
+    ``cpu``, which every machine has, passes without loading torch, so a ``default="cpu"`` (which argparse converts
+    too) keeps argument errors light.
+
     Raises:
         argparse.ArgumentTypeError: an unknown device, or one this machine does not have.
     """
+    if text == "cpu":
+        return text
     from patchlab.pair.placement import check_device
 
     try:

@@ -21,7 +21,7 @@ import importlib
 import importlib.util
 import pkgutil
 import sys
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Generic, TypeVar
@@ -199,4 +199,32 @@ def import_plugins(modules: Iterable[str]) -> list[ModuleType]:
     return loaded
 
 
-__all__ = ["Registry", "import_plugins"]
+def lazy_exports(namespace: dict[str, Any], exports: Mapping[str, tuple[str, str | None]]
+                 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """``(__getattr__, __dir__)`` of a package whose names load on first use (PEP 562), so importing it stays light.
+
+    ``namespace`` is the package's ``globals()``; ``exports`` maps each public name to ``(module, attribute)``
+    (attribute ``None``: the module itself). Any other submodule of the package loads on first use too. A loaded
+    value is kept in ``namespace``, so it loads once; an unknown name raises ``AttributeError``.
+    """
+    package = namespace["__name__"]
+
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            module_name, attribute = exports[name]
+            module = importlib.import_module(module_name)
+            value = module if attribute is None else getattr(module, attribute)
+        elif name in {info.name for info in pkgutil.iter_modules(namespace["__path__"])}:
+            value = importlib.import_module(f"{package}.{name}")
+        else:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*namespace, *exports})
+
+    return __getattr__, __dir__
+
+
+__all__ = ["Registry", "import_plugins", "lazy_exports"]

@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from patchlab.defaults import SHAPES
 from patchlab.errors import PatchlabValueError
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -87,20 +88,8 @@ def tiny_config(family: str, vocab_size: int, *, n_layers: int = 4, d_model: int
     return AutoConfig.for_model(family, **kw)
 
 
-#: LLaMA shapes for benchmarks (``tiny_config`` keyword arguments plus ``vocab``): the toy world's model, a
-#: LLaMA-3.2-1B-like, a LLaMA-2-7B-like and a LLaMA-2-70B-like shape (32k vocabulary), and a Llama-3-8B-like shape
-#: (128,256-token vocabulary).
-SHAPES: dict[str, dict[str, int]] = {
-    "toy": {"n_layers": 6, "d_model": 128, "d_mlp": 384, "n_heads": 4, "n_kv_heads": 2, "vocab": 319},
-    "1b": {"n_layers": 16, "d_model": 2048, "d_mlp": 8192, "n_heads": 32, "n_kv_heads": 8, "vocab": 32000},
-    "7b": {"n_layers": 32, "d_model": 4096, "d_mlp": 11008, "n_heads": 32, "n_kv_heads": 32, "vocab": 32000},
-    "8b": {"n_layers": 32, "d_model": 4096, "d_mlp": 14336, "n_heads": 32, "n_kv_heads": 8, "vocab": 128256},
-    "70b": {"n_layers": 80, "d_model": 8192, "d_mlp": 28672, "n_heads": 64, "n_kv_heads": 8, "vocab": 32000},
-}
-
-
 def shape_config(shape: str, *, max_positions: int = 512, **overrides: int):
-    """The LLaMA config of benchmark shape ``shape`` (:data:`SHAPES`), with ``overrides`` of its sizes.
+    """The LLaMA config of benchmark shape ``shape`` (:data:`patchlab.defaults.SHAPES`), with ``overrides`` of its sizes.
 
     Raises:
         PatchlabValueError: an unknown shape or size name.

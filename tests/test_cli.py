@@ -36,10 +36,6 @@ def test_help_shows_the_whole_module_docstring(script, monkeypatch, capsys):
     assert doc in capsys.readouterr().out  # every line and example, line breaks kept
 
 
-#: Scripts whose parser itself needs torch: unlearn.py's flags are generated from every registered method's
-#: settings dataclass, and the method modules import torch.
-PARSER_NEEDS_TORCH = {"unlearn.py"}
-LIGHT_SCRIPTS = [s for s in sorted((ROOT / "analyses").glob("*.py")) if s.name not in PARSER_NEEDS_TORCH]
 _HEAVY_PROBE = """
 import runpy, sys
 sys.argv = sys.argv[1:]
@@ -51,7 +47,7 @@ except SystemExit as stop:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--no-such-flag"]], ids=["help", "argument-error"])
-@pytest.mark.parametrize("script", LIGHT_SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_help_and_argument_errors_answer_before_torch_loads(script, argv):
     """``--help`` and argparse errors come from a fresh interpreter that never imported torch, transformers or tqdm
     (they took 16-19 s when every script imported them first)."""

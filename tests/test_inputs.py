@@ -19,7 +19,7 @@ from patchlab.cli import add_model_args, device_arg
 from patchlab.cli_pairs import toy_pair
 from patchlab.pair.placement import check_device
 from patchlab.tiny import tiny_model
-from patchlab.unlearning import unlearn
+from patchlab.unlearning import ReferenceSettings, unlearn
 from tests.conftest import load_script
 
 
@@ -132,7 +132,8 @@ def test_a_device_this_machine_lacks_is_refused(device, message, no_cuda):
     with pytest.raises(patchlab.PatchlabValueError, match=message):  # Python users get it from the loaders too
         patchlab.load_model(tiny_model("llama", 32), device=device)
     with pytest.raises(patchlab.PatchlabValueError, match=message):
-        unlearn(tiny_model("llama", 32), ["a text"], tokenizer=object(), method="ga", reference_device=device)
+        unlearn(tiny_model("llama", 32), ["a text"], tokenizer=object(), method="ga",
+                reference=ReferenceSettings(device=device))
     with pytest.raises(patchlab.PatchlabValueError, match=message):
         patchlab.toy.pair(device=device)
     with pytest.raises(argparse.ArgumentTypeError, match=message):

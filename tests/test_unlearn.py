@@ -11,8 +11,8 @@ import torch
 
 import patchlab
 from patchlab.tiny import tiny_model, word_tokenizer
-from patchlab.unlearning import (Reference, batches, get_method, load_mask, method_names, nll, save_mask,
-                                 sequence_logprob, to_examples, unlearn)
+from patchlab.unlearning import (Reference, ReferenceSettings, TrainingSettings, batches, get_method, load_mask,
+                                 method_names, nll, save_mask, sequence_logprob, to_examples, unlearn)
 from tests.conftest import load_script
 
 FORGET = [{"question": "who built the Orlan tower ?", "answer": "Vesna Kade"},
@@ -111,7 +111,8 @@ def test_masked_run_freezes_unmasked_parameters_exactly(learned, tok):
 
 def test_reference_model_is_never_updated(learned, tok):
     ref = copy.deepcopy(learned)
-    run = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="npo_kl", reference_model=ref, **KW)
+    run = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="npo_kl",
+                  reference=ReferenceSettings(model=ref), **KW)
     for (name, p), q, r in zip(learned.named_parameters(), ref.parameters(), run.model.parameters()):
         assert torch.equal(p, q), name
     assert any(not torch.equal(p, r) for p, r in zip(learned.parameters(), run.model.parameters()))
@@ -204,15 +205,58 @@ def test_padding_does_not_change_losses(learned, tok):
     (dict(method="rmu", layer=2), "RMU layers must lie in 0..1"),
     (dict(method="memit_empty"), "'memit_empty' is an editing method"),
     (dict(method="npo", reference="cpu"), "reference must be one of precompute, held"),
+    (dict(method="ga", max_grad_norm=0), "max_grad_norm must be > 0"),
+    (dict(method="ga", seed=1.5), "seed must be an integer"),
+    (dict(method="ga", grad_accum=True), "grad_accum must be a positive integer"),
+    (dict(method="ga", gradient_checkpointing="yes"), "gradient_checkpointing must be True or False"),
+    (dict(method="ga", template=None), "template must be a text"),
+    (dict(method="ga", training={"lr": 1e-3}), "training must be a TrainingSettings, got dict"),
+    (dict(method="ga", training=TrainingSettings(), epochs=0), "epochs must be a positive integer"),
     (dict(method="npo", lora={"rank": 4}), "unknown LoRA setting 'rank'; valid: r, alpha, target_modules, dropout"),
     (dict(method="npo", lora={"r": 0}), "LoRA r must be a positive integer"),
     (dict(method="npo", lora={"r": 4}, mask={"x": torch.ones(1, dtype=torch.bool)}), "either a weight mask or lora"),
-    (dict(method="npo_kl", lora={"r": 4}, reference_device="cpu"), "reference_device does not apply"),
+    (dict(method="npo_kl", lora={"r": 4}, reference=ReferenceSettings(device="cpu")), "reference device does not apply"),
 ])
 def test_bad_inputs(learned, tok, kwargs, match):
     args = dict(forget=FORGET, retain=RETAIN, tokenizer=tok, progress=False) | kwargs
     with pytest.raises(patchlab.PatchlabValueError, match=match):
         unlearn(copy.deepcopy(learned), **args)
+
+
+def test_training_settings_and_flat_keywords_are_one_recipe(learned, tok):
+    """``training=TrainingSettings(...)`` and the same fields as flat keywords train identically and record the same
+    settings, in the order ``unlearn_run.json`` has always listed them; a flat keyword replaces that field."""
+    recipe = TrainingSettings(lr=1e-3, epochs=2, batch_size=2, seed=3)
+    grouped = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="graddiff", training=recipe,
+                      progress=False)
+    flat = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="graddiff", lr=1e-3, epochs=2,
+                   batch_size=2, seed=3, progress=False)
+    assert grouped.losses == flat.losses and grouped.settings == flat.settings
+    assert list(flat.settings) == ["method", "lr", "epochs", "batch_size", "grad_accum", "retain_weight", "masked",
+                                   "lora", "reference", "gradient_checkpointing", "max_grad_norm",
+                                   "mask_after_clipping", "max_length", "template", "seed", "n_forget", "n_retain",
+                                   "n_processes"]
+    longer = unlearn(copy.deepcopy(learned), FORGET, RETAIN, tokenizer=tok, method="graddiff", training=recipe,
+                     epochs=3, progress=False)
+    assert (longer.settings["epochs"], longer.settings["seed"]) == (3, 3)
+    assert longer.losses[:len(flat.losses)] == flat.losses and len(longer.losses) == 3 * len(flat.losses) // 2
+
+
+def test_cli_training_flags_are_the_training_settings():
+    """analyses/unlearn.py has a flag per TrainingSettings field (the template has its own --template); given ones
+    reach unlearn, unset ones leave the toy world's method settings or TrainingSettings' defaults in place."""
+    from patchlab.toy.cache import toy_method_settings
+    from patchlab.unlearning.settings import TRAINING_FIELDS
+
+    cli = load_script("unlearn")
+    args = cli.parse_args(["--method", "npo", "--lr", "3e-3", "--max-grad-norm", "0.5", "--mask-after-clipping",
+                           "--seed", "2", "--reference", "held"])
+    assert set(TRAINING_FIELDS) <= set(vars(args))
+    kwargs = cli.unlearn_kwargs(args)
+    assert {k: kwargs[k] for k in ("lr", "max_grad_norm", "mask_after_clipping", "seed")} == {
+        "lr": 3e-3, "max_grad_norm": 0.5, "mask_after_clipping": True, "seed": 2}
+    assert kwargs["epochs"] == toy_method_settings("npo")["epochs"] and "max_length" not in kwargs
+    assert kwargs["reference"] == ReferenceSettings(mode="held")
 
 
 def test_mask_file_roundtrip_and_cli(learned, tok, tmp_path, capsys):

@@ -23,7 +23,7 @@ from jaxtyping import Bool
 from transformers import PreTrainedModel
 from tqdm.auto import tqdm
 
-from patchlab.defaults import DEFAULT_COMPONENTS
+from patchlab.defaults import DEFAULT_COMPONENTS, DEFAULT_MEMORY_BUDGET
 from patchlab.errors import NonFiniteError, PatchlabFileError, PatchlabValueError
 from patchlab.pair.arch import ArchSpec
 from patchlab.pair.generation import (DEFAULT_TEMPLATE, check_fits, encode_prompts, format_prompts, greedy_answers,
@@ -44,8 +44,6 @@ from patchlab.results import results_record
 ENGINES = ("batched", "loop")
 POSITIONS = ("all", "answer", "last_prompt", "scored")
 
-#: Default ``memory_budget`` of a sweep: the questions prepared together hold at most 2 GiB of cache.
-DEFAULT_MEMORY_BUDGET = "2GiB"
 _UNITS = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
           "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
 

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from patchlab.pair.arch import ArchSpec, arch_spec
+from patchlab.defaults import MEMIT_DEFAULTS, MEMIT_EMPTY_DUMMY
 from patchlab.errors import NonFiniteError, PatchlabValueError
 from patchlab.pair.generation import DEFAULT_TEMPLATE, encode_prompts, format_prompts
 from patchlab.pair.sites import StopForward, hook, hooks, recording
@@ -263,9 +264,10 @@ def _states(model: PreTrainedModel, spec: ArchSpec, layer: int, last: int, promp
 
 def memit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
           objective: Callable[[EditRequest], Objective], *, cov_texts: Sequence[str],
-          layers: Sequence[int] | None = None, cov_weight: float = 10.0, steps: int = 25, lr: float = 0.5,
-          clamp_norm: float = 4.0, weight_decay: float = 0.5, template: str = DEFAULT_TEMPLATE,
-          settings: dict[str, Any] | None = None, progress: bool = True) -> EditRun:
+          layers: Sequence[int] | None = MEMIT_DEFAULTS["layers"], cov_weight: float = MEMIT_DEFAULTS["cov_weight"],
+          steps: int = MEMIT_DEFAULTS["steps"], lr: float = MEMIT_DEFAULTS["lr"],
+          clamp_norm: float = MEMIT_DEFAULTS["clamp_norm"], weight_decay: float = MEMIT_DEFAULTS["weight_decay"],
+          template: str = DEFAULT_TEMPLATE, settings: dict[str, Any] | None = None, progress: bool = True) -> EditRun:
     """Edit ``model`` in place so that each request's prompt minimises ``objective(request)`` (see module doc).
 
     Args:
@@ -340,7 +342,7 @@ def _dummy_ids(tokenizer: PreTrainedTokenizerBase, dummy: str) -> Int[torch.Tens
 
 
 def memit_empty(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], *,
-                cov_texts: Sequence[str], dummy: str = "nothing", **kwargs: Any) -> EditRun:
+                cov_texts: Sequence[str], dummy: str = MEMIT_EMPTY_DUMMY, **kwargs: Any) -> EditRun:
     """MEMIT+Empty (Patil et al., 2024): rewrite each fact's object to ``dummy`` (then EOS).
 
     ``cov_texts`` (required, see :func:`memit`) and ``kwargs`` (``layers``, ``cov_weight``, ``steps``,

@@ -25,19 +25,14 @@ from patchlab.progress import quiet
 from patchlab.errors import MissingDependencyError, PatchlabValueError
 from patchlab.io import OutputDir, atomic_write_json, output_dir
 from patchlab.pair import ModelSpec, TokenizerSpec, load_model, load_tokenizer
-from patchlab.pair.generation import DEFAULT_TEMPLATE
-from patchlab.pair.placement import check_device
 from patchlab.unlearning.data import Example, collate, padding_id, refusal_pairs, to_examples
 from patchlab.unlearning.losses import REF_LOGPROB, Batch, Reference, Step, sequence_logprob
 from patchlab.unlearning.masks import Mask, apply_mask, check_mask, mask_before_step
 from patchlab.unlearning.methods import Method, Needs, get_method
+from patchlab.unlearning.settings import TRAINING_FIELDS, ReferenceSettings, TrainingSettings, training_settings
 
 #: One epoch's data: its (forget batch, preferred batch or None) pairs, and its endless retain batch stream.
 EpochData = tuple[list[tuple[Batch, Batch | None]], Iterator[Batch | None]]
-
-#: How the frozen reference reaches the objectives: ``"precompute"`` its sequence log-probabilities before training
-#: (the reference model is then only kept by methods that need it during training), or ``"held"`` in memory.
-REFERENCE_MODES = ("precompute", "held")
 
 #: Keys of the ``lora=`` argument of :func:`unlearn` and their defaults (peft's ``LoraConfig`` fields ``r``,
 #: ``lora_alpha``, ``target_modules``, ``lora_dropout``; ``target_modules=None``: peft's default for the family).
@@ -135,18 +130,6 @@ def _adapter_free(peft_model: nn.Module) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------- checks
-
-
-def _check_common(*, lr: float, epochs: int, batch_size: int, grad_accum: int, reference: str) -> None:
-    """Raise a :class:`PatchlabValueError` naming the first bad common argument of :func:`unlearn`."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise PatchlabValueError(f"lr must be > 0, got {lr!r}")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PatchlabValueError(f"{name} must be a positive integer, got {value!r}")
-    if reference not in REFERENCE_MODES:
-        raise PatchlabValueError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got {reference!r} "
-                                 "(pass a reference model as reference_model=)")
 
 
 def _restrict(model: nn.Module, mask: Mask | None, names: Sequence[str], method: str) -> Mask:
@@ -304,37 +287,33 @@ def _save(model: nn.Module, tokenizer: PreTrainedTokenizerBase, settings: dict, 
     out_dir.write_tree(write)
 
 
-def _reference(needs: Needs, mode: str, model: PreTrainedModel, peft_model: nn.Module | None,
-               reference_model: PreTrainedModel | None, reference_device: str | torch.device | None,
+def _reference(needs: Needs, settings: ReferenceSettings, model: PreTrainedModel, peft_model: nn.Module | None,
                device: torch.device) -> tuple[Reference | None, nn.Module | None, Any]:
     """(what the objectives see, the model to precompute log-probabilities with or ``None``, its context).
 
-    The held model is ``reference_model``, else the LoRA model with its adapter off, else a deep copy of
-    ``model`` (made before any update); it sits on ``reference_device`` (default: the training device).
+    The held model is ``settings.model``, else the LoRA model with its adapter off, else a deep copy of ``model``
+    (made before any update); it sits on ``settings.device`` (default: the training device).
     """
     if needs.reference == "none":
         return None, None, None
-    held = needs.reference == "model" or mode == "held"
+    held = needs.reference == "model" or settings.mode == "held"
     context: Any = contextlib.nullcontext
-    if reference_model is not None:
-        source = reference_model.eval().requires_grad_(False).to(reference_device or device)
+    if settings.model is not None:
+        source = settings.model.eval().requires_grad_(False).to(settings.device or device)
     elif peft_model is not None:
         source, context = peft_model, lambda: _adapter_free(peft_model)
     elif held:
-        source = copy.deepcopy(model).eval().requires_grad_(False).to(reference_device or device)
+        source = copy.deepcopy(model).eval().requires_grad_(False).to(settings.device or device)
     else:
         source = model  # precompute only: the starting model itself, before its first update
     base = peft_model.get_base_model() if source is peft_model else source
     reference = Reference(source if held else None, out_device=device, base=base, context=context)
-    return reference, (source if mode == "precompute" else None), context
+    return reference, (source if settings.mode == "precompute" else None), context
 
 
 def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: TokenizerSpec = None, method: str,
-            lr: float = 1e-5, epochs: int = 1, batch_size: int = 8, grad_accum: int = 1, mask: Mask | None = None,
-            lora: Mapping[str, Any] | None = None, max_length: int = 256, template: str = DEFAULT_TEMPLATE,
-            seed: int = 0, reference: str = "precompute", reference_model: PreTrainedModel | None = None,
-            reference_device: str | torch.device | None = None, gradient_checkpointing: bool = False,
-            max_grad_norm: float | None = None, mask_after_clipping: bool = False,
+            training: TrainingSettings | None = None, reference: ReferenceSettings | str = "precompute",
+            mask: Mask | None = None, lora: Mapping[str, Any] | None = None,
             out_dir: str | os.PathLike | OutputDir | None = None, overwrite: bool = False, progress: bool = True,
             **settings: Any) -> UnlearnRun:
     """Unlearn ``forget`` from ``model`` by fine-tuning with ``method``; returns an :class:`UnlearnRun`
@@ -351,131 +330,111 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
         method: a fine-tuning method of the registry (:func:`patchlab.unlearning.methods.method_names`:
             ``dpo``, ``ga``, ``graddiff``, ``npo``, ``npo_kl``, ``rmu``, ``simnpo``; formulas in each file of
             :mod:`patchlab.unlearning.methods`).
-        lr: AdamW learning rate (no weight decay). epochs: passes over the forget set.
-        batch_size: forget sequences per micro-batch (and as many retain sequences alongside), split across
-            processes when there are several; grad_accum: micro-batches per optimizer step.
+        training: the training recipe (:class:`~patchlab.unlearning.settings.TrainingSettings`: learning rate,
+            epochs, batch size, gradient accumulation, truncation, prompt template, seed, gradient clipping, masking
+            order, gradient checkpointing); default ``TrainingSettings()``. Each field may also be given as a flat
+            keyword (``lr=1e-3, epochs=2``), which replaces that field of ``training``.
+        reference: how the methods that need the frozen starting model get it
+            (:class:`~patchlab.unlearning.settings.ReferenceSettings`: mode, reference model, its device), or just
+            its mode, ``"precompute"`` (default) or ``"held"``.
         mask: ``{parameter name: bool tensor}`` (e.g. from :mod:`patchlab.unlearning.attribution`); only selected
             weights change, parameters without a selected weight are frozen.
         lora: train a LoRA adapter instead of the weights (needs peft): ``{"r": 8, "alpha": 16,
             "target_modules": ["q_proj", "v_proj"], "dropout": 0.0}`` (:data:`LORA_DEFAULTS`). ``out_dir`` then
             gets the adapter (``adapter_config.json``, ``adapter_model.safetensors``) instead of a checkpoint, and
             the frozen reference is the same model with its adapter off (no copy). Not combined with ``mask``.
-        max_length: truncation, in tokens. template: QA prompt template. seed: shuffling and initialisation seed.
-        reference: how methods that need the frozen starting model get it. ``"precompute"`` (default): NPO, DPO
-            and the NPO term of NPO+KL only use its sequence log-probabilities of the fixed forget set (and DPO's
-            refusals), so they are computed before training on the very batches training will see (one no-grad
-            forward per batch and epoch, the same numbers as a held reference, bit for bit) and the model is not
-            kept. ``"held"``: a frozen copy is kept in memory and run at every step. NPO+KL (logits on retain
-            batches) and RMU (activations on retain batches) always hold it.
-        reference_model: the frozen reference; default: a deep copy of the starting model (made only when it must
-            be held), or the starting model itself before its first update when everything is precomputed. Put
-            in eval mode with gradients off and moved to ``reference_device``; never updated.
-        reference_device: where a held reference lives, default the training device. A full-size copy there costs
-            the weights once more (13.5 GB for a 7B model in bfloat16); on ``"cpu"`` it costs host memory instead
-            and every step waits for a CPU forward pass of the retain batch (minutes per step at 7B).
-        gradient_checkpointing: recompute activations in the backward pass (``transformers``' gradient
-            checkpointing, non-reentrant): less activation memory for about one more forward pass per step.
-        max_grad_norm: clip the global gradient norm to this before each optimizer step (``None``: no clipping).
-        mask_after_clipping: with ``mask``, keep every parameter trainable so its whole gradient enters the clipping
-            norm, and multiply the gradients by the mask after clipping, right before the step, as the WAGLE
-            authors' trainer does (``mask_gradient`` after ``clip_grad_norm_``); default: unselected weights are
-            frozen and their gradient zeroed as it is computed. Without clipping the two agree exactly.
         out_dir: if given, the checkpoint (safetensors), tokenizer and ``unlearn_run.json`` (settings, loss curve)
             are written there (by the main process; see :class:`patchlab.io.OutputDir`). It is checked before
             training: a directory holding anything patchlab did not write is refused, an earlier checkpoint is
             replaced only with ``overwrite=True``, and files you added beside it are never removed.
         progress: show a tqdm bar with the current loss.
-        **settings: the method's own settings (its ``Settings`` dataclass, e.g. ``beta=0.1`` for NPO); unset ones
-            take the method's defaults.
+        **settings: the method's own settings (its ``Settings`` dataclass, e.g. ``beta=0.1`` for NPO; unset ones
+            take the method's defaults) and flat :class:`~patchlab.unlearning.settings.TrainingSettings` fields.
 
     Raises:
         PatchlabValueError: unknown method or setting (the message lists the valid ones), empty forget set,
-            missing retain set, a ``reference_device`` this machine lacks, bad mask, LoRA or hyper-parameters, or a
-            loss that became NaN/infinite.
+            missing retain set, a reference device this machine lacks, bad mask, LoRA, training or reference
+            settings, or a loss that became NaN/infinite.
         PatchlabFileError: ``out_dir`` is not a usable output directory (checked before training, see
             :class:`patchlab.io.OutputDir`): a file, unwritable, holding files patchlab did not write, or an earlier
             checkpoint without ``overwrite=True``.
         MissingDependencyError: ``lora=`` without peft installed.
     """
     entry = get_method(method, kind="finetune")
-    method_settings = entry.make_settings(settings)
+    flat, method_settings = split_settings(method, settings)
     needs = entry.data_needs(method_settings)
-    _check_common(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, reference=reference)
+    training = training_settings(training, flat)
+    if not isinstance(reference, ReferenceSettings):
+        reference = ReferenceSettings(mode=reference)
     if needs.retain and retain is None:
         raise PatchlabValueError(f"method {method!r} needs a retain set (retain=...)")
-    if reference_device is not None:
-        check_device(reference_device)
     if lora is not None:
         lora = lora_settings(lora)
         _peft()
         if mask is not None:
             raise PatchlabValueError("pass either a weight mask or lora=, not both")
-        if reference_device is not None and reference_model is None:
-            raise PatchlabValueError("the reference of a LoRA run is its own base model (adapter off); "
-                                     "reference_device does not apply (pass reference_model= to use another)")
+        if reference.device is not None and reference.model is None:
+            raise PatchlabValueError("the reference of a LoRA run is its own base model (adapter off); a reference "
+                                     "device does not apply (pass ReferenceSettings(model=...) to use another)")
     out = output_dir(out_dir, "checkpoint", overwrite=overwrite) if out_dir is not None else None
     tok = load_tokenizer(tokenizer if tokenizer is not None else model)
     model = load_model(model)
     if mask is not None:
         check_mask(model, mask)
-    forget_ex = to_examples(forget, tok, max_length=max_length, template=template, what="forget")
-    retain_ex = to_examples(retain, tok, max_length=max_length, template=template, what="retain") if needs.retain \
-        else []
+    forget_ex = to_examples(forget, tok, max_length=training.max_length, template=training.template, what="forget")
+    retain_ex = to_examples(retain, tok, max_length=training.max_length, template=training.template,
+                            what="retain") if needs.retain else []
     pairs = refusal_pairs(forget_ex, tok, needs.refusals) if needs.refusals else None
     pad = padding_id(tok)
-    torch.manual_seed(seed)
+    torch.manual_seed(training.seed)
 
     masked = mask is not None
-    if gradient_checkpointing and not model.supports_gradient_checkpointing:
+    checkpointing = training.gradient_checkpointing
+    if checkpointing and not model.supports_gradient_checkpointing:
         raise PatchlabValueError(f"{type(model).__name__} does not support gradient checkpointing")
 
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     hooks: list[Any] = []
     try:
-        state = entry.setup(model, method_settings, seed) if entry.setup else None
+        state = entry.setup(model, method_settings, training.seed) if entry.setup else None
         if entry.trainable is not None and lora is None:
             mask = _restrict(model, mask, entry.trainable(model, method_settings), method)
         peft_model = lora_model(model, lora) if lora is not None else None
         accelerator = Accelerator(cpu=_on_cpu(model))
-        ref, precompute_with, ref_context = _reference(needs, reference, model, peft_model, reference_model,
-                                                       reference_device, accelerator.device)
-        after_clipping = mask_after_clipping and mask is not None  # never with LoRA, which refuses a mask
+        ref, precompute_with, ref_context = _reference(needs, reference, model, peft_model, accelerator.device)
+        after_clipping = training.mask_after_clipping and mask is not None  # never with LoRA, which refuses a mask
         if peft_model is not None:
             trainable = [p for p in peft_model.parameters() if p.requires_grad]
         else:
             trainable, hooks = apply_mask(model, mask, after_clipping=after_clipping)
-        if gradient_checkpointing:
+        if checkpointing:
             _checkpointing(model, True)
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(trainable, lr=training.lr, weight_decay=0.0)
         wrapped, prepared_optimizer = accelerator.prepare(peft_model if peft_model is not None else model, optimizer)
         if after_clipping:  # once prepare has put the parameters on the training device, where their masks go
             hooks.append(mask_before_step(optimizer, model, mask))
-        epoch_data = [(_forget_batches(forget_ex, pairs, batch_size, pad, seed + e, accelerator),
-                       _retain_stream(retain_ex, batch_size, pad, seed + 10_000 + e, accelerator))
-                      for e in range(epochs)]
+        epoch_data = [(_forget_batches(forget_ex, pairs, training.batch_size, pad, training.seed + e, accelerator),
+                       _retain_stream(retain_ex, training.batch_size, pad, training.seed + 10_000 + e, accelerator))
+                      for e in range(training.epochs)]
         if precompute_with is not None:
             if precompute_with is model or precompute_with is peft_model:
                 precompute_with = wrapped  # the starting model as prepared (DDP / FSDP shards its weights)
             precompute_reference(precompute_with, epoch_data, progress=progress,
                                  context=ref_context() if ref_context else None)
         losses = _train(wrapped, model, entry, method_settings, state, ref, prepared_optimizer, accelerator,
-                        epoch_data, grad_accum=grad_accum, desc=f"unlearn ({method})", progress=progress,
-                        max_grad_norm=max_grad_norm)
+                        epoch_data, grad_accum=training.grad_accum, desc=f"unlearn ({method})", progress=progress,
+                        max_grad_norm=training.max_grad_norm)
     finally:
         for hook in hooks:
             hook.remove()
         for p in model.parameters():
             p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
-        if gradient_checkpointing:
+        if checkpointing:
             _checkpointing(model, False)
     result = accelerator.unwrap_model(wrapped).eval()
-    record = {"method": method, "lr": lr, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
-              **dataclasses.asdict(method_settings), "masked": masked, "lora": lora,
-              "reference": reference if needs.reference != "none" else None,
-              "gradient_checkpointing": gradient_checkpointing, "max_grad_norm": max_grad_norm,
-              "mask_after_clipping": mask_after_clipping, "max_length": max_length, "template": template,
-              "seed": seed, "n_forget": len(forget_ex), "n_retain": len(retain_ex),
-              "n_processes": accelerator.num_processes}
+    record = _record(method, training, method_settings, masked=masked, lora=lora,
+                     reference=reference.mode if needs.reference != "none" else None, n_forget=len(forget_ex),
+                     n_retain=len(retain_ex), n_processes=accelerator.num_processes)
     if out is not None:
         state_dict = accelerator.get_state_dict(wrapped) if accelerator.num_processes > 1 else None
         if accelerator.is_main_process:
@@ -486,13 +445,31 @@ def unlearn(model: ModelSpec, forget: Any, retain: Any = None, *, tokenizer: Tok
                       main_process=accelerator.is_main_process)
 
 
-#: The keyword arguments :func:`unlearn` takes besides a method's own settings.
+#: The :class:`~patchlab.unlearning.settings.TrainingSettings` fields ``unlearn_run.json`` lists right after the
+#: method, ahead of the method's own settings.
+SCHEDULE = ("lr", "epochs", "batch_size", "grad_accum")
+
+
+def _record(method: str, training: TrainingSettings, method_settings: Any, **run: Any) -> dict[str, Any]:
+    """A run's settings as saved in ``unlearn_run.json``: the method, its :data:`SCHEDULE`, the method's own
+    settings, the run's ``masked`` / ``lora`` / ``reference``, the other training settings, then the counts in
+    ``run`` (``n_forget``, ``n_retain``, ``n_processes``)."""
+    recipe = dataclasses.asdict(training)
+    facts = ("masked", "lora", "reference")
+    return {"method": method, **{k: recipe[k] for k in SCHEDULE}, **dataclasses.asdict(method_settings),
+            **{k: run[k] for k in facts}, **{k: v for k, v in recipe.items() if k not in SCHEDULE},
+            **{k: v for k, v in run.items() if k not in facts}}
+
+
+#: The keyword arguments :func:`unlearn` takes besides a method's own settings: its keyword-only parameters and the
+#: :class:`~patchlab.unlearning.settings.TrainingSettings` fields it takes flat.
 UNLEARN_ARGS = frozenset(name for name, p in inspect.signature(unlearn).parameters.items()
-                         if p.kind is inspect.Parameter.KEYWORD_ONLY)
+                         if p.kind is inspect.Parameter.KEYWORD_ONLY) | frozenset(TRAINING_FIELDS)
 
 
 def split_settings(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-    """Split keyword arguments for :func:`unlearn` into its common arguments and ``method``'s settings object.
+    """Split keyword arguments for :func:`unlearn` (e.g. a method-sweep strength, or the toy world's settings) into
+    its common arguments and ``method``'s settings object.
 
     Raises:
         PatchlabValueError: unknown method, or a name that is neither (the message lists the valid ones).

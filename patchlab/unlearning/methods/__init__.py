@@ -22,7 +22,9 @@ it has no tuned settings for with its generic toy recipe, :data:`patchlab.toy.ca
                     sweep=({"lr": 1e-3}, {"lr": 2e-3}, {"lr": 3e-3}))
 
 Methods defined elsewhere join with :func:`register_method`. Built-in files are imported on first use of the
-registry; modules whose name starts with ``_`` are shared helpers, not methods.
+registry; modules whose name starts with ``_`` are shared helpers, not methods. Built-in files import torch only
+inside the functions that compute (their type hints under ``TYPE_CHECKING``), so listing the registry and its
+settings, as a script's ``--help`` does, never loads torch.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from patchlab.errors import PatchlabValueError
 from patchlab.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 KINDS = ("finetune", "editing")
 #: What a method needs from the frozen starting model: nothing, only sequence log-probabilities of the fixed
@@ -287,6 +290,25 @@ def _argparse_type(hint: Any) -> dict[str, Any]:
     raise PatchlabValueError(f"no command-line form for a setting of type {hint!r}")
 
 
+def add_field_flag(group: argparse._ActionsContainer, name: str, hint: Any, help: str) -> None:
+    """Add ``--name`` (underscores as dashes) for a settings field of type ``hint`` (:func:`_argparse_type`) to a
+    parser or argument group, with default ``None`` (unset: the field's default) and ``help``.
+
+    Raises:
+        PatchlabValueError: the flag is taken by another option.
+    """
+    try:
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=help.replace("%", "%%"),
+                           **_argparse_type(hint))
+    except argparse.ArgumentError as err:
+        raise PatchlabValueError(f"setting {name!r} clashes with another option: {err}") from err
+
+
+def given_flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The flags ``names`` (added by :func:`add_field_flag`) given on the command line: ``{name: value}``."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _default_text(f: dataclasses.Field) -> str:
     value = f.default_factory() if f.default is dataclasses.MISSING else f.default
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
@@ -313,11 +335,7 @@ def add_settings_args(parser: argparse.ArgumentParser, kind: str = "finetune") -
         method, f, hint = uses[0]
         doc = field_docs(method.settings).get(name, "")
         defaults = "; ".join(f"{m.name}: {_default_text(g)}" for m, g, _ in uses)
-        try:
-            group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                               help=f"{doc} [{defaults}]".replace("%", "%%"), **_argparse_type(hint))
-        except argparse.ArgumentError as err:
-            raise PatchlabValueError(f"setting {name!r} clashes with another option: {err}") from err
+        add_field_flag(group, name, hint, f"{doc} [{defaults}]")
     parser.set_defaults(_method_settings=tuple(sorted(fields)))
     return parser
 
@@ -330,8 +348,7 @@ def settings_from_args(args: argparse.Namespace, method: str) -> dict[str, Any]:
         PatchlabValueError: a flag that is not a setting of ``method`` was given.
     """
     entry = get_method(method)
-    given = {name: getattr(args, name) for name in getattr(args, "_method_settings", ())
-             if getattr(args, name) is not None}
+    given = given_flags(args, getattr(args, "_method_settings", ()))
     foreign = [name for name in given if name not in entry.setting_names]
     if foreign:
         flags = ", ".join(f"--{n.replace('_', '-')}" for n in foreign)
@@ -340,6 +357,6 @@ def settings_from_args(args: argparse.Namespace, method: str) -> dict[str, Any]:
     return given
 
 
-__all__ = ["KINDS", "UNLEARNING_METHODS", "REFERENCE_NEEDS", "Method", "Needs", "add_settings_args", "field_docs",
-           "freeze_sequence", "get_method", "lr_sweep", "method_names", "methods", "register_method",
-           "require_non_negative", "require_positive", "settings_from_args"]
+__all__ = ["KINDS", "UNLEARNING_METHODS", "REFERENCE_NEEDS", "Method", "Needs", "add_field_flag", "add_settings_args",
+           "field_docs", "freeze_sequence", "get_method", "given_flags", "lr_sweep", "method_names", "methods",
+           "register_method", "require_non_negative", "require_positive", "settings_from_args"]

@@ -1,27 +1,21 @@
 """Settings shared by the MEMIT-style editing baselines (:mod:`patchlab.unlearning.editing`); their defaults are
-read from :func:`patchlab.unlearning.editing.memit`'s signature, so the two never disagree."""
+:data:`patchlab.defaults.MEMIT_DEFAULTS`, which :func:`patchlab.unlearning.editing.memit`'s signature takes too, so
+the two never disagree. Torch-free: the edits themselves load with :mod:`patchlab.unlearning.editing` on first use."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from patchlab.unlearning import editing
+from patchlab.defaults import MEMIT_DEFAULTS
 from patchlab.unlearning.methods import freeze_sequence, require_positive
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-def defaults(function: Callable) -> dict[str, Any]:
-    """The default of every keyword parameter of ``function``."""
-    return {name: p.default for name, p in inspect.signature(function).parameters.items()
-            if p.default is not inspect.Parameter.empty}
-
-
-_MEMIT = defaults(editing.memit)
+    from patchlab.unlearning.editing import EditRequest
 
 
 @dataclass(frozen=True)
@@ -38,26 +32,29 @@ class MemitSettings:
         weight_decay: weight of MEMIT's ``||delta|| / ||h||^2`` penalty (added to the objective, in its units).
     """
 
-    layers: tuple[int, ...] | None = _MEMIT["layers"]
-    cov_weight: float = _MEMIT["cov_weight"]
-    steps: int = _MEMIT["steps"]
-    lr: float = _MEMIT["lr"]
-    clamp_norm: float = _MEMIT["clamp_norm"]
-    weight_decay: float = _MEMIT["weight_decay"]
+    layers: tuple[int, ...] | None = MEMIT_DEFAULTS["layers"]
+    cov_weight: float = MEMIT_DEFAULTS["cov_weight"]
+    steps: int = MEMIT_DEFAULTS["steps"]
+    lr: float = MEMIT_DEFAULTS["lr"]
+    clamp_norm: float = MEMIT_DEFAULTS["clamp_norm"]
+    weight_decay: float = MEMIT_DEFAULTS["weight_decay"]
 
     def __post_init__(self) -> None:
         require_positive(self, "cov_weight", "steps", "lr", "clamp_norm")
         freeze_sequence(self, "layers", int, optional=True)
 
 
-def applier(edit: Callable[..., editing.EditRun]) -> Callable[..., PreTrainedModel]:
-    """The registry's ``apply`` for an editing function of :mod:`patchlab.unlearning.editing`."""
+def applier(edit: str) -> Callable[..., PreTrainedModel]:
+    """The registry's ``apply`` for the editing function named ``edit`` of :mod:`patchlab.unlearning.editing`
+    (imported, with torch, when the edit runs)."""
 
-    def apply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[editing.EditRequest],
+    def apply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
               settings: MemitSettings, *, cov_texts: Sequence[str], template: str, progress: bool = False
               ) -> PreTrainedModel:
-        return edit(model, tokenizer, requests, cov_texts=cov_texts, template=template, progress=progress,
-                    **dataclasses.asdict(settings)).model
+        from patchlab.unlearning import editing
+
+        return getattr(editing, edit)(model, tokenizer, requests, cov_texts=cov_texts, template=template,
+                                      progress=progress, **dataclasses.asdict(settings)).model
 
     return apply
 

@@ -9,13 +9,15 @@ are computed once before training and the reference model is dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from patchlab.errors import PatchlabValueError
-from patchlab.unlearning.losses import Step
 from patchlab.unlearning.methods import Method, Needs, freeze_sequence, lr_sweep, require_positive
+
+if TYPE_CHECKING:
+    import torch
+
+    from patchlab.unlearning.losses import Step
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Settings:
 
 def loss(step: Step, s: Settings) -> torch.Tensor:
     """DPO's objective (module docstring); ``step.chosen`` holds the refusals."""
+    import torch.nn.functional as F
+
     margin = step.log_ratio(step.chosen) - step.log_ratio(step.forget)
     return -step.seq_mean(F.logsigmoid(s.beta * margin))
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from patchlab.unlearning.losses import Step
 from patchlab.unlearning.methods import Method, lr_sweep
+
+if TYPE_CHECKING:
+    import torch
+
+    from patchlab.unlearning.losses import Step
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from patchlab.unlearning import editing
+from patchlab.defaults import MEMIT_EMPTY_DUMMY
 from patchlab.unlearning.methods import Method
-from patchlab.unlearning.methods._memit import SWEEP, MemitSettings, applier, defaults
+from patchlab.unlearning.methods._memit import SWEEP, MemitSettings, applier
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,9 @@ class Settings(MemitSettings):
         dummy: the new object of every fact (text).
     """
 
-    dummy: str = defaults(editing.memit_empty)["dummy"]
+    dummy: str = MEMIT_EMPTY_DUMMY
 
 
 METHOD = Method(name="memit_empty", kind="editing", settings=Settings,
-                summary="MEMIT edit of each fact's object to a dummy answer", apply=applier(editing.memit_empty),
+                summary="MEMIT edit of each fact's object to a dummy answer", apply=applier("memit_empty"),
                 sweep=SWEEP)

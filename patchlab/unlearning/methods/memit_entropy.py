@@ -4,10 +4,9 @@ prompt maximally flat at every layer from the last edited one up
 
 from __future__ import annotations
 
-from patchlab.unlearning import editing
 from patchlab.unlearning.methods import Method
 from patchlab.unlearning.methods._memit import SWEEP, MemitSettings, applier
 
 METHOD = Method(name="memit_entropy", kind="editing", settings=MemitSettings,
                 summary="MEMIT edit maximising the answer entropy through the logit lens",
-                apply=applier(editing.memit_entropy), sweep=SWEEP)
+                apply=applier("memit_entropy"), sweep=SWEEP)

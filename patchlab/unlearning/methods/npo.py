@@ -9,12 +9,14 @@ once before training and the reference model is dropped (``reference="precompute
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-
-from patchlab.unlearning.losses import Step
 from patchlab.unlearning.methods import Method, Needs, lr_sweep, require_positive
+
+if TYPE_CHECKING:
+    import torch
+
+    from patchlab.unlearning.losses import Step
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class Settings:
 
 def forget_term(step: Step, beta: float) -> torch.Tensor:
     """``-(2/β) mean log σ(-β (log p_θ(f) - log p_ref(f)))`` over the forget batch."""
+    import torch.nn.functional as F
+
     return -(2.0 / beta) * step.seq_mean(F.logsigmoid(-beta * step.log_ratio(step.forget)))
 
 

@@ -2,19 +2,22 @@
 tokens.
 
 The KL term needs the reference's full next-token distributions on every retain batch, so the frozen reference
-model is kept during training (on ``reference_device`` of :func:`patchlab.unlearning.unlearn`); the NPO term's
+model is kept during training (on the device of :class:`patchlab.unlearning.ReferenceSettings`); the NPO term's
 forget log-probabilities are still precomputed by default.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from patchlab.unlearning.losses import Step, next_token_logprobs, target_mask
 from patchlab.unlearning.methods import Method, Needs, lr_sweep, require_non_negative, require_positive
 from patchlab.unlearning.methods.npo import forget_term
+
+if TYPE_CHECKING:
+    import torch
+
+    from patchlab.unlearning.losses import Step
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Settings:
 
 def kl_term(step: Step) -> torch.Tensor:
     """Mean over retain target positions of ``KL(p_ref || p_θ)`` of the next-token distributions (nats)."""
+    from patchlab.unlearning.losses import next_token_logprobs, target_mask
+
     logp = next_token_logprobs(step.model, step.retain)
     logq = step.reference.next_token_logprobs(step.retain)
     mask = target_mask(step.retain, logp.device)

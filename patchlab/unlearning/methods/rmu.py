@@ -20,15 +20,17 @@ With ``lora=`` the adapter's target modules decide what is trained instead of ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from jaxtyping import Float
-from transformers import PreTrainedModel
+from typing import TYPE_CHECKING
 
 from patchlab.errors import PatchlabValueError
-from patchlab.pair.arch import arch_spec
-from patchlab.unlearning.losses import Batch, Step, layer_output
 from patchlab.unlearning.methods import Method, Needs, freeze_sequence, require_non_negative, require_positive
+
+if TYPE_CHECKING:
+    import torch
+    from jaxtyping import Float
+    from transformers import PreTrainedModel
+
+    from patchlab.unlearning.losses import Batch, Step
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Control:
 
 def layers(model: PreTrainedModel, s: Settings) -> tuple[int, list[int]]:
     """(steered layer, trained layers) of ``model`` under ``s``, checked against its depth."""
+    from patchlab.pair.arch import arch_spec
+
     n = len(arch_spec(model).layer_modules(model))
     layer = round(7 * n / 32) if s.layer is None else s.layer
     update = list(range(max(0, layer - 2), layer + 1)) if s.update_layers is None else sorted(set(s.update_layers))
@@ -78,6 +82,8 @@ def layers(model: PreTrainedModel, s: Settings) -> tuple[int, list[int]]:
 
 def setup(model: PreTrainedModel, s: Settings, seed: int) -> Control:
     """Draw the unit direction ``u`` (uniform in ``[0, 1)^d``, normalised) from ``seed``; scale it by ``c``."""
+    import torch
+
     layer, _ = layers(model, s)
     u = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
     return Control(layer=layer, vector=s.steering_coeff * u / u.norm())
@@ -85,6 +91,8 @@ def setup(model: PreTrainedModel, s: Settings, seed: int) -> Control:
 
 def trainable(model: PreTrainedModel, s: Settings) -> list[str]:
     """Names of the down-projection weights of the trained layers."""
+    from patchlab.pair.arch import arch_spec
+
     spec = arch_spec(model)
     names = {id(p): name for name, p in model.named_parameters()}
     return [names[id(spec.down_proj(model, i).weight)] for i in layers(model, s)[1]]
@@ -98,6 +106,8 @@ def _position_mse(h: torch.Tensor, target: torch.Tensor, batch: Batch, step: Ste
 
 def loss(step: Step, s: Settings) -> torch.Tensor:
     """RMU's objective (module docstring)."""
+    from patchlab.unlearning.losses import layer_output
+
     layer, control = step.state.layer, step.state.vector
     h_f = layer_output(step.model, step.base, layer, step.forget)
     forget = _position_mse(h_f, control.to(h_f.device), step.forget, step)

@@ -17,12 +17,14 @@ term is optional (``retain_weight = 0``, the default, needs no retain set). No r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-
-from patchlab.unlearning.losses import Step, sequence_token_nll
 from patchlab.unlearning.methods import Method, Needs, lr_sweep, require_non_negative, require_positive
+
+if TYPE_CHECKING:
+    import torch
+
+    from patchlab.unlearning.losses import Step
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,10 @@ class Settings:
 
 def forget_term(step: Step, s: Settings) -> torch.Tensor:
     """``-(2/β) mean log σ(β (NLL_tok(f) - γ))`` over the forget batch."""
+    import torch.nn.functional as F
+
+    from patchlab.unlearning.losses import sequence_token_nll
+
     nll_tok = sequence_token_nll(step.model, step.forget)
     return -(2.0 / s.beta) * step.seq_mean(F.logsigmoid(s.beta * (nll_tok - s.gamma)))
 
