@@ -197,7 +197,7 @@ def test_an_unreadable_toy_cache_file_is_rebuilt_with_a_warning(tmp_path, monkey
 
     rebuilt = []
 
-    def build(model, tokenizer, forget, retain, method, *, progress=True):  # training itself is tested elsewhere
+    def build(model, tokenizer, forget, retain, method, *, strength=1.0, progress=True):  # training: tested elsewhere
         rebuilt.append(method)
         return model
 
