@@ -13,8 +13,8 @@ needed. The script writes into --out:
     unrelated.jsonl  unrelated questions the vanilla model answers right
 
 then prints the audit commands of the pair and of the null pair (vanilla against itself, which every probe should
-call intact). The relearning attack runs at lr 1e-4: at the audit's default 1e-5, 40 steps move this model too
-little for either the attack or its false-answer control to learn anything.
+call intact). The commands run the relearning attack at lr 1e-4, ten times its default, so that its false-answer
+control surely learns within the 40 steps (on this pair it already does at 1e-5, by step 20).
 
     python examples/real_pair.py
     python examples/real_pair.py --out results/real_pair --epochs 4 --lr 1e-5
