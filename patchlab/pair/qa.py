@@ -36,9 +36,10 @@ def check_answers(qa: Sequence[QA], what: str, hint: str = "give every question 
         raise PatchlabValueError(f"{what} needs the expected answers, but questions {missing} have none; {hint}")
 
 
-#: Tokens generated beyond the expected answer's length, so that an answer after a short preamble (``"The answer
-#: is: Paris"``, ``"Sure! Paris."``) is still seen.
-PREAMBLE_TOKENS = 8
+#: Tokens generated beyond the expected answer's length, so that an answer after a preamble (``"The answer is:
+#: Paris"``, ``"Sure! Paris."``, an instruct model's ``"The Notre-Dame Cathedral is located in Paris"``, where
+#: "Paris" is SmolLM2's 10th token) is still seen.
+PREAMBLE_TOKENS = 16
 
 
 def qa_text(qa: QA, template: str = DEFAULT_TEMPLATE) -> str:

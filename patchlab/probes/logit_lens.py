@@ -4,16 +4,18 @@ unlearned model even where its output no longer gives it?
 Each decoder layer's output (the residual stream, site ``resid``) at the positions that predict the answer tokens
 is decoded through the model's own final norm and unembedding (and its logit soft-capping, where the family has
 one); for the last layer that is exactly the model's output. Per layer and question the lens reports the vanilla
-answer tokens' mean log-probability (nats) and mean rank (1 = top token), for the vanilla model, the unlearned model
-and, when given, the retain model.
+answer tokens' mean log-probability (nats) and median rank (1 = top token), for the vanilla model, the unlearned
+model and, when given, the retain model.
 
 Headline: per question, the largest share, over its *informative* layers, of the vanilla model's lens
 log-probability that the unlearned model's lens keeps at the same layer, ``clip((u_l - f_l) / (v_l - f_l), 0, 1)``;
 averaged over the questions that have an informative layer. A layer is informative for a question when it is a
 decoder layer before the last (0 to n - 2: the last one is the model's output) where the vanilla model's lens ranks
-the answer tokens within the top ``top_k`` (mean rank, default 10): elsewhere the lens carries no information about
-the answer in the vanilla model either, and a share there would compare noise (a log-probability of -16 at rank
-1,000). The floor ``f_l`` is the retain model's lens at that layer (a model that never learned the answer) when one
+the answer tokens within the top ``top_k`` (median rank over the answer's tokens, default 10): elsewhere the lens
+carries no information about the answer in the vanilla model either, and a share there would compare noise (a
+log-probability of -16 at rank 1,000). The median, not the mean: one token the lens cannot read at an intermediate
+layer, an instruct model's end-of-turn token (rank ~28,000 in SmolLM2) or a sentence's first word, must not hide a
+layer that ranks the answer's words 1-3. The floor ``f_l`` is the retain model's lens at that layer (a model that never learned the answer) when one
 is given, else the log-probability of a lens that knows nothing, uniform over the vocabulary, ``-log V``. (The
 unlearned model's own output is no floor: the vanilla lens at an intermediate layer is almost always below it, which
 forced every share to 0.)
@@ -62,7 +64,8 @@ def decode(model: PreTrainedModel, spec: ArchSpec, hidden: Float[torch.Tensor, "
 def logit_lens(model: PreTrainedModel, spec: ArchSpec, prompt_ids: Sequence[Int[torch.Tensor, "prompt"]],
                answer_ids: Sequence[Int[torch.Tensor, "answer"]]) -> dict[str, Float[np.ndarray, "question layer"]]:
     """``{"logprob": [question, layer], "rank": [question, layer]}``: the answer tokens' mean log-probability
-    (nats) and mean rank (1 = top) under each layer's lens (module docstring), teacher-forced after the prompt."""
+    (nats) and median rank (1 = top; the middle two averaged for an even count) under each layer's lens (module
+    docstring), teacher-forced after the prompt."""
     sequences = [torch.cat([p, a]).long() for p, a in zip(prompt_ids, answer_ids)]
     scored = [torch.arange(len(p) - 1, len(p) - 1 + len(a)) for p, a in zip(prompt_ids, answer_ids)]
     cache, _, _ = capture(model, spec, sequences, [], scored, resid=True)
@@ -75,7 +78,7 @@ def logit_lens(model: PreTrainedModel, spec: ArchSpec, prompt_ids: Sequence[Int[
             logits = decode(model, spec, packed[int(start) + positions.to(packed.device)])
             target = logits.gather(-1, answer.to(logits.device)[:, None])
             out["logprob"][q, layer] = float((target[:, 0] - torch.logsumexp(logits, -1)).mean())
-            out["rank"][q, layer] = float((logits > target).sum(-1).float().add(1).mean())
+            out["rank"][q, layer] = float((logits > target).sum(-1).float().add(1).quantile(0.5))
     return out
 
 
@@ -90,7 +93,7 @@ def readable_shares(unlearned: Float[np.ndarray, "question layer"], vanilla: Flo
 def informative_layers(vanilla_rank: Float[np.ndarray, "question layer"], top_k: int
                        ) -> Bool[np.ndarray, "question layer"]:
     """Per question and layer, whether the layer is informative (module docstring): a decoder layer before the last
-    (any layer of a one-layer model) where the vanilla lens's mean answer rank is at most ``top_k``."""
+    (any layer of a one-layer model) where the vanilla lens's median answer rank is at most ``top_k``."""
     informative = vanilla_rank <= top_k
     if informative.shape[1] > 1:
         informative[:, -1] = False

@@ -183,7 +183,7 @@ def logit_lens_probe(results: Sequence[tuple[str, ProbeResult]]) -> go.Figure:
     fig.update_xaxes(title_text="decoder layer read", dtick=1)
     fig.update_yaxes(title_text="mean log-probability of the answer tokens (nats)", row=1, col=1)
     ranks = [y for trace in fig.data if trace.xaxis == "x2" for y in trace.y if y is not None and np.isfinite(y)]
-    fig.update_yaxes(type="log", title_text="mean rank of the answer tokens (1 = top token, log scale)",
+    fig.update_yaxes(type="log", title_text="median rank of the answer tokens (1 = top token, log scale)",
                      tickvals=(ticks := rank_ticks(max(ranks, default=1.0))), ticktext=[f"{t:,}" for t in ticks],
                      row=1, col=2)
     fig.update_layout(title="Logit lens: each layer's residual stream decoded by the model's own head",
