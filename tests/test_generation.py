@@ -10,6 +10,7 @@ import torch
 
 import patchlab
 from patchlab import toy
+from patchlab.errors import PatchlabValueError
 from patchlab.pair.generation import check_fits, context_length, greedy_answers, greedy_continuations
 from patchlab.tiny import tiny_model
 from tests.conftest import ATTN_OR_UP, QUESTIONS, perturbed
@@ -89,3 +90,13 @@ def test_reference_answers_ignore_the_checkpoints_generation_config(tok, vanilla
         assert record["do_sample"] is False and record["num_beams"] == 1
         assert record["ignored"] == {"do_sample": True, "temperature": 0.7, "top_k": 5, "repetition_penalty": 1.8,
                                      "no_repeat_ngram_size": 1}
+
+
+def test_generation_budgets_are_one_per_prompt_or_refused():
+    from patchlab.pair.generation import per_prompt
+
+    assert per_prompt(3, 2) == [3, 3] and per_prompt([1, 4], 2) == [1, 4] and per_prompt((2,), 1) == [2]
+    for bad, message in [([1], "1 max_new_tokens budgets for 2 prompts"), ([0, 2], "must be >= 1, got 0"),
+                         (0, "must be >= 1, got 0"), (2.5, "must be >= 1, got 2.5"), ([True, 1], "got True")]:
+        with pytest.raises(PatchlabValueError, match=message):
+            per_prompt(bad, 2)

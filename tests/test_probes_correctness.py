@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import patchlab
 from patchlab.errors import PatchlabValueError
 from patchlab.pair.correctness import answer_correct, normalize_answer, rouge_l_recall
 from patchlab.tiny import word_tokenizer
@@ -73,3 +74,25 @@ def test_scoring_and_training_text_refuse_a_question_without_its_answer(monkeypa
     with pytest.raises(PatchlabValueError, match=r"qa_text needs the expected answers"):
         toy_qa.qa_text(QA("where ?"))
     assert toy_qa.qa_text(QA("where ?", "Paris")) == "Question: where ?\n Answer: Paris"
+
+
+def test_each_question_gets_its_own_generation_budget(monkeypatch):
+    """A question's correctness must not depend on the other questions asked with it: each is generated for its own
+    answer's length plus the preamble room, whatever the longest answer of the batch."""
+    from patchlab.pair import qa as qa_module
+
+    model, tok = patchlab.toy.vanilla()
+    items = [QA("Who?", "Ada"), QA("What?", "a very long answer of many words indeed")]
+    seen = []
+    real = qa_module.greedy_answers
+
+    def spy(*args, max_new_tokens, **kwargs):
+        seen.append(max_new_tokens)
+        return real(*args, max_new_tokens=max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(qa_module, "greedy_answers", spy)
+    both = qa_module.answers_correct(model, tok, items)
+    alone = qa_module.answers_correct(model, tok, items[:1])
+    lengths = [len(tok(q.answer).input_ids) for q in items]
+    assert seen == [[n + qa_module.PREAMBLE_TOKENS for n in lengths], [lengths[0] + qa_module.PREAMBLE_TOKENS]]
+    assert both[:1] == alone

@@ -146,9 +146,24 @@ def plain_generation(model: PreTrainedModel) -> Iterator[None]:
 
 
 @torch.no_grad()
-def greedy_continuations(model: PreTrainedModel, prompt_ids: Sequence[torch.Tensor], max_new_tokens: int,
-                         *, eos_token_id: int | None = None, labels: Sequence[str] | None = None,
-                         progress: bool = False) -> list[torch.Tensor]:
+def per_prompt(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    """``max_new_tokens`` as one budget per prompt of ``n``: an integer repeated, or a sequence of ``n`` integers.
+
+    Raises:
+        PatchlabValueError: a budget below 1 or not an integer, or a sequence of another length.
+    """
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * n
+    if len(budgets) != n:
+        raise PatchlabValueError(f"{len(budgets)} max_new_tokens budgets for {n} prompts")
+    bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+    if bad:
+        raise PatchlabValueError(f"max_new_tokens must be >= 1, got {bad[0]!r}")
+    return budgets
+
+
+def greedy_continuations(model: PreTrainedModel, prompt_ids: Sequence[torch.Tensor],
+                         max_new_tokens: int | Sequence[int], *, eos_token_id: int | None = None,
+                         labels: Sequence[str] | None = None, progress: bool = False) -> list[torch.Tensor]:
     """Greedy continuation of each prompt, one prompt at a time (no padding, so exact): the model's plain argmax
     continuation, whatever its generation config asks for (:func:`plain_generation`,
     :data:`patchlab.provenance.GREEDY`).
@@ -156,7 +171,7 @@ def greedy_continuations(model: PreTrainedModel, prompt_ids: Sequence[torch.Tens
     Args:
         model: a Hugging Face causal LM (placed on one device or with a device map: ids go to its input device).
         prompt_ids: 1-D token id tensors, one per prompt.
-        max_new_tokens: N, the most tokens generated per prompt (>= 1).
+        max_new_tokens: N, the most tokens generated per prompt (>= 1); or one N per prompt.
         eos_token_id: generation stops after this token, which is kept as the last answer token;
             defaults to ``model.generation_config.eos_token_id``.
         labels: how errors name each prompt (default ``"prompt i"``).
@@ -168,22 +183,21 @@ def greedy_continuations(model: PreTrainedModel, prompt_ids: Sequence[torch.Tens
         PatchlabValueError: N < 1, or a prompt plus N tokens longer than the model's context (:func:`check_fits`,
             checked for every prompt before generating anything).
     """
-    if max_new_tokens < 1:
-        raise PatchlabValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    budgets = per_prompt(max_new_tokens, len(prompt_ids))
     if labels is not None and len(labels) != len(prompt_ids):
         raise PatchlabValueError(f"{len(labels)} labels for {len(prompt_ids)} prompts")
-    for i, ids in enumerate(prompt_ids):
-        check_fits(model, ids, max_new_tokens, labels[i] if labels is not None else f"prompt {i}")
+    for i, (ids, budget) in enumerate(zip(prompt_ids, budgets)):
+        check_fits(model, ids, budget, labels[i] if labels is not None else f"prompt {i}")
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id
     eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
     device = input_device(model)
     answers = []
-    for ids in tqdm(prompt_ids, desc="greedy answers", disable=not progress, leave=False):
+    for ids, budget in tqdm(list(zip(prompt_ids, budgets)), desc="greedy answers", disable=not progress, leave=False):
         with plain_generation(model):
             out = model.generate(ids[None].to(device),
                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                                 max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False, num_beams=1,
+                                 max_new_tokens=budget, min_new_tokens=1, do_sample=False, num_beams=1,
                                  eos_token_id=sorted(eos) or None, pad_token_id=sorted(eos)[0] if eos else None)
         new = out[0, len(ids):].cpu()
         stops = [i for i, t in enumerate(new.tolist()) if t in eos]
@@ -192,14 +206,14 @@ def greedy_continuations(model: PreTrainedModel, prompt_ids: Sequence[torch.Tens
 
 
 def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *,
-                   max_new_tokens: int, template: str = DEFAULT_TEMPLATE, progress: bool = False
+                   max_new_tokens: int | Sequence[int], template: str = DEFAULT_TEMPLATE, progress: bool = False
                    ) -> tuple[list[Int[torch.Tensor, "prompt"]], list[Int[torch.Tensor, "answer"]]]:
     """Prompt ids and greedy answer ids of ``model`` for each question filled into ``template``.
 
     Args:
         questions: non-empty question strings.
-        max_new_tokens: N, the most answer tokens per question (>= 1); generation stops after the tokenizer's
-            EOS, which is kept as the last answer token.
+        max_new_tokens: N, the most answer tokens per question (>= 1), or one N per question; generation stops
+            after the tokenizer's EOS, which is kept as the last answer token.
 
     Returns:
         ``(prompt_ids, answers)``: per question, the 1-D prompt ids (:func:`encode_prompts`) and 1..N answer ids

@@ -58,8 +58,9 @@ def answers_correct(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     answer_correct`: the normalised answer contained in the normalised generation, or ROUGE-L recall >= 0.7 for a
     sentence answer).
 
-    The generation is the expected answer's length in tokens plus :data:`PREAMBLE_TOKENS` (room for a preamble such
-    as ``"The answer is:"``), stopping at EOS.
+    Each question's generation is its own expected answer's length in tokens plus :data:`PREAMBLE_TOKENS` (room for
+    a preamble such as ``"The answer is:"``), stopping at EOS, so a question's verdict does not depend on the other
+    questions asked with it.
 
     Raises:
         PatchlabValueError: no pair, or a pair without its answer.
@@ -67,8 +68,8 @@ def answers_correct(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     if len(qa) == 0:
         raise PatchlabValueError("answers_correct: no QA pair given")
     check_answers(qa, "answers_correct")
-    longest = max(len(tokenizer(q.answer).input_ids) for q in qa)
-    _, generated = greedy_answers(model, tokenizer, [q.question for q in qa], max_new_tokens=longest + PREAMBLE_TOKENS,
+    budgets = [len(tokenizer(q.answer).input_ids) + PREAMBLE_TOKENS for q in qa]
+    _, generated = greedy_answers(model, tokenizer, [q.question for q in qa], max_new_tokens=budgets,
                                   template=template, progress=progress)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
     return [answer_correct(text, q.answer) for text, q in zip(texts, qa)]
