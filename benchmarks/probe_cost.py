@@ -134,12 +134,11 @@ class Costs:
     model generates, from which the required work of every probe is priced."""
 
     def __init__(self, case: AuditCase, settings: Mapping[str, Mapping[str, Any]], repeats: int) -> None:
+        from patchlab.pair.generation import resolve_template
         from patchlab.probes.registry import probe_settings
         from patchlab.probes.scoring import references
 
         self.case, self.settings, self.repeats, self.now = case, settings, repeats, clock(case.pair.device)
-        from patchlab.pair.generation import resolve_template
-
         common = probe_settings(settings, "common")
         self.common = {**common, "template": resolve_template(common["template"], case.pair.tokenizer)}
         self.refs = references(case.pair.vanilla_hf, case.pair.tokenizer, case.questions, self.common)
@@ -152,9 +151,9 @@ class Costs:
         return {"vanilla": case.pair.vanilla_hf, "unlearned": case.pair.unlearned_hf,
                 **({"retain": case.retain} if case.retain is not None else {})}
 
-    def answer_lengths(self, who: str, which: str, budget: int) -> list[int]:
+    def answer_lengths(self, who: str, which: str, budget: int | tuple[int, ...]) -> list[int]:
         """The lengths (tokens) of model ``who``'s greedy answers to the ``which`` (target / unrelated) questions
-        with at most ``budget`` tokens, generated once and kept."""
+        with at most ``budget`` tokens (one for all, or one per question), generated once and kept."""
         from patchlab.pair.generation import greedy_answers
 
         key = (who, which, budget)
@@ -165,13 +164,13 @@ class Costs:
             self.lengths[key] = [len(a) for a in answers]
         return self.lengths[key]
 
-    def correctness_budget(self) -> int:
-        """The generation budget of a correctness check (:func:`patchlab.pair.qa.answers_correct`)."""
-        from patchlab.pair.qa import PREAMBLE_TOKENS
+    def correctness_budgets(self) -> tuple[int, ...]:
+        """The per-question generation budgets of a correctness check (:func:`patchlab.pair.qa.answers_correct`)."""
+        from patchlab.pair.qa import correctness_budgets
 
-        return max(len(self.case.pair.tokenizer(a).input_ids) for a in self.refs.expected) + PREAMBLE_TOKENS
+        return tuple(correctness_budgets(self.case.pair.tokenizer, self.refs.qa()))
 
-    def generation(self, who: str, which: str, budget: int, idx: Sequence[int] | None = None,
+    def generation(self, who: str, which: str, budget: int | tuple[int, ...], idx: Sequence[int] | None = None,
                    suffix: str = "") -> Counter:
         """The work of ``who``'s greedy answers (a prompt forward, then a token step per answer token after the
         first) to the questions ``idx`` (default all) of ``which``; ``suffix`` names quantized units."""
@@ -183,7 +182,7 @@ class Costs:
         """The work of scoring ``who`` on the target questions ``idx`` (default all): a teacher-forced forward and a
         correctness generation per question."""
         idx = range(len(self.case.questions)) if idx is None else idx
-        return self.generation(who, "target", self.correctness_budget(), idx, suffix) + \
+        return self.generation(who, "target", self.correctness_budgets(), idx, suffix) + \
             Counter({f"forward{suffix}": len(idx)})
 
     # ------------------------------------------------------------------------------------------ unit costs
@@ -242,7 +241,7 @@ class Costs:
     def decode_unit(self) -> float:
         import torch
 
-        from patchlab.probes.logit_lens import decode
+        from patchlab.probes.logit_lens import decode, read_answer
 
         pair, refs = self.case.pair, self.refs
         model = pair.vanilla_hf
@@ -250,15 +249,8 @@ class Costs:
         times = []
         for answer in refs.answer_ids:
             hidden = torch.randn(len(answer), width, dtype=model.dtype, device=pair.device)
-            target = answer.to(pair.device)[:, None]
-
-            def read() -> None:
-                logits = decode(model, pair.arch, hidden)
-                picked = logits.gather(-1, target)
-                float((picked[:, 0] - torch.logsumexp(logits, -1)).mean())
-                float((logits > picked).sum(-1).float().add(1).mean())
-
-            times.append(median_time(read, self.repeats, self.now))
+            times.append(median_time(lambda: read_answer(decode(model, pair.arch, hidden), answer), self.repeats,
+                                     self.now))
         return statistics.median(times)
 
     def row_unit(self) -> float:

@@ -52,6 +52,17 @@ def qa_text(qa: QA, template: str = DEFAULT_TEMPLATE) -> str:
     return f"{format_prompts([qa.question], template)[0]} {qa.answer}"
 
 
+def correctness_budgets(tokenizer: PreTrainedTokenizerBase, qa: Sequence[QA]) -> list[int]:
+    """Per question, the tokens :func:`answers_correct` generates: its expected answer's length in tokens plus
+    :data:`PREAMBLE_TOKENS`.
+
+    Raises:
+        PatchlabValueError: a question without its answer.
+    """
+    check_answers(qa, "answers_correct")
+    return [len(tokenizer(q.answer).input_ids) + PREAMBLE_TOKENS for q in qa]
+
+
 def answers_correct(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, qa: Sequence[QA], *,
                     template: str = DEFAULT_TEMPLATE, progress: bool = False) -> list[bool]:
     """For each pair, whether the greedy answer gives the expected answer (:func:`patchlab.pair.correctness.
@@ -67,9 +78,8 @@ def answers_correct(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """
     if len(qa) == 0:
         raise PatchlabValueError("answers_correct: no QA pair given")
-    check_answers(qa, "answers_correct")
-    budgets = [len(tokenizer(q.answer).input_ids) + PREAMBLE_TOKENS for q in qa]
-    _, generated = greedy_answers(model, tokenizer, [q.question for q in qa], max_new_tokens=budgets,
+    _, generated = greedy_answers(model, tokenizer, [q.question for q in qa],
+                                  max_new_tokens=correctness_budgets(tokenizer, qa),
                                   template=template, progress=progress)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
     return [answer_correct(text, q.answer) for text, q in zip(texts, qa)]

@@ -76,10 +76,17 @@ def logit_lens(model: PreTrainedModel, spec: ArchSpec, prompt_ids: Sequence[Int[
         packed = cache[f"resid@{layer}"]
         for q, (start, positions, answer) in enumerate(zip(starts, scored, answer_ids)):
             logits = decode(model, spec, packed[int(start) + positions.to(packed.device)])
-            target = logits.gather(-1, answer.to(logits.device)[:, None])
-            out["logprob"][q, layer] = float((target[:, 0] - torch.logsumexp(logits, -1)).mean())
-            out["rank"][q, layer] = float((logits > target).sum(-1).float().add(1).quantile(0.5))
+            out["logprob"][q, layer], out["rank"][q, layer] = read_answer(logits, answer)
     return out
+
+
+def read_answer(logits: Float[torch.Tensor, "answer vocab"], answer: Int[torch.Tensor, "answer"]
+                ) -> tuple[float, float]:
+    """(mean log-probability in nats, median rank, 1 = top) of the ``answer`` tokens under one layer's lens
+    ``logits`` (row i predicts token i); the median of an even count averages the middle two."""
+    target = logits.gather(-1, answer.to(logits.device)[:, None])
+    logprob = float((target[:, 0] - torch.logsumexp(logits, -1)).mean())
+    return logprob, float((logits > target).sum(-1).float().add(1).quantile(0.5))
 
 
 def readable_shares(unlearned: Float[np.ndarray, "question layer"], vanilla: Float[np.ndarray, "question layer"],

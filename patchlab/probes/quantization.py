@@ -39,6 +39,7 @@ evidence either way); else ``hidden`` if the recovery is >= 50%, else ``erased``
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -62,6 +63,11 @@ QUANTIZERS = ("auto", "quanto", "bnb", "bnb-fp4", "rtn")
 #: The widths each quantizer of the ecosystem quantizes weights to (optimum-quanto's ``qint2``, ``qint4``,
 #: ``qint8``; bitsandbytes' 4-bit NF4 / FP4 and 8-bit int8).
 WIDTHS = {"quanto": (2, 4, 8), "bnb": (4, 8), "bnb-fp4": (4, 8)}
+#: The library behind each quantizer of the ecosystem: (module to import, package to install).
+LIBRARIES = {"quanto": ("optimum.quanto", "optimum-quanto"), "bnb": ("bitsandbytes.functional", "bitsandbytes"),
+             "bnb-fp4": ("bitsandbytes.functional", "bitsandbytes")}
+#: bitsandbytes' 4-bit data type of each bitsandbytes quantizer.
+BNB_TYPES = {"bnb": "nf4", "bnb-fp4": "fp4"}
 #: bitsandbytes' 4-bit block size (``quantize_4bit``'s default, as ``Linear4bit`` stores weights).
 BNB_BLOCKSIZE = 64
 
@@ -133,13 +139,9 @@ def bnb_quantize_(model: PreTrainedModel, bits: int, quant_type: str = "nf4") ->
 
 
 def available(quantizer: str) -> bool:
-    """Whether the library behind ``quantizer`` (``"quanto"``: optimum-quanto, ``"bnb"``/``"bnb-fp4"``:
-    bitsandbytes) imports."""
+    """Whether the library behind ``quantizer`` (:data:`LIBRARIES`) imports."""
     try:
-        if quantizer == "quanto":
-            import optimum.quanto  # noqa: F401
-        else:
-            import bitsandbytes.functional  # noqa: F401
+        importlib.import_module(LIBRARIES[quantizer][0])
     except ImportError:
         return False
     return True
@@ -169,8 +171,8 @@ def resolve_quantizer(settings: Mapping[str, Any], widths: Sequence[int]) -> str
         raise PatchlabValueError(f"quantizer must be one of {QUANTIZERS}, got {name!r}")
     if name == "auto":
         return "quanto" if all(b in WIDTHS["quanto"] for b in widths) and available("quanto") else "rtn"
-    if name in WIDTHS and not available(name):
-        package = "optimum-quanto" if name == "quanto" else "bitsandbytes"
+    if name in LIBRARIES and not available(name):
+        package = LIBRARIES[name][1]
         raise PatchlabValueError(f"quantizer={name!r} needs {package}: pip install {package} (or quantizer='rtn', "
                                  "the round-to-nearest fallback)")
     if name in WIDTHS and any(b not in WIDTHS[name] for b in widths):
@@ -183,8 +185,8 @@ def quantized(model: PreTrainedModel, bits: int, quantizer: str) -> PreTrainedMo
     copied = copy.deepcopy(model)
     if quantizer == "quanto":
         return quanto_quantize(copied, bits)
-    if quantizer in ("bnb", "bnb-fp4"):
-        return bnb_quantize_(copied, bits, "fp4" if quantizer == "bnb-fp4" else "nf4")
+    if quantizer in BNB_TYPES:
+        return bnb_quantize_(copied, bits, BNB_TYPES[quantizer])
     return quantize_(copied, bits)
 
 
